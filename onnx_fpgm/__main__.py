@@ -1,0 +1,4 @@
+"""``python -m onnx_fpgm`` runs the CLI."""
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,201 @@
+"""``prune()``: load -> analyse -> score -> plan -> rewrite -> verify -> measure."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from . import io
+from .bench import ModelSize, benchmark as _benchmark, count_macs, count_params
+from .config import PruneConfig
+from .deps import handlers  # noqa: F401  (registers every op handler)
+from .deps.analysis import Analysis, build_analysis
+from .errors import UnsupportedOpError, VerificationError
+from .plan import PrunePlan, plan_pruning
+from .report import GroupReport, LayerReport, Report
+from .rewrite import apply_plan
+from .validate import CompareResult, verify as _verify
+
+logger = logging.getLogger(__name__)
+
+#: A progress callback: ``progress(phase, total)`` starts a phase and returns an ``advance(n)``.
+Progress = Callable[[str, int], Callable[[int], None]]
+
+
+@dataclass
+class PruneResult:
+    """A pruned model and what was done to it.
+
+    Attributes:
+        model: the pruned model.
+        report: per-layer and per-group decisions, sizes, verification and timings.
+        plan: the decision per group (kept channel positions).
+        original: the input model.
+        external_data: the input stored its weights as external data (kept on save).
+    """
+
+    model: onnx.ModelProto
+    report: Report
+    plan: PrunePlan
+    original: onnx.ModelProto = field(repr=False)
+    analysis: Analysis = field(repr=False)
+    external_data: bool = False
+
+    def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
+        """Write the pruned model atomically (external data when the input had it or > 2 GB)."""
+        started = time.perf_counter()
+        use_external = self.external_data if external_data is None else external_data
+        io.save_model(self.model, path, external_data=use_external)
+        self.report.timings_s["save"] = time.perf_counter() - started
+
+
+@contextmanager
+def _timed(report: Report, phase: str):
+    started = time.perf_counter()
+    yield
+    report.timings_s[phase] = report.timings_s.get(phase, 0.0) + time.perf_counter() - started
+
+
+def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
+          config: PruneConfig | None = None, progress: Progress | None = None,
+          **options) -> PruneResult:
+    """Prune ``model`` by FPGM and verify the result.
+
+    Args:
+        model: a path to an ``.onnx`` file (external data is read too) or a ``ModelProto``.
+        sparsity: fraction of each group's channels to remove (ignored when ``config`` is given).
+        config: all options at once; otherwise ``options`` are ``PruneConfig`` fields.
+        progress: optional progress callback for long phases.
+
+    Returns:
+        The pruned model with its report.
+
+    Raises:
+        ModelLoadError: unreadable or invalid input.
+        ConfigError: invalid options.
+        UnsupportedOpError: under ``strict``, when an unsupported op blocks pruning.
+        VerificationError: the pruned model does not match the masked original.
+    """
+    config = config or PruneConfig(sparsity=sparsity, **options)
+    report = Report(settings=config.to_metadata())
+    with _timed(report, "load"):
+        original, external = io.load_model(model)
+        opset = io.default_opset(original)
+    with _timed(report, "analyse"):
+        inferred = io.infer_shapes(original)
+        graph = io.import_graph(inferred)
+        analysis = build_analysis(graph, opset)
+    if config.strict:
+        _check_strict(analysis)
+    with _timed(report, "score"):
+        score = _scorer(config)
+        advance = progress("scoring", len(analysis.groups)) if progress else None
+        plan = plan_pruning(analysis, config, score, advance)
+    with _timed(report, "rewrite"):
+        notes = apply_plan(graph, analysis, plan, opset)
+        metadata = {f"onnx_fpgm.{k}": v for k, v in config.to_metadata().items()}
+        pruned = io.export_graph(graph, original, metadata if plan.n_removed else None)
+        io.check_pruned(pruned, io.passes_full_check(original))
+    report.notes.extend(notes)
+    _fill_decisions(report, analysis, plan)
+    shapes = dict(config.input_shapes)
+    with _timed(report, "measure"):
+        report.before = ModelSize(count_params(original), count_macs(original, shapes),
+                                  original.ByteSize())
+        report.after = ModelSize(count_params(pruned), count_macs(pruned, shapes),
+                                 pruned.ByteSize())
+    if config.verify:
+        with _timed(report, "verify"):
+            advance = progress("verifying", 1) if progress else None
+            result = _verify(inferred, pruned, analysis=analysis,
+                             removed_classes=plan.removed_classes, opset=opset,
+                             seed=config.seed, input_shapes=shapes)
+            if advance:
+                advance(1)
+        report.verification = _verification_dict(result)
+        if not result:
+            raise VerificationError(f"verification failed: {result.summary()}")
+    if not plan.n_removed:
+        report.notes.append("nothing was pruned: no prunable group lost a channel "
+                            "(see the frozen reasons)")
+    return PruneResult(pruned, report, plan, original, analysis, external)
+
+
+def verify(original: onnx.ModelProto | str, pruned: onnx.ModelProto | str, *, seed: int = 0,
+           input_shapes: dict[str, tuple[int, ...]] | None = None) -> CompareResult:
+    """Run both models on the same random inputs and compare every output.
+
+    Used on its own (without the analysis), the reference is ``original`` itself: use it for
+    models that should be numerically identical (e.g. a sparsity-0 run, or a re-export).
+    """
+    original, _ = io.load_model(original)
+    pruned, _ = io.load_model(pruned)
+    return _verify(original, pruned, seed=seed, input_shapes=input_shapes)
+
+
+def benchmark(original: onnx.ModelProto | str, pruned: onnx.ModelProto | str, *,
+              runs: int = 30, warmup: int = 5, provider: str | None = None,
+              input_shapes: dict[str, tuple[int, ...]] | None = None):
+    """Latency of both models, interleaved in one process (see ``bench.benchmark``)."""
+    original, _ = io.load_model(original)
+    pruned, _ = io.load_model(pruned)
+    return _benchmark(original, pruned, runs=runs, warmup=warmup, provider=provider,
+                      input_shapes=input_shapes)
+
+
+def _scorer(config: PruneConfig):
+    from .importance.fpgm import fpgm_scores, resolve_device
+    from .importance.group import group_filters
+
+    device = resolve_device(config.device)
+
+    def score(analysis: Analysis, group) -> np.ndarray:
+        scores = fpgm_scores(group_filters(analysis, group), dist=config.dist, device=device)
+        return np.asarray(scores.double().cpu().numpy())
+
+    return score
+
+
+def _check_strict(analysis: Analysis) -> None:
+    for group in analysis.groups:
+        if group.frozen and "unsupported op" in group.frozen:
+            raise UnsupportedOpError(f"--strict: group of {group.producers[0]} is blocked: "
+                                     f"{group.frozen}")
+
+
+def _fill_decisions(report: Report, analysis: Analysis, plan: PrunePlan) -> None:
+    removed = analysis.removed_atoms(plan.removed_classes)
+    group_of_class = np.empty(len(analysis.class_blocked), dtype=np.int64)
+    for group in analysis.groups:
+        group_of_class[group.classes] = group.id
+    frozen_group = {g.group_id for g in plan.groups if g.frozen}
+    for gp in plan.groups:
+        report.groups.append(GroupReport(gp.group_id, gp.producers, gp.n_channels, gp.n_keep,
+                                         gp.sparsity, gp.frozen))
+    for src in analysis.sources:
+        atoms = np.arange(src.start, src.start + src.n)
+        kept = np.flatnonzero(~removed[atoms])
+        groups = np.unique(group_of_class[analysis.class_of_atom[atoms]])
+        report.layers.append(LayerReport(src.node, src.op, src.n, len(kept), kept.tolist(),
+                                         int(groups[0])))
+        report.total_channels += src.n
+        open_atoms = [g not in frozen_group for g in group_of_class[analysis.class_of_atom[atoms]]]
+        report.prunable_channels += int(np.count_nonzero(open_atoms))
+    report.blocked_tensors = list(analysis.blocked_tensors)
+
+
+def _verification_dict(result: CompareResult) -> dict:
+    return {
+        "passed": bool(result),
+        "max_rel_error": result.max_rel_error,
+        "summary": result.summary(),
+        "outputs": [{"name": o.name, "max_abs_error": o.max_abs_error,
+                     "max_rel_error": o.max_rel_error, "finite": o.finite} for o in
+                    result.outputs],
+    }

@@ -1,0 +1,190 @@
+"""Size and speed: parameters, MACs from inferred shapes, and onnxruntime latency.
+
+Latency compares two models in one process, interleaved run by run after a warm-up, with
+onnxruntime's thread spinning off: two spinning sessions on a small machine steal each other's
+cores and double the measured time.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .validate import make_session, random_inputs
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Parameters (stored constants), multiply-accumulates and serialized bytes."""
+
+    params: int
+    macs: int
+    bytes: int
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Elements of every stored constant: initializers and Constant node values."""
+    total = sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    total += int(np.prod(attr.t.dims, dtype=np.int64))
+    return total
+
+
+def count_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
+               inferred: onnx.ModelProto | None = None) -> int:
+    """MACs of Conv, ConvTranspose, Gemm and MatMul from inferred shapes (unknown dims = 1)."""
+    if inferred is None:
+        inferred = _with_input_shapes(model, input_shapes or {})
+    shapes = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        shapes[value.name] = [d.dim_value if d.HasField("dim_value") else 1 for d in dims]
+    for init in inferred.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    for node in inferred.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    shapes[node.output[0]] = list(attr.t.dims)
+    total = 0
+    for node in inferred.graph.node:
+        get = [shapes.get(n) for n in node.input]
+        out = shapes.get(node.output[0]) if node.output else None
+        if node.op_type == "Conv" and out and len(get) > 1 and get[1]:
+            total += int(np.prod(out)) * int(np.prod(get[1][1:]))
+        elif node.op_type == "ConvTranspose" and get[0] and len(get) > 1 and get[1]:
+            total += int(np.prod(get[0])) * int(np.prod(get[1][1:]))
+        elif node.op_type in ("Gemm", "MatMul") and out and get[0]:
+            k = get[0][-1] if node.op_type == "MatMul" or not _attr(node, "transA") else get[0][0]
+            total += int(np.prod(out)) * int(k)
+    return total
+
+
+def _attr(node, name, default=0):
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+_INT_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+
+
+def _with_input_shapes(model: onnx.ModelProto, input_shapes) -> onnx.ModelProto:
+    graph = onnx.GraphProto()
+    graph.CopyFrom(model.graph)
+    # Drop weights' data: inference needs only their shapes (saves a full copy of the weights).
+    for init in graph.initializer:
+        if init.data_type in _INT_TYPES or int(np.prod(init.dims, dtype=np.int64)) <= 64:
+            continue  # shape-like constants: inference reads their values
+        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
+                      "uint64_data", "string_data"):
+            init.ClearField(field)
+        init.raw_data = b""
+    for value in graph.input:
+        if value.name in input_shapes:
+            dims = value.type.tensor_type.shape.dim
+            for d, size in zip(dims, input_shapes[value.name]):
+                d.ClearField("dim_param")
+                d.dim_value = int(size)
+    del graph.value_info[:]
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.graph.CopyFrom(graph)
+    try:
+        return onnx.shape_inference.infer_shapes(light)
+    except Exception:
+        return light
+
+
+def model_size(model: onnx.ModelProto, input_shapes=None) -> ModelSize:
+    return ModelSize(count_params(model), count_macs(model, input_shapes), model.ByteSize())
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    """Median and spread (interquartile range) of both models, in milliseconds."""
+
+    provider: str
+    original_ms: float
+    original_iqr_ms: float
+    pruned_ms: float
+    pruned_iqr_ms: float
+    runs: int
+
+    @property
+    def speedup(self) -> float:
+        return self.original_ms / self.pruned_ms if self.pruned_ms > 0 else float("nan")
+
+
+def best_provider() -> str:
+    """CUDA only where it really loads (a GPU is present), else CPU, without log spam."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "CPUExecutionProvider"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return "CUDAExecutionProvider"
+    except Exception:  # torch missing or broken: fall back to the CPU
+        pass
+    return "CPUExecutionProvider"
+
+
+def benchmark(original: onnx.ModelProto, pruned: onnx.ModelProto, *, runs: int = 30,
+              warmup: int = 5, provider: str | None = None, seed: int = 0,
+              input_shapes: dict[str, tuple[int, ...]] | None = None,
+              progress=None) -> LatencyResult:
+    """Latency of both models measured side by side, interleaved, after warm-up."""
+    provider = provider or best_provider()
+    feeds = random_inputs(original, seed, input_shapes)
+    sessions = [make_session(m, optimize=True, provider=provider) for m in (original, pruned)]
+    runners = [_runner(s, feeds, provider) for s in sessions]
+    for _ in range(warmup):
+        for run in runners:
+            run()
+    times: list[list[float]] = [[], []]
+    for i in range(runs):
+        order = (0, 1) if i % 2 == 0 else (1, 0)
+        for k in order:
+            start = time.perf_counter()
+            runners[k]()
+            times[k].append((time.perf_counter() - start) * 1e3)
+        if progress is not None:
+            progress(1)
+    stats = [(statistics.median(t), _iqr(t)) for t in times]
+    return LatencyResult(provider, stats[0][0], stats[0][1], stats[1][0], stats[1][1], runs)
+
+
+def _runner(session, feeds, provider):
+    if provider == "CPUExecutionProvider":
+        return lambda: session.run(None, feeds)
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+    for out in session.get_outputs():
+        binding.bind_output(out.name, "cuda")
+
+    def run():
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+
+    return run
+
+
+def _iqr(values: list[float]) -> float:
+    if len(values) < 4:
+        return 0.0
+    q = statistics.quantiles(values, n=4)
+    return q[2] - q[0]

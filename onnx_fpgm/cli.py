@@ -1,0 +1,192 @@
+"""``onnx-fpgm IN OUT``: argparse -> PruneConfig -> prune -> report. Exit codes: 0 done,
+1 verification failed, 2 bad input or usage, 3 internal error."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import PruneConfig, check_sparsity
+from .errors import ConfigError, OnnxFpgmError, OutputError
+
+EXIT_INTERNAL = 3
+
+
+def _parse_layer_sparsity(text: str) -> tuple[str, float]:
+    pattern, sep, value = text.rpartition("=")
+    if not sep or not pattern:
+        raise argparse.ArgumentTypeError(f"expected REGEX=S, got {text!r}")
+    try:
+        return pattern, check_sparsity(value, what=f"sparsity for {pattern!r}")
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    name, sep, dims = text.rpartition("=")
+    try:
+        shape = tuple(int(d) for d in dims.split(","))
+    except ValueError:
+        shape = ()
+    if not sep or not name or not shape or any(d < 1 for d in shape):
+        raise argparse.ArgumentTypeError(f"expected NAME=D1,D2,..., got {text!r}")
+    return name, shape
+
+
+def _parse_sparsity(text: str) -> float:
+    try:
+        return check_sparsity(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onnx-fpgm",
+        description="Remove whole filters from an ONNX model by FPGM (geometric median), "
+                    "rewrite every coupled layer, and verify the result with onnxruntime.")
+    parser.add_argument("input", metavar="IN", help="input .onnx model")
+    parser.add_argument("output", metavar="OUT", nargs="?", help="output .onnx model")
+    parser.add_argument("--sparsity", type=_parse_sparsity, default=0.5,
+                        help="fraction of each group's channels to remove (default 0.5)")
+    parser.add_argument("--dist", type=int, choices=(1, 2), default=2,
+                        help="distance between filters: 1 (L1) or 2 (L2, default)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where FPGM scores are computed (default: CUDA if present)")
+    parser.add_argument("--exclude", metavar="REGEX", action="append", default=[],
+                        help="leave groups with a producer node name matching REGEX unpruned")
+    parser.add_argument("--layer-sparsity", metavar="REGEX=S", action="append", default=[],
+                        type=_parse_layer_sparsity,
+                        help="sparsity S for groups with a producer matching REGEX")
+    parser.add_argument("--min-channels", type=int, default=1, metavar="N",
+                        help="channels every group keeps at least (default 1)")
+    parser.add_argument("--round-to", type=int, default=None, metavar="N",
+                        help="keep a multiple of N channels in every group (e.g. 8)")
+    parser.add_argument("--input-shape", metavar="NAME=D1,D2,...", action="append", default=[],
+                        type=_parse_input_shape,
+                        help="concrete shape for an input with symbolic dims")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the onnxruntime check against the masked original")
+    parser.add_argument("--benchmark", action="store_true",
+                        help="measure onnxruntime latency of both models, interleaved")
+    parser.add_argument("--report", metavar="FILE", help="write the report as JSON")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the channel groups and blocked tensors; write no model")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail when an unsupported op blocks a group")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR, format="onnx-fpgm: %(message)s")
+    try:
+        return _run(args)
+    except OnnxFpgmError as err:
+        print(f"onnx-fpgm: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("onnx-fpgm: interrupted; nothing was written", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("onnx-fpgm: error: out of memory", file=sys.stderr)
+        return 2
+    except Exception as err:  # a bug: one line, never a traceback
+        line = str(err).splitlines()[0] if str(err) else ""
+        print(f"onnx-fpgm: internal error ({type(err).__name__}: {line}); please report it",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _check_paths(args) -> None:
+    if args.dry_run:
+        return
+    if not args.output:
+        raise ConfigError("OUT is required (or use --dry-run)")
+    inp, out = Path(args.input), Path(args.output)
+    same = inp.resolve() == out.resolve()
+    if not same and inp.exists() and out.exists():
+        same = os.path.samefile(inp, out)
+    if same:
+        raise OutputError("OUT is the same file as IN; refusing to overwrite the input")
+    if args.report and Path(args.report).resolve() == inp.resolve():
+        raise OutputError("--report would overwrite IN")
+    directory = out.parent if str(out.parent) else Path(".")
+    if not directory.is_dir():
+        raise OutputError(f"{directory}: output directory does not exist")
+    if not os.access(directory, os.W_OK):
+        raise OutputError(f"{directory}: output directory is not writable")
+
+
+def _run(args) -> int:
+    from rich.console import Console
+
+    from .api import prune
+    from .bench import benchmark
+
+    _check_paths(args)
+    config = PruneConfig(
+        sparsity=args.sparsity, dist=args.dist, device=args.device, exclude=tuple(args.exclude),
+        layer_sparsity=tuple(args.layer_sparsity), min_channels=args.min_channels,
+        round_to=args.round_to, verify=not args.no_verify and not args.dry_run,
+        strict=args.strict, input_shapes=tuple(args.input_shape), seed=args.seed)
+    console = Console(quiet=args.quiet)
+    err_console = Console(stderr=True, quiet=args.quiet)
+    with _Progress(err_console) as progress:
+        result = prune(args.input, config=config, progress=progress)
+        if args.benchmark and not args.dry_run:
+            advance = progress("benchmark", 30)
+            result.report.latency = benchmark(result.original, result.model,
+                                              input_shapes=dict(config.input_shapes),
+                                              progress=advance)
+    if not args.dry_run:
+        result.save(args.output)
+    from .report import render
+
+    render(result.report, console, dry_run=args.dry_run)
+    if args.report:
+        _write_text(args.report, result.report.to_json())
+    if not args.dry_run:
+        console.print(f"wrote {args.output}")
+    return 0
+
+
+def _write_text(path: str, text: str) -> None:
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, target)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot write report ({err.strerror})") from err
+
+
+class _Progress:
+    """Progress bars on stderr, only when it is a terminal (rich decides)."""
+
+    def __init__(self, console) -> None:
+        self.console = console
+        self._bar = None
+
+    def __enter__(self):
+        if self.console.is_terminal and not self.console.quiet:
+            from rich.progress import Progress
+
+            self._bar = Progress(console=self.console, transient=True)
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def __call__(self, phase: str, total: int):
+        if self._bar is None:
+            return lambda n=1: None
+        task = self._bar.add_task(phase, total=total)
+        return lambda n=1: self._bar.advance(task, n)

@@ -1,0 +1,106 @@
+"""Options of one pruning run, validated once so every stage can trust them."""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+from .errors import ConfigError
+
+DistSpec = Union[int, Callable]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Settings of one run.
+
+    Attributes:
+        sparsity: fraction of each group's channels to remove, in [0, 1].
+        dist: 1 (L1), 2 (L2, default) or a callable mapping an (N, D) tensor to (N, N) distances.
+        device: where FPGM scores are computed.
+        exclude: regexes; a group any of whose producer node names matches is left unpruned.
+        layer_sparsity: (regex, sparsity) pairs; the first that matches a producer of a group
+            sets that group's sparsity.
+        min_channels: channels every group keeps at least (physical removal cannot empty a layer).
+        round_to: keep a multiple of this many channels in every group (None: no rounding).
+        verify: run the onnxruntime oracle on the result.
+        strict: raise UnsupportedOpError instead of leaving groups behind unknown ops unpruned.
+        input_shapes: concrete shapes for graph inputs with symbolic dims (verification, MACs).
+        seed: seed of the random verification inputs.
+    """
+
+    sparsity: float = 0.5
+    dist: DistSpec = 2
+    device: Device = "auto"
+    exclude: tuple[str, ...] = ()
+    layer_sparsity: tuple[tuple[str, float], ...] = ()
+    min_channels: int = 1
+    round_to: int | None = None
+    verify: bool = True
+    strict: bool = False
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    seed: int = 0
+    _compiled: tuple = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.sparsity)
+        for pattern, value in self.layer_sparsity:
+            check_sparsity(value, what=f"sparsity for {pattern!r}")
+        if not (callable(self.dist) or self.dist in (1, 2)):
+            raise ConfigError(f"dist must be 1, 2 or a callable, got {self.dist!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if not isinstance(self.min_channels, int) or self.min_channels < 1:
+            raise ConfigError(f"min_channels must be an integer >= 1, got {self.min_channels!r}")
+        if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
+            raise ConfigError(f"round_to must be an integer >= 1, got {self.round_to!r}")
+        compiled_exclude = tuple(_compile(p) for p in self.exclude)
+        compiled_layers = tuple((_compile(p), s) for p, s in self.layer_sparsity)
+        object.__setattr__(self, "_compiled", (compiled_exclude, compiled_layers))
+
+    def is_excluded(self, names: list[str]) -> str | None:
+        """Return the exclude pattern matching any of ``names``, else None."""
+        for regex in self._compiled[0]:
+            if any(regex.search(n) for n in names):
+                return regex.pattern
+        return None
+
+    def sparsity_for(self, names: list[str]) -> float:
+        """Sparsity of a group with these producer names (first matching --layer-sparsity)."""
+        for regex, value in self._compiled[1]:
+            if any(regex.search(n) for n in names):
+                return value
+        return self.sparsity
+
+    def to_metadata(self) -> dict[str, str]:
+        """The settings as strings, recorded in the output model's metadata_props."""
+        dist = self.dist if not callable(self.dist) else getattr(self.dist, "__name__", "callable")
+        return {
+            "sparsity": repr(self.sparsity),
+            "dist": str(dist),
+            "exclude": ",".join(self.exclude),
+            "layer_sparsity": ",".join(f"{p}={s}" for p, s in self.layer_sparsity),
+            "min_channels": str(self.min_channels),
+            "round_to": str(self.round_to or ""),
+        }
+
+
+def check_sparsity(value: float, what: str = "sparsity") -> float:
+    """Validate a sparsity in [0, 1]; NaN and non-numbers are rejected."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{what} must be a number in [0, 1], got {value!r}") from err
+    if math.isnan(v) or not 0.0 <= v <= 1.0:
+        raise ConfigError(f"{what} must be in [0, 1], got {value!r}")
+    return v
+
+
+def _compile(pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise ConfigError(f"invalid regular expression {pattern!r}: {err}") from err

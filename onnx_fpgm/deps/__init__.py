@@ -1,0 +1,1 @@
+"""Channel dependency analysis: channel maps, op handlers, groups."""

@@ -1,0 +1,397 @@
+"""Channel propagation over the whole graph: channel maps, couplings, groups.
+
+Every producer (a Conv's filters, a Gemm/MatMul's output features) creates *atoms*, one per output
+channel. Each activation tensor may carry a :class:`ChannelMap`: the axis that holds channels and,
+for each position on it, the atom found there (-1: a position no producer of ours owns, e.g. a
+graph input's channel). Handlers move maps through ops (Transpose moves the axis, Flatten repeats
+labels, Concat joins them, Split cuts them) and record three facts:
+
+* coupling: two positions must hold the same channel (both inputs of a residual ``Add``), so their
+  atoms are removed together (union-find -> *classes*);
+* cuts: a ``Split``/``Slice`` cuts a producer into parts that are pruned as independent groups;
+* blocks: a channel reaching something we cannot rewrite exactly (a graph output, an unknown op,
+  a reduction over channels) is never removed; the reason is kept for the report.
+
+A *group* is a set of classes that are scored together and pruned at one sparsity: the classes
+coupled with each other plus the neighbouring channels of the same producer (unless cut).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .constants import ConstantFolder
+from .registry import handler_for
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChannelMap:
+    """Which atom sits at each position of a tensor's channel axis.
+
+    Attributes:
+        axis: the channel axis (non-negative).
+        labels: int64 atom id per position; -1 for positions that are not ours to prune.
+        fold_member: member whose filter rows a per-channel scale here would fold into
+            (a producer's direct output, possibly after a bias Add), for virtual BN folding.
+        shape_index: set when the tensor is a 1-D shape vector whose element ``shape_index``
+            is the channel count (``Shape`` of a mapped tensor).
+    """
+
+    axis: int
+    labels: np.ndarray
+    fold_member: int | None = None
+    shape_index: int | None = None
+
+    def moved(self, axis: int, labels: np.ndarray | None = None) -> ChannelMap:
+        """The same channels on another axis (and optionally other labels); no fold target."""
+        return ChannelMap(axis, self.labels if labels is None else labels)
+
+    def passed(self) -> ChannelMap:
+        """The same channels after an op that changes values: the fold target is lost."""
+        return replace(self, fold_member=None)
+
+
+@dataclass
+class Member:
+    """One node's filters that belong to channels of a group (scored by FPGM)."""
+
+    node: str
+    op: str
+    atoms: np.ndarray  # atom per row
+    rows: np.ndarray  # (n, D) float filters, one per atom
+    scale: np.ndarray  # (n,) virtual per-channel scale (BN folded virtually)
+    creates: bool  # True: the node's own output channels; False: pass-through (depthwise)
+
+
+@dataclass
+class Source:
+    """A node whose output channels are atoms ``start .. start + n``."""
+
+    node: str
+    op: str
+    start: int
+    n: int
+    member: int
+
+
+@dataclass
+class Group:
+    """Coupled channels pruned together.
+
+    Attributes:
+        id: index in the analysis' group list.
+        classes: class ids of the group's channels, in a stable order.
+        members: member ids contributing filters.
+        producers: node names of the members (sources first).
+        frozen: why the group cannot be pruned, or None.
+    """
+
+    id: int
+    classes: np.ndarray
+    members: list[int]
+    producers: list[str]
+    frozen: str | None = None
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class Analysis:
+    """Everything later stages need from the dependency analysis."""
+
+    maps: dict[str, ChannelMap]
+    sources: list[Source]
+    members: list[Member]
+    class_of_atom: np.ndarray
+    class_blocked: list[str | None]
+    groups: list[Group]
+    blocked_tensors: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def n_atoms(self) -> int:
+        return len(self.class_of_atom)
+
+    def removed_atoms(self, removed_classes: np.ndarray) -> np.ndarray:
+        """Boolean mask over atoms for a set of removed class ids."""
+        mask = np.zeros(self.n_atoms + 1, dtype=bool)  # last slot: label -1
+        if len(removed_classes):
+            is_removed_class = np.zeros(len(self.class_blocked), dtype=bool)
+            is_removed_class[removed_classes] = True
+            mask[:-1] = is_removed_class[self.class_of_atom]
+        return mask
+
+
+class AnalysisContext:
+    """State shared by the handlers while channel maps are propagated."""
+
+    def __init__(self, graph: gs.Graph, opset: int) -> None:
+        self.graph = graph
+        self.opset = opset
+        self.maps: dict[str, ChannelMap] = {}
+        self.sources: list[Source] = []
+        self.members: list[Member] = []
+        self.n_atoms = 0
+        self._pairs: list[tuple[np.ndarray, np.ndarray]] = []
+        self._cuts: list[tuple[np.ndarray, np.ndarray]] = []
+        self._blocked: list[tuple[np.ndarray, str]] = []
+        self.blocked_tensors: list[tuple[str, str]] = []
+        self.consts = ConstantFolder(opset)
+        #: 1-D shape vectors holding a channel count: name -> (element index, channel map).
+        self.shape_maps: dict[str, tuple[int, ChannelMap]] = {}
+
+    # ---- reading the graph ----
+    def map(self, tensor: gs.Tensor | None) -> ChannelMap | None:
+        if tensor is None or not tensor.name:
+            return None
+        return self.maps.get(tensor.name)
+
+    def set_map(self, tensor: gs.Tensor, cmap: ChannelMap | None) -> None:
+        if cmap is None or not np.any(cmap.labels >= 0):
+            return
+        self.maps[tensor.name] = cmap
+
+    @staticmethod
+    def shape(tensor: gs.Tensor | None) -> tuple[int | None, ...] | None:
+        """Static shape with None for unknown dims; None when the rank is unknown."""
+        if tensor is None:
+            return None
+        shape = tensor.shape
+        if shape is None:
+            return None
+        return tuple(d if isinstance(d, (int, np.integer)) and d >= 0 else None for d in shape)
+
+    def const(self, tensor: gs.Tensor | None) -> np.ndarray | None:
+        """The tensor's value when it is a constant (folding small constant subgraphs)."""
+        return self.consts.value(tensor)
+
+    # ---- recording facts ----
+    def new_source(self, node: gs.Node, rows: np.ndarray) -> np.ndarray:
+        """Create one atom per filter row of ``node``; returns the atom labels."""
+        n = rows.shape[0]
+        atoms = np.arange(self.n_atoms, self.n_atoms + n, dtype=np.int64)
+        member = self.add_member(node, atoms, rows, creates=True)
+        self.sources.append(Source(node.name, node.op, self.n_atoms, n, member))
+        self.n_atoms += n
+        return atoms
+
+    def add_member(self, node: gs.Node, atoms: np.ndarray, rows: np.ndarray, creates: bool) -> int:
+        keep = atoms >= 0
+        rows = rows.reshape(rows.shape[0], -1)[keep]
+        self.members.append(
+            Member(node.name, node.op, atoms[keep], rows, np.ones(len(rows)), creates)
+        )
+        return len(self.members) - 1
+
+    def scale_member(self, cmap: ChannelMap, scale: np.ndarray) -> None:
+        """Fold a per-channel scale virtually into the producer's filters (BN after Conv)."""
+        if cmap.fold_member is None:
+            return
+        member = self.members[cmap.fold_member]
+        scale = np.broadcast_to(np.asarray(scale, dtype=np.float64).reshape(-1), cmap.labels.shape)
+        position = {int(a): i for i, a in enumerate(cmap.labels)}
+        idx = np.array([position[int(a)] for a in member.atoms], dtype=np.int64)
+        member.scale = member.scale * scale[idx]
+
+    def couple(self, a: np.ndarray, b: np.ndarray, where: str) -> None:
+        """Positions of ``a`` and ``b`` hold the same channel; a fixed (-1) partner blocks."""
+        a = np.asarray(a)
+        b = np.asarray(b)
+        both = (a >= 0) & (b >= 0)
+        if both.any():
+            self._pairs.append((a[both], b[both]))
+        lone = np.concatenate([a[(a >= 0) & (b < 0)], b[(b >= 0) & (a < 0)]])
+        if len(lone):
+            self._blocked.append((lone, f"coupled with channels that cannot be pruned at {where}"))
+
+    def cut(self, labels: np.ndarray, position: int) -> None:
+        """A Split/Slice boundary between ``position - 1`` and ``position``."""
+        if 0 < position < len(labels) and labels[position - 1] >= 0 and labels[position] >= 0:
+            self._cuts.append((labels[position - 1 : position], labels[position : position + 1]))
+
+    def block(self, cmap: ChannelMap | np.ndarray | None, reason: str) -> None:
+        if cmap is None:
+            return
+        labels = cmap.labels if isinstance(cmap, ChannelMap) else np.asarray(cmap)
+        labels = labels[labels >= 0]
+        if len(labels):
+            self._blocked.append((labels, reason))
+
+    def block_tensor(self, tensor: gs.Tensor | None, reason: str) -> None:
+        cmap = self.map(tensor)
+        if cmap is not None and np.any(cmap.labels >= 0):
+            self.blocked_tensors.append((tensor.name, reason))
+            self.block(cmap, reason)
+
+    def block_inputs(self, node: gs.Node, reason: str) -> None:
+        for tensor in node.inputs:
+            self.block_tensor(tensor, reason)
+
+    # ---- shape vectors ----
+    def block_shape_readers(self, node: gs.Node) -> None:
+        """A shape vector holding a channel count, used by anything but Gather/Slice, blocks."""
+        if node.op in ("Gather", "Slice"):
+            return
+        for tensor in node.inputs:
+            if tensor is not None and tensor.name in self.shape_maps:
+                _, cmap = self.shape_maps[tensor.name]
+                self.block(cmap, f"channel count read by {node.op} {node.name}")
+
+    def gather_shape_vector(self, node: gs.Node) -> None:
+        index, cmap = self.shape_maps[node.inputs[0].name]
+        picked = self.const(node.inputs[1])
+        if picked is None:
+            self.block(cmap, f"channel count possibly read by Gather {node.name}")
+            return
+        picked = np.asarray(picked).reshape(-1)
+        rank = len(self.shape(node.inputs[0]) or [0]) or None
+        picked = [int(p) + (rank or 0) if p < 0 else int(p) for p in picked]
+        if index in picked:
+            self.block(cmap, f"channel count read by Gather {node.name}")
+
+    def slice_shape_vector(self, node: gs.Node) -> None:
+        index, cmap = self.shape_maps[node.inputs[0].name]
+        bounds = [self.const(t) if t is not None and t.name else None for t in node.inputs[1:3]]
+        shape = self.shape(node.inputs[0])
+        if any(b is None for b in bounds) or shape is None or shape[0] is None:
+            self.block(cmap, f"channel count possibly read by Slice {node.name}")
+            return
+        dim = shape[0]
+        start, stop = (int(np.asarray(b).reshape(-1)[0]) for b in bounds)
+        start = max(0, min(start + dim if start < 0 else start, dim))
+        stop = max(0, min(stop + dim if stop < 0 else stop, dim))
+        if start <= index < stop:
+            self.shape_maps[node.outputs[0].name] = (index - start, cmap)
+
+    # ---- finishing ----
+    def finish(self) -> Analysis:
+        n = self.n_atoms
+        parent = np.arange(n, dtype=np.int64)
+
+        def find(x: int) -> int:
+            root = x
+            while parent[root] != root:
+                root = parent[root]
+            while parent[x] != root:
+                parent[x], x = root, parent[x]
+            return root
+
+        for a_arr, b_arr in self._pairs:
+            for a, b in zip(a_arr.tolist(), b_arr.tolist()):
+                ra, rb = find(a), find(b)
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)
+        roots = np.array([find(i) for i in range(n)], dtype=np.int64)
+        unique_roots, class_of_atom = np.unique(roots, return_inverse=True)
+        n_classes = len(unique_roots)
+
+        class_blocked: list[str | None] = [None] * n_classes
+        for labels, reason in self._blocked:
+            for c in np.unique(class_of_atom[labels]).tolist():
+                if class_blocked[c] is None:
+                    class_blocked[c] = reason
+
+        groups = self._build_groups(class_of_atom, n_classes, class_blocked)
+        return Analysis(
+            maps=self.maps,
+            sources=self.sources,
+            members=self.members,
+            class_of_atom=class_of_atom,
+            class_blocked=class_blocked,
+            groups=groups,
+            blocked_tensors=self.blocked_tensors,
+        )
+
+    def _build_groups(
+        self, class_of_atom: np.ndarray, n_classes: int, class_blocked: list[str | None]
+    ) -> list[Group]:
+        gparent = list(range(n_classes))
+
+        def gfind(x: int) -> int:
+            while gparent[x] != x:
+                gparent[x] = gparent[gparent[x]]
+                x = gparent[x]
+            return x
+
+        cut_pairs = {(int(a[0]), int(b[0])) for a, b in self._cuts}
+        for src in self.sources:
+            atoms = np.arange(src.start, src.start + src.n)
+            cls = class_of_atom[atoms]
+            for i in range(src.n - 1):
+                if (int(atoms[i]), int(atoms[i + 1])) in cut_pairs:
+                    continue
+                ra, rb = gfind(int(cls[i])), gfind(int(cls[i + 1]))
+                if ra != rb:
+                    gparent[max(ra, rb)] = min(ra, rb)
+        group_of_class = np.array([gfind(c) for c in range(n_classes)], dtype=np.int64)
+
+        # Stable order: groups by their smallest atom, classes by their smallest atom.
+        first_atom = np.full(n_classes, np.iinfo(np.int64).max)
+        np.minimum.at(first_atom, class_of_atom, np.arange(len(class_of_atom)))
+        order = np.lexsort((first_atom, group_of_class))
+        groups: dict[int, list[int]] = {}
+        for c in order.tolist():
+            groups.setdefault(int(group_of_class[c]), []).append(c)
+        ordered = sorted(groups.values(), key=lambda cs: first_atom[cs[0]])
+
+        member_group: list[set[int]] = []
+        for m in self.members:
+            member_group.append(set(np.unique(group_of_class[class_of_atom[m.atoms]]).tolist()))
+        result: list[Group] = []
+        for gid, cls in enumerate(ordered):
+            root = int(group_of_class[cls[0]])
+            members = [i for i, gs_ in enumerate(member_group) if root in gs_]
+            members.sort(key=lambda i: (not self.members[i].creates, i))
+            producers = list(dict.fromkeys(self.members[i].node for i in members))
+            frozen = next((class_blocked[c] for c in cls if class_blocked[c] is not None), None)
+            result.append(Group(gid, np.array(cls, dtype=np.int64), members, producers, frozen))
+        return result
+
+
+def build_analysis(graph: gs.Graph, opset: int) -> Analysis:
+    """Propagate channel maps through ``graph`` (topologically ordered) and build the groups."""
+    ctx = AnalysisContext(graph, opset)
+    for node in graph.nodes:
+        ctx.block_shape_readers(node)
+        subgraph_reason = _subgraph_reason(node)
+        handler = handler_for(node.op, node.domain or "")
+        if subgraph_reason:
+            ctx.block_inputs(node, subgraph_reason)
+            _block_outer_references(node, ctx, subgraph_reason)
+            continue
+        if handler is None:
+            ctx.block_inputs(node, f"consumed by unsupported op {node.op} ({node.name})")
+            continue
+        try:
+            handler.propagate(node, ctx)
+        except Exception as err:  # a handler bug must never yield a wrong model: block instead
+            logger.warning("analysis of %s (%s) failed: %s", node.name, node.op, err)
+            ctx.block_inputs(node, f"could not analyse {node.op} ({node.name}): {err}")
+            for out in node.outputs:
+                ctx.maps.pop(out.name, None)
+    for out in graph.outputs:
+        ctx.block_tensor(out, f"reaches graph output {out.name}")
+        if out.name in ctx.shape_maps:
+            ctx.block(ctx.shape_maps[out.name][1], f"channel count reaches graph output {out.name}")
+    return ctx.finish()
+
+
+def _subgraph_reason(node: gs.Node) -> str | None:
+    if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
+        return f"consumed by control-flow op {node.op} ({node.name}), left untouched"
+    return None
+
+
+def _block_outer_references(node: gs.Node, ctx: AnalysisContext, reason: str) -> None:
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            for sub in value.nodes:
+                for tensor in sub.inputs:
+                    ctx.block_tensor(tensor, reason)
+                _block_outer_references(sub, ctx, reason)

@@ -1,0 +1,146 @@
+"""Constant values behind tensors: initializers, ``Constant`` nodes, and small constant subgraphs.
+
+Exporters hide weights in many ways (PaddlePaddle keeps every weight in a ``Constant`` node,
+mixed-precision exports put a ``Cast`` in front, others an ``Identity``; per-channel constants are
+sometimes computed by a ``Reshape``/``Mul``/``Sqrt`` chain). The folder evaluates such chains with
+onnx's reference evaluator, one node at a time, so the analysis can see the values.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper
+
+logger = logging.getLogger(__name__)
+
+#: Ops evaluated when all their inputs are constant (deterministic, cheap, no subgraphs).
+FOLDABLE_OPS = frozenset({
+    "Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose", "Concat",
+    "Expand", "Slice", "Gather", "Mul", "Add", "Sub", "Div", "Sqrt", "Pow", "Neg", "Reciprocal",
+    "Abs", "Exp", "Log", "ConstantOfShape", "Range", "Shape", "Tile", "Sigmoid", "Relu", "Clip",
+    "Max", "Min", "Sum", "ReduceSum", "ReduceMean", "ReduceProd", "CastLike",
+})
+#: Larger results are not folded (weights are stored, not computed, in real models).
+MAX_FOLD_ELEMENTS = 1 << 24
+
+
+def constant_node_value(node: gs.Node) -> np.ndarray | None:
+    """The value a ``Constant`` node holds, whichever attribute it uses."""
+    attrs = node.attrs
+    if "value" in attrs and isinstance(attrs["value"], gs.Constant):
+        return np.asarray(attrs["value"].values)
+    for key, dtype in (("value_float", np.float32), ("value_int", np.int64)):
+        if key in attrs:
+            return np.array(attrs[key], dtype=dtype)
+    for key, dtype in (("value_floats", np.float32), ("value_ints", np.int64)):
+        if key in attrs:
+            return np.array(list(attrs[key]), dtype=dtype)
+    return None
+
+
+def root_constant(tensor: gs.Tensor) -> tuple[gs.Tensor | gs.Node, list[gs.Node]] | None:
+    """Follow ``Identity``/``Cast`` back to an initializer or a ``Constant`` node.
+
+    Returns the root (a ``gs.Constant`` or the ``Constant`` node) and the chain of nodes between
+    root and ``tensor``, or None if the tensor is not such a stored constant.
+    """
+    chain: list[gs.Node] = []
+    current = tensor
+    while True:
+        if isinstance(current, gs.Constant):
+            return current, chain
+        if len(current.inputs) != 1:
+            return None
+        node = current.inputs[0]
+        if node.op == "Constant" and constant_node_value(node) is not None:
+            return node, chain
+        if node.op in ("Identity", "Cast") and len(node.inputs) == 1:
+            chain.insert(0, node)
+            current = node.inputs[0]
+            continue
+        return None
+
+
+class ConstantFolder:
+    """Evaluates and caches constant tensors of one graph."""
+
+    def __init__(self, opset: int) -> None:
+        self.opset = opset
+        self._cache: dict[str, np.ndarray | None] = {}
+
+    def value(self, tensor: gs.Tensor | None) -> np.ndarray | None:
+        if tensor is None:
+            return None
+        if isinstance(tensor, gs.Constant):
+            return np.asarray(tensor.values)
+        if not tensor.name:
+            return None
+        if tensor.name in self._cache:
+            return self._cache[tensor.name]
+        self._cache[tensor.name] = None  # guards cycles in malformed graphs
+        result = self._evaluate(tensor)
+        self._cache[tensor.name] = result
+        return result
+
+    def _evaluate(self, tensor: gs.Tensor) -> np.ndarray | None:
+        if len(tensor.inputs) != 1:
+            return None
+        node = tensor.inputs[0]
+        if node.op == "Constant":
+            return constant_node_value(node)
+        if node.op not in FOLDABLE_OPS or node.domain not in ("", "ai.onnx", None):
+            return None
+        inputs = []
+        for inp in node.inputs:
+            if inp is None or not inp.name:
+                inputs.append(None)
+                continue
+            if node.op == "CastLike" and inp is node.inputs[1] and inp.dtype is not None:
+                inputs.append(np.zeros((), dtype=inp.dtype))  # only its dtype matters
+                continue
+            if node.op == "Shape" and inp.shape is not None and all(
+                isinstance(d, int) for d in inp.shape
+            ):
+                inputs.append(np.zeros(inp.shape, dtype=np.float32))
+                continue
+            value = self.value(inp)
+            if value is None:
+                return None
+            inputs.append(value)
+        return self._run_node(node, inputs, tensor)
+
+    def _run_node(self, node: gs.Node, inputs: list, tensor: gs.Tensor) -> np.ndarray | None:
+        from onnx.reference import ReferenceEvaluator
+
+        names = [f"i{k}" if v is not None else "" for k, v in enumerate(inputs)]
+        outputs = [f"o{k}" for k in range(len(node.outputs))]
+        attrs = {}
+        for key, val in node.attrs.items():
+            if isinstance(val, (gs.Constant, gs.Graph)):
+                return None
+            attrs[key] = val
+        try:
+            proto = helper.make_node(node.op, names, outputs, **attrs)
+            model = helper.make_model(
+                helper.make_graph(
+                    [proto], "fold",
+                    [helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None)
+                     for n in names if n],
+                    [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
+                     for o in outputs],
+                ),
+                opset_imports=[helper.make_opsetid("", self.opset)],
+            )
+            feeds = {n: v for n, v in zip(names, inputs) if n}
+            results = ReferenceEvaluator(model).run(None, feeds)
+        except Exception as err:  # unfoldable: the caller treats the tensor as non-constant
+            logger.debug("cannot fold %s (%s): %s", node.name, node.op, err)
+            return None
+        index = [o.name for o in node.outputs].index(tensor.name)
+        value = np.asarray(results[index])
+        if value.size > MAX_FOLD_ELEMENTS:
+            return None
+        return value

@@ -1,0 +1,2 @@
+"""Op handlers; importing this package registers every one of them."""
+from . import conv, elementwise, linear, norm, pool, shape  # noqa: F401

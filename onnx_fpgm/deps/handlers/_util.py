@@ -1,0 +1,39 @@
+"""Small helpers shared by handlers (axis arithmetic, attribute/input reading)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+
+def normalize_axis(axis: int, rank: int) -> int:
+    """Negative axes count from the end, as ONNX specifies."""
+    return axis + rank if axis < 0 else axis
+
+
+def axes_from(node: gs.Node, ctx, input_index: int, attr: str = "axes") -> list[int] | None:
+    """Axes given as an attribute (older opsets) or a constant input (newer); None if absent.
+
+    Raises ValueError when the axes input exists but is not constant.
+    """
+    if attr in node.attrs:
+        return [int(a) for a in node.attrs[attr]]
+    if len(node.inputs) > input_index and node.inputs[input_index] is not None and \
+            node.inputs[input_index].name:
+        value = ctx.const(node.inputs[input_index])
+        if value is None:
+            raise ValueError(f"{attr} of {node.name} are computed at run time")
+        return [int(a) for a in np.asarray(value).reshape(-1)]
+    return None
+
+
+def has_input(node: gs.Node, index: int) -> bool:
+    return len(node.inputs) > index and node.inputs[index] is not None and bool(
+        node.inputs[index].name
+    )
+
+
+def prod(values) -> int:
+    result = 1
+    for v in values:
+        result *= int(v)
+    return result

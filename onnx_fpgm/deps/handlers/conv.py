@@ -1,0 +1,116 @@
+"""Conv and ConvTranspose: the filters we prune, and consumers of pruned channels.
+
+Channel algebra (NCHW, ``g`` = the ``group`` attribute):
+
+* Conv, g == 1: ``W[o, i, k...]``. Output channel o is filter ``W[o]`` (a new atom, plus
+  ``B[o]``); input channel i is consumed by ``W[:, i]``. Removing output o slices ``W`` and ``B`` on
+  axis 0; removing input i slices ``W`` on axis 1.
+* Depthwise Conv (g == C_in == C_out, ``W[c, 1, k...]``): channel c passes straight through and
+  its filter ``W[c]`` joins channel c's group; removal slices ``W``/``B`` on axis 0 and sets g.
+* ConvTranspose, g == 1: ``W[i, o, k...]`` (input channels first); output channel o is the
+  filter ``W[:, o]``.
+* Other grouped convs are blocked: their channel counts must stay divisible by g.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..analysis import ChannelMap
+from ..registry import register
+from ._util import has_input
+
+
+def _weight_or_block(node, ctx):
+    weight = ctx.const(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None or weight.ndim < 2:
+        ctx.block_inputs(node, f"weight of {node.name} is not a stored constant")
+        return None
+    if has_input(node, 2) and ctx.const(node.inputs[2]) is None:
+        ctx.block_inputs(node, f"bias of {node.name} is not a stored constant")
+        return None
+    return weight
+
+
+def _input_map(node, ctx):
+    xmap = ctx.map(node.inputs[0])
+    if xmap is not None and xmap.axis != 1:
+        ctx.block(xmap, f"channels reach {node.op} {node.name} on axis {xmap.axis}, not 1")
+        return None
+    return xmap
+
+
+@register("Conv")
+class ConvHandler:
+    """Conv: producer of filters, consumer of input channels (see module docstring)."""
+
+    def propagate(self, node, ctx) -> None:
+        weight = _weight_or_block(node, ctx)
+        if weight is None:
+            return
+        xmap = _input_map(node, ctx)
+        conv_group = int(node.attrs.get("group", 1))
+        c_out, c_in_per_group = weight.shape[:2]
+        y = node.outputs[0]
+        if conv_group == 1:
+            atoms = ctx.new_source(node, weight)
+            ctx.set_map(y, ChannelMap(1, atoms, fold_member=len(ctx.members) - 1))
+        elif conv_group == c_out and c_in_per_group == 1 and xmap is not None \
+                and len(xmap.labels) == conv_group:
+            member = ctx.add_member(node, xmap.labels, weight, creates=False)
+            ctx.set_map(y, ChannelMap(1, xmap.labels, fold_member=member))
+        elif xmap is not None:
+            kind = (f"channel multiplier {c_out // conv_group}" if c_in_per_group == 1
+                    else f"group={conv_group}")
+            ctx.block(xmap, f"grouped conv {node.name} ({kind}) is not pruned")
+
+    def apply(self, node, ctx) -> None:
+        conv_group = int(node.attrs.get("group", 1))
+        keep_out = ctx.keep(node.outputs[0])
+        if conv_group == 1:
+            keep_in = ctx.keep(node.inputs[0])
+            if keep_in is not None:
+                ctx.slice_input(node, 1, 1, keep_in)
+        if keep_out is not None:
+            ctx.slice_input(node, 1, 0, keep_out)
+            if has_input(node, 2):
+                ctx.slice_input(node, 2, 0, keep_out)
+            if conv_group != 1:
+                node.attrs["group"] = len(keep_out)
+
+
+@register("ConvTranspose")
+class ConvTransposeHandler:
+    """ConvTranspose: ``W[i, o/g, k...]``; producer (axis 1) and consumer (axis 0)."""
+
+    def propagate(self, node, ctx) -> None:
+        weight = _weight_or_block(node, ctx)
+        if weight is None:
+            return
+        xmap = _input_map(node, ctx)
+        conv_group = int(node.attrs.get("group", 1))
+        y = node.outputs[0]
+        if conv_group == 1:
+            rows = np.swapaxes(weight, 0, 1)
+            atoms = ctx.new_source(node, rows)
+            ctx.set_map(y, ChannelMap(1, atoms, fold_member=len(ctx.members) - 1))
+        elif weight.shape[1] == 1 and xmap is not None and len(xmap.labels) == conv_group \
+                and weight.shape[0] == conv_group:
+            member = ctx.add_member(node, xmap.labels, weight, creates=False)
+            ctx.set_map(y, ChannelMap(1, xmap.labels, fold_member=member))
+        elif xmap is not None:
+            ctx.block(xmap, f"grouped ConvTranspose {node.name} (group={conv_group}) is not pruned")
+
+    def apply(self, node, ctx) -> None:
+        conv_group = int(node.attrs.get("group", 1))
+        keep_out = ctx.keep(node.outputs[0])
+        if conv_group == 1:
+            keep_in = ctx.keep(node.inputs[0])
+            if keep_in is not None:
+                ctx.slice_input(node, 1, 0, keep_in)
+            if keep_out is not None:
+                ctx.slice_input(node, 1, 1, keep_out)
+        elif keep_out is not None:
+            ctx.slice_input(node, 1, 0, keep_out)
+            node.attrs["group"] = len(keep_out)
+        if keep_out is not None and has_input(node, 2):
+            ctx.slice_input(node, 2, 0, keep_out)

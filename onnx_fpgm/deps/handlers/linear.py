@@ -1,0 +1,85 @@
+"""Gemm and MatMul with a constant weight: MLP layers and classifier heads.
+
+Channel algebra:
+
+* Gemm ``Y = A' B' + C`` (A' = A or A^T, B' = B or B^T, B' of shape (K, N)): input feature k of
+  A (axis 1, transA = 0) is consumed by row k of B'; output feature n is the filter ``B'[:, n]``
+  (a new atom) plus ``C[..., n]``.
+* MatMul ``Y = A @ W`` with a constant 2-D ``W`` (K, N): when A's channels are on its last axis,
+  feature k is consumed by ``W[k]`` and output feature n is ``W[:, n]``; when A's channels sit on
+  an earlier axis they pass through unchanged (the product acts on the last axis only).
+* MatMul of two activations (attention) blocks both.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..analysis import ChannelMap
+from ..registry import register
+from ._util import has_input
+
+
+@register("Gemm")
+class GemmHandler:
+    """Gemm: producer of output features, consumer of input features."""
+
+    def propagate(self, node, ctx) -> None:
+        amap = ctx.map(node.inputs[0])
+        weight = ctx.const(node.inputs[1])
+        if ctx.map(node.inputs[1]) is not None or weight is None or weight.ndim != 2:
+            ctx.block_inputs(node, f"weight of Gemm {node.name} is not a stored 2-D constant")
+            return
+        if has_input(node, 2) and ctx.const(node.inputs[2]) is None:
+            ctx.block_inputs(node, f"bias of Gemm {node.name} is not a stored constant")
+            return
+        if amap is not None and (int(node.attrs.get("transA", 0)) or amap.axis != 1):
+            ctx.block(amap, f"features reach Gemm {node.name} transposed")
+        kn = weight.T if int(node.attrs.get("transB", 0)) else weight
+        atoms = ctx.new_source(node, kn.T)
+        ctx.set_map(node.outputs[0], ChannelMap(1, atoms, fold_member=len(ctx.members) - 1))
+
+    def apply(self, node, ctx) -> None:
+        trans_b = int(node.attrs.get("transB", 0))
+        keep_in = ctx.keep(node.inputs[0])
+        if keep_in is not None:
+            ctx.slice_input(node, 1, 1 if trans_b else 0, keep_in)
+        keep_out = ctx.keep(node.outputs[0])
+        if keep_out is None:
+            return
+        ctx.slice_input(node, 1, 0 if trans_b else 1, keep_out)
+        if has_input(node, 2):
+            bias = ctx.const(node.inputs[2])
+            n_out = len(ctx.map(node.outputs[0]).labels)
+            if bias.ndim >= 1 and bias.shape[-1] == n_out and n_out > 1:
+                ctx.slice_input(node, 2, bias.ndim - 1, keep_out)
+
+
+@register("MatMul")
+class MatMulHandler:
+    """MatMul: see module docstring."""
+
+    def propagate(self, node, ctx) -> None:
+        a, b = node.inputs[0], node.inputs[1]
+        amap, bmap = ctx.map(a), ctx.map(b)
+        weight = ctx.const(b) if bmap is None else None
+        a_rank = len(ctx.shape(a)) if ctx.shape(a) is not None else None
+        if weight is None or weight.ndim != 2 or a_rank is None or a_rank < 2:
+            ctx.block_inputs(node, f"MatMul {node.name} has no constant 2-D weight "
+                                   "(or an input of unknown rank)")
+            return
+        y = node.outputs[0]
+        if amap is not None and amap.axis < a_rank - 1:
+            ctx.set_map(y, amap.passed())  # channels ride along; our output features stay fixed
+            return
+        atoms = ctx.new_source(node, weight.T)
+        ctx.set_map(y, ChannelMap(a_rank - 1, atoms, fold_member=len(ctx.members) - 1))
+
+    def apply(self, node, ctx) -> None:
+        if not ctx.is_source(node):
+            return
+        keep_in = ctx.keep(node.inputs[0])
+        if keep_in is not None:
+            ctx.slice_input(node, 1, 0, keep_in)
+        keep_out = ctx.keep(node.outputs[0])
+        if keep_out is not None:
+            ctx.slice_input(node, 1, 1, keep_out)

@@ -1,0 +1,84 @@
+"""Normalisations.
+
+* BatchNormalization / InstanceNormalization: per-channel affine (and, for InstanceNorm,
+  per-channel statistics): channel c depends only on channel c, so channels pass through and the
+  parameters are sliced on axis 0. BatchNorm's scale ``gamma / sqrt(var + eps)`` is folded
+  virtually into the producing filters so that folded and unfolded exports score alike.
+* LayerNormalization normalises over the axes from ``axis`` on: channels on those axes are
+  blocked (removing one changes the mean and variance of the rest); channels elsewhere pass.
+* GroupNormalization, LpNormalization and LRN mix channels: blocked.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..registry import register
+from ._util import normalize_axis
+
+
+@register("BatchNormalization", "InstanceNormalization")
+class PerChannelNormHandler:
+    """Channel c -> channel c, with per-channel parameters on inputs 1..n."""
+
+    def propagate(self, node, ctx) -> None:
+        xmap = ctx.map(node.inputs[0])
+        if xmap is None:
+            return
+        if xmap.axis != 1:
+            ctx.block(xmap, f"channels reach {node.op} {node.name} on axis {xmap.axis}, not 1")
+            return
+        params = [ctx.const(t) for t in node.inputs[1:]]
+        if any(p is None for p in params):
+            ctx.block(xmap, f"parameters of {node.op} {node.name} are not stored constants")
+            return
+        if node.op == "BatchNormalization":
+            for extra in node.outputs[1:]:
+                if extra.outputs:
+                    ctx.block(xmap, f"training-mode outputs of {node.name} are used")
+                    return
+            scale, _, _, var = (np.asarray(p, dtype=np.float64) for p in params[:4])
+            eps = float(node.attrs.get("epsilon", 1e-5))
+            ctx.scale_member(xmap, scale / np.sqrt(var + eps))
+            ctx.set_map(node.outputs[0], xmap)  # still foldable: BN + bias is affine
+        else:
+            ctx.set_map(node.outputs[0], xmap.passed())
+
+    def apply(self, node, ctx) -> None:
+        keep = ctx.keep(node.inputs[0])
+        if keep is None:
+            return
+        for index in range(1, len(node.inputs)):
+            ctx.slice_input(node, index, 0, keep)
+
+
+@register("LayerNormalization")
+class LayerNormHandler:
+    """Blocks channels on the normalised axes; passes the rest."""
+
+    def propagate(self, node, ctx) -> None:
+        xmap = ctx.map(node.inputs[0])
+        shape = ctx.shape(node.inputs[0])
+        if xmap is None:
+            return
+        if shape is None:
+            ctx.block(xmap, f"rank of the input of {node.name} is unknown")
+            return
+        axis = normalize_axis(int(node.attrs.get("axis", -1)), len(shape))
+        if xmap.axis >= axis:
+            ctx.block(xmap, f"LayerNormalization {node.name} normalises over the channel axis")
+            return
+        ctx.set_map(node.outputs[0], xmap.passed())
+
+    def apply(self, node, ctx) -> None:
+        pass
+
+
+@register("GroupNormalization", "LpNormalization", "LRN", "MeanVarianceNormalization")
+class ChannelMixingNormHandler:
+    """Statistics over several channels: removing one changes the others."""
+
+    def propagate(self, node, ctx) -> None:
+        ctx.block_inputs(node, f"{node.op} {node.name} normalises across channels")
+
+    def apply(self, node, ctx) -> None:
+        pass

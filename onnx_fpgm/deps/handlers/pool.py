@@ -1,0 +1,93 @@
+"""Pooling, reductions and softmax.
+
+* Pools (Max/Average/Lp, global or not) act per channel on NCHW: channels pass through.
+  MaxPool's optional ``Indices`` output encodes the channel in a flat index: blocked if used.
+* Reduce* over axes that exclude the channel axis pass channels through (moving the axis when
+  ``keepdims=0``); reducing over the channel axis mixes channels: blocked.
+* Softmax/LogSoftmax/Hardmax over the channel axis mix channels: blocked; over other axes: pass.
+"""
+from __future__ import annotations
+
+from ..registry import register
+from ._util import axes_from, normalize_axis
+
+POOL_OPS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
+            "GlobalLpPool")
+REDUCE_OPS = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1",
+              "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
+
+
+@register(*POOL_OPS)
+class PoolHandler:
+    """Per-channel spatial pooling."""
+
+    def propagate(self, node, ctx) -> None:
+        xmap = ctx.map(node.inputs[0])
+        if xmap is None:
+            return
+        if xmap.axis != 1:
+            ctx.block(xmap, f"channels reach {node.op} {node.name} on axis {xmap.axis}, not 1")
+            return
+        if len(node.outputs) > 1 and node.outputs[1].outputs:
+            ctx.block(xmap, f"indices output of {node.name} is used")
+            return
+        ctx.set_map(node.outputs[0], xmap.passed())
+
+    def apply(self, node, ctx) -> None:
+        pass
+
+
+@register(*REDUCE_OPS)
+class ReduceHandler:
+    """Reductions over non-channel axes."""
+
+    def propagate(self, node, ctx) -> None:
+        xmap = ctx.map(node.inputs[0])
+        shape = ctx.shape(node.inputs[0])
+        if xmap is None:
+            return
+        if shape is None:
+            ctx.block(xmap, f"input rank of {node.name} is unknown")
+            return
+        axes = axes_from(node, ctx, 1)
+        rank = len(shape)
+        if not axes:
+            if int(node.attrs.get("noop_with_empty_axes", 0)):
+                ctx.set_map(node.outputs[0], xmap.passed())
+            else:
+                ctx.block(xmap, f"{node.op} {node.name} reduces over all axes")
+            return
+        axes = sorted(normalize_axis(a, rank) for a in axes)
+        if xmap.axis in axes:
+            ctx.block(xmap, f"{node.op} {node.name} reduces over the channel axis")
+            return
+        axis = xmap.axis
+        if not int(node.attrs.get("keepdims", 1)):
+            axis -= sum(1 for a in axes if a < xmap.axis)
+        ctx.set_map(node.outputs[0], xmap.moved(axis))
+
+    def apply(self, node, ctx) -> None:
+        pass
+
+
+@register("Softmax", "LogSoftmax", "Hardmax")
+class SoftmaxHandler:
+    """Normalises over one axis (opset >= 13) or all axes from ``axis`` (older opsets)."""
+
+    def propagate(self, node, ctx) -> None:
+        xmap = ctx.map(node.inputs[0])
+        shape = ctx.shape(node.inputs[0])
+        if xmap is None:
+            return
+        if shape is None:
+            ctx.block(xmap, f"input rank of {node.name} is unknown")
+            return
+        old_semantics = ctx.opset < 13
+        axis = normalize_axis(int(node.attrs.get("axis", 1 if old_semantics else -1)), len(shape))
+        if xmap.axis == axis or (old_semantics and xmap.axis >= axis):
+            ctx.block(xmap, f"{node.op} {node.name} normalises over the channel axis")
+            return
+        ctx.set_map(node.outputs[0], xmap.passed())
+
+    def apply(self, node, ctx) -> None:
+        pass

@@ -1,0 +1,153 @@
+"""What handlers may do to the graph while a plan is applied.
+
+Constants are sliced where they are stored (the initializer, or the ``Constant`` node behind an
+``Identity``/``Cast`` chain), keeping their names, dtype and bytes of the kept entries. A constant
+that another node also reads is never sliced in place: the pruned node gets its own copy
+(copy-on-write), and the event is noted for the report.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from onnx import helper
+
+from ..errors import RewriteError
+from .analysis import Analysis, ChannelMap
+from .constants import ConstantFolder, root_constant
+
+
+class RewriteContext:
+    """Keep masks for every mapped tensor, and safe constant edits."""
+
+    def __init__(self, graph: gs.Graph, analysis: Analysis, removed_atoms: np.ndarray,
+                 opset: int) -> None:
+        self.graph = graph
+        self.analysis = analysis
+        self.opset = opset
+        self._removed = removed_atoms  # bool over atoms + 1 trailing False for label -1
+        self._sources = {s.node for s in analysis.sources}
+        self.consts = ConstantFolder(opset)
+        self.notes: list[str] = []
+        self._names = {t for t in graph.tensors()}
+
+    # ---- reading ----
+    def map(self, tensor: gs.Tensor | None) -> ChannelMap | None:
+        if tensor is None or not tensor.name:
+            return None
+        return self.analysis.maps.get(tensor.name)
+
+    def kept_mask(self, labels: np.ndarray) -> np.ndarray:
+        return ~self._removed[labels]
+
+    def keep(self, tensor: gs.Tensor | None) -> np.ndarray | None:
+        """Kept positions on the tensor's channel axis; None if unmapped or nothing removed."""
+        cmap = self.map(tensor)
+        if cmap is None:
+            return None
+        mask = self.kept_mask(cmap.labels)
+        if mask.all():
+            return None
+        return np.flatnonzero(mask).astype(np.int64)
+
+    def is_source(self, node: gs.Node) -> bool:
+        return node.name in self._sources
+
+    @staticmethod
+    def shape(tensor):
+        from .analysis import AnalysisContext
+
+        return AnalysisContext.shape(tensor)
+
+    def const(self, tensor: gs.Tensor | None) -> np.ndarray | None:
+        self.consts = ConstantFolder(self.opset)  # values change while we rewrite
+        return self.consts.value(tensor)
+
+    # ---- editing ----
+    def slice_input(self, node: gs.Node, index: int, axis: int, keep: np.ndarray) -> None:
+        """Keep only ``keep`` along ``axis`` of the constant feeding ``node.inputs[index]``."""
+        tensor = node.inputs[index]
+        found = root_constant(tensor)
+        if found is not None:
+            root, chain = found
+            stored = _stored_value(root)
+            if axis >= stored.ndim or stored.shape[axis] <= int(keep.max(initial=0)):
+                raise RewriteError(f"cannot slice {tensor.name} of {node.name} on axis {axis}")
+            sliced = np.take(stored, keep, axis=axis)
+            if self._exclusive(root, chain, node):
+                _store_value(root, sliced)
+                return
+            value = _through_chain(sliced, chain)
+        else:
+            value = self.const(tensor)
+            if value is None:
+                raise RewriteError(f"input {tensor.name} of {node.name} is not constant")
+            value = np.take(value, keep, axis=axis)
+        self._attach_copy(node, index, value, "sliced copy")
+
+    def set_input_value(self, node: gs.Node, index: int, value: np.ndarray) -> None:
+        """Replace the constant at ``node.inputs[index]`` by ``value`` (same dtype)."""
+        tensor = node.inputs[index]
+        found = root_constant(tensor)
+        if found is not None and not found[1]:
+            root = found[0]
+            if self._exclusive(root, [], node):
+                _store_value(root, value.astype(_stored_value(root).dtype))
+                return
+        self._attach_copy(node, index, value, "rewritten copy")
+
+    def add_input_value(self, node: gs.Node, value: np.ndarray, name: str) -> None:
+        """Append a constant input (e.g. explicit split sizes)."""
+        node.inputs.append(gs.Constant(self._unique(name), value))
+
+    def _attach_copy(self, node: gs.Node, index: int, value: np.ndarray, what: str) -> None:
+        old = node.inputs[index]
+        copy = gs.Constant(self._unique(f"{old.name}__{node.name}"), np.ascontiguousarray(value))
+        node.inputs[index] = copy
+        self.notes.append(f"{node.name}: {old.name} is shared or computed; used a {what}")
+
+    def _unique(self, name: str) -> str:
+        candidate, k = name, 1
+        while candidate in self._names:
+            candidate, k = f"{name}_{k}", k + 1
+        self._names.add(candidate)
+        return candidate
+
+    def _exclusive(self, root, chain: list[gs.Node], node: gs.Node) -> bool:
+        """True when the stored constant feeds only ``node`` (through ``chain``), once."""
+        graph_outputs = {t.name for t in self.graph.outputs}
+        tensors = [root if isinstance(root, gs.Constant) else root.outputs[0]]
+        tensors += [c.outputs[0] for c in chain]
+        consumers = [*chain, node]
+        for tensor, consumer in zip(tensors, consumers):
+            if tensor.name in graph_outputs or len(tensor.outputs) != 1 or \
+                    tensor.outputs[0] is not consumer:
+                return False
+            if sum(1 for t in consumer.inputs if t is tensor) != 1:
+                return False
+        return True
+
+
+def _stored_value(root) -> np.ndarray:
+    if isinstance(root, gs.Constant):
+        return np.asarray(root.values)
+    from .constants import constant_node_value
+
+    return constant_node_value(root)
+
+
+def _store_value(root, value: np.ndarray) -> None:
+    value = np.ascontiguousarray(value)
+    if isinstance(root, gs.Constant):
+        root.values = value
+        return
+    for key in ("value_float", "value_floats", "value_int", "value_ints"):
+        root.attrs.pop(key, None)
+    old = root.attrs.get("value")
+    root.attrs["value"] = gs.Constant(old.name if isinstance(old, gs.Constant) else "", value)
+
+
+def _through_chain(value: np.ndarray, chain: list[gs.Node]) -> np.ndarray:
+    for node in chain:
+        if node.op == "Cast":
+            value = value.astype(helper.tensor_dtype_to_np_dtype(int(node.attrs["to"])))
+    return value

@@ -1,0 +1,28 @@
+"""Typed errors; the CLI maps each family to an exit code (usage/bad input 2, verification 1)."""
+from __future__ import annotations
+
+class OnnxFpgmError(Exception):
+    """Base of every error onnx-fpgm raises on purpose."""
+    exit_code = 2
+
+class ConfigError(OnnxFpgmError):
+    """An option value is invalid (sparsity outside [0, 1], unknown device, ...)."""
+
+class ModelLoadError(OnnxFpgmError):
+    """The input is not a readable, valid ONNX model."""
+
+class UnsupportedOpError(OnnxFpgmError):
+    """Raised under --strict when an op blocks pruning."""
+
+class ScoringError(OnnxFpgmError):
+    """Weights cannot be scored (non-finite values, ...)."""
+
+class RewriteError(OnnxFpgmError):
+    """The pruned graph could not be built or fails the checker."""
+
+class VerificationError(OnnxFpgmError):
+    """The pruned model does not match the masked original."""
+    exit_code = 1
+
+class OutputError(OnnxFpgmError):
+    """OUT cannot be written (same as IN, unwritable directory, disk full)."""

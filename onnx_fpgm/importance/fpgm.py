@@ -1,0 +1,602 @@
+"""FPGM importance: filters close to the geometric median of their layer are redundant.
+
+Definition (pinned by ``tests/test_fpgm.py``, same as PyTorch's ``FPGMPruner``): flatten the
+filters once to ``X`` of shape ``(N, D)``; the score of filter ``i`` is
+
+    score[i] = sum_j |dist(X[i], X[j])|
+
+and the ``round(sparsity * N)`` filters with the *smallest* scores are pruned: a filter whose
+distances to all others are small sits near the geometric median, so the others can stand in
+for it.
+
+Speed and exactness. For the default Euclidean distance the ``N x N`` distance matrix comes
+from one float32 Gram matrix (``||x||^2 + ||y||^2 - 2 x.y``), so the cost is about one GEMM.
+That formula cancels badly, so float32 scores alone could pick a different set than an exact
+float64 computation. Each float32 score therefore carries a rigorous a-priori error bound
+(standard dot-product error analysis, ``gamma_k = k u / (1 - k u)``); only the few filters
+whose intervals straddle the selection cut are rescored, first with a float64 Gram (again
+with a bound), then, for anything still undecided (in practice exact ties, such as duplicate
+filters), with float64 direct differences. Equal exact scores go to the lowest index. The
+selection thus equals that of a float64 ``cdist`` reference while the work stays one GEMM plus
+a few passes over the distance block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+import torch
+
+from onnx_fpgm.errors import ConfigError, ScoringError
+
+__all__ = [
+    "DistSpec",
+    "fpgm_scores",
+    "fpgm_select",
+    "keep_from_prune",
+    "n_to_prune",
+    "resolve_device",
+    "to_filter_matrix",
+]
+
+logger = logging.getLogger(__name__)
+
+DistSpec = Union[int, Callable[[torch.Tensor], torch.Tensor]]  # noqa: UP007 (runtime alias)
+"""``1`` (Manhattan), ``2`` (Euclidean) or a callable mapping ``(N, D)`` to ``(N, N)``."""
+
+_UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+# Smallest normal number: a flushed or subnormal product loses at most this much (absolute).
+_TINY = {torch.float32: 2.0**-126, torch.float64: 2.0**-1022}
+# Values are rescaled by a power of two (exact) when the largest magnitude leaves this range,
+# so squared norms can neither overflow nor sink into subnormals in float32.
+_SAFE_EXP = 16
+# Rows of the distance matrix handled per block on CPU: bounds memory to O(block * N) and
+# keeps the elementwise passes that follow the GEMM close to cache.
+_CPU_BLOCK_ELEMS = 1 << 20
+_CUDA_BLOCK_ELEMS = 1 << 27
+# Margin on top of the first-order error terms (second-order terms, the reduction of the
+# bound itself); cheap insurance, it only widens the band of rescored filters.
+_SAFETY = 1.25
+# Depth of each float32 GEMM in the Gram accumulation (see _k_chunks).
+_K_CHUNK = 256
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """Map a device option to a ``torch.device``.
+
+    Args:
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        The device to compute on.
+
+    Raises:
+        ConfigError: Unknown value, or ``"cuda"`` without a usable GPU.
+    """
+    if not isinstance(device, str):
+        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' requested but no CUDA GPU is available to torch")
+        return torch.device("cuda")
+    raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+
+
+def _device_of(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {device} requested but no CUDA GPU is available to torch")
+        if device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"device must be a CPU or CUDA device, got {device}")
+        return device
+    return resolve_device(device)
+
+
+def to_filter_matrix(filters: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Flatten filters to ``(N, D)`` without copying when possible.
+
+    Args:
+        filters: Tensor or array of shape ``(N, ...)``; axis 0 indexes filters.
+
+    Returns:
+        A floating tensor of shape ``(N, D)`` on the input's device. Integer and boolean
+        inputs become float64 (exact); floating dtypes are kept.
+
+    Raises:
+        ScoringError: Zero-dimensional or complex input.
+    """
+    if isinstance(filters, torch.Tensor):
+        t = filters.detach()
+    else:
+        arr = np.asarray(filters)
+        if not arr.flags.writeable:
+            # torch.from_numpy warns on read-only buffers (e.g. ONNX raw_data views).
+            arr = arr.copy()
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    if t.dim() == 0:
+        raise ScoringError("filters must have at least one dimension (axis 0 = filters)")
+    if t.is_complex():
+        raise ScoringError(f"complex weights cannot be scored (dtype {t.dtype})")
+    if not t.is_floating_point():
+        t = t.to(torch.float64)
+    n = t.shape[0]
+    return t.reshape(n, math.prod(t.shape[1:]))
+
+
+def _resolve_dist(dist: DistSpec) -> int | Callable[[torch.Tensor], torch.Tensor]:
+    if callable(dist):
+        return dist
+    if isinstance(dist, bool) or dist not in (1, 2):
+        raise ConfigError(f"dist must be 1, 2 or a callable (N, D) -> (N, N), got {dist!r}")
+    return int(dist)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """Filters ready for scoring, plus what the error bounds need to know about them."""
+
+    x: torch.Tensor  # (N, D) on the compute device, original floating dtype
+    x32: torch.Tensor  # scaled float32 copy (or the input itself) for the fast pass
+    x64: torch.Tensor | None  # scaled float64 copy, made on demand for rescoring
+    scale: float  # power of two applied to x32/x64 (scores scale by it)
+    cast_error: bool  # x32 was rounded from float64 (adds a term to the bound)
+
+
+def _prepare(filters: torch.Tensor | np.ndarray, device: torch.device) -> _Prepared:
+    x = to_filter_matrix(filters).to(device)
+    if x.numel() == 0:
+        return _Prepared(x, x.float(), None, 1.0, cast_error=False)
+    # One pass, no temporary; NaN propagates through both extremes.
+    lo, hi = torch.aminmax(x)
+    amax = max(-float(lo), float(hi))
+    if not math.isfinite(amax):
+        raise ScoringError(
+            f"weights of shape {tuple(x.shape)} contain NaN or Inf; FPGM needs finite values"
+        )
+    scale = 1.0
+    if amax > 0.0:
+        exp = math.frexp(amax)[1]
+        if abs(exp) > _SAFE_EXP:
+            scale = math.ldexp(1.0, -exp)
+    is64 = x.dtype == torch.float64
+    base = x if is64 else x.to(torch.float32)
+    if scale != 1.0:
+        base = base * scale
+    x32 = base.to(torch.float32) if is64 else base
+    return _Prepared(x, x32, base if is64 else None, scale, cast_error=is64)
+
+
+def _x64(prep: _Prepared) -> torch.Tensor:
+    return prep.x64 if prep.x64 is not None else prep.x32.to(torch.float64)
+
+
+def _gamma(k: int, u: float) -> float:
+    ku = k * u
+    return math.inf if ku >= 0.5 else ku / (1.0 - ku)
+
+
+@contextlib.contextmanager
+def _ieee_matmul(device: torch.device) -> Iterator[None]:
+    """Force IEEE float32 GEMMs (no TF32/bf16): the error bounds assume them."""
+    mm = getattr(getattr(torch.backends, "cuda" if device.type == "cuda" else "mkldnn"), "matmul")
+    prev = getattr(mm, "fp32_precision", None)
+    if prev is None:  # torch without the per-backend API
+        legacy = torch.get_float32_matmul_precision()
+        if legacy == "highest":
+            yield
+            return
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(legacy)
+        return
+    effective = prev if prev != "none" else getattr(torch.backends, "fp32_precision", "none")
+    if effective in ("ieee", "none"):
+        yield
+        return
+    mm.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        mm.fp32_precision = prev
+
+
+def _block_rows(n_rows: int, n_cols: int, device: torch.device) -> int:
+    elems = _CUDA_BLOCK_ELEMS if device.type == "cuda" else _CPU_BLOCK_ELEMS
+    return max(1, min(n_rows, elems // max(n_cols, 1)))
+
+
+def _k_chunks(d: int, dtype: torch.dtype) -> list[tuple[int, int]]:
+    """Column ranges the Gram is accumulated over.
+
+    A float32 dot product of length ``D`` can lose ``gamma_D`` in the worst case, whatever
+    order the BLAS uses. Accumulating ``D / K`` GEMMs of depth ``K`` caps the summation depth
+    at about ``K + D / K``, which makes the *rigorous* bound 5-30x tighter for conv filters
+    (``D`` = 576 ... 4608) at the same flop count, and so shrinks the band that needs
+    rescoring. float64 does not need it.
+    """
+    step = _K_CHUNK if dtype == torch.float32 else max(d, 1)
+    return [(lo, min(lo + step, d)) for lo in range(0, max(d, 1), step)]
+
+
+def _l2_scores_bounded(
+    x: torch.Tensor,
+    rows: torch.Tensor | None,
+    *,
+    with_bound: bool,
+    cast_error: bool = False,
+    clamp: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Euclidean FPGM scores of ``rows`` (all when ``None``) from Gram blocks, with error bounds.
+
+    The squared distance ``s = n_i + n_j - 2 g_ij`` comes out of the GEMM itself: the last
+    column chunk is augmented with ``[n_i, 1]`` and ``[-1/2, -n_j/2]`` (``alpha = -2``), so no
+    elementwise pass is needed to form it. All its terms are summed with depth at most
+    ``h = K + T + 4`` (``T`` chunks), so its error is at most ``E_ij = c (n_i + n_j)`` with
+    ``c ~ 3 gamma_h`` (``2|g_ij| <= n_i + n_j``; the norms carry ``gamma_h`` themselves).
+    ``|sqrt(a) - sqrt(b)| <= |a - b| / sqrt(a)`` then bounds each distance error by
+    ``E_ij / d_ij``, so ``bound_i ~ c (n_i sum_j 1/d_ij + sum_j n_j/d_ij)``: one product of
+    the reciprocal block with ``[1, n]``, and no second ``N x N`` buffer. Rows with a zero
+    distance get an infinite bound, i.e. they are rescored exactly.
+
+    Args:
+        x: ``(N, D)`` float32 or float64 filters, already rescaled to a safe range.
+        rows: Indices of the filters to score, or ``None`` for all of them.
+        with_bound: Also return the error bound (two extra passes per block).
+        cast_error: ``x`` was rounded from float64 to float32; add that perturbation.
+        clamp: Clamp negative squared distances (rounding) to zero. Off by default to save a
+            pass: a negative turns into NaN, which the caller sees and retries with it on.
+
+    Returns:
+        ``(scores, bound)`` on ``x.device``, in ``x.dtype`` (``bound`` is ``None`` when not
+        requested). NaN scores mean "retry with ``clamp=True``".
+    """
+    n, d = x.shape
+    dev, dt = x.device, x.dtype
+    u = _UNIT_ROUNDOFF[dt]
+    chunks = _k_chunks(d, dt)
+    lo_last = chunks[-1][0]
+    # Norms chunked like the GEMM, so they share its error bound.
+    sq_norms = torch.linalg.vecdot(x[:, : chunks[0][1]], x[:, : chunks[0][1]])
+    for lo, hi in chunks[1:]:
+        sq_norms += torch.linalg.vecdot(x[:, lo:hi], x[:, lo:hi])
+    col = sq_norms.unsqueeze(1)
+    ones = torch.ones_like(col)
+    # Augmenting copies the last chunk, cheap for float32 chunks; a float64 pass (one chunk,
+    # few rows) adds the norms with broadcasts instead of copying all of x.
+    augment = d - lo_last <= _K_CHUNK
+    if augment:
+        a_last = torch.cat([x[:, lo_last:], col, ones], dim=1)
+        b_last_t = torch.cat([x[:, lo_last:], ones * -0.5, col * -0.5], dim=1).T
+    else:
+        a_last, b_last_t = x[:, lo_last:], x[:, lo_last:].T
+    m = n if rows is None else rows.numel()
+    scores = torch.empty(m, dtype=dt, device=dev)
+    rsum = torch.empty(m, 2, dtype=dt, device=dev) if with_bound else None
+    weights = torch.cat([ones, col], dim=1) if with_bound else None
+    b = _block_rows(m, n, dev)
+    buf = torch.empty(b, n, dtype=dt, device=dev)
+    for start in range(0, m, b):
+        stop = min(start + b, m)
+        blk = buf[: stop - start]
+        if rows is None:
+            sel: slice | torch.Tensor = slice(start, stop)
+            flat = None
+        else:
+            sel = rows[start:stop]
+            flat = torch.arange(stop - start, device=dev) * n + sel
+        for t, (lo, hi) in enumerate(chunks):
+            if lo == lo_last:
+                lhs, rhs = a_last[sel], b_last_t
+            else:
+                lhs, rhs = x[sel, lo:hi], x[:, lo:hi].T
+            if t == 0 and not augment:
+                torch.addmm(col[sel], lhs, rhs, alpha=-2.0, out=blk)
+            else:
+                torch.addmm(blk, lhs, rhs, beta=0.0 if t == 0 else 1.0, alpha=-2.0, out=blk)
+        if not augment:
+            blk.add_(sq_norms)
+        _zero_diag(blk, start, flat)
+        if clamp:
+            blk.clamp_(min=0.0)
+        blk.sqrt_()
+        torch.sum(blk, dim=1, out=scores[start:stop])
+        if with_bound:
+            blk.reciprocal_()
+            _zero_diag(blk, start, flat)
+            torch.mm(blk, weights, out=rsum[start:stop])
+    if not with_bound:
+        return scores, None
+    h = (chunks[0][1] - chunks[0][0]) + len(chunks) + 4
+    c = 3.0 * _gamma(h, u) * (1.0 + 2.0 * _gamma(h, u))
+    n_rows = sq_norms if rows is None else sq_norms[rows]
+    gn = _gamma(n + 2, u)
+    # abs: sqrt(-0.0) = -0.0 and 1/-0.0 = -inf on exact duplicates; the bound must be +inf.
+    rsum = rsum.abs()
+    err = (c * (1.0 + 2.0 * u)) * (n_rows * rsum[:, 0] + rsum[:, 1]) + u * scores
+    bound = (1.0 + gn) * err + gn * scores
+    if cast_error:
+        norms = sq_norms.sqrt()
+        n_rows_norm = norms if rows is None else norms[rows]
+        bound += _UNIT_ROUNDOFF[torch.float32] * 1.01 * (n * n_rows_norm + norms.sum())
+    bound = _SAFETY * bound + n * math.sqrt(d) * 4.0 * _TINY[dt]
+    # inf * 0 (zero rows next to duplicates) gives NaN: treat as "undecided" too.
+    return scores, torch.nan_to_num(bound, nan=math.inf, posinf=math.inf)
+
+
+def _zero_diag(blk: torch.Tensor, start: int, flat: torch.Tensor | None) -> None:
+    """Set d(x_i, x_i) to exactly 0; the Gram formula leaves rounding noise there."""
+    if flat is None:
+        blk.diagonal(offset=start).zero_()
+    else:
+        blk.view(-1)[flat] = 0.0
+
+
+def _l2_scores(
+    x: torch.Tensor, rows: torch.Tensor | None, *, with_bound: bool, cast_error: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``_l2_scores_bounded`` with the NaN retry: negatives only appear for near-duplicates."""
+    scores, bound = _l2_scores_bounded(x, rows, with_bound=with_bound, cast_error=cast_error)
+    if bool(torch.isnan(scores).any()):
+        scores, bound = _l2_scores_bounded(
+            x, rows, with_bound=with_bound, cast_error=cast_error, clamp=True
+        )
+    return scores, bound
+
+
+def _l1_scores_bounded(
+    x: torch.Tensor,
+    rows: torch.Tensor | None,
+    *,
+    with_bound: bool,
+    cast_error: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Manhattan FPGM scores with a bound: each distance has relative error <= gamma_{D+1}."""
+    n, d = x.shape
+    u = _UNIT_ROUNDOFF[x.dtype]
+    xr = x if rows is None else x[rows]
+    m = xr.shape[0]
+    scores = torch.empty(m, dtype=x.dtype, device=x.device)
+    b = _block_rows(m, n, x.device)
+    for start in range(0, m, b):
+        dist = torch.cdist(xr[start : start + b], x, p=1.0)
+        torch.sum(dist, dim=1, out=scores[start : start + b])
+    if not with_bound:
+        return scores, None
+    rel = _gamma(d + 1, u) * (1.0 + 2.0 * u) + _gamma(n + 1, u) * 2.0
+    bound = rel * scores
+    if cast_error:
+        l1 = x.abs().sum(dim=1)
+        l1_rows = l1 if rows is None else l1[rows]
+        bound += _UNIT_ROUNDOFF[torch.float32] * (n * l1_rows + l1.sum()) * 1.01
+    bound = _SAFETY * bound + n * d * 4.0 * _TINY[x.dtype]
+    return scores, bound
+
+
+def _direct_scores(x64: torch.Tensor, rows: torch.Tensor, p: int) -> torch.Tensor:
+    """Float64 scores from explicit differences: the arbiter for the last undecided rows."""
+    mode = "donot_use_mm_for_euclid_dist"
+    out = torch.empty(rows.numel(), dtype=torch.float64, device=x64.device)
+    b = _block_rows(rows.numel(), x64.shape[0], x64.device)
+    for start in range(0, rows.numel(), b):
+        xr = x64[rows[start : start + b]]
+        torch.sum(torch.cdist(xr, x64, p=float(p), compute_mode=mode), dim=1,
+                  out=out[start : start + b])
+    return out
+
+
+def _callable_scores(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    n = x.shape[0]
+    # float64 on purpose: a user distance has no error bound we could check a cut against.
+    dist = fn(x.to(torch.float64))
+    if not isinstance(dist, torch.Tensor) or tuple(dist.shape) != (n, n):
+        got = tuple(dist.shape) if isinstance(dist, torch.Tensor) else type(dist).__name__
+        raise ConfigError(f"dist callable must return a ({n}, {n}) tensor, got {got}")
+    scores = dist.to(torch.float64).abs().sum(dim=1)
+    if not bool(torch.isfinite(scores).all()):
+        raise ScoringError("dist callable returned NaN or Inf distances")
+    return scores
+
+
+@torch.no_grad()
+def fpgm_scores(
+    filters: torch.Tensor | np.ndarray,
+    dist: DistSpec = 2,
+    device: str | torch.device = "auto",
+) -> torch.Tensor:
+    """FPGM score of every filter: the sum of its distances to all filters.
+
+    Smaller means closer to the geometric median, i.e. more redundant. For float32/16 inputs
+    with ``dist`` 1 or 2 this is the fast float32 value (relative error around 1e-6); use
+    :func:`fpgm_select` for a selection guaranteed to match an exact float64 computation.
+
+    Args:
+        filters: ``(N, ...)`` tensor or array; axis 0 indexes filters.
+        dist: 1, 2 or a callable ``(N, D) float64 tensor -> (N, N) tensor``.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or a ``torch.device``.
+
+    Returns:
+        ``(N,)`` CPU tensor: float64 for float64 inputs and callables, float32 otherwise.
+
+    Raises:
+        ConfigError: Bad ``dist``/``device`` or a callable returning the wrong shape.
+        ScoringError: Non-finite weights, or scores that overflow.
+    """
+    fn = _resolve_dist(dist)
+    dev = _device_of(device)
+    prep = _prepare(filters, dev)
+    n = prep.x.shape[0]
+    if callable(fn):
+        return _callable_scores(prep.x, fn).cpu()
+    work = prep.x64 if prep.x64 is not None else prep.x32
+    if n == 0 or work.shape[1] == 0:
+        return torch.zeros(n, dtype=work.dtype)
+    scorer = _l2_scores if fn == 2 else _l1_scores_bounded
+    with _ieee_matmul(dev):
+        scores, _ = scorer(work, None, with_bound=False)
+    if prep.scale != 1.0:
+        scores = scores / prep.scale
+    if not bool(torch.isfinite(scores).all()):
+        raise ScoringError(
+            f"FPGM scores overflow {scores.dtype} for weights of shape {tuple(prep.x.shape)}"
+        )
+    return scores.cpu()
+
+
+def n_to_prune(n: int, sparsity: float, min_channels: int = 1) -> int:
+    """Number of filters to prune: ``round(sparsity * n)``, keeping ``min(min_channels, n)``.
+
+    Python's ``round`` (half to even) is used, as PyTorch's ``FPGMPruner`` does, so results
+    match it wherever the ``min_channels`` clamp does not apply.
+
+    Args:
+        n: Number of filters.
+        sparsity: Fraction to prune, in ``[0, 1]``.
+        min_channels: Filters that must survive (at least 1, so no layer is emptied).
+
+    Returns:
+        The count, in ``[0, n - min(min_channels, n)]``.
+
+    Raises:
+        ConfigError: ``sparsity`` outside ``[0, 1]`` or NaN, ``min_channels < 1``, ``n < 0``.
+    """
+    try:
+        s = float(sparsity)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"sparsity must be a number in [0, 1], got {sparsity!r}") from err
+    if not 0.0 <= s <= 1.0:  # also rejects NaN
+        raise ConfigError(f"sparsity must be in [0, 1], got {sparsity!r}")
+    if isinstance(min_channels, bool) or int(min_channels) != min_channels or min_channels < 1:
+        raise ConfigError(f"min_channels must be an integer >= 1, got {min_channels!r}")
+    if isinstance(n, bool) or int(n) != n or n < 0:
+        raise ConfigError(f"filter count must be a non-negative integer, got {n!r}")
+    n = int(n)
+    return max(0, min(round(s * n), n - min(int(min_channels), n)))
+
+
+def _split(
+    scores: np.ndarray, bound: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Split candidates into sure-pruned / undecided given scores +- bound and k to pick.
+
+    The rank of ``i`` (ties by index) is at most ``#{j != i: lo_j <= hi_i}`` and at least
+    ``#{j: hi_j < lo_i}``; a filter is decided when that range lies wholly on one side of k.
+
+    Returns:
+        Positions surely pruned, positions still undecided, and how many of the undecided
+        must still be pruned.
+    """
+    # A NaN or negative bound would silently "decide" a filter; make it undecided instead.
+    bound = np.where(bound >= 0.0, bound, np.inf)
+    lo = scores - bound
+    hi = scores + bound
+    rank_hi = np.searchsorted(np.sort(lo), hi, side="right") - 1
+    rank_lo = np.searchsorted(np.sort(hi), lo, side="left")
+    sure = rank_hi < k
+    undecided = ~sure & (rank_lo < k)
+    sure_pos = np.flatnonzero(sure)
+    return sure_pos, np.flatnonzero(undecided), k - sure_pos.size
+
+
+def _smallest(scores: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
+    """The k smallest scores, equal scores going to the lower index (reproducible)."""
+    order = np.lexsort((idx, scores))
+    return idx[order[:k]]
+
+
+def _select_exact(prep: _Prepared, k: int, p: int) -> np.ndarray:
+    """Run the float32 -> float64 Gram -> float64 direct cascade described in the module doc."""
+    dev = prep.x.device
+    scorer = _l2_scores if p == 2 else _l1_scores_bounded
+    with _ieee_matmul(dev):
+        s, b = scorer(prep.x32, None, with_bound=True, cast_error=prep.cast_error)
+    cand = np.arange(prep.x.shape[0], dtype=np.int64)
+    sure, undecided, m = _split(s.double().cpu().numpy(), b.double().cpu().numpy(), k)
+    chosen = [cand[sure]]
+    cand = cand[undecided]
+    if m > 0 and p == 2 and cand.size:
+        x64 = _x64(prep)
+        rows = torch.from_numpy(cand).to(dev)
+        s, b = _l2_scores(x64, rows, with_bound=True)
+        sure, undecided, m = _split(s.cpu().numpy(), b.cpu().numpy(), m)
+        chosen.append(cand[sure])
+        cand = cand[undecided]
+    if m > 0 and cand.size:
+        logger.debug("FPGM: %d filter(s) rescored exactly at the cut", cand.size)
+        rows = torch.from_numpy(cand).to(dev)
+        exact = _direct_scores(_x64(prep), rows, p).cpu().numpy()
+        chosen.append(_smallest(exact, cand, m))
+    return np.unique(np.concatenate(chosen)).astype(np.int64, copy=False)
+
+
+@torch.no_grad()
+def fpgm_select(
+    filters: torch.Tensor | np.ndarray,
+    sparsity: float,
+    dist: DistSpec = 2,
+    device: str | torch.device = "auto",
+    min_channels: int = 1,
+) -> np.ndarray:
+    """Indices of the filters FPGM prunes at ``sparsity``.
+
+    Args:
+        filters: ``(N, ...)`` tensor or array; axis 0 indexes filters.
+        sparsity: Fraction of filters to prune, in ``[0, 1]`` (see :func:`n_to_prune`).
+        dist: 1, 2 or a callable ``(N, D) float64 tensor -> (N, N) tensor``.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or a ``torch.device``.
+        min_channels: Filters that always survive.
+
+    Returns:
+        ``prune_idxs``: sorted unique int64 indices of the smallest-score filters. For ``dist``
+        1 and 2 the set equals the one an exact float64 computation gives; equal scores are
+        broken towards the lowest index.
+
+    Raises:
+        ConfigError: Bad option values or a callable returning the wrong shape.
+        ScoringError: Non-finite weights or distances.
+    """
+    fn = _resolve_dist(dist)
+    dev = _device_of(device)
+    prep = _prepare(filters, dev)
+    n = prep.x.shape[0]
+    k = n_to_prune(n, sparsity, min_channels)
+    if k == 0:
+        return np.empty(0, dtype=np.int64)
+    if callable(fn):
+        scores = _callable_scores(prep.x, fn).cpu().numpy()
+        return np.sort(_smallest(scores, np.arange(n, dtype=np.int64), k))
+    if prep.x.shape[1] == 0:  # all filters empty: every score is 0
+        return np.arange(k, dtype=np.int64)
+    return _select_exact(prep, k, fn)
+
+
+def keep_from_prune(n: int, prune_idxs: np.ndarray | list[int]) -> np.ndarray:
+    """Sorted complement of ``prune_idxs`` in ``range(n)``.
+
+    Args:
+        n: Number of filters.
+        prune_idxs: Indices to drop.
+
+    Returns:
+        ``keep_idxs`` as a sorted int64 array.
+
+    Raises:
+        ConfigError: An index outside ``[0, n)``.
+    """
+    prune = np.asarray(prune_idxs, dtype=np.int64).reshape(-1)
+    if prune.size and (prune.min() < 0 or prune.max() >= n):
+        raise ConfigError(f"prune index out of range for {n} filters: {prune.tolist()}")
+    mask = np.ones(n, dtype=bool)
+    mask[prune] = False
+    return np.flatnonzero(mask).astype(np.int64, copy=False)

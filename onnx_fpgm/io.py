@@ -1,0 +1,189 @@
+"""Loading, checking and saving models; graph-surgeon import/export that keeps what users set.
+
+onnx's helpers and graph-surgeon write the newest IR version by default, which older onnxruntime
+builds refuse, so the IR version, opsets, producer fields and metadata of the input are carried
+over to the output explicitly.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+
+from .errors import ModelLoadError, OutputError, RewriteError
+
+#: Protobuf refuses to serialise a single message above 2 GiB.
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+def load_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """Read a model (with external data) and check it is a valid ONNX model.
+
+    Returns:
+        The model and whether its weights were stored as external data.
+
+    Raises:
+        ModelLoadError: missing, unreadable, empty or invalid file.
+    """
+    if isinstance(source, onnx.ModelProto):
+        model = source
+        where = "the given model"
+        external = has_external_data(model)
+    else:
+        path = Path(source)
+        where = str(path)
+        if not path.exists():
+            raise ModelLoadError(f"{path}: no such file")
+        if path.is_dir():
+            raise ModelLoadError(f"{path}: is a directory, not an ONNX file")
+        if path.stat().st_size == 0:
+            raise ModelLoadError(f"{path}: empty file")
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+            external = has_external_data(model)
+            if external:
+                from onnx.external_data_helper import load_external_data_for_model
+
+                load_external_data_for_model(model, str(path.parent))
+        except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError, OSError) as err:
+            raise ModelLoadError(f"{path}: not a readable ONNX model ({_first_line(err)})") from err
+        except Exception as err:  # protobuf raises assorted errors on random bytes
+            raise ModelLoadError(f"{path}: not a readable ONNX model ({_first_line(err)})") from err
+    if not model.HasField("graph") or not len(model.graph.node):
+        raise ModelLoadError(f"{where}: not an ONNX model (no graph nodes)")
+    if not len(model.opset_import):
+        raise ModelLoadError(f"{where}: model declares no opset")
+    try:
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as err:
+        raise ModelLoadError(f"{where}: fails onnx.checker: {_first_line(err)}") from err
+    return model, external
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    raise ModelLoadError("model imports no default-domain opset")
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx shape inference (data propagation on, so Reshape targets resolve)."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # inference is best effort: handlers block what stays unknown
+        return model
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    return gs.import_onnx(model)
+
+
+def export_graph(graph: gs.Graph, like: onnx.ModelProto,
+                 metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+    """Export ``graph`` with the IR version, opsets and metadata of ``like``; infer shapes."""
+    io_names = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and tensor.name not in io_names:
+            tensor.shape = None
+            tensor.dtype = None
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = like.ir_version
+    del model.opset_import[:]
+    model.opset_import.extend(like.opset_import)
+    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, field, getattr(like, field))
+    del model.metadata_props[:]
+    model.metadata_props.extend(like.metadata_props)
+    if len(like.functions) and not len(model.functions):
+        model.functions.extend(like.functions)
+    for key, value in (metadata or {}).items():
+        onnx.helper.set_model_props(model, {**_props(model), key: value})
+    del model.graph.value_info[:]
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as err:
+        raise RewriteError(f"shape inference failed on the pruned model: {_first_line(err)}") \
+            from err
+    return model
+
+
+def check_pruned(model: onnx.ModelProto, original_full_check_ok: bool) -> None:
+    """The pruned model must pass the checker (full, when the original did)."""
+    if model.ByteSize() >= PROTOBUF_LIMIT:
+        return
+    try:
+        onnx.checker.check_model(model, full_check=original_full_check_ok)
+    except Exception as err:
+        raise RewriteError(f"pruned model fails onnx.checker: {_first_line(err)}") from err
+
+
+def passes_full_check(model: onnx.ModelProto) -> bool:
+    if model.ByteSize() >= PROTOBUF_LIMIT:
+        return False
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception:
+        return False
+    return True
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
+               external_data: bool = False) -> None:
+    """Write atomically: a temporary file in OUT's directory, then rename.
+
+    Raises:
+        OutputError: the directory is missing or unwritable, or the disk is full.
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise OutputError(f"{directory}: output directory does not exist")
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory")
+    external_data = external_data or model.ByteSize() >= PROTOBUF_LIMIT
+    try:
+        tmpdir = tempfile.mkdtemp(prefix=".onnx-fpgm-", dir=directory)
+    except OSError as err:
+        raise OutputError(f"{directory}: cannot write ({err.strerror})") from err
+    try:
+        tmp_model = Path(tmpdir) / path.name
+        data_name = path.name + ".data"
+        if external_data:
+            onnx.save_model(model, str(tmp_model), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name,
+                            size_threshold=1024)
+            os.replace(Path(tmpdir) / data_name, directory / data_name)
+        else:
+            with open(tmp_model, "wb") as handle:
+                handle.write(model.SerializeToString())
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp_model, path)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot write ({err.strerror or err})") from err
+    finally:
+        with contextlib.suppress(OSError):
+            for leftover in Path(tmpdir).iterdir():
+                leftover.unlink()
+            os.rmdir(tmpdir)
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    """True when some initializer points at external data."""
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def _props(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

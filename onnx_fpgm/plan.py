@@ -1,0 +1,124 @@
+"""Which channels go: per-group counts (sparsity, min_channels, round_to) and FPGM selection."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import PruneConfig
+from .deps.analysis import Analysis, Group
+
+
+@dataclass
+class GroupPlan:
+    """The decision for one group.
+
+    Attributes:
+        group_id: index into the analysis' groups.
+        producers: node names whose filters form the group.
+        n_channels: channels before pruning.
+        keep_idxs: kept channel positions within the group (sorted).
+        sparsity: the sparsity asked for this group.
+        frozen: why the group is left whole, or None.
+    """
+
+    group_id: int
+    producers: list[str]
+    n_channels: int
+    keep_idxs: np.ndarray
+    sparsity: float
+    frozen: str | None = None
+
+    @property
+    def n_keep(self) -> int:
+        return len(self.keep_idxs)
+
+
+@dataclass
+class PrunePlan:
+    """Decisions for every group; ``removed_classes`` are the class ids that go."""
+
+    groups: list[GroupPlan]
+    removed_classes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def n_removed(self) -> int:
+        return len(self.removed_classes)
+
+
+def n_to_keep(n: int, sparsity: float, min_channels: int, round_to: int | None) -> int:
+    """Channels a group of ``n`` keeps.
+
+    ``round(sparsity * n)`` channels go (Python rounding, as the FPGM reference), never leaving
+    fewer than ``min_channels``. With ``round_to`` the kept count is rounded up to a multiple of
+    it; a group too small to reach the next multiple keeps all its channels.
+    """
+    keep = n - round(sparsity * n)
+    keep = max(keep, min(min_channels, n))
+    if round_to and round_to > 1:
+        keep = max(round_to, math.ceil(keep / round_to) * round_to)
+        if keep > n:
+            keep = n
+    return keep
+
+
+ScoreFn = Callable[[Analysis, Group], np.ndarray]
+
+
+def plan_pruning(analysis: Analysis, config: PruneConfig, score: ScoreFn,
+                 progress: Callable[[int], None] | None = None) -> PrunePlan:
+    """Decide, group by group, which channels to keep (smallest FPGM scores are removed)."""
+    extra_frozen: dict[int, str] = {}
+    for _ in range(8):
+        plan = _plan_once(analysis, config, score, extra_frozen, progress)
+        emptied = _emptied_groups(analysis, plan)
+        if not emptied:
+            return plan
+        extra_frozen.update(emptied)
+        progress = None
+    raise RuntimeError("could not find a plan that empties no tensor")
+
+
+def _plan_once(analysis, config, score, extra_frozen, progress) -> PrunePlan:
+    plans: list[GroupPlan] = []
+    removed: list[np.ndarray] = []
+    for group in analysis.groups:
+        n = group.n_channels
+        frozen = group.frozen or extra_frozen.get(group.id)
+        sparsity = config.sparsity_for(group.producers)
+        if frozen is None:
+            pattern = config.is_excluded(group.producers)
+            frozen = f"excluded by --exclude {pattern}" if pattern else None
+        keep_n = n if frozen else n_to_keep(n, sparsity, config.min_channels, config.round_to)
+        if keep_n >= n:
+            keep = np.arange(n, dtype=np.int64)
+        else:
+            scores = np.asarray(score(analysis, group))
+            order = np.argsort(scores, kind="stable")
+            keep = np.sort(order[n - keep_n:]).astype(np.int64)
+            gone = np.ones(n, dtype=bool)
+            gone[keep] = False
+            removed.append(group.classes[gone])
+        if progress is not None:
+            progress(1)
+        plans.append(GroupPlan(group.id, group.producers, n, keep, sparsity, frozen))
+    removed_classes = np.sort(np.concatenate(removed)) if removed else np.zeros(0, np.int64)
+    return PrunePlan(plans, removed_classes)
+
+
+def _emptied_groups(analysis: Analysis, plan: PrunePlan) -> dict[int, str]:
+    """Groups whose removal would leave some tensor with no channel at all."""
+    if not plan.n_removed:
+        return {}
+    removed = analysis.removed_atoms(plan.removed_classes)
+    group_of_class = np.empty(len(analysis.class_blocked), dtype=np.int64)
+    for group in analysis.groups:
+        group_of_class[group.classes] = group.id
+    result: dict[int, str] = {}
+    for name, cmap in analysis.maps.items():
+        if removed[cmap.labels].all():
+            for gid in np.unique(group_of_class[analysis.class_of_atom[cmap.labels]]).tolist():
+                result[gid] = f"pruning would empty tensor {name}"
+    return result

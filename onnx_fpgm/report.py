@@ -1,0 +1,127 @@
+"""What a run did, as data (JSON) and as the table the CLI prints."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .bench import LatencyResult, ModelSize
+
+
+@dataclass
+class LayerReport:
+    """One producer's output channels before and after; ``kept`` are the kept indices."""
+
+    name: str
+    op: str
+    channels_before: int
+    channels_after: int
+    kept: list[int]
+    group: int
+
+
+@dataclass
+class GroupReport:
+    """One group of coupled channels."""
+
+    id: int
+    producers: list[str]
+    channels_before: int
+    channels_after: int
+    sparsity: float
+    frozen: str | None
+
+
+@dataclass
+class Report:
+    """Everything a run measured and decided."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    groups: list[GroupReport] = field(default_factory=list)
+    blocked_tensors: list[tuple[str, str]] = field(default_factory=list)
+    before: ModelSize | None = None
+    after: ModelSize | None = None
+    verification: dict[str, Any] | None = None
+    latency: LatencyResult | None = None
+    notes: list[str] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, str] = field(default_factory=dict)
+    prunable_channels: int = 0
+    total_channels: int = 0
+
+    @property
+    def coverage(self) -> float:
+        return self.prunable_channels / self.total_channels if self.total_channels else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["blocked_tensors"] = [{"tensor": t, "reason": r} for t, r in self.blocked_tensors]
+        data["coverage"] = {"prunable_channels": self.prunable_channels,
+                            "total_channels": self.total_channels,
+                            "fraction": round(self.coverage, 6)}
+        if self.latency is not None:
+            data["latency"]["speedup"] = self.latency.speedup
+        for key in ("prunable_channels", "total_channels"):
+            data.pop(key)
+        return data
+
+    def to_json(self, timings: bool = True) -> str:
+        data = self.to_dict()
+        if not timings:
+            data.pop("timings_s")
+            data.pop("latency")
+        return json.dumps(data, indent=2, sort_keys=True, default=float)
+
+
+def _ratio(before: float, after: float) -> str:
+    return f"{before / after:.2f}x" if after else "-"
+
+
+def render(report: Report, console, dry_run: bool = False) -> None:
+    """Print the per-layer (or per-group, for --dry-run) table and the totals with rich."""
+    from rich.table import Table
+
+    if dry_run:
+        table = Table(title="Channel groups", title_justify="left")
+        for col in ("group", "producers", "channels", "would keep", "status"):
+            table.add_column(col, overflow="fold")
+        for g in report.groups:
+            producers = ", ".join(g.producers[:4]) + (" ..." if len(g.producers) > 4 else "")
+            table.add_row(str(g.id), producers, str(g.channels_before), str(g.channels_after),
+                          "frozen: " + g.frozen if g.frozen else "prunable")
+        console.print(table)
+        if report.blocked_tensors:
+            blocked = Table(title="Blocked tensors", title_justify="left")
+            blocked.add_column("tensor", overflow="fold")
+            blocked.add_column("reason", overflow="fold")
+            for name, reason in report.blocked_tensors:
+                blocked.add_row(name, reason)
+            console.print(blocked)
+    else:
+        table = Table(title="Pruned layers", title_justify="left")
+        for col in ("layer", "op", "channels", "group"):
+            table.add_column(col, overflow="fold")
+        for layer in report.layers:
+            mark = "" if layer.channels_after < layer.channels_before else " (kept)"
+            table.add_row(layer.name, layer.op,
+                          f"{layer.channels_before} -> {layer.channels_after}{mark}",
+                          str(layer.group))
+        console.print(table)
+    console.print(f"coverage: {report.prunable_channels} / {report.total_channels} conv and MLP "
+                  f"output channels are prunable ({100 * report.coverage:.1f}%)")
+    if report.before and report.after:
+        b, a = report.before, report.after
+        console.print(f"params: {b.params:,} -> {a.params:,} ({_ratio(b.params, a.params)} smaller)")
+        console.print(f"MACs:   {b.macs:,} -> {a.macs:,} ({_ratio(b.macs, a.macs)} fewer)")
+        console.print(f"size:   {b.bytes:,} -> {a.bytes:,} bytes")
+    if report.verification is not None:
+        v = report.verification
+        console.print(f"verify: {'passed' if v['passed'] else 'FAILED'} - {v['summary']}")
+    if report.latency is not None:
+        lat = report.latency
+        console.print(
+            f"latency ({lat.provider}, median of {lat.runs}): {lat.original_ms:.2f} ms "
+            f"(IQR {lat.original_iqr_ms:.2f}) -> {lat.pruned_ms:.2f} ms "
+            f"(IQR {lat.pruned_iqr_ms:.2f}), speedup {lat.speedup:.2f}x")
+    for note in report.notes:
+        console.print(f"note: {note}")

@@ -1,0 +1,49 @@
+"""Apply a plan to the graph: every handler slices its node's constants and fixes attributes.
+
+Graph inputs/outputs never change (channels reaching them are blocked), node names are kept, and
+kept weights are copied bit-exactly with ``np.take`` in their original order.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .deps.analysis import Analysis
+from .deps.registry import handler_for
+from .deps.rewrite_context import RewriteContext
+from .errors import RewriteError
+from .plan import PrunePlan
+
+
+def apply_plan(graph: gs.Graph, analysis: Analysis, plan: PrunePlan, opset: int) -> list[str]:
+    """Rewrite ``graph`` in place; returns notes (copy-on-write events) for the report."""
+    if not plan.n_removed:
+        return []
+    removed = analysis.removed_atoms(plan.removed_classes)
+    ctx = RewriteContext(graph, analysis, removed, opset)
+    touched = _touched_nodes(graph, analysis, removed)
+    for node in graph.nodes:
+        if node.name not in touched and id(node) not in touched:
+            continue
+        handler = handler_for(node.op, node.domain or "")
+        if handler is None:
+            raise RewriteError(f"{node.op} {node.name} touches pruned channels but has no handler")
+        try:
+            handler.apply(node, ctx)
+        except RewriteError:
+            raise
+        except Exception as err:
+            raise RewriteError(f"rewriting {node.op} {node.name} failed: {err}") from err
+    graph.cleanup(remove_unused_graph_inputs=False)
+    return ctx.notes
+
+
+def _touched_nodes(graph: gs.Graph, analysis: Analysis, removed: np.ndarray) -> set:
+    """Nodes reading or writing a tensor that loses channels."""
+    shrinking = {name for name, cmap in analysis.maps.items() if removed[cmap.labels].any()}
+    touched: set = set()
+    for node in graph.nodes:
+        names = [t.name for t in node.inputs if t is not None] + [t.name for t in node.outputs]
+        if any(n in shrinking for n in names):
+            touched.add(node.name or id(node))
+    return touched

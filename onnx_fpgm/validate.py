@@ -1,0 +1,220 @@
+"""Verification with onnxruntime: the pruned model must equal the *masked original*.
+
+The masked original is the input model in which every layer that consumes a removed channel
+ignores it: Conv/ConvTranspose input-channel slices and Gemm/MatMul weight rows of removed
+channels are zeroed. It is built here from the analysis' channel maps alone, independently of the
+rewrite, so a rewrite bug shows up as a mismatch. Sessions run on the CPU provider with graph
+optimisations disabled, so onnxruntime fusions cannot hide a bug.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .deps.analysis import Analysis
+from .deps.constants import ConstantFolder
+from .errors import ConfigError, VerificationError
+
+#: fp32 oracle tolerance: max |pruned - masked| relative to max |masked| per output.
+RTOL = 1e-4
+
+
+@dataclass
+class OutputCompare:
+    """Comparison of one graph output."""
+
+    name: str
+    max_abs_error: float
+    max_rel_error: float
+    finite: bool
+    shape_ok: bool
+
+    def __bool__(self) -> bool:
+        return self.finite and self.shape_ok and self.max_rel_error <= RTOL
+
+
+@dataclass
+class CompareResult:
+    """Oracle result over all outputs (truthy when every output matches)."""
+
+    outputs: list[OutputCompare] = field(default_factory=list)
+    interface_ok: bool = True
+    problem: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.interface_ok and self.problem is None and all(self.outputs)
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((o.max_rel_error for o in self.outputs), default=0.0)
+
+    def summary(self) -> str:
+        if self.problem:
+            return self.problem
+        bad = [o for o in self.outputs if not o]
+        if not bad:
+            return f"matches the masked original (max relative error {self.max_rel_error:.2e})"
+        o = bad[0]
+        return (f"output {o.name}: relative error {o.max_rel_error:.2e} (limit {RTOL:.0e}), "
+                f"finite={o.finite}, shape ok={o.shape_ok}")
+
+
+def make_session(model: onnx.ModelProto | bytes, *, optimize: bool = False,
+                 provider: str = "CPUExecutionProvider", threads: int = 0):
+    """An onnxruntime session on bytes (no temp file); spinning off so sessions coexist."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    return ort.InferenceSession(data, options, providers=[provider])
+
+
+def random_inputs(model: onnx.ModelProto, seed: int = 0,
+                  shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+    """Seeded random feeds for every real graph input (symbolic dims from ``shapes`` or 1)."""
+    rng = np.random.default_rng(seed)
+    shapes = shapes or {}
+    initializers = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        ttype = value.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+        if value.name in shapes:
+            shape = tuple(shapes[value.name])
+        else:
+            dims = ttype.shape.dim
+            unknown = [i for i, d in enumerate(dims) if not d.HasField("dim_value")]
+            if any(i > 0 for i in unknown):
+                raise ConfigError(f"input {value.name} has symbolic dims "
+                                  f"{[dims[i].dim_param or '?' for i in unknown]}; give "
+                                  f"--input-shape {value.name}=" + ",".join(["N"] * len(dims)))
+            shape = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in dims)
+        if np.issubdtype(dtype, np.floating):
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[value.name] = rng.integers(0, 2, shape).astype(bool)
+        else:
+            feeds[value.name] = rng.integers(0, 4, shape).astype(dtype)
+    return feeds
+
+
+def masked_original(model: onnx.ModelProto, analysis: Analysis,
+                    removed_classes: np.ndarray, opset: int) -> onnx.ModelProto:
+    """The original with consumer weight slices of removed channels zeroed."""
+    removed = analysis.removed_atoms(removed_classes)
+    graph = gs.import_onnx(model)
+    consts = ConstantFolder(opset)
+    counter = 0
+    for node in graph.nodes:
+        target = _consumer_axis(node, analysis)
+        if target is None:
+            continue
+        cmap, weight_axis = target
+        gone = removed[cmap.labels]
+        if not gone.any():
+            continue
+        weight = consts.value(node.inputs[1])
+        masked = np.array(weight, copy=True)
+        index = [slice(None)] * masked.ndim
+        index[weight_axis] = np.flatnonzero(gone)
+        masked[tuple(index)] = 0
+        counter += 1
+        node.inputs[1] = gs.Constant(f"{node.inputs[1].name}__masked{counter}", masked)
+    graph.cleanup(remove_unused_graph_inputs=False)
+    out = gs.export_onnx(graph, do_type_check=False)
+    out.ir_version = model.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(model.opset_import)
+    return out
+
+
+def _consumer_axis(node: gs.Node, analysis: Analysis):
+    """(input channel map, weight axis) when ``node`` contracts over mapped channels."""
+    if len(node.inputs) < 2 or node.inputs[0] is None:
+        return None
+    cmap = analysis.maps.get(node.inputs[0].name)
+    if cmap is None:
+        return None
+    if node.op in ("Conv", "ConvTranspose") and int(node.attrs.get("group", 1)) == 1:
+        return cmap, 1 if node.op == "Conv" else 0
+    if node.op == "Gemm" and not int(node.attrs.get("transA", 0)):
+        return cmap, 1 if int(node.attrs.get("transB", 0)) else 0
+    if node.op == "MatMul":
+        shape = node.inputs[0].shape
+        if shape is not None and cmap.axis == len(shape) - 1:
+            return cmap, 0
+    return None
+
+
+def compare(original: onnx.ModelProto, pruned: onnx.ModelProto,
+            feeds: dict[str, np.ndarray]) -> CompareResult:
+    """Run both models on ``feeds`` and compare outputs (interface, finiteness, rel. error)."""
+    result = CompareResult()
+    if _interface(original) != _interface(pruned):
+        result.interface_ok = False
+        result.problem = "graph inputs/outputs differ from the original"
+        return result
+    try:
+        expected = make_session(original).run(None, feeds)
+        got = make_session(pruned).run(None, feeds)
+    except Exception as err:
+        result.problem = f"onnxruntime failed to run a model: {str(err).splitlines()[0]}"
+        return result
+    names = [o.name for o in original.graph.output]
+    for name, want, have in zip(names, expected, got):
+        want = np.asarray(want)
+        have = np.asarray(have)
+        shape_ok = want.shape == have.shape
+        if not shape_ok:
+            result.outputs.append(OutputCompare(name, np.inf, np.inf, True, False))
+            continue
+        if np.issubdtype(want.dtype, np.floating):
+            w64, h64 = want.astype(np.float64), have.astype(np.float64)
+            finite = bool(np.isfinite(h64).all() or not np.isfinite(w64).all())
+            diff = np.abs(w64 - h64)
+            max_abs = float(np.nanmax(diff)) if diff.size else 0.0
+            scale = float(np.nanmax(np.abs(w64))) if w64.size else 0.0
+            rel = max_abs / scale if scale > 0 else max_abs
+        else:
+            finite = True
+            max_abs = float(np.count_nonzero(want != have))
+            rel = 0.0 if max_abs == 0 else np.inf
+        result.outputs.append(OutputCompare(name, max_abs, rel, finite, shape_ok))
+    return result
+
+
+def _interface(model: onnx.ModelProto):
+    initializers = {t.name for t in model.graph.initializer}
+    return ([(v.name, v.type.SerializeToString()) for v in model.graph.input
+             if v.name not in initializers],
+            [(v.name, v.type.SerializeToString()) for v in model.graph.output])
+
+
+def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, *, analysis: Analysis | None = None,
+           removed_classes: np.ndarray | None = None, opset: int | None = None, seed: int = 0,
+           input_shapes: dict[str, tuple[int, ...]] | None = None,
+           raise_on_failure: bool = False) -> CompareResult:
+    """Check the pruned model against the masked original (or against the original itself).
+
+    Without ``analysis``, the pruned model is compared with ``original`` directly, which is the
+    right check for a model whose channels were removed by zero-weight slices elsewhere.
+    """
+    reference = original
+    if analysis is not None and removed_classes is not None and len(removed_classes):
+        reference = masked_original(original, analysis, removed_classes, opset or 13)
+    feeds = random_inputs(original, seed, input_shapes)
+    result = compare(reference, pruned, feeds)
+    if raise_on_failure and not result:
+        raise VerificationError(f"verification failed: {result.summary()}")
+    return result

@@ -1,0 +1,74 @@
+"""Shared fixtures and the independent checks every pruning test applies."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import onnx_fpgm
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def runtime_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of nodes that depend on a graph input (constant subgraphs may be folded away)."""
+    initializers = {t.name for t in model.graph.initializer}
+    live = {i.name for i in model.graph.input if i.name not in initializers}
+    names = []
+    for node in model.graph.node:
+        if any(i in live for i in node.input):
+            live.update(node.output)
+            names.append(node.name)
+    return names
+
+
+def check_pruned(original: onnx.ModelProto, result: onnx_fpgm.PruneResult) -> None:
+    """Checks independent of the tool's own report: interface, names, checker, oracle, bytes."""
+    pruned = result.model
+    onnx.checker.check_model(pruned, full_check=True)
+    assert [i.name for i in pruned.graph.input] == [i.name for i in original.graph.input]
+    assert [(o.name, o.type) for o in pruned.graph.output] == \
+        [(o.name, o.type) for o in original.graph.output]
+    assert pruned.ir_version == original.ir_version
+    assert list(pruned.opset_import) == list(original.opset_import)
+    # Node names and order of everything that runs on data are preserved.
+    assert runtime_nodes(pruned) == runtime_nodes(original)
+    # The oracle, rerun here (not only inside prune()).
+    check = onnx_fpgm.validate.verify(
+        onnx_fpgm.io.infer_shapes(original), pruned, analysis=result.analysis,
+        removed_classes=result.plan.removed_classes, opset=onnx_fpgm.io.default_opset(original),
+        seed=123)
+    assert check, check.summary()
+    assert check.max_rel_error <= 1e-4
+    # Kept weights are copied, never recomputed: a stored weight (or its copy-on-write copy)
+    # holds only values of the original weight of that name, with the same dtype.
+    before = _stored(original)
+    for name, values in _stored(pruned).items():
+        source = before.get(name, before.get(name.split("__")[0]))
+        if source is None or values.dtype.kind != "f" or not values.size:
+            continue
+        assert values.dtype == source.dtype, name
+        assert np.isin(values.ravel(), source.ravel()).all(), f"{name} has new values"
+
+
+def _stored(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                arrays[node.output[0]] = onnx.numpy_helper.to_array(attr.t)
+    return arrays
+
+
+def pruned_layers(result: onnx_fpgm.PruneResult) -> set[str]:
+    return {layer.name for layer in result.report.layers
+            if layer.channels_after < layer.channels_before}
+
+
+def run_outputs(model: onnx.ModelProto, seed: int = 0) -> list[np.ndarray]:
+    from onnx_fpgm.validate import make_session, random_inputs
+
+    return make_session(model).run(None, random_inputs(model, seed))
