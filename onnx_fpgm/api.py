@@ -16,6 +16,7 @@ from .bench import ModelSize, benchmark as _benchmark, count_macs, count_params
 from .config import PruneConfig
 from .deps import handlers  # noqa: F401  (registers every op handler)
 from .deps.analysis import Analysis, build_analysis
+from .deps.constants import fold_constant_shapes
 from .errors import UnsupportedOpError, VerificationError
 from .plan import PrunePlan, plan_pruning
 from .report import GroupReport, LayerReport, Report
@@ -90,6 +91,7 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
     with _timed(report, "analyse"):
         inferred = io.infer_shapes(original)
         graph = io.import_graph(inferred)
+        fold_constant_shapes(graph)
         analysis = build_analysis(graph, opset)
     if config.strict:
         _check_strict(analysis)

@@ -42,8 +42,15 @@ def _parse_sparsity(text: str) -> float:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one ``onnx-fpgm: error: ...`` line (exit 2), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="onnx-fpgm",
         description="Remove whole filters from an ONNX model by FPGM (geometric median), "
                     "rewrite every coupled layer, and verify the result with onnxruntime.")
@@ -83,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2): return it, as documented
+        return int(exit_.code or 0)
     logging.basicConfig(level=logging.ERROR, format="onnx-fpgm: %(message)s")
     try:
         return _run(args)
@@ -91,31 +101,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnx-fpgm: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print("onnx-fpgm: interrupted; nothing was written", file=sys.stderr)
+        print("onnx-fpgm: error: interrupted; nothing was written", file=sys.stderr)
         return 2
     except MemoryError:
         print("onnx-fpgm: error: out of memory", file=sys.stderr)
         return 2
     except Exception as err:  # a bug: one line, never a traceback
         line = str(err).splitlines()[0] if str(err) else ""
-        print(f"onnx-fpgm: internal error ({type(err).__name__}: {line}); please report it",
+        print(f"onnx-fpgm: error: internal error ({type(err).__name__}: {line}); "
+              "please report it",
               file=sys.stderr)
         return EXIT_INTERNAL
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    return a.exists() and b.exists() and os.path.samefile(a, b)
+
+
 def _check_paths(args) -> None:
+    inp = Path(args.input)
+    if args.report:  # checked on --dry-run too, and before anything is written
+        report = Path(args.report)
+        if _same_file(report, inp):
+            raise OutputError("--report would overwrite IN")
+        if not report.parent.is_dir():
+            raise OutputError(f"{report.parent}: report directory does not exist")
     if args.dry_run:
         return
     if not args.output:
         raise ConfigError("OUT is required (or use --dry-run)")
-    inp, out = Path(args.input), Path(args.output)
-    same = inp.resolve() == out.resolve()
-    if not same and inp.exists() and out.exists():
-        same = os.path.samefile(inp, out)
-    if same:
+    out = Path(args.output)
+    if _same_file(inp, out):
         raise OutputError("OUT is the same file as IN; refusing to overwrite the input")
-    if args.report and Path(args.report).resolve() == inp.resolve():
-        raise OutputError("--report would overwrite IN")
+    if args.report and _same_file(Path(args.report), out):
+        raise OutputError("--report would overwrite OUT")
     directory = out.parent if str(out.parent) else Path(".")
     if not directory.is_dir():
         raise OutputError(f"{directory}: output directory does not exist")
@@ -163,7 +184,8 @@ def _write_text(path: str, text: str) -> None:
         tmp.write_text(text)
         os.replace(tmp, target)
     except OSError as err:
-        raise OutputError(f"{path}: cannot write report ({err.strerror})") from err
+        tmp.unlink(missing_ok=True)  # no partial temp file left behind (e.g. disk full)
+        raise OutputError(f"{path}: cannot write report ({err.strerror or err})") from err
 
 
 class _Progress:

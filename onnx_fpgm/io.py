@@ -74,11 +74,41 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnx shape inference (data propagation on, so Reshape targets resolve)."""
+    """Shapes of every tensor, as far as they can be known statically.
+
+    onnx's inference (with data propagation) first; where it leaves dims unknown, which it does
+    behind shape arithmetic such as TorchScript's ``chunk`` (Shape -> Gather -> Div -> Slice),
+    onnxruntime's symbolic shape inference is tried as well. Best effort: handlers block
+    whatever stays unknown.
+    """
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # inference is best effort: handlers block what stays unknown
-        return model
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        inferred = model
+    if not _has_unknown_dims(inferred) or model.ByteSize() >= PROTOBUF_LIMIT:
+        return inferred
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        symbolic = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # the symbolic engine gives up on some graphs; keep onnx's answer
+        return inferred
+    if symbolic is None:
+        return inferred
+    return symbolic if _unknown_count(symbolic) < _unknown_count(inferred) else inferred
+
+
+def _unknown_count(model: onnx.ModelProto) -> int:
+    known = {v.name for v in model.graph.value_info}
+    missing = sum(1 for n in model.graph.node for o in n.output if o and o not in known)
+    return missing + sum(
+        1 for v in model.graph.value_info for d in v.type.tensor_type.shape.dim
+        if not d.HasField("dim_value") and not d.dim_param.isidentifier()
+        or d.dim_param.startswith("unk__"))
+
+
+def _has_unknown_dims(model: onnx.ModelProto) -> bool:
+    return _unknown_count(model) > 0
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -152,6 +182,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
         tmpdir = tempfile.mkdtemp(prefix=".onnx-fpgm-", dir=directory)
     except OSError as err:
         raise OutputError(f"{directory}: cannot write ({err.strerror})") from err
+    moved_data = None
     try:
         tmp_model = Path(tmpdir) / path.name
         data_name = path.name + ".data"
@@ -159,7 +190,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
             onnx.save_model(model, str(tmp_model), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=data_name,
                             size_threshold=1024)
-            os.replace(Path(tmpdir) / data_name, directory / data_name)
+            if (Path(tmpdir) / data_name).exists():  # none when every tensor is < 1 KiB
+                os.replace(Path(tmpdir) / data_name, directory / data_name)
+                moved_data = directory / data_name
         else:
             with open(tmp_model, "wb") as handle:
                 handle.write(model.SerializeToString())
@@ -167,6 +200,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
                 os.fsync(handle.fileno())
         os.replace(tmp_model, path)
     except OSError as err:
+        if moved_data is not None:  # no data file without its model
+            with contextlib.suppress(OSError):
+                moved_data.unlink()
         raise OutputError(f"{path}: cannot write ({err.strerror or err})") from err
     finally:
         with contextlib.suppress(OSError):

@@ -19,7 +19,12 @@ def runtime_nodes(model: onnx.ModelProto) -> list[str]:
     live = {i.name for i in model.graph.input if i.name not in initializers}
     names = []
     for node in model.graph.node:
-        if any(i in live for i in node.input):
+        data_inputs = list(node.input)
+        if node.op_type in ("Shape", "Size"):
+            data_inputs = []  # only the shape is read: a constant for static shapes
+        elif node.op_type == "CastLike":
+            data_inputs = data_inputs[:1]  # the second input lends only its dtype
+        if any(i in live for i in data_inputs):
             live.update(node.output)
             names.append(node.name)
     return names

@@ -163,7 +163,8 @@ def export_onnx(
                     **kwargs,  # type: ignore[arg-type]
                 )
             except Exception as err:
-                err.add_note(f"exporter output:\n{chatter.getvalue()}")
+                if hasattr(err, "add_note"):  # Python >= 3.11
+                    err.add_note(f"exporter output:\n{chatter.getvalue()}")
                 raise
         return onnx.load(os.fspath(path))
 

@@ -23,10 +23,16 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .constants import ConstantFolder
+from .constants import FOLDABLE_OPS, ConstantFolder
 from .registry import handler_for
 
 logger = logging.getLogger(__name__)
+
+#: (op, input index) whose shape parameter the op's handler rewrites from surviving channels.
+SHAPE_PARAMETER_INPUTS = frozenset({("Split", 1), ("Reshape", 1), ("Resize", 3), ("Slice", 1),
+                                    ("Slice", 2)})
+#: Ops that may carry a channel count along in shape arithmetic.
+SHAPE_ARITHMETIC = FOLDABLE_OPS - {"Shape"}
 
 
 @dataclass(frozen=True)
@@ -143,8 +149,8 @@ class AnalysisContext:
         self._blocked: list[tuple[np.ndarray, str]] = []
         self.blocked_tensors: list[tuple[str, str]] = []
         self.consts = ConstantFolder(opset)
-        #: 1-D shape vectors holding a channel count: name -> (element index, channel map).
-        self.shape_maps: dict[str, tuple[int, ChannelMap]] = {}
+        #: Values computed from the shape of a mapped tensor: name -> its channel map.
+        self.shape_maps: dict[str, ChannelMap] = {}
 
     # ---- reading the graph ----
     def map(self, tensor: gs.Tensor | None) -> ChannelMap | None:
@@ -233,41 +239,42 @@ class AnalysisContext:
         for tensor in node.inputs:
             self.block_tensor(tensor, reason)
 
-    # ---- shape vectors ----
-    def block_shape_readers(self, node: gs.Node) -> None:
-        """A shape vector holding a channel count, used by anything but Gather/Slice, blocks."""
-        if node.op in ("Gather", "Slice"):
+    # ---- shape values ----
+    # A value computed from a mapped tensor's Shape that may hold its channel count is
+    # *tainted*: it may flow through shape arithmetic and end as the shape parameter of an op
+    # whose handler rewrites that parameter from the surviving channels (Split sizes, Reshape
+    # target, Resize sizes). Any other use would keep a stale channel count: it blocks.
+    def check_shape_taint(self, node: gs.Node) -> None:
+        tainted = [(i, t) for i, t in enumerate(node.inputs)
+                   if t is not None and t.name in self.shape_maps]
+        if not tainted:
             return
-        for tensor in node.inputs:
-            if tensor is not None and tensor.name in self.shape_maps:
-                _, cmap = self.shape_maps[tensor.name]
-                self.block(cmap, f"channel count read by {node.op} {node.name}")
+        for index, tensor in tainted:
+            cmap = self.shape_maps[tensor.name]
+            data = self.map(node.inputs[0])
+            if (node.op, index) in SHAPE_PARAMETER_INPUTS and data is not None and \
+                    np.array_equal(data.labels, cmap.labels):
+                continue  # the handler rewrites this parameter from the same channels
+            if node.op == "Gather" and index == 0 and not self._gather_reads_channel(node):
+                continue
+            if node.op in SHAPE_ARITHMETIC and not any(self.map(t) for t in node.inputs):
+                for out in node.outputs:
+                    self.shape_maps[out.name] = cmap
+                continue
+            self.block(cmap, f"channel count read by {node.op} {node.name}")
 
-    def gather_shape_vector(self, node: gs.Node) -> None:
-        index, cmap = self.shape_maps[node.inputs[0].name]
+    def _gather_reads_channel(self, node: gs.Node) -> bool:
+        """False only when a Gather provably picks other entries of a full shape vector."""
+        producer = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+        if producer is None or producer.op != "Shape" or "start" in producer.attrs:
+            return True
+        cmap = self.shape_maps[node.inputs[0].name]
         picked = self.const(node.inputs[1])
         if picked is None:
-            self.block(cmap, f"channel count possibly read by Gather {node.name}")
-            return
-        picked = np.asarray(picked).reshape(-1)
-        rank = len(self.shape(node.inputs[0]) or [0]) or None
-        picked = [int(p) + (rank or 0) if p < 0 else int(p) for p in picked]
-        if index in picked:
-            self.block(cmap, f"channel count read by Gather {node.name}")
-
-    def slice_shape_vector(self, node: gs.Node) -> None:
-        index, cmap = self.shape_maps[node.inputs[0].name]
-        bounds = [self.const(t) if t is not None and t.name else None for t in node.inputs[1:3]]
-        shape = self.shape(node.inputs[0])
-        if any(b is None for b in bounds) or shape is None or shape[0] is None:
-            self.block(cmap, f"channel count possibly read by Slice {node.name}")
-            return
-        dim = shape[0]
-        start, stop = (int(np.asarray(b).reshape(-1)[0]) for b in bounds)
-        start = max(0, min(start + dim if start < 0 else start, dim))
-        stop = max(0, min(stop + dim if stop < 0 else stop, dim))
-        if start <= index < stop:
-            self.shape_maps[node.outputs[0].name] = (index - start, cmap)
+            return True
+        rank = len(self.shape(producer.inputs[0]) or ())
+        picked = [int(p) + rank if p < 0 else int(p) for p in np.asarray(picked).reshape(-1)]
+        return cmap.axis in picked
 
     # ---- finishing ----
     def finish(self) -> Analysis:
@@ -358,7 +365,7 @@ def build_analysis(graph: gs.Graph, opset: int) -> Analysis:
     """Propagate channel maps through ``graph`` (topologically ordered) and build the groups."""
     ctx = AnalysisContext(graph, opset)
     for node in graph.nodes:
-        ctx.block_shape_readers(node)
+        ctx.check_shape_taint(node)
         subgraph_reason = _subgraph_reason(node)
         handler = handler_for(node.op, node.domain or "")
         if subgraph_reason:
@@ -378,7 +385,7 @@ def build_analysis(graph: gs.Graph, opset: int) -> Analysis:
     for out in graph.outputs:
         ctx.block_tensor(out, f"reaches graph output {out.name}")
         if out.name in ctx.shape_maps:
-            ctx.block(ctx.shape_maps[out.name][1], f"channel count reaches graph output {out.name}")
+            ctx.block(ctx.shape_maps[out.name], f"channel count reaches graph output {out.name}")
     return ctx.finish()
 
 

@@ -144,3 +144,31 @@ class ConstantFolder:
         if value.size > MAX_FOLD_ELEMENTS:
             return None
         return value
+
+
+def fold_constant_shapes(graph: gs.Graph) -> int:
+    """Replace ``Shape`` of a stored constant by its value (unoptimised exports read weight shapes).
+
+    Without this, a weight read by ``Shape`` (torch.export's zero bias: ``Expand(0,
+    Shape(W)[0])``) has two consumers and could only be sliced as a copy, leaving the original
+    in the model. Returns the number of folded nodes.
+    """
+    outputs = {t.name for t in graph.outputs}
+    folded = 0
+    for node in graph.nodes:
+        if node.op != "Shape" or not node.inputs or node.outputs[0].name in outputs:
+            continue
+        if root_constant(node.inputs[0]) is None or node.inputs[0].shape is None:
+            continue
+        shape = np.array(node.inputs[0].shape, dtype=np.int64)
+        start, end = node.attrs.get("start", 0), node.attrs.get("end")
+        value = shape[start:end]
+        out = node.outputs[0]
+        constant = gs.Constant(out.name, value)
+        for consumer in list(out.outputs):
+            consumer.inputs = [constant if t is out else t for t in consumer.inputs]
+        node.outputs.clear()
+        folded += 1
+    if folded:
+        graph.cleanup(remove_unused_graph_inputs=False)
+    return folded

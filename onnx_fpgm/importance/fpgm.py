@@ -222,59 +222,48 @@ def _k_chunks(d: int, dtype: torch.dtype) -> list[tuple[int, int]]:
 
     A float32 dot product of length ``D`` can lose ``gamma_D`` in the worst case, whatever
     order the BLAS uses. Accumulating ``D / K`` GEMMs of depth ``K`` caps the summation depth
-    at about ``K + D / K``, which makes the *rigorous* bound 5-30x tighter for conv filters
-    (``D`` = 576 ... 4608) at the same flop count, and so shrinks the band that needs
+    at about ``K + D / K``, which makes the *rigorous* bound up to ~15x tighter for conv
+    filters (``D`` = 576 ... 4608) at the same flop count, and so shrinks the band that needs
     rescoring. float64 does not need it.
     """
     step = _K_CHUNK if dtype == torch.float32 else max(d, 1)
     return [(lo, min(lo + step, d)) for lo in range(0, max(d, 1), step)]
 
 
-def _l2_scores_bounded(
-    x: torch.Tensor,
-    rows: torch.Tensor | None,
-    *,
-    with_bound: bool,
-    cast_error: bool = False,
-    clamp: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Euclidean FPGM scores of ``rows`` (all when ``None``) from Gram blocks, with error bounds.
+def _sq_norms64(x: torch.Tensor) -> torch.Tensor:
+    """Squared row norms accumulated in float64 (relative error ~1e-15, no N x D temporary)."""
+    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square_()
 
-    The squared distance ``s = n_i + n_j - 2 g_ij`` comes out of the GEMM itself: the last
-    column chunk is augmented with ``[n_i, 1]`` and ``[-1/2, -n_j/2]`` (``alpha = -2``), so no
-    elementwise pass is needed to form it. All its terms are summed with depth at most
-    ``h = K + T + 4`` (``T`` chunks), so its error is at most ``E_ij = c (n_i + n_j)`` with
-    ``c ~ 3 gamma_h`` (``2|g_ij| <= n_i + n_j``; the norms carry ``gamma_h`` themselves).
-    ``|sqrt(a) - sqrt(b)| <= |a - b| / sqrt(a)`` then bounds each distance error by
-    ``E_ij / d_ij``, so ``bound_i ~ c (n_i sum_j 1/d_ij + sum_j n_j/d_ij)``: one product of
-    the reciprocal block with ``[1, n]``, and no second ``N x N`` buffer. Rows with a zero
-    distance get an infinite bound, i.e. they are rescored exactly.
+
+def _gram_pass(
+    x: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor | None, *, with_bound: bool, clamp: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Euclidean scores of ``rows`` (all when ``None``) and the sums the error bound needs.
+
+    The squared distance ``n_i + n_j - 2 g_ij`` comes out of the GEMM itself: the last column
+    chunk is augmented with ``[n_i, 1]`` and ``[-1/2, -n_j/2]`` (``alpha = -2``, exact), so
+    forming it takes no elementwise pass. Per row block: GEMM(s), ``sqrt``, row sum and, for
+    the bound, ``1/d`` times ``[1, n]``, reusing one block buffer (no ``N x N`` temporaries).
 
     Args:
-        x: ``(N, D)`` float32 or float64 filters, already rescaled to a safe range.
+        x: ``(N, D)`` float32 or float64 filters, rescaled to a safe range.
+        sq: Squared row norms of ``x`` in ``x.dtype``.
         rows: Indices of the filters to score, or ``None`` for all of them.
-        with_bound: Also return the error bound (two extra passes per block).
-        cast_error: ``x`` was rounded from float64 to float32; add that perturbation.
+        with_bound: Also return ``[sum_j 1/d_ij, sum_j n_j/d_ij]`` per row (diagonal excluded).
         clamp: Clamp negative squared distances (rounding) to zero. Off by default to save a
-            pass: a negative turns into NaN, which the caller sees and retries with it on.
+            pass: a negative shows up as a NaN score and the caller retries with it on.
 
     Returns:
-        ``(scores, bound)`` on ``x.device``, in ``x.dtype`` (``bound`` is ``None`` when not
-        requested). NaN scores mean "retry with ``clamp=True``".
+        ``(scores, rsum)`` on ``x.device`` in ``x.dtype``; ``rsum`` is ``None`` without bound.
     """
     n, d = x.shape
     dev, dt = x.device, x.dtype
-    u = _UNIT_ROUNDOFF[dt]
     chunks = _k_chunks(d, dt)
     lo_last = chunks[-1][0]
-    # Norms chunked like the GEMM, so they share its error bound.
-    sq_norms = torch.linalg.vecdot(x[:, : chunks[0][1]], x[:, : chunks[0][1]])
-    for lo, hi in chunks[1:]:
-        sq_norms += torch.linalg.vecdot(x[:, lo:hi], x[:, lo:hi])
-    col = sq_norms.unsqueeze(1)
+    col = sq.unsqueeze(1)
     ones = torch.ones_like(col)
-    # Augmenting copies the last chunk, cheap for float32 chunks; a float64 pass (one chunk,
-    # few rows) adds the norms with broadcasts instead of copying all of x.
+    # Augmenting copies only the last chunk; the float64 pass (one chunk, few rows) adds the
+    # norms with broadcasts instead of copying all of x.
     augment = d - lo_last <= _K_CHUNK
     if augment:
         a_last = torch.cat([x[:, lo_last:], col, ones], dim=1)
@@ -297,16 +286,13 @@ def _l2_scores_bounded(
             sel = rows[start:stop]
             flat = torch.arange(stop - start, device=dev) * n + sel
         for t, (lo, hi) in enumerate(chunks):
-            if lo == lo_last:
-                lhs, rhs = a_last[sel], b_last_t
-            else:
-                lhs, rhs = x[sel, lo:hi], x[:, lo:hi].T
+            lhs, rhs = (a_last[sel], b_last_t) if lo == lo_last else (x[sel, lo:hi], x[:, lo:hi].T)
             if t == 0 and not augment:
                 torch.addmm(col[sel], lhs, rhs, alpha=-2.0, out=blk)
             else:
                 torch.addmm(blk, lhs, rhs, beta=0.0 if t == 0 else 1.0, alpha=-2.0, out=blk)
         if not augment:
-            blk.add_(sq_norms)
+            blk.add_(sq)
         _zero_diag(blk, start, flat)
         if clamp:
             blk.clamp_(min=0.0)
@@ -316,23 +302,7 @@ def _l2_scores_bounded(
             blk.reciprocal_()
             _zero_diag(blk, start, flat)
             torch.mm(blk, weights, out=rsum[start:stop])
-    if not with_bound:
-        return scores, None
-    h = (chunks[0][1] - chunks[0][0]) + len(chunks) + 4
-    c = 3.0 * _gamma(h, u) * (1.0 + 2.0 * _gamma(h, u))
-    n_rows = sq_norms if rows is None else sq_norms[rows]
-    gn = _gamma(n + 2, u)
-    # abs: sqrt(-0.0) = -0.0 and 1/-0.0 = -inf on exact duplicates; the bound must be +inf.
-    rsum = rsum.abs()
-    err = (c * (1.0 + 2.0 * u)) * (n_rows * rsum[:, 0] + rsum[:, 1]) + u * scores
-    bound = (1.0 + gn) * err + gn * scores
-    if cast_error:
-        norms = sq_norms.sqrt()
-        n_rows_norm = norms if rows is None else norms[rows]
-        bound += _UNIT_ROUNDOFF[torch.float32] * 1.01 * (n * n_rows_norm + norms.sum())
-    bound = _SAFETY * bound + n * math.sqrt(d) * 4.0 * _TINY[dt]
-    # inf * 0 (zero rows next to duplicates) gives NaN: treat as "undecided" too.
-    return scores, torch.nan_to_num(bound, nan=math.inf, posinf=math.inf)
+    return scores, rsum
 
 
 def _zero_diag(blk: torch.Tensor, start: int, flat: torch.Tensor | None) -> None:
@@ -343,45 +313,84 @@ def _zero_diag(blk: torch.Tensor, start: int, flat: torch.Tensor | None) -> None
         blk.view(-1)[flat] = 0.0
 
 
-def _l2_scores(
-    x: torch.Tensor, rows: torch.Tensor | None, *, with_bound: bool, cast_error: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``_l2_scores_bounded`` with the NaN retry: negatives only appear for near-duplicates."""
-    scores, bound = _l2_scores_bounded(x, rows, with_bound=with_bound, cast_error=cast_error)
-    if bool(torch.isnan(scores).any()):
-        scores, bound = _l2_scores_bounded(
-            x, rows, with_bound=with_bound, cast_error=cast_error, clamp=True
-        )
-    return scores, bound
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.cpu().numpy().astype(np.float64, copy=False)
 
 
-def _l1_scores_bounded(
-    x: torch.Tensor,
-    rows: torch.Tensor | None,
-    *,
-    with_bound: bool,
-    cast_error: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Manhattan FPGM scores with a bound: each distance has relative error <= gamma_{D+1}."""
+def _l2_stage(
+    x: torch.Tensor, sq64: torch.Tensor, rows: torch.Tensor | None, *, cast_error: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Euclidean scores of ``rows`` with a rigorous bound on their error (float64, on CPU).
+
+    Error analysis (``u`` unit roundoff of ``x.dtype``, ``gamma_k = k u / (1 - k u)``): every
+    term of ``s_ij = n_i + n_j - 2 g_ij`` is summed with depth at most ``h = K + T + 4`` (chunk
+    width ``K``, ``T`` chunks), and ``2 |g_ij| <= n_i + n_j``, so ``|s^ - s| <= E_ij =
+    c (n_i + n_j)`` with ``c ~ 2 gamma_h + u`` (the norms are accurate to ``u``). As
+    ``|sqrt(a) - sqrt(b)| <= |a - b| / sqrt(a)``, each distance is off by at most ``E_ij / d_ij``
+    (+ ``u d_ij`` for the sqrt), which sums to ``c (n_i sum_j 1/d_ij + sum_j n_j/d_ij)``. A zero
+    distance gives an infinite bound: that filter is simply rescored exactly.
+
+    Args:
+        x: ``(N, D)`` float32 or float64 filters, rescaled to a safe range.
+        sq64: Squared row norms of ``x`` in float64.
+        rows: Indices of the filters to score, or ``None`` for all of them.
+        cast_error: ``x`` was rounded from float64 to float32; add that perturbation.
+
+    Returns:
+        ``(scores, bound)``, float64 NumPy arrays.
+    """
     n, d = x.shape
     u = _UNIT_ROUNDOFF[x.dtype]
+    sq = sq64.to(x.dtype)
+    scores_t, rsum_t = _gram_pass(x, sq, rows, with_bound=True, clamp=False)
+    scores = _np(scores_t)
+    if np.isnan(scores).any():  # a near-duplicate pair rounded below zero
+        scores_t, rsum_t = _gram_pass(x, sq, rows, with_bound=True, clamp=True)
+        scores = _np(scores_t)
+    # abs: sqrt(-0.0) = -0.0 and 1/-0.0 = -inf on exact duplicates; the bound must be +inf.
+    rsum = np.abs(_np(rsum_t))
+    sq_all = _np(sq64)
+    sq_rows = sq_all if rows is None else sq_all[rows.cpu().numpy()]
+    chunks = _k_chunks(d, x.dtype)
+    h = (chunks[0][1] - chunks[0][0]) + len(chunks) + 4
+    # Norms: float64 accumulation (gamma_{D+3} in float64, sqrt/square included), then
+    # rounded to x.dtype.
+    norm_err = 1.01 * u + _gamma(d + 3, _UNIT_ROUNDOFF[torch.float64])
+    c = (_gamma(h, u) * (2.0 + 2.0 * norm_err) + norm_err) * (1.0 + 4.0 * _gamma(h, u))
+    gn = _gamma(n + 2, u)
+    with np.errstate(invalid="ignore"):  # inf * 0 -> NaN, mapped to "undecided" by _split
+        err = c * (sq_rows * rsum[:, 0] + rsum[:, 1]) + u * scores
+        bound = (1.0 + gn) ** 2 * err + gn * scores
+    if cast_error:
+        norms = np.sqrt(sq_all)
+        norm_rows = norms if rows is None else norms[rows.cpu().numpy()]
+        bound += _UNIT_ROUNDOFF[torch.float32] * 1.01 * (n * norm_rows + norms.sum())
+    return scores, _SAFETY * bound + n * math.sqrt(d) * 4.0 * _TINY[x.dtype]
+
+
+def _l1_stage(
+    x: torch.Tensor, rows: torch.Tensor | None, *, cast_error: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Manhattan scores with a bound: each distance has relative error <= gamma_{D+1}."""
+    n, d = x.shape
+    u = _UNIT_ROUNDOFF[x.dtype]
+    scores = _np(_l1_pass(x, rows))
+    bound = (_gamma(d + 1, u) * (1.0 + 2.0 * u) + 2.0 * _gamma(n + 1, u)) * scores
+    if cast_error:
+        l1 = _np(x.abs().sum(dim=1, dtype=torch.float64))
+        l1_rows = l1 if rows is None else l1[rows.cpu().numpy()]
+        bound += _UNIT_ROUNDOFF[torch.float32] * 1.01 * (n * l1_rows + l1.sum())
+    return scores, _SAFETY * bound + n * d * 4.0 * _TINY[x.dtype]
+
+
+def _l1_pass(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     xr = x if rows is None else x[rows]
-    m = xr.shape[0]
-    scores = torch.empty(m, dtype=x.dtype, device=x.device)
-    b = _block_rows(m, n, x.device)
-    for start in range(0, m, b):
+    scores = torch.empty(xr.shape[0], dtype=x.dtype, device=x.device)
+    b = _block_rows(xr.shape[0], x.shape[0], x.device)
+    for start in range(0, xr.shape[0], b):
         dist = torch.cdist(xr[start : start + b], x, p=1.0)
         torch.sum(dist, dim=1, out=scores[start : start + b])
-    if not with_bound:
-        return scores, None
-    rel = _gamma(d + 1, u) * (1.0 + 2.0 * u) + _gamma(n + 1, u) * 2.0
-    bound = rel * scores
-    if cast_error:
-        l1 = x.abs().sum(dim=1)
-        l1_rows = l1 if rows is None else l1[rows]
-        bound += _UNIT_ROUNDOFF[torch.float32] * (n * l1_rows + l1.sum()) * 1.01
-    bound = _SAFETY * bound + n * d * 4.0 * _TINY[x.dtype]
-    return scores, bound
+    return scores
 
 
 def _direct_scores(x64: torch.Tensor, rows: torch.Tensor, p: int) -> torch.Tensor:
@@ -390,9 +399,8 @@ def _direct_scores(x64: torch.Tensor, rows: torch.Tensor, p: int) -> torch.Tenso
     out = torch.empty(rows.numel(), dtype=torch.float64, device=x64.device)
     b = _block_rows(rows.numel(), x64.shape[0], x64.device)
     for start in range(0, rows.numel(), b):
-        xr = x64[rows[start : start + b]]
-        torch.sum(torch.cdist(xr, x64, p=float(p), compute_mode=mode), dim=1,
-                  out=out[start : start + b])
+        dist = torch.cdist(x64[rows[start : start + b]], x64, p=float(p), compute_mode=mode)
+        torch.sum(dist, dim=1, out=out[start : start + b])
     return out
 
 
@@ -442,9 +450,14 @@ def fpgm_scores(
     work = prep.x64 if prep.x64 is not None else prep.x32
     if n == 0 or work.shape[1] == 0:
         return torch.zeros(n, dtype=work.dtype)
-    scorer = _l2_scores if fn == 2 else _l1_scores_bounded
     with _ieee_matmul(dev):
-        scores, _ = scorer(work, None, with_bound=False)
+        if fn == 1:
+            scores = _l1_pass(work, None)
+        else:
+            sq = _sq_norms64(work).to(work.dtype)
+            scores, _ = _gram_pass(work, sq, None, with_bound=False, clamp=False)
+            if bool(torch.isnan(scores).any()):
+                scores, _ = _gram_pass(work, sq, None, with_bound=False, clamp=True)
     if prep.scale != 1.0:
         scores = scores / prep.scale
     if not bool(torch.isfinite(scores).all()):
@@ -518,26 +531,33 @@ def _smallest(scores: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
 def _select_exact(prep: _Prepared, k: int, p: int) -> np.ndarray:
     """Run the float32 -> float64 Gram -> float64 direct cascade described in the module doc."""
     dev = prep.x.device
-    scorer = _l2_scores if p == 2 else _l1_scores_bounded
-    with _ieee_matmul(dev):
-        s, b = scorer(prep.x32, None, with_bound=True, cast_error=prep.cast_error)
     cand = np.arange(prep.x.shape[0], dtype=np.int64)
-    sure, undecided, m = _split(s.double().cpu().numpy(), b.double().cpu().numpy(), k)
+    with _ieee_matmul(dev):
+        if p == 2:
+            sq32 = _sq_norms64(prep.x32)
+            s, b = _l2_stage(prep.x32, sq32, None, cast_error=prep.cast_error)
+        else:
+            s, b = _l1_stage(prep.x32, None, cast_error=prep.cast_error)
+    sure, undecided, m = _split(s, b, k)
     chosen = [cand[sure]]
     cand = cand[undecided]
+    x64 = None
     if m > 0 and p == 2 and cand.size:
-        x64 = _x64(prep)
-        rows = torch.from_numpy(cand).to(dev)
-        s, b = _l2_scores(x64, rows, with_bound=True)
-        sure, undecided, m = _split(s.cpu().numpy(), b.cpu().numpy(), m)
+        if prep.x64 is None:
+            x64, sq64 = prep.x32.to(torch.float64), sq32
+        else:
+            x64 = prep.x64
+            sq64 = _sq_norms64(x64)
+        s, b = _l2_stage(x64, sq64, torch.from_numpy(cand).to(dev), cast_error=False)
+        sure, undecided, m = _split(s, b, m)
         chosen.append(cand[sure])
         cand = cand[undecided]
     if m > 0 and cand.size:
         logger.debug("FPGM: %d filter(s) rescored exactly at the cut", cand.size)
-        rows = torch.from_numpy(cand).to(dev)
-        exact = _direct_scores(_x64(prep), rows, p).cpu().numpy()
+        x64 = _x64(prep) if x64 is None else x64
+        exact = _direct_scores(x64, torch.from_numpy(cand).to(dev), p).cpu().numpy()
         chosen.append(_smallest(exact, cand, m))
-    return np.unique(np.concatenate(chosen)).astype(np.int64, copy=False)
+    return np.unique(np.concatenate(chosen))
 
 
 @torch.no_grad()

@@ -234,9 +234,6 @@ class SliceHandler:
 
     def propagate(self, node, ctx) -> None:
         xmap = ctx.map(node.inputs[0])
-        if node.inputs[0].name in ctx.shape_maps:
-            ctx.slice_shape_vector(node)
-            return
         if xmap is None:
             return
         rank = _rank(ctx, node.inputs[0])
@@ -507,7 +504,7 @@ class ShapeHandler:
         end = node.attrs.get("end")
         end = rank if end is None else normalize_axis(int(end), rank)
         if start <= xmap.axis < min(end, rank):
-            ctx.shape_maps[node.outputs[0].name] = (xmap.axis - start, xmap)
+            ctx.shape_maps[node.outputs[0].name] = xmap
 
     def apply(self, node, ctx) -> None:
         pass
@@ -518,9 +515,6 @@ class GatherHandler:
     """Gather on a non-channel axis moves the channel axis; on the channel axis it blocks."""
 
     def propagate(self, node, ctx) -> None:
-        if node.inputs[0].name in ctx.shape_maps:
-            ctx.gather_shape_vector(node)
-            return
         xmap = ctx.map(node.inputs[0])
         if xmap is None:
             return

@@ -1,0 +1,154 @@
+"""Benchmark the FPGM core against the seed implementation and a one-GEMM floor.
+
+Usage: ``python benchmarks/fpgm_core.py [--repeats 15] [--device all|cpu|cuda] [--out FILE]``
+
+For each shape, on CPU (and CUDA when available), times with the median of ``--repeats``
+rounds after a warm-up:
+
+- seed:  PyTorch ``FPGMPruner`` style: per-row flatten loop, ``torch.stack``, ``torch.cdist``,
+         ``abs().sum(1)``, ``topk`` (written here, not imported);
+- ours:  ``onnx_fpgm.importance.fpgm.fpgm_select`` (scores + exact selection);
+- floor: one float32 ``X @ X.T`` on the same ``(N, D)``.
+
+The three run round-robin inside each round, so a noisy neighbour slows all of them alike;
+the ratios are medians of per-round ratios. ``same sel.`` compares ours with the seed at
+sparsity 0.5; ``exact`` compares ours with a float64 ``torch.cdist`` reference.
+``torch.set_num_threads`` is left at its default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from onnx_fpgm.importance.fpgm import fpgm_select, n_to_prune
+
+SHAPES: list[tuple[int, ...]] = [
+    (64, 64, 3, 3),
+    (256, 64, 1, 1),
+    (512, 512, 3, 3),
+    (2048, 512, 1, 1),
+    (3072, 768),
+]
+SPARSITY = 0.5
+
+
+def seed_select(weight: torch.Tensor, sparsity: float) -> np.ndarray:
+    """The seed's algorithm: per-row flatten + stack + cdist + abs-sum + topk(smallest)."""
+    rows = [weight[i : i + 1].reshape(-1) for i in range(weight.shape[0])]
+    flat = torch.stack(rows)
+    distance = torch.sum(torch.abs(torch.cdist(flat, flat, p=2)), 1)
+    k = round(sparsity * weight.shape[0])
+    idx = torch.topk(distance, k=k, largest=False).indices
+    return np.sort(idx.cpu().numpy())
+
+
+def exact_select(weight: torch.Tensor, sparsity: float) -> np.ndarray:
+    """float64 cdist reference with the same count and tie rule as ours."""
+    x = weight.detach().reshape(weight.shape[0], -1).to("cpu", torch.float64)
+    scores = torch.cdist(x, x).sum(1).numpy()
+    k = n_to_prune(x.shape[0], sparsity)
+    return np.sort(np.lexsort((np.arange(x.shape[0]), scores))[:k])
+
+
+def _timer(fn: Callable[[], object], device: torch.device) -> Callable[[], float]:
+    def run() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    return run
+
+
+def bench_shape(shape: tuple[int, ...], device: torch.device, repeats: int) -> dict[str, object]:
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(shape, generator=gen).to(device)
+    x = weight.reshape(shape[0], -1)
+    dev_name = "cuda" if device.type == "cuda" else "cpu"
+    fns = {
+        "seed": _timer(lambda: seed_select(weight, SPARSITY), device),
+        "ours": _timer(lambda: fpgm_select(weight, SPARSITY, device=dev_name), device),
+        "floor": _timer(lambda: x @ x.T, device),
+    }
+    for run in fns.values():  # warm-up: allocator, BLAS threads, CUDA context/kernels
+        run()
+        run()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, run in fns.items():
+            times[name].append(run())
+    ours_sel = fpgm_select(weight, SPARSITY, device=dev_name)
+    ratio = {
+        "seed/ours": statistics.median(s / o for s, o in zip(times["seed"], times["ours"])),
+        "ours/floor": statistics.median(o / f for o, f in zip(times["ours"], times["floor"])),
+    }
+    return {
+        "shape": "x".join(map(str, shape)),
+        "N,D": f"{x.shape[0]},{x.shape[1]}",
+        **{f"{name} ms": statistics.median(t) * 1e3 for name, t in times.items()},
+        **ratio,
+        "same sel.": "yes" if np.array_equal(ours_sel, seed_select(weight, SPARSITY)) else "no",
+        "exact": "yes" if np.array_equal(ours_sel, exact_select(weight, SPARSITY)) else "no",
+    }
+
+
+def format_table(rows: list[dict[str, object]]) -> str:
+    cols = list(rows[0])
+
+    def cell(v: object) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    widths = [max(len(c), *(len(cell(r[c])) for r in rows)) for c in cols]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(cell(r[c]).rjust(w) for c, w in zip(cols, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
+    parser.add_argument("--out", type=Path, help="also write the report to this file")
+    args = parser.parse_args(argv)
+
+    devices = []
+    if args.device in ("all", "cpu"):
+        devices.append(torch.device("cpu"))
+    if args.device in ("all", "cuda") and torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    if not devices:
+        print("no CUDA device available", file=sys.stderr)
+        return 2
+
+    report = [
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"cpus {os.cpu_count()}, load avg {os.getloadavg()[0]:.2f}, repeats {args.repeats}"
+    ]
+    for device in devices:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        rows = [bench_shape(shape, device, args.repeats) for shape in SHAPES]
+        report += ["", f"device: {device.type} ({name})", format_table(rows)]
+        print("\n".join(report[-3:]) if len(report) > 3 else "\n".join(report), flush=True)
+    report.append(f"load avg after: {os.getloadavg()[0]:.2f}")
+    print(report[-1])
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(report) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
