@@ -133,17 +133,21 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device available", file=sys.stderr)
         return 2
 
-    report = [
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"cpus {os.cpu_count()}, load avg {os.getloadavg()[0]:.2f}, repeats {args.repeats}"
-    ]
+    report: list[str] = []
+
+    def emit(*lines: str) -> None:
+        report.extend(lines)
+        print("\n".join(lines), flush=True)
+
+    emit(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
+        f"load avg {os.getloadavg()[0]:.2f}, repeats {args.repeats}, sparsity {SPARSITY}"
+    )
     for device in devices:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         rows = [bench_shape(shape, device, args.repeats) for shape in SHAPES]
-        report += ["", f"device: {device.type} ({name})", format_table(rows)]
-        print("\n".join(report[-3:]) if len(report) > 3 else "\n".join(report), flush=True)
-    report.append(f"load avg after: {os.getloadavg()[0]:.2f}")
-    print(report[-1])
+        emit("", f"device: {device.type} ({name})", format_table(rows))
+    emit(f"load avg after: {os.getloadavg()[0]:.2f}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(report) + "\n")

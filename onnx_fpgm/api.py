@@ -152,16 +152,19 @@ def benchmark(original: onnx.ModelProto | str, pruned: onnx.ModelProto | str, *,
 
 
 def _scorer(config: PruneConfig):
-    from .importance.fpgm import fpgm_scores, resolve_device
+    """FPGM selection of exactly ``n_prune`` channels of a group (exact float64 tie-breaking)."""
+    from .importance.fpgm import fpgm_select, resolve_device
     from .importance.group import group_filters
 
     device = resolve_device(config.device)
 
-    def score(analysis: Analysis, group) -> np.ndarray:
-        scores = fpgm_scores(group_filters(analysis, group), dist=config.dist, device=device)
-        return np.asarray(scores.double().cpu().numpy())
+    def select(analysis: Analysis, group, n_prune: int) -> np.ndarray:
+        filters = group_filters(analysis, group)
+        # round((k / n) * n) == k for every k <= n, so the core prunes exactly k filters.
+        return fpgm_select(filters, n_prune / len(filters), dist=config.dist, device=device,
+                           min_channels=1)
 
-    return score
+    return select
 
 
 def _check_strict(analysis: Analysis) -> None:

@@ -64,10 +64,11 @@ def n_to_keep(n: int, sparsity: float, min_channels: int, round_to: int | None) 
     return keep
 
 
-ScoreFn = Callable[[Analysis, Group], np.ndarray]
+#: ``select(analysis, group, n_prune)`` -> positions (within the group) of the channels to remove.
+SelectFn = Callable[[Analysis, Group, int], np.ndarray]
 
 
-def plan_pruning(analysis: Analysis, config: PruneConfig, score: ScoreFn,
+def plan_pruning(analysis: Analysis, config: PruneConfig, score: SelectFn,
                  progress: Callable[[int], None] | None = None) -> PrunePlan:
     """Decide, group by group, which channels to keep (smallest FPGM scores are removed)."""
     extra_frozen: dict[int, str] = {}
@@ -95,11 +96,11 @@ def _plan_once(analysis, config, score, extra_frozen, progress) -> PrunePlan:
         if keep_n >= n:
             keep = np.arange(n, dtype=np.int64)
         else:
-            scores = np.asarray(score(analysis, group))
-            order = np.argsort(scores, kind="stable")
-            keep = np.sort(order[n - keep_n:]).astype(np.int64)
-            gone = np.ones(n, dtype=bool)
-            gone[keep] = False
+            gone = np.zeros(n, dtype=bool)
+            gone[np.asarray(score(analysis, group, n - keep_n), dtype=np.int64)] = True
+            if np.count_nonzero(gone) != n - keep_n:
+                raise RuntimeError(f"selection for group {group.id} returned a wrong count")
+            keep = np.flatnonzero(~gone).astype(np.int64)
             removed.append(group.classes[gone])
         if progress is not None:
             progress(1)

@@ -84,6 +84,14 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0,
     rng = np.random.default_rng(seed)
     shapes = shapes or {}
     initializers = {t.name for t in model.graph.initializer}
+    real_inputs = {v.name: v for v in model.graph.input if v.name not in initializers}
+    for name, shape in shapes.items():
+        if name not in real_inputs:
+            raise ConfigError(f"--input-shape names {name!r}, which is not a graph input "
+                              f"(inputs: {', '.join(real_inputs)})")
+        rank = len(real_inputs[name].type.tensor_type.shape.dim)
+        if rank and len(shape) != rank:
+            raise ConfigError(f"--input-shape {name} has {len(shape)} dims, the input has {rank}")
     feeds = {}
     for value in model.graph.input:
         if value.name in initializers:

@@ -53,9 +53,9 @@ DistSpec = Union[int, Callable[[torch.Tensor], torch.Tensor]]  # noqa: UP007 (ru
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 # Smallest normal number: a flushed or subnormal product loses at most this much (absolute).
 _TINY = {torch.float32: 2.0**-126, torch.float64: 2.0**-1022}
-# Values are rescaled by a power of two (exact) when the largest magnitude leaves this range,
-# so squared norms can neither overflow nor sink into subnormals in float32.
-_SAFE_EXP = 16
+# Values are rescaled by a power of two (exact) when the largest row norm leaves
+# [2**-40, 2**40], so squared norms can neither overflow nor sink into subnormals in float32.
+_SAFE_EXP = 40
 # Rows of the distance matrix handled per block on CPU: bounds memory to O(block * N) and
 # keeps the elementwise passes that follow the GEMM close to cache.
 _CPU_BLOCK_ELEMS = 1 << 20
@@ -147,37 +147,41 @@ class _Prepared:
 
     x: torch.Tensor  # (N, D) on the compute device, original floating dtype
     x32: torch.Tensor  # scaled float32 copy (or the input itself) for the fast pass
-    x64: torch.Tensor | None  # scaled float64 copy, made on demand for rescoring
+    x64: torch.Tensor | None  # scaled float64 input (None: derive it from x32, exactly)
+    sq64: torch.Tensor  # float64 squared row norms of the float64 data
     scale: float  # power of two applied to x32/x64 (scores scale by it)
     cast_error: bool  # x32 was rounded from float64 (adds a term to the bound)
 
+    def as64(self) -> torch.Tensor:
+        return self.x64 if self.x64 is not None else self.x32.to(torch.float64)
 
-def _prepare(filters: torch.Tensor | np.ndarray, device: torch.device) -> _Prepared:
-    x = to_filter_matrix(filters).to(device)
-    if x.numel() == 0:
-        return _Prepared(x, x.float(), None, 1.0, cast_error=False)
-    # One pass, no temporary; NaN propagates through both extremes.
-    lo, hi = torch.aminmax(x)
-    amax = max(-float(lo), float(hi))
-    if not math.isfinite(amax):
-        raise ScoringError(
-            f"weights of shape {tuple(x.shape)} contain NaN or Inf; FPGM needs finite values"
-        )
-    scale = 1.0
-    if amax > 0.0:
-        exp = math.frexp(amax)[1]
-        if abs(exp) > _SAFE_EXP:
-            scale = math.ldexp(1.0, -exp)
+
+def _prepare(matrix: torch.Tensor, device: torch.device) -> _Prepared:
+    x = matrix.to(device)
     is64 = x.dtype == torch.float64
-    base = x if is64 else x.to(torch.float32)
-    if scale != 1.0:
+    base = x if is64 else x.to(torch.float32)  # no copy for float32
+    # float64 norms double as the finiteness check: NaN/Inf propagate into them (and float32
+    # data cannot overflow float64 squares), so the common case costs one reduction.
+    sq = _sq_norms64(base)
+    top = float(sq.max()) if sq.numel() else 0.0
+    if math.isfinite(top):
+        exp = math.frexp(math.sqrt(top))[1] if top > 0.0 else 0
+    else:
+        if not bool(torch.isfinite(x).all()):
+            raise ScoringError(
+                f"weights of shape {tuple(x.shape)} contain NaN or Inf; FPGM needs finite values"
+            )
+        # float64 values beyond ~1e154: estimate the largest row norm's exponent instead.
+        exp = math.frexp(float(x.abs().max()))[1] + (x.shape[1].bit_length() + 1) // 2
+    # Largest row norm into about [0.5, 1): float32 squares then neither overflow nor go
+    # subnormal. Only outside a generous range, to skip the copy in the common case.
+    scale = 1.0
+    if abs(exp) > _SAFE_EXP:
+        scale = math.ldexp(1.0, -exp)
         base = base * scale
+        sq = _sq_norms64(base)
     x32 = base.to(torch.float32) if is64 else base
-    return _Prepared(x, x32, base if is64 else None, scale, cast_error=is64)
-
-
-def _x64(prep: _Prepared) -> torch.Tensor:
-    return prep.x64 if prep.x64 is not None else prep.x32.to(torch.float64)
+    return _Prepared(x, x32, base if is64 else None, sq, scale, cast_error=is64)
 
 
 def _gamma(k: int, u: float) -> float:
@@ -188,7 +192,8 @@ def _gamma(k: int, u: float) -> float:
 @contextlib.contextmanager
 def _ieee_matmul(device: torch.device) -> Iterator[None]:
     """Force IEEE float32 GEMMs (no TF32/bf16): the error bounds assume them."""
-    mm = getattr(getattr(torch.backends, "cuda" if device.type == "cuda" else "mkldnn"), "matmul")
+    backend = getattr(torch.backends, "cuda" if device.type == "cuda" else "mkldnn", None)
+    mm = getattr(backend, "matmul", None)
     prev = getattr(mm, "fp32_precision", None)
     if prev is None:  # torch without the per-backend API
         legacy = torch.get_float32_matmul_precision()
@@ -443,7 +448,7 @@ def fpgm_scores(
     """
     fn = _resolve_dist(dist)
     dev = _device_of(device)
-    prep = _prepare(filters, dev)
+    prep = _prepare(to_filter_matrix(filters), dev)
     n = prep.x.shape[0]
     if callable(fn):
         return _callable_scores(prep.x, fn).cpu()
@@ -454,7 +459,7 @@ def fpgm_scores(
         if fn == 1:
             scores = _l1_pass(work, None)
         else:
-            sq = _sq_norms64(work).to(work.dtype)
+            sq = prep.sq64.to(work.dtype)
             scores, _ = _gram_pass(work, sq, None, with_bound=False, clamp=False)
             if bool(torch.isnan(scores).any()):
                 scores, _ = _gram_pass(work, sq, None, with_bound=False, clamp=True)
@@ -534,7 +539,7 @@ def _select_exact(prep: _Prepared, k: int, p: int) -> np.ndarray:
     cand = np.arange(prep.x.shape[0], dtype=np.int64)
     with _ieee_matmul(dev):
         if p == 2:
-            sq32 = _sq_norms64(prep.x32)
+            sq32 = _sq_norms64(prep.x32) if prep.cast_error else prep.sq64
             s, b = _l2_stage(prep.x32, sq32, None, cast_error=prep.cast_error)
         else:
             s, b = _l1_stage(prep.x32, None, cast_error=prep.cast_error)
@@ -543,18 +548,14 @@ def _select_exact(prep: _Prepared, k: int, p: int) -> np.ndarray:
     cand = cand[undecided]
     x64 = None
     if m > 0 and p == 2 and cand.size:
-        if prep.x64 is None:
-            x64, sq64 = prep.x32.to(torch.float64), sq32
-        else:
-            x64 = prep.x64
-            sq64 = _sq_norms64(x64)
-        s, b = _l2_stage(x64, sq64, torch.from_numpy(cand).to(dev), cast_error=False)
+        x64 = prep.as64()
+        s, b = _l2_stage(x64, prep.sq64, torch.from_numpy(cand).to(dev), cast_error=False)
         sure, undecided, m = _split(s, b, m)
         chosen.append(cand[sure])
         cand = cand[undecided]
     if m > 0 and cand.size:
         logger.debug("FPGM: %d filter(s) rescored exactly at the cut", cand.size)
-        x64 = _x64(prep) if x64 is None else x64
+        x64 = prep.as64() if x64 is None else x64
         exact = _direct_scores(x64, torch.from_numpy(cand).to(dev), p).cpu().numpy()
         chosen.append(_smallest(exact, cand, m))
     return np.unique(np.concatenate(chosen))
@@ -588,9 +589,10 @@ def fpgm_select(
     """
     fn = _resolve_dist(dist)
     dev = _device_of(device)
-    prep = _prepare(filters, dev)
-    n = prep.x.shape[0]
-    k = n_to_prune(n, sparsity, min_channels)
+    matrix = to_filter_matrix(filters)
+    n = matrix.shape[0]
+    k = n_to_prune(n, sparsity, min_channels)  # option errors before any work
+    prep = _prepare(matrix, dev)
     if k == 0:
         return np.empty(0, dtype=np.int64)
     if callable(fn):

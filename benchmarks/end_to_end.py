@@ -1,0 +1,232 @@
+"""End-to-end cost of one prune, phase by phase, against an I/O + one-inference floor.
+
+Usage: ``python benchmarks/end_to_end.py [--rounds 3] [--sparsity 0.5] [--models resnet50 densenet121]``
+
+For each model (generated into ``models/*_generated.onnx`` when missing) and each round, two
+fresh child processes run, in alternating order so a noisy neighbour hits both alike:
+
+- prune: import the stack (numpy, onnx, onnxruntime, torch, onnx_fpgm), then
+  ``onnx_fpgm.prune(path, sparsity, verify=True)`` and ``PruneResult.save`` to a temporary
+  file; the phase times are ``report.timings_s`` (load, analyse, score, rewrite, measure,
+  verify, save); ``other`` is wall time not inside a phase (building the report, ...);
+- floor: import the same third-party stack, ``onnx.load`` the model, build one onnxruntime CPU
+  session (default optimisations, thread spinning off as onnx_fpgm does) and run it once on a
+  random input, ``onnx.save`` to a temporary file.
+
+``total`` is the wall time inside the child from the first import to the end of the save
+(interpreter start-up excluded in both). ``peak RSS`` is the child's ``ru_maxrss``. Columns
+are medians over rounds; ``total/floor`` is the median of the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = {
+    "resnet50": ("ResNet-50 224", ROOT / "models" / "resnet50_generated.onnx",
+                 ROOT / "models" / "make_resnet50.py"),
+    "densenet121": ("DenseNet-121 224", ROOT / "models" / "densenet121_generated.onnx",
+                    ROOT / "models" / "make_densenet121.py"),
+    "mobilenetv2": ("MobileNetV2 224", ROOT / "models" / "mobilenetv2_generated.onnx",
+                    ROOT / "models" / "make_mobilenetv2.py"),
+}
+PHASES = ("load", "analyse", "score", "rewrite", "measure", "verify", "save")
+
+
+def ensure_model(key: str) -> Path:
+    """Path of the generated model, running its generator first when the file is missing."""
+    _, path, script = MODELS[key]
+    if not path.exists():
+        print(f"generating {path.name} ...", flush=True)
+        subprocess.run([sys.executable, str(script), str(path)], check=True)
+    return path
+
+
+def format_table(rows: list[dict[str, object]]) -> str:
+    cols = list(rows[0])
+    for row in rows[1:]:
+        cols += [c for c in row if c not in cols]
+
+    def cell(v: object) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    widths = [max(len(c), *(len(cell(r.get(c))) for r in rows)) for c in cols]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(cell(r.get(c)).rjust(w) for c, w in zip(cols, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- child processes
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def child_prune(path: Path, sparsity: float, tmpdir: str) -> dict[str, object]:
+    start = time.perf_counter()
+    import numpy  # noqa: F401
+    import onnx  # noqa: F401
+    import onnxruntime  # noqa: F401
+    import torch  # noqa: F401
+
+    import onnx_fpgm
+
+    t_import = time.perf_counter() - start
+    result = onnx_fpgm.prune(path, sparsity, verify=True)
+    result.save(os.path.join(tmpdir, "pruned.onnx"))
+    total = time.perf_counter() - start
+    timings = dict(result.report.timings_s)
+    verification = result.report.verification or {}
+    return {
+        "import": t_import, **{p: timings.get(p) for p in PHASES}, "total": total,
+        "other": total - t_import - sum(v for v in timings.values()),
+        "rss": _peak_rss_mib(),
+        "verified": "passed" if verification.get("passed") else "FAILED",
+        "params": [result.report.before.params, result.report.after.params],
+        "macs": [result.report.before.macs, result.report.after.macs],
+    }
+
+
+def child_floor(path: Path, tmpdir: str) -> dict[str, object]:
+    start = time.perf_counter()
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch  # noqa: F401
+
+    t_import = time.perf_counter() - start
+    t0 = time.perf_counter()
+    model = onnx.load(str(path))
+    t_load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for inp in session.get_inputs():
+        shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+        feeds[inp.name] = rng.standard_normal(shape).astype(np.float32)
+    session.run(None, feeds)
+    t_ort = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    onnx.save(model, os.path.join(tmpdir, "floor.onnx"))
+    t_save = time.perf_counter() - t0
+    total = time.perf_counter() - start
+    return {"import": t_import, "load": t_load, "ort 1 run": t_ort, "save": t_save,
+            "total": total, "rss": _peak_rss_mib()}
+
+
+def run_child(kind: str, path: Path, sparsity: float) -> dict[str, object]:
+    cmd = [sys.executable, __file__, "--child", kind, "--model-path", str(path),
+           "--sparsity", str(sparsity)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} child failed (rc {proc.returncode}) on {path.name}:\n"
+                           f"{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def model_stats(path: Path) -> tuple[int, int]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    nodes = model.graph.node
+    return len(nodes), sum(n.op_type == "Conv" for n in nodes)
+
+
+def bench_model(key: str, rounds: int, sparsity: float) -> tuple[list[dict], dict]:
+    label = MODELS[key][0]
+    path = ensure_model(key)
+    n_nodes, n_conv = model_stats(path)
+    prunes: list[dict] = []
+    floors: list[dict] = []
+    for i in range(rounds):
+        order = ("floor", "prune") if i % 2 == 0 else ("prune", "floor")
+        for kind in order:
+            out = run_child(kind, path, sparsity)
+            (floors if kind == "floor" else prunes).append(out)
+    ratios = [p["total"] / f["total"] for p, f in zip(prunes, floors)]
+
+    def med(runs: list[dict], key: str) -> float | None:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    prune_row = {"model": label, "run": "prune", "nodes": n_nodes, "convs": n_conv,
+                 **{k: med(prunes, k) for k in ("import", *PHASES[:-1])}, "ort 1 run": None,
+                 **{k: med(prunes, k) for k in ("save", "other", "total")},
+                 "peak RSS MiB": round(med(prunes, "rss") or 0.0), "total/floor": statistics.median(ratios)}
+    floor_row = {"model": label, "run": "floor", "nodes": n_nodes, "convs": n_conv,
+                 "import": med(floors, "import"), "load": med(floors, "load"),
+                 **dict.fromkeys(PHASES[1:-1]), "ort 1 run": med(floors, "ort 1 run"),
+                 "save": med(floors, "save"), "other": None, "total": med(floors, "total"),
+                 "peak RSS MiB": round(med(floors, "rss") or 0.0), "total/floor": 1.0}
+    p = prunes[0]
+    extra = {
+        "model": label, "verified": ",".join(sorted({r["verified"] for r in prunes})),
+        "params": f"{p['params'][0]:,} -> {p['params'][1]:,}",
+        "MACs": f"{p['macs'][0]:,} -> {p['macs'][1]:,}",
+        "total/floor per round": " ".join(f"{r:.2f}" for r in ratios),
+    }
+    return [prune_row, floor_row], extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--models", nargs="+", choices=list(MODELS),
+                        default=["resnet50", "densenet121"])
+    parser.add_argument("--child", choices=["prune", "floor"], help=argparse.SUPPRESS)
+    parser.add_argument("--model-path", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="e2e-") as tmpdir:
+            if args.child == "prune":
+                out = child_prune(args.model_path, args.sparsity, tmpdir)
+            else:
+                out = child_floor(args.model_path, tmpdir)
+        print(json.dumps(out))
+        return 0
+
+    started = time.perf_counter()
+    print(f"end-to-end prune (sparsity {args.sparsity}, verify on) vs floor; "
+          f"cpus {os.cpu_count()}, load avg {os.getloadavg()[0]:.2f}, rounds {args.rounds} "
+          f"(medians; times in s)", flush=True)
+    rows: list[dict] = []
+    extras: list[dict] = []
+    for key in args.models:
+        model_rows, extra = bench_model(key, args.rounds, args.sparsity)
+        rows += model_rows
+        extras.append(extra)
+    print()
+    print(format_table(rows))
+    print()
+    print(format_table(extras))
+    print(f"\nload avg after: {os.getloadavg()[0]:.2f}; wall {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
