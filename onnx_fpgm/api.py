@@ -89,8 +89,8 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
         original, external = io.load_model(model)
         opset = io.default_opset(original)
     with _timed(report, "analyse"):
-        inferred = io.infer_shapes(original)
-        graph = io.import_graph(inferred)
+        shapes = io.infer_shapes(io.light_copy(original))
+        graph = io.import_graph(original, shapes)
         fold_constant_shapes(graph)
         analysis = build_analysis(graph, opset)
     if config.strict:
@@ -103,21 +103,21 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
         notes = apply_plan(graph, analysis, plan, opset)
         metadata = {f"onnx_fpgm.{k}": v for k, v in config.to_metadata().items()}
         pruned = io.export_graph(graph, original, metadata if plan.n_removed else None)
-        io.check_pruned(pruned, io.passes_full_check(original))
+        io.check_pruned(pruned, original)
     report.notes.extend(notes)
     _fill_decisions(report, analysis, plan)
-    shapes = dict(config.input_shapes)
+    input_shapes = dict(config.input_shapes)
     with _timed(report, "measure"):
-        report.before = ModelSize(count_params(original), count_macs(original, shapes),
-                                  original.ByteSize())
-        report.after = ModelSize(count_params(pruned), count_macs(pruned, shapes),
-                                 pruned.ByteSize())
+        report.before = ModelSize(count_params(original), count_macs(original, input_shapes),
+                                  io.weight_bytes(original))
+        report.after = ModelSize(count_params(pruned), count_macs(pruned, input_shapes),
+                                 io.weight_bytes(pruned))
     if config.verify:
         with _timed(report, "verify"):
             advance = progress("verifying", 1) if progress else None
-            result = _verify(inferred, pruned, analysis=analysis,
+            result = _verify(original, pruned, analysis=analysis,
                              removed_classes=plan.removed_classes, opset=opset,
-                             seed=config.seed, input_shapes=shapes)
+                             seed=config.seed, input_shapes=input_shapes)
             if advance:
                 advance(1)
         report.verification = _verification_dict(result)

@@ -59,7 +59,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
     if not len(model.opset_import):
         raise ModelLoadError(f"{where}: model declares no opset")
     try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
+        if not too_large(model):
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as err:
         raise ModelLoadError(f"{where}: fails onnx.checker: {_first_line(err)}") from err
@@ -71,6 +71,73 @@ def default_opset(model: onnx.ModelProto) -> int:
         if entry.domain in ("", "ai.onnx"):
             return int(entry.version)
     raise ModelLoadError("model imports no default-domain opset")
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of stored tensors (initializers, Constant values): cheap, unlike ``ByteSize()``."""
+    total = 0
+    for tensor in _stored_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        if tensor.raw_data:
+            total += len(tensor.raw_data)
+        else:
+            numel = 1
+            for d in tensor.dims:
+                numel *= d
+            total += numel * 8
+    return total
+
+
+def too_large(model: onnx.ModelProto) -> bool:
+    """True when the model may not fit one protobuf message (2 GiB) once serialised."""
+    return weight_bytes(model) + (1 << 24) >= PROTOBUF_LIMIT
+
+
+def _stored_tensors(model: onnx.ModelProto):
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+
+
+def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without float weight data (shapes and small int constants kept).
+
+    Shape inference needs weight shapes, not values; copying and serialising a light model
+    instead of the full one saves a copy of the weights.
+    """
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph = light.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    for init in model.graph.initializer:
+        if init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) or \
+                _numel(init) <= 64:
+            graph.initializer.append(init)
+        else:
+            stub = graph.initializer.add()
+            stub.name = init.name
+            stub.data_type = init.data_type
+            stub.dims.extend(init.dims)
+            stub.data_location = onnx.TensorProto.EXTERNAL  # no data; inference reads dims only
+            entry = stub.external_data.add()
+            entry.key, entry.value = "location", "__stripped__"
+    return light
+
+
+def _numel(tensor: onnx.TensorProto) -> int:
+    numel = 1
+    for d in tensor.dims:
+        numel *= d
+    return numel
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -85,7 +152,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
         inferred = model
-    if not _has_unknown_dims(inferred) or model.ByteSize() >= PROTOBUF_LIMIT:
+    if not _has_unknown_dims(inferred) or too_large(model):
         return inferred
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
@@ -99,7 +166,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _unknown_count(model: onnx.ModelProto) -> int:
-    known = {v.name for v in model.graph.value_info}
+    known = {v.name for v in (*model.graph.value_info, *model.graph.output, *model.graph.input)}
     missing = sum(1 for n in model.graph.node for o in n.output if o and o not in known)
     return missing + sum(
         1 for v in model.graph.value_info for d in v.type.tensor_type.shape.dim
@@ -111,8 +178,26 @@ def _has_unknown_dims(model: onnx.ModelProto) -> bool:
     return _unknown_count(model) > 0
 
 
-def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(model)
+def import_graph(model: onnx.ModelProto, shapes: onnx.ModelProto | None = None) -> gs.Graph:
+    """graph-surgeon graph of ``model``; tensor shapes/dtypes taken from ``shapes``' value_info.
+
+    Passing the light inferred model keeps one copy of the weights in memory.
+    """
+    graph = gs.import_onnx(model)
+    if shapes is None:
+        return graph
+    infos = {v.name: v for v in shapes.graph.value_info}
+    for name, tensor in graph.tensors().items():
+        info = infos.get(name)
+        if info is None or not isinstance(tensor, gs.Variable) or tensor.shape is not None:
+            continue
+        ttype = info.type.tensor_type
+        if ttype.elem_type:
+            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+        if ttype.HasField("shape"):
+            tensor.shape = [d.dim_value if d.HasField("dim_value") else
+                            (d.dim_param or None) for d in ttype.shape.dim]
+    return graph
 
 
 def export_graph(graph: gs.Graph, like: onnx.ModelProto,
@@ -136,26 +221,38 @@ def export_graph(graph: gs.Graph, like: onnx.ModelProto,
     for key, value in (metadata or {}).items():
         onnx.helper.set_model_props(model, {**_props(model), key: value})
     del model.graph.value_info[:]
-    try:
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    try:  # on a light copy: the weights are neither copied nor serialised again
+        inferred = onnx.shape_inference.infer_shapes(light_copy(model), data_prop=True)
     except Exception as err:
         raise RewriteError(f"shape inference failed on the pruned model: {_first_line(err)}") \
             from err
+    model.graph.value_info.extend(inferred.graph.value_info)
     return model
 
 
-def check_pruned(model: onnx.ModelProto, original_full_check_ok: bool) -> None:
-    """The pruned model must pass the checker (full, when the original did)."""
-    if model.ByteSize() >= PROTOBUF_LIMIT:
+def check_pruned(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """The pruned model must pass the checker: the full check, unless the original fails it too.
+
+    The original is full-checked only when the pruned model fails (it costs a serialisation).
+    """
+    if too_large(model):
         return
     try:
-        onnx.checker.check_model(model, full_check=original_full_check_ok)
+        onnx.checker.check_model(model, full_check=True)
+        return
+    except Exception as err:
+        full_error = err
+    if passes_full_check(original):
+        raise RewriteError(f"pruned model fails onnx.checker: {_first_line(full_error)}") \
+            from full_error
+    try:
+        onnx.checker.check_model(model)
     except Exception as err:
         raise RewriteError(f"pruned model fails onnx.checker: {_first_line(err)}") from err
 
 
 def passes_full_check(model: onnx.ModelProto) -> bool:
-    if model.ByteSize() >= PROTOBUF_LIMIT:
+    if too_large(model):
         return False
     try:
         onnx.checker.check_model(model, full_check=True)
@@ -177,7 +274,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
         raise OutputError(f"{directory}: output directory does not exist")
     if path.is_dir():
         raise OutputError(f"{path}: is a directory")
-    external_data = external_data or model.ByteSize() >= PROTOBUF_LIMIT
+    external_data = external_data or too_large(model)
     try:
         tmpdir = tempfile.mkdtemp(prefix=".onnx-fpgm-", dir=directory)
     except OSError as err:

@@ -159,8 +159,8 @@ def _consumer_axis(node: gs.Node, analysis: Analysis):
     if node.op == "Gemm" and not int(node.attrs.get("transA", 0)):
         return cmap, 1 if int(node.attrs.get("transB", 0)) else 0
     if node.op == "MatMul":
-        shape = node.inputs[0].shape
-        if shape is not None and cmap.axis == len(shape) - 1:
+        rank = analysis.ranks.get(node.inputs[0].name)
+        if rank is not None and cmap.axis == rank - 1:
             return cmap, 0
     return None
 

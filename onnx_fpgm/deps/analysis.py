@@ -119,6 +119,7 @@ class Analysis:
     class_blocked: list[str | None]
     groups: list[Group]
     blocked_tensors: list[tuple[str, str]] = field(default_factory=list)
+    ranks: dict[str, int] = field(default_factory=dict)  # rank of each mapped tensor, if known
 
     @property
     def n_atoms(self) -> int:
@@ -313,7 +314,17 @@ class AnalysisContext:
             class_blocked=class_blocked,
             groups=groups,
             blocked_tensors=self.blocked_tensors,
+            ranks=self._ranks(),
         )
+
+    def _ranks(self) -> dict[str, int]:
+        tensors = self.graph.tensors()
+        ranks = {}
+        for name in self.maps:
+            shape = tensors[name].shape if name in tensors else None
+            if shape is not None:
+                ranks[name] = len(shape)
+        return ranks
 
     def _build_groups(
         self, class_of_atom: np.ndarray, n_classes: int, class_blocked: list[str | None]

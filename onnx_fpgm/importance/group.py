@@ -25,19 +25,26 @@ def group_filters(analysis: Analysis, group: Group) -> np.ndarray:
         member = analysis.members[member_id]
         rows_pos = position[analysis.class_of_atom[member.atoms]]
         inside = rows_pos >= 0
-        rows = member.rows[inside] * member.scale[inside, None]
+        rows = member.rows if inside.all() else member.rows[inside]
+        scale = member.scale if inside.all() else member.scale[inside]
+        if not np.all(scale == 1.0):
+            rows = rows * scale[:, None].astype(rows.dtype if rows.dtype.kind == "f" else
+                                                np.float64)
         blocks.append((rows_pos[inside], rows))
     multi = len(blocks) > 1
+    if not multi and np.array_equal(blocks[0][0], np.arange(group.n_channels)):
+        rows = blocks[0][1]  # one producer, channels in order: its filters as they are
+        return rows if rows.dtype.kind == "f" else rows.astype(np.float64)
     width = sum(rows.shape[1] for _, rows in blocks)
     single_dtype = blocks[0][1].dtype
-    dtype = np.float64 if multi or single_dtype == np.float64 else np.float32
+    dtype = np.float64 if any(rows.dtype == np.float64 for _, rows in blocks) else np.float32
     joint = np.zeros((group.n_channels, width), dtype=dtype)
     offset = 0
     for pos, rows in blocks:
         rows = rows.astype(dtype, copy=False)
         if multi:
-            norm = np.linalg.norm(rows)
-            rows = rows / norm if norm > 0 else rows
+            norm = float(np.linalg.norm(rows.astype(np.float64, copy=False)))
+            rows = rows / rows.dtype.type(norm) if norm > 0 else rows
         columns = slice(offset, offset + rows.shape[1])
         if len(np.unique(pos)) == len(pos):
             joint[pos, columns] += rows
