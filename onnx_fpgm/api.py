@@ -17,7 +17,7 @@ from .config import PruneConfig
 from .deps import handlers  # noqa: F401  (registers every op handler)
 from .deps.analysis import Analysis, build_analysis
 from .deps.constants import fold_constant_shapes
-from .errors import UnsupportedOpError, VerificationError
+from .errors import ConfigError, UnsupportedOpError, VerificationError
 from .plan import PrunePlan, plan_pruning
 from .report import GroupReport, LayerReport, Report
 from .rewrite import apply_plan
@@ -123,6 +123,9 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
         report.verification = _verification_dict(result)
         if not result:
             raise VerificationError(f"verification failed: {result.summary()}")
+    if config.calibration or config.compensate != "none":
+        with _timed(report, "compensate"):
+            pruned = _compensate_and_measure(original, pruned, analysis, plan, config, report)
     if not plan.n_removed:
         report.notes.append("nothing was pruned: no prunable group lost a channel "
                             "(see the frozen reasons)")
@@ -151,15 +154,65 @@ def benchmark(original: onnx.ModelProto | str, pruned: onnx.ModelProto | str, *,
                       input_shapes=input_shapes)
 
 
+def _compensate_and_measure(original, pruned, analysis, plan, config, report) -> onnx.ModelProto:
+    """Apply --compensate (choosing the best for ``auto``) and report fidelity on real data."""
+    from .calibration import fidelity, load_calibration
+    from .compensate import compensate, find_consumers
+    from .validate import smoke_check
+
+    calibration = load_calibration(config.calibration, original) if config.calibration else None
+    if config.compensate == "auto" and calibration is None:
+        raise ConfigError("--compensate auto needs --calibration data to choose")
+    consumers = find_consumers(original, analysis, analysis.removed_atoms(plan.removed_classes))
+    modes = ("none", "bias", "lstsq") if config.compensate == "auto" else (config.compensate,)
+    candidates = []
+    for mode in modes:
+        model, notes = compensate(original, pruned, consumers, mode, calibration)
+        scores = fidelity(original, model, original, calibration) if calibration else None
+        candidates.append((mode, model, notes, scores))
+
+    def quality(candidate) -> tuple:
+        scores = candidate[3] or []
+        accuracy = sum(f.accuracy_pruned or 0.0 for f in scores)
+        return (accuracy, -sum(f.relative_error for f in scores))
+
+    mode, model, notes, scores = max(candidates, key=quality)
+    report.notes.extend(notes)
+    report.compensation = mode
+    if config.compensate == "auto":
+        report.notes.append("compensate auto: " + ", ".join(
+            f"{m}: " + "; ".join(f.summary() for f in (sc or [])) for m, _, _, sc in candidates)
+            + f" -> chose {mode}")
+    if scores:
+        report.fidelity = [f.summary() for f in scores]
+        report.fidelity_data = [dict(vars(f)) for f in scores]
+    if mode != "none":
+        problem = smoke_check(original, model, seed=config.seed,
+                              input_shapes=dict(config.input_shapes))
+        if problem:
+            raise VerificationError(f"compensated model fails: {problem}")
+        report.after = ModelSize(count_params(model),
+                                 count_macs(model, dict(config.input_shapes)),
+                                 io.weight_bytes(model))
+    return model
+
+
 def _scorer(config: PruneConfig):
-    """FPGM selection of exactly ``n_prune`` channels of a group (exact float64 tie-breaking)."""
+    """Selection of exactly ``n_prune`` channels of a group by the configured criterion."""
     from .importance.fpgm import fpgm_select, resolve_device
     from .importance.group import group_filters
+    from .importance.norms import l1_scores, l2_scores
 
     device = resolve_device(config.device)
 
     def select(analysis: Analysis, group, n_prune: int) -> np.ndarray:
+        if config.criterion == "random":
+            rng = np.random.default_rng([config.seed, group.id])
+            return np.sort(rng.choice(group.n_channels, n_prune, replace=False))
         filters = group_filters(analysis, group)
+        if config.criterion in ("l1", "l2"):
+            norms = (l1_scores if config.criterion == "l1" else l2_scores)(filters).numpy()
+            return np.sort(np.lexsort((np.arange(len(norms)), norms))[:n_prune])
         # round((k / n) * n) == k for every k <= n, so the core prunes exactly k filters.
         return fpgm_select(filters, n_prune / len(filters), dist=config.dist, device=device,
                            min_channels=1)

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import PruneConfig, check_sparsity
+from .config import COMPENSATIONS, CRITERIA, PruneConfig, check_sparsity
 from .errors import ConfigError, OnnxFpgmError, OutputError
 
 EXIT_INTERNAL = 3
@@ -83,7 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the channel groups and blocked tensors; write no model")
     parser.add_argument("--strict", action="store_true",
                         help="fail when an unsupported op blocks a group")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the verification inputs and of --criterion random")
+    parser.add_argument("--criterion", choices=CRITERIA, default="fpgm",
+                        help="channel ranking: fpgm (default), l1/l2 filter norm, random")
+    parser.add_argument("--calibration", metavar="DATA.npz",
+                        help="real inputs (arrays named like the graph inputs, batch first; "
+                             "optional 'labels'): fidelity/accuracy report and compensation")
+    parser.add_argument("--compensate", choices=COMPENSATIONS, default="none",
+                        help="recover removed channels in their consumers: bias, lstsq "
+                             "(needs --calibration), or auto (best on the calibration data)")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
     return parser
 
@@ -155,7 +164,8 @@ def _run(args) -> int:
         sparsity=args.sparsity, dist=args.dist, device=args.device, exclude=tuple(args.exclude),
         layer_sparsity=tuple(args.layer_sparsity), min_channels=args.min_channels,
         round_to=args.round_to, verify=not args.no_verify and not args.dry_run,
-        strict=args.strict, input_shapes=tuple(args.input_shape), seed=args.seed)
+        strict=args.strict, input_shapes=tuple(args.input_shape), seed=args.seed,
+        criterion=args.criterion, calibration=args.calibration, compensate=args.compensate)
     console = Console(quiet=args.quiet)
     err_console = Console(stderr=True, quiet=args.quiet)
     with _Progress(err_console) as progress:

@@ -11,6 +11,10 @@ from .errors import ConfigError
 
 DistSpec = Union[int, Callable]
 Device = Literal["auto", "cpu", "cuda"]
+Criterion = Literal["fpgm", "l1", "l2", "random"]
+Compensation = Literal["none", "bias", "lstsq", "auto"]
+CRITERIA = ("fpgm", "l1", "l2", "random")
+COMPENSATIONS = ("none", "bias", "lstsq", "auto")
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,10 @@ class PruneConfig:
         verify: run the onnxruntime oracle on the result.
         strict: raise UnsupportedOpError instead of leaving groups behind unknown ops unpruned.
         input_shapes: concrete shapes for graph inputs with symbolic dims (verification, MACs).
-        seed: seed of the random verification inputs.
+        seed: seed of the random verification inputs (and of the ``random`` criterion).
+        criterion: how channels are ranked: FPGM (default), filter L1/L2 norm, or random.
+        calibration: path of an npz with real inputs (fidelity report, compensation).
+        compensate: recover the removed channels' contribution in the consumers.
     """
 
     sparsity: float = 0.5
@@ -43,6 +50,9 @@ class PruneConfig:
     strict: bool = False
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     seed: int = 0
+    criterion: Criterion = "fpgm"
+    calibration: str | None = None
+    compensate: Compensation = "none"
     _compiled: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -57,6 +67,12 @@ class PruneConfig:
             raise ConfigError(f"min_channels must be an integer >= 1, got {self.min_channels!r}")
         if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
             raise ConfigError(f"round_to must be an integer >= 1, got {self.round_to!r}")
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"criterion must be one of {', '.join(CRITERIA)}, "
+                              f"got {self.criterion!r}")
+        if self.compensate not in COMPENSATIONS:
+            raise ConfigError(f"compensate must be one of {', '.join(COMPENSATIONS)}, "
+                              f"got {self.compensate!r}")
         compiled_exclude = tuple(_compile(p) for p in self.exclude)
         compiled_layers = tuple((_compile(p), s) for p, s in self.layer_sparsity)
         object.__setattr__(self, "_compiled", (compiled_exclude, compiled_layers))
@@ -85,6 +101,8 @@ class PruneConfig:
             "layer_sparsity": ",".join(f"{p}={s}" for p, s in self.layer_sparsity),
             "min_channels": str(self.min_channels),
             "round_to": str(self.round_to or ""),
+            "criterion": self.criterion,
+            "compensate": self.compensate,
         }
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 import onnx_graphsurgeon as gs
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from .errors import ModelLoadError, OutputError, RewriteError
 
@@ -34,6 +34,11 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
         model = source
         where = "the given model"
         external = has_external_data(model)
+        if external:  # its data would be read relative to the current directory, if at all
+            name = next(t.name for t in model.graph.initializer
+                        if t.data_location == onnx.TensorProto.EXTERNAL)
+            raise ModelLoadError(f"{where}: initializer {name} is external data that is not "
+                                 "loaded; pass the model's path, or onnx.load() it with its data")
     else:
         path = Path(source)
         where = str(path)
@@ -265,6 +270,10 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
                external_data: bool = False) -> None:
     """Write atomically: a temporary file in OUT's directory, then rename.
 
+    With ``external_data`` (or when the model is too large for one protobuf message),
+    initializers of ``EXTERNAL_THRESHOLD`` bytes or more go to ``OUT.data`` next to OUT (see
+    ``_write_external``; ``model`` itself is not modified).
+
     Raises:
         OutputError: the directory is missing or unwritable, or the disk is full.
     """
@@ -284,11 +293,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
         tmp_model = Path(tmpdir) / path.name
         data_name = path.name + ".data"
         if external_data:
-            onnx.save_model(model, str(tmp_model), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name,
-                            size_threshold=1024)
-            if (Path(tmpdir) / data_name).exists():  # none when every tensor is < 1 KiB
-                os.replace(Path(tmpdir) / data_name, directory / data_name)
+            tmp_data = Path(tmpdir) / data_name
+            if _write_external(model, tmp_model, tmp_data, data_name):
+                os.replace(tmp_data, directory / data_name)
                 moved_data = directory / data_name
         else:
             with open(tmp_model, "wb") as handle:
@@ -306,6 +313,83 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
             for leftover in Path(tmpdir).iterdir():
                 leftover.unlink()
             os.rmdir(tmpdir)
+
+
+def _write_external(model: onnx.ModelProto, model_file: Path, data_file: Path,
+                    location: str) -> bool:
+    """Write ``model`` as ``model_file`` plus its large initializers in ``data_file``.
+
+    ``onnx.save_model(save_as_external_data=True)`` is not used: it converts the caller's
+    tensors in place (afterwards they point at the file and hold no data, so the in-memory
+    model no longer runs and a second save references the first file), and it refuses when a
+    file named ``location`` exists in the *current* directory. Here a shell model is written
+    instead (every field copied, except that initializers of ``EXTERNAL_THRESHOLD`` bytes or
+    more become references into ``data_file``); ``model`` is never modified and the weights are
+    streamed one tensor at a time. Returns whether any tensor went to ``data_file`` (none when
+    every tensor is small; the caller then writes no data file).
+    """
+    shell = onnx.ModelProto()
+    _copy_fields(model, shell, skip={"graph"})
+    _copy_fields(model.graph, shell.graph, skip={"initializer"})
+    wrote = False
+    with open(data_file, "wb") as data:
+        for tensor in model.graph.initializer:
+            stub = shell.graph.initializer.add()
+            raw = _raw_bytes(tensor)
+            if raw is None or len(raw) < EXTERNAL_THRESHOLD:
+                stub.CopyFrom(tensor)
+                continue
+            offset = data.tell()
+            if len(raw) >= _ALIGN and offset % _ALIGN:  # aligned data can be memory-mapped
+                data.write(b"\0" * (_ALIGN - offset % _ALIGN))
+                offset = data.tell()
+            data.write(raw)
+            _copy_fields(tensor, stub, skip=_TENSOR_DATA_FIELDS)
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", offset),
+                               ("length", len(raw))):
+                entry = stub.external_data.add()
+                entry.key, entry.value = key, str(value)
+            wrote = True
+        data.flush()
+        os.fsync(data.fileno())
+    with open(model_file, "wb") as handle:
+        handle.write(shell.SerializeToString())
+        handle.flush()
+        os.fsync(handle.fileno())
+    return wrote
+
+
+#: Initializers of at least this many bytes go to ``OUT.data`` (onnx's default threshold).
+EXTERNAL_THRESHOLD = 1024
+_ALIGN = 4096
+_TENSOR_DATA_FIELDS = frozenset({
+    "raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
+    "uint64_data", "external_data", "data_location"})
+
+
+def _raw_bytes(tensor: onnx.TensorProto) -> bytes | None:
+    """The tensor's little-endian data, or None when it cannot be stored externally."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or \
+            tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    return onnx.numpy_helper.to_array(tensor).tobytes()
+
+
+def _copy_fields(source, target, skip: set[str] | frozenset[str]) -> None:
+    """Copy every set field of protobuf message ``source`` into ``target``, except ``skip``."""
+    for descriptor, value in source.ListFields():
+        if descriptor.name in skip:
+            continue
+        current = getattr(target, descriptor.name)
+        if hasattr(current, "extend"):  # repeated field
+            current.extend(value)
+        elif isinstance(current, Message):
+            current.CopyFrom(value)
+        else:
+            setattr(target, descriptor.name, value)
 
 
 def has_external_data(model: onnx.ModelProto) -> bool:

@@ -48,6 +48,9 @@ class Report:
     settings: dict[str, str] = field(default_factory=dict)
     prunable_channels: int = 0
     total_channels: int = 0
+    compensation: str = "none"
+    fidelity: list[str] = field(default_factory=list)
+    fidelity_data: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def coverage(self) -> float:
@@ -117,6 +120,10 @@ def render(report: Report, console, dry_run: bool = False) -> None:
     if report.verification is not None:
         v = report.verification
         console.print(f"verify: {'passed' if v['passed'] else 'FAILED'} - {v['summary']}")
+    if report.compensation != "none":
+        console.print(f"compensation: {report.compensation}")
+    for line in report.fidelity:
+        console.print(f"fidelity on calibration data: {line}")
     if report.latency is not None:
         lat = report.latency
         console.print(

@@ -8,18 +8,37 @@ optimisations disabled, so onnxruntime fusions cannot hide a bug.
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from . import io
 from .deps.analysis import Analysis
 from .deps.constants import ConstantFolder
 from .errors import ConfigError, VerificationError
 
-#: fp32 oracle tolerance: max |pruned - masked| relative to max |masked| per output.
+#: Oracle tolerance of a float32/float64 output: max |pruned - masked| / max |masked|.
 RTOL = 1e-4
+#: Oracle tolerance of a float16/bfloat16 output. Their 11/8-bit significands round every
+#: intermediate result, and the pruned model sums fewer (but the same non-zero) terms in another
+#: order, so the two models legitimately differ by a few units in the last place per op; 1e-2
+#: relative still catches a wrong or misplaced channel, which changes outputs by O(1).
+RTOL_HALF = 1e-2
+
+
+def tolerance_for(dtype: np.dtype) -> float:
+    """The oracle tolerance of an output of ``dtype`` (``RTOL`` or ``RTOL_HALF``)."""
+    return RTOL_HALF if np.dtype(dtype).itemsize <= 2 else RTOL
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    """numpy floats plus ml_dtypes' (bfloat16, float8...), which numpy files under void."""
+    dtype = np.dtype(dtype)
+    return dtype.kind == "f" or dtype.name.startswith(("bfloat", "float"))
 
 
 @dataclass
@@ -31,9 +50,10 @@ class OutputCompare:
     max_rel_error: float
     finite: bool
     shape_ok: bool
+    tolerance: float = RTOL
 
     def __bool__(self) -> bool:
-        return self.finite and self.shape_ok and self.max_rel_error <= RTOL
+        return self.finite and self.shape_ok and self.max_rel_error <= self.tolerance
 
 
 @dataclass
@@ -43,6 +63,7 @@ class CompareResult:
     outputs: list[OutputCompare] = field(default_factory=list)
     interface_ok: bool = True
     problem: str | None = None
+    reference_failed: bool = False  # onnxruntime could not run the reference model
 
     def __bool__(self) -> bool:
         return self.interface_ok and self.problem is None and all(self.outputs)
@@ -58,13 +79,18 @@ class CompareResult:
         if not bad:
             return f"matches the masked original (max relative error {self.max_rel_error:.2e})"
         o = bad[0]
-        return (f"output {o.name}: relative error {o.max_rel_error:.2e} (limit {RTOL:.0e}), "
+        return (f"output {o.name}: relative error {o.max_rel_error:.2e} "
+                f"(limit {o.tolerance:.0e}), "
                 f"finite={o.finite}, shape ok={o.shape_ok}")
 
 
 def make_session(model: onnx.ModelProto | bytes, *, optimize: bool = False,
                  provider: str = "CPUExecutionProvider", threads: int = 0):
-    """An onnxruntime session on bytes (no temp file); spinning off so sessions coexist."""
+    """An onnxruntime session on bytes; spinning off so sessions coexist.
+
+    A model too large for one protobuf message (``io.too_large``) cannot become bytes: it is
+    written to a temporary directory with external data and the session reads that path.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -74,6 +100,11 @@ def make_session(model: onnx.ModelProto | bytes, *, optimize: bool = False,
     if threads:
         options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if isinstance(model, onnx.ModelProto) and io.too_large(model):
+        with tempfile.TemporaryDirectory(prefix="onnx-fpgm-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            io.save_model(model, path, external_data=True)
+            return ort.InferenceSession(str(path), options, providers=[provider])
     data = model if isinstance(model, bytes) else model.SerializeToString()
     return ort.InferenceSession(data, options, providers=[provider])
 
@@ -104,11 +135,16 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0,
             dims = ttype.shape.dim
             unknown = [i for i, d in enumerate(dims) if not d.HasField("dim_value")]
             if any(i > 0 for i in unknown):
-                raise ConfigError(f"input {value.name} has symbolic dims "
-                                  f"{[dims[i].dim_param or '?' for i in unknown]}; give "
-                                  f"--input-shape {value.name}=" + ",".join(["N"] * len(dims)))
+                names = [dims[i].dim_param or "?" for i in unknown]
+                example = ",".join(str(d.dim_value) if d.HasField("dim_value") else
+                                   "1" if i == 0 else d.dim_param or "?"
+                                   for i, d in enumerate(dims))
+                raise ConfigError(f"input {value.name} has symbolic dims {names}: verification "
+                                  f"needs concrete sizes; give --input-shape "
+                                  f"{value.name}={example} with numbers for {', '.join(names)} "
+                                  f"(input_shapes= in Python)")
             shape = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in dims)
-        if np.issubdtype(dtype, np.floating):
+        if _is_float(dtype):
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype == np.bool_:
             feeds[value.name] = rng.integers(0, 2, shape).astype(bool)
@@ -175,9 +211,14 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto,
         return result
     try:
         expected = make_session(original).run(None, feeds)
+    except Exception as err:
+        result.problem = f"onnxruntime cannot run the reference model: {_first_line(err)}"
+        result.reference_failed = True
+        return result
+    try:
         got = make_session(pruned).run(None, feeds)
     except Exception as err:
-        result.problem = f"onnxruntime failed to run a model: {str(err).splitlines()[0]}"
+        result.problem = f"onnxruntime failed to run the pruned model: {_first_line(err)}"
         return result
     names = [o.name for o in original.graph.output]
     for name, want, have in zip(names, expected, got):
@@ -187,7 +228,9 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto,
         if not shape_ok:
             result.outputs.append(OutputCompare(name, np.inf, np.inf, True, False))
             continue
-        if np.issubdtype(want.dtype, np.floating):
+        tolerance = RTOL
+        if _is_float(want.dtype):
+            tolerance = tolerance_for(want.dtype)
             w64, h64 = want.astype(np.float64), have.astype(np.float64)
             finite = bool(np.isfinite(h64).all() or not np.isfinite(w64).all())
             diff = np.abs(w64 - h64)
@@ -198,8 +241,13 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto,
             finite = True
             max_abs = float(np.count_nonzero(want != have))
             rel = 0.0 if max_abs == 0 else np.inf
-        result.outputs.append(OutputCompare(name, max_abs, rel, finite, shape_ok))
+        result.outputs.append(OutputCompare(name, max_abs, rel, finite, shape_ok, tolerance))
     return result
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
 
 
 def _interface(model: onnx.ModelProto):
@@ -217,12 +265,57 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, *, analysis: Anal
 
     Without ``analysis``, the pruned model is compared with ``original`` directly, which is the
     right check for a model whose channels were removed by zero-weight slices elsewhere.
+
+    Raises:
+        ConfigError: onnxruntime (CPU) cannot run ``original`` itself (a dtype or opset it has
+            no kernel for), so nothing can be verified: the caller should skip verification.
+        VerificationError: with ``raise_on_failure``, when the check fails.
     """
     reference = original
     if analysis is not None and removed_classes is not None and len(removed_classes):
         reference = masked_original(original, analysis, removed_classes, opset or 13)
     feeds = random_inputs(original, seed, input_shapes)
     result = compare(reference, pruned, feeds)
+    if result.reference_failed:
+        _check_runnable(original, reference, feeds, result.problem)
     if raise_on_failure and not result:
         raise VerificationError(f"verification failed: {result.summary()}")
     return result
+
+
+def smoke_check(original: onnx.ModelProto, model: onnx.ModelProto, *, seed: int = 0,
+                input_shapes: dict[str, tuple[int, ...]] | None = None) -> str | None:
+    """Same interface, runs, finite outputs (for compensated models, which are not exact)."""
+    if _interface(original) != _interface(model):
+        return "graph inputs/outputs differ from the original"
+    try:
+        outputs = make_session(model).run(None, random_inputs(original, seed, input_shapes))
+    except Exception as err:
+        return f"onnxruntime failed to run it: {str(err).splitlines()[0]}"
+    for value in outputs:
+        value = np.asarray(value)
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            return "non-finite outputs"
+    return None
+
+
+def _check_runnable(original: onnx.ModelProto, reference: onnx.ModelProto,
+                    feeds: dict[str, np.ndarray], problem: str | None) -> None:
+    """Raise ConfigError when onnxruntime cannot run the input model at all.
+
+    A masked reference that fails while the original runs is a verification failure (left to
+    the caller); an original that onnxruntime refuses is a limit of the verifier, not of the
+    pruning, and gets its own message.
+    """
+    if reference is not original:
+        try:
+            make_session(original).run(None, feeds)
+        except Exception as err:
+            problem = _first_line(err)
+        else:
+            return
+    else:
+        problem = (problem or "").removeprefix("onnxruntime cannot run the reference model: ")
+    raise ConfigError(f"cannot verify: onnxruntime (CPU) cannot run the input model ({problem}); "
+                      "prune without verification (--no-verify, verify=False) or convert the "
+                      "model to a dtype and opset onnxruntime runs")

@@ -65,6 +65,8 @@ _CUDA_BLOCK_ELEMS = 1 << 27
 _SAFETY = 1.25
 # Depth of each float32 GEMM in the Gram accumulation (see _k_chunks).
 _K_CHUNK = 256
+# Below this many multiply-adds (N * N * D) the float64 Gram pass runs alone.
+_SMALL_MACS = 1 << 23
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -499,9 +501,7 @@ def n_to_prune(n: int, sparsity: float, min_channels: int = 1) -> int:
     return max(0, min(round(s * n), n - min(int(min_channels), n)))
 
 
-def _split(
-    scores: np.ndarray, bound: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray, int]:
+def _split(scores: np.ndarray, bound: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Split candidates into sure-pruned / undecided given scores +- bound and k to pick.
 
     The rank of ``i`` (ties by index) is at most ``#{j != i: lo_j <= hi_i}`` and at least
@@ -529,32 +529,42 @@ def _smallest(scores: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
     return idx[order[:k]]
 
 
+def _narrow(
+    scores: np.ndarray, bound: np.ndarray, cand: np.ndarray, m: int, chosen: list[np.ndarray]
+) -> tuple[np.ndarray, int]:
+    """Record the surely pruned candidates; return the undecided ones and how many to pick."""
+    sure, undecided, m = _split(scores, bound, m)
+    chosen.append(cand[sure])
+    return cand[undecided], m
+
+
 def _select_exact(prep: _Prepared, k: int, p: int) -> np.ndarray:
     """Run the float32 -> float64 Gram -> float64 direct cascade described in the module doc."""
     dev = prep.x.device
-    cand = np.arange(prep.x.shape[0], dtype=np.int64)
-    with _ieee_matmul(dev):
-        if p == 2:
-            sq32 = _sq_norms64(prep.x32) if prep.cast_error else prep.sq64
-            s, b = _l2_stage(prep.x32, sq32, None, cast_error=prep.cast_error)
-        else:
-            s, b = _l1_stage(prep.x32, None, cast_error=prep.cast_error)
-    sure, undecided, m = _split(s, b, k)
-    chosen = [cand[sure]]
-    cand = cand[undecided]
-    x64 = None
-    if m > 0 and p == 2 and cand.size:
-        x64 = prep.as64()
-        s, b = _l2_stage(x64, prep.sq64, torch.from_numpy(cand).to(dev), cast_error=False)
-        sure, undecided, m = _split(s, b, m)
-        chosen.append(cand[sure])
-        cand = cand[undecided]
-    if m > 0 and cand.size:
+    n, d = prep.x.shape
+    cand = np.arange(n, dtype=np.int64)
+    chosen: list[np.ndarray] = []
+    m = k
+    # Tiny layers go straight to float64: there a second stage costs more in per-op
+    # overhead than the float32 GEMM saves.
+    if p == 1 or n * n * d > _SMALL_MACS:
+        with _ieee_matmul(dev):
+            if p == 2:
+                sq32 = _sq_norms64(prep.x32) if prep.cast_error else prep.sq64
+                s, b = _l2_stage(prep.x32, sq32, None, cast_error=prep.cast_error)
+            else:
+                s, b = _l1_stage(prep.x32, None, cast_error=prep.cast_error)
+        cand, m = _narrow(s, b, cand, m, chosen)
+    x64 = prep.as64() if m > 0 and cand.size else None
+    if x64 is not None and p == 2:
+        rows = None if cand.size == n else torch.from_numpy(cand).to(dev)
+        s, b = _l2_stage(x64, prep.sq64, rows, cast_error=False)
+        cand, m = _narrow(s, b, cand, m, chosen)
+    if x64 is not None and m > 0 and cand.size:
         logger.debug("FPGM: %d filter(s) rescored exactly at the cut", cand.size)
-        x64 = prep.as64() if x64 is None else x64
         exact = _direct_scores(x64, torch.from_numpy(cand).to(dev), p).cpu().numpy()
         chosen.append(_smallest(exact, cand, m))
-    return np.unique(np.concatenate(chosen))
+    return np.unique(np.concatenate(chosen)) if chosen else np.empty(0, dtype=np.int64)
 
 
 @torch.no_grad()
