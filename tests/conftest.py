@@ -34,6 +34,11 @@ def check_pruned(original: onnx.ModelProto, result: onnx_fpgm.PruneResult) -> No
     """Checks independent of the tool's own report: interface, names, checker, oracle, bytes."""
     pruned = result.model
     onnx.checker.check_model(pruned, full_check=True)
+    from onnx_fpgm.deps.reasons import classify
+
+    for group in result.report.groups:
+        if group.frozen:
+            assert classify(group.frozen), f"undocumented blocking reason: {group.frozen}"
     assert [i.name for i in pruned.graph.input] == [i.name for i in original.graph.input]
     assert [(o.name, o.type) for o in pruned.graph.output] == \
         [(o.name, o.type) for o in original.graph.output]

@@ -133,3 +133,14 @@ def test_oracle_catches_a_wrong_model() -> None:
     # ... and the masked reference really differs from the unmasked original.
     plain = onnx_fpgm.validate.verify(model, result.model)
     assert not plain
+
+
+def test_readme_lists_every_blocking_reason() -> None:
+    from pathlib import Path
+
+    from onnx_fpgm.deps.reasons import markdown
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    start, end = "<!-- reasons:begin -->\n", "<!-- reasons:end -->"
+    section = readme[readme.index(start) + len(start):readme.index(end)]
+    assert section == markdown(), "regenerate with: python -m onnx_fpgm.deps.reasons"

@@ -1,0 +1,96 @@
+"""Why a group is left unpruned: every blocking reason the engine emits, in categories.
+
+The README's section "What onnx-fpgm will not prune, and why" is generated from this table
+(``python -m onnx_fpgm.deps.reasons``) and a test checks that it is current, and that every
+frozen reason seen in the test corpus falls into one of these categories.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ReasonKind:
+    """A family of blocking reasons."""
+
+    title: str
+    pattern: str
+    why: str
+
+
+REASONS: tuple[ReasonKind, ...] = (
+    ReasonKind("graph outputs", r"reaches graph output",
+               "Channels that reach a graph output: removing them would change the model's "
+               "interface (inputs and outputs never change)."),
+    ReasonKind("ops without a handler", r"unsupported op|could not analyse",
+               "Channels consumed by an op the engine has no handler for (LSTM/GRU/RNN, TopK, "
+               "QuantizeLinear/DequantizeLinear and QLinear ops, SplitToSequence, custom "
+               "domains, ...). Unknown ops are never assumed to be element-wise."),
+    ReasonKind("control flow", r"control-flow op",
+               "Channels read by If/Loop/Scan or inside their subgraphs, which are left "
+               "untouched."),
+    ReasonKind("ops that mix channels",
+               r"normalises (over the channel axis|across channels)|reduces over (the channel "
+               r"axis|all axes)|indexes channels|steps over channels",
+               "LayerNormalization over the channel axis, GroupNormalization, LRN, "
+               "LpNormalization, Softmax or a reduction over the channel axis, Gather or a "
+               "strided Slice on channels: the remaining channels' values would change, so "
+               "the result could not equal the original."),
+    ReasonKind("reshaping the channel axis",
+               r"splits the channel axis|removes the channel axis|pads the channel axis|"
+               r"crops with a roi|channel-changing",
+               "A Reshape that splits the channel axis (channel shuffle, attention heads), "
+               "Pad or Resize along the channel axis."),
+    ReasonKind("grouped convolutions", r"grouped conv|grouped ConvTranspose",
+               "Grouped convolutions other than depthwise with multiplier 1: every group "
+               "would have to lose the same number of channels; not implemented yet."),
+    ReasonKind("computed weights or parameters",
+               r"not a stored|not constant|computed shape|no constant 2-D weight|"
+               r"computed or",
+               "Weights, biases, split sizes, slice bounds or reshape targets computed at run "
+               "time from graph inputs (a stored constant, a Constant node, or a constant "
+               "subgraph is fine)."),
+    ReasonKind("unknown shapes", r"unknown|cannot resolve",
+               "Shapes that cannot be inferred where the channel mapping depends on them "
+               "(e.g. Flatten or Reshape after symbolic spatial dims); --input-shape helps "
+               "verification, and a static export helps the analysis."),
+    ReasonKind("coupled with fixed channels",
+               r"coupled with channels that cannot be pruned|broadcast channel axis|"
+               r"different axes|joins different channel counts",
+               "Channels tied by a residual Add, a Mul or a Concat on another axis to channels "
+               "that cannot be pruned, such as a graph input or a blocked branch."),
+    ReasonKind("unexpected layout",
+               r"on axis \d+, not 1|transposed|channel count read by",
+               "Channels arriving on an axis an op does not expect (a Conv fed channels-last "
+               "data, a Gemm with transA) or a channel count used as data."),
+    ReasonKind("used side outputs", r"training-mode outputs|mask output|indices output",
+               "Training-mode BatchNormalization statistics, Dropout masks or MaxPool indices "
+               "that something reads."),
+    ReasonKind("your options", r"excluded by --exclude",
+               "Groups you excluded with --exclude."),
+    ReasonKind("safety net", r"would empty tensor",
+               "A plan that would leave some tensor with no channel at all; the groups "
+               "involved are kept."),
+)
+
+_COMPILED = tuple((kind, re.compile(kind.pattern)) for kind in REASONS)
+
+
+def classify(reason: str) -> ReasonKind | None:
+    """The category of a frozen reason (None: an undocumented reason, a bug to fix)."""
+    for kind, regex in _COMPILED:
+        if regex.search(reason):
+            return kind
+    return None
+
+
+def markdown() -> str:
+    """The README section body."""
+    lines = ["| what | why |", "| --- | --- |"]
+    lines += [f"| {kind.title} | {kind.why} |" for kind in REASONS]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")
