@@ -126,7 +126,10 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
     if config.calibration or config.compensate != "none":
         with _timed(report, "compensate"):
             pruned = _compensate_and_measure(original, pruned, analysis, plan, config, report)
-    if not plan.n_removed:
+    if not analysis.sources:
+        report.notes.append("no prunable layer: the model has no Conv, ConvTranspose, Gemm or "
+                            "MatMul with constant weights; written unchanged")
+    elif not plan.n_removed:
         report.notes.append("nothing was pruned: no prunable group lost a channel "
                             "(see the frozen reasons)")
     return PruneResult(pruned, report, plan, original, analysis, external)

@@ -136,13 +136,14 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0,
             unknown = [i for i, d in enumerate(dims) if not d.HasField("dim_value")]
             if any(i > 0 for i in unknown):
                 names = [dims[i].dim_param or "?" for i in unknown]
-                example = ",".join(str(d.dim_value) if d.HasField("dim_value") else
-                                   "1" if i == 0 else d.dim_param or "?"
-                                   for i, d in enumerate(dims))
+                example = [str(d.dim_value) if d.HasField("dim_value") else
+                           "1" if i == 0 else d.dim_param or f"D{i + 1}"
+                           for i, d in enumerate(dims)]  # the batch defaults to 1
+                missing = [example[i] for i in unknown if i > 0]
                 raise ConfigError(f"input {value.name} has symbolic dims {names}: verification "
                                   f"needs concrete sizes; give --input-shape "
-                                  f"{value.name}={example} with numbers for {', '.join(names)} "
-                                  f"(input_shapes= in Python)")
+                                  f"{value.name}={','.join(example)} with numbers for "
+                                  f"{', '.join(missing)} (input_shapes= in Python)")
             shape = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in dims)
         if _is_float(dtype):
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)

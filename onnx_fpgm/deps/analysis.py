@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 #: (op, input index) whose shape parameter the op's handler rewrites from surviving channels.
 SHAPE_PARAMETER_INPUTS = frozenset({("Split", 1), ("Reshape", 1), ("Resize", 3), ("Slice", 1),
                                     ("Slice", 2)})
+#: Quantized layer ops (no handler): named in the report even when no channel of ours reaches them.
+QUANTIZED_LAYERS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
+                              "QGemm"})
 #: Ops that may carry a channel count along in shape arithmetic.
 SHAPE_ARITHMETIC = FOLDABLE_OPS - {"Shape"}
 
@@ -385,6 +388,10 @@ def build_analysis(graph: gs.Graph, opset: int) -> Analysis:
             continue
         if handler is None:
             ctx.block_inputs(node, f"consumed by unsupported op {node.op} ({node.name})")
+            if node.op in QUANTIZED_LAYERS and node.outputs:
+                ctx.blocked_tensors.append(
+                    (node.outputs[0].name, f"{node.op} {node.name}: quantized layers are not "
+                                           "pruned"))
             continue
         try:
             handler.propagate(node, ctx)

@@ -45,6 +45,10 @@ REASONS: tuple[ReasonKind, ...] = (
     ReasonKind("grouped convolutions", r"grouped conv|grouped ConvTranspose",
                "Grouped convolutions other than depthwise with multiplier 1: every group "
                "would have to lose the same number of channels; not implemented yet."),
+    ReasonKind("quantized layers", r"quantized layers|computed by (DequantizeLinear|QuantizeLinear)",
+               "QLinearConv/QLinearMatMul/ConvInteger and convs whose weight comes from a "
+               "DequantizeLinear (QDQ): left unpruned and named in the report; prune the float "
+               "model before quantizing."),
     ReasonKind("computed weights or parameters",
                r"not a stored|not constant|computed shape|no constant 2-D weight|"
                r"computed or",

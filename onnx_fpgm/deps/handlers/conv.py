@@ -23,7 +23,13 @@ from ._util import has_input
 def _weight_or_block(node, ctx):
     weight = ctx.const(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None or weight.ndim < 2:
-        ctx.block_inputs(node, f"weight of {node.name} is not a stored constant")
+        reason = f"weight of {node.name} is not a stored constant"
+        source = node.inputs[1].inputs[0] if len(node.inputs) > 1 and node.inputs[1].inputs \
+            else None
+        if source is not None:
+            reason += f" (computed by {source.op} {source.name}); layer not pruned"
+        ctx.block_inputs(node, reason)
+        ctx.blocked_tensors.append((node.outputs[0].name, reason))
         return None
     if has_input(node, 2) and ctx.const(node.inputs[2]) is None:
         ctx.block_inputs(node, f"bias of {node.name} is not a stored constant")
