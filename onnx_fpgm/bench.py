@@ -52,6 +52,7 @@ def count_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] 
             for attr in node.attribute:
                 if attr.name == "value":
                     shapes[node.output[0]] = list(attr.t.dims)
+    _fill_unknown_shapes(model, inferred, shapes, input_shapes or {})
     total = 0
     for node in inferred.graph.node:
         get = [shapes.get(n) for n in node.input]
@@ -66,6 +67,40 @@ def count_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] 
     return total
 
 
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _fill_unknown_shapes(model, inferred, shapes, input_shapes) -> None:
+    """Where static inference gave up around a MAC op, read the shapes off one onnxruntime run."""
+    static = {v.name: v for v in inferred.graph.value_info}
+    missing = []
+    for node in inferred.graph.node:
+        if node.op_type in MAC_OPS:
+            for name in (node.input[0], node.output[0]):
+                info = static.get(name)
+                dims = info.type.tensor_type.shape.dim if info is not None else []
+                known = name in shapes and (len(dims) or name not in static) and all(
+                    d.HasField("dim_value") for d in dims)
+                if (not known or not shapes.get(name)) and name not in missing:
+                    missing.append(name)
+    graph_io = {v.name for v in (*model.graph.input, *model.graph.output)}
+    missing = [m for m in missing if m not in graph_io]
+    if not missing:
+        return
+    from .validate import make_session, random_inputs
+
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    for name in missing:
+        exposed.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    try:
+        values = make_session(exposed).run(missing, random_inputs(model, 0, input_shapes))
+    except Exception:  # shapes stay unknown (counted as 1)
+        return
+    for name, value in zip(missing, values):
+        shapes[name] = list(np.asarray(value).shape)
+
+
 def _attr(node, name, default=0):
     for attr in node.attribute:
         if attr.name == name:
@@ -73,35 +108,19 @@ def _attr(node, name, default=0):
     return default
 
 
-_INT_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
-
-
 def _with_input_shapes(model: onnx.ModelProto, input_shapes) -> onnx.ModelProto:
-    graph = onnx.GraphProto()
-    graph.CopyFrom(model.graph)
-    # Drop weights' data: inference needs only their shapes (saves a full copy of the weights).
-    for init in graph.initializer:
-        if init.data_type in _INT_TYPES or int(np.prod(init.dims, dtype=np.int64)) <= 64:
-            continue  # shape-like constants: inference reads their values
-        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
-                      "uint64_data", "string_data"):
-            init.ClearField(field)
-        init.raw_data = b""
-    for value in graph.input:
+    """A weight-free copy with concrete input dims, shapes inferred (symbolic fallback)."""
+    from .io import infer_shapes, light_copy
+
+    light = light_copy(model)
+    for value in light.graph.input:
         if value.name in input_shapes:
             dims = value.type.tensor_type.shape.dim
             for d, size in zip(dims, input_shapes[value.name]):
                 d.ClearField("dim_param")
                 d.dim_value = int(size)
-    del graph.value_info[:]
-    light = onnx.ModelProto()
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    light.graph.CopyFrom(graph)
-    try:
-        return onnx.shape_inference.infer_shapes(light)
-    except Exception:
-        return light
+    del light.graph.value_info[:]
+    return infer_shapes(light)
 
 
 def model_size(model: onnx.ModelProto, input_shapes=None) -> ModelSize:

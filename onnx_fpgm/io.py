@@ -11,6 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError, Message
@@ -120,6 +121,9 @@ def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = light.graph
     graph.name = model.graph.name
     graph.node.extend(model.graph.node)
+    for node in graph.node:
+        if node.op_type == "Constant":
+            _as_value_tensor(node)
     graph.input.extend(model.graph.input)
     graph.output.extend(model.graph.output)
     graph.value_info.extend(model.graph.value_info)
@@ -136,6 +140,18 @@ def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
             entry = stub.external_data.add()
             entry.key, entry.value = "location", "__stripped__"
     return light
+
+
+def _as_value_tensor(node: onnx.NodeProto) -> None:
+    """Rewrite value_float(s)/value_int(s) as a ``value`` tensor (some tools read only that)."""
+    for attr in node.attribute:
+        if attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
+            value = np.array(onnx.helper.get_attribute_value(attr),
+                             dtype=np.float32 if "float" in attr.name else np.int64)
+            del node.attribute[:]
+            node.attribute.append(onnx.helper.make_attribute(
+                "value", onnx.numpy_helper.from_array(value)))
+            return
 
 
 def _numel(tensor: onnx.TensorProto) -> int:

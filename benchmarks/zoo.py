@@ -1,0 +1,55 @@
+"""The architecture zoo at sparsity 0.5: groups, coverage, params and MACs, oracle error.
+
+    python benchmarks/zoo.py [--peers]
+
+Uses the test zoo (tests/torch_models.py), exported by TorchScript (BN folded) and by
+torch.export (BN kept). With --peers, also the params after onnxsim's structured pruning.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import onnx_fpgm  # noqa: E402
+from onnx_fpgm.bench import count_params  # noqa: E402
+from tests.torch_models import ZOO, export_onnx  # noqa: E402
+
+EXPORTERS = {"torchscript": dict(dynamo=False, fold_bn=True),
+             "dynamo": dict(dynamo=True, fold_bn=False)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--peers", action="store_true")
+    args = parser.parse_args()
+    peer = None
+    if args.peers:
+        from onnxsim import pruning as peer
+    print("| model | exporter | groups (prunable) | coverage | params before -> after | "
+          "MACs before -> after | oracle max rel. error |" + (" peer params |" if peer else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if peer else ""))
+    for name, build in ZOO.items():
+        for exporter, kwargs in EXPORTERS.items():
+            module, shape = build()
+            model = export_onnx(module, shape, **kwargs)
+            r = onnx_fpgm.prune(model, 0.5).report
+            open_groups = sum(1 for g in r.groups if not g.frozen)
+            row = (f"| {name} | {exporter} | {len(r.groups)} ({open_groups}) | "
+                   f"{r.prunable_channels}/{r.total_channels} ({100 * r.coverage:.0f}%) | "
+                   f"{r.before.params:,} -> {r.after.params:,} "
+                   f"({r.before.params / r.after.params:.2f}x) | "
+                   f"{r.before.macs:,} -> {r.after.macs:,} ({r.before.macs / r.after.macs:.2f}x) "
+                   f"| {r.verification['max_rel_error']:.1e} |")
+            if peer:
+                try:
+                    row += f" {count_params(peer.apply_structured_pruning(model, 0.5)):,} |"
+                except Exception as err:  # the peer refusing a model
+                    row += f" failed: {type(err).__name__} |"
+            print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
