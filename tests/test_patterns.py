@@ -144,3 +144,15 @@ def test_readme_lists_every_blocking_reason() -> None:
     start, end = "<!-- reasons:begin -->\n", "<!-- reasons:end -->"
     section = readme[readme.index(start) + len(start):readme.index(end)]
     assert section == markdown(), "regenerate with: python -m onnx_fpgm.deps.reasons"
+
+
+def test_readme_lists_every_handled_op() -> None:
+    import re
+    from pathlib import Path
+
+    from onnx_fpgm.deps.registry import ops
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("<!-- ops:begin -->"):readme.index("<!-- ops:end -->")]
+    listed = re.findall(r"[A-Za-z]+", section.split("-->", 1)[1])
+    assert listed == ops()

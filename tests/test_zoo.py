@@ -23,10 +23,7 @@ ALLOWED_FROZEN = {
     "resnext_like": ALWAYS + ("grouped conv",),
     "shufflenet_like": ALWAYS + ("splits the channel axis",),
 }
-DYNAMO_ALLOWED = {
-    # torch.export writes chunk() as SplitToSequence/SequenceAt without the optimiser.
-    "yolov8_like": ("SplitToSequence", "coupled with channels that cannot be pruned"),
-}
+DYNAMO_ALLOWED: dict[str, tuple[str, ...]] = {}
 
 
 @functools.lru_cache(maxsize=None)

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 #: (op, input index) whose shape parameter the op's handler rewrites from surviving channels.
 SHAPE_PARAMETER_INPUTS = frozenset({("Split", 1), ("Reshape", 1), ("Resize", 3), ("Slice", 1),
-                                    ("Slice", 2)})
+                                    ("Slice", 2), ("SplitToSequence", 1)})
 #: Quantized layer ops (no handler): named in the report even when no channel of ours reaches them.
 QUANTIZED_LAYERS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
                               "QGemm"})
@@ -153,6 +153,8 @@ class AnalysisContext:
         self._blocked: list[tuple[np.ndarray, str]] = []
         self.blocked_tensors: list[tuple[str, str]] = []
         self.consts = ConstantFolder(opset)
+        #: Sequences cut from a mapped tensor (SplitToSequence): name -> channel map per part.
+        self.sequences: dict[str, list[ChannelMap]] = {}
         #: Values computed from the shape of a mapped tensor: name -> its channel map.
         self.shape_maps: dict[str, ChannelMap] = {}
 

@@ -25,7 +25,7 @@ REASONS: tuple[ReasonKind, ...] = (
                "interface (inputs and outputs never change)."),
     ReasonKind("ops without a handler", r"unsupported op|could not analyse",
                "Channels consumed by an op the engine has no handler for (LSTM/GRU/RNN, TopK, "
-               "QuantizeLinear/DequantizeLinear and QLinear ops, SplitToSequence, custom "
+               "QuantizeLinear/DequantizeLinear and QLinear ops, custom "
                "domains, ...). Unknown ops are never assumed to be element-wise."),
     ReasonKind("control flow", r"control-flow op",
                "Channels read by If/Loop/Scan or inside their subgraphs, which are left "
@@ -64,6 +64,9 @@ REASONS: tuple[ReasonKind, ...] = (
                r"different axes|joins different channel counts",
                "Channels tied by a residual Add, a Mul or a Concat on another axis to channels "
                "that cannot be pruned, such as a graph input or a blocked branch."),
+    ReasonKind("sequences", r"sequence from",
+               "A SplitToSequence whose sequence is read by anything but SequenceAt with a "
+               "constant index."),
     ReasonKind("unexpected layout",
                r"on axis \d+, not 1|transposed|channel count read by",
                "Channels arriving on an axis an op does not expect (a Conv fed channels-last "

@@ -182,8 +182,10 @@ class SplitHandler:
         xmap = ctx.map(node.inputs[0])
         if xmap is None or ctx.keep(node.inputs[0]) is None:
             return
-        if not any(ctx.map(o) is not None and ctx.map(o).axis == xmap.axis and
-                   len(ctx.map(o).labels) < len(xmap.labels) for o in node.outputs):
+        # Decided by the axis, not by narrower outputs: a one-output Split keeps the full width
+        # and still needs its size rewritten.
+        rank = _rank(ctx, node.inputs[0])
+        if normalize_axis(int(node.attrs.get("axis", 0)), rank) != xmap.axis:
             return  # a split along another axis
         sizes = _split_sizes(node, ctx, len(xmap.labels))
         new_sizes, start = [], 0
