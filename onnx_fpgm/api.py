@@ -123,7 +123,7 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
         report.verification = _verification_dict(result)
         if not result:
             raise VerificationError(f"verification failed: {result.summary()}")
-    if config.calibration or config.compensate != "none":
+    if config.calibration or config.evaluation or config.compensate != "none":
         with _timed(report, "compensate"):
             pruned = _compensate_and_measure(original, pruned, analysis, plan, config, report)
     if not analysis.sources:
@@ -186,6 +186,12 @@ def _compensate_and_measure(original, pruned, analysis, plan, config, report) ->
         report.notes.append("compensate auto: " + ", ".join(
             f"{m}: " + "; ".join(f.summary() for f in (sc or [])) for m, _, _, sc in candidates)
             + f" -> chose {mode}")
+    if config.evaluation:
+        evaluation = load_calibration(config.evaluation, original)
+        scores = fidelity(original, model, original, evaluation)
+        report.fidelity_on = "evaluation"
+    elif scores:
+        report.fidelity_on = "calibration"
     if scores:
         report.fidelity = [f.summary() for f in scores]
         report.fidelity_data = [dict(vars(f)) for f in scores]

@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration", metavar="DATA.npz",
                         help="real inputs (arrays named like the graph inputs, batch first; "
                              "optional 'labels'): fidelity/accuracy report and compensation")
+    parser.add_argument("--eval", metavar="DATA.npz", dest="evaluation",
+                        help="held-out data (same format) for the fidelity/accuracy report")
     parser.add_argument("--compensate", choices=COMPENSATIONS, default="none",
                         help="recover removed channels in their consumers: bias, lstsq "
                              "(needs --calibration), or auto (best on the calibration data)")
@@ -165,7 +167,8 @@ def _run(args) -> int:
         layer_sparsity=tuple(args.layer_sparsity), min_channels=args.min_channels,
         round_to=args.round_to, verify=not args.no_verify and not args.dry_run,
         strict=args.strict, input_shapes=tuple(args.input_shape), seed=args.seed,
-        criterion=args.criterion, calibration=args.calibration, compensate=args.compensate)
+        criterion=args.criterion, calibration=args.calibration, compensate=args.compensate,
+        evaluation=args.evaluation)
     console = Console(quiet=args.quiet)
     err_console = Console(stderr=True, quiet=args.quiet)
     with _Progress(err_console) as progress:

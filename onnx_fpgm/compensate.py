@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 #: Rows (output positions x samples) used per least-squares fit.
 MAX_ROWS = 20000
+#: Calibration samples used by least squares (Gemm/MatMul consumers fit one row per sample).
+MAX_SAMPLES = 512
 
 
 @dataclass
@@ -89,9 +91,14 @@ def compensate(original: onnx.ModelProto, pruned: onnx.ModelProto, consumers: li
         notes.append("lstsq needs --calibration data; used bias compensation instead")
         mode = "bias"
     means = _input_means(original, consumers, calibration) if calibration is not None else {}
+    targets: dict[str, np.ndarray] = {}
+    if mode == "lstsq":  # every consumer's original output, in one run
+        calibration = _subset(calibration, MAX_SAMPLES)
+        names = [_node(original, c.node).output[0] for c in consumers]
+        targets = dict(zip(names, _run(original, names, calibration)))
     for consumer in consumers:
         if mode == "lstsq":
-            done = _refit(original, model, consumer, calibration, notes)
+            done = _refit(original, model, consumer, calibration, targets)
             if done:
                 continue
         mu = means.get(consumer.input)
@@ -102,7 +109,22 @@ def compensate(original: onnx.ModelProto, pruned: onnx.ModelProto, consumers: li
                          f"before it; not compensated")
             continue
         _fold_bias(original, model, consumer, mu, notes)
+    _drop_unused_initializers(model)
     return model, notes
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Replaced weights and biases are no longer read by any node: remove them."""
+    used = {name for node in model.graph.node for name in node.input}
+    used |= {v.name for v in model.graph.input} | {v.name for v in model.graph.output}
+    for node in model.graph.node:  # names read inside subgraphs
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                used |= {n for sub in attr.g.node for n in sub.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    if len(kept) != len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
 
 
 # ---- shared helpers ----
@@ -153,8 +175,14 @@ def _expose(model: onnx.ModelProto, names: list[str]) -> bytes:
 
 
 def _run(model: onnx.ModelProto, names: list[str], calibration: Calibration) -> list[np.ndarray]:
-    session = make_session(_expose(model, names))
+    session = make_session(_expose(model, names), optimize=True)  # fitting needs no exactness
     return run_batched(session, model, calibration, names)
+
+
+def _subset(calibration: Calibration, n: int) -> Calibration:
+    """The first ``n`` samples (least squares needs rows, not the whole set)."""
+    return Calibration({k: v[:n] for k, v in calibration.inputs.items()},
+                       None if calibration.labels is None else calibration.labels[:n])
 
 
 # ---- bias ----
@@ -242,7 +270,7 @@ def _fold_into_following_add(model, node, delta, notes) -> None:
 
 
 # ---- lstsq ----
-def _refit(original, model, consumer: Consumer, calibration, notes) -> bool:
+def _refit(original, model, consumer: Consumer, calibration, targets) -> bool:
     """Refit one consumer's weights/bias; False when the form is not supported (use bias)."""
     import torch
 
@@ -252,10 +280,13 @@ def _refit(original, model, consumer: Consumer, calibration, notes) -> bool:
     if weight is None or weight.dtype.kind != "f":
         return False
     x = _run(model, [pnode.input[0]], calibration)[0].astype(np.float64)
-    y = _run(original, [onode.output[0]], calibration)[0].astype(np.float64)
+    y = targets[onode.output[0]].astype(np.float64)
     if consumer.op == "Conv":
         if weight.ndim != 4 or _attr(pnode, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             return False
+        positions = int(np.prod(y.shape[2:]))
+        samples = max(1, math.ceil(4 * MAX_ROWS / max(positions, 1)))
+        x, y = x[:samples], y[:samples]  # enough rows; unfolding everything costs GBs
         pads = list(_attr(pnode, "pads", [0, 0, 0, 0]))
         xt = torch.nn.functional.pad(torch.from_numpy(x), (pads[1], pads[3], pads[0], pads[2]))
         cols = torch.nn.functional.unfold(

@@ -37,6 +37,8 @@ class PruneConfig:
         criterion: how channels are ranked: FPGM (default), filter L1/L2 norm, or random.
         calibration: path of an npz with real inputs (fidelity report, compensation).
         compensate: recover the removed channels' contribution in the consumers.
+        evaluation: path of an npz of held-out data (same format) for the fidelity/accuracy
+            report; without it the calibration data is used (optimistic under lstsq).
     """
 
     sparsity: float = 0.5
@@ -53,6 +55,7 @@ class PruneConfig:
     criterion: Criterion = "fpgm"
     calibration: str | None = None
     compensate: Compensation = "none"
+    evaluation: str | None = None
     _compiled: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

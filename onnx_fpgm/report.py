@@ -49,6 +49,7 @@ class Report:
     prunable_channels: int = 0
     total_channels: int = 0
     compensation: str = "none"
+    fidelity_on: str = ""
     fidelity: list[str] = field(default_factory=list)
     fidelity_data: list[dict[str, Any]] = field(default_factory=list)
 
@@ -123,7 +124,7 @@ def render(report: Report, console, dry_run: bool = False) -> None:
     if report.compensation != "none":
         console.print(f"compensation: {report.compensation}")
     for line in report.fidelity:
-        console.print(f"fidelity on calibration data: {line}")
+        console.print(f"fidelity on {report.fidelity_on} data: {line}")
     if report.latency is not None:
         lat = report.latency
         console.print(

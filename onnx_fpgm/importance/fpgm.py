@@ -9,16 +9,20 @@ and the ``round(sparsity * N)`` filters with the *smallest* scores are pruned: a
 distances to all others are small sits near the geometric median, so the others can stand in
 for it.
 
-Speed and exactness. For the default Euclidean distance the ``N x N`` distance matrix comes
-from one float32 Gram matrix (``||x||^2 + ||y||^2 - 2 x.y``), so the cost is about one GEMM.
-That formula cancels badly, so float32 scores alone could pick a different set than an exact
-float64 computation. Each float32 score therefore carries a rigorous a-priori error bound
-(standard dot-product error analysis, ``gamma_k = k u / (1 - k u)``); only the few filters
-whose intervals straddle the selection cut are rescored, first with a float64 Gram (again
-with a bound), then, for anything still undecided (in practice exact ties, such as duplicate
-filters), with float64 direct differences. Equal exact scores go to the lowest index. The
-selection thus equals that of a float64 ``cdist`` reference while the work stays one GEMM plus
-a few passes over the distance block.
+Speed and exactness. For the default Euclidean distance the distances come from float32 Gram
+blocks (``||x||^2 + ||y||^2 - 2 x.y``); only the upper block triangle is formed, so the cost is
+about half a GEMM plus a few cache-resident passes over each block. That formula cancels, so
+float32 scores alone could select a different set than an exact float64 computation. Each
+float32 score therefore carries a rigorous a-priori error bound (worst-case rounding analysis,
+``gamma_k = k u / (1 - k u)``, with the GEMM accumulated in ``K``-column chunks to cap the
+summation depth, and IEEE float32 GEMMs enforced: no TF32/bf16). Only filters whose intervals
+straddle the selection cut are rescored: with a float64 Gram of their rows (again bounded),
+then, for anything still undecided (in practice exact ties such as duplicate filters), with
+float64 direct differences. Equal exact scores go to the lowest index. The selection thus
+equals that of a float64 ``cdist`` reference. Small layers on CPU (per-op overhead, not flops,
+dominates there) take one bounded float64 Gram pass instead. The Manhattan distance (no Gram
+identity) uses ``torch.cdist(p=1)`` with the same bound-and-rescore cascade; a callable is
+evaluated once, on float64 input.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -65,8 +69,13 @@ _CUDA_BLOCK_ELEMS = 1 << 27
 _SAFETY = 1.25
 # Depth of each float32 GEMM in the Gram accumulation (see _k_chunks).
 _K_CHUNK = 256
-# Below this many multiply-adds (N * N * D) the float64 Gram pass runs alone.
-_SMALL_MACS = 1 << 23
+# Layers up to this many filters are scored by one float64 pass in NumPy (CPU).
+_SMALL_ROWS = 128
+# Undecided rows * N * D up to which they are rescored by explicit differences at once.
+_DIRECT_MACS = 1 << 20
+# Symmetric passes: blocks per pass, and the row count from which blocking pays off.
+_SYM_BLOCKS = 8
+_SYM_MIN_ROWS = 384
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -166,15 +175,17 @@ def _prepare(matrix: torch.Tensor, device: torch.device) -> _Prepared:
     # data cannot overflow float64 squares), so the common case costs one reduction.
     sq = _sq_norms64(base)
     top = float(sq.max()) if sq.numel() else 0.0
-    if math.isfinite(top):
-        exp = math.frexp(math.sqrt(top))[1] if top > 0.0 else 0
+    if math.isfinite(top) and top > 2.0**-900:
+        exp = math.frexp(math.sqrt(top))[1]
     else:
         if not bool(torch.isfinite(x).all()):
             raise ScoringError(
                 f"weights of shape {tuple(x.shape)} contain NaN or Inf; FPGM needs finite values"
             )
-        # float64 values beyond ~1e154: estimate the largest row norm's exponent instead.
-        exp = math.frexp(float(x.abs().max()))[1] + (x.shape[1].bit_length() + 1) // 2
+        # float64 values beyond ~1e154 (squares overflow) or below ~1e-150 (squares go
+        # subnormal or to zero): estimate the largest row norm's exponent from the largest value.
+        amax = float(x.abs().max()) if x.numel() else 0.0
+        exp = math.frexp(amax)[1] + (x.shape[1].bit_length() + 1) // 2 if amax > 0.0 else 0
     # Largest row norm into about [0.5, 1): float32 squares then neither overflow nor go
     # subnormal. Only outside a generous range, to skip the copy in the common case.
     scale = 1.0
@@ -193,35 +204,51 @@ def _gamma(k: int, u: float) -> float:
 
 @contextlib.contextmanager
 def _ieee_matmul(device: torch.device) -> Iterator[None]:
-    """Force IEEE float32 GEMMs (no TF32/bf16): the error bounds assume them."""
+    """Force IEEE float32 GEMMs (no TF32/bf16) for the call: the error bounds assume them.
+
+    Only touches the setting when it is not IEEE already, and restores it afterwards.
+    """
     backend = getattr(torch.backends, "cuda" if device.type == "cuda" else "mkldnn", None)
     mm = getattr(backend, "matmul", None)
     prev = getattr(mm, "fp32_precision", None)
-    if prev is None:  # torch without the per-backend API
-        legacy = torch.get_float32_matmul_precision()
-        if legacy == "highest":
-            yield
-            return
-        torch.set_float32_matmul_precision("highest")
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(legacy)
-        return
-    effective = prev if prev != "none" else getattr(torch.backends, "fp32_precision", "none")
-    if effective in ("ieee", "none"):
-        yield
-        return
-    mm.fp32_precision = "ieee"
+    setter: Callable[[str], None]
+    if prev is None:  # torch without the per-backend API: the global legacy switch
+        prev = torch.get_float32_matmul_precision()
+        change = prev != "highest"
+        target, setter = "highest", torch.set_float32_matmul_precision
+    else:
+        effective = prev if prev != "none" else getattr(torch.backends, "fp32_precision", "none")
+        change = effective not in ("ieee", "none")
+
+        def setter(value: str, backend_mm: Any = mm) -> None:
+            backend_mm.fp32_precision = value
+
+        target = "ieee"
+    if change:
+        setter(target)
     try:
         yield
     finally:
-        mm.fp32_precision = prev
+        if change:
+            setter(prev)
 
 
-def _block_rows(n_rows: int, n_cols: int, device: torch.device) -> int:
-    elems = _CUDA_BLOCK_ELEMS if device.type == "cuda" else _CPU_BLOCK_ELEMS
-    return max(1, min(n_rows, elems // max(n_cols, 1)))
+def _block_rows(
+    n_rows: int, n_cols: int, device: torch.device, *, symmetric: bool, n_chunks: int = 1
+) -> int:
+    """Rows per block: the block stays cache-sized, and symmetric passes get 4-8 blocks.
+
+    With symmetry, block ``k`` of ``B`` spans ``N - k N / B`` columns, so the GEMM work is
+    ``(1 + 1/B) / 2`` of the full product. Each block costs ``n_chunks`` GEMM calls plus a
+    few passes, so long filters (many chunks) get fewer blocks, and small layers just one.
+    """
+    if device.type == "cuda":
+        return max(1, min(n_rows, _CUDA_BLOCK_ELEMS // max(n_cols, 1)))
+    rows = max(1, min(n_rows, _CPU_BLOCK_ELEMS // max(n_cols, 1)))
+    if symmetric and n_rows >= _SYM_MIN_ROWS:
+        blocks = _SYM_BLOCKS if n_chunks <= 4 else _SYM_BLOCKS // 2
+        rows = min(rows, max(32, -(-n_rows // blocks)))
+    return rows
 
 
 def _k_chunks(d: int, dtype: torch.dtype) -> list[tuple[int, int]]:
@@ -241,25 +268,23 @@ def _sq_norms64(x: torch.Tensor) -> torch.Tensor:
     """Squared row norms accumulated in float64 (relative error ~D * 1e-16).
 
     They also serve as the finiteness check (NaN/Inf propagate) and, for float32 data, are
-    exact enough to be reused by the float64 rescoring pass. On CPU NumPy's ``einsum`` does it
-    in one pass without a float64 copy of ``x`` (3-4x faster than ``torch.linalg.vector_norm``
-    with ``dtype=float64``).
+    exact enough to be reused by the float64 rescoring pass.
     """
-    if x.device.type == "cpu":
-        arr = x.numpy()
-        return torch.from_numpy(np.einsum("ij,ij->i", arr, arr, dtype=np.float64))
     return torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square_()
 
 
 def _gram_pass(
     x: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor | None, *, with_bound: bool, clamp: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Euclidean scores of ``rows`` (all when ``None``) and the sums the error bound needs.
 
     Per row block, ``n_i - 2 g_ij`` accumulates in one buffer over the column chunks (the
-    first GEMM takes ``n_i`` as its broadcast input, ``alpha = -2`` is exact), then ``+ n_j``,
-    ``sqrt``, the row sum and, for the bound, ``1/d`` times ``[1, n]``: no ``N x N``
-    temporaries, and the block stays in cache between passes.
+    first GEMM takes ``n_i`` as its broadcast input; ``alpha = -2`` is exact), then ``+ n_j``,
+    ``sqrt``, the row sums and, for the bound, ``1/d`` times ``[1, n]``: no ``N x N``
+    temporaries, and the block stays in cache between passes. For all rows only the upper
+    block triangle is formed (distances are symmetric): block ``[s, e)`` covers columns
+    ``[s, N)``, its row sums go to rows ``[s, e)`` and the column sums right of its diagonal
+    square to rows ``[e, N)``, which is about half the GEMM work.
 
     Args:
         x: ``(N, D)`` float32 or float64 filters, rescaled to a safe range.
@@ -270,48 +295,78 @@ def _gram_pass(
             pass: a negative shows up as a NaN score and the caller retries with it on.
 
     Returns:
-        ``(scores, rsum)`` on ``x.device`` in ``x.dtype``; ``rsum`` is ``None`` without bound.
+        ``(scores, rsum)`` on ``x.device`` in ``x.dtype``; ``rsum`` stays zero without bound.
     """
     n, d = x.shape
     dev, dt = x.device, x.dtype
     chunks = _k_chunks(d, dt)
     col = sq.unsqueeze(1)
     m = n if rows is None else rows.numel()
-    scores = torch.empty(m, dtype=dt, device=dev)
-    rsum = torch.empty(m, 2, dtype=dt, device=dev) if with_bound else None
-    weights = torch.cat([torch.ones_like(col), col], dim=1) if with_bound else None
-    b = _block_rows(m, n, dev)
-    buf = torch.empty(b, n, dtype=dt, device=dev)
+    scores = torch.zeros(m, dtype=dt, device=dev)
+    rsum = torch.zeros(m, 2, dtype=dt, device=dev)
+    weights = torch.cat([torch.ones_like(col), col], dim=1)
+    b = _block_rows(m, n, dev, symmetric=rows is None, n_chunks=len(chunks))
+    buf = torch.empty(b * n, dtype=dt, device=dev)
     for start in range(0, m, b):
         stop = min(start + b, m)
-        blk = buf[: stop - start]
-        if rows is None:
-            sel: slice | torch.Tensor = slice(start, stop)
-            flat = None
+        if rows is None:  # symmetric: columns [start, N) only
+            c0, xs, acc0, flat = start, x[start:stop], col[start:stop], None
         else:
-            sel = rows[start:stop]
-            flat = torch.arange(stop - start, device=dev) * n + sel
-        xs = x[sel]
+            idx = rows[start:stop]
+            c0, xs, acc0 = 0, x[idx], col[idx]
+            flat = torch.arange(stop - start, device=dev) * n + idx
+        blk = buf[: (stop - start) * (n - c0)].view(stop - start, n - c0)
+        xc = x[c0:]
         for t, (lo, hi) in enumerate(chunks):
-            acc = col[sel] if t == 0 else blk
-            torch.addmm(acc, xs[:, lo:hi], x[:, lo:hi].T, alpha=-2.0, out=blk)
-        blk.add_(sq)
-        _zero_diag(blk, start, flat)
+            acc = acc0 if t == 0 else blk
+            torch.addmm(acc, xs[:, lo:hi], xc[:, lo:hi].T, alpha=-2.0, out=blk)
+        blk.add_(sq[c0:])
+        _zero_diag(blk, flat)
         if clamp:
             blk.clamp_(min=0.0)
         blk.sqrt_()
-        torch.sum(blk, dim=1, out=scores[start:stop])
+        right = blk[:, stop - start :] if rows is None and stop < n else None
+        scores[start:stop] += _row_sums(blk)
+        if right is not None:
+            scores[stop:].addmv_(right.T, weights[start:stop, 0])
         if with_bound:
             blk.reciprocal_()
-            _zero_diag(blk, start, flat)
-            torch.mm(blk, weights, out=rsum[start:stop])
+            _zero_diag(blk, flat)
+            rsum[start:stop].addmm_(blk, weights[c0:])
+            if right is not None:
+                rsum[stop:].addmm_(right.T, weights[start:stop])
     return scores, rsum
 
 
-def _zero_diag(blk: torch.Tensor, start: int, flat: torch.Tensor | None) -> None:
+def _row_sums(blk: torch.Tensor) -> torch.Tensor:
+    """Row sums with summation depth <= K + w / K + 1 instead of w.
+
+    A plain sum over ``w`` columns has a worst-case error of ``gamma_w`` (3e-4 relative for
+    ``w = 3072``), which would dominate the error bound and widen the rescored band; summing
+    ``K``-column groups first keeps it at ``gamma_{K + w/K + 1}``, in float32, at ~the same
+    speed.
+    """
+    w = blk.shape[1]
+    if w <= 2 * _K_CHUNK:
+        return blk.sum(dim=1)
+    main = w - w % _K_CHUNK
+    total = blk[:, :main].unflatten(1, (main // _K_CHUNK, _K_CHUNK)).sum(dim=2).sum(dim=1)
+    if main < w:
+        total += blk[:, main:].sum(dim=1)
+    return total
+
+
+def _sum_depth(n: int, block_rows: int) -> int:
+    """Summation depth of a score: grouped row sum, column sums, one add per block."""
+    # A block narrower than 2K columns is summed plainly, a wider one in K-column groups.
+    row = n if n <= 2 * _K_CHUNK else max(2 * _K_CHUNK, _K_CHUNK + n // _K_CHUNK + 2)
+    return max(row, block_rows + 1) + -(-n // block_rows) + 2
+
+
+def _zero_diag(blk: torch.Tensor, flat: torch.Tensor | None) -> None:
     """Set d(x_i, x_i) to exactly 0; the Gram formula leaves rounding noise there."""
     if flat is None:
-        blk.diagonal(offset=start).zero_()
+        blk.diagonal().zero_()  # symmetric blocks start at their own diagonal
     else:
         blk.view(-1)[flat] = 0.0
 
@@ -328,10 +383,11 @@ def _l2_stage(
     Error analysis (``u`` unit roundoff of ``x.dtype``, ``gamma_k = k u / (1 - k u)``): every
     term of ``s_ij = n_i + n_j - 2 g_ij`` is summed with depth at most ``h = K + T + 4`` (chunk
     width ``K``, ``T`` chunks), and ``2 |g_ij| <= n_i + n_j``, so ``|s^ - s| <= E_ij =
-    c (n_i + n_j)`` with ``c ~ 2 gamma_h + u`` (the norms are accurate to ``u``). As
+    c (n_i + n_j)`` with ``c ~ 2 gamma_h + 5 u`` (the norms are accurate to ``u``). As
     ``|sqrt(a) - sqrt(b)| <= |a - b| / sqrt(a)``, each distance is off by at most ``E_ij / d_ij``
-    (+ ``u d_ij`` for the sqrt), which sums to ``c (n_i sum_j 1/d_ij + sum_j n_j/d_ij)``. A zero
-    distance gives an infinite bound: that filter is simply rescored exactly.
+    (+ ``u d_ij`` for the sqrt), which sums to ``c (n_i sum_j 1/d_ij + sum_j n_j/d_ij)``; the
+    score's own summation adds ``gamma_{depth}`` relative (see ``_sum_depth``). A zero distance
+    gives an infinite bound: that filter is simply rescored exactly.
 
     Args:
         x: ``(N, D)`` float32 or float64 filters, rescaled to a safe range.
@@ -343,32 +399,100 @@ def _l2_stage(
         ``(scores, bound)``, float64 NumPy arrays.
     """
     n, d = x.shape
-    u = _UNIT_ROUNDOFF[x.dtype]
     sq = sq64.to(x.dtype)
     scores_t, rsum_t = _gram_pass(x, sq, rows, with_bound=True, clamp=False)
     scores = _np(scores_t)
     if np.isnan(scores).any():  # a near-duplicate pair rounded below zero
         scores_t, rsum_t = _gram_pass(x, sq, rows, with_bound=True, clamp=True)
         scores = _np(scores_t)
-    # abs: sqrt(-0.0) = -0.0 and 1/-0.0 = -inf on exact duplicates; the bound must be +inf.
-    rsum = np.abs(_np(rsum_t))
     sq_all = _np(sq64)
     sq_rows = sq_all if rows is None else sq_all[rows.cpu().numpy()]
     chunks = _k_chunks(d, x.dtype)
-    # Summation depth of n_i - 2 g_ij: one chunk, the chunk count, the n_i input, margin.
-    h = (chunks[0][1] - chunks[0][0]) + len(chunks) + 4
-    # Norms: float64 accumulation (gamma_{D+3} there), then rounded to x.dtype.
+    m = n if rows is None else rows.numel()
+    b = _block_rows(m, n, x.device, symmetric=rows is None, n_chunks=len(chunks))
+    return scores, _l2_bound(
+        scores,
+        _np(rsum_t),
+        sq_rows,
+        sq_all,
+        d=d,
+        dtype=x.dtype,
+        # Summation depth of n_i - 2 g_ij: one chunk, the chunk count, the n_i input, margin.
+        gemm_depth=(chunks[0][1] - chunks[0][0]) + len(chunks) + 4,
+        sum_depth=_sum_depth(n, b),
+        cast_error=cast_error,
+    )
+
+
+def _l2_bound(
+    scores: np.ndarray,
+    rsum: np.ndarray,
+    sq_rows: np.ndarray,
+    sq_all: np.ndarray,
+    *,
+    d: int,
+    dtype: torch.dtype,
+    gemm_depth: int,
+    sum_depth: int,
+    cast_error: bool,
+) -> np.ndarray:
+    """Error bound of Euclidean scores from the row sums of ``1/d_ij`` and ``n_j/d_ij``.
+
+    See ``_l2_stage`` for the derivation; ``gemm_depth`` and ``sum_depth`` are the longest
+    summation chains of a squared distance and of a score.
+    """
+    n = sq_all.shape[0]
+    u = _UNIT_ROUNDOFF[dtype]
+    # abs: sqrt(-0.0) = -0.0 and 1/-0.0 = -inf on exact duplicates; the bound must be +inf.
+    rsum = np.abs(rsum)
+    gh = _gamma(gemm_depth, u)
+    # Norms: float64 accumulation (gamma_{D+3} there), then rounded to ``dtype``.
     norm_err = 1.01 * u + _gamma(d + 3, _UNIT_ROUNDOFF[torch.float64])
-    c = (2.0 * _gamma(h, u) + 3.0 * u + 2.0 * norm_err) * (1.0 + 4.0 * _gamma(h, u))
-    gn = _gamma(n + 2, u)
+    c = (2.0 * gh + 3.0 * u + 2.0 * norm_err) * (1.0 + 4.0 * gh)
+    # The bound's own sums come from GEMMs (depth <= N + blocks): cover their rounding too.
+    gb = _gamma(2 * n + 4, u)
     with np.errstate(invalid="ignore"):  # inf * 0 -> NaN, mapped to "undecided" by _split
         err = c * (sq_rows * rsum[:, 0] + rsum[:, 1]) + u * scores
-        bound = (1.0 + gn) ** 2 * err + gn * scores
-    if cast_error:
-        norms = np.sqrt(sq_all)
-        norm_rows = norms if rows is None else norms[rows.cpu().numpy()]
-        bound += _UNIT_ROUNDOFF[torch.float32] * 1.01 * (n * norm_rows + norms.sum())
-    return scores, _SAFETY * bound + n * math.sqrt(d) * 4.0 * _TINY[x.dtype]
+        bound = (1.0 + gb) * err + _gamma(sum_depth, u) * scores
+    if cast_error:  # |d(x~_i, x~_j) - d(x_i, x_j)| <= u32 (|x_i| + |x_j|)
+        bound += (
+            _UNIT_ROUNDOFF[torch.float32] * 1.01 * (n * np.sqrt(sq_rows) + np.sqrt(sq_all).sum())
+        )
+    return _SAFETY * bound + n * math.sqrt(max(d, 1)) * 4.0 * _TINY[dtype]
+
+
+def _l2_small_stage(x64: torch.Tensor, sq64: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Small layers on CPU: one float64 Gram pass, elementwise work in NumPy.
+
+    Below ~128 filters the cost is per-op overhead, not flops: NumPy ufuncs cost ~1 us where
+    a torch op costs ~5, and the float64 bound is so tight that rescoring is all but never
+    needed, so this one pass beats the float32 cascade (and the seed's per-row loop).
+    """
+    n, d = x64.shape
+    sq = sq64.numpy()
+    dist = torch.mm(x64, x64.T).numpy()
+    dist *= -2.0
+    dist += sq
+    dist += sq[:, None]
+    np.maximum(dist, 0.0, out=dist)
+    np.sqrt(dist, out=dist)
+    dist.flat[:: n + 1] = 0.0  # d(x_i, x_i) = 0 exactly
+    scores = dist.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # duplicates: inf, then NaN = undecided
+        np.reciprocal(dist, out=dist)
+        dist.flat[:: n + 1] = 0.0
+        rsum = dist @ np.stack([np.ones(n), sq], axis=1)
+    return scores, _l2_bound(
+        scores,
+        rsum,
+        sq,
+        sq,
+        d=d,
+        dtype=torch.float64,
+        gemm_depth=d + 4,
+        sum_depth=n + 2,
+        cast_error=False,
+    )
 
 
 def _l1_stage(
@@ -389,7 +513,7 @@ def _l1_stage(
 def _l1_pass(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     xr = x if rows is None else x[rows]
     scores = torch.empty(xr.shape[0], dtype=x.dtype, device=x.device)
-    b = _block_rows(xr.shape[0], x.shape[0], x.device)
+    b = _block_rows(xr.shape[0], x.shape[0], x.device, symmetric=False)
     for start in range(0, xr.shape[0], b):
         dist = torch.cdist(xr[start : start + b], x, p=1.0)
         torch.sum(dist, dim=1, out=scores[start : start + b])
@@ -400,7 +524,7 @@ def _direct_scores(x64: torch.Tensor, rows: torch.Tensor, p: int) -> torch.Tenso
     """Float64 scores from explicit differences: the arbiter for the last undecided rows."""
     mode = "donot_use_mm_for_euclid_dist"
     out = torch.empty(rows.numel(), dtype=torch.float64, device=x64.device)
-    b = _block_rows(rows.numel(), x64.shape[0], x64.device)
+    b = _block_rows(rows.numel(), x64.shape[0], x64.device, symmetric=False)
     for start in range(0, rows.numel(), b):
         dist = torch.cdist(x64[rows[start : start + b]], x64, p=float(p), compute_mode=mode)
         torch.sum(dist, dim=1, out=out[start : start + b])
@@ -541,30 +665,34 @@ def _narrow(
 def _select_exact(prep: _Prepared, k: int, p: int) -> np.ndarray:
     """Run the float32 -> float64 Gram -> float64 direct cascade described in the module doc."""
     dev = prep.x.device
-    n, d = prep.x.shape
+    n = prep.x.shape[0]
     cand = np.arange(n, dtype=np.int64)
     chosen: list[np.ndarray] = []
-    m = k
-    # Tiny layers go straight to float64: there a second stage costs more in per-op
-    # overhead than the float32 GEMM saves.
-    if p == 1 or n * n * d > _SMALL_MACS:
+    small = p == 2 and dev.type == "cpu" and n <= _SMALL_ROWS
+    x64 = prep.as64() if small else None
+    if x64 is not None:
+        s, b = _l2_small_stage(x64, prep.sq64)
+    else:
         with _ieee_matmul(dev):
             if p == 2:
                 sq32 = _sq_norms64(prep.x32) if prep.cast_error else prep.sq64
                 s, b = _l2_stage(prep.x32, sq32, None, cast_error=prep.cast_error)
             else:
                 s, b = _l1_stage(prep.x32, None, cast_error=prep.cast_error)
-        cand, m = _narrow(s, b, cand, m, chosen)
-    x64 = prep.as64() if m > 0 and cand.size else None
-    if x64 is not None and p == 2:
+    cand, m = _narrow(s, b, cand, k, chosen)
+    if m == 0 or cand.size == 0:
+        return np.unique(np.concatenate(chosen))
+    x64 = prep.as64() if x64 is None else x64
+    # A float64 Gram stage only pays off when explicit differences would be costly.
+    if p == 2 and not small and cand.size * x64.numel() > _DIRECT_MACS:
         rows = None if cand.size == n else torch.from_numpy(cand).to(dev)
         s, b = _l2_stage(x64, prep.sq64, rows, cast_error=False)
         cand, m = _narrow(s, b, cand, m, chosen)
-    if x64 is not None and m > 0 and cand.size:
+    if m > 0 and cand.size:
         logger.debug("FPGM: %d filter(s) rescored exactly at the cut", cand.size)
         exact = _direct_scores(x64, torch.from_numpy(cand).to(dev), p).cpu().numpy()
         chosen.append(_smallest(exact, cand, m))
-    return np.unique(np.concatenate(chosen)) if chosen else np.empty(0, dtype=np.int64)
+    return np.unique(np.concatenate(chosen))
 
 
 @torch.no_grad()

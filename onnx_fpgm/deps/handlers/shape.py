@@ -422,6 +422,11 @@ class ResizeHandler:
     def _channel_entry(node, ctx, xmap):
         """Returns ('scales'|'sizes'|'attr', index) when the channel axis is left alone."""
         axes = node.attrs.get("axes")
+        if axes is not None:  # opset 18+: may count from the back
+            rank = _rank(ctx, node.inputs[0])
+            if rank is None:
+                return None
+            axes = [normalize_axis(int(a), rank) for a in axes]
         position = list(axes).index(xmap.axis) if axes is not None and xmap.axis in axes else (
             None if axes is not None else xmap.axis)
         if "scales" in node.attrs:  # Upsample-7
