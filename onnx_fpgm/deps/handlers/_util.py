@@ -37,3 +37,19 @@ def prod(values) -> int:
     for v in values:
         result *= int(v)
     return result
+
+
+def mapped_input(node: gs.Node, ctx):
+    """(channel map, static shape) of input 0.
+
+    None when the input carries no channels of ours, or when its rank is unknown (then the
+    channels are blocked, since the handler cannot place the channel axis).
+    """
+    xmap = ctx.map(node.inputs[0])
+    if xmap is None:
+        return None
+    shape = ctx.shape(node.inputs[0])
+    if shape is None:
+        ctx.block(xmap, f"rank of the input of {node.op} {node.name} is unknown")
+        return None
+    return xmap, shape

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..registry import register
-from ._util import normalize_axis
+from ._util import mapped_input, normalize_axis
 
 
 @register("BatchNormalization", "InstanceNormalization")
@@ -56,13 +56,10 @@ class LayerNormHandler:
     """Blocks channels on the normalised axes; passes the rest."""
 
     def propagate(self, node, ctx) -> None:
-        xmap = ctx.map(node.inputs[0])
-        shape = ctx.shape(node.inputs[0])
-        if xmap is None:
+        found = mapped_input(node, ctx)
+        if found is None:
             return
-        if shape is None:
-            ctx.block(xmap, f"rank of the input of {node.name} is unknown")
-            return
+        xmap, shape = found
         axis = normalize_axis(int(node.attrs.get("axis", -1)), len(shape))
         if xmap.axis >= axis:
             ctx.block(xmap, f"LayerNormalization {node.name} normalises over the channel axis")

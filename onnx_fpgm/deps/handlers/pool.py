@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from ..registry import register
-from ._util import axes_from, normalize_axis
+from ._util import axes_from, mapped_input, normalize_axis
 
 POOL_OPS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
             "GlobalLpPool")
@@ -42,13 +42,10 @@ class ReduceHandler:
     """Reductions over non-channel axes."""
 
     def propagate(self, node, ctx) -> None:
-        xmap = ctx.map(node.inputs[0])
-        shape = ctx.shape(node.inputs[0])
-        if xmap is None:
+        found = mapped_input(node, ctx)
+        if found is None:
             return
-        if shape is None:
-            ctx.block(xmap, f"input rank of {node.name} is unknown")
-            return
+        xmap, shape = found
         axes = axes_from(node, ctx, 1)
         rank = len(shape)
         if not axes:
@@ -75,13 +72,10 @@ class SoftmaxHandler:
     """Normalises over one axis (opset >= 13) or all axes from ``axis`` (older opsets)."""
 
     def propagate(self, node, ctx) -> None:
-        xmap = ctx.map(node.inputs[0])
-        shape = ctx.shape(node.inputs[0])
-        if xmap is None:
+        found = mapped_input(node, ctx)
+        if found is None:
             return
-        if shape is None:
-            ctx.block(xmap, f"input rank of {node.name} is unknown")
-            return
+        xmap, shape = found
         old_semantics = ctx.opset < 13
         axis = normalize_axis(int(node.attrs.get("axis", 1 if old_semantics else -1)), len(shape))
         if xmap.axis == axis or (old_semantics and xmap.axis >= axis):

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..analysis import ChannelMap
 from ..registry import register
-from ._util import axes_from, has_input, normalize_axis, prod
+from ._util import axes_from, has_input, mapped_input, normalize_axis, prod
 
 
 def _rank(ctx, tensor) -> int | None:
@@ -58,17 +58,14 @@ class SqueezeHandler:
     """Removes or inserts size-1 axes around the channel axis."""
 
     def propagate(self, node, ctx) -> None:
-        xmap = ctx.map(node.inputs[0])
-        if xmap is None:
+        found = mapped_input(node, ctx)
+        if found is None:
             return
-        rank = _rank(ctx, node.inputs[0])
+        xmap, shape = found
+        rank = len(shape)
         axes = axes_from(node, ctx, 1)
-        if rank is None:
-            ctx.block(xmap, f"rank of the input of {node.name} is unknown")
-            return
         if node.op == "Squeeze":
             if axes is None:
-                shape = ctx.shape(node.inputs[0])
                 axes = [i for i, d in enumerate(shape) if d == 1]
                 if any(d is None for d in shape):
                     ctx.block(xmap, f"Squeeze {node.name} without axes on unknown dims")
@@ -85,7 +82,16 @@ class SqueezeHandler:
             ctx.set_map(node.outputs[0], xmap.moved(kept_positions[xmap.axis]))
 
     def apply(self, node, ctx) -> None:
-        pass
+        # A Squeeze without axes drops every size-1 axis: pruned to one channel, it would drop
+        # the channel axis too. Write out the axes it drops in the original model.
+        if node.op != "Squeeze" or ctx.keep(node.inputs[0]) is None or \
+                axes_from(node, ctx, 1) is not None:
+            return
+        axes = [i for i, d in enumerate(ctx.shape(node.inputs[0])) if d == 1]
+        if ctx.opset < 13:
+            node.attrs["axes"] = axes
+        else:
+            ctx.add_input_value(node, np.array(axes, dtype=np.int64), f"{node.name}_axes")
 
 
 @register("Concat")
@@ -156,13 +162,11 @@ class SplitHandler:
     """Cuts the channel axis into independent parts (or passes other-axis splits through)."""
 
     def propagate(self, node, ctx) -> None:
-        xmap = ctx.map(node.inputs[0])
-        if xmap is None:
+        found = mapped_input(node, ctx)
+        if found is None:
             return
-        rank = _rank(ctx, node.inputs[0])
-        if rank is None:
-            ctx.block(xmap, f"rank of the input of {node.name} is unknown")
-            return
+        xmap, shape = found
+        rank = len(shape)
         axis = normalize_axis(int(node.attrs.get("axis", 0)), rank)
         if axis != xmap.axis:
             for out in node.outputs:
@@ -500,13 +504,11 @@ class ShapeHandler:
     """Records which element of the shape vector is a channel count."""
 
     def propagate(self, node, ctx) -> None:
-        xmap = ctx.map(node.inputs[0])
-        if xmap is None:
+        found = mapped_input(node, ctx)
+        if found is None:
             return
-        rank = _rank(ctx, node.inputs[0])
-        if rank is None:
-            ctx.block(xmap, f"rank of the input of {node.name} is unknown")
-            return
+        xmap, shape = found
+        rank = len(shape)
         start = normalize_axis(int(node.attrs.get("start", 0)), rank)
         end = node.attrs.get("end")
         end = rank if end is None else normalize_axis(int(end), rank)
