@@ -1,6 +1,7 @@
 """Benchmark the FPGM core against the seed implementation and a one-GEMM floor.
 
-Usage: ``python benchmarks/fpgm_core.py [--repeats 15] [--device all|cpu|cuda] [--out FILE]``
+Usage: ``python benchmarks/fpgm_core.py [--repeats 15] [--device all|cpu|cuda] [--threads N]
+[--out FILE]``
 
 For each shape, on CPU (and CUDA when available), times with the median of ``--repeats``
 rounds after a warm-up:
@@ -13,7 +14,7 @@ rounds after a warm-up:
 The three run round-robin inside each round, so a noisy neighbour slows all of them alike;
 the ratios are medians of per-round ratios. ``same sel.`` compares ours with the seed at
 sparsity 0.5; ``exact`` compares ours with a float64 ``torch.cdist`` reference.
-``torch.set_num_threads`` is left at its default.
+``torch.set_num_threads`` is left at its default unless ``--threads`` is given.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def _timer(fn: Callable[[], object], device: torch.device) -> Callable[[], float
 
 
 def bench_shape(shape: tuple[int, ...], device: torch.device, repeats: int) -> dict[str, object]:
+    """Time seed / ours / floor round-robin on one shape; one table row."""
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(shape, generator=gen).to(device)
     x = weight.reshape(shape[0], -1)
@@ -91,8 +93,12 @@ def bench_shape(shape: tuple[int, ...], device: torch.device, repeats: int) -> d
             times[name].append(run())
     ours_sel = fpgm_select(weight, SPARSITY, device=dev_name)
     ratio = {
-        "seed/ours": statistics.median(s / o for s, o in zip(times["seed"], times["ours"])),
-        "ours/floor": statistics.median(o / f for o, f in zip(times["ours"], times["floor"])),
+        "seed/ours": statistics.median(
+            s / o for s, o in zip(times["seed"], times["ours"], strict=True)
+        ),
+        "ours/floor": statistics.median(
+            o / f for o, f in zip(times["ours"], times["floor"], strict=True)
+        ),
     }
     return {
         "shape": "x".join(map(str, shape)),
@@ -105,24 +111,37 @@ def bench_shape(shape: tuple[int, ...], device: torch.device, repeats: int) -> d
 
 
 def format_table(rows: list[dict[str, object]]) -> str:
+    """Plain right-aligned text table (stable in logs and diffs, unlike a rich box)."""
     cols = list(rows[0])
 
     def cell(v: object) -> str:
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
     widths = [max(len(c), *(len(cell(r[c])) for r in rows)) for c in cols]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(cell(r[c]).rjust(w) for c, w in zip(cols, widths)) for r in rows]
+    lines += [
+        "  ".join(cell(r[c]).rjust(w) for c, w in zip(cols, widths, strict=True)) for r in rows
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark on the requested devices; print (and optionally save) the tables."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
     parser.add_argument("--out", type=Path, help="also write the report to this file")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch.set_num_threads for all three (default: torch's own); 1 gives stable "
+        "ratios on a machine shared with other jobs, where every multi-threaded op of a "
+        "multi-op method can wait a scheduler slice for its second thread",
+    )
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     devices = []
     if args.device in ("all", "cpu"):
@@ -139,10 +158,18 @@ def main(argv: list[str] | None = None) -> int:
         report.extend(lines)
         print("\n".join(lines), flush=True)
 
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
     emit(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
-        f"load avg {os.getloadavg()[0]:.2f}, repeats {args.repeats}, sparsity {SPARSITY}"
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {cpus}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '<unset>')}, load avg {load:.2f}, "
+        f"repeats {args.repeats}, sparsity {SPARSITY}"
     )
+    if load > 0.75 * cpus and torch.get_num_threads() > 1:
+        emit(
+            "warning: the machine is busy; with spinning OpenMP threads every multi-threaded op "
+            "may wait for a descheduled sibling, which penalises multi-op methods. Rerun with "
+            "OMP_WAIT_POLICY=PASSIVE or --threads 1 for stable ratios."
+        )
     for device in devices:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         rows = [bench_shape(shape, device, args.repeats) for shape in SHAPES]

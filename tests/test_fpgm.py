@@ -8,9 +8,10 @@ lowest index, ``k = round(sparsity * n)`` (Python's half-to-even ``round``, as P
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from onnx_fpgm.errors import ConfigError, ScoringError
+from onnx_fpgm.importance import fpgm as fpgm_mod
 from onnx_fpgm.importance.fpgm import (
     fpgm_scores,
     fpgm_select,
@@ -80,7 +82,7 @@ DISTS: dict[str, tuple[int | Callable[[torch.Tensor], torch.Tensor], str]] = {
     "cosine_callable": (_cosine, "cosine"),
 }
 
-SHAPES = [(16, 8, 3, 3), (64, 3, 7, 7), (5, 2, 1, 1), (32, 20), (128, 768)]
+SHAPES = [(16, 8, 3, 3), (64, 3, 7, 7), (5, 2, 1, 1), (32, 20), (128, 768), (400, 3, 3, 3)]
 SPARSITIES = [0.0, 0.25, 0.5, 0.7, 1.0]
 DTYPES = ["float32", "float16", "bfloat16", "float64"]
 
@@ -100,22 +102,55 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
+@contextlib.contextmanager
+def code_path(path: str) -> Iterator[None]:
+    """Select the implementation on shapes small enough for a brute-force reference.
+
+    By default small layers take a float64 NumPy pass (``_SMALL_ROWS``) and few undecided
+    filters go straight to explicit differences (``_DIRECT_MACS``). ``"cascade"`` forces the
+    full float32 Gram -> float64 Gram -> explicit differences path that large layers take.
+    """
+    saved = fpgm_mod._SMALL_ROWS, fpgm_mod._DIRECT_MACS
+    if path == "cascade":
+        fpgm_mod._SMALL_ROWS, fpgm_mod._DIRECT_MACS = -1, -1
+    try:
+        yield
+    finally:
+        fpgm_mod._SMALL_ROWS, fpgm_mod._DIRECT_MACS = saved
+
+
+PATHS = ["default", "cascade"]
+
+
 # --------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("dist_name", list(DISTS))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_select_matches_reference(shape, dist_name, dtype):
+def _case_id(shape: tuple[int, ...], *rest: str) -> str:
+    return "-".join(("x".join(map(str, shape)), *rest))
+
+
+PARITY_CASES = [
+    pytest.param(shape, dist_name, dtype, path, id=_case_id(shape, dist_name, dtype, path))
+    for shape in SHAPES
+    for dist_name in DISTS
+    for dtype in DTYPES
+    for path in PATHS
+    if path == "default" or dist_name == "l2"  # only L2 has a small-layer path
+]
+
+
+@pytest.mark.parametrize(("shape", "dist_name", "dtype", "path"), PARITY_CASES)
+def test_select_matches_reference(shape, dist_name, dtype, path):
     seed = zlib.crc32(repr((shape, dist_name, dtype)).encode())  # stable across runs
     w, ref_w = make_weights(np.random.default_rng(seed), shape, dtype)
     dist, metric = DISTS[dist_name]
     scores = ref_scores(ref_w, metric)
-    for sparsity in SPARSITIES:
-        got = fpgm_select(w, sparsity, dist=dist, device="cpu")
-        want = ref_pick(scores, sparsity)
-        assert got.dtype == np.int64
-        np.testing.assert_array_equal(got, want, err_msg=f"sparsity={sparsity}")
+    with code_path(path):
+        for sparsity in SPARSITIES:
+            got = fpgm_select(w, sparsity, dist=dist, device="cpu")
+            want = ref_pick(scores, sparsity)
+            assert got.dtype == np.int64
+            np.testing.assert_array_equal(got, want, err_msg=f"sparsity={sparsity}")
 
 
 @pytest.mark.parametrize("dist_name", ["l1", "l2"])
@@ -139,23 +174,24 @@ def test_half_inputs_scored_in_float32_or_better(rng, dtype):
     np.testing.assert_allclose(got.numpy(), ref_scores(w.double().numpy(), "l2"), rtol=1e-5)
 
 
-def test_near_ties_resolved_like_float64(rng):
+@pytest.mark.parametrize("path", PATHS)
+def test_near_ties_resolved_like_float64(rng, path):
     # Twins 1e-6 apart (relative): float32 Gram distances cannot order them, float64 can.
     base = rng.standard_normal((24, 300))
     twins = base + 1e-6 * rng.standard_normal(base.shape)
     w = np.concatenate([base, twins])[rng.permutation(48)]
     for dist, metric in [(2, "l2"), (1, "l1")]:
         for sparsity in (0.25, 0.5, 0.75):
-            np.testing.assert_array_equal(
-                fpgm_select(w, sparsity, dist=dist, device="cpu"),
-                ref_select(w, sparsity, metric),
-            )
+            with code_path(path):
+                got = fpgm_select(w, sparsity, dist=dist, device="cpu")
+            np.testing.assert_array_equal(got, ref_select(w, sparsity, metric))
 
 
 def test_extreme_magnitudes_keep_selection(rng):
     w = rng.standard_normal((20, 9))
     want = ref_select(w, 0.5, "l2")
-    for scale in (1e-30, 1e30, 1e150, 1e300):  # 1e300: squares overflow even float64
+    # 1e300 / 1e-170: squares overflow / underflow even float64
+    for scale in (1e-30, 1e30, 1e150, 1e300, 1e-170):
         np.testing.assert_array_equal(fpgm_select(w * scale, 0.5, device="cpu"), want)
     w32 = (w * 1e20).astype(np.float32)  # squares overflow float32 without rescaling
     np.testing.assert_array_equal(
@@ -167,7 +203,7 @@ def test_reduced_precision_matmul_setting_is_ignored_and_restored(rng):
     mm = torch.backends.mkldnn.matmul
     if not hasattr(mm, "fp32_precision"):
         pytest.skip("torch without per-backend fp32_precision")
-    w = rng.standard_normal((64, 200)).astype(np.float32)
+    w = rng.standard_normal((200, 150)).astype(np.float32)  # > _SMALL_ROWS: float32 GEMMs
     prev = mm.fp32_precision
     try:
         mm.fp32_precision = "bf16"
@@ -190,8 +226,9 @@ def test_reduced_precision_matmul_setting_is_ignored_and_restored(rng):
     dtype=st.sampled_from(["float32", "float64"]),
     min_channels=st.integers(1, 4),
     seed=st.integers(0, 2**32 - 1),
+    path=st.sampled_from(PATHS),
 )
-def test_property_parity(n, d, sparsity, dist, kind, dtype, min_channels, seed):
+def test_property_parity(n, d, sparsity, dist, kind, dtype, min_channels, seed, path):
     rng = np.random.default_rng(seed)
     if kind == "ints" and dist == 1:
         # L1 distances of integers are exact, so equal scores are exactly equal everywhere.
@@ -200,7 +237,8 @@ def test_property_parity(n, d, sparsity, dist, kind, dtype, min_channels, seed):
         w = rng.standard_normal((n, d)).astype(dtype)
     if kind == "duplicates" and n > 1:
         w[rng.integers(0, n, size=n // 2)] = w[rng.integers(0, n, size=n // 2)]
-    got = fpgm_select(w, sparsity, dist=dist, device="cpu", min_channels=min_channels)
+    with code_path(path):
+        got = fpgm_select(w, sparsity, dist=dist, device="cpu", min_channels=min_channels)
     want = ref_select(w.astype(np.float64), sparsity, "l1" if dist == 1 else "l2", min_channels)
     np.testing.assert_array_equal(got, want)
 
@@ -208,7 +246,13 @@ def test_property_parity(n, d, sparsity, dist, kind, dtype, min_channels, seed):
 # --------------------------------------------------------------------------- ties, counts
 
 
-def test_ties_go_to_lowest_index():
+@pytest.mark.parametrize("path", PATHS)
+def test_ties_go_to_lowest_index(path):
+    with code_path(path):
+        _check_ties()
+
+
+def _check_ties() -> None:
     w = np.ones((6, 3, 3, 3), dtype=np.float32)
     np.testing.assert_array_equal(fpgm_select(w, 0.5, device="cpu"), [0, 1, 2])
     # Two groups of identical filters: within the tied group the lowest indices go first.
@@ -218,8 +262,8 @@ def test_ties_go_to_lowest_index():
     w[4] = 5.0  # far away: largest score
     # Rows 1, 3, 5 tie for the smallest score and the cut (2 of 6) falls inside the tie.
     for dist in (1, 2):
-        np.testing.assert_array_equal(fpgm_select(w, 1 / 3, dist=dist, device="cpu"), [1, 3])
-        np.testing.assert_array_equal(fpgm_select(w, 1 / 3, dist=dist, device="cpu"), [1, 3])
+        for _ in range(2):  # and again: reproducible
+            np.testing.assert_array_equal(fpgm_select(w, 1 / 3, dist=dist, device="cpu"), [1, 3])
 
 
 @pytest.mark.parametrize(

@@ -124,7 +124,7 @@ def to_filter_matrix(filters: torch.Tensor | np.ndarray) -> torch.Tensor:
         inputs become float64 (exact); floating dtypes are kept.
 
     Raises:
-        ScoringError: Zero-dimensional or complex input.
+        ScoringError: Zero-dimensional, complex or non-numeric input.
     """
     if isinstance(filters, torch.Tensor):
         t = filters.detach()
@@ -133,7 +133,10 @@ def to_filter_matrix(filters: torch.Tensor | np.ndarray) -> torch.Tensor:
         if not arr.flags.writeable:
             # torch.from_numpy warns on read-only buffers (e.g. ONNX raw_data views).
             arr = arr.copy()
-        t = torch.from_numpy(np.ascontiguousarray(arr))
+        try:
+            t = torch.from_numpy(np.ascontiguousarray(arr))
+        except TypeError as err:
+            raise ScoringError(f"weights of dtype {arr.dtype} cannot be scored") from err
     if t.dim() == 0:
         raise ScoringError("filters must have at least one dimension (axis 0 = filters)")
     if t.is_complex():
@@ -157,23 +160,22 @@ class _Prepared:
     """Filters ready for scoring, plus what the error bounds need to know about them."""
 
     x: torch.Tensor  # (N, D) on the compute device, original floating dtype
-    x32: torch.Tensor  # scaled float32 copy (or the input itself) for the fast pass
-    x64: torch.Tensor | None  # scaled float64 input (None: derive it from x32, exactly)
-    sq64: torch.Tensor  # float64 squared row norms of the float64 data
+    x32: torch.Tensor  # scaled float32 data for the fast pass (the input itself if possible)
+    x64: torch.Tensor  # scaled float64 data: exact, for the bounds and the rescoring
+    sq64: torch.Tensor  # float64 squared row norms of x64
     scale: float  # power of two applied to x32/x64 (scores scale by it)
     cast_error: bool  # x32 was rounded from float64 (adds a term to the bound)
-
-    def as64(self) -> torch.Tensor:
-        return self.x64 if self.x64 is not None else self.x32.to(torch.float64)
 
 
 def _prepare(matrix: torch.Tensor, device: torch.device) -> _Prepared:
     x = matrix.to(device)
     is64 = x.dtype == torch.float64
-    base = x if is64 else x.to(torch.float32)  # no copy for float32
-    # float64 norms double as the finiteness check: NaN/Inf propagate into them (and float32
+    # The float64 copy is needed by the rescoring stage anyway (nearly always run on large
+    # layers), and float64 norms are ~3x cheaper from it than from float32 data.
+    x64 = x if is64 else x.to(torch.float64)
+    # The norms double as the finiteness check: NaN/Inf propagate into them (and float32
     # data cannot overflow float64 squares), so the common case costs one reduction.
-    sq = _sq_norms64(base)
+    sq = _sq_norms64(x64)
     top = float(sq.max()) if sq.numel() else 0.0
     if math.isfinite(top) and top > 2.0**-900:
         exp = math.frexp(math.sqrt(top))[1]
@@ -187,14 +189,14 @@ def _prepare(matrix: torch.Tensor, device: torch.device) -> _Prepared:
         amax = float(x.abs().max()) if x.numel() else 0.0
         exp = math.frexp(amax)[1] + (x.shape[1].bit_length() + 1) // 2 if amax > 0.0 else 0
     # Largest row norm into about [0.5, 1): float32 squares then neither overflow nor go
-    # subnormal. Only outside a generous range, to skip the copy in the common case.
+    # subnormal. Only outside a generous range, to skip the copies in the common case.
     scale = 1.0
     if abs(exp) > _SAFE_EXP:
         scale = math.ldexp(1.0, -exp)
-        base = base * scale
-        sq = _sq_norms64(base)
-    x32 = base.to(torch.float32) if is64 else base
-    return _Prepared(x, x32, base if is64 else None, sq, scale, cast_error=is64)
+        x64 = x64 * scale
+        sq = _sq_norms64(x64)
+    x32 = x if x.dtype == torch.float32 and scale == 1.0 else x64.to(torch.float32)
+    return _Prepared(x, x32, x64, sq, scale, cast_error=is64)
 
 
 def _gamma(k: int, u: float) -> float:
@@ -574,7 +576,7 @@ def fpgm_scores(
     n = prep.x.shape[0]
     if callable(fn):
         return _callable_scores(prep.x, fn).cpu()
-    work = prep.x64 if prep.x64 is not None else prep.x32
+    work = prep.x64 if prep.cast_error else prep.x32  # float64 inputs stay float64
     if n == 0 or work.shape[1] == 0:
         return torch.zeros(n, dtype=work.dtype)
     with _ieee_matmul(dev):
@@ -668,9 +670,9 @@ def _select_exact(prep: _Prepared, k: int, p: int) -> np.ndarray:
     n = prep.x.shape[0]
     cand = np.arange(n, dtype=np.int64)
     chosen: list[np.ndarray] = []
+    x64 = prep.x64
     small = p == 2 and dev.type == "cpu" and n <= _SMALL_ROWS
-    x64 = prep.as64() if small else None
-    if x64 is not None:
+    if small:
         s, b = _l2_small_stage(x64, prep.sq64)
     else:
         with _ieee_matmul(dev):
@@ -682,7 +684,6 @@ def _select_exact(prep: _Prepared, k: int, p: int) -> np.ndarray:
     cand, m = _narrow(s, b, cand, k, chosen)
     if m == 0 or cand.size == 0:
         return np.unique(np.concatenate(chosen))
-    x64 = prep.as64() if x64 is None else x64
     # A float64 Gram stage only pays off when explicit differences would be costly.
     if p == 2 and not small and cand.size * x64.numel() > _DIRECT_MACS:
         rows = None if cand.size == n else torch.from_numpy(cand).to(dev)
