@@ -105,6 +105,7 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
         pruned = io.export_graph(graph, original, metadata if plan.n_removed else None)
         io.check_pruned(pruned, original)
     report.notes.extend(notes)
+    _note_alignment(report, plan, config)
     _fill_decisions(report, analysis, plan)
     input_shapes = dict(config.input_shapes)
     with _timed(report, "measure"):
@@ -227,6 +228,20 @@ def _scorer(config: PruneConfig):
                            min_channels=1)
 
     return select
+
+
+def _note_alignment(report: Report, plan: PrunePlan, config: PruneConfig) -> None:
+    """Warn when pruning breaks multiples of 8: onnxruntime's CPU NCHWc kernels (and GPU tensor
+    cores) then fall back to slower paths; measured: MobileNetV2 at 0.3 ran 0.78x as fast as the
+    original without --round-to and 1.40x with --round-to 8 (benchmarks/RESULTS.md)."""
+    if config.round_to:
+        return
+    broken = [g for g in plan.groups if g.n_keep < g.n_channels and g.n_channels % 8 == 0
+              and g.n_keep % 8]
+    if broken:
+        report.notes.append(
+            f"{len(broken)} group(s) now keep a channel count that is not a multiple of 8; "
+            "onnxruntime runs such layers on slower kernels: consider --round-to 8")
 
 
 def _check_strict(analysis: Analysis) -> None:
