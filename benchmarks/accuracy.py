@@ -61,7 +61,7 @@ def main() -> None:
                 if mode == "none":
                     averages[criterion].append(top1)
             print(f"{sparsity:8.2f} {macs:6.2f}x {criterion:>9} " + " ".join(cells), flush=True)
-    print(f"\nmean top-1 over the sparsities without compensation: " + ", ".join(
+    print("\nmean top-1 over the sparsities without compensation: " + ", ".join(
         f"{c} {100 * np.mean(v):.2f}%" for c, v in averages.items()))
     print(f"({time.perf_counter() - started:.0f} s)")
 

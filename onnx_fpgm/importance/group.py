@@ -36,7 +36,6 @@ def group_filters(analysis: Analysis, group: Group) -> np.ndarray:
         rows = blocks[0][1]  # one producer, channels in order: its filters as they are
         return rows if rows.dtype.kind == "f" else rows.astype(np.float64)
     width = sum(rows.shape[1] for _, rows in blocks)
-    single_dtype = blocks[0][1].dtype
     dtype = np.float64 if any(rows.dtype == np.float64 for _, rows in blocks) else np.float32
     joint = np.zeros((group.n_channels, width), dtype=dtype)
     offset = 0
