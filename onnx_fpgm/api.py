@@ -92,7 +92,7 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
         shapes = io.infer_shapes(io.light_copy(original))
         graph = io.import_graph(original, shapes)
         fold_constant_shapes(graph)
-        analysis = build_analysis(graph, opset)
+        analysis = build_analysis(graph, opset, io.overridable_inputs(original))
     if config.strict:
         _check_strict(analysis)
     with _timed(report, "score"):

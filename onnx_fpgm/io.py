@@ -72,6 +72,14 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
     return model, external
 
 
+def overridable_inputs(model: onnx.ModelProto) -> frozenset[str]:
+    """Initializers that are also graph inputs: from IR 4 on, defaults a caller may override."""
+    if model.ir_version < 4:
+        return frozenset()  # before IR 4 every initializer had to be listed as an input
+    inputs = {v.name for v in model.graph.input}
+    return frozenset(t.name for t in model.graph.initializer if t.name in inputs)
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     for entry in model.opset_import:
         if entry.domain in ("", "ai.onnx"):
@@ -178,12 +186,44 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        symbolic = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        with _in_temporary_directory():  # it may save a temp model into the working directory
+            symbolic = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
     except Exception:  # the symbolic engine gives up on some graphs; keep onnx's answer
         return inferred
-    if symbolic is None:
+    if symbolic is None or not _agrees(symbolic, inferred, model):
         return inferred
     return symbolic if _unknown_count(symbolic) < _unknown_count(inferred) else inferred
+
+
+@contextlib.contextmanager
+def _in_temporary_directory():
+    previous = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="onnx-fpgm-") as tmp:
+        os.chdir(tmp)
+        try:
+            yield
+        finally:
+            os.chdir(previous)
+
+
+def _static_dims(value: onnx.ValueInfoProto) -> tuple | None:
+    ttype = value.type.tensor_type
+    if not ttype.HasField("shape") or not all(d.HasField("dim_value") for d in ttype.shape.dim):
+        return None
+    return tuple(d.dim_value for d in ttype.shape.dim)
+
+
+def _agrees(symbolic: onnx.ModelProto, inferred: onnx.ModelProto,
+            model: onnx.ModelProto) -> bool:
+    """The symbolic engine must not contradict onnx's static shapes or the declared outputs
+    (it mishandles some ops, e.g. Resize-18 with ``axes``)."""
+    theirs = {v.name: _static_dims(v) for v in (*symbolic.graph.value_info,
+                                                *symbolic.graph.output)}
+    for value in (*inferred.graph.value_info, *model.graph.output):
+        ours = _static_dims(value)
+        if ours is not None and theirs.get(value.name, ours) not in (ours, None):
+            return False
+    return True
 
 
 def _unknown_count(model: onnx.ModelProto) -> int:
@@ -230,6 +270,7 @@ def export_graph(graph: gs.Graph, like: onnx.ModelProto,
             tensor.shape = None
             tensor.dtype = None
     model = gs.export_onnx(graph, do_type_check=False)
+    _restore_initializer_inputs(model, like)
     model.ir_version = like.ir_version
     del model.opset_import[:]
     model.opset_import.extend(like.opset_import)
@@ -249,6 +290,30 @@ def export_graph(graph: gs.Graph, like: onnx.ModelProto,
             from err
     model.graph.value_info.extend(inferred.graph.value_info)
     return model
+
+
+def _restore_initializer_inputs(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
+    """graph-surgeon drops initializers from the graph inputs; put them back in their order."""
+    present = {v.name: v for v in model.graph.input}
+    initializers = {t.name: t for t in model.graph.initializer}
+    if all(v.name in present for v in like.graph.input):
+        return
+    inputs = []
+    for value in like.graph.input:
+        if value.name in present:
+            inputs.append(present[value.name])
+        elif value.name in initializers:
+            init = initializers[value.name]
+            restored = onnx.ValueInfoProto()
+            restored.CopyFrom(value)
+            dims = restored.type.tensor_type.shape.dim
+            if len(dims) == len(init.dims):  # an IR < 4 weight may have been pruned
+                for dim, size in zip(dims, init.dims):
+                    dim.ClearField("dim_param")
+                    dim.dim_value = size
+            inputs.append(restored)
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
 
 
 def check_pruned(model: onnx.ModelProto, original: onnx.ModelProto) -> None:

@@ -20,6 +20,7 @@ def apply_plan(graph: gs.Graph, analysis: Analysis, plan: PrunePlan, opset: int)
     if not plan.n_removed:
         return []
     removed = analysis.removed_atoms(plan.removed_classes)
+    already_dead = _dead_outputs(graph)
     ctx = RewriteContext(graph, analysis, removed, opset)
     touched = _touched_nodes(graph, analysis, removed)
     for node in graph.nodes:
@@ -34,8 +35,25 @@ def apply_plan(graph: gs.Graph, analysis: Analysis, plan: PrunePlan, opset: int)
             raise
         except Exception as err:
             raise RewriteError(f"rewriting {node.op} {node.name} failed: {err}") from err
+    # Remove what our copies made unused (constant chains we replaced), not branches that fed
+    # no output before: those are the user's and stay, like every other node.
+    outputs = list(graph.outputs)
+    graph.outputs.extend(already_dead)
     graph.cleanup(remove_unused_graph_inputs=False)
+    graph.outputs = outputs
     return ctx.notes
+
+
+def _dead_outputs(graph: gs.Graph) -> list[gs.Tensor]:
+    """Output tensors of nodes from which no graph output is reachable."""
+    live = {id(t) for t in graph.outputs}
+    dead: list[gs.Tensor] = []
+    for node in reversed(graph.nodes):
+        if any(id(t) in live for t in node.outputs):
+            live.update(id(t) for t in node.inputs if t is not None)
+        else:
+            dead.extend(t for t in node.outputs if t is not None and t.name)
+    return dead
 
 
 def _touched_nodes(graph: gs.Graph, analysis: Analysis, removed: np.ndarray) -> set:

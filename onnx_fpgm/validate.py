@@ -23,6 +23,8 @@ from .errors import ConfigError, VerificationError
 
 #: Oracle tolerance of a float32/float64 output: max |pruned - masked| / max |masked|.
 RTOL = 1e-4
+#: Absolute floor of the fp32 comparison (outputs whose magnitude is below ATOL / RTOL = 0.01).
+ATOL = 1e-6
 #: Oracle tolerance of a float16/bfloat16 output. Their 11/8-bit significands round every
 #: intermediate result, and the pruned model sums fewer (but the same non-zero) terms in another
 #: order, so the two models legitimately differ by a few units in the last place per op; 1e-2
@@ -237,7 +239,9 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto,
             diff = np.abs(w64 - h64)
             max_abs = float(np.nanmax(diff)) if diff.size else 0.0
             scale = float(np.nanmax(np.abs(w64))) if w64.size else 0.0
-            rel = max_abs / scale if scale > 0 else max_abs
+            # allclose-style floor: an output that is zero up to round-off (|values| << 1) is
+            # judged by an absolute error of ATOL, not relative to its own noise.
+            rel = max_abs / max(scale, ATOL / RTOL)
         else:
             finite = True
             max_abs = float(np.count_nonzero(want != have))

@@ -141,7 +141,8 @@ class Analysis:
 class AnalysisContext:
     """State shared by the handlers while channel maps are propagated."""
 
-    def __init__(self, graph: gs.Graph, opset: int) -> None:
+    def __init__(self, graph: gs.Graph, opset: int,
+                 overridable: frozenset[str] = frozenset()) -> None:
         self.graph = graph
         self.opset = opset
         self.maps: dict[str, ChannelMap] = {}
@@ -152,7 +153,7 @@ class AnalysisContext:
         self._cuts: list[tuple[np.ndarray, np.ndarray]] = []
         self._blocked: list[tuple[np.ndarray, str]] = []
         self.blocked_tensors: list[tuple[str, str]] = []
-        self.consts = ConstantFolder(opset)
+        self.consts = ConstantFolder(opset, overridable)
         #: Sequences cut from a mapped tensor (SplitToSequence): name -> channel map per part.
         self.sequences: dict[str, list[ChannelMap]] = {}
         #: Values computed from the shape of a mapped tensor: name -> its channel map.
@@ -377,9 +378,13 @@ class AnalysisContext:
         return result
 
 
-def build_analysis(graph: gs.Graph, opset: int) -> Analysis:
-    """Propagate channel maps through ``graph`` (topologically ordered) and build the groups."""
-    ctx = AnalysisContext(graph, opset)
+def build_analysis(graph: gs.Graph, opset: int,
+                   overridable: frozenset[str] = frozenset()) -> Analysis:
+    """Propagate channel maps through ``graph`` (topologically ordered) and build the groups.
+
+    ``overridable`` names initializers that are also graph inputs: not treated as constants.
+    """
+    ctx = AnalysisContext(graph, opset, overridable)
     for node in graph.nodes:
         ctx.check_shape_taint(node)
         subgraph_reason = _subgraph_reason(node)

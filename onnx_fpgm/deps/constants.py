@@ -67,12 +67,15 @@ def root_constant(tensor: gs.Tensor) -> tuple[gs.Tensor | gs.Node, list[gs.Node]
 class ConstantFolder:
     """Evaluates and caches constant tensors of one graph."""
 
-    def __init__(self, opset: int) -> None:
+    def __init__(self, opset: int, overridable: frozenset[str] = frozenset()) -> None:
         self.opset = opset
+        #: Initializers that are also graph inputs (IR >= 4): defaults a caller may override,
+        #: so their values are not constants.
+        self.overridable = overridable
         self._cache: dict[str, np.ndarray | None] = {}
 
     def value(self, tensor: gs.Tensor | None) -> np.ndarray | None:
-        if tensor is None:
+        if tensor is None or tensor.name in self.overridable:
             return None
         if isinstance(tensor, gs.Constant):
             return np.asarray(tensor.values)
