@@ -39,6 +39,23 @@ def prod(values) -> int:
     return result
 
 
+def split_parts(ctx, cmap, sizes: list[int]) -> list:
+    """Cut ``cmap``'s channels into consecutive parts of ``sizes`` (each cut recorded)."""
+    parts, start = [], 0
+    for size in sizes:
+        ctx.cut(cmap.labels, start)
+        parts.append(cmap.moved(cmap.axis, cmap.labels[start:start + size]))
+        start += size
+    return parts
+
+
+def surviving_sizes(ctx, cmap, sizes: list[int]) -> list[int]:
+    """How many channels of each consecutive part of ``sizes`` survive the plan."""
+    bounds = np.cumsum([0, *sizes])
+    kept = ctx.kept_mask(cmap.labels)
+    return [int(np.count_nonzero(kept[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def mapped_input(node: gs.Node, ctx):
     """(channel map, static shape) of input 0.
 

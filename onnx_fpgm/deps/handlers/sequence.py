@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..registry import register
-from ._util import has_input, normalize_axis
+from ._util import has_input, normalize_axis, split_parts, surviving_sizes
 
 
 def _sizes(node, ctx, dim: int) -> list[int] | None:
@@ -53,11 +53,7 @@ class SplitToSequenceHandler:
             if sizes is None or sum(sizes) != len(xmap.labels):
                 ctx.block(xmap, f"split sizes of {node.name} are not constant or do not add up")
                 return
-            parts, start = [], 0
-            for size in sizes:
-                ctx.cut(xmap.labels, start)
-                parts.append(xmap.moved(axis, xmap.labels[start:start + size]))
-                start += size
+            parts = split_parts(ctx, xmap, sizes)
         for reader in seq.outputs:
             index = int(np.asarray(ctx.const(reader.inputs[1])).reshape(-1)[0])
             if parts is None:
@@ -72,12 +68,8 @@ class SplitToSequenceHandler:
         shape = ctx.shape(node.inputs[0])
         if normalize_axis(int(node.attrs.get("axis", 0)), len(shape)) != xmap.axis:
             return
-        sizes = _sizes(node, ctx, len(xmap.labels))
-        new_sizes, start = [], 0
-        for size in sizes:
-            new_sizes.append(int(np.count_nonzero(ctx.kept_mask(xmap.labels[start:start + size]))))
-            start += size
-        value = np.array(new_sizes, dtype=np.int64)
+        value = np.array(surviving_sizes(ctx, xmap, _sizes(node, ctx, len(xmap.labels))),
+                         dtype=np.int64)
         if has_input(node, 1):
             ctx.set_input_value(node, 1, value)
         else:

@@ -20,7 +20,15 @@ import numpy as np
 
 from ..analysis import ChannelMap
 from ..registry import register
-from ._util import axes_from, has_input, mapped_input, normalize_axis, prod
+from ._util import (
+    axes_from,
+    has_input,
+    mapped_input,
+    normalize_axis,
+    prod,
+    split_parts,
+    surviving_sizes,
+)
 
 
 def _rank(ctx, tensor) -> int | None:
@@ -177,10 +185,8 @@ class SplitHandler:
             ctx.block(xmap, f"split sizes of {node.name} are not constant or do not add up")
             return
         start = 0
-        for out, size in zip(node.outputs, sizes):
-            ctx.cut(xmap.labels, start)
-            ctx.set_map(out, xmap.moved(axis, xmap.labels[start:start + size]))
-            start += size
+        for out, part in zip(node.outputs, split_parts(ctx, xmap, sizes)):
+            ctx.set_map(out, part)
 
     def apply(self, node, ctx) -> None:
         xmap = ctx.map(node.inputs[0])
@@ -191,11 +197,7 @@ class SplitHandler:
         rank = _rank(ctx, node.inputs[0])
         if normalize_axis(int(node.attrs.get("axis", 0)), rank) != xmap.axis:
             return  # a split along another axis
-        sizes = _split_sizes(node, ctx, len(xmap.labels))
-        new_sizes, start = [], 0
-        for size in sizes:
-            new_sizes.append(_kept_count(ctx, xmap, start, start + size))
-            start += size
+        new_sizes = surviving_sizes(ctx, xmap, _split_sizes(node, ctx, len(xmap.labels)))
         if ctx.opset < 13:
             node.attrs["split"] = new_sizes
         elif has_input(node, 1):
