@@ -59,8 +59,11 @@ class RewriteContext:
         return AnalysisContext.shape(tensor)
 
     def const(self, tensor: gs.Tensor | None) -> np.ndarray | None:
-        self.consts = ConstantFolder(self.opset)  # values change while we rewrite
         return self.consts.value(tensor)
+
+    def _edited(self) -> None:
+        """Values cached before an edit may be stale: start a fresh cache."""
+        self.consts = ConstantFolder(self.opset)
 
     # ---- editing ----
     def slice_input(self, node: gs.Node, index: int, axis: int, keep: np.ndarray) -> None:
@@ -75,6 +78,7 @@ class RewriteContext:
             sliced = np.take(stored, keep, axis=axis)
             if self._exclusive(root, chain, node):
                 _store_value(root, sliced)
+                self._edited()
                 return
             value = _through_chain(sliced, chain)
         else:
@@ -92,17 +96,20 @@ class RewriteContext:
             root = found[0]
             if self._exclusive(root, [], node):
                 _store_value(root, value.astype(_stored_value(root).dtype))
+                self._edited()
                 return
         self._attach_copy(node, index, value, "rewritten copy")
 
     def add_input_value(self, node: gs.Node, value: np.ndarray, name: str) -> None:
         """Append a constant input (e.g. explicit split sizes)."""
         node.inputs.append(gs.Constant(self._unique(name), value))
+        self._edited()
 
     def _attach_copy(self, node: gs.Node, index: int, value: np.ndarray, what: str) -> None:
         old = node.inputs[index]
         copy = gs.Constant(self._unique(f"{old.name}__{node.name}"), np.ascontiguousarray(value))
         node.inputs[index] = copy
+        self._edited()
         self.notes.append(f"{node.name}: {old.name} is shared or computed; used a {what}")
 
     def _unique(self, name: str) -> str:
