@@ -110,7 +110,7 @@ def _plan_once(analysis, config, score, extra_frozen, progress) -> PrunePlan:
 
 
 def _emptied_groups(analysis: Analysis, plan: PrunePlan) -> dict[int, str]:
-    """Groups whose removal would leave some tensor with no channel at all."""
+    """Groups whose removal would empty a tensor or unbalance the groups of a grouped conv."""
     if not plan.n_removed:
         return {}
     removed = analysis.removed_atoms(plan.removed_classes)
@@ -122,4 +122,10 @@ def _emptied_groups(analysis: Analysis, plan: PrunePlan) -> dict[int, str]:
         if removed[cmap.labels].all():
             for gid in np.unique(group_of_class[analysis.class_of_atom[cmap.labels]]).tolist():
                 result[gid] = f"pruning would empty tensor {name}"
+    for what, blocks in analysis.balanced:
+        kept = {int(np.count_nonzero(~removed[b])) for b in blocks}
+        if len(kept) > 1:
+            labels = np.concatenate([b[b >= 0] for b in blocks])
+            for gid in np.unique(group_of_class[analysis.class_of_atom[labels]]).tolist():
+                result[gid] = f"{what} needs the same channel count in every group"
     return result

@@ -173,9 +173,16 @@ def masked_original(model: onnx.ModelProto, analysis: Analysis,
             continue
         weight = consts.value(node.inputs[1])
         masked = np.array(weight, copy=True)
-        index = [slice(None)] * masked.ndim
-        index[weight_axis] = np.flatnonzero(gone)
-        masked[tuple(index)] = 0
+        conv_group = int(node.attrs.get("group", 1)) if node.op == "Conv" else 1
+        if conv_group > 1:  # grouped conv: output o of group j reads inputs of group j only
+            per_group, rows = masked.shape[1], masked.shape[0] // conv_group
+            for j in range(conv_group):
+                local = np.flatnonzero(gone[j * per_group:(j + 1) * per_group])
+                masked[j * rows:(j + 1) * rows, local] = 0
+        else:
+            index = [slice(None)] * masked.ndim
+            index[weight_axis] = np.flatnonzero(gone)
+            masked[tuple(index)] = 0
         counter += 1
         node.inputs[1] = gs.Constant(f"{node.inputs[1].name}__masked{counter}", masked)
     graph.cleanup(remove_unused_graph_inputs=False)
@@ -195,6 +202,10 @@ def _consumer_axis(node: gs.Node, analysis: Analysis):
         return None
     if node.op in ("Conv", "ConvTranspose") and int(node.attrs.get("group", 1)) == 1:
         return cmap, 1 if node.op == "Conv" else 0
+    out_map = analysis.maps.get(node.outputs[0].name) if node.outputs else None
+    passes_through = out_map is not None and out_map.labels is cmap.labels  # depthwise
+    if node.op == "Conv" and not passes_through:  # grouped: consumes its input channels
+        return cmap, 1
     if node.op == "Gemm" and not int(node.attrs.get("transA", 0)):
         return cmap, 1 if int(node.attrs.get("transB", 0)) else 0
     if node.op == "MatMul":

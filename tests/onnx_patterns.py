@@ -687,8 +687,10 @@ def _depthwise_multiplier2(n: _Net) -> onnx.ModelProto:
 
 @_pattern(
     "grouped_conv",
-    frozen=["conv1", "gconv", "head"],
-    note="gconv is group=4 (16->16, not depthwise): blocked on both its input and output side.",
+    ["conv1", "gconv"],
+    frozen=["head"],
+    note="gconv is group=4 (16->16, not depthwise): its input (conv1) and output channels are "
+    "cut at group boundaries and every group keeps the same count.",
 )
 def _grouped_conv(n: _Net) -> onnx.ModelProto:
     x = n.conv("gconv", n.conv("conv1", "input", 3, 16), 16, 16, conv_group=4)

@@ -123,6 +123,8 @@ class Analysis:
     groups: list[Group]
     blocked_tensors: list[tuple[str, str]] = field(default_factory=list)
     ranks: dict[str, int] = field(default_factory=dict)  # rank of each mapped tensor, if known
+    #: Blocks of channels that must keep equal counts (grouped convs): (what, label blocks).
+    balanced: list[tuple[str, list[np.ndarray]]] = field(default_factory=list)
 
     @property
     def n_atoms(self) -> int:
@@ -153,6 +155,7 @@ class AnalysisContext:
         self._cuts: list[tuple[np.ndarray, np.ndarray]] = []
         self._blocked: list[tuple[np.ndarray, str]] = []
         self.blocked_tensors: list[tuple[str, str]] = []
+        self.balanced: list[tuple[str, list[np.ndarray]]] = []
         self.consts = ConstantFolder(opset, overridable)
         #: Sequences cut from a mapped tensor (SplitToSequence): name -> channel map per part.
         self.sequences: dict[str, list[ChannelMap]] = {}
@@ -222,6 +225,10 @@ class AnalysisContext:
         lone = np.concatenate([a[(a >= 0) & (b < 0)], b[(b >= 0) & (a < 0)]])
         if len(lone):
             self._blocked.append((lone, f"coupled with channels that cannot be pruned at {where}"))
+
+    def balance(self, blocks: list[np.ndarray], what: str) -> None:
+        """These blocks of channels must keep equal counts (the groups of a grouped conv)."""
+        self.balanced.append((what, blocks))
 
     def cut(self, labels: np.ndarray, position: int) -> None:
         """A Split/Slice boundary between ``position - 1`` and ``position``."""
@@ -321,6 +328,7 @@ class AnalysisContext:
             groups=groups,
             blocked_tensors=self.blocked_tensors,
             ranks=self._ranks(),
+            balanced=self.balanced,
         )
 
     def _ranks(self) -> dict[str, int]:

@@ -42,9 +42,12 @@ REASONS: tuple[ReasonKind, ...] = (
                r"crops with a roi|channel-changing",
                "A Reshape that splits the channel axis (channel shuffle, attention heads), "
                "Pad or Resize along the channel axis."),
-    ReasonKind("grouped convolutions", r"grouped conv|grouped ConvTranspose",
-               "Grouped convolutions other than depthwise with multiplier 1: every group "
-               "would have to lose the same number of channels; not implemented yet."),
+    ReasonKind("grouped convolutions",
+               r"grouped conv|grouped ConvTranspose|same channel count in every group",
+               "Depthwise convs with a channel multiplier > 1 and grouped ConvTranspose; and a "
+               "grouped Conv whose groups would not all keep the same number of channels "
+               "(each group is pruned at the same rate; a coupling that breaks the balance "
+               "freezes them)."),
     ReasonKind("quantized layers", r"quantized layers|computed by (DequantizeLinear|QuantizeLinear)",
                "QLinearConv/QLinearMatMul/ConvInteger and convs whose weight comes from a "
                "DequantizeLinear (QDQ): left unpruned and named in the report; prune the float "

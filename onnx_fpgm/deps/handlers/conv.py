@@ -17,7 +17,8 @@ import numpy as np
 
 from ..analysis import ChannelMap
 from ..registry import register
-from ._util import has_input
+from ...errors import RewriteError
+from ._util import has_input, split_parts
 
 
 def _weight_or_block(node, ctx):
@@ -64,24 +65,64 @@ class ConvHandler:
                 and len(xmap.labels) == conv_group:
             member = ctx.add_member(node, xmap.labels, weight, creates=False)
             ctx.set_map(y, ChannelMap(1, xmap.labels, fold_member=member))
-        elif xmap is not None:
-            kind = (f"channel multiplier {c_out // conv_group}" if c_in_per_group == 1
-                    else f"group={conv_group}")
-            ctx.block(xmap, f"grouped conv {node.name} ({kind}) is not pruned")
+        elif c_in_per_group == 1:
+            if xmap is not None:
+                ctx.block(xmap, f"grouped conv {node.name} (channel multiplier "
+                                f"{c_out // conv_group}) is not pruned")
+        else:
+            self._propagate_grouped(node, ctx, weight, xmap, conv_group)
+
+    @staticmethod
+    def _propagate_grouped(node, ctx, weight, xmap, conv_group: int) -> None:
+        """Grouped conv: every group must keep the same number of inputs and of outputs.
+
+        Input and output channels are cut at group boundaries (each block its own part, pruned
+        at the same sparsity) and the blocks are registered as balanced; a plan that leaves
+        unequal blocks freezes them.
+        """
+        c_out, c_in_per_group = weight.shape[:2]
+        if xmap is not None:
+            if len(xmap.labels) != conv_group * c_in_per_group:
+                ctx.block(xmap, f"grouped conv {node.name} reads an unexpected channel count")
+            else:
+                blocks = split_parts(ctx, xmap, [c_in_per_group] * conv_group)
+                ctx.balance([b.labels for b in blocks], f"input of grouped conv {node.name}")
+        atoms = ctx.new_source(node, weight)
+        out_map = ChannelMap(1, atoms, fold_member=len(ctx.members) - 1)
+        blocks = split_parts(ctx, out_map, [c_out // conv_group] * conv_group)
+        ctx.balance([b.labels for b in blocks], f"output of grouped conv {node.name}")
+        ctx.set_map(node.outputs[0], out_map)
 
     def apply(self, node, ctx) -> None:
         conv_group = int(node.attrs.get("group", 1))
+        weight_shape = ctx.const(node.inputs[1]).shape
+        depthwise = conv_group > 1 and weight_shape[1] == 1 and weight_shape[0] == conv_group
         keep_out = ctx.keep(node.outputs[0])
-        if conv_group == 1:
-            keep_in = ctx.keep(node.inputs[0])
-            if keep_in is not None:
-                ctx.slice_input(node, 1, 1, keep_in)
+        keep_in = ctx.keep(node.inputs[0])
+        if conv_group == 1 and keep_in is not None:
+            ctx.slice_input(node, 1, 1, keep_in)
+        elif not depthwise and keep_in is not None:
+            ctx.set_input_value(node, 1, _grouped_input_slice(
+                ctx.const(node.inputs[1]), keep_in, conv_group, node.name))
         if keep_out is not None:
             ctx.slice_input(node, 1, 0, keep_out)
             if has_input(node, 2):
                 ctx.slice_input(node, 2, 0, keep_out)
-            if conv_group != 1:
+            if depthwise:
                 node.attrs["group"] = len(keep_out)
+
+
+def _grouped_input_slice(weight: np.ndarray, keep_in: np.ndarray, conv_group: int,
+                         name: str) -> np.ndarray:
+    """``W[o, i_local]`` of a grouped conv keeps, per output o of group j, group j's inputs."""
+    per_group = weight.shape[1]
+    local = [keep_in[(keep_in >= j * per_group) & (keep_in < (j + 1) * per_group)] - j * per_group
+             for j in range(conv_group)]
+    if len({len(lo) for lo in local}) != 1:
+        raise RewriteError(f"grouped conv {name}: groups keep different input counts")
+    index = np.repeat(np.stack(local), weight.shape[0] // conv_group, axis=0)
+    index = index.reshape(*index.shape, *([1] * (weight.ndim - 2)))
+    return np.take_along_axis(weight, index, axis=1)
 
 
 @register("ConvTranspose")
