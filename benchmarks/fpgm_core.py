@@ -31,6 +31,8 @@ import numpy as np
 import torch
 
 from onnx_fpgm.importance.fpgm import fpgm_select, n_to_prune
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from end_to_end import format_table  # noqa: E402  (one table format for every benchmark)
 
 SHAPES: list[tuple[int, ...]] = [
     (64, 64, 3, 3),
@@ -108,22 +110,6 @@ def bench_shape(shape: tuple[int, ...], device: torch.device, repeats: int) -> d
         "same sel.": "yes" if np.array_equal(ours_sel, seed_select(weight, SPARSITY)) else "no",
         "exact": "yes" if np.array_equal(ours_sel, exact_select(weight, SPARSITY)) else "no",
     }
-
-
-def format_table(rows: list[dict[str, object]]) -> str:
-    """Plain right-aligned text table (stable in logs and diffs, unlike a rich box)."""
-    cols = list(rows[0])
-
-    def cell(v: object) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    widths = [max(len(c), *(len(cell(r[c])) for r in rows)) for c in cols]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += [
-        "  ".join(cell(r[c]).rjust(w) for c, w in zip(cols, widths, strict=True)) for r in rows
-    ]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,6 +57,8 @@ from onnx import numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "models"))  # the generators import ``_common`` as a top module
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from end_to_end import format_table  # noqa: E402  (one table format for every benchmark)
 
 MODELS = {
     "resnet50": ("ResNet-50 224", "make_resnet50", "ResNet50", lambda m: m.fc),
@@ -341,23 +343,6 @@ def same_as(original, ours, pruned) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- driver
-
-
-def format_table(rows: list[dict[str, object]]) -> str:
-    cols: list[str] = []
-    for row in rows:
-        cols += [c for c in row if c not in cols]
-
-    def cell(v: object) -> str:
-        if v is None:
-            return "-"
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    widths = [max(len(c), *(len(cell(r.get(c))) for r in rows)) for c in cols]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(cell(r.get(c)).rjust(w) for c, w in zip(cols, widths)) for r in rows]
-    return "\n".join(lines)
 
 
 def header() -> str:

@@ -253,9 +253,7 @@ def _check_strict(analysis: Analysis) -> None:
 
 def _fill_decisions(report: Report, analysis: Analysis, plan: PrunePlan) -> None:
     removed = analysis.removed_atoms(plan.removed_classes)
-    group_of_class = np.empty(len(analysis.class_blocked), dtype=np.int64)
-    for group in analysis.groups:
-        group_of_class[group.classes] = group.id
+    group_of_class = analysis.group_of_class
     frozen_group = {g.group_id for g in plan.groups if g.frozen}
     for gp in plan.groups:
         report.groups.append(GroupReport(gp.group_id, gp.producers, gp.n_channels, gp.n_keep,

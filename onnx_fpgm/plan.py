@@ -114,9 +114,7 @@ def _emptied_groups(analysis: Analysis, plan: PrunePlan) -> dict[int, str]:
     if not plan.n_removed:
         return {}
     removed = analysis.removed_atoms(plan.removed_classes)
-    group_of_class = np.empty(len(analysis.class_blocked), dtype=np.int64)
-    for group in analysis.groups:
-        group_of_class[group.classes] = group.id
+    group_of_class = analysis.group_of_class
     result: dict[int, str] = {}
     for name, cmap in analysis.maps.items():
         if removed[cmap.labels].all():

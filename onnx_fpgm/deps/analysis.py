@@ -130,6 +130,17 @@ class Analysis:
     def n_atoms(self) -> int:
         return len(self.class_of_atom)
 
+    @property
+    def group_of_class(self) -> np.ndarray:
+        """Group id of every class (derived from ``groups``, computed once)."""
+        cached = self.__dict__.get("_group_of_class")
+        if cached is None:
+            cached = np.empty(len(self.class_blocked), dtype=np.int64)
+            for group in self.groups:
+                cached[group.classes] = group.id
+            self.__dict__["_group_of_class"] = cached
+        return cached
+
     def removed_atoms(self, removed_classes: np.ndarray) -> np.ndarray:
         """Boolean mask over atoms for a set of removed class ids."""
         mask = np.zeros(self.n_atoms + 1, dtype=bool)  # last slot: label -1

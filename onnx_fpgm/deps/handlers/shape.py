@@ -184,7 +184,6 @@ class SplitHandler:
         if sizes is None or sum(sizes) != len(xmap.labels) or len(sizes) != len(node.outputs):
             ctx.block(xmap, f"split sizes of {node.name} are not constant or do not add up")
             return
-        start = 0
         for out, part in zip(node.outputs, split_parts(ctx, xmap, sizes)):
             ctx.set_map(out, part)
 
