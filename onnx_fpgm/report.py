@@ -52,6 +52,8 @@ class Report:
     fidelity_on: str = ""
     fidelity: list[str] = field(default_factory=list)
     fidelity_data: list[dict[str, Any]] = field(default_factory=list)
+    #: Input sizes used for verification, MACs and shape inference (see ``input_sizes``).
+    input_sizes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def coverage(self) -> float:
@@ -79,6 +81,17 @@ class Report:
 
 def _ratio(before: float, after: float) -> str:
     return f"{before / after:.2f}x" if after else "-"
+
+
+def _sizes_line(sizes: dict[str, Any]) -> str:
+    def text(shapes):
+        return " ".join(f"{n}={','.join(map(str, s))}" for n, s in shapes.items())
+
+    how = "given" if sizes.get("given") else "chosen by running the original"
+    second = sizes.get("secondary")
+    extra = f"; also verified at {text(second)}" if second else \
+        "; it ran at no second size tried"
+    return f"{text(sizes['primary'])} ({how}{extra})"
 
 
 def render(report: Report, console, dry_run: bool = False) -> None:
@@ -118,6 +131,8 @@ def render(report: Report, console, dry_run: bool = False) -> None:
         console.print(f"params: {b.params:,} -> {a.params:,} ({_ratio(b.params, a.params)} smaller)")
         console.print(f"MACs:   {b.macs:,} -> {a.macs:,} ({_ratio(b.macs, a.macs)} fewer)")
         console.print(f"size:   {b.bytes:,} -> {a.bytes:,} bytes")
+    if report.input_sizes.get("symbolic_dims"):
+        console.print(f"input sizes: {_sizes_line(report.input_sizes)}")
     if report.verification is not None:
         v = report.verification
         console.print(f"verify: {'passed' if v['passed'] else 'FAILED'} - {v['summary']}")
