@@ -286,6 +286,7 @@ def _verification_dict(result: CompareResult) -> dict:
         "passed": bool(result),
         "max_rel_error": result.max_rel_error,
         "summary": result.summary(),
+        "checked_at": list(result.checked_at),
         "outputs": [{"name": o.name, "max_abs_error": o.max_abs_error,
                      "max_rel_error": o.max_rel_error, "finite": o.finite} for o in
                     result.outputs],
