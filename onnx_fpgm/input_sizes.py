@@ -107,6 +107,22 @@ def real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [v for v in model.graph.input if v.name not in initializers]
 
 
+def check_given(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Given sizes must name real inputs and match their rank.
+
+    Raises:
+        ConfigError: naming the input and ``--input-shape``.
+    """
+    inputs = {v.name: v for v in real_inputs(model)}
+    for name, shape in shapes.items():
+        if name not in inputs:
+            raise ConfigError(f"--input-shape names {name!r}, which is not a graph input "
+                              f"(inputs: {', '.join(inputs)})")
+        rank = len(inputs[name].type.tensor_type.shape.dim)
+        if rank and len(shape) != rank:
+            raise ConfigError(f"--input-shape {name} has {len(shape)} dims, the input has {rank}")
+
+
 def symbolic_dims(model: onnx.ModelProto) -> list[SymbolicDim]:
     """Every symbolic or unknown dim of the real graph inputs, with its role."""
     found = []
@@ -225,24 +241,26 @@ def choose_sizes(model: onnx.ModelProto, given: dict[str, tuple[int, ...]] | Non
             (naming the dims and ``--input-shape``).
     """
     given = dict(given or {})
+    check_given(model, given)
     dims = symbolic_dims(model)
     if not dims:
         return InputSizes(_shapes(model, [], {}) | given, given=bool(given))
     prober = _Prober(model, seed)
-    if given:
-        primary = _shapes(model, dims, {d.symbol: 1 for d in dims}) | given
-        assignment = _assignment_of(dims, primary)
+    fixed = _assignment_of(dims, given)
+    candidates = [{**c, **fixed} for c in _candidates(dims)]
+    assignment = None
+    if all(d.symbol in fixed for d in dims):
+        assignment = fixed  # the caller's sizes, whether or not they run (verification says)
     else:
-        assignment = None
-        for candidate in _candidates(dims):
-            if prober.runs_at(_shapes(model, dims, candidate)):
+        for candidate in candidates:
+            if prober.runs_at(_shapes(model, dims, candidate) | given):
                 assignment = candidate
                 break
-        if assignment is None and prober.session is not None:
-            raise ConfigError(_no_size_message(model, dims, prober.error))
-        if assignment is None:  # onnxruntime cannot run it at all; verification will say so
-            assignment = _candidates(dims)[0]
-        primary = _shapes(model, dims, assignment)
+    if assignment is None and prober.session is not None:
+        raise ConfigError(_no_size_message(model, dims, prober.error))
+    if assignment is None:  # onnxruntime cannot run it at all; verification will say so
+        assignment = candidates[0]
+    primary = _shapes(model, dims, assignment) | given
     secondary = _secondary(model, dims, assignment, prober, primary)
     sizes = InputSizes(primary, secondary, bool(given), dims, prober.runs)
     logger.info("input sizes: %s", sizes.to_dict())
@@ -261,9 +279,10 @@ def _secondary(model, dims, assignment, prober, primary):
     batch = {s for s in assignment if _role(dims, s) is Role.BATCH}
     others = [c for c in _candidates(dims)
               if any(c[s] != assignment[s] for s in c if s not in batch)][:SECOND_TRIES]
-    options = [{**c, **{s: 2 for s in batch}} for c in others]
+    other_batch = {s: 2 if assignment[s] != 2 else 1 for s in batch}
+    options = [{**c, **other_batch} for c in others]
     if batch:
-        options.append({**assignment, **{s: 2 for s in batch}})
+        options.append({**assignment, **other_batch})
     options += [{**c, **{s: assignment[s] for s in batch}} for c in others]
     tried = []
     for trial in options:

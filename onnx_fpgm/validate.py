@@ -20,7 +20,7 @@ from . import io
 from .deps.analysis import Analysis
 from .deps.constants import ConstantFolder
 from .errors import ConfigError, VerificationError
-from .input_sizes import is_unknown
+from .input_sizes import check_given, is_unknown
 
 #: Oracle tolerance of a float32/float64 output: max |pruned - masked| / max |masked|.
 RTOL = 1e-4
@@ -121,14 +121,7 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0,
     rng = np.random.default_rng(seed)
     shapes = shapes or {}
     initializers = {t.name for t in model.graph.initializer}
-    real_inputs = {v.name: v for v in model.graph.input if v.name not in initializers}
-    for name, shape in shapes.items():
-        if name not in real_inputs:
-            raise ConfigError(f"--input-shape names {name!r}, which is not a graph input "
-                              f"(inputs: {', '.join(real_inputs)})")
-        rank = len(real_inputs[name].type.tensor_type.shape.dim)
-        if rank and len(shape) != rank:
-            raise ConfigError(f"--input-shape {name} has {len(shape)} dims, the input has {rank}")
+    check_given(model, shapes)
     feeds = {}
     for value in model.graph.input:
         if value.name in initializers:

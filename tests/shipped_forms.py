@@ -114,6 +114,20 @@ def nhwc_all_symbolic() -> onnx.ModelProto:
     return n.model({"logits": ["N", 10]}, {"input_1": ["N", "M1", "M2", 3]}, opset=13)
 
 
+def token_classifier() -> onnx.ModelProto:
+    """Text model with int64 token ids ``[batch, sequence]``: embedding Gather -> MLP
+    (MatMul + Add, Relu, MatMul + Add) -> mean over the sequence."""
+    n = _Net(95)
+    embedded = n.op("Gather", "embed", [n.randn("embed.weight", [50, 16], 0.5), "input_ids"],
+                    axis=0)
+    x = n.relu("fc1.relu", n.matmul_add("fc1", embedded, 16, 32))
+    x = n.matmul_add("fc2", x, 32, 8)
+    n.op("ReduceMean", "pool", [x], out="pooled", axes=[1], keepdims=0)
+    model = n.model({"pooled": ["batch", 8]}, {"input_ids": ["batch", "sequence"]})
+    model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.INT64
+    return model
+
+
 def torch_dynamic_axes(dynamo: bool) -> onnx.ModelProto:
     """A small FPN detector in torch, exported with dynamic batch/height/width by either
     exporter (TorchScript ``dynamic_axes``; torch.export ``dynamic_shapes``)."""

@@ -27,6 +27,7 @@ DYNAMIC_FORMS = {
        for k in shipped_forms.PADDLE_DIMS},
     "dynamic_axes_detector": shipped_forms.dynamic_axes_detector,
     "nhwc_all_symbolic": shipped_forms.nhwc_all_symbolic,
+    "token_classifier": shipped_forms.token_classifier,
     "torch_dynamic_axes_torchscript": lambda: shipped_forms.torch_dynamic_axes(dynamo=False),
     "torch_dynamic_axes_dynamo": lambda: shipped_forms.torch_dynamic_axes(dynamo=True),
 }
@@ -55,7 +56,19 @@ def test_dynamic_form_prunes_with_no_flag_and_verifies_at_two_sizes(form: str) -
     assert len(result.report.verification["checked_at"]) == 2
     assert [_dims(v) for v in result.model.graph.input] == [_dims(v) for v in model.graph.input]
     for shapes in sizes.sets:  # the oracle, rerun here at each size
+        _oracle(model, result, shapes)
+
+
+def _oracle(model: onnx.ModelProto, result: onnx_fpgm.PruneResult, shapes) -> None:
+    """``test_forms._check`` (which includes exact conv slices); the oracle alone without convs."""
+    if any(node.op_type == "Conv" for node in model.graph.node):
         _check(model, result, input_shapes=shapes)
+        return
+    onnx.checker.check_model(result.model, full_check=True)
+    check = verify(model, result.model, analysis=result.analysis,
+                   removed_classes=result.plan.removed_classes,
+                   opset=onnx_fpgm.io.default_opset(model), seed=123, input_shapes=shapes)
+    assert check, check.summary()
 
 
 def test_nhwc_channels_stay_last() -> None:
@@ -75,6 +88,12 @@ def test_cli_prints_and_records_the_sizes(tmp_path: Path, capsys) -> None:
     assert data["input_sizes"]["secondary"] == {"x": [2, 3, 96, 96]}
     assert data["verification"]["checked_at"] == ["x=1,3,64,64", "x=2,3,96,96"]
     assert data["timings_s"]["analyse"] < 5
+
+
+def test_token_input_gets_a_sequence_length() -> None:
+    sizes = onnx_fpgm.prune(shipped_forms.token_classifier(), 0.5).input_sizes
+    assert sizes.primary == {"input_ids": (1, 16)}
+    assert sizes.secondary == {"input_ids": (2, 32)}
 
 
 def test_given_input_shape_overrides_the_choice() -> None:
