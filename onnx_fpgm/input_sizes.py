@@ -164,20 +164,21 @@ def _candidates(dims: list[SymbolicDim]) -> list[dict[str, int]]:
         roles.setdefault(d.symbol, d.role)
     out = []
     channel_options = CHANNELS if Role.CHANNELS in roles.values() else (None,)
+    square = _same_symbol_spatial(dims)
     for k in range(max(len(SPATIAL), len(SEQUENCE))):
         for channels in channel_options:
             height, width = SPATIAL[min(k, len(SPATIAL) - 1)]
             sizes = {Role.BATCH: 1, Role.HEIGHT: height, Role.WIDTH: width,
                      Role.CHANNELS: channels, Role.SEQUENCE: SEQUENCE[min(k, len(SEQUENCE) - 1)]}
             assignment = {s: sizes[r] for s, r in roles.items()}
-            if _same_symbol_spatial(dims, roles) and height != width:
+            if square and height != width:
                 continue
             if assignment not in out:
                 out.append(assignment)
     return out
 
 
-def _same_symbol_spatial(dims, roles) -> bool:
+def _same_symbol_spatial(dims: list[SymbolicDim]) -> bool:
     """True when one symbol is used for both height and width (square inputs only)."""
     return any(d.role is Role.HEIGHT and any(e.symbol == d.symbol and e.role is Role.WIDTH
                                              for e in dims) for d in dims)
@@ -344,7 +345,14 @@ def infer_shapes_at(model: onnx.ModelProto, sizes: InputSizes) -> onnx.ModelProt
     varied = _varied(sizes)
     if varied:
         sets.append((varied, False))
-    first, *others = [_shapes_at(model, light, s, run) for s, run in sets]
+    per_set = [_shapes_at(light, s) for s, _ in sets]
+    missing = list(dict.fromkeys(name for (_, run), shapes in zip(sets, per_set) if run
+                                 for name in _unknown(light, shapes)))
+    if missing:  # one session, one run per set that the original runs at
+        ran = _run_for_shapes(model, missing, [s for s, run in sets if run])
+        for shapes, found in zip(per_set, ran):
+            shapes.update(found)
+    first, *others = per_set
     for name, (elem_type, dims) in first.items():
         value = light.graph.value_info.add()
         value.name = name
@@ -378,9 +386,8 @@ def _varied(sizes: InputSizes) -> dict[str, tuple[int, ...]] | None:
 Shapes = dict[str, tuple[int, "list[int | None] | None"]]
 
 
-def _shapes_at(model: onnx.ModelProto, light: onnx.ModelProto,
-               sizes: dict[str, tuple[int, ...]], run: bool) -> Shapes:
-    """name -> (elem_type, dims or None) of every node output at ``sizes``."""
+def _shapes_at(light: onnx.ModelProto, sizes: dict[str, tuple[int, ...]]) -> Shapes:
+    """name -> (elem_type, dims or None) of the tensors onnx infers at ``sizes``."""
     concrete = onnx.ModelProto()
     concrete.CopyFrom(light)
     for value in concrete.graph.input:
@@ -403,32 +410,44 @@ def _shapes_at(model: onnx.ModelProto, light: onnx.ModelProto,
             dims = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
                     for d in ttype.shape.dim]
         shapes[value.name] = (ttype.elem_type, dims)
-    missing = [o for n in light.graph.node for o in n.output
-               if o and (shapes.get(o, (0, None))[1] is None or None in shapes[o][1])]
-    if missing and run:
-        shapes.update(_run_for_shapes(model, missing, sizes))
     return shapes
 
 
+def _unknown(light: onnx.ModelProto, shapes: Shapes) -> list[str]:
+    """Node outputs whose shape (or some dim of it) onnx left unknown."""
+    return [o for n in light.graph.node for o in n.output
+            if o and (shapes.get(o, (0, None))[1] is None or None in shapes[o][1])]
+
+
 def _run_for_shapes(model: onnx.ModelProto, names: list[str],
-                    sizes: dict[str, tuple[int, ...]]) -> Shapes:
-    """Shapes of ``names`` from one onnxruntime run of ``model`` (empty if it cannot run)."""
+                    size_sets: list[dict[str, tuple[int, ...]]]) -> list[Shapes]:
+    """Shapes of ``names`` from onnxruntime runs of ``model``, one per size set, in one session
+    (empty where it cannot run)."""
     from .validate import make_session, random_inputs
 
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     present = {o.name for o in exposed.graph.output}
-    wanted = [n for n in names if n not in present]
+    wanted = list(names)
     for name in wanted:
-        exposed.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        if name not in present:
+            exposed.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     try:
-        values = make_session(exposed, quiet=True).run(wanted, random_inputs(model, 0, sizes))
+        session = make_session(exposed, quiet=True)
     except Exception as err:  # they stay unknown (and block whatever channels reach them)
-        logger.debug("onnxruntime could not run the model for shapes: %s", err)
-        return {}
-    shapes: Shapes = {}
-    for name, value in zip(wanted, values):
-        if not isinstance(value, np.ndarray):  # a sequence or map: no tensor shape
-            continue
-        shapes[name] = (onnx.helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape))
-    return shapes
+        logger.debug("onnxruntime cannot load the model for shapes: %s", err)
+        return [{} for _ in size_sets]
+    found: list[Shapes] = []
+    for sizes in size_sets:
+        shapes: Shapes = {}
+        try:
+            values = session.run(wanted, random_inputs(model, 0, sizes))
+        except Exception as err:  # as above: unknown
+            logger.debug("onnxruntime could not run the model for shapes: %s", err)
+            values = []
+        for name, value in zip(wanted, values):
+            if isinstance(value, np.ndarray):  # a sequence or map has no tensor shape
+                shapes[name] = (onnx.helper.np_dtype_to_tensor_dtype(value.dtype),
+                                list(value.shape))
+        found.append(shapes)
+    return found

@@ -59,9 +59,10 @@ REASONS: tuple[ReasonKind, ...] = (
                "time from graph inputs (a stored constant, a Constant node, or a constant "
                "subgraph is fine)."),
     ReasonKind("unknown shapes", r"unknown|cannot resolve",
-               "Shapes that cannot be inferred where the channel mapping depends on them "
-               "(e.g. Flatten or Reshape after symbolic spatial dims); --input-shape helps "
-               "verification, and a static export helps the analysis."),
+               "Shapes that cannot be inferred, or that depend on the input size, where the "
+               "channel mapping depends on them (e.g. Flatten or Reshape after symbolic spatial "
+               "dims that the model accepts at several sizes); a static export helps the "
+               "analysis."),
     ReasonKind("coupled with fixed channels",
                r"coupled with channels that cannot be pruned|broadcast channel axis|"
                r"different axes|joins different channel counts",
