@@ -87,7 +87,6 @@ def test_cli_prints_and_records_the_sizes(tmp_path: Path, capsys) -> None:
     assert data["input_sizes"]["primary"] == {"x": [1, 3, 64, 64]}
     assert data["input_sizes"]["secondary"] == {"x": [2, 3, 96, 96]}
     assert data["verification"]["checked_at"] == ["x=1,3,64,64", "x=2,3,96,96"]
-    assert data["timings_s"]["analyse"] < 5
 
 
 def test_token_input_gets_a_sequence_length() -> None:
