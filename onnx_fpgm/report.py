@@ -83,14 +83,14 @@ def _ratio(before: float, after: float) -> str:
     return f"{before / after:.2f}x" if after else "-"
 
 
-def _sizes_line(sizes: dict[str, Any]) -> str:
+def _sizes_line(sizes: dict[str, Any], verified: bool) -> str:
     def text(shapes):
         return " ".join(f"{n}={','.join(map(str, s))}" for n, s in shapes.items())
 
     how = "given" if sizes.get("given") else "chosen by running the original"
     second = sizes.get("secondary")
-    extra = f"; also verified at {text(second)}" if second else \
-        "; it ran at no second size tried"
+    also = "also verified at" if verified else "second set"
+    extra = f"; {also} {text(second)}" if second else "; it ran at no second size tried"
     return f"{text(sizes['primary'])} ({how}{extra})"
 
 
@@ -132,7 +132,8 @@ def render(report: Report, console, dry_run: bool = False) -> None:
         console.print(f"MACs:   {b.macs:,} -> {a.macs:,} ({_ratio(b.macs, a.macs)} fewer)")
         console.print(f"size:   {b.bytes:,} -> {a.bytes:,} bytes")
     if report.input_sizes.get("symbolic_dims"):
-        console.print(f"input sizes: {_sizes_line(report.input_sizes)}")
+        verified = report.verification is not None
+        console.print(f"input sizes: {_sizes_line(report.input_sizes, verified)}")
     if report.verification is not None:
         v = report.verification
         console.print(f"verify: {'passed' if v['passed'] else 'FAILED'} - {v['summary']}")
