@@ -18,6 +18,7 @@ from onnx_fpgm import cli
 from onnx_fpgm.validate import make_session, random_inputs, verify
 from tests import shipped_forms
 from tests.conftest import pruned_layers
+from tests.onnx_patterns import _Net
 from tests.test_forms import _check
 
 # --- dynamic input dims -----------------------------------------------------------------------
@@ -132,3 +133,26 @@ def test_prune_catches_a_rewrite_that_bakes_a_size(monkeypatch) -> None:
     monkeypatch.setattr(onnx_fpgm.io, "export_graph", baking_export)
     with pytest.raises(onnx_fpgm.VerificationError, match=r"at input sizes input=2,"):
         onnx_fpgm.prune(model, 0.5)
+
+
+# --- how sizes are chosen ---------------------------------------------------------------------
+
+
+def _two_inputs(image_dims: list, side_dims: list) -> onnx.ModelProto:
+    """image -> conv -> GlobalAveragePool -> Flatten, added to a second input ``side``."""
+    n = _Net(96)
+    x = n.relu("conv1.relu", n.conv("conv1", "image", 3, 8, stride=2))
+    x = n.op("Flatten", "flatten", [n.op("GlobalAveragePool", "gap", [x])], axis=1)
+    n.op("Add", "add", [n.matmul_add("fc", x, 8, 8), "side"], out="output")
+    return n.model({"output": [side_dims[0], 8]}, {"image": image_dims, "side": side_dims})
+
+
+def test_one_value_per_symbol_and_anonymous_dims_apart() -> None:
+    from onnx_fpgm.input_sizes import choose_sizes
+
+    shared = choose_sizes(_two_inputs(["batch", 3, "S", "S"], ["batch", 8]))
+    assert shared.primary == {"image": (1, 3, 64, 64), "side": (1, 8)}
+    assert shared.secondary == {"image": (2, 3, 96, 96), "side": (2, 8)}
+    anonymous = choose_sizes(_two_inputs([-1, 3, "?", "?"], [-1, 8]))
+    assert {d.symbol for d in anonymous.dims} == {"image:0", "image:2", "image:3", "side:0"}
+    assert anonymous.primary == {"image": (1, 3, 64, 64), "side": (1, 8)}
