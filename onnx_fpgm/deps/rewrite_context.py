@@ -14,6 +14,7 @@ from onnx import helper
 from ..errors import RewriteError
 from .analysis import Analysis, ChannelMap
 from .constants import ConstantFolder, root_constant
+from .shape_values import Source
 
 
 class RewriteContext:
@@ -99,6 +100,20 @@ class RewriteContext:
                 self._edited()
                 return
         self._attach_copy(node, index, value, "rewritten copy")
+
+    def set_shape_element(self, source: Source | None, value: int) -> None:
+        """Rewrite one element of a shape parameter where it is stored (see ``shape_values``).
+
+        Only that element changes; the computed elements of the same vector stay computed.
+        """
+        if source is None:
+            raise RewriteError("a shape parameter to rewrite is computed at run time")
+        stored = self.const(source.node.inputs[source.index])
+        if stored is None:
+            raise RewriteError(f"input {source.index} of {source.node.name} is not constant")
+        updated = np.array(stored, copy=True)
+        updated.reshape(-1)[source.position] = value
+        self.set_input_value(source.node, source.index, updated)
 
     def add_input_value(self, node: gs.Node, value: np.ndarray, name: str) -> None:
         """Append a constant input (e.g. explicit split sizes)."""

@@ -5,10 +5,7 @@
   positions); on another axis it couples its inputs position by position.
 * Split/Slice on the channel axis cut the channels into parts (independent groups); their sizes
   or bounds are rewritten to the surviving counts. Steps other than 1 are blocked.
-* Flatten/Reshape that merge the channel axis with neighbouring axes repeat each channel's label
-  over the merged block in row-major order: feature ``f = (outer * C + c) * inner + i``, which
-  covers NCHW flatten (``c * HW + s``) and channels-last flatten (``s * C + c``) alike. A Reshape
-  that splits the channel axis itself (channel shuffle, attention heads) is blocked.
+* Flatten/Reshape: see ``reshape.py``.
 * Resize/Upsample/Pad act on other axes (a ``sizes`` entry for the channel axis is rewritten);
   scaling or padding the channel axis is blocked.
 * Shape of a mapped tensor is tracked so that reading the batch size does not block the channels,
@@ -20,12 +17,12 @@ import numpy as np
 
 from ..analysis import ChannelMap
 from ..registry import register
+from ..shape_values import rewritable_source, shape_elements
 from ._util import (
     axes_from,
     has_input,
     mapped_input,
     normalize_axis,
-    prod,
     split_parts,
     surviving_sizes,
 )
@@ -289,123 +286,6 @@ class SliceHandler:
             ctx.set_input_value(node, 2, np.array(ends, dtype=np.int64))
 
 
-def _merge_map(cmap: ChannelMap, in_shape, block_start: int, block_stop: int, out_axis: int):
-    """Labels after axes ``block_start..block_stop`` (holding the channel axis) are merged."""
-    inner = prod(in_shape[cmap.axis + 1:block_stop])
-    outer = prod(in_shape[block_start:cmap.axis])
-    return ChannelMap(out_axis, np.tile(np.repeat(cmap.labels, inner), outer))
-
-
-@register("Flatten")
-class FlattenHandler:
-    """2-D reshape at ``axis``: the channel axis merges with its block."""
-
-    def propagate(self, node, ctx) -> None:
-        xmap = ctx.map(node.inputs[0])
-        if xmap is None:
-            return
-        shape = ctx.shape(node.inputs[0])
-        if shape is None:
-            ctx.block(xmap, f"input shape of Flatten {node.name} is unknown")
-            return
-        axis = normalize_axis(int(node.attrs.get("axis", 1)), len(shape))
-        start, stop, out_axis = (axis, len(shape), 1) if xmap.axis >= axis else (0, axis, 0)
-        others = [d for i, d in enumerate(shape[start:stop], start) if i != xmap.axis]
-        if any(d is None for d in others):
-            ctx.block(xmap, f"Flatten {node.name} merges channels with unknown dims")
-            return
-        ctx.set_map(node.outputs[0], _merge_map(xmap, shape, start, stop, out_axis))
-
-    def apply(self, node, ctx) -> None:
-        pass
-
-
-def _resolve_reshape(in_shape, spec) -> list[int] | None:
-    out = []
-    for i, s in enumerate(spec):
-        if s == 0:
-            if i >= len(in_shape) or in_shape[i] is None:
-                return None
-            out.append(in_shape[i])
-        else:
-            out.append(s)
-    if -1 in out:
-        known = prod(d for d in out if d != -1)
-        if known == 0:
-            return None
-        out[out.index(-1)] = prod(in_shape) // known
-    return out
-
-
-@register("Reshape")
-class ReshapeHandler:
-    """Keeps, merges (repeat/tile labels) or splits (blocked) the channel axis."""
-
-    def propagate(self, node, ctx) -> None:
-        xmap = ctx.map(node.inputs[0])
-        if xmap is None:
-            return
-        in_shape = ctx.shape(node.inputs[0])
-        spec = ctx.const(node.inputs[1])
-        if in_shape is None or any(d is None for d in in_shape) or spec is None:
-            ctx.block(xmap, f"Reshape {node.name} has a computed shape or unknown input dims")
-            return
-        out_shape = _resolve_reshape(in_shape, [int(s) for s in spec.reshape(-1)])
-        if out_shape is None:
-            ctx.block(xmap, f"cannot resolve the target shape of Reshape {node.name}")
-            return
-        result = _reshape_map(xmap, list(in_shape), out_shape)
-        if result is None:
-            ctx.block(xmap, f"Reshape {node.name} splits the channel axis")
-            return
-        ctx.set_map(node.outputs[0], result)
-
-    def apply(self, node, ctx) -> None:
-        out_map = ctx.map(node.outputs[0])
-        keep = ctx.keep(node.outputs[0])
-        if out_map is None or keep is None:
-            return
-        spec = [int(s) for s in ctx.const(node.inputs[1]).reshape(-1)]
-        if spec[out_map.axis] in (-1, 0):
-            if spec[out_map.axis] == 0 and ctx.map(node.inputs[0]).axis != out_map.axis:
-                spec[out_map.axis] = len(keep)
-            else:
-                return
-        else:
-            spec[out_map.axis] = len(keep)
-        ctx.set_input_value(node, 1, np.array(spec, dtype=np.int64))
-
-
-def _reshape_map(cmap: ChannelMap, in_shape: list[int], out_shape: list[int]):
-    """Map the channel axis through a reshape by matching blocks of equal products."""
-    if prod(in_shape) != prod(out_shape) or in_shape[cmap.axis] <= 1:
-        return None
-    i = j = 0
-    while i < len(in_shape) or j < len(out_shape):
-        i0, j0 = i, j
-        p_in = in_shape[i] if i < len(in_shape) else 1
-        p_out = out_shape[j] if j < len(out_shape) else 1
-        i, j = i + 1, j + 1
-        while p_in != p_out:
-            if p_in < p_out and i < len(in_shape):
-                p_in *= in_shape[i]
-                i += 1
-            elif j < len(out_shape):
-                p_out *= out_shape[j]
-                j += 1
-            else:
-                return None
-        if i0 <= cmap.axis < i:
-            block_out = [k for k in range(j0, min(j, len(out_shape))) if out_shape[k] != 1]
-            big_in = [k for k in range(i0, min(i, len(in_shape))) if in_shape[k] != 1]
-            if len(block_out) != 1:
-                return None  # the channel axis is split (or vanished)
-            if big_in == [cmap.axis]:
-                return cmap.moved(block_out[0])
-            return _merge_map(cmap, in_shape, i0, min(i, len(in_shape)), block_out[0])
-    return None
-
-
 @register("Resize", "Upsample")
 class ResizeHandler:
     """Spatial resize; the channel axis must keep scale 1 (a ``sizes`` entry is rewritten)."""
@@ -421,11 +301,13 @@ class ResizeHandler:
         if entry is None:
             ctx.block(xmap, f"Resize {node.name} has computed or channel-changing scales/sizes")
             return
+        if entry[0] == "follows":
+            ctx.couple(entry[2], xmap.labels, f"Resize {node.name}")
         ctx.set_map(node.outputs[0], xmap.passed())
 
     @staticmethod
     def _channel_entry(node, ctx, xmap):
-        """Returns ('scales'|'sizes'|'attr', index) when the channel axis is left alone."""
+        """('scales'|'sizes'|'attr'|'follows', index[, labels]) when the channels pass."""
         axes = node.attrs.get("axes")
         if axes is not None:  # opset 18+: may count from the back
             rank = _rank(ctx, node.inputs[0])
@@ -447,13 +329,7 @@ class ResizeHandler:
                 ok = position is None or scales[position] == 1
                 return ("scales", position) if ok else None
         if node.op == "Resize" and has_input(node, 3):
-            sizes = ctx.const(node.inputs[3])
-            if sizes is None:
-                return None
-            sizes = np.asarray(sizes).reshape(-1)
-            if position is not None and sizes[position] != len(xmap.labels):
-                return None
-            return ("sizes", position)
+            return _sizes_entry(node, ctx, xmap, position)
         return None
 
     def apply(self, node, ctx) -> None:
@@ -461,11 +337,39 @@ class ResizeHandler:
         keep = ctx.keep(node.inputs[0])
         if xmap is None or keep is None:
             return
-        kind, position = self._channel_entry(node, ctx, xmap)
+        kind, position = self._channel_entry(node, ctx, xmap)[:2]
         if kind == "sizes" and position is not None:
-            sizes = np.array(ctx.const(node.inputs[3]), dtype=np.int64).reshape(-1)
-            sizes[position] = len(keep)
-            ctx.set_input_value(node, 3, sizes)
+            elements = shape_elements(node, 3, ctx)
+            ctx.set_shape_element(rewritable_source(node, 3, position, elements, ctx), len(keep))
+
+
+def _sizes_entry(node, ctx, xmap: ChannelMap, position: int | None):
+    """Resize ``sizes`` (partly computed, e.g. ``Concat(Shape(x)[0:2], Shape(y)[2:])``).
+
+    The channel entry must be a rewritable constant equal to the channel count, or the channel
+    count of the input itself read by ``Shape`` (it follows the plan by itself).
+    """
+    elements = shape_elements(node, 3, ctx)
+    if elements is None:
+        return None
+    for i, element in enumerate(elements):
+        if element.channels is not None and i != position:
+            return None
+
+    if position is None:
+        return ("sizes", None)
+    if position >= len(elements):
+        return None
+    carried = elements[position]
+    if carried.labels is not None:
+        # The input's own channel count follows the plan; another tensor's count of as many
+        # channels does too once the two are coupled (by ``propagate``).
+        same = len(carried.labels) == len(xmap.labels)
+        return ("follows", position, carried.labels) if same else None
+    if carried.value != len(xmap.labels) or \
+            rewritable_source(node, 3, position, elements, ctx) is None:
+        return None
+    return ("sizes", position)
 
 
 @register("Pad")
