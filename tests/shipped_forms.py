@@ -120,6 +120,22 @@ def resize_computed_channel_sizes() -> onnx.ModelProto:
     return n.model({"output": ["N", 4, 8, 8]}, {"input": ["N", 3, 8, 8]}, opset=13)
 
 
+def slice_bounds_partly_computed() -> onnx.ModelProto:
+    """A U-Net style crop with a dynamic batch: ``x[:, 2:6, :h]`` with ``h`` read from a skip
+    tensor's shape (``Slice(x, [2, 0], Concat([6], Shape(skip)[2:3]), [1, 2])``)."""
+    n = _Net(33)
+    c1 = n.relu("relu1", n.conv("conv1", "input", 3, 8))
+    skip = n.op("MaxPool", "pool", [c1], kernel_shape=[2, 1], strides=[2, 1])
+    h = n.op("Slice", "skip_h", [n.op("Shape", "skip_shape", [skip]), n.ints("s2", [2]),
+                                 n.ints("e3", [3]), n.ints("a0", [0])])
+    ends = n.op("Concat", "crop_ends", [n.ints("c_end", [6]), h], axis=0)
+    crop = n.op("Slice", "crop", [c1, n.ints("crop_starts", [2, 0]), ends,
+                                  n.ints("crop_axes", [1, 2])])
+    x = n.relu("relu2", n.conv("conv2", crop, 4, 8))
+    n.head(n.op("Add", "fuse", [x, n.conv("conv_skip", skip, 8, 8, k=1)]), 8)
+    return n.model({"output": ["N", 4, 4, 8]}, {"input": ["N", 3, 8, 8]}, opset=13)
+
+
 def _torch_view_net():
     import torch
 
@@ -182,5 +198,5 @@ def torch_view_batch(form: str, dynamo: bool) -> onnx.ModelProto:
     return onnx.load_from_string(buffer.getvalue())
 
 
-__all__ = ["paddle_reshape_zero_minus_one", "resize_computed_channel_sizes",
+__all__ = ["slice_bounds_partly_computed", "paddle_reshape_zero_minus_one", "resize_computed_channel_sizes",
            "resize_computed_sizes", "tf2onnx_computed_flatten", "torch_view_batch"]

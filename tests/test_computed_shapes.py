@@ -78,6 +78,8 @@ FORMS = {  # builder, producers that must be pruned (the rest feed the graph out
                                  {"conv1", "conv2", "conv_lat", "conv_top"}),
     "resize_sizes_other_channels": (shipped_forms.resize_computed_channel_sizes,
                                     {"conv1", "conv2"}),
+    "slice_bounds_partly_computed": (shipped_forms.slice_bounds_partly_computed,
+                                     {"conv1", "conv2", "conv_skip"}),
 }
 
 
@@ -129,3 +131,13 @@ def test_computed_channel_count_is_blocked_with_a_documented_reason() -> None:
     assert [t.dims for t in result.model.graph.initializer] == \
         [t.dims for t in model.graph.initializer]
 
+
+
+def test_slice_rewrites_the_channel_bound_and_keeps_the_computed_one() -> None:
+    model = shipped_forms.slice_bounds_partly_computed()
+    result = _prune_and_check(model)
+    kept = next(l for l in result.report.layers if l.name == "conv1").kept
+    stored = _stored(result.model)
+    assert stored["crop_starts"].tolist() == [sum(k < 2 for k in kept), 0]
+    assert stored["c_end"].tolist() == [sum(k < 6 for k in kept)]
+    assert "skip_shape" in {n.name for n in result.model.graph.node}

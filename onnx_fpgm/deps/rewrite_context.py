@@ -122,7 +122,7 @@ class RewriteContext:
 
     def _attach_copy(self, node: gs.Node, index: int, value: np.ndarray, what: str) -> None:
         old = node.inputs[index]
-        copy = gs.Constant(self._unique(f"{old.name}__{node.name}"), np.ascontiguousarray(value))
+        copy = gs.Constant(self._unique(f"{old.name}__{node.name}"), _contiguous(value))
         node.inputs[index] = copy
         self._edited()
         self.notes.append(f"{node.name}: {old.name} is shared or computed; used a {what}")
@@ -157,8 +157,13 @@ def _stored_value(root) -> np.ndarray:
     return constant_node_value(root)
 
 
+def _contiguous(value: np.ndarray) -> np.ndarray:
+    """C-contiguous, keeping 0-d scalars 0-d (``np.ascontiguousarray`` makes them 1-d)."""
+    return np.asarray(value, order="C") if np.ndim(value) else np.array(value)
+
+
 def _store_value(root, value: np.ndarray) -> None:
-    value = np.ascontiguousarray(value)
+    value = _contiguous(value)
     if isinstance(root, gs.Constant):
         root.values = value
         return

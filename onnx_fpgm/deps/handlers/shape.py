@@ -204,19 +204,21 @@ class SplitHandler:
 
 
 def _slice_params(node, ctx):
-    """(starts, ends, axes, steps) as lists, or None when not constant."""
+    """(starts, ends, axes, steps, elements) with None for computed entries; None when the axes
+    are not constant. ``elements`` (opset >= 10): the parsed inputs 1..4, for rewriting."""
     if ctx.opset < 10:
         starts = list(node.attrs.get("starts", []))
         ends = list(node.attrs.get("ends", []))
         axes = list(node.attrs.get("axes", range(len(starts))))
-        return starts, ends, axes, [1] * len(starts)
-    values = []
+        return starts, ends, axes, [1] * len(starts), {}
+    values, elements = [], {}
     for index in range(1, 5):
         if has_input(node, index):
-            value = ctx.const(node.inputs[index])
-            if value is None:
+            parsed = shape_elements(node, index, ctx)
+            if parsed is None:
                 return None
-            values.append([int(v) for v in np.asarray(value).reshape(-1)])
+            elements[index] = parsed
+            values.append([e.value for e in parsed])
         else:
             values.append(None)
     starts, ends, axes, steps = values
@@ -224,12 +226,34 @@ def _slice_params(node, ctx):
         axes = list(range(len(starts)))
     if steps is None:
         steps = [1] * len(starts)
-    return starts, ends, axes, steps
+    if any(a is None for a in axes) or not len(starts) == len(ends) == len(axes) == len(steps):
+        return None
+    return starts, ends, axes, steps, elements
 
 
 def _clamp(index: int, dim: int) -> int:
     index = index + dim if index < 0 else index
     return max(0, min(index, dim))
+
+
+def _check_slice_bounds(node, ctx, params, k: int, dim: int) -> str | None:
+    """Why the channel range of Slice ``node`` (entry ``k``) cannot be followed, or None.
+
+    Bounds of other axes may be computed (a crop to another tensor's size), but not from a
+    channel count; the channel entries must be known, and rewritable where the plan moves them.
+    """
+    starts, ends, _, steps, elements = params
+    for index, parsed in elements.items():
+        if any(e.channels is not None for i, e in enumerate(parsed) if i != k):
+            return f"channel count read by Slice {node.name}"
+    if starts[k] is None or ends[k] is None or steps[k] is None:
+        return f"bounds of Slice {node.name} are not constant"
+    movable = [(1, _clamp(starts[k], dim) > 0), (2, ends[k] < dim)]
+    for index, moves in movable:
+        if moves and index in elements and \
+                rewritable_source(node, index, k, elements[index], ctx) is None:
+            return f"bounds of Slice {node.name} are not constant (computed and shared)"
+    return None
 
 
 @register("Slice")
@@ -245,16 +269,20 @@ class SliceHandler:
         if params is None or rank is None:
             ctx.block(xmap, f"bounds of Slice {node.name} are not constant")
             return
-        starts, ends, axes, steps = params
+        starts, ends, axes, steps, _ = params
         axes = [normalize_axis(a, rank) for a in axes]
         if xmap.axis not in axes:
             ctx.set_map(node.outputs[0], xmap.passed())
             return
         k = axes.index(xmap.axis)
+        dim = len(xmap.labels)
+        reason = _check_slice_bounds(node, ctx, params, k, dim)
+        if reason:
+            ctx.block(xmap, reason)
+            return
         if steps[k] != 1:
             ctx.block(xmap, f"Slice {node.name} steps over channels")
             return
-        dim = len(xmap.labels)
         start, stop = _clamp(starts[k], dim), _clamp(ends[k], dim)
         stop = max(start, stop)
         ctx.cut(xmap.labels, start)
@@ -266,7 +294,7 @@ class SliceHandler:
         if xmap is None or ctx.keep(node.inputs[0]) is None:
             return
         rank = _rank(ctx, node.inputs[0])
-        starts, ends, axes, _ = _slice_params(node, ctx)
+        starts, ends, axes, _, elements = _slice_params(node, ctx)
         axes = [normalize_axis(a, rank) for a in axes]
         if xmap.axis not in axes:
             return
@@ -275,15 +303,18 @@ class SliceHandler:
         start, stop = _clamp(starts[k], dim), max(_clamp(starts[k], dim), _clamp(ends[k], dim))
         new_start = _kept_count(ctx, xmap, 0, start)
         new_stop = new_start + _kept_count(ctx, xmap, start, stop)
-        starts, ends = list(starts), list(ends)
-        starts[k] = new_start
-        if not (ends[k] >= dim):  # "to the end" stays "to the end"
-            ends[k] = new_stop
         if ctx.opset < 10:
+            starts, ends = list(starts), list(ends)
+            starts[k] = new_start
+            if not (ends[k] >= dim):  # "to the end" stays "to the end"
+                ends[k] = new_stop
             node.attrs["starts"], node.attrs["ends"] = starts, ends
-        else:
-            ctx.set_input_value(node, 1, np.array(starts, dtype=np.int64))
-            ctx.set_input_value(node, 2, np.array(ends, dtype=np.int64))
+            return
+        if new_start != starts[k]:
+            ctx.set_shape_element(rewritable_source(node, 1, k, elements[1], ctx), new_start)
+        if not (ends[k] >= dim) and new_stop != ends[k]:  # "to the end" stays "to the end"
+            elements[2] = shape_elements(node, 2, ctx)  # input 1 may share its constant
+            ctx.set_shape_element(rewritable_source(node, 2, k, elements[2], ctx), new_stop)
 
 
 @register("Resize", "Upsample")
