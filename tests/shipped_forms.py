@@ -149,6 +149,7 @@ def _torch_view_net():
             self.bn1 = torch.nn.BatchNorm2d(8)
             self.conv2 = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
             self.se = torch.nn.Linear(8, 8)
+            self.chunk_conv = torch.nn.Conv2d(4, 4, 3, padding=1)
             self.fc1 = torch.nn.Linear(8 * 4 * 4, 16)
             self.fc2 = torch.nn.Linear(16, 5)
 
@@ -162,6 +163,10 @@ def _torch_view_net():
                 y = torch.nn.functional.adaptive_avg_pool2d(x, 1).view(b, c)
                 y = torch.sigmoid(self.se(y)).view(b, c, 1, 1)
                 x = (x * y).view(b, -1)
+            elif self.form == "chunk":  # TorchScript: Slice bounds computed from Shape
+                p, q = torch.chunk(x, 2, dim=1)
+                x = torch.cat([torch.relu(self.chunk_conv(p)), q], 1)
+                x = x.view(x.size(0), -1)
             elif self.form == "reshape":
                 x = x.reshape(x.shape[0], x.shape[1] * x.shape[2] * x.shape[3])
             else:
@@ -173,8 +178,9 @@ def _torch_view_net():
 
 def torch_view_batch(form: str, dynamo: bool) -> onnx.ModelProto:
     """A torch CNN exported with a dynamic batch; the head flattens with ``form``:
-    ``view`` (``x.view(x.size(0), -1)``), ``reshape`` (all sizes read from ``x.shape``) or
-    ``flatten`` (``torch.flatten(x, 1)``)."""
+    ``view`` (``x.view(x.size(0), -1)``), ``reshape`` (all sizes read from ``x.shape``),
+    ``flatten`` (``torch.flatten(x, 1)``), ``se`` (a squeeze-excitation block sized with
+    ``b, c, _, _ = x.size()``) or ``chunk`` (``torch.chunk`` on channels, then ``view``)."""
     import io
 
     import torch

@@ -90,7 +90,7 @@ def test_hand_built_forms(form: str) -> None:
     assert pruned_layers(result) == expected
 
 
-TORCH = [(form, dynamo) for form in ("view", "reshape", "flatten", "se")
+TORCH = [(form, dynamo) for form in ("view", "reshape", "flatten", "se", "chunk")
          for dynamo in (False, True)]
 
 
