@@ -36,7 +36,8 @@ import onnx_graphsurgeon as gs
 
 logger = logging.getLogger(__name__)
 
-#: Ops that move elements of a vector without computing on them.
+#: Ops whose output elements are followed one by one from their inputs' elements: moved
+#: without computing on them, or (``Mul``) scaled, so ``c * h * w`` still names its channels.
 ELEMENT_MOVING_OPS = frozenset({"Identity", "Cast", "Concat", "Gather", "Slice", "Unsqueeze",
                                 "Squeeze", "Reshape", "Flatten", "Shape", "Mul"})
 #: Arithmetic evaluated element by element where both sides are known.
@@ -187,10 +188,10 @@ def _moved(node: gs.Node, ctx, sources: bool, exclusive: bool,
 
 def _with_reader_sources(elements: list[Element], reader, exclusive: bool) -> list[Element]:
     """Known values computed from static dims (TorchScript's ``chunk`` bounds) have no stored
-    constant; when the whole vector is known, the reader may take a constant instead (its own
-    copy: other readers of the computation are not affected)."""
-    if reader is None or not all(e.known for e in elements):
-        return elements
+    constant; when the whole vector is known and holds no dim read by ``Shape``, the reader may
+    take a constant instead (its own copy: other readers of the computation are unaffected)."""
+    if reader is None or not all(e.known and e.symbol is None for e in elements):
+        return elements  # a dim read at run time (a batch) must stay read at run time
     values = tuple(e.value for e in elements)
     return [e if e.source is not None else
             replace(e, source=Source(reader[0], reader[1], k, exclusive, values))
