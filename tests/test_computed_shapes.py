@@ -62,9 +62,16 @@ def test_tf2onnx_shared_channel_constant_is_copied() -> None:
     assert any("const_fold_opt__30" in note and "copy" in note for note in result.report.notes)
 
 
-def test_tf2onnx_computed_flatten_prunes_at_least_what_onnxsim_prunes() -> None:
+PEER_FORMS = {"tf2onnx_computed_flatten": shipped_forms.tf2onnx_computed_flatten,
+              "paddle_reshape_0_-1": shipped_forms.paddle_reshape_zero_minus_one,
+              "resize_sizes_from_shapes": shipped_forms.resize_computed_sizes,
+              "slice_bounds_partly_computed": shipped_forms.slice_bounds_partly_computed}
+
+
+@pytest.mark.parametrize("form", list(PEER_FORMS))
+def test_prunes_at_least_what_onnxsim_prunes(form: str) -> None:
     pruning = pytest.importorskip("onnxsim.pruning", reason="peer onnxsim not installed")
-    model = shipped_forms.tf2onnx_computed_flatten()
+    model = PEER_FORMS[form]()
     before = count_params(model)
     ours = onnx_fpgm.prune(model, 0.5).report.after.params
     peer = count_params(pruning.apply_structured_pruning(model, 0.5))
