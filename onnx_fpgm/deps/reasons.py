@@ -49,15 +49,20 @@ REASONS: tuple[ReasonKind, ...] = (
                "(each group is pruned at the same rate; a coupling that breaks the balance "
                "freezes them)."),
     ReasonKind("quantized layers", r"quantized layers|computed by (DequantizeLinear|QuantizeLinear)",
-               "QLinearConv/QLinearMatMul/ConvInteger and convs whose weight comes from a "
-               "DequantizeLinear (QDQ): left unpruned and named in the report; prune the float "
-               "model before quantizing."),
+               "QLinearConv/QLinearMatMul/ConvInteger/MatMulInteger, onnxruntime's "
+               "DynamicQuantizeLSTM/DynamicQuantizeMatMul, and convs whose weight comes from a "
+               "DequantizeLinear (QDQ): left unpruned and named in the report (a model with "
+               "nothing else is written unchanged, exit 0); prune the float model before "
+               "quantizing."),
     ReasonKind("computed weights or parameters",
                r"not a stored|not constant|computed shape|no constant 2-D weight|"
                r"computed or",
-               "Weights, biases, split sizes, slice bounds or reshape targets computed at run "
-               "time from graph inputs (a stored constant, a Constant node, or a constant "
-               "subgraph is fine)."),
+               "Weights, biases, split sizes, slice bounds, or the channel count in a reshape "
+               "target or resize sizes, computed at run time from graph inputs (a stored "
+               "constant, a Constant node, or a constant subgraph is fine; so is a target "
+               "assembled from a batch read by Shape and constant channel counts, as tf2onnx's "
+               "Flatten and torch's x.view(x.size(0), -1) write it, and a channel count read by "
+               "Shape from the tensor itself)."),
     ReasonKind("unknown shapes", r"unknown|cannot resolve",
                "Shapes that cannot be inferred, or that depend on the input size, where the "
                "channel mapping depends on them (e.g. Flatten or Reshape after symbolic spatial "
