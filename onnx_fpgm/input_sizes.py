@@ -352,6 +352,7 @@ def infer_shapes_at(model: onnx.ModelProto, sizes: InputSizes) -> onnx.ModelProt
         ran = _run_for_shapes(model, missing, [s for s, run in sets if run])
         for shapes, found in zip(per_set, ran):
             shapes.update(found)
+    symbol_of = _symbols_by_values(model, sizes, [s for s, _ in sets])
     first, *others = per_set
     for name, (elem_type, dims) in first.items():
         value = light.graph.value_info.add()
@@ -364,10 +365,37 @@ def infer_shapes_at(model: onnx.ModelProto, sizes: InputSizes) -> onnx.ModelProt
         shape.SetInParent()
         for k, d in enumerate(dims):
             dim = shape.dim.add()
-            if d is not None and all(t is not None and len(t) == len(dims) and t[k] == d
-                                     for t in theirs):
+            values = (d, *(t[k] if t is not None and len(t) == len(dims) else None
+                           for t in theirs))
+            if d is not None and all(v == d for v in values):
                 dim.dim_value = d
+            elif values in symbol_of:
+                dim.dim_param = symbol_of[values]
     return light
+
+
+def _symbols_by_values(model: onnx.ModelProto, sizes: InputSizes,
+                       size_sets: list[dict[str, tuple[int, ...]]]) -> dict[tuple, str]:
+    """Input symbols by the values they take across ``size_sets``, where that is unambiguous.
+
+    A varying dim whose values equal exactly one input symbol's in every set (a batch carried
+    through the graph) keeps that symbol, as onnx's symbolic inference would name it, so a
+    Reshape target assembled from ``Shape(x)[0]`` is seen to match its input's batch. Other
+    varying dims stay unnamed: unknown, and never equal to anything.
+    """
+    by_values: dict[tuple, set[str]] = {}
+    for d in sizes.dims:
+        values = tuple(s[d.input][d.axis] for s in size_sets)
+        by_values.setdefault(values, set()).add(_dim_symbol(model, d))
+    return {v: next(iter(s)) for v, s in by_values.items() if len(s) == 1}
+
+
+def _dim_symbol(model: onnx.ModelProto, d: SymbolicDim) -> str:
+    """The name the analysis reads for the input dim ``d`` (its dim_param, or a token of its
+    own for an anonymous dim, as ``deps.shape_values.symbolic_dims`` writes it)."""
+    if d.symbol != f"{d.input}:{d.axis}":
+        return d.symbol
+    return f"?{d.input}#{d.axis}"
 
 
 def _varied(sizes: InputSizes) -> dict[str, tuple[int, ...]] | None:
