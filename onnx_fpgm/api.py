@@ -65,7 +65,7 @@ def _timed(report: Report, phase: str):
 
 def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
           config: PruneConfig | None = None, progress: Progress | None = None,
-          **options) -> PruneResult:
+          cache: dict | None = None, **options) -> PruneResult:
     """Prune ``model`` by FPGM and verify the result.
 
     Args:
@@ -73,6 +73,8 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
         sparsity: fraction of each group's channels to remove (ignored when ``config`` is given).
         config: all options at once; otherwise ``options`` are ``PruneConfig`` fields.
         progress: optional progress callback for long phases.
+        cache: a dict kept by the caller between runs on the same model and settings (a
+            sweep): measured sensitivities and channel scores are reused from it.
 
     Returns:
         The pruned model with its report.
@@ -97,8 +99,14 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
         _check_strict(analysis)
     with _timed(report, "score"):
         score = _scorer(config)
-        advance = progress("scoring", len(analysis.groups)) if progress else None
-        plan = plan_pruning(analysis, config, score, advance)
+        if config.target:
+            from .allocate import plan_to_target
+
+            plan, report.target = plan_to_target(analysis, graph, original, config, score,
+                                                 progress, cache)
+        else:
+            advance = progress("scoring", len(analysis.groups)) if progress else None
+            plan = plan_pruning(analysis, config, score, advance)
     with _timed(report, "rewrite"):
         notes = apply_plan(graph, analysis, plan, opset)
         metadata = {f"onnx_fpgm.{k}": v for k, v in config.to_metadata().items()}
@@ -113,6 +121,8 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
                                   io.weight_bytes(original))
         report.after = ModelSize(count_params(pruned), count_macs(pruned, input_shapes),
                                  io.weight_bytes(pruned))
+    if report.target is not None:
+        _check_target(report)
     if config.verify:
         with _timed(report, "verify"):
             advance = progress("verifying", 1) if progress else None
@@ -205,6 +215,18 @@ def _compensate_and_measure(original, pruned, analysis, plan, config, report) ->
                                  count_macs(model, dict(config.input_shapes)),
                                  io.weight_bytes(model))
     return model
+
+
+def _check_target(report: Report) -> None:
+    """Record the measured ratio; a cost model that disagrees with the count is noted."""
+    outcome = report.target
+    before, after = getattr(report.before, outcome.metric), getattr(report.after, outcome.metric)
+    outcome.achieved = after / before if before else 1.0
+    if abs(outcome.achieved - outcome.estimated) > 1e-6:
+        logger.warning("cost model estimated %.6f, measured %.6f", outcome.estimated,
+                       outcome.achieved)
+        report.notes.append(f"the cost model estimated {outcome.estimated:.4f} of the original "
+                            f"{outcome.metric}, the rewritten model has {outcome.achieved:.4f}")
 
 
 def _scorer(config: PruneConfig):

@@ -5,6 +5,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .allocate import TargetOutcome
 from .bench import LatencyResult, ModelSize
 
 
@@ -52,6 +53,7 @@ class Report:
     fidelity_on: str = ""
     fidelity: list[str] = field(default_factory=list)
     fidelity_data: list[dict[str, Any]] = field(default_factory=list)
+    target: TargetOutcome | None = None
 
     @property
     def coverage(self) -> float:
@@ -118,6 +120,8 @@ def render(report: Report, console, dry_run: bool = False) -> None:
         console.print(f"params: {b.params:,} -> {a.params:,} ({_ratio(b.params, a.params)} smaller)")
         console.print(f"MACs:   {b.macs:,} -> {a.macs:,} ({_ratio(b.macs, a.macs)} fewer)")
         console.print(f"size:   {b.bytes:,} -> {a.bytes:,} bytes")
+    if report.target is not None:
+        render_target(report.target, console)
     if report.verification is not None:
         v = report.verification
         console.print(f"verify: {'passed' if v['passed'] else 'FAILED'} - {v['summary']}")
@@ -133,3 +137,19 @@ def render(report: Report, console, dry_run: bool = False) -> None:
             f"(IQR {lat.pruned_iqr_ms:.2f}), speedup {lat.speedup:.2f}x")
     for note in report.notes:
         console.print(f"note: {note}")
+
+
+def render_target(outcome: TargetOutcome, console) -> None:
+    """The target line and the sparsity chosen for every group that lost channels."""
+    from rich.table import Table
+
+    table = Table(title=f"Per-group sparsity ({outcome.allocation} allocation)",
+                  title_justify="left")
+    for col in ("group", "producers", "channels", "kept", "sparsity"):
+        table.add_column(col, overflow="fold")
+    for g in outcome.groups:
+        producers = ", ".join(g["producers"][:3]) + (" ..." if len(g["producers"]) > 3 else "")
+        table.add_row(str(g["id"]), producers, str(g["channels"]), str(g["kept"]),
+                      f"{g['sparsity']:.3f}")
+    console.print(table)
+    console.print(outcome.summary())
