@@ -99,7 +99,13 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
         _check_strict(analysis)
     with _timed(report, "score"):
         score = _scorer(config)
-        if config.target:
+        if config.plan:
+            from .plan_io import plan_from_report
+
+            plan, matched_by = plan_from_report(config.plan, analysis)
+            report.notes.append(f"plan re-applied from {config.plan} (producers matched by "
+                                f"{matched_by})")
+        elif config.target:
             from .allocate import plan_to_target
 
             plan, report.target = plan_to_target(analysis, graph, original, config, score,
@@ -285,7 +291,8 @@ def _fill_decisions(report: Report, analysis: Analysis, plan: PrunePlan) -> None
         kept = np.flatnonzero(~removed[atoms])
         groups = np.unique(group_of_class[analysis.class_of_atom[atoms]])
         report.layers.append(LayerReport(src.node, src.op, src.n, len(kept), kept.tolist(),
-                                         int(groups[0])))
+                                         int(groups[0]),
+                                         int(analysis.members[src.member].rows.shape[1])))
         report.total_channels += src.n
         open_atoms = [g not in frozen_group for g in group_of_class[analysis.class_of_atom[atoms]]]
         report.prunable_channels += int(np.count_nonzero(open_atoms))

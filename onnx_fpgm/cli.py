@@ -8,7 +8,14 @@ import os
 import sys
 from pathlib import Path
 
-from .config import COMPENSATIONS, CRITERIA, PruneConfig, check_sparsity
+from .config import (
+    ALLOCATIONS,
+    COMPENSATIONS,
+    CRITERIA,
+    PruneConfig,
+    check_sparsity,
+    check_target,
+)
 from .errors import ConfigError, OnnxFpgmError, OutputError
 
 EXIT_INTERNAL = 3
@@ -35,6 +42,13 @@ def _parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     return name, shape
 
 
+def _parse_target(text: str) -> float:
+    try:
+        return check_target(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
 def _parse_sparsity(text: str) -> float:
     try:
         return check_sparsity(text)
@@ -56,8 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "rewrite every coupled layer, and verify the result with onnxruntime.")
     parser.add_argument("input", metavar="IN", help="input .onnx model")
     parser.add_argument("output", metavar="OUT", nargs="?", help="output .onnx model")
-    parser.add_argument("--sparsity", type=_parse_sparsity, default=0.5,
+    parser.add_argument("--sparsity", type=_parse_sparsity, default=None,
                         help="fraction of each group's channels to remove (default 0.5)")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--target-macs", type=_parse_target, metavar="R",
+                        help="prune to this fraction of the original MACs (per-group "
+                             "sparsities chosen by --allocation)")
+    target.add_argument("--target-params", type=_parse_target, metavar="R",
+                        help="prune to this fraction of the original parameters")
+    parser.add_argument("--allocation", choices=ALLOCATIONS, default="auto",
+                        help="how a target is spread over groups: uniform, global (score per "
+                             "MAC saved), sensitivity (measured on --calibration); auto: "
+                             "sensitivity with --calibration, else global")
+    parser.add_argument("--plan", metavar="REPORT.json",
+                        help="re-apply the kept channels of a saved --report (this model or "
+                             "another export of it)")
     parser.add_argument("--dist", type=int, choices=(1, 2), default=2,
                         help="distance between filters: 1 (L1) or 2 (L2, default)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -162,8 +189,16 @@ def _run(args) -> int:
     from .bench import benchmark
 
     _check_paths(args)
+    if args.sparsity is not None and (args.target_macs or args.target_params):
+        raise ConfigError("give --sparsity or a target (--target-macs/--target-params), "
+                          "not both")
+    if args.plan and (args.sparsity is not None or args.target_macs or args.target_params):
+        raise ConfigError("--plan fixes every group's channels: drop --sparsity and targets")
     config = PruneConfig(
-        sparsity=args.sparsity, dist=args.dist, device=args.device, exclude=tuple(args.exclude),
+        sparsity=0.5 if args.sparsity is None else args.sparsity,
+        target_macs=args.target_macs, target_params=args.target_params,
+        allocation=args.allocation, plan=args.plan, dist=args.dist, device=args.device,
+        exclude=tuple(args.exclude),
         layer_sparsity=tuple(args.layer_sparsity), min_channels=args.min_channels,
         round_to=args.round_to, verify=not args.no_verify and not args.dry_run,
         strict=args.strict, input_shapes=tuple(args.input_shape), seed=args.seed,

@@ -61,6 +61,7 @@ class PruneConfig:
     target_macs: float | None = None
     target_params: float | None = None
     allocation: Allocation = "auto"
+    plan: str | None = None
     _compiled: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -86,6 +87,8 @@ class PruneConfig:
             raise ConfigError("give one target: target_macs or target_params")
         for value in targets:
             check_target(value)
+        if self.plan and targets:
+            raise ConfigError("a plan fixes every group's channels: give a plan or a target")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}, "
                               f"got {self.allocation!r}")

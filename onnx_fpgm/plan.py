@@ -79,7 +79,7 @@ def plan_pruning(analysis: Analysis, config: PruneConfig, score: SelectFn,
     extra_frozen: dict[int, str] = {}
     for _ in range(8):
         plan = _plan_once(analysis, config, score, extra_frozen, progress, keep_counts or {})
-        emptied = _emptied_groups(analysis, plan)
+        emptied = emptied_groups(analysis, plan)
         if not emptied:
             return plan
         extra_frozen.update(emptied)
@@ -117,7 +117,7 @@ def _plan_once(analysis, config, score, extra_frozen, progress, keep_counts) -> 
     return PrunePlan(plans, removed_classes)
 
 
-def _emptied_groups(analysis: Analysis, plan: PrunePlan) -> dict[int, str]:
+def emptied_groups(analysis: Analysis, plan: PrunePlan) -> dict[int, str]:
     """Groups whose removal would empty a tensor or unbalance the groups of a grouped conv."""
     if not plan.n_removed:
         return {}

@@ -11,7 +11,10 @@ from .bench import LatencyResult, ModelSize
 
 @dataclass
 class LayerReport:
-    """One producer's output channels before and after; ``kept`` are the kept indices."""
+    """One producer's output channels before and after; ``kept`` are the kept indices.
+
+    ``filter_size`` (elements per filter) lets ``--plan`` match this producer in another export.
+    """
 
     name: str
     op: str
@@ -19,6 +22,7 @@ class LayerReport:
     channels_after: int
     kept: list[int]
     group: int
+    filter_size: int | None = None
 
 
 @dataclass
