@@ -127,14 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, runner = build_parser(), _run
+    if argv[:1] == ["sweep"]:  # the subcommand; a model file named sweep is ./sweep
+        from .cli_sweep import build_sweep_parser, run_sweep_command
+
+        parser, runner, argv = build_sweep_parser(), run_sweep_command, argv[1:]
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a usage error (2): return it, as documented
         return int(exit_.code or 0)
     logging.basicConfig(level=logging.ERROR, format="onnx-fpgm: %(message)s")
     try:
-        return _run(args)
+        return runner(args)
     except OnnxFpgmError as err:
         print(f"onnx-fpgm: error: {err}", file=sys.stderr)
         return err.exit_code
