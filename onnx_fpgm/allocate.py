@@ -9,7 +9,7 @@ Three ways to spread the budget (``--allocation``):
   score divided by the group's mean score) per MAC (or param) its removal saves; the cheapest
   prefix of that ranking that meets the target goes.
 * ``sensitivity``: each group alone is pruned at a few sparsities and the loss on calibration
-  data is measured (``sensitivity.py``); then, greedily, the group with the least loss per
+  data is measured (``sensitivity.py``; after the asked compensation, when there is one); then, greedily, the group with the least loss per
   MAC (param) saved gives up its next step of channels until the target is met.
 
 Costs come from the analytic ``CostModel``; the search keeps the plan with the most channels
@@ -225,10 +225,22 @@ class Allocator:
             groups = [[self.analysis.groups[g] for g in unit] for unit in self.units]
             advance = progress_factory("sensitivity", len(groups) * len(levels)) \
                 if progress_factory else None
-            losses = measure_sensitivity(
-                self._original, self.analysis, groups, levels, select, calibration,
-                lambda unit, s: [self.legal(g.id, n_to_keep(g.n_channels, s, 1, None))
-                                 for g in unit], advance)
+
+            def counts(unit: list[Group], s: float) -> list[int]:
+                return [self.legal(g.id, n_to_keep(g.n_channels, s, 1, None)) for g in unit]
+
+            mode = self.config.compensate
+            if mode == "none":
+                losses = measure_sensitivity(self._original, self.analysis, groups, levels,
+                                             select, calibration, counts, advance)
+            else:  # what compensation cannot recover; auto judges by lstsq, its best
+                from . import io
+                from .sensitivity import measure_compensated_sensitivity
+
+                losses = measure_compensated_sensitivity(
+                    self._original, io.infer_shapes(io.light_copy(self._original)),
+                    io.default_opset(self._original), self.analysis, groups, levels, select,
+                    calibration, counts, "lstsq" if mode == "auto" else mode, advance)
             self.sensitivity = np.maximum.accumulate(losses, axis=1)  # monotone in sparsity
         curves = self.sensitivity
         full = [int(self.n[u[0]]) for u in self.units]
@@ -306,14 +318,15 @@ def plan_to_target(analysis: Analysis, graph: gs.Graph, original: onnx.ModelProt
     how = config.resolved_allocation
     allocator = Allocator(analysis, graph, original, config, metric)
     cache = cache if cache is not None else {}
-    allocator.sensitivity = cache.get("sensitivity")
+    measured = f"sensitivity/{config.compensate}"  # compensation changes what is measured
+    allocator.sensitivity = cache.get(measured)
     allocator._scores = cache.get("scores")
     calibration = load_calibration(config.calibration, original) \
         if how == "sensitivity" else None
     keep = allocator.allocate(target, how, select=select,
                               channel_scores=channel_scorer(analysis, config),
                               calibration=calibration, progress_factory=progress_factory)
-    cache["sensitivity"], cache["scores"] = allocator.sensitivity, allocator._scores
+    cache[measured], cache["scores"] = allocator.sensitivity, allocator._scores
     counts = {g.id: int(keep[g.id]) for g in analysis.groups}
     plan = plan_pruning(analysis, config, select, None, counts)
     lost = [gp.group_id for gp in plan.groups

@@ -138,3 +138,48 @@ def _run_with_masks(session, model: onnx.ModelProto, calibration: Calibration,
             return session.run(outputs, {**feeds, **masks})
 
     return run_batched(_WithMasks(), model, calibration, names)
+
+
+def measure_compensated_sensitivity(original: onnx.ModelProto, shapes: onnx.ModelProto,
+                                    opset: int, analysis: Analysis,
+                                    units: list[list[Group]], levels: tuple[float, ...],
+                                    select: Callable[[Analysis, Group, int], np.ndarray],
+                                    calibration: Calibration,
+                                    counts: Callable[[list[Group], float], list[int]],
+                                    mode: str,
+                                    progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Like ``measure_sensitivity``, but each measurement is the real rewrite followed by
+    ``mode`` compensation: with compensation, what matters is what it cannot recover (a group
+    whose removal lstsq undoes is cheap, however large its raw error). One rewrite and one fit
+    per measurement: slower, so only used when compensation is asked for."""
+    from . import io
+    from .compensate import compensate, find_consumers
+    from .deps.constants import fold_constant_shapes
+    from .plan import PrunePlan
+    from .rewrite import apply_plan
+
+    calibration = Calibration({k: v[:MAX_SAMPLES] for k, v in calibration.inputs.items()},
+                              None if calibration.labels is None else
+                              calibration.labels[:MAX_SAMPLES])
+    reference = run_batched(make_session(original, optimize=True), original, calibration)
+    losses = np.zeros((len(units), len(levels)))
+    for u, unit in enumerate(units):
+        for j, level in enumerate(levels):
+            removed_classes = []
+            for group, keep in zip(unit, counts(unit, level)):
+                if keep < group.n_channels:
+                    gone = np.asarray(select(analysis, group, group.n_channels - keep))
+                    removed_classes.append(group.classes[gone])
+            if removed_classes:
+                classes = np.sort(np.concatenate(removed_classes))
+                graph = io.import_graph(original, shapes)
+                fold_constant_shapes(graph)
+                apply_plan(graph, analysis, PrunePlan([], classes), opset)
+                pruned = io.export_graph(graph, original, None)
+                consumers = find_consumers(original, analysis, analysis.removed_atoms(classes))
+                model, _ = compensate(original, pruned, consumers, mode, calibration)
+                outputs = run_batched(make_session(model, optimize=True), original, calibration)
+                losses[u, j] = output_loss(reference, outputs, calibration.labels)
+            if progress is not None:
+                progress(1)
+    return losses
