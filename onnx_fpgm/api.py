@@ -191,10 +191,13 @@ def _compensate_and_measure(original, pruned, analysis, plan, config, report) ->
         scores = fidelity(original, model, original, calibration) if calibration else None
         candidates.append((mode, model, notes, scores))
 
-    def quality(candidate) -> tuple:
+    def quality(candidate) -> tuple:  # the worst output part decides, not the average
         scores = candidate[3] or []
-        accuracy = sum(f.accuracy_pruned or 0.0 for f in scores)
-        return (accuracy, -sum(f.relative_error for f in scores))
+        accuracy = min((f.accuracy_pruned for f in scores if f.accuracy_pruned is not None),
+                       default=0.0)
+        agreement = min((f.top1_agreement for f in scores if f.top1_agreement is not None),
+                        default=0.0)
+        return (accuracy, agreement, -max((f.relative_error for f in scores), default=0.0))
 
     mode, model, notes, scores = max(candidates, key=quality)
     report.notes.extend(notes)

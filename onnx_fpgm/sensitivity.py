@@ -6,8 +6,7 @@ input) in front of every consumer of prunable channels, answers every "this grou
 sparsity" question by feeding other masks: no rewrite, one session for all measurements.
 
 Loss of one measurement (larger is worse), against the unpruned outputs on the calibration data:
-the relative error of the output part that suffers most (see ``fidelity.output_parts``) and,
-with labels, plus the drop in top-1 accuracy.
+that of the output part that suffers most (see ``fidelity.output_parts`` and ``output_loss``).
 """
 from __future__ import annotations
 
@@ -75,7 +74,8 @@ def build_masked_model(model: onnx.ModelProto, analysis: Analysis) -> MaskedMode
 
 def output_loss(reference: list[np.ndarray], outputs: list[np.ndarray],
                 labels: np.ndarray | None) -> float:
-    """Worst part's relative error (+ accuracy drop with labels) of ``outputs``."""
+    """Loss of the worst output part: its relative error, plus with labels the drop in top-1
+    accuracy (class scores), else the lost share of its top-1/top-k agreement."""
     from .fidelity import output_parts
 
     loss = 0.0
@@ -83,12 +83,15 @@ def output_loss(reference: list[np.ndarray], outputs: list[np.ndarray],
         if want.dtype.kind != "f":
             continue
         for part in output_parts(want, have):
-            loss = max(loss, part.relative_error)
-            if labels is not None and part.top1 is not None:
+            part_loss = part.relative_error
+            if labels is not None and part.scores_want is not None:
                 n = min(len(labels), len(part.scores_want))
                 acc_want = np.mean(part.scores_want[:n].argmax(-1) == labels[:n])
                 acc_have = np.mean(part.scores_have[:n].argmax(-1) == labels[:n])
-                loss = max(loss, float(acc_want - acc_have) + part.relative_error)
+                part_loss += float(acc_want - acc_have)
+            elif part.top1 is not None:
+                part_loss = max(part_loss, 1.0 - part.top1)
+            loss = max(loss, part_loss)
     return loss
 
 
