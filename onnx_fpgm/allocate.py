@@ -52,9 +52,10 @@ class TargetOutcome:
     achieved: float | None = None  # measured on the rewritten model
     groups: list[dict] = field(default_factory=list)  # id, producers, channels, kept, sparsity
     sensitivity: list[dict] = field(default_factory=list)
+    trials: list[dict] = field(default_factory=list)  # latency targets: the timed trials
 
     def summary(self) -> str:
-        what = "MACs" if self.metric == "macs" else "params"
+        what = {"macs": "MACs", "params": "params"}.get(self.metric, self.metric)
         achieved = self.achieved if self.achieved is not None else self.estimated
         return (f"target {what} {self.target:.4g} of the original: reached {achieved:.4f} "
                 f"({self.allocation} allocation)")

@@ -86,6 +86,10 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
         VerificationError: the pruned model does not match the masked original.
     """
     config = config or PruneConfig(sparsity=sparsity, **options)
+    if config.target_latency is not None:
+        from .latency_target import prune_to_latency
+
+        return prune_to_latency(model, config, progress, cache)
     report = Report(settings=config.to_metadata())
     with _timed(report, "load"):
         original, external = io.load_model(model)

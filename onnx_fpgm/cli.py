@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "sparsities chosen by --allocation)")
     target.add_argument("--target-params", type=_parse_target, metavar="R",
                         help="prune to this fraction of the original parameters")
+    target.add_argument("--target-latency", type=_parse_target, metavar="R",
+                        help="prune to this fraction of the original onnxruntime latency on "
+                             "this machine (searched by timing pruned models)")
     parser.add_argument("--allocation", choices=ALLOCATIONS, default="auto",
                         help="how a target is spread over groups: uniform, global (score per "
                              "MAC saved), sensitivity (measured on --calibration); auto: "
@@ -194,14 +197,16 @@ def _run(args) -> int:
     from .bench import benchmark
 
     _check_paths(args)
-    if args.sparsity is not None and (args.target_macs or args.target_params):
+    targets = (args.target_macs, args.target_params, args.target_latency)
+    if args.sparsity is not None and any(targets):
         raise ConfigError("give --sparsity or a target (--target-macs/--target-params), "
                           "not both")
-    if args.plan and (args.sparsity is not None or args.target_macs or args.target_params):
+    if args.plan and (args.sparsity is not None or any(targets)):
         raise ConfigError("--plan fixes every group's channels: drop --sparsity and targets")
     config = PruneConfig(
         sparsity=0.5 if args.sparsity is None else args.sparsity,
         target_macs=args.target_macs, target_params=args.target_params,
+        target_latency=args.target_latency,
         allocation=args.allocation, plan=args.plan, dist=args.dist, device=args.device,
         exclude=tuple(args.exclude),
         layer_sparsity=tuple(args.layer_sparsity), min_channels=args.min_channels,
@@ -213,7 +218,7 @@ def _run(args) -> int:
     err_console = Console(stderr=True, quiet=args.quiet)
     with _Progress(err_console) as progress:
         result = prune(args.input, config=config, progress=progress)
-        if args.benchmark and not args.dry_run:
+        if args.benchmark and not args.dry_run and result.report.latency is None:
             advance = progress("benchmark", 30)
             result.report.latency = benchmark(result.original, result.model,
                                               input_shapes=dict(config.input_shapes),

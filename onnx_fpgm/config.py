@@ -60,6 +60,7 @@ class PruneConfig:
     evaluation: str | None = None
     target_macs: float | None = None
     target_params: float | None = None
+    target_latency: float | None = None
     allocation: Allocation = "auto"
     plan: str | None = None
     _compiled: tuple = field(default=(), init=False, repr=False, compare=False)
@@ -82,9 +83,10 @@ class PruneConfig:
         if self.compensate not in COMPENSATIONS:
             raise ConfigError(f"compensate must be one of {', '.join(COMPENSATIONS)}, "
                               f"got {self.compensate!r}")
-        targets = [t for t in (self.target_macs, self.target_params) if t is not None]
+        targets = [t for t in (self.target_macs, self.target_params, self.target_latency)
+                   if t is not None]
         if len(targets) > 1:
-            raise ConfigError("give one target: target_macs or target_params")
+            raise ConfigError("give one target: target_macs, target_params or target_latency")
         for value in targets:
             check_target(value)
         if self.plan and targets:
@@ -106,6 +108,8 @@ class PruneConfig:
             return "macs", float(self.target_macs)
         if self.target_params is not None:
             return "params", float(self.target_params)
+        if self.target_latency is not None:
+            return "latency", float(self.target_latency)
         return None
 
     @property
