@@ -75,7 +75,7 @@ class Allocator:
         self.base = self.n.copy()
         self.units: list[list[int]] = []
         self._build_units()
-        self._scores: list[np.ndarray] | None = None
+        self.scores: list[np.ndarray] | None = None
         self.sensitivity: np.ndarray | None = None
 
     # ---- setup ----
@@ -85,11 +85,11 @@ class Allocator:
         for group in analysis.groups:
             if group.frozen or config.is_excluded(group.producers):
                 continue
-            if any(r.search(p) for r, _ in config._compiled[1] for p in group.producers):
-                self.base[group.id] = n_to_keep(group.n_channels,
-                                                config.sparsity_for(group.producers),
-                                                config.min_channels, config.round_to)
-                continue  # --layer-sparsity fixes this group
+            fixed = config.layer_sparsity_for(group.producers)
+            if fixed is not None:  # --layer-sparsity fixes this group
+                self.base[group.id] = n_to_keep(group.n_channels, fixed, config.min_channels,
+                                                config.round_to)
+                continue
             if self.floor(group.id) < group.n_channels:
                 free[group.id] = True
         parent = list(range(len(self.n)))
@@ -173,7 +173,7 @@ class Allocator:
 
     def unit_scores(self, select_scores: Callable[[Group], np.ndarray]) -> list[np.ndarray]:
         """Per unit: normalised scores, ascending (the order channels go in), mean over members."""
-        if self._scores is None:
+        if self.scores is None:
             result = []
             for unit in self.units:
                 rows = []
@@ -182,8 +182,8 @@ class Allocator:
                     mean = float(np.mean(s)) if len(s) else 1.0
                     rows.append(s / mean if mean > 0 else np.zeros_like(s))
                 result.append(np.mean(rows, axis=0))
-            self._scores = result
-        return self._scores
+            self.scores = result
+        return self.scores
 
     def _step_costs(self, keep_units: list[int], steps: list[int]) -> np.ndarray:
         """Cost saved when each unit alone goes from ``keep_units`` down to ``steps``."""
@@ -321,13 +321,13 @@ def plan_to_target(analysis: Analysis, graph: gs.Graph, original: onnx.ModelProt
     cache = cache if cache is not None else {}
     measured = f"sensitivity/{config.compensate}"  # compensation changes what is measured
     allocator.sensitivity = cache.get(measured)
-    allocator._scores = cache.get("scores")
+    allocator.scores = cache.get("scores")
     calibration = load_calibration(config.calibration, original) \
         if how == "sensitivity" else None
     keep = allocator.allocate(target, how, select=select,
                               channel_scores=channel_scorer(analysis, config),
                               calibration=calibration, progress_factory=progress_factory)
-    cache[measured], cache["scores"] = allocator.sensitivity, allocator._scores
+    cache[measured], cache["scores"] = allocator.sensitivity, allocator.scores
     counts = {g.id: int(keep[g.id]) for g in analysis.groups}
     plan = plan_pruning(analysis, config, select, None, counts)
     lost = [gp.group_id for gp in plan.groups

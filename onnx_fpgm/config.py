@@ -127,10 +127,15 @@ class PruneConfig:
 
     def sparsity_for(self, names: list[str]) -> float:
         """Sparsity of a group with these producer names (first matching --layer-sparsity)."""
+        fixed = self.layer_sparsity_for(names)
+        return self.sparsity if fixed is None else fixed
+
+    def layer_sparsity_for(self, names: list[str]) -> float | None:
+        """The first matching --layer-sparsity value, or None (targets leave such groups be)."""
         for regex, value in self._compiled[1]:
             if any(regex.search(n) for n in names):
                 return value
-        return self.sparsity
+        return None
 
     def to_metadata(self) -> dict[str, str]:
         """The settings as strings, recorded in the output model's metadata_props."""

@@ -264,3 +264,41 @@ def test_latency_target_is_searched_by_timing(exported) -> None:
     assert result.report.after.macs < result.report.before.macs
     assert result.report.verification["passed"]
     assert "latency target" in " ".join(result.report.notes)
+
+
+@pytest.mark.torch_export
+def test_target_keeps_fixed_and_excluded_groups(exported) -> None:
+    model = exported("resnet18_like")
+    plain = onnx_fpgm.prune(model, 0.5, verify=False)
+    open_groups = [g for g in plain.plan.groups if not g.frozen]
+    fixed, excluded = open_groups[0].producers[0], open_groups[1].producers[0]
+    result = onnx_fpgm.prune(model, target_macs=0.5, allocation="global",
+                             layer_sparsity=((f"^{fixed}$", 0.25),),
+                             exclude=(f"^{excluded}$",))
+    by_id = {g.group_id: g for g in result.plan.groups}
+    assert by_id[open_groups[0].group_id].n_keep == \
+        open_groups[0].n_channels - round(0.25 * open_groups[0].n_channels)
+    assert by_id[open_groups[1].group_id].n_keep == open_groups[1].n_channels
+    assert result.report.target.achieved <= 0.5
+
+
+@pytest.mark.parametrize("form", ["fp16", "dynamic-batch"])
+def test_plan_applies_to_fp16_and_dynamic_batch_forms(tmp_path, form: str) -> None:
+    from onnx import TensorProto
+
+    from .test_forms import _ladder, _to_dtype
+
+    base = _ladder()
+    saved = onnx_fpgm.prune(base, 0.5)
+    plan = tmp_path / "report.json"
+    plan.write_text(saved.report.to_json())
+    if form == "fp16":
+        other = _to_dtype(base, TensorProto.FLOAT16)
+    else:
+        other = onnx.ModelProto()
+        other.CopyFrom(base)
+        for value in [*other.graph.input, *other.graph.output]:
+            value.type.tensor_type.shape.dim[0].dim_param = "N"
+    result = onnx_fpgm.prune(other, plan=str(plan))
+    assert [lay.kept for lay in result.report.layers] == [lay.kept for lay in saved.report.layers]
+    check_pruned(other, result)
