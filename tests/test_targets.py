@@ -63,8 +63,9 @@ def _one_channel(model: onnx.ModelProto, result: onnx_fpgm.PruneResult, metric: 
 
 
 @pytest.mark.torch_export
-@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
-@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("name,dynamo", [(a, False) for a in ARCHITECTURES] +
+                         [("resnet18_like", True), ("mobilenetv2_like", True)],
+                         ids=[*ARCHITECTURES, "resnet18_like-dynamo", "mobilenetv2_like-dynamo"])
 def test_cost_model_agrees_with_counts(exported, name: str, dynamo: bool) -> None:
     model = exported(name, dynamo)
     models = _cost_models(model)
