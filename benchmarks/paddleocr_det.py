@@ -126,8 +126,8 @@ def main() -> None:
                     print(f"{target:6.2f} {allocation:>11} {mode:>5} {err}")
                     continue
                 pruned = run_batched(make_session(result.model), original, evaluation)[0]
-                cosine = float(np.sum(reference * pruned) / (np.linalg.norm(reference) *
-                                                              np.linalg.norm(pruned)))
+                cosine = float(np.sum(reference * pruned) / max(  # all-zero map: cosine 0
+                    np.linalg.norm(reference) * np.linalg.norm(pruned), 1e-30))
                 latency = onnx_fpgm.benchmark(original, result.model, runs=20,
                                               input_shapes={"x": (1, 3, 640, 640)})
                 r = result.report
