@@ -85,8 +85,7 @@ def main() -> None:
 
         cli.main(["sweep", str(MODEL), "--calibration", str(CALIB), "--eval", str(EVAL),
                   "--compensate", "lstsq", "--targets", "0.9,0.8,0.7,0.6,0.5,0.4,0.3,0.2",
-                  "--plot", args.plot, "--json", str(Path(args.plot).with_suffix(".json")),
-                  "--runs", "30"])
+                  "--plot", args.plot, "--runs", "30"])
 
 
 if __name__ == "__main__":
