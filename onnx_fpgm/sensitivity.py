@@ -102,9 +102,7 @@ def measure_sensitivity(original: onnx.ModelProto, analysis: Analysis,
                         counts: Callable[[list[Group], float], list[int]],
                         progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Loss (units x levels) when each unit alone keeps ``counts(unit, level)`` channels."""
-    calibration = Calibration({k: v[:MAX_SAMPLES] for k, v in calibration.inputs.items()},
-                              None if calibration.labels is None else
-                              calibration.labels[:MAX_SAMPLES])
+    calibration = _subset(calibration)
     masked = build_masked_model(original, analysis)
     session = make_session(masked.proto, optimize=True)
     n_outputs = len(original.graph.output)
@@ -119,17 +117,26 @@ def measure_sensitivity(original: onnx.ModelProto, analysis: Analysis,
     losses = np.zeros((len(units), len(levels)))
     for u, unit in enumerate(units):
         for j, level in enumerate(levels):
-            removed_classes = []
-            for group, keep in zip(unit, counts(unit, level)):
-                if keep < group.n_channels:
-                    gone = np.asarray(select(analysis, group, group.n_channels - keep))
-                    removed_classes.append(group.classes[gone])
-            if removed_classes:
-                removed = analysis.removed_atoms(np.sort(np.concatenate(removed_classes)))
+            classes = _removed_classes(analysis, unit, counts(unit, level), select)
+            if len(classes):
+                removed = analysis.removed_atoms(classes)
                 losses[u, j] = output_loss(reference, run(removed), calibration.labels)
             if progress is not None:
                 progress(1)
     return losses
+
+
+def _subset(calibration: Calibration) -> Calibration:
+    return Calibration({k: v[:MAX_SAMPLES] for k, v in calibration.inputs.items()},
+                       None if calibration.labels is None else calibration.labels[:MAX_SAMPLES])
+
+
+def _removed_classes(analysis: Analysis, unit: list[Group], keeps: list[int],
+                     select: Callable[[Analysis, Group, int], np.ndarray]) -> np.ndarray:
+    """Classes that go when each group of ``unit`` keeps its count (chosen by ``select``)."""
+    removed = [group.classes[np.asarray(select(analysis, group, group.n_channels - keep))]
+               for group, keep in zip(unit, keeps) if keep < group.n_channels]
+    return np.sort(np.concatenate(removed)) if removed else np.zeros(0, np.int64)
 
 
 def _run_with_masks(session, model: onnx.ModelProto, calibration: Calibration,
@@ -161,20 +168,13 @@ def measure_compensated_sensitivity(original: onnx.ModelProto, shapes: onnx.Mode
     from .plan import PrunePlan
     from .rewrite import apply_plan
 
-    calibration = Calibration({k: v[:MAX_SAMPLES] for k, v in calibration.inputs.items()},
-                              None if calibration.labels is None else
-                              calibration.labels[:MAX_SAMPLES])
+    calibration = _subset(calibration)
     reference = run_batched(make_session(original, optimize=True), original, calibration)
     losses = np.zeros((len(units), len(levels)))
     for u, unit in enumerate(units):
         for j, level in enumerate(levels):
-            removed_classes = []
-            for group, keep in zip(unit, counts(unit, level)):
-                if keep < group.n_channels:
-                    gone = np.asarray(select(analysis, group, group.n_channels - keep))
-                    removed_classes.append(group.classes[gone])
-            if removed_classes:
-                classes = np.sort(np.concatenate(removed_classes))
+            classes = _removed_classes(analysis, unit, counts(unit, level), select)
+            if len(classes):
                 graph = io.import_graph(original, shapes)
                 fold_constant_shapes(graph)
                 apply_plan(graph, analysis, PrunePlan([], classes), opset)
