@@ -75,8 +75,9 @@ class Allocator:
         self.base = self.n.copy()
         self.units: list[list[int]] = []
         self._build_units()
-        self.scores: list[np.ndarray] | None = None
-        self.sensitivity: np.ndarray | None = None
+        #: Per unit (tuple of group ids): normalised scores / measured loss per level.
+        self.scores: dict[tuple[int, ...], np.ndarray] = {}
+        self.sensitivity: dict[tuple[int, ...], np.ndarray] = {}
 
     # ---- setup ----
     def _build_units(self) -> None:
@@ -173,17 +174,16 @@ class Allocator:
 
     def unit_scores(self, select_scores: Callable[[Group], np.ndarray]) -> list[np.ndarray]:
         """Per unit: normalised scores, ascending (the order channels go in), mean over members."""
-        if self.scores is None:
-            result = []
-            for unit in self.units:
-                rows = []
-                for gid in unit:
-                    s = np.sort(np.asarray(select_scores(self.analysis.groups[gid]), np.float64))
-                    mean = float(np.mean(s)) if len(s) else 1.0
-                    rows.append(s / mean if mean > 0 else np.zeros_like(s))
-                result.append(np.mean(rows, axis=0))
-            self.scores = result
-        return self.scores
+        for unit in self.units:
+            if tuple(unit) in self.scores:
+                continue
+            rows = []
+            for gid in unit:
+                s = np.sort(np.asarray(select_scores(self.analysis.groups[gid]), np.float64))
+                mean = float(np.mean(s)) if len(s) else 1.0
+                rows.append(s / mean if mean > 0 else np.zeros_like(s))
+            self.scores[tuple(unit)] = np.mean(rows, axis=0)
+        return [self.scores[tuple(unit)] for unit in self.units]
 
     def _step_costs(self, keep_units: list[int], steps: list[int]) -> np.ndarray:
         """Cost saved when each unit alone goes from ``keep_units`` down to ``steps``."""
@@ -222,8 +222,9 @@ class Allocator:
         from .sensitivity import measure_sensitivity
 
         levels = SENSITIVITY_LEVELS
-        if self.sensitivity is None:
-            groups = [[self.analysis.groups[g] for g in unit] for unit in self.units]
+        missing = [unit for unit in self.units if tuple(unit) not in self.sensitivity]
+        if missing:
+            groups = [[self.analysis.groups[g] for g in unit] for unit in missing]
             advance = progress_factory("sensitivity", len(groups) * len(levels)) \
                 if progress_factory else None
 
@@ -242,8 +243,9 @@ class Allocator:
                     self._original, io.infer_shapes(io.light_copy(self._original)),
                     io.default_opset(self._original), self.analysis, groups, levels, select,
                     calibration, counts, "lstsq" if mode == "auto" else mode, advance)
-            self.sensitivity = np.maximum.accumulate(losses, axis=1)  # monotone in sparsity
-        curves = self.sensitivity
+            for unit, row in zip(missing, np.maximum.accumulate(losses, axis=1)):
+                self.sensitivity[tuple(unit)] = row  # made monotone in sparsity
+        curves = [self.sensitivity[tuple(unit)] for unit in self.units]
         full = [int(self.n[u[0]]) for u in self.units]
         keep = list(full)
         floors = [self.floor(u[0]) for u in self.units]
@@ -296,8 +298,9 @@ class Allocator:
                    "sparsity": round(1 - int(keep[g.id]) / g.n_channels, 6)}
                   for g in self.analysis.groups if keep[g.id] < g.n_channels]
         sensitivity = []
-        if self.sensitivity is not None:
-            for unit, row in zip(self.units, self.sensitivity):
+        for unit in self.units:
+            row = self.sensitivity.get(tuple(unit))
+            if row is not None:
                 sensitivity.append({"groups": unit, "levels": list(SENSITIVITY_LEVELS),
                                     "loss": [round(float(v), 6) for v in row]})
         return TargetOutcome(self.model.metric, target, how, float(self.model.ratio(keep)),
@@ -320,14 +323,13 @@ def plan_to_target(analysis: Analysis, graph: gs.Graph, original: onnx.ModelProt
     allocator = Allocator(analysis, graph, original, config, metric)
     cache = cache if cache is not None else {}
     measured = f"sensitivity/{config.compensate}"  # compensation changes what is measured
-    allocator.sensitivity = cache.get(measured)
-    allocator.scores = cache.get("scores")
+    allocator.sensitivity = cache.setdefault(measured, {})  # filled in place
+    allocator.scores = cache.setdefault("scores", {})
     calibration = load_calibration(config.calibration, original) \
         if how == "sensitivity" else None
     keep = allocator.allocate(target, how, select=select,
                               channel_scores=channel_scorer(analysis, config),
                               calibration=calibration, progress_factory=progress_factory)
-    cache[measured], cache["scores"] = allocator.sensitivity, allocator.scores
     counts = {g.id: int(keep[g.id]) for g in analysis.groups}
     plan = plan_pruning(analysis, config, select, None, counts)
     lost = [gp.group_id for gp in plan.groups
