@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="onnx-fpgm",
         description="Remove whole filters from an ONNX model by FPGM (geometric median), "
-                    "rewrite every coupled layer, and verify the result with onnxruntime.")
+                    "rewrite every coupled layer, and verify the result with onnxruntime.",
+        epilog="Also: onnx-fpgm sweep IN [...] prunes IN at several targets with every "
+               "allocation and tabulates (and plots) the trade-off; see onnx-fpgm sweep --help.")
     parser.add_argument("input", metavar="IN", help="input .onnx model")
     parser.add_argument("output", metavar="OUT", nargs="?", help="output .onnx model")
     parser.add_argument("--sparsity", type=_parse_sparsity, default=None,
