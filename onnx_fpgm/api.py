@@ -1,4 +1,5 @@
-"""``prune()``: load -> analyse -> score -> plan -> rewrite -> verify -> measure."""
+"""``prune()``: load -> analyse -> score (or allocate a target, or read a saved plan) -> plan ->
+rewrite -> verify -> measure."""
 from __future__ import annotations
 
 import logging
@@ -81,7 +82,8 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
 
     Raises:
         ModelLoadError: unreadable or invalid input.
-        ConfigError: invalid options.
+        ConfigError: invalid options, or a target that cannot be reached.
+        PlanError: a saved plan (``plan=``) that does not fit the model.
         UnsupportedOpError: under ``strict``, when an unsupported op blocks pruning.
         VerificationError: the pruned model does not match the masked original.
     """
