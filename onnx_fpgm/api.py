@@ -1,4 +1,5 @@
-"""``prune()``: load -> analyse -> score -> plan -> rewrite -> verify -> measure."""
+"""``prune()``: load -> analyse -> score (or allocate a target, or read a saved plan) -> plan ->
+rewrite -> verify -> measure."""
 from __future__ import annotations
 
 import logging
@@ -69,7 +70,7 @@ def _timed(report: Report, phase: str):
 
 def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
           config: PruneConfig | None = None, progress: Progress | None = None,
-          **options) -> PruneResult:
+          cache: dict | None = None, **options) -> PruneResult:
     """Prune ``model`` by FPGM and verify the result.
 
     Args:
@@ -77,17 +78,24 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
         sparsity: fraction of each group's channels to remove (ignored when ``config`` is given).
         config: all options at once; otherwise ``options`` are ``PruneConfig`` fields.
         progress: optional progress callback for long phases.
+        cache: a dict kept by the caller between runs on the same model and settings (a
+            sweep): measured sensitivities and channel scores are reused from it.
 
     Returns:
         The pruned model with its report.
 
     Raises:
         ModelLoadError: unreadable or invalid input.
-        ConfigError: invalid options.
+        ConfigError: invalid options, or a target that cannot be reached.
+        PlanError: a saved plan (``plan=``) that does not fit the model.
         UnsupportedOpError: under ``strict``, when an unsupported op blocks pruning.
         VerificationError: the pruned model does not match the masked original.
     """
     config = config or PruneConfig(sparsity=sparsity, **options)
+    if config.target_latency is not None:
+        from .latency_target import prune_to_latency
+
+        return prune_to_latency(model, config, progress, cache)
     report = Report(settings=config.to_metadata())
     with _timed(report, "load"):
         original, external = io.load_model(model)
@@ -105,8 +113,20 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
         _check_strict(analysis)
     with _timed(report, "score"):
         score = _scorer(config)
-        advance = progress("scoring", len(analysis.groups)) if progress else None
-        plan = plan_pruning(analysis, config, score, advance)
+        if config.plan:
+            from .plan_io import plan_from_report
+
+            plan, matched_by = plan_from_report(config.plan, analysis)
+            report.notes.append(f"plan re-applied from {config.plan} (producers matched by "
+                                f"{matched_by})")
+        elif config.target:
+            from .allocate import plan_to_target
+
+            plan, report.target = plan_to_target(analysis, graph, original, config, score,
+                                                 progress, cache)
+        else:
+            advance = progress("scoring", len(analysis.groups)) if progress else None
+            plan = plan_pruning(analysis, config, score, advance)
     with _timed(report, "rewrite"):
         if plan.n_removed:
             notes = apply_plan(graph, analysis, plan, opset)
@@ -124,6 +144,8 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
                                   io.weight_bytes(original))
         report.after = ModelSize(count_params(pruned), count_macs(pruned, input_shapes),
                                  io.weight_bytes(pruned))
+    if report.target is not None:
+        _check_target(report)
     if config.verify:
         with _timed(report, "verify"):
             advance = progress("verifying", 1) if progress else None
@@ -196,10 +218,13 @@ def _compensate_and_measure(original, pruned, analysis, plan, config, report,
         scores = fidelity(original, model, original, calibration) if calibration else None
         candidates.append((mode, model, notes, scores))
 
-    def quality(candidate) -> tuple:
+    def quality(candidate) -> tuple:  # the worst output part decides, not the average
         scores = candidate[3] or []
-        accuracy = sum(f.accuracy_pruned or 0.0 for f in scores)
-        return (accuracy, -sum(f.relative_error for f in scores))
+        accuracy = min((f.accuracy_pruned for f in scores if f.accuracy_pruned is not None),
+                       default=0.0)
+        agreement = min((f.top1_agreement for f in scores if f.top1_agreement is not None),
+                        default=0.0)
+        return (accuracy, agreement, -max((f.relative_error for f in scores), default=0.0))
 
     mode, model, notes, scores = max(candidates, key=quality)
     report.notes.extend(notes)
@@ -225,6 +250,18 @@ def _compensate_and_measure(original, pruned, analysis, plan, config, report,
                                  count_macs(model, input_shapes),
                                  io.weight_bytes(model))
     return model
+
+
+def _check_target(report: Report) -> None:
+    """Record the measured ratio; a cost model that disagrees with the count is noted."""
+    outcome = report.target
+    before, after = getattr(report.before, outcome.metric), getattr(report.after, outcome.metric)
+    outcome.achieved = after / before if before else 1.0
+    if abs(outcome.achieved - outcome.estimated) > 1e-6:
+        logger.warning("cost model estimated %.6f, measured %.6f", outcome.estimated,
+                       outcome.achieved)
+        report.notes.append(f"the cost model estimated {outcome.estimated:.4f} of the original "
+                            f"{outcome.metric}, the rewritten model has {outcome.achieved:.4f}")
 
 
 def _scorer(config: PruneConfig):
@@ -288,7 +325,8 @@ def _fill_decisions(report: Report, analysis: Analysis, plan: PrunePlan) -> None
         kept = np.flatnonzero(~removed[atoms])
         groups = np.unique(group_of_class[analysis.class_of_atom[atoms]])
         report.layers.append(LayerReport(src.node, src.op, src.n, len(kept), kept.tolist(),
-                                         int(groups[0])))
+                                         int(groups[0]),
+                                         int(analysis.members[src.member].rows.shape[1])))
         report.total_channels += src.n
         open_atoms = [g not in frozen_group for g in group_of_class[analysis.class_of_atom[atoms]]]
         report.prunable_channels += int(np.count_nonzero(open_atoms))

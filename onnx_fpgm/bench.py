@@ -39,6 +39,12 @@ def count_params(model: onnx.ModelProto) -> int:
 def count_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
                inferred: onnx.ModelProto | None = None) -> int:
     """MACs of Conv, ConvTranspose, Gemm and MatMul from inferred shapes (unknown dims = 1)."""
+    return sum(macs_by_node(model, input_shapes, inferred).values())
+
+
+def macs_by_node(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
+                 inferred: onnx.ModelProto | None = None) -> dict[str, int]:
+    """MACs of every Conv, ConvTranspose, Gemm and MatMul, keyed by the node's first output."""
     if inferred is None:
         inferred = _with_input_shapes(model, input_shapes or {})
     shapes = {}
@@ -53,18 +59,21 @@ def count_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] 
                 if attr.name == "value":
                     shapes[node.output[0]] = list(attr.t.dims)
     _fill_unknown_shapes(model, inferred, shapes, input_shapes or {})
-    total = 0
+    result: dict[str, int] = {}
     for node in inferred.graph.node:
         get = [shapes.get(n) for n in node.input]
         out = shapes.get(node.output[0]) if node.output else None
+        macs = None
         if node.op_type == "Conv" and out and len(get) > 1 and get[1]:
-            total += int(np.prod(out)) * int(np.prod(get[1][1:]))
+            macs = int(np.prod(out)) * int(np.prod(get[1][1:]))
         elif node.op_type == "ConvTranspose" and get[0] and len(get) > 1 and get[1]:
-            total += int(np.prod(get[0])) * int(np.prod(get[1][1:]))
+            macs = int(np.prod(get[0])) * int(np.prod(get[1][1:]))
         elif node.op_type in ("Gemm", "MatMul") and out and get[0]:
             k = get[0][-1] if node.op_type == "MatMul" or not _attr(node, "transA") else get[0][0]
-            total += int(np.prod(out)) * int(k)
-    return total
+            macs = int(np.prod(out)) * int(k)
+        if macs is not None:
+            result[node.output[0]] = macs
+    return result
 
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")

@@ -102,7 +102,8 @@ def run_batched(session, model: onnx.ModelProto, calibration: Calibration,
 
 @dataclass(frozen=True)
 class Fidelity:
-    """How close the pruned model's outputs are to the original's on real data."""
+    """How close the pruned model's outputs are to the original's on real data (one output, or
+    one part of it: see ``fidelity.output_parts``)."""
 
     output: str
     cosine: float
@@ -110,11 +111,12 @@ class Fidelity:
     top1_agreement: float | None
     accuracy_original: float | None
     accuracy_pruned: float | None
+    agreement: str = "top-1"
 
     def summary(self) -> str:
         text = f"{self.output}: cosine {self.cosine:.4f}, relative error {self.relative_error:.3g}"
         if self.top1_agreement is not None:
-            text += f", top-1 agreement {100 * self.top1_agreement:.1f}%"
+            text += f", {self.agreement} agreement {100 * self.top1_agreement:.1f}%"
         if self.accuracy_original is not None:
             text += (f", accuracy {100 * self.accuracy_original:.2f}% -> "
                      f"{100 * self.accuracy_pruned:.2f}%")
@@ -123,7 +125,8 @@ class Fidelity:
 
 def fidelity(original: onnx.ModelProto | bytes, pruned: onnx.ModelProto | bytes,
              model_for_inputs: onnx.ModelProto, calibration: Calibration) -> list[Fidelity]:
-    """Compare every float output of both models over the calibration samples."""
+    """Compare every float output of both models, part by part, over the calibration samples."""
+    from .fidelity import output_parts
     from .validate import make_session
 
     want = run_batched(make_session(original), model_for_inputs, calibration)
@@ -133,17 +136,11 @@ def fidelity(original: onnx.ModelProto | bytes, pruned: onnx.ModelProto | bytes,
     for value, a, b in zip(model_for_inputs.graph.output, want, have):
         if a.dtype.kind != "f":
             continue
-        a64, b64 = a.astype(np.float64).reshape(len(a), -1), b.astype(np.float64).reshape(
-            len(b), -1)
-        cosine = float(np.sum(a64 * b64) / max(np.linalg.norm(a64) * np.linalg.norm(b64),
-                                               1e-30))
-        rel = float(np.linalg.norm(a64 - b64) / max(np.linalg.norm(a64), 1e-30))
-        top1 = acc_a = acc_b = None
-        if a.ndim == 2 and a.shape[1] > 1:  # looks like class scores
-            pa, pb = a.argmax(1), b.argmax(1)
-            top1 = float(np.mean(pa == pb))
-            if n:
-                acc_a = float(np.mean(pa[:n] == calibration.labels[:n]))
-                acc_b = float(np.mean(pb[:n] == calibration.labels[:n]))
-        results.append(Fidelity(value.name, cosine, rel, top1, acc_a, acc_b))
+        for part in output_parts(a, b, value.name):
+            acc_a = acc_b = None
+            if n and part.scores_want is not None:
+                acc_a = float(np.mean(part.scores_want[:n].argmax(-1) == calibration.labels[:n]))
+                acc_b = float(np.mean(part.scores_have[:n].argmax(-1) == calibration.labels[:n]))
+            results.append(Fidelity(part.name, part.cosine, part.relative_error, part.top1,
+                                    acc_a, acc_b, part.agreement))
     return results

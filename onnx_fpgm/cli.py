@@ -8,7 +8,14 @@ import os
 import sys
 from pathlib import Path
 
-from .config import COMPENSATIONS, CRITERIA, PruneConfig, check_sparsity
+from .config import (
+    ALLOCATIONS,
+    COMPENSATIONS,
+    CRITERIA,
+    PruneConfig,
+    check_sparsity,
+    check_target,
+)
 from .errors import ConfigError, OnnxFpgmError, OutputError
 
 EXIT_INTERNAL = 3
@@ -37,6 +44,13 @@ def _parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     return name, shape
 
 
+def _parse_target(text: str) -> float:
+    try:
+        return check_target(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
 def _parse_sparsity(text: str) -> float:
     try:
         return check_sparsity(text)
@@ -55,11 +69,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="onnx-fpgm",
         description="Remove whole filters from an ONNX model by FPGM (geometric median), "
-                    "rewrite every coupled layer, and verify the result with onnxruntime.")
+                    "rewrite every coupled layer, and verify the result with onnxruntime.",
+        epilog="Also: onnx-fpgm sweep IN [...] prunes IN at several targets with every "
+               "allocation and tabulates (and plots) the trade-off; see onnx-fpgm sweep --help.")
     parser.add_argument("input", metavar="IN", help="input .onnx model")
     parser.add_argument("output", metavar="OUT", nargs="?", help="output .onnx model")
-    parser.add_argument("--sparsity", type=_parse_sparsity, default=0.5,
+    parser.add_argument("--sparsity", type=_parse_sparsity, default=None,
                         help="fraction of each group's channels to remove (default 0.5)")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--target-macs", type=_parse_target, metavar="R",
+                        help="prune to this fraction of the original MACs (per-group "
+                             "sparsities chosen by --allocation)")
+    target.add_argument("--target-params", type=_parse_target, metavar="R",
+                        help="prune to this fraction of the original parameters")
+    target.add_argument("--target-latency", type=_parse_target, metavar="R",
+                        help="prune to this fraction of the original onnxruntime latency on "
+                             "this machine (searched by timing pruned models)")
+    parser.add_argument("--allocation", choices=ALLOCATIONS, default="auto",
+                        help="how a target is spread over groups: uniform, global (score per "
+                             "MAC saved), sensitivity (measured on --calibration); auto: "
+                             "sensitivity with --calibration, else global")
+    parser.add_argument("--plan", metavar="REPORT.json",
+                        help="re-apply the kept channels of a saved --report (this model or "
+                             "another export of it)")
     parser.add_argument("--dist", type=int, choices=(1, 2), default=2,
                         help="distance between filters: 1 (L1) or 2 (L2, default)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -102,14 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, runner = build_parser(), _run
+    if argv[:1] == ["sweep"]:  # the subcommand; a model file named sweep is ./sweep
+        from .cli_sweep import build_sweep_parser, run_sweep_command
+
+        parser, runner, argv = build_sweep_parser(), run_sweep_command, argv[1:]
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a usage error (2): return it, as documented
         return int(exit_.code or 0)
     logging.basicConfig(level=logging.ERROR, format="onnx-fpgm: %(message)s")
     try:
-        return _run(args)
+        return runner(args)
     except OnnxFpgmError as err:
         print(f"onnx-fpgm: error: {err}", file=sys.stderr)
         return err.exit_code
@@ -164,8 +201,18 @@ def _run(args) -> int:
     from .bench import benchmark
 
     _check_paths(args)
+    targets = (args.target_macs, args.target_params, args.target_latency)
+    if args.sparsity is not None and any(targets):
+        raise ConfigError("give --sparsity or a target (--target-macs/--target-params), "
+                          "not both")
+    if args.plan and (args.sparsity is not None or any(targets)):
+        raise ConfigError("--plan fixes every group's channels: drop --sparsity and targets")
     config = PruneConfig(
-        sparsity=args.sparsity, dist=args.dist, device=args.device, exclude=tuple(args.exclude),
+        sparsity=0.5 if args.sparsity is None else args.sparsity,
+        target_macs=args.target_macs, target_params=args.target_params,
+        target_latency=args.target_latency,
+        allocation=args.allocation, plan=args.plan, dist=args.dist, device=args.device,
+        exclude=tuple(args.exclude),
         layer_sparsity=tuple(args.layer_sparsity), min_channels=args.min_channels,
         round_to=args.round_to, verify=not args.no_verify and not args.dry_run,
         strict=args.strict, input_shapes=tuple(args.input_shape), seed=args.seed,
@@ -177,7 +224,7 @@ def _run(args) -> int:
     err_console = Console(stderr=True, quiet=args.quiet)
     with _Progress(err_console) as progress:
         result = prune(args.input, config=config, progress=progress)
-        if args.benchmark and not args.dry_run:
+        if args.benchmark and not args.dry_run and result.report.latency is None:
             advance = progress("benchmark", 30)
             result.report.latency = benchmark(result.original, result.model,
                                               input_shapes=result.input_sizes.primary,

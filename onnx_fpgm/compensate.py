@@ -114,7 +114,8 @@ def compensate(original: onnx.ModelProto, pruned: onnx.ModelProto, consumers: li
 
 
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    """Replaced weights and biases are no longer read by any node: remove them."""
+    """Replaced weights and biases are no longer read by any node: remove them, whether stored
+    as initializers or as ``Constant`` nodes (paddle2onnx stores every weight that way)."""
     used = {name for node in model.graph.node for name in node.input}
     used |= {v.name for v in model.graph.input} | {v.name for v in model.graph.output}
     for node in model.graph.node:  # names read inside subgraphs
@@ -125,6 +126,11 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     if len(kept) != len(model.graph.initializer):
         del model.graph.initializer[:]
         model.graph.initializer.extend(kept)
+    nodes = [n for n in model.graph.node
+             if n.op_type != "Constant" or any(o in used for o in n.output)]
+    if len(nodes) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
 
 
 # ---- shared helpers ----

@@ -15,6 +15,8 @@ Criterion = Literal["fpgm", "l1", "l2", "random"]
 Compensation = Literal["none", "bias", "lstsq", "auto"]
 CRITERIA = ("fpgm", "l1", "l2", "random")
 COMPENSATIONS = ("none", "bias", "lstsq", "auto")
+Allocation = Literal["auto", "uniform", "global", "sensitivity"]
+ALLOCATIONS = ("auto", "uniform", "global", "sensitivity")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,11 @@ class PruneConfig:
     calibration: str | None = None
     compensate: Compensation = "none"
     evaluation: str | None = None
+    target_macs: float | None = None
+    target_params: float | None = None
+    target_latency: float | None = None
+    allocation: Allocation = "auto"
+    plan: str | None = None
     _compiled: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -76,9 +83,40 @@ class PruneConfig:
         if self.compensate not in COMPENSATIONS:
             raise ConfigError(f"compensate must be one of {', '.join(COMPENSATIONS)}, "
                               f"got {self.compensate!r}")
+        targets = [t for t in (self.target_macs, self.target_params, self.target_latency)
+                   if t is not None]
+        if len(targets) > 1:
+            raise ConfigError("give one target: target_macs, target_params or target_latency")
+        for value in targets:
+            check_target(value)
+        if self.plan and targets:
+            raise ConfigError("a plan fixes every group's channels: give a plan or a target")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}, "
+                              f"got {self.allocation!r}")
+        if self.allocation == "sensitivity" and not self.calibration:
+            raise ConfigError("allocation sensitivity needs --calibration data to measure "
+                              "each group's loss")
         compiled_exclude = tuple(_compile(p) for p in self.exclude)
         compiled_layers = tuple((_compile(p), s) for p, s in self.layer_sparsity)
         object.__setattr__(self, "_compiled", (compiled_exclude, compiled_layers))
+
+    @property
+    def target(self) -> tuple[str, float] | None:
+        """("macs" or "params", fraction of the original) when a target is set."""
+        if self.target_macs is not None:
+            return "macs", float(self.target_macs)
+        if self.target_params is not None:
+            return "params", float(self.target_params)
+        if self.target_latency is not None:
+            return "latency", float(self.target_latency)
+        return None
+
+    @property
+    def resolved_allocation(self) -> str:
+        if self.allocation != "auto":
+            return self.allocation
+        return "sensitivity" if self.calibration else "global"
 
     def is_excluded(self, names: list[str]) -> str | None:
         """Return the exclude pattern matching any of ``names``, else None."""
@@ -89,10 +127,15 @@ class PruneConfig:
 
     def sparsity_for(self, names: list[str]) -> float:
         """Sparsity of a group with these producer names (first matching --layer-sparsity)."""
+        fixed = self.layer_sparsity_for(names)
+        return self.sparsity if fixed is None else fixed
+
+    def layer_sparsity_for(self, names: list[str]) -> float | None:
+        """The first matching --layer-sparsity value, or None (targets leave such groups be)."""
         for regex, value in self._compiled[1]:
             if any(regex.search(n) for n in names):
                 return value
-        return self.sparsity
+        return None
 
     def to_metadata(self) -> dict[str, str]:
         """The settings as strings, recorded in the output model's metadata_props."""
@@ -106,6 +149,8 @@ class PruneConfig:
             "round_to": str(self.round_to or ""),
             "criterion": self.criterion,
             "compensate": self.compensate,
+            **({"target": f"{self.target[0]}={self.target[1]!r}",
+                "allocation": self.resolved_allocation} if self.target else {}),
         }
 
 
@@ -117,6 +162,18 @@ def check_sparsity(value: float, what: str = "sparsity") -> float:
         raise ConfigError(f"{what} must be a number in [0, 1], got {value!r}") from err
     if math.isnan(v) or not 0.0 <= v <= 1.0:
         raise ConfigError(f"{what} must be in [0, 1], got {value!r}")
+    return v
+
+
+def check_target(value: float, what: str = "target") -> float:
+    """Validate a target fraction of the original, in (0, 1]."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{what} must be a fraction of the original in (0, 1], "
+                          f"got {value!r}") from err
+    if math.isnan(v) or not 0.0 < v <= 1.0:
+        raise ConfigError(f"{what} must be a fraction of the original in (0, 1], got {value!r}")
     return v
 
 

@@ -32,3 +32,6 @@ class VerificationError(OnnxFpgmError):
 
 class OutputError(OnnxFpgmError):
     """OUT cannot be written (same as IN, unwritable directory, disk full)."""
+
+class PlanError(OnnxFpgmError):
+    """A saved plan (``--plan report.json``) does not fit the model."""

@@ -69,12 +69,17 @@ SelectFn = Callable[[Analysis, Group, int], np.ndarray]
 
 
 def plan_pruning(analysis: Analysis, config: PruneConfig, score: SelectFn,
-                 progress: Callable[[int], None] | None = None) -> PrunePlan:
-    """Decide, group by group, which channels to keep (smallest FPGM scores are removed)."""
+                 progress: Callable[[int], None] | None = None,
+                 keep_counts: dict[int, int] | None = None) -> PrunePlan:
+    """Decide, group by group, which channels to keep (smallest FPGM scores are removed).
+
+    ``keep_counts`` (group id -> channels kept) overrides the configured sparsity of those
+    groups (a target's allocation); frozen and excluded groups stay whole regardless.
+    """
     extra_frozen: dict[int, str] = {}
     for _ in range(8):
-        plan = _plan_once(analysis, config, score, extra_frozen, progress)
-        emptied = _emptied_groups(analysis, plan)
+        plan = _plan_once(analysis, config, score, extra_frozen, progress, keep_counts or {})
+        emptied = emptied_groups(analysis, plan)
         if not emptied:
             return plan
         extra_frozen.update(emptied)
@@ -82,7 +87,7 @@ def plan_pruning(analysis: Analysis, config: PruneConfig, score: SelectFn,
     raise RuntimeError("could not find a plan that empties no tensor")
 
 
-def _plan_once(analysis, config, score, extra_frozen, progress) -> PrunePlan:
+def _plan_once(analysis, config, score, extra_frozen, progress, keep_counts) -> PrunePlan:
     plans: list[GroupPlan] = []
     removed: list[np.ndarray] = []
     for group in analysis.groups:
@@ -93,6 +98,9 @@ def _plan_once(analysis, config, score, extra_frozen, progress) -> PrunePlan:
             pattern = config.is_excluded(group.producers)
             frozen = f"excluded by --exclude {pattern}" if pattern else None
         keep_n = n if frozen else n_to_keep(n, sparsity, config.min_channels, config.round_to)
+        if not frozen and group.id in keep_counts:
+            keep_n = int(keep_counts[group.id])
+            sparsity = 1.0 - keep_n / n if n else 0.0
         if keep_n >= n:
             keep = np.arange(n, dtype=np.int64)
         else:
@@ -109,7 +117,7 @@ def _plan_once(analysis, config, score, extra_frozen, progress) -> PrunePlan:
     return PrunePlan(plans, removed_classes)
 
 
-def _emptied_groups(analysis: Analysis, plan: PrunePlan) -> dict[int, str]:
+def emptied_groups(analysis: Analysis, plan: PrunePlan) -> dict[int, str]:
     """Groups whose removal would empty a tensor or unbalance the groups of a grouped conv."""
     if not plan.n_removed:
         return {}

@@ -5,12 +5,16 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .allocate import TargetOutcome
 from .bench import LatencyResult, ModelSize
 
 
 @dataclass
 class LayerReport:
-    """One producer's output channels before and after; ``kept`` are the kept indices."""
+    """One producer's output channels before and after; ``kept`` are the kept indices.
+
+    ``filter_size`` (elements per filter) lets ``--plan`` match this producer in another export.
+    """
 
     name: str
     op: str
@@ -18,6 +22,7 @@ class LayerReport:
     channels_after: int
     kept: list[int]
     group: int
+    filter_size: int | None = None
 
 
 @dataclass
@@ -54,6 +59,7 @@ class Report:
     fidelity_data: list[dict[str, Any]] = field(default_factory=list)
     #: Input sizes used for verification, MACs and shape inference (see ``input_sizes``).
     input_sizes: dict[str, Any] = field(default_factory=dict)
+    target: TargetOutcome | None = None
 
     @property
     def coverage(self) -> float:
@@ -134,6 +140,8 @@ def render(report: Report, console, dry_run: bool = False) -> None:
     if report.input_sizes.get("symbolic_dims"):
         verified = report.verification is not None
         console.print(f"input sizes: {_sizes_line(report.input_sizes, verified)}")
+    if report.target is not None:
+        render_target(report.target, console)
     if report.verification is not None:
         v = report.verification
         console.print(f"verify: {'passed' if v['passed'] else 'FAILED'} - {v['summary']}")
@@ -149,3 +157,19 @@ def render(report: Report, console, dry_run: bool = False) -> None:
             f"(IQR {lat.pruned_iqr_ms:.2f}), speedup {lat.speedup:.2f}x")
     for note in report.notes:
         console.print(f"note: {note}")
+
+
+def render_target(outcome: TargetOutcome, console) -> None:
+    """The target line and the sparsity chosen for every group that lost channels."""
+    from rich.table import Table
+
+    table = Table(title=f"Per-group sparsity ({outcome.allocation} allocation)",
+                  title_justify="left")
+    for col in ("group", "producers", "channels", "kept", "sparsity"):
+        table.add_column(col, overflow="fold")
+    for g in outcome.groups:
+        producers = ", ".join(g["producers"][:3]) + (" ..." if len(g["producers"]) > 3 else "")
+        table.add_row(str(g["id"]), producers, str(g["channels"]), str(g["kept"]),
+                      f"{g['sparsity']:.3f}")
+    console.print(table)
+    console.print(outcome.summary())

@@ -161,7 +161,7 @@ def masked_original(model: onnx.ModelProto, analysis: Analysis,
     consts = ConstantFolder(opset)
     counter = 0
     for node in graph.nodes:
-        target = _consumer_axis(node, analysis)
+        target = consumer_axis(node, analysis)
         if target is None:
             continue
         cmap, weight_axis = target
@@ -191,7 +191,7 @@ def masked_original(model: onnx.ModelProto, analysis: Analysis,
     return out
 
 
-def _consumer_axis(node: gs.Node, analysis: Analysis):
+def consumer_axis(node: gs.Node, analysis: Analysis):
     """(input channel map, weight axis) when ``node`` contracts over mapped channels."""
     if len(node.inputs) < 2 or node.inputs[0] is None:
         return None

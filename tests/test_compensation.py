@@ -61,7 +61,8 @@ def test_bias_compensation_is_exact_for_constant_channels(tmp_path) -> None:
 
 @pytest.mark.parametrize("mode", ["bias", "lstsq", "auto"])
 @pytest.mark.parametrize("name", ["conv_bn_relu_conv", "nchw_flatten_gemm", "se_block",
-                                  "mlp_matmul_add_gelu", "concat_skip"])
+                                  "mlp_matmul_add_gelu", "concat_skip",
+                                  "paddle_constant_weights"])
 def test_compensation_keeps_a_valid_graph(tmp_path, name: str, mode: str) -> None:
     model = PATTERNS[name].build()
     result = onnx_fpgm.prune(model, 0.5, compensate=mode,

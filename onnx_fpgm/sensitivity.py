@@ -1,0 +1,188 @@
+"""Per-group sensitivity: how much the model's output suffers when one group alone is pruned.
+
+Pruning a group equals, by the oracle, zeroing the removed channels where their consumers read
+them. So one onnxruntime session of the original, with a ``Mul`` by a per-channel mask (a graph
+input) in front of every consumer of prunable channels, answers every "this group at that
+sparsity" question by feeding other masks: no rewrite, one session for all measurements.
+
+Loss of one measurement (larger is worse), against the unpruned outputs on the calibration data:
+that of the output part that suffers most (see ``fidelity.output_parts`` and ``output_loss``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .calibration import Calibration, run_batched
+from .deps.analysis import Analysis, Group
+from .validate import consumer_axis, make_session
+
+#: Calibration samples used per measurement (enough to rank groups, cheap enough for many).
+MAX_SAMPLES = 256
+
+
+@dataclass
+class MaskedModel:
+    """The original with a mask input in front of every consumer of mapped channels."""
+
+    proto: bytes
+    masks: dict[str, tuple[np.ndarray, tuple[int, ...], np.dtype]]  # input -> labels, shape
+
+    def feeds(self, removed_atoms: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: (~removed_atoms[labels]).astype(dtype).reshape(shape)
+                for name, (labels, shape, dtype) in self.masks.items()}
+
+
+def build_masked_model(model: onnx.ModelProto, analysis: Analysis) -> MaskedModel:
+    """Insert ``x * mask`` on every consumer input whose channels the analysis maps."""
+    graph = gs.import_onnx(model)
+    masks: dict[str, tuple[np.ndarray, tuple[int, ...], np.dtype]] = {}
+    masked: dict[str, gs.Variable] = {}
+    for node in list(graph.nodes):
+        found = consumer_axis(node, analysis)
+        if found is None:
+            continue
+        cmap = found[0]
+        tensor = node.inputs[0]
+        rank = analysis.ranks.get(tensor.name)
+        if rank is None:
+            continue
+        if tensor.name not in masked:
+            dtype = np.dtype(tensor.dtype) if tensor.dtype is not None else np.dtype(np.float32)
+            shape = [1] * rank
+            shape[cmap.axis] = len(cmap.labels)
+            name = f"{tensor.name}__sensitivity_mask"
+            mask = gs.Variable(name, dtype=dtype, shape=shape)
+            graph.inputs.append(mask)
+            out = gs.Variable(f"{tensor.name}__sensitivity_masked", dtype=tensor.dtype)
+            graph.nodes.append(gs.Node("Mul", f"{tensor.name}__sensitivity_mul",
+                                       inputs=[tensor, mask], outputs=[out]))
+            masks[name] = (cmap.labels, tuple(shape), dtype)
+            masked[tensor.name] = out
+        node.inputs[0] = masked[tensor.name]
+    graph.toposort()
+    proto = gs.export_onnx(graph, do_type_check=False)
+    proto.ir_version = model.ir_version
+    del proto.opset_import[:]
+    proto.opset_import.extend(model.opset_import)
+    return MaskedModel(proto.SerializeToString(), masks)
+
+
+def output_loss(reference: list[np.ndarray], outputs: list[np.ndarray],
+                labels: np.ndarray | None) -> float:
+    """Loss of the worst output part: its relative error, plus with labels the drop in top-1
+    accuracy (class scores), else the lost share of its top-1/top-k agreement."""
+    from .fidelity import output_parts
+
+    loss = 0.0
+    for want, have in zip(reference, outputs):
+        if want.dtype.kind != "f":
+            continue
+        for part in output_parts(want, have):
+            part_loss = part.relative_error
+            if labels is not None and part.scores_want is not None:
+                n = min(len(labels), len(part.scores_want))
+                acc_want = np.mean(part.scores_want[:n].argmax(-1) == labels[:n])
+                acc_have = np.mean(part.scores_have[:n].argmax(-1) == labels[:n])
+                part_loss += float(acc_want - acc_have)
+            elif part.top1 is not None:
+                part_loss = max(part_loss, 1.0 - part.top1)
+            loss = max(loss, part_loss)
+    return loss
+
+
+def measure_sensitivity(original: onnx.ModelProto, analysis: Analysis,
+                        units: list[list[Group]], levels: tuple[float, ...],
+                        select: Callable[[Analysis, Group, int], np.ndarray],
+                        calibration: Calibration,
+                        counts: Callable[[list[Group], float], list[int]],
+                        progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Loss (units x levels) when each unit alone keeps ``counts(unit, level)`` channels."""
+    calibration = _subset(calibration)
+    masked = build_masked_model(original, analysis)
+    session = make_session(masked.proto, optimize=True)
+    n_outputs = len(original.graph.output)
+    names = [o.name for o in original.graph.output]
+    nothing = np.zeros(analysis.n_atoms + 1, dtype=bool)
+
+    def run(removed_atoms: np.ndarray) -> list[np.ndarray]:
+        feeds = masked.feeds(removed_atoms)
+        return _run_with_masks(session, original, calibration, feeds, names)[:n_outputs]
+
+    reference = run(nothing)
+    losses = np.zeros((len(units), len(levels)))
+    for u, unit in enumerate(units):
+        for j, level in enumerate(levels):
+            classes = _removed_classes(analysis, unit, counts(unit, level), select)
+            if len(classes):
+                removed = analysis.removed_atoms(classes)
+                losses[u, j] = output_loss(reference, run(removed), calibration.labels)
+            if progress is not None:
+                progress(1)
+    return losses
+
+
+def _subset(calibration: Calibration) -> Calibration:
+    return Calibration({k: v[:MAX_SAMPLES] for k, v in calibration.inputs.items()},
+                       None if calibration.labels is None else calibration.labels[:MAX_SAMPLES])
+
+
+def _removed_classes(analysis: Analysis, unit: list[Group], keeps: list[int],
+                     select: Callable[[Analysis, Group, int], np.ndarray]) -> np.ndarray:
+    """Classes that go when each group of ``unit`` keeps its count (chosen by ``select``)."""
+    removed = [group.classes[np.asarray(select(analysis, group, group.n_channels - keep))]
+               for group, keep in zip(unit, keeps) if keep < group.n_channels]
+    return np.sort(np.concatenate(removed)) if removed else np.zeros(0, np.int64)
+
+
+def _run_with_masks(session, model: onnx.ModelProto, calibration: Calibration,
+                    masks: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+    """``run_batched`` with the same mask feeds added to every chunk."""
+
+    class _WithMasks:
+        def run(self, outputs, feeds):
+            return session.run(outputs, {**feeds, **masks})
+
+    return run_batched(_WithMasks(), model, calibration, names)
+
+
+def measure_compensated_sensitivity(original: onnx.ModelProto, shapes: onnx.ModelProto,
+                                    opset: int, analysis: Analysis,
+                                    units: list[list[Group]], levels: tuple[float, ...],
+                                    select: Callable[[Analysis, Group, int], np.ndarray],
+                                    calibration: Calibration,
+                                    counts: Callable[[list[Group], float], list[int]],
+                                    mode: str,
+                                    progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Like ``measure_sensitivity``, but each measurement is the real rewrite followed by
+    ``mode`` compensation: with compensation, what matters is what it cannot recover (a group
+    whose removal lstsq undoes is cheap, however large its raw error). One rewrite and one fit
+    per measurement: slower, so only used when compensation is asked for."""
+    from . import io
+    from .compensate import compensate, find_consumers
+    from .deps.constants import fold_constant_shapes
+    from .plan import PrunePlan
+    from .rewrite import apply_plan
+
+    calibration = _subset(calibration)
+    reference = run_batched(make_session(original, optimize=True), original, calibration)
+    losses = np.zeros((len(units), len(levels)))
+    for u, unit in enumerate(units):
+        for j, level in enumerate(levels):
+            classes = _removed_classes(analysis, unit, counts(unit, level), select)
+            if len(classes):
+                graph = io.import_graph(original, shapes)
+                fold_constant_shapes(graph)
+                apply_plan(graph, analysis, PrunePlan([], classes), opset)
+                pruned = io.export_graph(graph, original, None)
+                consumers = find_consumers(original, analysis, analysis.removed_atoms(classes))
+                model, _ = compensate(original, pruned, consumers, mode, calibration)
+                outputs = run_batched(make_session(model, optimize=True), original, calibration)
+                losses[u, j] = output_loss(reference, outputs, calibration.labels)
+            if progress is not None:
+                progress(1)
+    return losses
