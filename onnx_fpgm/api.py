@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -122,7 +122,9 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
         elif config.target:
             from .allocate import plan_to_target
 
-            plan, report.target = plan_to_target(analysis, graph, original, config, score,
+            # the cost model counts MACs at the sizes chosen for symbolic dims, as the report
+            sized = replace(config, input_shapes=tuple(sizes.primary.items()))
+            plan, report.target = plan_to_target(analysis, graph, original, sized, score,
                                                  progress, cache)
         else:
             advance = progress("scoring", len(analysis.groups)) if progress else None

@@ -32,7 +32,6 @@ def prune_to_latency(model, config: PruneConfig, progress=None, cache: dict | No
 
     original, _ = io.load_model(model)
     goal = float(config.target_latency)
-    shapes = dict(config.input_shapes)
     cache = cache if cache is not None else {}
     quick = replace(config, target_latency=None, verify=False, compensate="none",
                     evaluation=None)
@@ -50,7 +49,8 @@ def prune_to_latency(model, config: PruneConfig, progress=None, cache: dict | No
             lo = macs
             macs = (lo + hi) / 2
             continue
-        ratio, spread = _timed_ratio(benchmark, original, result.model, runs, shapes)
+        ratio, spread = _timed_ratio(benchmark, original, result.model, runs,
+                                     result.input_sizes.primary)
         trials.append((macs, ratio, spread))
         logger.info("MACs target %.4f: latency ratio %.3f (+-%.3f)", macs, ratio, spread)
         if advance:
@@ -76,7 +76,8 @@ def prune_to_latency(model, config: PruneConfig, progress=None, cache: dict | No
         chosen = max(fitting)[0]  # the most channels among those fast enough
     result = prune(original, config=replace(config, target_latency=None, target_macs=chosen),
                    progress=progress, cache=cache)
-    latency = benchmark(original, result.model, runs=runs, input_shapes=shapes)
+    latency = benchmark(original, result.model, runs=runs,
+                        input_shapes=result.input_sizes.primary)
     result.report.latency = latency
     outcome = result.report.target
     outcome.metric, outcome.target = "latency", goal

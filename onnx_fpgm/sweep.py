@@ -97,7 +97,7 @@ def run_sweep(model: str, targets: tuple[float, ...], allocations: tuple[str, ..
                 _fill_fidelity(point, report.fidelity_data)
                 if latency_runs:
                     lat = benchmark(original, result.model, runs=latency_runs, warmup=3,
-                                    input_shapes=dict(base.input_shapes))
+                                    input_shapes=result.input_sizes.primary)
                     point.latency_ms, point.original_latency_ms = lat.pruned_ms, lat.original_ms
                 if advance:
                     advance(1)

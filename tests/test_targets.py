@@ -303,3 +303,22 @@ def test_plan_applies_to_fp16_and_dynamic_batch_forms(tmp_path, form: str) -> No
     result = onnx_fpgm.prune(other, plan=str(plan))
     assert [lay.kept for lay in result.report.layers] == [lay.kept for lay in saved.report.layers]
     check_pruned(other, result)
+
+
+@pytest.mark.parametrize("dims", ["named", "minus_one"])
+def test_target_on_symbolic_inputs_counts_at_the_chosen_sizes(dims: str) -> None:
+    """A model with symbolic input dims: the cost model counts MACs at the sizes the tool
+    chose, so its estimate is what the report measures on the rewritten model."""
+    from .shipped_forms import paddle_detector
+    from .test_shipped_forms import _oracle
+
+    model = paddle_detector(dims)
+    result = onnx_fpgm.prune(model, target_macs=0.5)
+    for shapes in result.input_sizes.sets:
+        _oracle(model, result, shapes)
+    outcome = result.report.target
+    measured = result.report.after.macs / result.report.before.macs
+    assert outcome.achieved == pytest.approx(measured)
+    assert outcome.estimated == pytest.approx(measured)
+    assert measured <= 0.5
+    assert result.report.input_sizes["symbolic_dims"]
