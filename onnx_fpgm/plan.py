@@ -116,9 +116,9 @@ def _emptied_groups(analysis: Analysis, plan: PrunePlan) -> dict[int, str]:
     removed = analysis.removed_atoms(plan.removed_classes)
     group_of_class = analysis.group_of_class
     result: dict[int, str] = {}
-    for name, cmap in analysis.maps.items():
-        if removed[cmap.labels].all():
-            for gid in np.unique(group_of_class[analysis.class_of_atom[cmap.labels]]).tolist():
+    for name, labels in analysis.all_labels():
+        if removed[labels].all():
+            for gid in np.unique(group_of_class[analysis.class_of_atom[labels]]).tolist():
                 result[gid] = f"pruning would empty tensor {name}"
     for what, blocks in analysis.balanced:
         kept = {int(np.count_nonzero(~removed[b])) for b in blocks}

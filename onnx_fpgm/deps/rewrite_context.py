@@ -13,6 +13,7 @@ from onnx import helper
 
 from ..errors import RewriteError
 from .analysis import Analysis, ChannelMap
+from .blocks import SplitMap, split_keep
 from .constants import ConstantFolder, root_constant
 
 
@@ -35,6 +36,19 @@ class RewriteContext:
         if tensor is None or not tensor.name:
             return None
         return self.analysis.maps.get(tensor.name)
+
+    def split_map(self, tensor: gs.Tensor | None) -> SplitMap | None:
+        if tensor is None or not tensor.name:
+            return None
+        return self.analysis.split_maps.get(tensor.name)
+
+    def split_keep(self, tensor: gs.Tensor | None) -> tuple[int, np.ndarray] | None:
+        """(tensor axis, kept indices) of a split tensor's free level when it shrinks."""
+        smap = self.split_map(tensor)
+        if smap is None:
+            return None
+        found = split_keep(self._removed, smap, self.analysis.split_free[smap.record])
+        return None if found is None else (smap.axes[found[0]], found[1])
 
     def kept_mask(self, labels: np.ndarray) -> np.ndarray:
         return ~self._removed[labels]

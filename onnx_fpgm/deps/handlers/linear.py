@@ -8,7 +8,8 @@ Channel algebra:
 * MatMul ``Y = A @ W`` with a constant 2-D ``W`` (K, N): when A's channels are on its last axis,
   feature k is consumed by ``W[k]`` and output feature n is ``W[:, n]``; when A's channels sit on
   an earlier axis they pass through unchanged (the product acts on the last axis only).
-* MatMul of two activations (attention) blocks both.
+* MatMul of two activations (attention): see ``split_axes.matmul_activations`` (heads paired on
+  batch axes, head_dim contracted whole; plain channels contracted between activations block).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from ..analysis import ChannelMap
 from ..registry import register
+from . import split_axes
 from ._util import has_input
 
 
@@ -58,9 +60,15 @@ class GemmHandler:
 class MatMulHandler:
     """MatMul: see module docstring."""
 
+    accepts_split = True
+
     def propagate(self, node, ctx) -> None:
         a, b = node.inputs[0], node.inputs[1]
         amap, bmap = ctx.map(a), ctx.map(b)
+        if ctx.split_map(a) is not None or ctx.split_map(b) is not None or (
+                ctx.const(a) is None and ctx.const(b) is None):
+            split_axes.matmul_activations(node, ctx)
+            return
         weight = ctx.const(b) if bmap is None else None
         a_rank = len(ctx.shape(a)) if ctx.shape(a) is not None else None
         if weight is None or weight.ndim != 2 or a_rank is None or a_rank < 2:

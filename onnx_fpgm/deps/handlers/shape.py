@@ -19,7 +19,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..analysis import ChannelMap
+from ..blocks import require_whole
 from ..registry import register
+from . import split_axes
 from ._util import (
     axes_from,
     has_input,
@@ -44,7 +46,13 @@ def _kept_count(ctx, cmap: ChannelMap, start: int, stop: int) -> int:
 class TransposeHandler:
     """Moves the channel axis to ``perm.index(axis)``."""
 
+    accepts_split = True
+
     def propagate(self, node, ctx) -> None:
+        smap = ctx.split_map(node.inputs[0])
+        if smap is not None:
+            split_axes.transpose(node, ctx, smap, _rank(ctx, node.inputs[0]))
+            return
         xmap = ctx.map(node.inputs[0])
         if xmap is None:
             return
@@ -65,7 +73,21 @@ class TransposeHandler:
 class SqueezeHandler:
     """Removes or inserts size-1 axes around the channel axis."""
 
+    accepts_split = True
+
     def propagate(self, node, ctx) -> None:
+        smap = ctx.split_map(node.inputs[0])
+        if smap is not None:
+            rank = _rank(ctx, node.inputs[0])
+            try:
+                axes = axes_from(node, ctx, 1)
+            except ValueError:
+                axes = None
+            if rank is None or axes is None:
+                ctx.block(smap, f"{node.op} {node.name} on a split channel axis without axes")
+                return
+            split_axes.squeeze(node, ctx, smap, axes, rank)
+            return
         found = mapped_input(node, ctx)
         if found is None:
             return
@@ -339,13 +361,21 @@ def _resolve_reshape(in_shape, spec) -> list[int] | None:
 
 @register("Reshape")
 class ReshapeHandler:
-    """Keeps, merges (repeat/tile labels) or splits (blocked) the channel axis."""
+    """Keeps, merges (repeat/tile labels) or splits (``split_axes``) the channel axis."""
+
+    accepts_split = True
 
     def propagate(self, node, ctx) -> None:
+        smap = ctx.split_map(node.inputs[0])
+        if smap is not None:
+            split_axes.reshape_split_input(node, ctx, smap, ctx.shape(node.inputs[0]))
+            return
         xmap = ctx.map(node.inputs[0])
         if xmap is None:
             return
         in_shape = ctx.shape(node.inputs[0])
+        if split_axes.reshape_splits(node, ctx, xmap, in_shape):
+            return
         spec = ctx.const(node.inputs[1])
         if in_shape is None or any(d is None for d in in_shape) or spec is None:
             ctx.block(xmap, f"Reshape {node.name} has a computed shape or unknown input dims")
@@ -361,6 +391,8 @@ class ReshapeHandler:
         ctx.set_map(node.outputs[0], result)
 
     def apply(self, node, ctx) -> None:
+        if split_axes.reshape_apply(node, ctx):
+            return
         out_map = ctx.map(node.outputs[0])
         keep = ctx.keep(node.outputs[0])
         if out_map is None or keep is None:
@@ -504,7 +536,22 @@ class PadHandler:
 class ShapeHandler:
     """Records which element of the shape vector is a channel count."""
 
+    accepts_split = True
+
     def propagate(self, node, ctx) -> None:
+        smap = ctx.split_map(node.inputs[0])
+        rank = _rank(ctx, node.inputs[0])
+        if smap is not None and rank is not None:  # sizes read: those levels stay whole
+            start = normalize_axis(int(node.attrs.get("start", 0)), rank)
+            end = node.attrs.get("end")
+            end = rank if end is None else normalize_axis(int(end), rank)
+            for k, axis in enumerate(smap.axes):
+                if start <= axis < end:
+                    require_whole(ctx, smap, k, f"its size is read by Shape {node.name}")
+            return
+        if smap is not None:
+            ctx.block(smap, f"rank of the input of Shape {node.name} is unknown")
+            return
         found = mapped_input(node, ctx)
         if found is None:
             return
@@ -524,7 +571,17 @@ class ShapeHandler:
 class GatherHandler:
     """Gather on a non-channel axis moves the channel axis; on the channel axis it blocks."""
 
+    accepts_split = True
+
     def propagate(self, node, ctx) -> None:
+        smap = ctx.split_map(node.inputs[0])
+        if smap is not None:
+            rank, idx_rank = _rank(ctx, node.inputs[0]), _rank(ctx, node.inputs[1])
+            if rank is None or idx_rank is None:
+                ctx.block(smap, f"ranks around Gather {node.name} are unknown")
+                return
+            split_axes.gather(node, ctx, smap, rank, idx_rank)
+            return
         xmap = ctx.map(node.inputs[0])
         if xmap is None:
             return

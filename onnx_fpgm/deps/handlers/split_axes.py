@@ -1,0 +1,346 @@
+"""Handlers' rules for split channel axes (attention heads, channel shuffle); see ``blocks.py``.
+
+Channel algebra, for a split tensor with levels ``(n_1, ..., n_k)`` on tensor axes ``a_1..a_k``:
+
+* Reshape of a channel axis ``C`` into consecutive axes ``(n_1, ..., n_k)`` (size-1 axes aside)
+  creates the split: ``labels.reshape(n_1, ..., n_k)``. A Reshape that merges the level axes
+  (adjacent, in any order) back into one axis ends it: the labels are read in the tensor's order,
+  so ``(C/g, g)`` after a shuffle's Transpose gives the shuffled channel order. A Reshape that
+  leaves every level axis alone in its block only moves them (e.g. a leading batch axis).
+* Transpose/Squeeze/Unsqueeze move the level axes; Gather with a constant scalar index on a level
+  picks one entry of it (that level stays whole: ``qkv[0]``); Gather elsewhere moves them.
+* Element-wise ops pass the split through; a constant operand with a level's full extent is
+  sliced on the free level (per-head biases). Softmax over a non-level axis passes.
+* MatMul of two activations ``A @ B`` (attention): a level on a contracted axis must stay whole
+  (``head_dim``); levels on broadcast batch axes are paired between A and B and must be the free
+  level (heads); levels on A's rows or B's columns pass to the product.
+
+Rewrites: Reshape targets get the free level's surviving count (``-1`` entries are left to
+infer it), constants are sliced; nothing else changes (head_dim and the scale stay).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..analysis import ChannelMap
+from ..blocks import SplitMap, drop_level, new_split, require_free, require_whole
+from ._util import normalize_axis, prod
+
+
+def transpose(node, ctx, smap: SplitMap, rank: int | None) -> None:
+    perm = node.attrs.get("perm")
+    if perm is None:
+        if rank is None:
+            ctx.block(smap, f"rank of the input of {node.name} is unknown")
+            return
+        perm = list(reversed(range(rank)))
+    perm = list(perm)
+    ctx.set_map(node.outputs[0], smap.moved(perm.index(a) for a in smap.axes))
+
+
+def squeeze(node, ctx, smap: SplitMap, axes: list[int], rank: int) -> None:
+    if node.op == "Squeeze":
+        axes = [normalize_axis(a, rank) for a in axes]
+        if any(a in axes for a in smap.axes):
+            ctx.block(smap, f"Squeeze {node.name} removes a level of a split channel axis")
+            return
+        ctx.set_map(node.outputs[0], smap.moved(a - sum(s < a for s in axes) for a in smap.axes))
+        return
+    out_rank = rank + len(axes)
+    inserted = sorted(normalize_axis(a, out_rank) for a in axes)
+    kept_positions = [i for i in range(out_rank) if i not in inserted]
+    ctx.set_map(node.outputs[0], smap.moved(kept_positions[a] for a in smap.axes))
+
+
+def gather(node, ctx, smap: SplitMap, rank: int, idx_rank: int) -> None:
+    axis = normalize_axis(int(node.attrs.get("axis", 0)), rank)
+    position = smap.position(axis)
+    if position is None:
+        def shift(a):
+            return a if a < axis else a - 1 + idx_rank
+        ctx.set_map(node.outputs[0], smap.moved(shift(a) for a in smap.axes))
+        return
+    index = ctx.const(node.inputs[1])
+    if index is None or np.asarray(index).ndim != 0:
+        ctx.block(smap, f"Gather {node.name} indexes a split channel axis at run time")
+        return
+    n = smap.labels.shape[position]
+    require_whole(ctx, smap, position, f"Gather {node.name} picks a fixed entry")
+    out = drop_level(smap, position, int(index) % n, lambda a: a if a < axis else a - 1)
+    ctx.set_map(node.outputs[0], _simplified(out))
+
+
+def _simplified(smap: SplitMap) -> SplitMap | ChannelMap:
+    """A split with no level left that loses entries stays a split (its record still binds)."""
+    return smap
+
+
+# ---- Reshape ----------------------------------------------------------------------------------
+
+
+def _spec(node, ctx) -> list[int] | None:
+    value = ctx.const(node.inputs[1])
+    return None if value is None else [int(s) for s in np.asarray(value).reshape(-1)]
+
+
+def _out_shape(node, ctx, in_shape) -> list[int] | None:
+    inferred = ctx.shape(node.outputs[0])
+    if inferred is not None and all(d is not None for d in inferred):
+        return list(inferred)
+    spec = _spec(node, ctx)
+    if spec is None or in_shape is None or any(d is None for d in in_shape):
+        return None
+    out = [in_shape[i] if s == 0 else s for i, s in enumerate(spec)]
+    if -1 in out:
+        known = prod(d for d in out if d != -1)
+        if known == 0:
+            return None
+        out[out.index(-1)] = prod(in_shape) // known
+    return out
+
+
+def _span(in_shape, lo: int, hi: int, out_shape: list[int]) -> tuple[int, int] | None:
+    """Output axes ``[j0, j1)`` holding exactly the elements of input axes ``lo..hi``."""
+    mid = in_shape[lo:hi + 1]
+    if any(d is None for d in mid):
+        return None
+    mid_n, total = prod(mid), prod(out_shape)
+    pre, post = in_shape[:lo], in_shape[hi + 1:]
+    if all(d is not None for d in pre):
+        before = prod(pre)
+        after = total // max(before * mid_n, 1)
+    elif all(d is not None for d in post):
+        after = prod(post)
+        before = total // max(after * mid_n, 1)
+    else:
+        return None
+    if before * mid_n * after != total:
+        return None
+    for j0 in range(len(out_shape) + 1):
+        if prod(out_shape[:j0]) != before:
+            continue
+        for j1 in range(j0, len(out_shape) + 1):
+            if prod(out_shape[j0:j1]) == mid_n and prod(out_shape[j1:]) == after:
+                return j0, j1
+    return None
+
+
+def reshape_splits(node, ctx, xmap: ChannelMap, in_shape) -> bool:
+    """Split ``xmap``'s channel axis when the Reshape cuts it; True when handled (or blocked)."""
+    out_shape = _out_shape(node, ctx, in_shape)
+    if out_shape is None or in_shape is None:
+        return False
+    span = _span(in_shape, xmap.axis, xmap.axis, out_shape)
+    if span is None:
+        return False
+    levels = [j for j in range(*span) if out_shape[j] != 1]
+    if len(levels) < 2:
+        return False
+    if _spec(node, ctx) is None:
+        ctx.block(xmap, f"Reshape {node.name} splits the channel axis with a computed shape")
+        return True
+    sizes = [out_shape[j] for j in levels]
+    smap = new_split(ctx, f"Reshape {node.name}", xmap.labels.reshape(sizes), levels)
+    ctx.set_map(node.outputs[0], smap)
+    return True
+
+
+def reshape_split_input(node, ctx, smap: SplitMap, in_shape) -> None:
+    """Reshape of a split tensor: merge its levels back, or move them (see module docstring)."""
+    out_shape = _out_shape(node, ctx, in_shape)
+    where = f"Reshape {node.name}"
+    if out_shape is None or in_shape is None or _spec(node, ctx) is None:
+        ctx.block(smap, f"{where} reshapes a split channel axis with unknown shapes")
+        return
+    lo, hi = min(smap.axes), max(smap.axes)
+    inside = [a for a in range(lo, hi + 1) if a not in smap.axes]
+    span = _span(in_shape, lo, hi, out_shape)
+    if span is not None and all(in_shape[a] == 1 for a in inside):
+        big = [j for j in range(*span) if out_shape[j] != 1]
+        if len(big) == 1:  # the levels merge into one channel axis, read in tensor order
+            order = np.argsort(smap.axes)
+            labels = np.transpose(smap.labels, order).reshape(-1)
+            ctx.set_map(node.outputs[0], ChannelMap(big[0], labels))
+            return
+    moved = []
+    for axis in smap.axes:  # every level alone in its block: it only moves
+        found = _span(in_shape, axis, axis, out_shape)
+        big = [] if found is None else [j for j in range(*found) if out_shape[j] != 1]
+        if len(big) != 1:
+            ctx.block(smap, f"{where} regroups a split channel axis")
+            return
+        moved.append(big[0])
+    ctx.set_map(node.outputs[0], smap.moved(moved))
+
+
+def reshape_apply(node, ctx) -> bool:
+    """Rewrite the target of a Reshape that creates, moves or merges a split; True if handled."""
+    in_split, out_split = ctx.split_map(node.inputs[0]), ctx.split_map(node.outputs[0])
+    if in_split is None and out_split is None:
+        return False
+    spec = _spec(node, ctx)
+    if out_split is not None:
+        found = ctx.split_keep(node.outputs[0])
+        if found is None:
+            return True
+        axis, keep = found
+    else:
+        out_map = ctx.map(node.outputs[0])
+        keep = ctx.keep(node.outputs[0])
+        if out_map is None or keep is None:
+            return True
+        axis = out_map.axis
+    if spec[axis] != -1:
+        spec[axis] = len(keep)
+        ctx.set_input_value(node, 1, np.array(spec, dtype=np.int64))
+    return True
+
+
+# ---- element-wise -----------------------------------------------------------------------------
+
+
+def broadcast(node, ctx) -> bool:
+    """An element-wise op over one split input and constants/broadcast inputs; True if handled."""
+    inputs = [t for t in node.inputs if t is not None and t.name]
+    splits = [ctx.split_map(t) for t in inputs]
+    if not any(s is not None for s in splits):
+        return False
+    where = f"{node.op} {node.name}"
+    shapes = [ctx.shape(t) for t in inputs]
+    ref_index = next(i for i, s in enumerate(splits) if s is not None)
+    ref = splits[ref_index]
+    if any(s is None for s in shapes):
+        ctx.block(ref, f"input rank of {where} is unknown")
+        return True
+    rank_out = max(len(s) for s in shapes)
+    ref_axes = [a + rank_out - len(shapes[ref_index]) for a in ref.axes]
+    for tensor, shape, smap in zip(inputs, shapes, splits):
+        offset = rank_out - len(shape)
+        if smap is not None:
+            axes = [a + offset for a in smap.axes]
+            if smap is not ref and (axes != ref_axes or smap.labels.shape != ref.labels.shape):
+                ctx.block(ref, f"{where} joins split channel axes that do not line up")
+                ctx.block(smap, f"{where} joins split channel axes that do not line up")
+                return True
+            if smap is not ref:
+                ctx.couple(ref.flat(), smap.flat(), where)
+            continue
+        if ctx.map(tensor) is not None:
+            ctx.block(ref, f"{where} joins a split channel axis with plain channels")
+            ctx.block(ctx.map(tensor), f"{where} joins a split channel axis with plain channels")
+            return True
+        wide = [axis for axis in ref_axes if axis - offset >= 0 and shape[axis - offset] != 1]
+        if wide and ctx.const(tensor) is None:
+            ctx.block(ref, f"{where} mixes a split channel axis with an activation not ours")
+            return True
+    ctx.set_map(node.outputs[0], ref.moved(ref_axes))
+    return True
+
+
+def broadcast_apply(node, ctx) -> bool:
+    """Slice constants of an element-wise op on the free level of its split output."""
+    found = ctx.split_keep(node.outputs[0])
+    if ctx.split_map(node.outputs[0]) is None:
+        return False
+    if found is None:
+        return True
+    axis, keep = found
+    rank_out = len(ctx.shape(node.outputs[0]))
+    width = ctx.split_map(node.outputs[0]).labels.shape[
+        ctx.split_map(node.outputs[0]).axes.index(axis)]
+    for index, tensor in enumerate(node.inputs):
+        if tensor is None or not tensor.name or ctx.split_map(tensor) is not None:
+            continue
+        value = ctx.const(tensor)
+        if value is None:
+            continue
+        local = axis - (rank_out - value.ndim)
+        if local >= 0 and value.shape[local] == width and width > 1:
+            ctx.slice_input(node, index, local, keep)
+    return True
+
+
+# ---- attention: MatMul of two activations -----------------------------------------------------
+
+
+def _entries(ctx, tensor, rank: int, out_rank: int):
+    """[(output axis or role, input axis, split-or-map, position)] for one MatMul operand."""
+    smap, cmap = ctx.split_map(tensor), ctx.map(tensor)
+    found = []
+    if smap is not None:
+        found = [(axis, smap, k) for k, axis in enumerate(smap.axes)]
+    elif cmap is not None:
+        found = [(cmap.axis, cmap, None)]
+    return found
+
+
+def matmul_activations(node, ctx) -> None:
+    """``A @ B`` of two activations: pair heads on batch axes, keep contracted levels whole."""
+    a, b = node.inputs[0], node.inputs[1]
+    sa, sb = ctx.shape(a), ctx.shape(b)
+    where = f"MatMul {node.name}"
+    maps = [m for t in (a, b) for m in (ctx.split_map(t), ctx.map(t)) if m is not None]
+    if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
+        for m in maps:
+            ctx.block(m, f"{where} multiplies activations of unknown rank")
+        return
+    ra, rb = len(sa), len(sb)
+    rank = max(ra, rb)
+    out: dict[int, tuple] = {}
+    batch: dict[int, list[tuple]] = {}
+    for tensor, r, contracted, kept_axis, kept_out in ((a, ra, ra - 1, ra - 2, rank - 2),
+                                                       (b, rb, rb - 2, rb - 1, rank - 1)):
+        for axis, m, k in _entries(ctx, tensor, r, rank):
+            if axis == contracted:
+                if k is None:
+                    ctx.block(m, f"{where} contracts channels of two activations")
+                    continue
+                require_whole(ctx, m, k, f"{where} contracts it")
+            elif axis == kept_axis:
+                out[kept_out] = (m, k)
+            else:
+                batch.setdefault(axis + rank - r, []).append((tensor, m, k))
+    for out_axis, entries in batch.items():
+        if len(entries) == 1:  # the other operand must broadcast (size 1) on this axis
+            tensor = b if entries[0][0] is a else a
+            shape = sb if tensor is b else sa
+            local = out_axis - (rank - len(shape))
+            if local >= 0 and shape[local] != 1:
+                m, k = entries[0][1:]
+                ctx.block(m if k is None else m, f"{where} pairs heads with an activation not "
+                                                 "ours")
+                continue
+        reps = []
+        for _, m, k in entries:
+            if k is None:
+                reps.append(m.labels)
+            else:
+                require_free(ctx, m, k, f"{where} pairs heads", heads=True)
+                reps.append(m.representative(k))
+        if len({len(r) for r in reps}) != 1:
+            for _, m, _k in entries:
+                ctx.block(m, f"{where} pairs head axes of different sizes")
+            continue
+        for rep in reps[1:]:
+            ctx.couple(reps[0], rep, where)
+        out[out_axis] = entries[-1][1:]
+    _set_matmul_output(node, ctx, out)
+
+
+def _set_matmul_output(node, ctx, out: dict[int, tuple]) -> None:
+    if not out:
+        return
+    splits = {id(m): m for m, k in out.values() if k is not None}
+    for m in splits.values():  # one operand's split covers every channel-carrying axis
+        if all((mm is m) or (k is None) for mm, k in out.values()) and \
+                len([1 for mm, _ in out.values() if mm is m]) == len(m.axes):
+            axes = {k: axis for axis, (mm, k) in out.items() if mm is m}
+            ctx.set_map(node.outputs[0], m.moved(axes[k] for k in range(len(m.axes))))
+            return
+    if len(out) == 1:
+        (axis, (m, k)), = out.items()
+        labels = m.labels if k is None else m.representative(k)
+        ctx.set_map(node.outputs[0], ChannelMap(axis, labels))
+        return
+    for m, _ in out.values():
+        ctx.block(m, f"MatMul {node.name} mixes channels of two operands in its product")
