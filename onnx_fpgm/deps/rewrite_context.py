@@ -126,6 +126,10 @@ class RewriteContext:
         self._edited()
         self.notes.append(f"{node.name}: {old.name} is shared or computed; used a {what}")
 
+    def unique_name(self, name: str) -> str:
+        """A tensor name not yet used in the graph, based on ``name``."""
+        return self._unique(name)
+
     def _unique(self, name: str) -> str:
         candidate, k = name, 1
         while candidate in self._names:
