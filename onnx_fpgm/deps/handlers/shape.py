@@ -191,7 +191,25 @@ def _split_sizes(node, ctx, dim: int) -> list[int] | None:
 class SplitHandler:
     """Cuts the channel axis into independent parts (or passes other-axis splits through)."""
 
+    accepts_split = True
+
     def propagate(self, node, ctx) -> None:
+        smap, rank = ctx.split_map(node.inputs[0]), _rank(ctx, node.inputs[0])
+        if smap is not None:
+            axis = None if rank is None else normalize_axis(int(node.attrs.get("axis", 0)), rank)
+            if axis not in smap.axes:
+                for out in node.outputs:
+                    ctx.set_map(out, smap) if axis is not None else ctx.block(
+                        smap, f"rank of the input of {node.name} is unknown")
+                return
+            dim = smap.labels.shape[smap.axes.index(axis)]
+            sizes = _split_sizes(node, ctx, dim)
+            if sizes is None or sum(sizes) != dim or len(sizes) != len(node.outputs):
+                ctx.block(smap, f"split sizes of {node.name} are not constant or do not add up")
+                return
+            starts = np.cumsum([0, *sizes])
+            split_axes.cut_level(node, ctx, smap, axis, list(zip(starts[:-1], starts[1:])))
+            return
         found = mapped_input(node, ctx)
         if found is None:
             return
@@ -261,7 +279,12 @@ def _clamp(index: int, dim: int) -> int:
 class SliceHandler:
     """A contiguous channel range (cut from the rest), or a slice of other axes."""
 
+    accepts_split = True
+
     def propagate(self, node, ctx) -> None:
+        if ctx.split_map(node.inputs[0]) is not None:
+            self._propagate_split(node, ctx, ctx.split_map(node.inputs[0]))
+            return
         xmap = ctx.map(node.inputs[0])
         if xmap is None:
             return
@@ -285,6 +308,27 @@ class SliceHandler:
         ctx.cut(xmap.labels, start)
         ctx.cut(xmap.labels, stop)
         ctx.set_map(node.outputs[0], xmap.moved(xmap.axis, xmap.labels[start:stop]))
+
+    @staticmethod
+    def _propagate_split(node, ctx, smap) -> None:
+        rank = _rank(ctx, node.inputs[0])
+        params = _slice_params(node, ctx)
+        if params is None or rank is None:
+            ctx.block(smap, f"bounds of Slice {node.name} are not constant")
+            return
+        starts, ends, axes, steps = params
+        axes = [normalize_axis(a, rank) for a in axes]
+        cut = [k for k, a in enumerate(axes) if a in smap.axes]
+        if not cut:
+            ctx.set_map(node.outputs[0], smap)
+            return
+        if len(cut) > 1 or steps[cut[0]] != 1:
+            ctx.block(smap, f"Slice {node.name} cuts a split channel axis in steps or twice")
+            return
+        k = cut[0]
+        dim = smap.labels.shape[smap.axes.index(axes[k])]
+        start = _clamp(starts[k], dim)
+        split_axes.cut_level(node, ctx, smap, axes[k], [(start, max(start, _clamp(ends[k], dim)))])
 
     def apply(self, node, ctx) -> None:
         xmap = ctx.map(node.inputs[0])

@@ -20,6 +20,8 @@ infer it), constants are sliced; nothing else changes (head_dim and the scale st
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from ..analysis import ChannelMap
@@ -41,9 +43,14 @@ def transpose(node, ctx, smap: SplitMap, rank: int | None) -> None:
 def squeeze(node, ctx, smap: SplitMap, axes: list[int], rank: int) -> None:
     if node.op == "Squeeze":
         axes = [normalize_axis(a, rank) for a in axes]
-        if any(a in axes for a in smap.axes):
-            ctx.block(smap, f"Squeeze {node.name} removes a level of a split channel axis")
-            return
+        for position, axis in reversed(list(enumerate(smap.axes))):
+            if axis not in axes:
+                continue
+            if smap.labels.shape[position] != 1:
+                ctx.block(smap, f"Squeeze {node.name} removes a level of a split channel axis")
+                return
+            require_whole(ctx, smap, position, f"Squeeze {node.name} drops a one-entry part")
+            smap = drop_level(smap, position, 0, lambda a: a)
         ctx.set_map(node.outputs[0], smap.moved(a - sum(s < a for s in axes) for a in smap.axes))
         return
     out_rank = rank + len(axes)
@@ -73,6 +80,16 @@ def gather(node, ctx, smap: SplitMap, rank: int, idx_rank: int) -> None:
 def _simplified(smap: SplitMap) -> SplitMap | ChannelMap:
     """A split with no level left that loses entries stays a split (its record still binds)."""
     return smap
+
+
+def cut_level(node, ctx, smap: SplitMap, axis: int, bounds: list[tuple[int, int]]) -> None:
+    """Split/Slice on a level axis: each output keeps ``[start, stop)`` of it, the level whole."""
+    position = smap.position(axis)
+    require_whole(ctx, smap, position, f"{node.op} {node.name} cuts it at fixed bounds")
+    for out, (start, stop) in zip(node.outputs, bounds):
+        index = [slice(None)] * smap.labels.ndim
+        index[position] = slice(start, stop)
+        ctx.set_map(out, replace(smap, labels=smap.labels[tuple(index)]))
 
 
 # ---- Reshape ----------------------------------------------------------------------------------
