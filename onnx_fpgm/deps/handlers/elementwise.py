@@ -64,8 +64,10 @@ class IdentityLikeHandler:
 class CastLikeHandler:
     """CastLike(x, like): x's channels pass; ``like`` only lends its dtype (no channels read)."""
 
+    accepts_split = True
+
     def propagate(self, node, ctx) -> None:
-        xmap = ctx.map(node.inputs[0])
+        xmap = ctx.map(node.inputs[0]) or ctx.split_map(node.inputs[0])
         if xmap is not None:
             ctx.set_map(node.outputs[0], xmap)
 

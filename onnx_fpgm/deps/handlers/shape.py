@@ -19,7 +19,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..analysis import ChannelMap
-from ..blocks import require_whole
 from ..registry import register
 from . import split_axes
 from ._util import (
@@ -586,12 +585,7 @@ class ShapeHandler:
         smap = ctx.split_map(node.inputs[0])
         rank = _rank(ctx, node.inputs[0])
         if smap is not None and rank is not None:  # sizes read: those levels stay whole
-            start = normalize_axis(int(node.attrs.get("start", 0)), rank)
-            end = node.attrs.get("end")
-            end = rank if end is None else normalize_axis(int(end), rank)
-            for k, axis in enumerate(smap.axes):
-                if start <= axis < end:
-                    require_whole(ctx, smap, k, f"its size is read by Shape {node.name}")
+            split_axes.shape(node, ctx, smap, rank)
             return
         if smap is not None:
             ctx.block(smap, f"rank of the input of Shape {node.name} is unknown")

@@ -59,6 +59,14 @@ def squeeze(node, ctx, smap: SplitMap, axes: list[int], rank: int) -> None:
     ctx.set_map(node.outputs[0], smap.moved(kept_positions[a] for a in smap.axes))
 
 
+def shape(node, ctx, smap: SplitMap, rank: int) -> None:
+    """Sizes of levels read by a Shape (head_dim for the scale): those levels stay whole."""
+    read = shape_read_axes(node, ctx, rank)
+    for k, axis in enumerate(smap.axes):
+        if axis in read:
+            require_whole(ctx, smap, k, f"its size is read by Shape {node.name}")
+
+
 def gather(node, ctx, smap: SplitMap, rank: int, idx_rank: int) -> None:
     axis = normalize_axis(int(node.attrs.get("axis", 0)), rank)
     position = smap.position(axis)
@@ -74,12 +82,33 @@ def gather(node, ctx, smap: SplitMap, rank: int, idx_rank: int) -> None:
     n = smap.labels.shape[position]
     require_whole(ctx, smap, position, f"Gather {node.name} picks a fixed entry")
     out = drop_level(smap, position, int(index) % n, lambda a: a if a < axis else a - 1)
-    ctx.set_map(node.outputs[0], _simplified(out))
+    ctx.set_map(node.outputs[0], out)
 
 
-def _simplified(smap: SplitMap) -> SplitMap | ChannelMap:
-    """A split with no level left that loses entries stays a split (its record still binds)."""
-    return smap
+def shape_read_axes(node, ctx, rank: int) -> set[int]:
+    """Axes whose sizes a Shape's readers pick (constant Gather/Slice), else every axis."""
+    start = normalize_axis(int(node.attrs.get("start", 0)), rank)
+    end = node.attrs.get("end")
+    end = rank if end is None else normalize_axis(int(end), rank)
+    every = set(range(start, end))
+    picked: set[int] = set()
+    for reader in node.outputs[0].outputs:
+        values = [ctx.const(t) for t in reader.inputs[1:]]
+        if reader.op == "Gather" and values and values[0] is not None:
+            picked |= {start + (int(i) % (end - start)) for i in np.asarray(values[0]).reshape(-1)}
+        elif reader.op == "Slice" and len(values) >= 2 and all(v is not None for v in values[:2]) \
+                and all(v is None or np.all(np.asarray(v) == w) for v, w in
+                        zip(values[2:4], (0, 1))):
+            n = end - start
+            lo = max(0, min(n, int(np.asarray(values[0]).reshape(-1)[0]) % (n + 1)
+                         if int(np.asarray(values[0]).reshape(-1)[0]) < 0 else
+                         int(np.asarray(values[0]).reshape(-1)[0])))
+            hi_raw = int(np.asarray(values[1]).reshape(-1)[0])
+            hi = max(0, min(n, hi_raw + n if hi_raw < 0 else hi_raw))
+            picked |= {start + i for i in range(lo, hi)}
+        else:
+            return every
+    return picked
 
 
 def cut_level(node, ctx, smap: SplitMap, axis: int, bounds: list[tuple[int, int]]) -> None:
@@ -164,6 +193,11 @@ def reshape_splits(node, ctx, xmap: ChannelMap, in_shape) -> bool:
 
 def reshape_split_input(node, ctx, smap: SplitMap, in_shape) -> None:
     """Reshape of a split tensor: merge its levels back, or move them (see module docstring)."""
+    if len(smap.axes) == 1:  # one level left (q of a packed qkv): it may be split again
+        plain = ChannelMap(smap.axes[0], smap.labels)
+        if reshape_splits(node, ctx, plain, in_shape):
+            require_free(ctx, smap, 0, f"Reshape {node.name} splits it into heads")
+            return
     out_shape = _out_shape(node, ctx, in_shape)
     where = f"Reshape {node.name}"
     if out_shape is None or in_shape is None or _spec(node, ctx) is None:
