@@ -88,11 +88,14 @@ def _plan_once(analysis, config, score, extra_frozen, progress) -> PrunePlan:
     for group in analysis.groups:
         n = group.n_channels
         frozen = group.frozen or extra_frozen.get(group.id)
-        sparsity = config.sparsity_for(group.producers)
+        sparsity = config.sparsity_for(group.producers, group.heads)
         if frozen is None:
             pattern = config.is_excluded(group.producers)
             frozen = f"excluded by --exclude {pattern}" if pattern else None
-        keep_n = n if frozen else n_to_keep(n, sparsity, config.min_channels, config.round_to)
+        if group.heads:  # units are whole heads: at least one stays, no channel rounding
+            keep_n = n if frozen else n_to_keep(n, sparsity, 1, None)
+        else:
+            keep_n = n if frozen else n_to_keep(n, sparsity, config.min_channels, config.round_to)
         if keep_n >= n:
             keep = np.arange(n, dtype=np.int64)
         else:

@@ -40,8 +40,18 @@ REASONS: tuple[ReasonKind, ...] = (
     ReasonKind("reshaping the channel axis",
                r"splits the channel axis|removes the channel axis|pads the channel axis|"
                r"crops with a roi|channel-changing",
-               "A Reshape that splits the channel axis (channel shuffle, attention heads), "
-               "Pad or Resize along the channel axis."),
+               "Pad or Resize along the channel axis, or a Reshape that merges the channel axis "
+               "with a neighbour in a way no block rule covers."),
+    ReasonKind("split channel axes and attention",
+               r"split channel axis|split at|pairs heads|pairs head axes|contracts channels of "
+               r"two activations|mixes channels of two operands|activations of unknown rank",
+               "A channel axis split into levels (attention heads, a channel shuffle) is pruned "
+               "by whole heads or by the same offset in every block; it blocks when a consumer "
+               "needs two levels pruned at once, reads a level with a computed index or shape, "
+               "regroups the levels, or mixes them with channels that are not ours. A product "
+               "of two activations that contracts plain channels blocks them. Fused "
+               "com.microsoft Attention/MultiHeadAttention and ONNX Attention ops are not "
+               "rewritten yet (see 'ops without a handler')."),
     ReasonKind("grouped convolutions",
                r"grouped conv|grouped ConvTranspose|same channel count in every group",
                "Depthwise convs with a channel multiplier > 1 and grouped ConvTranspose; and a "
