@@ -18,10 +18,7 @@ EXPORTERS = {"torchscript": dict(dynamo=False, fold_bn=True),
              "dynamo": dict(dynamo=True, fold_bn=False)}
 MODELS = {**ATTENTION_ZOO, "vit_like": ZOO["vit_like"], "shufflenet_like": ZOO["shufflenet_like"]}
 #: (model, exporter) whose heads still block, with the reason the report must give.
-HEADS_BLOCKED = {
-    ("mha_vit_like", "torchscript"): "computed shape",
-    ("transformer_encoder_like", "torchscript"): "computed shape",
-}
+HEADS_BLOCKED: dict[tuple[str, str], str] = {}
 CASES = [(n, e) for n in MODELS for e in EXPORTERS]
 
 

@@ -26,12 +26,15 @@ import onnx_graphsurgeon as gs
 from .blocks import SplitMap, SplitRecord, resolve_splits
 from .constants import FOLDABLE_OPS, ConstantFolder
 from .registry import handler_for
+from .shape_values import ELEMENT_MOVING_OPS, channel_labels, refine_shapes, tensor_elements
 
 logger = logging.getLogger(__name__)
 
 #: (op, input index) whose shape parameter the op's handler rewrites from surviving channels.
 SHAPE_PARAMETER_INPUTS = frozenset({("Split", 1), ("Reshape", 1), ("Resize", 3), ("Slice", 1),
                                     ("Slice", 2), ("SplitToSequence", 1)})
+#: Shape parameters whose handler reads them element by element (``shape_values``).
+ELEMENTWISE_PARAMETER_INPUTS = frozenset({("Reshape", 1), ("Resize", 3)})
 #: Quantized layer ops (no handler): named in the report even when no channel of ours reaches them.
 QUANTIZED_LAYERS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
                               "QGemm"})
@@ -130,6 +133,8 @@ class Analysis:
     #: Tensors whose channel axis is split over several axes, and each split's free level.
     split_maps: dict[str, SplitMap] = field(default_factory=dict)
     split_free: list[int | None] = field(default_factory=list)
+    #: Values computed from a mapped tensor's shape (see AnalysisContext.shape_maps).
+    shape_maps: dict[str, ChannelMap] = field(default_factory=dict)
 
     def all_labels(self):
         """(tensor name, flat labels) of every mapped tensor, split or not."""
@@ -187,6 +192,9 @@ class AnalysisContext:
         #: Tensors whose channel axis a Reshape split over several axes (see blocks.py).
         self.split_maps: dict[str, SplitMap] = {}
         self.split_records: list[SplitRecord] = []
+        #: Tensors whose shape a handler found where onnx's inference could not (a computed
+        #: Reshape target); shapes are inferred onward from them, node by node.
+        self.refined: set[str] = set()
 
     # ---- reading the graph ----
     def map(self, tensor: gs.Tensor | None) -> ChannelMap | None:
@@ -292,37 +300,45 @@ class AnalysisContext:
     # *tainted*: it may flow through shape arithmetic and end as the shape parameter of an op
     # whose handler rewrites that parameter from the surviving channels (Split sizes, Reshape
     # target, Resize sizes). Any other use would keep a stale channel count: it blocks.
+    # Through ops that only move elements (Gather, Slice, Concat, Cast, ...) the taint is
+    # followed element by element (``shape_values``), so picking the batch out of a shape
+    # vector leaves the channels free.
     def check_shape_taint(self, node: gs.Node) -> None:
         tainted = [(i, t) for i, t in enumerate(node.inputs)
                    if t is not None and t.name in self.shape_maps]
         if not tainted:
             return
+        if node.op in ELEMENT_MOVING_OPS and node.op != "Shape" and \
+                not any(self.map(t) for t in node.inputs) and self._taint_elements(node):
+            return
         for index, tensor in tainted:
             cmap = self.shape_maps[tensor.name]
             data = self.map(node.inputs[0])
+            if (node.op, index) in ELEMENTWISE_PARAMETER_INPUTS and data is not None:
+                continue  # the handler checks (or couples) every channel count, element-wise
             if (node.op, index) in SHAPE_PARAMETER_INPUTS and data is not None and \
                     np.array_equal(data.labels, cmap.labels):
                 continue  # the handler rewrites this parameter from the same channels
-            if node.op == "Gather" and index == 0 and not self._gather_reads_channel(node):
-                continue
             if node.op in SHAPE_ARITHMETIC and not any(self.map(t) for t in node.inputs):
                 for out in node.outputs:
                     self.shape_maps[out.name] = cmap
                 continue
             self.block(cmap, f"channel count read by {node.op} {node.name}")
 
-    def _gather_reads_channel(self, node: gs.Node) -> bool:
-        """False only when a Gather provably picks other entries of a full shape vector."""
-        producer = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
-        if producer is None or producer.op != "Shape" or "start" in producer.attrs:
-            return True
-        cmap = self.shape_maps[node.inputs[0].name]
-        picked = self.const(node.inputs[1])
-        if picked is None:
-            return True
-        rank = len(self.shape(producer.inputs[0]) or ())
-        picked = [int(p) + rank if p < 0 else int(p) for p in np.asarray(picked).reshape(-1)]
-        return cmap.axis in picked
+    def _taint_elements(self, node: gs.Node) -> bool:
+        """Taint ``node``'s output with exactly the channel counts among its elements.
+
+        False when the output's elements cannot be followed (then the whole-vector rules apply).
+        """
+        if len(node.outputs) != 1:
+            return False
+        elements = tensor_elements(node.outputs[0], self)
+        if elements is None:
+            return False
+        labels = channel_labels(elements)
+        if labels is not None:
+            self.shape_maps[node.outputs[0].name] = ChannelMap(0, labels)
+        return True
 
     # ---- finishing ----
     def finish(self) -> Analysis:
@@ -371,6 +387,7 @@ class AnalysisContext:
             balanced=self.balanced,
             split_maps=self.split_maps,
             split_free=[r.free_level for r in self.split_records],
+            shape_maps=self.shape_maps,
         )
 
     def _ranks(self) -> dict[str, int]:
@@ -436,6 +453,8 @@ def build_analysis(graph: gs.Graph, opset: int,
     """
     ctx = AnalysisContext(graph, opset, overridable)
     for node in graph.nodes:
+        if ctx.refined:
+            refine_shapes(node, ctx)
         ctx.check_shape_taint(node)
         subgraph_reason = _subgraph_reason(node)
         handler = handler_for(node.op, node.domain or "")

@@ -65,9 +65,12 @@ REASONS: tuple[ReasonKind, ...] = (
     ReasonKind("computed weights or parameters",
                r"not a stored|not constant|computed shape|no constant 2-D weight|"
                r"computed or",
-               "Weights, biases, split sizes, slice bounds or reshape targets computed at run "
-               "time from graph inputs (a stored constant, a Constant node, or a constant "
-               "subgraph is fine)."),
+               "Weights, biases, split sizes, slice bounds, or the channel count in a reshape "
+               "target or resize sizes, computed at run time from graph inputs (a stored "
+               "constant, a Constant node, or a constant subgraph is fine; so is a target "
+               "assembled from a batch read by Shape and constant channel counts, as tf2onnx's "
+               "Flatten and torch's x.view(x.size(0), -1) write it, and a channel count read by "
+               "Shape from the tensor itself)."),
     ReasonKind("unknown shapes", r"unknown|cannot resolve",
                "Shapes that cannot be inferred where the channel mapping depends on them "
                "(e.g. Flatten or Reshape after symbolic spatial dims); --input-shape helps "

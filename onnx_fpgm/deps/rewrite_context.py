@@ -15,6 +15,7 @@ from ..errors import RewriteError
 from .analysis import Analysis, ChannelMap
 from .blocks import SplitMap, split_keep
 from .constants import ConstantFolder, root_constant
+from .shape_values import Source
 
 
 class RewriteContext:
@@ -25,6 +26,8 @@ class RewriteContext:
         self.graph = graph
         self.analysis = analysis
         self.opset = opset
+        #: read by ``shape_values``: which shape values are computed from a channel count
+        self.shape_maps = analysis.shape_maps
         self._removed = removed_atoms  # bool over atoms + 1 trailing False for label -1
         self._sources = {s.node for s in analysis.sources}
         self.consts = ConstantFolder(opset)
@@ -114,6 +117,20 @@ class RewriteContext:
                 return
         self._attach_copy(node, index, value, "rewritten copy")
 
+    def set_shape_element(self, source: Source | None, value: int) -> None:
+        """Rewrite one element of a shape parameter where it is stored (see ``shape_values``).
+
+        Only that element changes; the computed elements of the same vector stay computed.
+        """
+        if source is None:
+            raise RewriteError("a shape parameter to rewrite is computed at run time")
+        stored = self.const(source.node.inputs[source.index])
+        if stored is None:
+            raise RewriteError(f"input {source.index} of {source.node.name} is not constant")
+        updated = np.array(stored, copy=True)
+        updated.reshape(-1)[source.position] = value
+        self.set_input_value(source.node, source.index, updated)
+
     def add_input_value(self, node: gs.Node, value: np.ndarray, name: str) -> None:
         """Append a constant input (e.g. explicit split sizes)."""
         node.inputs.append(gs.Constant(self._unique(name), value))
@@ -121,7 +138,7 @@ class RewriteContext:
 
     def _attach_copy(self, node: gs.Node, index: int, value: np.ndarray, what: str) -> None:
         old = node.inputs[index]
-        copy = gs.Constant(self._unique(f"{old.name}__{node.name}"), np.ascontiguousarray(value))
+        copy = gs.Constant(self._unique(f"{old.name}__{node.name}"), _contiguous(value))
         node.inputs[index] = copy
         self._edited()
         self.notes.append(f"{node.name}: {old.name} is shared or computed; used a {what}")
@@ -160,8 +177,13 @@ def _stored_value(root) -> np.ndarray:
     return constant_node_value(root)
 
 
+def _contiguous(value: np.ndarray) -> np.ndarray:
+    """C-contiguous, keeping 0-d scalars 0-d (``np.ascontiguousarray`` makes them 1-d)."""
+    return np.asarray(value, order="C") if np.ndim(value) else np.array(value)
+
+
 def _store_value(root, value: np.ndarray) -> None:
-    value = np.ascontiguousarray(value)
+    value = _contiguous(value)
     if isinstance(root, gs.Constant):
         root.values = value
         return

@@ -1,2 +1,2 @@
 """Op handlers; importing this package registers every one of them."""
-from . import conv, elementwise, linear, norm, pool, sequence, shape  # noqa: F401
+from . import conv, elementwise, linear, norm, pool, reshape, sequence, shape  # noqa: F401

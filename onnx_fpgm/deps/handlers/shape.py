@@ -5,10 +5,7 @@
   positions); on another axis it couples its inputs position by position.
 * Split/Slice on the channel axis cut the channels into parts (independent groups); their sizes
   or bounds are rewritten to the surviving counts. Steps other than 1 are blocked.
-* Flatten/Reshape that merge the channel axis with neighbouring axes repeat each channel's label
-  over the merged block in row-major order: feature ``f = (outer * C + c) * inner + i``, which
-  covers NCHW flatten (``c * HW + s``) and channels-last flatten (``s * C + c``) alike. A Reshape
-  that splits the channel axis itself (channel shuffle, attention heads) is blocked.
+* Flatten/Reshape: see ``reshape.py``.
 * Resize/Upsample/Pad act on other axes (a ``sizes`` entry for the channel axis is rewritten);
   scaling or padding the channel axis is blocked.
 * Shape of a mapped tensor is tracked so that reading the batch size does not block the channels,
@@ -18,15 +15,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...errors import RewriteError
 from ..analysis import ChannelMap
 from ..registry import register
+from ..shape_values import rewritable_source, shape_elements
 from . import split_axes
 from ._util import (
     axes_from,
     has_input,
     mapped_input,
     normalize_axis,
-    prod,
     split_parts,
     surviving_sizes,
 )
@@ -246,19 +244,21 @@ class SplitHandler:
 
 
 def _slice_params(node, ctx):
-    """(starts, ends, axes, steps) as lists, or None when not constant."""
+    """(starts, ends, axes, steps, elements) with None for computed entries; None when the axes
+    are not constant. ``elements`` (opset >= 10): the parsed inputs 1..4, for rewriting."""
     if ctx.opset < 10:
         starts = list(node.attrs.get("starts", []))
         ends = list(node.attrs.get("ends", []))
         axes = list(node.attrs.get("axes", range(len(starts))))
-        return starts, ends, axes, [1] * len(starts)
-    values = []
+        return starts, ends, axes, [1] * len(starts), {}
+    values, elements = [], {}
     for index in range(1, 5):
         if has_input(node, index):
-            value = ctx.const(node.inputs[index])
-            if value is None:
+            parsed = shape_elements(node, index, ctx)
+            if parsed is None:
                 return None
-            values.append([int(v) for v in np.asarray(value).reshape(-1)])
+            elements[index] = parsed
+            values.append([e.value for e in parsed])
         else:
             values.append(None)
     starts, ends, axes, steps = values
@@ -266,12 +266,34 @@ def _slice_params(node, ctx):
         axes = list(range(len(starts)))
     if steps is None:
         steps = [1] * len(starts)
-    return starts, ends, axes, steps
+    if any(a is None for a in axes) or not len(starts) == len(ends) == len(axes) == len(steps):
+        return None
+    return starts, ends, axes, steps, elements
 
 
 def _clamp(index: int, dim: int) -> int:
     index = index + dim if index < 0 else index
     return max(0, min(index, dim))
+
+
+def _check_slice_bounds(node, ctx, params, k: int, dim: int) -> str | None:
+    """Why the channel range of Slice ``node`` (entry ``k``) cannot be followed, or None.
+
+    Bounds of other axes may be computed (a crop to another tensor's size), but not from a
+    channel count; the channel entries must be known, and rewritable where the plan moves them.
+    """
+    starts, ends, _, steps, elements = params
+    for index, parsed in elements.items():
+        if any(e.channels is not None for i, e in enumerate(parsed) if i != k):
+            return f"channel count read by Slice {node.name}"
+    if starts[k] is None or ends[k] is None or steps[k] is None:
+        return f"bounds of Slice {node.name} are not constant"
+    movable = [(1, _clamp(starts[k], dim) > 0), (2, ends[k] < dim)]
+    for index, moves in movable:
+        if moves and index in elements and \
+                rewritable_source(node, index, k, elements[index], ctx) is None:
+            return f"bounds of Slice {node.name} are not constant (computed and shared)"
+    return None
 
 
 @register("Slice")
@@ -292,16 +314,20 @@ class SliceHandler:
         if params is None or rank is None:
             ctx.block(xmap, f"bounds of Slice {node.name} are not constant")
             return
-        starts, ends, axes, steps = params
+        starts, ends, axes, steps, _ = params
         axes = [normalize_axis(a, rank) for a in axes]
         if xmap.axis not in axes:
             ctx.set_map(node.outputs[0], xmap.passed())
             return
         k = axes.index(xmap.axis)
+        dim = len(xmap.labels)
+        reason = _check_slice_bounds(node, ctx, params, k, dim)
+        if reason:
+            ctx.block(xmap, reason)
+            return
         if steps[k] != 1:
             ctx.block(xmap, f"Slice {node.name} steps over channels")
             return
-        dim = len(xmap.labels)
         start, stop = _clamp(starts[k], dim), _clamp(ends[k], dim)
         stop = max(start, stop)
         ctx.cut(xmap.labels, start)
@@ -315,14 +341,15 @@ class SliceHandler:
         if params is None or rank is None:
             ctx.block(smap, f"bounds of Slice {node.name} are not constant")
             return
-        starts, ends, axes, steps = params
+        starts, ends, axes, steps, _ = params
         axes = [normalize_axis(a, rank) for a in axes]
         cut = [k for k, a in enumerate(axes) if a in smap.axes]
         if not cut:
             ctx.set_map(node.outputs[0], smap)
             return
-        if len(cut) > 1 or steps[cut[0]] != 1:
-            ctx.block(smap, f"Slice {node.name} cuts a split channel axis in steps or twice")
+        if len(cut) > 1 or steps[cut[0]] != 1 or starts[cut[0]] is None or ends[cut[0]] is None:
+            ctx.block(smap, f"Slice {node.name} cuts a split channel axis in steps, twice or "
+                            "at computed bounds")
             return
         k = cut[0]
         dim = smap.labels.shape[smap.axes.index(axes[k])]
@@ -334,7 +361,7 @@ class SliceHandler:
         if xmap is None or ctx.keep(node.inputs[0]) is None:
             return
         rank = _rank(ctx, node.inputs[0])
-        starts, ends, axes, _ = _slice_params(node, ctx)
+        starts, ends, axes, _, elements = _slice_params(node, ctx)
         axes = [normalize_axis(a, rank) for a in axes]
         if xmap.axis not in axes:
             return
@@ -343,142 +370,46 @@ class SliceHandler:
         start, stop = _clamp(starts[k], dim), max(_clamp(starts[k], dim), _clamp(ends[k], dim))
         new_start = _kept_count(ctx, xmap, 0, start)
         new_stop = new_start + _kept_count(ctx, xmap, start, stop)
-        starts, ends = list(starts), list(ends)
-        starts[k] = new_start
-        if not (ends[k] >= dim):  # "to the end" stays "to the end"
-            ends[k] = new_stop
         if ctx.opset < 10:
+            starts, ends = list(starts), list(ends)
+            starts[k] = new_start
+            if not (ends[k] >= dim):  # "to the end" stays "to the end"
+                ends[k] = new_stop
             node.attrs["starts"], node.attrs["ends"] = starts, ends
-        else:
-            ctx.set_input_value(node, 1, np.array(starts, dtype=np.int64))
-            ctx.set_input_value(node, 2, np.array(ends, dtype=np.int64))
-
-
-def _merge_map(cmap: ChannelMap, in_shape, block_start: int, block_stop: int, out_axis: int):
-    """Labels after axes ``block_start..block_stop`` (holding the channel axis) are merged."""
-    inner = prod(in_shape[cmap.axis + 1:block_stop])
-    outer = prod(in_shape[block_start:cmap.axis])
-    return ChannelMap(out_axis, np.tile(np.repeat(cmap.labels, inner), outer))
-
-
-@register("Flatten")
-class FlattenHandler:
-    """2-D reshape at ``axis``: the channel axis merges with its block."""
-
-    def propagate(self, node, ctx) -> None:
-        xmap = ctx.map(node.inputs[0])
-        if xmap is None:
             return
-        shape = ctx.shape(node.inputs[0])
-        if shape is None:
-            ctx.block(xmap, f"input shape of Flatten {node.name} is unknown")
-            return
-        axis = normalize_axis(int(node.attrs.get("axis", 1)), len(shape))
-        start, stop, out_axis = (axis, len(shape), 1) if xmap.axis >= axis else (0, axis, 0)
-        others = [d for i, d in enumerate(shape[start:stop], start) if i != xmap.axis]
-        if any(d is None for d in others):
-            ctx.block(xmap, f"Flatten {node.name} merges channels with unknown dims")
-            return
-        ctx.set_map(node.outputs[0], _merge_map(xmap, shape, start, stop, out_axis))
-
-    def apply(self, node, ctx) -> None:
-        pass
+        if _computed_from_channels(ctx, elements[1][k], new_start):
+            _set_bounds_constant(node, ctx, 1, k, new_start)
+        elif new_start != starts[k]:
+            ctx.set_shape_element(rewritable_source(node, 1, k, elements[1], ctx), new_start)
+        if ends[k] >= dim and elements[2][k].channels is None:
+            return  # "to the end" stays "to the end"
+        elements[2] = shape_elements(node, 2, ctx)  # input 1 may share its constant
+        if _computed_from_channels(ctx, elements[2][k], new_stop):
+            _set_bounds_constant(node, ctx, 2, k, new_stop)
+        elif new_stop != ends[k]:
+            ctx.set_shape_element(rewritable_source(node, 2, k, elements[2], ctx), new_stop)
 
 
-def _resolve_reshape(in_shape, spec) -> list[int] | None:
-    out = []
-    for i, s in enumerate(spec):
-        if s == 0:
-            if i >= len(in_shape) or in_shape[i] is None:
-                return None
-            out.append(in_shape[i])
-        else:
-            out.append(s)
-    if -1 in out:
-        known = prod(d for d in out if d != -1)
-        if known == 0:
-            return None
-        out[out.index(-1)] = prod(in_shape) // known
-    return out
+def _computed_from_channels(ctx, element, new_value: int) -> bool:
+    """True when a bound is computed from a channel count at run time and would not land on
+    ``new_value`` by itself (``chunk``'s ``(C + 1) // 2`` once the halves keep unequal counts)."""
+    if element.channels is None:
+        return False
+    if element.labels is not None:
+        runtime = element.factor * int(np.count_nonzero(ctx.kept_mask(element.labels)))
+        return runtime != new_value
+    return True
 
 
-@register("Reshape")
-class ReshapeHandler:
-    """Keeps, merges (repeat/tile labels) or splits (``split_axes``) the channel axis."""
-
-    accepts_split = True
-
-    def propagate(self, node, ctx) -> None:
-        smap = ctx.split_map(node.inputs[0])
-        if smap is not None:
-            split_axes.reshape_split_input(node, ctx, smap, ctx.shape(node.inputs[0]))
-            return
-        xmap = ctx.map(node.inputs[0])
-        if xmap is None:
-            return
-        in_shape = ctx.shape(node.inputs[0])
-        if split_axes.reshape_splits(node, ctx, xmap, in_shape):
-            return
-        spec = ctx.const(node.inputs[1])
-        if in_shape is None or any(d is None for d in in_shape) or spec is None:
-            ctx.block(xmap, f"Reshape {node.name} has a computed shape or unknown input dims")
-            return
-        out_shape = _resolve_reshape(in_shape, [int(s) for s in spec.reshape(-1)])
-        if out_shape is None:
-            ctx.block(xmap, f"cannot resolve the target shape of Reshape {node.name}")
-            return
-        result = _reshape_map(xmap, list(in_shape), out_shape)
-        if result is None:
-            ctx.block(xmap, f"Reshape {node.name} splits the channel axis")
-            return
-        ctx.set_map(node.outputs[0], result)
-
-    def apply(self, node, ctx) -> None:
-        if split_axes.reshape_apply(node, ctx):
-            return
-        out_map = ctx.map(node.outputs[0])
-        keep = ctx.keep(node.outputs[0])
-        if out_map is None or keep is None:
-            return
-        spec = [int(s) for s in ctx.const(node.inputs[1]).reshape(-1)]
-        if spec[out_map.axis] in (-1, 0):
-            if spec[out_map.axis] == 0 and ctx.map(node.inputs[0]).axis != out_map.axis:
-                spec[out_map.axis] = len(keep)
-            else:
-                return
-        else:
-            spec[out_map.axis] = len(keep)
-        ctx.set_input_value(node, 1, np.array(spec, dtype=np.int64))
-
-
-def _reshape_map(cmap: ChannelMap, in_shape: list[int], out_shape: list[int]):
-    """Map the channel axis through a reshape by matching blocks of equal products."""
-    if prod(in_shape) != prod(out_shape) or in_shape[cmap.axis] <= 1:
-        return None
-    i = j = 0
-    while i < len(in_shape) or j < len(out_shape):
-        i0, j0 = i, j
-        p_in = in_shape[i] if i < len(in_shape) else 1
-        p_out = out_shape[j] if j < len(out_shape) else 1
-        i, j = i + 1, j + 1
-        while p_in != p_out:
-            if p_in < p_out and i < len(in_shape):
-                p_in *= in_shape[i]
-                i += 1
-            elif j < len(out_shape):
-                p_out *= out_shape[j]
-                j += 1
-            else:
-                return None
-        if i0 <= cmap.axis < i:
-            block_out = [k for k in range(j0, min(j, len(out_shape))) if out_shape[k] != 1]
-            big_in = [k for k in range(i0, min(i, len(in_shape))) if in_shape[k] != 1]
-            if len(block_out) != 1:
-                return None  # the channel axis is split (or vanished)
-            if big_in == [cmap.axis]:
-                return cmap.moved(block_out[0])
-            return _merge_map(cmap, in_shape, i0, min(i, len(in_shape)), block_out[0])
-    return None
+def _set_bounds_constant(node, ctx, index: int, k: int, value: int) -> None:
+    """Replace a computed bounds vector by constants (the channel count is fixed after
+    pruning); its other entries must be known."""
+    elements = shape_elements(node, index, ctx)
+    if elements is None or any(e.value is None for i, e in enumerate(elements) if i != k):
+        raise RewriteError(f"bounds of Slice {node.name} are computed from the channel count "
+                           "together with unknown entries")
+    values = np.array([value if i == k else e.value for i, e in enumerate(elements)], np.int64)
+    ctx.set_input_value(node, index, values)
 
 
 @register("Resize", "Upsample")
@@ -496,11 +427,13 @@ class ResizeHandler:
         if entry is None:
             ctx.block(xmap, f"Resize {node.name} has computed or channel-changing scales/sizes")
             return
+        if entry[0] == "follows":
+            ctx.couple(entry[2], xmap.labels, f"Resize {node.name}")
         ctx.set_map(node.outputs[0], xmap.passed())
 
     @staticmethod
     def _channel_entry(node, ctx, xmap):
-        """Returns ('scales'|'sizes'|'attr', index) when the channel axis is left alone."""
+        """('scales'|'sizes'|'attr'|'follows', index[, labels]) when the channels pass."""
         axes = node.attrs.get("axes")
         if axes is not None:  # opset 18+: may count from the back
             rank = _rank(ctx, node.inputs[0])
@@ -522,13 +455,7 @@ class ResizeHandler:
                 ok = position is None or scales[position] == 1
                 return ("scales", position) if ok else None
         if node.op == "Resize" and has_input(node, 3):
-            sizes = ctx.const(node.inputs[3])
-            if sizes is None:
-                return None
-            sizes = np.asarray(sizes).reshape(-1)
-            if position is not None and sizes[position] != len(xmap.labels):
-                return None
-            return ("sizes", position)
+            return _sizes_entry(node, ctx, xmap, position)
         return None
 
     def apply(self, node, ctx) -> None:
@@ -536,11 +463,39 @@ class ResizeHandler:
         keep = ctx.keep(node.inputs[0])
         if xmap is None or keep is None:
             return
-        kind, position = self._channel_entry(node, ctx, xmap)
+        kind, position = self._channel_entry(node, ctx, xmap)[:2]
         if kind == "sizes" and position is not None:
-            sizes = np.array(ctx.const(node.inputs[3]), dtype=np.int64).reshape(-1)
-            sizes[position] = len(keep)
-            ctx.set_input_value(node, 3, sizes)
+            elements = shape_elements(node, 3, ctx)
+            ctx.set_shape_element(rewritable_source(node, 3, position, elements, ctx), len(keep))
+
+
+def _sizes_entry(node, ctx, xmap: ChannelMap, position: int | None):
+    """Resize ``sizes`` (partly computed, e.g. ``Concat(Shape(x)[0:2], Shape(y)[2:])``).
+
+    The channel entry must be a rewritable constant equal to the channel count, or the channel
+    count of the input itself read by ``Shape`` (it follows the plan by itself).
+    """
+    elements = shape_elements(node, 3, ctx)
+    if elements is None:
+        return None
+    for i, element in enumerate(elements):
+        if element.channels is not None and i != position:
+            return None
+
+    if position is None:
+        return ("sizes", None)
+    if position >= len(elements):
+        return None
+    carried = elements[position]
+    if carried.labels is not None:
+        # The input's own channel count follows the plan; another tensor's count of as many
+        # channels does too once the two are coupled (by ``propagate``).
+        same = len(carried.labels) == len(xmap.labels)
+        return ("follows", position, carried.labels) if same else None
+    if carried.value != len(xmap.labels) or \
+            rewritable_source(node, 3, position, elements, ctx) is None:
+        return None
+    return ("sizes", position)
 
 
 @register("Pad")

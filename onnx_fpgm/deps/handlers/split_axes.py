@@ -26,6 +26,7 @@ import numpy as np
 
 from ..analysis import ChannelMap
 from ..blocks import SplitMap, drop_level, new_split, require_free, require_whole
+from ..shape_values import rewritable_source, shape_elements, symbolic_dims
 from ._util import normalize_axis, prod
 
 
@@ -124,25 +125,25 @@ def cut_level(node, ctx, smap: SplitMap, axis: int, bounds: list[tuple[int, int]
 # ---- Reshape ----------------------------------------------------------------------------------
 
 
-def _spec(node, ctx) -> list[int] | None:
-    value = ctx.const(node.inputs[1])
-    return None if value is None else [int(s) for s in np.asarray(value).reshape(-1)]
+def _resolved(node, ctx):
+    """(input sizes, output sizes, target elements) of a Reshape, symbols as stand-in primes."""
+    from .reshape import _resolve_target
 
-
-def _out_shape(node, ctx, in_shape) -> list[int] | None:
-    inferred = ctx.shape(node.outputs[0])
-    if inferred is not None and all(d is not None for d in inferred):
-        return list(inferred)
-    spec = _spec(node, ctx)
-    if spec is None or in_shape is None or any(d is None for d in in_shape):
+    in_dims = symbolic_dims(node.inputs[0])
+    elements = shape_elements(node, 1, ctx)
+    if in_dims is None or elements is None:
         return None
-    out = [in_shape[i] if s == 0 else s for i, s in enumerate(spec)]
-    if -1 in out:
-        known = prod(d for d in out if d != -1)
-        if known == 0:
-            return None
-        out[out.index(-1)] = prod(in_shape) // known
-    return out
+    resolved = _resolve_target(in_dims, elements, bool(node.attrs.get("allowzero", 0)))
+    if resolved is None:
+        return None
+    return resolved[0], resolved[1], elements
+
+
+def _rewritable(node, ctx, elements, axes) -> bool:
+    """Every target element at ``axes`` is -1 or a stored constant we can rewrite."""
+    return all(elements[j].value == -1 or (
+        elements[j].value is not None and rewritable_source(node, 1, j, elements, ctx) is not None)
+        for j in axes)
 
 
 def _span(in_shape, lo: int, hi: int, out_shape: list[int]) -> tuple[int, int] | None:
@@ -171,47 +172,61 @@ def _span(in_shape, lo: int, hi: int, out_shape: list[int]) -> tuple[int, int] |
     return None
 
 
-def reshape_splits(node, ctx, xmap: ChannelMap, in_shape) -> bool:
+def reshape_splits(node, ctx, xmap: ChannelMap) -> bool:
     """Split ``xmap``'s channel axis when the Reshape cuts it; True when handled (or blocked)."""
-    out_shape = _out_shape(node, ctx, in_shape)
-    if out_shape is None or in_shape is None:
+    resolved = _resolved(node, ctx)
+    if resolved is None:
         return False
+    in_shape, out_shape, elements = resolved
     span = _span(in_shape, xmap.axis, xmap.axis, out_shape)
     if span is None:
         return False
     levels = [j for j in range(*span) if out_shape[j] != 1]
     if len(levels) < 2:
         return False
-    if _spec(node, ctx) is None:
+    if not _rewritable(node, ctx, elements, levels):
         ctx.block(xmap, f"Reshape {node.name} splits the channel axis with a computed shape")
         return True
     sizes = [out_shape[j] for j in levels]
     smap = new_split(ctx, f"Reshape {node.name}", xmap.labels.reshape(sizes), levels)
     ctx.set_map(node.outputs[0], smap)
+    _refine(node, out_shape, ctx)
     return True
 
 
-def reshape_split_input(node, ctx, smap: SplitMap, in_shape) -> None:
+def _refine(node, out_shape: list[int], ctx) -> None:
+    """Give later handlers the output shape onnx's inference could not (a computed target)."""
+    if node.outputs[0].shape is None and all(d < 2**31 for d in out_shape):
+        node.outputs[0].shape = list(out_shape)
+        ctx.refined.add(node.outputs[0].name)
+
+
+def reshape_split_input(node, ctx, smap: SplitMap) -> None:
     """Reshape of a split tensor: merge its levels back, or move them (see module docstring)."""
     if len(smap.axes) == 1:  # one level left (q of a packed qkv): it may be split again
         plain = ChannelMap(smap.axes[0], smap.labels)
-        if reshape_splits(node, ctx, plain, in_shape):
+        if reshape_splits(node, ctx, plain):
             require_free(ctx, smap, 0, f"Reshape {node.name} splits it into heads")
             return
-    out_shape = _out_shape(node, ctx, in_shape)
     where = f"Reshape {node.name}"
-    if out_shape is None or in_shape is None or _spec(node, ctx) is None:
+    resolved = _resolved(node, ctx)
+    if resolved is None:
         ctx.block(smap, f"{where} reshapes a split channel axis with unknown shapes")
         return
+    in_shape, out_shape, elements = resolved
     lo, hi = min(smap.axes), max(smap.axes)
     inside = [a for a in range(lo, hi + 1) if a not in smap.axes]
     span = _span(in_shape, lo, hi, out_shape)
     if span is not None and all(in_shape[a] == 1 for a in inside):
         big = [j for j in range(*span) if out_shape[j] != 1]
         if len(big) == 1:  # the levels merge into one channel axis, read in tensor order
+            if not _rewritable(node, ctx, elements, big):
+                ctx.block(smap, f"{where} merges heads with a computed shape")
+                return
             order = np.argsort(smap.axes)
             labels = np.transpose(smap.labels, order).reshape(-1)
             ctx.set_map(node.outputs[0], ChannelMap(big[0], labels))
+            _refine(node, out_shape, ctx)
             return
     moved = []
     for axis in smap.axes:  # every level alone in its block: it only moves
@@ -221,7 +236,11 @@ def reshape_split_input(node, ctx, smap: SplitMap, in_shape) -> None:
             ctx.block(smap, f"{where} regroups a split channel axis")
             return
         moved.append(big[0])
+    if not _rewritable(node, ctx, elements, moved):
+        ctx.block(smap, f"{where} moves heads with a computed shape")
+        return
     ctx.set_map(node.outputs[0], smap.moved(moved))
+    _refine(node, out_shape, ctx)
 
 
 def reshape_apply(node, ctx) -> bool:
@@ -229,7 +248,6 @@ def reshape_apply(node, ctx) -> bool:
     in_split, out_split = ctx.split_map(node.inputs[0]), ctx.split_map(node.outputs[0])
     if in_split is None and out_split is None:
         return False
-    spec = _spec(node, ctx)
     if out_split is not None:
         found = ctx.split_keep(node.outputs[0])
         if found is None:
@@ -241,9 +259,9 @@ def reshape_apply(node, ctx) -> bool:
         if out_map is None or keep is None:
             return True
         axis = out_map.axis
-    if spec[axis] != -1:
-        spec[axis] = len(keep)
-        ctx.set_input_value(node, 1, np.array(spec, dtype=np.int64))
+    elements = shape_elements(node, 1, ctx)
+    if elements[axis].value != -1:
+        ctx.set_shape_element(rewritable_source(node, 1, axis, elements, ctx), len(keep))
     return True
 
 

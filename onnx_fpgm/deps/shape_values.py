@@ -1,0 +1,361 @@
+"""Shape vectors element by element: constants, dims of tensors, channel counts.
+
+Exporters compute shape parameters from ``Shape`` ops, so a Reshape target or Resize ``sizes``
+is often only partly constant:
+
+* tf2onnx's Keras Flatten: ``Reshape(x, Cast(Concat(Slice(Cast(Gather(Shape(y), perm)), 0:1),
+  [25088])))``: the batch is computed, the channel-carrying 25088 is a stored constant;
+* torch's ``x.view(x.size(0), -1)``: ``Concat(Unsqueeze(Gather(Shape(x), 0)), [-1])``, or
+  ``Concat(Shape(x, end=1), [-1])`` from the dynamo exporter;
+* an FPN neck's ``Resize(x, sizes=Concat(Slice(Shape(x), 0:2), Slice(Shape(y), 2:4)))``.
+
+This module follows 1-D integer tensors through the ops that move elements without computing on
+them (``Shape``, ``Gather``/``Slice`` with constant indices, ``Concat``, ``Cast``, ``Identity``,
+``Unsqueeze``/``Squeeze``/``Reshape``/``Flatten`` of a vector; and ``Mul``, for ``c * h * w``)
+and describes every element:
+
+* a known integer, with where it is stored (:class:`Source`: the node reading the stored
+  constant, the input index, the flat position), so that a handler rewrites that one element
+  where it lives and leaves the computed elements computed;
+* a dimension of a tensor (``symbol``: the dim_param, or a per-tensor token when unnamed), with
+  the channel labels when it is the size of one of our channel axes: such a channel count follows
+  the plan by itself at run time;
+* unknown (computed by arithmetic): ``value`` and ``symbol`` both None.
+
+A value computed by arithmetic from a channel count that folds to a constant (static shapes)
+keeps the labels it came from in ``derived``, so that it is never mistaken for a free constant.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+logger = logging.getLogger(__name__)
+
+#: Ops that move elements of a vector without computing on them.
+ELEMENT_MOVING_OPS = frozenset({"Identity", "Cast", "Concat", "Gather", "Slice", "Unsqueeze",
+                                "Squeeze", "Reshape", "Flatten", "Shape", "Mul"})
+_MAX_ELEMENTS = 64  # shape vectors are short; anything longer is data
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a constant element is stored: ``node.inputs[index]``, flat ``position``.
+
+    ``exclusive``: every tensor between ``node`` and the shape parameter has that one reader,
+    so editing the constant changes nothing else (the constant itself may still be shared:
+    ``RewriteContext.set_input_value`` copies it then).
+    """
+
+    node: gs.Node
+    index: int
+    position: int
+    exclusive: bool
+
+
+@dataclass(frozen=True, eq=False)
+class Element:
+    """One element of a shape vector (see the module docstring)."""
+
+    value: int | None = None
+    symbol: str | None = None
+    labels: np.ndarray | None = None
+    source: Source | None = None
+    #: channel labels whose count this value was computed from, e.g. ``C // 2``
+    derived: np.ndarray | None = None
+    #: with ``labels``: the element is ``factor`` times that channel count (``c * h * w``)
+    factor: int = 1
+
+    @property
+    def channels(self) -> np.ndarray | None:
+        """Labels of a channel count this element is, or was computed from."""
+        return self.labels if self.labels is not None else self.derived
+
+    @property
+    def known(self) -> bool:
+        return self.value is not None
+
+
+def symbolic_dims(tensor: gs.Tensor | None) -> list[int | str] | None:
+    """The tensor's dims: ints where static, else the dim_param, else a per-tensor token."""
+    if tensor is None or tensor.shape is None:
+        return None
+    dims: list[int | str] = []
+    for axis, dim in enumerate(tensor.shape):
+        if isinstance(dim, (int, np.integer)) and dim >= 0:
+            dims.append(int(dim))
+        elif isinstance(dim, str) and dim:
+            dims.append(dim)
+        else:
+            dims.append(f"?{tensor.name}#{axis}")
+    return dims
+
+
+def shape_elements(node: gs.Node, index: int, ctx) -> list[Element] | None:
+    """Elements of the 1-D integer tensor ``node.inputs[index]``; None when not a short vector.
+
+    ``ctx`` is an analysis or rewrite context (``const``, ``map``, ``graph``).
+    """
+    tensor = node.inputs[index] if index < len(node.inputs) else None
+    return _elements(tensor, ctx, (node, index), exclusive=True, depth=0)
+
+
+def tensor_elements(tensor: gs.Tensor, ctx) -> list[Element] | None:
+    """Elements of ``tensor`` without sources (for reading, not rewriting)."""
+    return _elements(tensor, ctx, None, exclusive=False, depth=0)
+
+
+def _elements(tensor: gs.Tensor | None, ctx, reader: tuple[gs.Node, int] | None,
+              exclusive: bool, depth: int) -> list[Element] | None:
+    """Elements of ``tensor``, read by ``reader`` (node, input index) when sources are wanted."""
+    if tensor is None or not tensor.name or depth > 32:
+        return None
+    producer = tensor.inputs[0] if isinstance(tensor, gs.Variable) and tensor.inputs else None
+    if producer is not None and producer.op in ELEMENT_MOVING_OPS and \
+            (producer.domain or "") in ("", "ai.onnx"):
+        alone = exclusive and len(tensor.outputs) == 1 and \
+            tensor.name not in {t.name for t in ctx.graph.outputs}
+        moved = _moved(producer, ctx, reader is not None, alone, depth + 1)
+        if moved is not None:
+            return moved
+    # A value computed from a channel count is tainted (``analysis``): say so.
+    tainted = getattr(ctx, "shape_maps", {}).get(tensor.name)
+    derived = None if tainted is None else tainted.labels
+    value = ctx.const(tensor)
+    if value is None:
+        shape = tensor.shape
+        if shape is not None and len(shape) <= 1 and all(isinstance(d, int) for d in shape) \
+                and int(np.prod(shape)) <= _MAX_ELEMENTS:
+            return [Element(derived=derived)] * int(np.prod(shape))  # computed elements
+        return None
+    if value.ndim > 1 or value.size > _MAX_ELEMENTS or value.dtype.kind not in "iu":
+        return None
+    return [Element(int(v), source=None if reader is None else
+                    Source(reader[0], reader[1], k, exclusive), derived=derived)
+            for k, v in enumerate(value.reshape(-1).tolist())]
+
+
+def _moved(node: gs.Node, ctx, sources: bool, exclusive: bool,
+           depth: int) -> list[Element] | None:
+    """Elements of ``node``'s output, from its inputs' elements."""
+    op = node.op
+
+    def input_elements(i: int) -> list[Element] | None:
+        tensor = node.inputs[i] if i < len(node.inputs) else None
+        return _elements(tensor, ctx, (node, i) if sources else None, exclusive, depth)
+
+    if op == "Shape":
+        return _shape_of(node, ctx)
+    if op == "Concat":
+        parts = [input_elements(i) for i in range(len(node.inputs))]
+        if any(p is None for p in parts):
+            return None
+        return [e for part in parts for e in part]
+    data = input_elements(0)
+    if data is None:
+        return None
+    if op == "Gather":
+        if int(node.attrs.get("axis", 0)) not in (0, -1) or len(node.inputs) < 2:
+            return None
+        picked = ctx.const(node.inputs[1])
+        if picked is None or np.asarray(picked).ndim > 1:
+            return None
+        n = len(data)
+        picked = [int(p) + n if p < 0 else int(p) for p in np.asarray(picked).reshape(-1)]
+        return [data[p] for p in picked] if all(0 <= p < n for p in picked) else None
+    if op == "Slice":
+        return _sliced(node, ctx, data)
+    if op == "Mul":
+        other = input_elements(1)
+        return None if other is None else _product(data, other)
+    return data  # Identity, Cast, Unsqueeze, Squeeze, Reshape, Flatten: same elements in order
+
+
+def _product(a: list[Element], b: list[Element]) -> list[Element] | None:
+    """Element-wise product (one side may be a single element): ``C * H * W`` stays a channel
+    count times a static factor when H and W are static."""
+    if len(a) != len(b) and 1 not in (len(a), len(b)):
+        return None
+    out = []
+    for x, y in zip(a * (len(b) if len(a) == 1 else 1), b * (len(a) if len(b) == 1 else 1)):
+        if x.labels is not None and y.known and y.channels is None:
+            out.append(Element(symbol=None, labels=x.labels, factor=x.factor * y.value,
+                               value=None if x.value is None else x.value * y.value))
+        elif y.labels is not None and x.known and x.channels is None:
+            out.append(Element(symbol=None, labels=y.labels, factor=y.factor * x.value,
+                               value=None if y.value is None else x.value * y.value))
+        elif x.known and y.known:
+            derived = x.channels if x.channels is not None else y.channels
+            out.append(Element(x.value * y.value, derived=derived))
+        else:
+            derived = x.channels if x.channels is not None else y.channels
+            out.append(Element(derived=derived))
+    return out
+
+
+def _sliced(node: gs.Node, ctx, data: list[Element]) -> list[Element] | None:
+    if "starts" in node.attrs:  # Slice-1
+        bounds = [list(node.attrs["starts"]), list(node.attrs["ends"]),
+                  list(node.attrs.get("axes", [0])), [1]]
+    else:
+        bounds = []
+        for i, default in ((1, None), (2, None), (3, [0]), (4, [1])):
+            if i < len(node.inputs) and node.inputs[i] is not None and node.inputs[i].name:
+                value = ctx.const(node.inputs[i])
+                if value is None:
+                    return None
+                bounds.append([int(v) for v in np.asarray(value).reshape(-1)])
+            elif default is None:
+                return None
+            else:
+                bounds.append(default)
+    starts, ends, axes, steps = bounds
+    if len(starts) != 1 or axes[0] not in (0, -1) or steps[0] == 0:
+        return None
+    return [data[i] for i in range(len(data))[slice(starts[0], ends[0], steps[0])]]
+
+
+def _shape_of(node: gs.Node, ctx) -> list[Element] | None:
+    tensor = node.inputs[0]
+    dims = symbolic_dims(tensor)
+    if dims is None:
+        return None
+    cmap = ctx.map(tensor)
+    rank = len(dims)
+    start = int(node.attrs.get("start", 0))
+    end = node.attrs.get("end")
+    start = max(0, min(start + rank if start < 0 else start, rank))
+    end = rank if end is None else max(0, min(int(end) + rank if end < 0 else int(end), rank))
+    elements = []
+    for axis in range(start, end):
+        dim = dims[axis]
+        labels = cmap.labels if cmap is not None and cmap.axis == axis else None
+        if isinstance(dim, int):
+            elements.append(Element(dim, symbol=str(dim), labels=labels))
+        else:
+            elements.append(Element(None, symbol=dim, labels=labels))
+    return elements
+
+
+def channel_labels(elements: list[Element]) -> np.ndarray | None:
+    """All channel labels the elements carry or were computed from, or None."""
+    carried = [e.channels for e in elements if e.channels is not None]
+    return np.concatenate(carried) if carried else None
+
+
+def rewritable_source(node: gs.Node, index: int, position: int, elements: list[Element],
+                      ctx) -> Source | None:
+    """Where element ``position`` of ``node.inputs[index]`` can be rewritten, if anywhere.
+
+    The stored constant behind that one element when the path to ``node`` is exclusive;
+    otherwise, when the whole vector is constant, the vector itself at ``node`` (replaced by a
+    rewritten copy); otherwise None.
+    """
+    element = elements[position]
+    if element.source is not None and element.source.exclusive:
+        return element.source
+    if ctx.const(node.inputs[index]) is not None:
+        return Source(node, index, position, True)
+    return None
+
+
+def resolve_symbols(*dim_lists: list[int | str]) -> tuple[list[list[int]], list[set[int]]]:
+    """Dims as integers, every symbol replaced by its own large prime (shared by all lists).
+
+    Products of such dims are equal exactly when they are equal symbolically (no static dim
+    holds a prime factor above 2**31), so block matching and ``-1`` inference work unchanged.
+    Returns the integer lists and, per list, the positions that were symbols.
+    """
+    primes: dict[str, int] = {}
+    numbers, symbolic = [], []
+    for dims in dim_lists:
+        numbers.append([]), symbolic.append(set())
+        for i, dim in enumerate(dims):
+            if isinstance(dim, str):
+                if dim not in primes:
+                    primes[dim] = _prime(len(primes))
+                numbers[-1].append(primes[dim])
+                symbolic[-1].add(i)
+            else:
+                numbers[-1].append(int(dim))
+    return numbers, symbolic
+
+
+_PRIMES: list[int] = []
+
+
+def _prime(k: int) -> int:
+    """The ``k``-th prime above 2**31."""
+    while len(_PRIMES) <= k:
+        candidate = (_PRIMES[-1] if _PRIMES else 2**31) + 1
+        while not _is_prime(candidate):
+            candidate += 1
+        _PRIMES.append(candidate)
+    return _PRIMES[k]
+
+
+def _is_prime(n: int) -> bool:
+    """Deterministic Miller-Rabin (exact for n < 3.3e24)."""
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for a in (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41):
+        if n % a == 0:
+            return n == a
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def refine_shapes(node: gs.Node, ctx) -> None:
+    """Infer ``node``'s unknown output shapes with onnx when an input's shape was refined.
+
+    onnx's inference stops at a Reshape whose target it cannot fold (tf2onnx's computed
+    Flatten); the Reshape handler knows the output shape and marks it in ``ctx.refined``, and
+    the shapes of the nodes after it are inferred here, one node at a time.
+    """
+    if not any(t is not None and t.name in ctx.refined for t in node.inputs) or \
+            all(t.shape is not None for t in node.outputs):
+        return
+    try:
+        schema = onnx.defs.get_schema(node.op, ctx.opset, node.domain or "")
+        proto = onnx.helper.make_node(node.op, [t.name if t is not None else "" for t in
+                                                node.inputs],
+                                      [t.name for t in node.outputs], **{
+                                          k: v for k, v in node.attrs.items()
+                                          if not isinstance(v, (gs.Constant, gs.Graph))})
+        types, data = {}, {}
+        for tensor in node.inputs:
+            if tensor is None or not tensor.name or tensor.dtype is None:
+                continue
+            dtype = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(tensor.dtype))
+            types[tensor.name] = onnx.helper.make_tensor_type_proto(dtype, tensor.shape)
+            value = ctx.const(tensor) if tensor.shape is not None and len(tensor.shape) <= 1 \
+                else None
+            if value is not None:
+                data[tensor.name] = onnx.numpy_helper.from_array(np.asarray(value), tensor.name)
+        inferred = onnx.shape_inference.infer_node_outputs(
+            schema, proto, types, data,
+            opset_imports=[onnx.helper.make_opsetid(node.domain or "", ctx.opset)])
+    except Exception as err:  # best effort: handlers block what stays unknown
+        logger.debug("no shape inference for %s (%s): %s", node.name, node.op, err)
+        return
+    for out in node.outputs:
+        ttype = inferred.get(out.name)
+        if out.shape is None and ttype is not None and ttype.tensor_type.HasField("shape"):
+            out.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                         for d in ttype.tensor_type.shape.dim]
+            if out.dtype is None and ttype.tensor_type.elem_type:
+                out.dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.tensor_type.elem_type)
+            ctx.refined.add(out.name)

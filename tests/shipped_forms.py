@@ -1,0 +1,202 @@
+"""Builders of models in the forms shipped exporters write (tf2onnx, paddle2onnx, torch, ORT).
+
+Built by hand with onnx.helper where no exporter is at hand, written the way that exporter writes
+them (node order, dtypes, symbolic dims), so that the engine is tested on those forms rather than
+on the forms our own builders would choose.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from tests.onnx_patterns import _Net
+
+# --- computed shape parameters (issue 9, item 4) ----------------------------------------------
+
+
+def tf2onnx_computed_flatten(*, shared_constant: bool = False) -> onnx.ModelProto:
+    """A Keras CNN through tf2onnx: NHWC input ``[unk__99, 16, 16, 3]``, Flatten computed.
+
+    Input -> Transpose(NCHW) -> conv1 -> BN as Mul/Add ([C,1,1] constants) -> Relu -> conv2 ->
+    Relu -> MaxPool -> conv3 -> Relu -> Transpose(NHWC) -> Reshape(x, Cast(Concat(Slice(Cast(
+    Gather(Shape(conv3 output), perm)), 0:1), [256]))) -> MatMul+Add -> Relu -> MatMul+Add.
+    tf2onnx's transpose optimiser rewrites ``Shape(Transpose(y))`` as ``Gather(Shape(y), perm)``;
+    TF shapes are int32, hence the Casts. With ``shared_constant``, the ``[256]`` constant is
+    also read by a second, unrelated Concat (a side output), so it must be copied, not edited.
+    """
+    n = _Net(99)
+    x = n.op("Transpose", "StatefulPartitionedCall/model/conv1/Conv2D__6", ["input_1"],
+             perm=[0, 3, 1, 2])
+    x = n.conv("StatefulPartitionedCall/model/conv1/Conv2D", x, 3, 8)
+    scale = n.const("bn1/mul_const", n.rng.uniform(0.5, 1.5, [8, 1, 1]).astype(np.float32))
+    x = n.op("Mul", "StatefulPartitionedCall/model/bn1/FusedBatchNormV3/mul", [x, scale])
+    x = n.op("Add", "StatefulPartitionedCall/model/bn1/FusedBatchNormV3/add",
+             [x, n.randn("bn1/add_const", [8, 1, 1], 0.1)])
+    x = n.relu("StatefulPartitionedCall/model/relu1/Relu", x)
+    x = n.relu("StatefulPartitionedCall/model/relu2/Relu",
+               n.conv("StatefulPartitionedCall/model/conv2/Conv2D", x, 8, 16))
+    x = n.op("MaxPool", "StatefulPartitionedCall/model/pool/MaxPool", [x], kernel_shape=[4, 4],
+             strides=[4, 4])
+    conv3 = n.relu("StatefulPartitionedCall/model/relu3/Relu",
+                   n.conv("StatefulPartitionedCall/model/conv3/Conv2D", x, 16, 16))
+    nhwc = n.op("Transpose", "StatefulPartitionedCall/model/relu3/Relu__20", [conv3],
+                perm=[0, 2, 3, 1])
+    shape = n.op("Shape", "StatefulPartitionedCall/model/flatten/Shape", [conv3])
+    shape = n.op("Gather", "StatefulPartitionedCall/model/flatten/Shape__22",
+                 [shape, n.ints("const_axes__perm", [0, 2, 3, 1])], axis=0)
+    shape = n.op("Cast", "StatefulPartitionedCall/model/flatten/Shape__23", [shape],
+                 to=TensorProto.INT32)
+    batch = n.op("Slice", "StatefulPartitionedCall/model/flatten/strided_slice",
+                 [shape, n.ints("const_starts__10", [0]), n.ints("const_ends__11", [1]),
+                  n.ints("const_axes__12", [0])])
+    features = n.const("const_fold_opt__30", np.array([256], np.int32))
+    target = n.op("Concat", "StatefulPartitionedCall/model/flatten/Reshape/shape_Concat__26",
+                  [batch, features], axis=0)
+    target = n.op("Cast", "StatefulPartitionedCall/model/flatten/Reshape__27", [target],
+                  to=TensorProto.INT64)
+    x = n.op("Reshape", "StatefulPartitionedCall/model/flatten/Reshape", [nhwc, target])
+    x = n.relu("StatefulPartitionedCall/model/dense/Relu",
+               n.matmul_add("StatefulPartitionedCall/model/dense/MatMul", x, 256, 32))
+    n.matmul_add("StatefulPartitionedCall/model/dense_1/MatMul", x, 32, 10, out="dense_1")
+    outputs: dict[str, list] = {"dense_1": ["unk__99", 10]}
+    if shared_constant:
+        n.op("Concat", "side_concat", [n.ints("side_part", [7]),
+                                       n.op("Cast", "side_cast", [features], to=TensorProto.INT64)],
+             axis=0, out="side")
+        outputs["side"] = [2]
+    model = n.model(outputs, {"input_1": ["unk__99", 16, 16, 3]}, opset=13)
+    model.producer_name, model.producer_version = "tf2onnx", "1.16.1 15c810"
+    model.graph.output[-1].type.tensor_type.elem_type = TensorProto.INT64 if shared_constant \
+        else TensorProto.FLOAT
+    return model
+
+
+def paddle_reshape_zero_minus_one() -> onnx.ModelProto:
+    """paddle2onnx: input ``[-1, 3, 8, 8]`` (a ``?`` batch), weights in Constant nodes,
+    ``reshape(x, [0, -1])`` then ``matmul`` + ``elementwise_add``."""
+    n = _Net(7, constants=True)
+    x = n.relu("relu_0.tmp_0", n.bn("batch_norm_0.tmp_2", n.conv("conv2d_0.tmp_0", "x", 3, 8), 8))
+    x = n.relu("relu_1.tmp_0", n.conv("conv2d_1.tmp_0", x, 8, 8, stride=2))
+    x = n.op("Reshape", "reshape2_0.tmp_0", [x, n.ints("reshape2_0.shape", [0, -1])])
+    n.matmul_add("linear_0.tmp_0", x, 8 * 4 * 4, 10, out="linear_1.tmp_1")
+    model = n.model({"linear_1.tmp_1": ["?", 10]}, {"x": ["?", 3, 8, 8]}, opset=11)
+    model.producer_name = "PaddlePaddle"
+    return model
+
+
+def resize_computed_sizes() -> onnx.ModelProto:
+    """An FPN-style neck with a dynamic batch: ``Resize(x, sizes=Concat(Shape(x)[0:2],
+    Shape(lateral)[2:4]))``; the channel entry is the input's own channel count."""
+    n = _Net(31)
+    c1 = n.relu("relu1", n.conv("conv1", "input", 3, 8))
+    c2 = n.relu("relu2", n.conv("conv2", c1, 8, 8, stride=2))
+    top = n.relu("relu_top", n.conv("conv_top", c2, 8, 8, k=1))
+    head = n.op("Shape", "shape_top", [top])
+    head = n.op("Slice", "slice_top", [head, n.ints("s0", [0]), n.ints("e2", [2]),
+                                       n.ints("ax0", [0])])
+    tail = n.op("Shape", "shape_lat", [c1])
+    tail = n.op("Slice", "slice_lat", [tail, n.ints("s2", [2]), n.ints("e4", [4]),
+                                       n.ints("ax0b", [0])])
+    sizes = n.op("Concat", "sizes", [head, tail], axis=0)
+    up = n.op("Resize", "resize", [top, "", "", sizes], mode="nearest")
+    lateral = n.relu("relu_lat", n.conv("conv_lat", c1, 8, 8, k=1))
+    n.head(n.op("Add", "fuse", [up, lateral]), 8)
+    return n.model({"output": ["N", 4, 8, 8]}, {"input": ["N", 3, 8, 8]}, opset=13)
+
+
+def resize_computed_channel_sizes() -> onnx.ModelProto:
+    """Resize whose sizes take the channel count of *another* tensor: must be blocked."""
+    n = _Net(32)
+    c1 = n.relu("relu1", n.conv("conv1", "input", 3, 8))
+    other = n.relu("relu2", n.conv("conv2", c1, 8, 8))
+    sizes = n.op("Concat", "sizes", [
+        n.op("Slice", "slice_other", [n.op("Shape", "shape_other", [other]), n.ints("s0", [0]),
+                                      n.ints("e2", [2]), n.ints("ax0", [0])]),
+        n.ints("hw", [16, 16])], axis=0)
+    up = n.op("Resize", "resize", [c1, "", "", sizes], mode="nearest")
+    n.head(n.op("Add", "fuse", [n.op("MaxPool", "pool", [up], kernel_shape=[2, 2],
+                                     strides=[2, 2]), other]), 8)
+    return n.model({"output": ["N", 4, 8, 8]}, {"input": ["N", 3, 8, 8]}, opset=13)
+
+
+def slice_bounds_partly_computed() -> onnx.ModelProto:
+    """A U-Net style crop with a dynamic batch: ``x[:, 2:6, :h]`` with ``h`` read from a skip
+    tensor's shape (``Slice(x, [2, 0], Concat([6], Shape(skip)[2:3]), [1, 2])``)."""
+    n = _Net(33)
+    c1 = n.relu("relu1", n.conv("conv1", "input", 3, 8))
+    skip = n.op("MaxPool", "pool", [c1], kernel_shape=[2, 1], strides=[2, 1])
+    h = n.op("Slice", "skip_h", [n.op("Shape", "skip_shape", [skip]), n.ints("s2", [2]),
+                                 n.ints("e3", [3]), n.ints("a0", [0])])
+    ends = n.op("Concat", "crop_ends", [n.ints("c_end", [6]), h], axis=0)
+    crop = n.op("Slice", "crop", [c1, n.ints("crop_starts", [2, 0]), ends,
+                                  n.ints("crop_axes", [1, 2])])
+    x = n.relu("relu2", n.conv("conv2", crop, 4, 8))
+    n.head(n.op("Add", "fuse", [x, n.conv("conv_skip", skip, 8, 8, k=1)]), 8)
+    return n.model({"output": ["N", 4, 4, 8]}, {"input": ["N", 3, 8, 8]}, opset=13)
+
+
+def _torch_view_net():
+    import torch
+
+    class ViewNet(torch.nn.Module):
+        """conv-bn-relu, conv-relu, then ``x.view(x.size(0), -1)`` or ``torch.flatten``."""
+
+        def __init__(self, form: str) -> None:
+            super().__init__()
+            self.form = form
+            self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.bn1 = torch.nn.BatchNorm2d(8)
+            self.conv2 = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+            self.se = torch.nn.Linear(8, 8)
+            self.fc1 = torch.nn.Linear(8 * 4 * 4, 16)
+            self.fc2 = torch.nn.Linear(16, 5)
+
+        def forward(self, x):
+            x = torch.relu(self.bn1(self.conv1(x)))
+            x = torch.relu(self.conv2(x))
+            if self.form == "view":
+                x = x.view(x.size(0), -1)
+            elif self.form == "se":  # squeeze-excitation, sizes read with x.size()
+                b, c, _, _ = x.size()
+                y = torch.nn.functional.adaptive_avg_pool2d(x, 1).view(b, c)
+                y = torch.sigmoid(self.se(y)).view(b, c, 1, 1)
+                x = (x * y).view(b, -1)
+            elif self.form == "reshape":
+                x = x.reshape(x.shape[0], x.shape[1] * x.shape[2] * x.shape[3])
+            else:
+                x = torch.flatten(x, 1)
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    return ViewNet
+
+
+def torch_view_batch(form: str, dynamo: bool) -> onnx.ModelProto:
+    """A torch CNN exported with a dynamic batch; the head flattens with ``form``:
+    ``view`` (``x.view(x.size(0), -1)``), ``reshape`` (all sizes read from ``x.shape``) or
+    ``flatten`` (``torch.flatten(x, 1)``)."""
+    import io
+
+    import torch
+
+    torch.manual_seed(0)
+    module = _torch_view_net()(form).eval()
+    with torch.no_grad():
+        module.bn1.running_mean.uniform_(-0.2, 0.2)
+        module.bn1.running_var.uniform_(0.5, 1.5)
+    example = torch.randn(2, 3, 8, 8)
+    buffer = io.BytesIO()
+    if dynamo:
+        batch = torch.export.Dim("batch", min=1, max=64)
+        program = torch.onnx.export(module, (example,), dynamo=True, input_names=["input"],
+                                    output_names=["output"],
+                                    dynamic_shapes={"x": {0: batch}}, verbose=False)
+        return program.model_proto
+    torch.onnx.export(module, (example,), buffer, dynamo=False, input_names=["input"],
+                      output_names=["output"], opset_version=17,
+                      dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    return onnx.load_from_string(buffer.getvalue())
+
+
+__all__ = ["slice_bounds_partly_computed", "paddle_reshape_zero_minus_one", "resize_computed_channel_sizes",
+           "resize_computed_sizes", "tf2onnx_computed_flatten", "torch_view_batch"]

@@ -1,0 +1,143 @@
+"""Partly computed shape parameters (a batch read by ``Shape``, the channel part constant).
+
+Every form is pruned with no option but the sparsity and checked by the oracle at batch 1 (inside
+``check_pruned``) and again at batch 3, since a rewritten target must not bake a batch size in.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import onnx_fpgm
+from onnx_fpgm.bench import count_params
+from onnx_fpgm.deps.reasons import classify
+from tests import shipped_forms
+from tests.conftest import _stored, check_pruned, pruned_layers
+from tests.onnx_patterns import _Net
+
+TF = "StatefulPartitionedCall/model/"
+TF_PRODUCERS = {f"{TF}conv1/Conv2D", f"{TF}conv2/Conv2D", f"{TF}conv3/Conv2D",
+                f"{TF}dense/MatMul"}
+
+
+def _check_at_batch(original: onnx.ModelProto, result: onnx_fpgm.PruneResult, batch: int) -> None:
+    value = original.graph.input[0]
+    dims = [d.dim_value or batch for d in value.type.tensor_type.shape.dim]
+    check = onnx_fpgm.validate.verify(
+        onnx_fpgm.io.infer_shapes(original), result.model, analysis=result.analysis,
+        removed_classes=result.plan.removed_classes,
+        opset=onnx_fpgm.io.default_opset(original), seed=7,
+        input_shapes={value.name: tuple(dims)})
+    assert check, check.summary()
+    assert check.max_rel_error <= 1e-4
+
+
+def _prune_and_check(model: onnx.ModelProto) -> onnx_fpgm.PruneResult:
+    onnx.checker.check_model(model, full_check=True)
+    result = onnx_fpgm.prune(model, 0.5)
+    check_pruned(model, result)
+    _check_at_batch(model, result, 3)
+    return result
+
+
+def test_tf2onnx_computed_flatten_prunes_the_last_conv_block() -> None:
+    model = shipped_forms.tf2onnx_computed_flatten()
+    result = _prune_and_check(model)
+    assert pruned_layers(result) == TF_PRODUCERS
+    assert result.report.prunable_channels == 72  # all but the 10 output features
+    # Only the channel-carrying constant changed; the batch is still read from the input.
+    kept = next(l for l in result.report.layers if l.name == f"{TF}conv3/Conv2D").channels_after
+    assert _stored(result.model)["const_fold_opt__30"].tolist() == [4 * 4 * kept]
+    assert _stored(result.model)["const_fold_opt__30"].dtype == np.int32
+    ops = [n.op_type for n in result.model.graph.node]
+    assert ops == [n.op_type for n in model.graph.node]
+
+
+def test_tf2onnx_shared_channel_constant_is_copied() -> None:
+    model = shipped_forms.tf2onnx_computed_flatten(shared_constant=True)
+    result = _prune_and_check(model)
+    assert pruned_layers(result) == TF_PRODUCERS
+    assert _stored(result.model)["const_fold_opt__30"].tolist() == [256]  # the side reader's
+    assert any("const_fold_opt__30" in note and "copy" in note for note in result.report.notes)
+
+
+def test_tf2onnx_computed_flatten_prunes_at_least_what_onnxsim_prunes() -> None:
+    pruning = pytest.importorskip("onnxsim.pruning", reason="peer onnxsim not installed")
+    model = shipped_forms.tf2onnx_computed_flatten()
+    before = count_params(model)
+    ours = onnx_fpgm.prune(model, 0.5).report.after.params
+    peer = count_params(pruning.apply_structured_pruning(model, 0.5))
+    assert before - ours >= before - peer
+
+
+FORMS = {  # builder, producers that must be pruned (the rest feed the graph output)
+    "paddle_reshape_0_-1": (shipped_forms.paddle_reshape_zero_minus_one,
+                            {"conv2d_0.tmp_0", "conv2d_1.tmp_0"}),
+    "resize_sizes_from_shapes": (shipped_forms.resize_computed_sizes,
+                                 {"conv1", "conv2", "conv_lat", "conv_top"}),
+    "resize_sizes_other_channels": (shipped_forms.resize_computed_channel_sizes,
+                                    {"conv1", "conv2"}),
+    "slice_bounds_partly_computed": (shipped_forms.slice_bounds_partly_computed,
+                                     {"conv1", "conv2", "conv_skip"}),
+}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_hand_built_forms(form: str) -> None:
+    build, expected = FORMS[form]
+    result = _prune_and_check(build())
+    assert pruned_layers(result) == expected
+
+
+TORCH = [(form, dynamo) for form in ("view", "reshape", "flatten", "se")
+         for dynamo in (False, True)]
+
+
+@pytest.mark.torch_export
+@pytest.mark.parametrize("form,dynamo", TORCH,
+                         ids=[f"{f}-{'dynamo' if d else 'torchscript'}" for f, d in TORCH])
+def test_torch_dynamic_batch_view(form: str, dynamo: bool) -> None:
+    model = shipped_forms.torch_view_batch(form, dynamo)
+    result = _prune_and_check(model)
+    assert not [g for g in result.report.groups if g.frozen and
+                "reaches graph output" not in g.frozen]
+    assert len(pruned_layers(result)) == len(result.report.layers) - 1  # all but the output
+
+
+def _computed_channel_count() -> onnx.ModelProto:
+    """Reshape(x, Concat(Shape(x)[0:1], ReduceProd(Shape(x)[1:4]))): the count is computed."""
+    n = _Net(5)
+    x = n.relu("relu1", n.conv("conv1", "input", 3, 8))
+    shape = n.op("Shape", "shape", [x])
+    batch = n.op("Slice", "batch", [shape, n.ints("s0", [0]), n.ints("e1", [1]),
+                                    n.ints("a0", [0])])
+    rest = n.op("Slice", "rest", [shape, n.ints("s1", [1]), n.ints("e4", [4]),
+                                  n.ints("a0b", [0])])
+    count = n.op("ReduceProd", "count", [rest], keepdims=1)
+    x = n.op("Reshape", "flatten", [x, n.op("Concat", "target", [batch, count], axis=0)])
+    w = n.randn("fc.weight", [8 * 8 * 8, 4], 0.05)
+    n.op("MatMul", "fc", [x, w], out="output")
+    return n.model({"output": ["N", 4]}, {"input": ["N", 3, 8, 8]}, opset=17)
+
+
+def test_computed_channel_count_is_blocked_with_a_documented_reason() -> None:
+    model = _computed_channel_count()
+    result = onnx_fpgm.prune(model, 0.5)
+    group = next(g for g in result.report.groups if "conv1" in g.producers)
+    assert group.frozen and "flatten" in group.frozen
+    assert classify(group.frozen).title == "computed weights or parameters"
+    assert not pruned_layers(result)
+    assert [t.dims for t in result.model.graph.initializer] == \
+        [t.dims for t in model.graph.initializer]
+
+
+
+def test_slice_rewrites_the_channel_bound_and_keeps_the_computed_one() -> None:
+    model = shipped_forms.slice_bounds_partly_computed()
+    result = _prune_and_check(model)
+    kept = next(l for l in result.report.layers if l.name == "conv1").kept
+    stored = _stored(result.model)
+    assert stored["crop_starts"].tolist() == [sum(k < 2 for k in kept), 0]
+    assert stored["c_end"].tolist() == [sum(k < 6 for k in kept)]
+    assert "skip_shape" in {n.name for n in result.model.graph.node}
