@@ -112,38 +112,65 @@ def _split_targets(model: onnx.ModelProto) -> list[np.ndarray]:
             if n.op_type == "Reshape" and n.input[1] in values and values[n.input[1]].size == 5]
 
 
-def _fused_attention_model() -> onnx.ModelProto:
-    """com.microsoft::Attention (packed qkv weight, num_heads) between two Linears."""
+def _fused_attention_model(op: str = "Attention", cache: bool = False) -> onnx.ModelProto:
+    """com.microsoft Attention (packed qkv weight) or MultiHeadAttention (three projections),
+    with a per-head attention bias (1, h, S, S), between an embedding and an output projection."""
     rng = np.random.default_rng(0)
-    dim, heads = 16, 4
+    dim, heads, seq = 16, 4, 6
 
     def init(name, *shape):
         return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
 
-    nodes = [
-        helper.make_node("MatMul", ["x", "w_in"], ["h"], name="embed"),
-        helper.make_node("Attention", ["h", "w_qkv", "b_qkv"], ["a"], name="attention",
-                         domain="com.microsoft", num_heads=heads),
+    inits = [init("w_in", dim, dim), init("b_qkv", 3 * dim), init("w_out", dim, dim),
+             init("pos_bias", 1, heads, seq, seq)]
+    nodes = [helper.make_node("MatMul", ["x", "w_in"], ["h"], name="embed")]
+    if op == "Attention":
+        inits.append(init("w_qkv", dim, 3 * dim))
+        inputs = ["h", "w_qkv", "b_qkv", "", "past" if cache else "", "pos_bias"]
+    else:
+        inits += [init(f"w_{p}", dim, dim) for p in "qkv"]
+        nodes += [helper.make_node("MatMul", ["h", f"w_{p}"], [p], name=f"proj_{p}")
+                  for p in "qkv"]
+        inputs = ["q", "k", "v", "b_qkv", "", "pos_bias"]
+    nodes += [
+        helper.make_node(op, inputs, ["a"], name="attention", domain="com.microsoft",
+                         num_heads=heads),
         helper.make_node("MatMul", ["a", "w_out"], ["y"], name="out_proj"),
     ]
+    graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, dim])]
+    if cache:
+        graph_inputs.append(helper.make_tensor_value_info(
+            "past", TensorProto.FLOAT, [2, 1, heads, 0, dim // heads]))
     graph = helper.make_graph(
-        nodes, "fused_attention",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, dim])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, dim])],
-        [init("w_in", dim, dim), init("w_qkv", dim, 3 * dim), init("b_qkv", 3 * dim),
-         init("w_out", dim, dim)])
+        nodes, "fused_attention", graph_inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, dim])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                    helper.make_opsetid("com.microsoft", 1)],
                              ir_version=8)
 
 
-def test_fused_attention_blocks_with_a_reason() -> None:
-    """Fused com.microsoft::Attention is not rewritten yet: its channels are left whole, with
-    the op named in the report, and the model still verifies."""
-    model = _fused_attention_model()
-    result = onnx_fpgm.prune(model, 0.5)
-    assert not result.plan.n_removed
-    reasons = [g.frozen for g in result.report.groups]
-    assert any(r and "Attention" in r for r in reasons)
-    for want, have in zip(run_outputs(model), run_outputs(result.model)):
-        assert np.array_equal(want, have)
+def _num_heads(model: onnx.ModelProto) -> int:
+    node = next(n for n in model.graph.node if n.domain == "com.microsoft")
+    return next(a.i for a in node.attribute if a.name == "num_heads")
+
+
+@pytest.mark.parametrize("op", ["Attention", "MultiHeadAttention"])
+def test_fused_attention_loses_whole_heads(op: str) -> None:
+    """num_heads rewritten, packed Q/K/V columns and the per-head bias sliced; the oracle zeroes
+    the removed heads' rows of the output projection."""
+    model = _fused_attention_model(op)
+    for sparsity, heads in ((0.25, 3), (0.5, 2), (0.75, 1)):
+        result = onnx_fpgm.prune(model, sparsity)
+        check_pruned(model, result)
+        assert _num_heads(result.model) == heads
+        assert [g.channels_after for g in result.report.groups if g.heads] == [heads]
+        bias = {t.name: t for t in result.model.graph.initializer}
+        assert any(list(t.dims) == [1, heads, 6, 6] for t in bias.values())
+
+
+def test_fused_attention_with_a_cache_blocks_with_a_reason() -> None:
+    model = _fused_attention_model("Attention", cache=True)
+    result = onnx_fpgm.prune(model, 0.5, verify=False)
+    assert not any(g.heads and not g.frozen for g in result.report.groups)
+    assert any(g.frozen and "key/value cache" in g.frozen for g in result.report.groups)
+    assert _num_heads(result.model) == 4

@@ -44,14 +44,17 @@ REASONS: tuple[ReasonKind, ...] = (
                "with a neighbour in a way no block rule covers."),
     ReasonKind("split channel axes and attention",
                r"split channel axis|split at|pairs heads|pairs head axes|contracts channels of "
-               r"two activations|mixes channels of two operands|activations of unknown rank",
+               r"two activations|mixes channels of two operands|activations of unknown rank|"
+               r"fused attention",
                "A channel axis split into levels (attention heads, a channel shuffle) is pruned "
                "by whole heads or by the same offset in every block; it blocks when a consumer "
                "needs two levels pruned at once, reads a level with a computed index or shape, "
                "regroups the levels, or mixes them with channels that are not ours. A product "
                "of two activations that contracts plain channels blocks them. Fused "
-               "com.microsoft Attention/MultiHeadAttention and ONNX Attention ops are not "
-               "rewritten yet (see 'ops without a handler')."),
+               "com.microsoft Attention/MultiHeadAttention lose whole heads (num_heads "
+               "rewritten) but block with a key/value cache, a computed attention bias, packed "
+               "or 4-D q/k/v, or when their own input channels are ours; ONNX Attention "
+               "(opset 23) has no handler yet."),
     ReasonKind("grouped convolutions",
                r"grouped conv|grouped ConvTranspose|same channel count in every group",
                "Depthwise convs with a channel multiplier > 1 and grouped ConvTranspose; and a "
