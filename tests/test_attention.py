@@ -78,6 +78,8 @@ def test_head_sparsity_sets_heads_apart_from_widths() -> None:
     for group in heads:
         atoms = [np.count_nonzero(result.analysis.class_of_atom == c) for c in group.classes]
         assert atoms == [3 * 12] * 4
+        # the output projection's input rows score the heads too (a member creating nothing)
+        assert [p.rsplit("/", 2)[-2] for p in group.producers] == ["qkv", "proj"]
 
 
 @pytest.mark.torch_export

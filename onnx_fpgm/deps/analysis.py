@@ -53,12 +53,15 @@ class ChannelMap:
             (a producer's direct output, possibly after a bias Add), for virtual BN folding.
         shape_index: set when the tensor is a 1-D shape vector whose element ``shape_index``
             is the channel count (``Shape`` of a mapped tensor).
+        heads: the channels are attention heads merged back (``head_dim`` per head): the
+            output projection reading them joins the heads' scoring.
     """
 
     axis: int
     labels: np.ndarray
     fold_member: int | None = None
     shape_index: int | None = None
+    heads: bool = False
 
     def moved(self, axis: int, labels: np.ndarray | None = None) -> ChannelMap:
         """The same channels on another axis (and optionally other labels); no fold target."""

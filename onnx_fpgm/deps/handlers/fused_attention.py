@@ -77,7 +77,7 @@ class MicrosoftAttentionHandler:
                 ctx.block(atoms, reason)
             return
         smap = _heads(node, ctx, atoms, 3, heads, where)
-        ctx.set_map(node.outputs[0], ChannelMap(2, smap.labels[2].reshape(-1)))
+        ctx.set_map(node.outputs[0], ChannelMap(2, smap.labels[2].reshape(-1), heads=True))
 
     def apply(self, node, ctx) -> None:
         keep = ctx.keep(node.outputs[0])
@@ -123,7 +123,7 @@ class MicrosoftMultiHeadAttentionHandler:
         splits = [_heads(node, ctx, m.labels, 1, heads, where) for m in qkv]
         for other in splits[1:]:
             ctx.couple(splits[0].representative(1), other.representative(1), where)
-        ctx.set_map(node.outputs[0], ChannelMap(2, qkv[2].labels))
+        ctx.set_map(node.outputs[0], ChannelMap(2, qkv[2].labels, heads=True))
 
     def apply(self, node, ctx) -> None:
         keep = ctx.keep(node.outputs[0])

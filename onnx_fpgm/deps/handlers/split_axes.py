@@ -225,7 +225,8 @@ def reshape_split_input(node, ctx, smap: SplitMap) -> None:
                 return
             order = np.argsort(smap.axes)
             labels = np.transpose(smap.labels, order).reshape(-1)
-            ctx.set_map(node.outputs[0], ChannelMap(big[0], labels))
+            heads = ctx.split_records[smap.record].heads
+            ctx.set_map(node.outputs[0], ChannelMap(big[0], labels, heads=heads))
             _refine(node, out_shape, ctx)
             return
     moved = []
