@@ -126,19 +126,45 @@ def _fused_attention_model(op: str = "Attention", cache: bool = False) -> onnx.M
     inits = [init("w_in", dim, dim), init("b_qkv", 3 * dim), init("w_out", dim, dim),
              init("pos_bias", 1, heads, seq, seq)]
     nodes = [helper.make_node("MatMul", ["x", "w_in"], ["h"], name="embed")]
+    domain, attrs, opset = "com.microsoft", {"num_heads": heads}, 17
     if op == "Attention":
         inits.append(init("w_qkv", dim, 3 * dim))
         inputs = ["h", "w_qkv", "b_qkv", "", "past" if cache else "", "pos_bias"]
+    elif op.startswith("onnx"):  # ONNX Attention (opset 23), 3-D or 4-D q/k/v
+        domain, opset = "", 23
+        inits += [init(f"w_{p}", dim, dim) for p in "qkv"]
+        nodes += [helper.make_node("MatMul", ["h", f"w_{p}"], [f"{p}3"], name=f"proj_{p}")
+                  for p in "qkv"]
+        if op == "onnx3d":
+            attrs = {"q_num_heads": heads, "kv_num_heads": heads}
+            inputs = ["q3", "k3", "v3", "pos_bias"]
+        else:
+            attrs = {}
+            inits.append(numpy_helper.from_array(
+                np.array([1, seq, heads, dim // heads], np.int64), "heads_shape"))
+            for p in "qkv":
+                nodes += [helper.make_node("Reshape", [f"{p}3", "heads_shape"], [f"{p}r"],
+                                           name=f"split_{p}"),
+                          helper.make_node("Transpose", [f"{p}r"], [p], name=f"heads_{p}",
+                                           perm=[0, 2, 1, 3])]
+            inits.append(numpy_helper.from_array(np.array([1, seq, dim], np.int64), "merged"))
+            inputs = ["q", "k", "v", "pos_bias"]
     else:
         inits += [init(f"w_{p}", dim, dim) for p in "qkv"]
         nodes += [helper.make_node("MatMul", ["h", f"w_{p}"], [p], name=f"proj_{p}")
                   for p in "qkv"]
         inputs = ["q", "k", "v", "b_qkv", "", "pos_bias"]
-    nodes += [
-        helper.make_node(op, inputs, ["a"], name="attention", domain="com.microsoft",
-                         num_heads=heads),
-        helper.make_node("MatMul", ["a", "w_out"], ["y"], name="out_proj"),
-    ]
+    attention_op = "Attention" if op.startswith("onnx") else op
+    out = "a"
+    if op == "onnx4d":
+        out = "a4"
+        nodes += [helper.make_node("Transpose", ["a4"], ["a4t"], name="merge_t", perm=[0, 2, 1, 3]),
+                  helper.make_node("Reshape", ["a4t", "merged"], ["a"], name="merge")]
+    nodes = [*nodes[:len(nodes) - (2 if op == "onnx4d" else 0)],
+             helper.make_node(attention_op, inputs, [out], name="attention", domain=domain,
+                              **attrs),
+             *nodes[len(nodes) - (2 if op == "onnx4d" else 0):],
+             helper.make_node("MatMul", ["a", "w_out"], ["y"], name="out_proj")]
     graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, dim])]
     if cache:
         graph_inputs.append(helper.make_tensor_value_info(
@@ -146,17 +172,18 @@ def _fused_attention_model(op: str = "Attention", cache: bool = False) -> onnx.M
     graph = helper.make_graph(
         nodes, "fused_attention", graph_inputs,
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, dim])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
                                                    helper.make_opsetid("com.microsoft", 1)],
-                             ir_version=8)
+                             ir_version=10 if opset >= 23 else 8)
 
 
 def _num_heads(model: onnx.ModelProto) -> int:
-    node = next(n for n in model.graph.node if n.domain == "com.microsoft")
-    return next(a.i for a in node.attribute if a.name == "num_heads")
+    node = next(n for n in model.graph.node if n.name == "attention")
+    return next((a.i for a in node.attribute if a.name in ("num_heads", "q_num_heads")),
+                0)
 
 
-@pytest.mark.parametrize("op", ["Attention", "MultiHeadAttention"])
+@pytest.mark.parametrize("op", ["Attention", "MultiHeadAttention", "onnx3d", "onnx4d"])
 def test_fused_attention_loses_whole_heads(op: str) -> None:
     """num_heads rewritten, packed Q/K/V columns and the per-head bias sliced; the oracle zeroes
     the removed heads' rows of the output projection."""
@@ -164,7 +191,8 @@ def test_fused_attention_loses_whole_heads(op: str) -> None:
     for sparsity, heads in ((0.25, 3), (0.5, 2), (0.75, 1)):
         result = onnx_fpgm.prune(model, sparsity)
         check_pruned(model, result)
-        assert _num_heads(result.model) == heads
+        if op != "onnx4d":  # 4-D q/k/v carry the head count in their shapes
+            assert _num_heads(result.model) == heads
         assert [g.channels_after for g in result.report.groups if g.heads] == [heads]
         bias = {t.name: t for t in result.model.graph.initializer}
         assert any(list(t.dims) == [1, heads, 6, 6] for t in bias.values())

@@ -54,7 +54,7 @@ REASONS: tuple[ReasonKind, ...] = (
                "com.microsoft Attention/MultiHeadAttention lose whole heads (num_heads "
                "rewritten) but block with a key/value cache, a computed attention bias, packed "
                "or 4-D q/k/v, or when their own input channels are ours; ONNX Attention "
-               "(opset 23) has no handler yet."),
+               "(opset 23) likewise, and with grouped-query heads."),
     ReasonKind("grouped convolutions",
                r"grouped conv|grouped ConvTranspose|same channel count in every group",
                "Depthwise convs with a channel multiplier > 1 and grouped ConvTranspose; and a "

@@ -146,3 +146,83 @@ def _slice_attention_bias(node, ctx, kept_heads: np.ndarray, heads: int) -> None
     value = ctx.const(node.inputs[index])
     if value.ndim == 4 and value.shape[1] == heads and heads > 1:
         ctx.slice_input(node, index, 1, kept_heads)
+
+
+@register("Attention")
+class OnnxAttentionHandler:
+    """ONNX Attention (opset 23): q, k, v as (B, S, h * d) with ``q_num_heads``/``kv_num_heads``
+    or as (B, h, S, d); whole heads paired across q, k and v (grouped-query attention, where
+    k/v have fewer heads, blocks)."""
+
+    accepts_split = True
+
+    def propagate(self, node, ctx) -> None:
+        where = f"fused attention {node.op} {node.name}"
+        qkv = [ctx.map(t) or ctx.split_map(t) if has_input(node, i) else None
+               for i, t in enumerate(node.inputs[:3])]
+        shapes = [ctx.shape(t) if has_input(node, i) else None
+                  for i, t in enumerate(node.inputs[:3])]
+        reason = self._check(node, ctx, qkv, shapes, where)
+        if reason is not None:
+            for m in qkv:
+                ctx.block(m, reason)
+            for tensor in node.inputs[3:]:
+                ctx.block_tensor(tensor, reason)
+            return
+        if len(shapes[0]) == 3:
+            heads = int(node.attrs["q_num_heads"])
+            splits = [_heads(node, ctx, m.labels, 1, heads, where) for m in qkv]
+            for other in splits[1:]:
+                ctx.couple(splits[0].representative(1), other.representative(1), where)
+            ctx.set_map(node.outputs[0], ChannelMap(2, qkv[2].labels, heads=True))
+            return
+        for m in qkv:  # (B, h, S, d): levels on axes 1 (heads) and 3 (head_dim)
+            require_whole(ctx, m, 1, f"{where} keeps head_dim")
+            require_free(ctx, m, 0, f"{where} pairs heads", heads=True)
+        for other in qkv[1:]:
+            ctx.couple(qkv[0].representative(0), other.representative(0), where)
+        ctx.set_map(node.outputs[0], qkv[2])
+
+    @staticmethod
+    def _check(node, ctx, qkv, shapes, where) -> str | None:
+        if any(has_input(node, i) for i in (4, 5)):
+            return f"{where} reads a key/value cache (heads are not rewritten there)"
+        if any(out.outputs or out.name in {t.name for t in ctx.graph.outputs}
+               for out in node.outputs[1:] if out is not None and out.name):
+            return f"{where} writes a key/value cache or scores that are used"
+        if any(s is None for s in shapes) or len({len(s) for s in shapes}) != 1 or \
+                len(shapes[0]) not in (3, 4):
+            return f"{where}: q, k and v of unknown or different ranks"
+        if len(shapes[0]) == 3:
+            heads = int(node.attrs.get("q_num_heads", 0))
+            if heads < 1 or int(node.attrs.get("kv_num_heads", 0)) != heads:
+                return f"{where}: grouped-query heads (kv_num_heads != q_num_heads)"
+            if any(m is None or not isinstance(m, ChannelMap) or m.axis != 2 for m in qkv) or \
+                    len({len(m.labels) for m in qkv}) != 1 or len(qkv[0].labels) % heads:
+                return f"{where}: q, k and v do not all carry our channels on their last axis"
+        elif any(m is None or isinstance(m, ChannelMap) or m.axes != (1, 3) for m in qkv) or \
+                len({m.labels.shape for m in qkv}) != 1:
+            return f"{where}: q, k and v are not all split into (heads, head_dim) on axes 1, 3"
+        if has_input(node, 3):
+            mask, shape = ctx.const(node.inputs[3]), ctx.shape(node.inputs[3])
+            if shape is None or (len(shape) == 4 and shape[1] != 1 and mask is None):
+                return f"{where} has a computed per-head attention mask"
+        return None
+
+    def apply(self, node, ctx) -> None:
+        if ctx.split_map(node.outputs[0]) is not None:
+            found = ctx.split_keep(node.outputs[0])
+            if found is None:
+                return
+            kept_heads, heads = found[1], ctx.split_map(node.outputs[0]).labels.shape[0]
+        else:
+            keep = ctx.keep(node.outputs[0])
+            if keep is None:
+                return
+            heads = int(node.attrs["q_num_heads"])
+            kept_heads = np.unique(keep // (len(ctx.map(node.outputs[0]).labels) // heads))
+            node.attrs["q_num_heads"] = node.attrs["kv_num_heads"] = len(kept_heads)
+        if has_input(node, 3):
+            value = ctx.const(node.inputs[3])
+            if value is not None and value.ndim == 4 and value.shape[1] == heads and heads > 1:
+                ctx.slice_input(node, 3, 1, kept_heads)
