@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .blocks import SplitMap, SplitRecord, resolve_splits
+from .blocks import SplitMap, SplitRecord, block_split_readers, resolve_splits
 from .constants import FOLDABLE_OPS, ConstantFolder
 from .registry import handler_for
 from .shape_values import ELEMENT_MOVING_OPS, channel_labels, refine_shapes, tensor_elements
@@ -472,10 +472,7 @@ def build_analysis(graph: gs.Graph, opset: int,
                     (node.outputs[0].name, f"{node.op} {node.name}: quantized layers are not "
                                            "pruned"))
             continue
-        if not getattr(handler, "accepts_split", False):
-            for tensor in node.inputs:
-                if ctx.split_map(tensor) is not None:
-                    ctx.block_tensor(tensor, f"{node.op} {node.name} reads a split channel axis")
+        block_split_readers(node, handler, ctx)
         try:
             handler.propagate(node, ctx)
         except Exception as err:  # a handler bug must never yield a wrong model: block instead

@@ -104,6 +104,15 @@ def drop_level(smap: SplitMap, position: int, index: int, axis_shift) -> SplitMa
     return SplitMap(tuple(axes), labels, smap.record, tuple(levels))
 
 
+def block_split_readers(node, handler, ctx: AnalysisContext) -> None:
+    """A handler that does not declare ``accepts_split`` must not see split channels: block."""
+    if getattr(handler, "accepts_split", False):
+        return
+    for tensor in node.inputs:
+        if ctx.split_map(tensor) is not None:
+            ctx.block_tensor(tensor, f"{node.op} {node.name} reads a split channel axis")
+
+
 def resolve_splits(ctx: AnalysisContext) -> list[np.ndarray]:
     """Pick every record's free level and couple its slabs; returns the head atoms per head."""
     heads: list[np.ndarray] = []

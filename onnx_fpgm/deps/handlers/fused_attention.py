@@ -80,14 +80,10 @@ class MicrosoftAttentionHandler:
         ctx.set_map(node.outputs[0], ChannelMap(2, smap.labels[2].reshape(-1), heads=True))
 
     def apply(self, node, ctx) -> None:
-        keep = ctx.keep(node.outputs[0])
-        if keep is None:
+        found = _kept_heads(node, ctx, "num_heads")
+        if found is None:
             return
-        hidden = len(ctx.map(node.outputs[0]).labels)
-        heads = int(node.attrs["num_heads"])
-        d = hidden // heads
-        kept_heads = np.unique(keep // d)
-        columns = np.concatenate([p * hidden + keep for p in range(3)])
+        keep, columns, kept_heads, heads = found
         ctx.slice_input(node, 1, 1, columns)
         if has_input(node, 2):
             ctx.slice_input(node, 2, 0, columns)
@@ -126,17 +122,25 @@ class MicrosoftMultiHeadAttentionHandler:
         ctx.set_map(node.outputs[0], ChannelMap(2, qkv[2].labels, heads=True))
 
     def apply(self, node, ctx) -> None:
-        keep = ctx.keep(node.outputs[0])
-        if keep is None:
+        found = _kept_heads(node, ctx, "num_heads")
+        if found is None:
             return
-        hidden = len(ctx.map(node.outputs[0]).labels)
-        heads = int(node.attrs["num_heads"])
-        kept_heads = np.unique(keep // (hidden // heads))
+        _, columns, kept_heads, heads = found
         if has_input(node, 3):
-            columns = np.concatenate([p * hidden + keep for p in range(3)])
             ctx.slice_input(node, 3, 0, columns)
         node.attrs["num_heads"] = len(kept_heads)
         _slice_attention_bias(node, ctx, kept_heads, heads)
+
+
+def _kept_heads(node, ctx, attr: str):
+    """(kept output positions, kept packed Q/K/V columns, kept heads, heads) or None."""
+    keep = ctx.keep(node.outputs[0])
+    if keep is None:
+        return None
+    hidden = len(ctx.map(node.outputs[0]).labels)
+    heads = int(node.attrs[attr])
+    columns = np.concatenate([p * hidden + keep for p in range(3)])
+    return keep, columns, np.unique(keep // (hidden // heads)), heads
 
 
 def _slice_attention_bias(node, ctx, kept_heads: np.ndarray, heads: int) -> None:
@@ -216,11 +220,10 @@ class OnnxAttentionHandler:
                 return
             kept_heads, heads = found[1], ctx.split_map(node.outputs[0]).labels.shape[0]
         else:
-            keep = ctx.keep(node.outputs[0])
-            if keep is None:
+            found = _kept_heads(node, ctx, "q_num_heads")
+            if found is None:
                 return
-            heads = int(node.attrs["q_num_heads"])
-            kept_heads = np.unique(keep // (len(ctx.map(node.outputs[0]).labels) // heads))
+            _, _, kept_heads, heads = found
             node.attrs["q_num_heads"] = node.attrs["kv_num_heads"] = len(kept_heads)
         if has_input(node, 3):
             value = ctx.const(node.inputs[3])

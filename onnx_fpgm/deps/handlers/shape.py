@@ -27,6 +27,7 @@ from ._util import (
     normalize_axis,
     split_parts,
     surviving_sizes,
+    transpose_perm,
 )
 
 
@@ -46,21 +47,17 @@ class TransposeHandler:
     accepts_split = True
 
     def propagate(self, node, ctx) -> None:
-        smap = ctx.split_map(node.inputs[0])
-        if smap is not None:
-            split_axes.transpose(node, ctx, smap, _rank(ctx, node.inputs[0]))
+        if ctx.split_map(node.inputs[0]) is not None:
+            split_axes.transpose(node, ctx)
             return
         xmap = ctx.map(node.inputs[0])
         if xmap is None:
             return
-        rank = _rank(ctx, node.inputs[0])
-        perm = node.attrs.get("perm")
+        perm = transpose_perm(node, _rank(ctx, node.inputs[0]))
         if perm is None:
-            if rank is None:
-                ctx.block(xmap, f"rank of the input of {node.name} is unknown")
-                return
-            perm = list(reversed(range(rank)))
-        ctx.set_map(node.outputs[0], xmap.moved(list(perm).index(xmap.axis)))
+            ctx.block(xmap, f"rank of the input of {node.name} is unknown")
+            return
+        ctx.set_map(node.outputs[0], xmap.moved(perm.index(xmap.axis)))
 
     def apply(self, node, ctx) -> None:
         pass
@@ -73,17 +70,8 @@ class SqueezeHandler:
     accepts_split = True
 
     def propagate(self, node, ctx) -> None:
-        smap = ctx.split_map(node.inputs[0])
-        if smap is not None:
-            rank = _rank(ctx, node.inputs[0])
-            try:
-                axes = axes_from(node, ctx, 1)
-            except ValueError:
-                axes = None
-            if rank is None or axes is None:
-                ctx.block(smap, f"{node.op} {node.name} on a split channel axis without axes")
-                return
-            split_axes.squeeze(node, ctx, smap, axes, rank)
+        if ctx.split_map(node.inputs[0]) is not None:
+            split_axes.squeeze(node, ctx)
             return
         found = mapped_input(node, ctx)
         if found is None:
@@ -191,21 +179,8 @@ class SplitHandler:
     accepts_split = True
 
     def propagate(self, node, ctx) -> None:
-        smap, rank = ctx.split_map(node.inputs[0]), _rank(ctx, node.inputs[0])
-        if smap is not None:
-            axis = None if rank is None else normalize_axis(int(node.attrs.get("axis", 0)), rank)
-            if axis not in smap.axes:
-                for out in node.outputs:
-                    ctx.set_map(out, smap) if axis is not None else ctx.block(
-                        smap, f"rank of the input of {node.name} is unknown")
-                return
-            dim = smap.labels.shape[smap.axes.index(axis)]
-            sizes = _split_sizes(node, ctx, dim)
-            if sizes is None or sum(sizes) != dim or len(sizes) != len(node.outputs):
-                ctx.block(smap, f"split sizes of {node.name} are not constant or do not add up")
-                return
-            starts = np.cumsum([0, *sizes])
-            split_axes.cut_level(node, ctx, smap, axis, list(zip(starts[:-1], starts[1:])))
+        if ctx.split_map(node.inputs[0]) is not None:
+            split_axes.split(node, ctx, lambda dim: _split_sizes(node, ctx, dim))
             return
         found = mapped_input(node, ctx)
         if found is None:
@@ -304,7 +279,8 @@ class SliceHandler:
 
     def propagate(self, node, ctx) -> None:
         if ctx.split_map(node.inputs[0]) is not None:
-            self._propagate_split(node, ctx, ctx.split_map(node.inputs[0]))
+            params = _slice_params(node, ctx)
+            split_axes.slice_(node, ctx, None if params is None else params[:4])
             return
         xmap = ctx.map(node.inputs[0])
         if xmap is None:
@@ -333,28 +309,6 @@ class SliceHandler:
         ctx.cut(xmap.labels, start)
         ctx.cut(xmap.labels, stop)
         ctx.set_map(node.outputs[0], xmap.moved(xmap.axis, xmap.labels[start:stop]))
-
-    @staticmethod
-    def _propagate_split(node, ctx, smap) -> None:
-        rank = _rank(ctx, node.inputs[0])
-        params = _slice_params(node, ctx)
-        if params is None or rank is None:
-            ctx.block(smap, f"bounds of Slice {node.name} are not constant")
-            return
-        starts, ends, axes, steps, _ = params
-        axes = [normalize_axis(a, rank) for a in axes]
-        cut = [k for k, a in enumerate(axes) if a in smap.axes]
-        if not cut:
-            ctx.set_map(node.outputs[0], smap)
-            return
-        if len(cut) > 1 or steps[cut[0]] != 1 or starts[cut[0]] is None or ends[cut[0]] is None:
-            ctx.block(smap, f"Slice {node.name} cuts a split channel axis in steps, twice or "
-                            "at computed bounds")
-            return
-        k = cut[0]
-        dim = smap.labels.shape[smap.axes.index(axes[k])]
-        start = _clamp(starts[k], dim)
-        split_axes.cut_level(node, ctx, smap, axes[k], [(start, max(start, _clamp(ends[k], dim)))])
 
     def apply(self, node, ctx) -> None:
         xmap = ctx.map(node.inputs[0])
@@ -537,13 +491,8 @@ class ShapeHandler:
     accepts_split = True
 
     def propagate(self, node, ctx) -> None:
-        smap = ctx.split_map(node.inputs[0])
-        rank = _rank(ctx, node.inputs[0])
-        if smap is not None and rank is not None:  # sizes read: those levels stay whole
-            split_axes.shape(node, ctx, smap, rank)
-            return
-        if smap is not None:
-            ctx.block(smap, f"rank of the input of Shape {node.name} is unknown")
+        if ctx.split_map(node.inputs[0]) is not None:
+            split_axes.shape(node, ctx)
             return
         found = mapped_input(node, ctx)
         if found is None:
@@ -567,13 +516,8 @@ class GatherHandler:
     accepts_split = True
 
     def propagate(self, node, ctx) -> None:
-        smap = ctx.split_map(node.inputs[0])
-        if smap is not None:
-            rank, idx_rank = _rank(ctx, node.inputs[0]), _rank(ctx, node.inputs[1])
-            if rank is None or idx_rank is None:
-                ctx.block(smap, f"ranks around Gather {node.name} are unknown")
-                return
-            split_axes.gather(node, ctx, smap, rank, idx_rank)
+        if ctx.split_map(node.inputs[0]) is not None:
+            split_axes.gather(node, ctx)
             return
         xmap = ctx.map(node.inputs[0])
         if xmap is None:

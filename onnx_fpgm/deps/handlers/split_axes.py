@@ -27,21 +27,33 @@ import numpy as np
 from ..analysis import ChannelMap
 from ..blocks import SplitMap, drop_level, new_split, require_free, require_whole
 from ..shape_values import rewritable_source, shape_elements, symbolic_dims
-from ._util import normalize_axis, prod
+from ._util import axes_from, normalize_axis, prod, transpose_perm
 
 
-def transpose(node, ctx, smap: SplitMap, rank: int | None) -> None:
-    perm = node.attrs.get("perm")
+def _rank(ctx, tensor) -> int | None:
+    shape = ctx.shape(tensor)
+    return None if shape is None else len(shape)
+
+
+def transpose(node, ctx) -> None:
+    smap = ctx.split_map(node.inputs[0])
+    perm = transpose_perm(node, _rank(ctx, node.inputs[0]))
     if perm is None:
-        if rank is None:
-            ctx.block(smap, f"rank of the input of {node.name} is unknown")
-            return
-        perm = list(reversed(range(rank)))
-    perm = list(perm)
+        ctx.block(smap, f"rank of the input of {node.name} is unknown")
+        return
     ctx.set_map(node.outputs[0], smap.moved(perm.index(a) for a in smap.axes))
 
 
-def squeeze(node, ctx, smap: SplitMap, axes: list[int], rank: int) -> None:
+def squeeze(node, ctx) -> None:
+    """Squeeze/Unsqueeze: levels move; a squeezed one-entry level (an unbound part) is dropped."""
+    smap, rank = ctx.split_map(node.inputs[0]), _rank(ctx, node.inputs[0])
+    try:
+        axes = axes_from(node, ctx, 1)
+    except ValueError:
+        axes = None
+    if rank is None or axes is None:
+        ctx.block(smap, f"{node.op} {node.name} on a split channel axis without axes")
+        return
     if node.op == "Squeeze":
         axes = [normalize_axis(a, rank) for a in axes]
         for position, axis in reversed(list(enumerate(smap.axes))):
@@ -60,15 +72,71 @@ def squeeze(node, ctx, smap: SplitMap, axes: list[int], rank: int) -> None:
     ctx.set_map(node.outputs[0], smap.moved(kept_positions[a] for a in smap.axes))
 
 
-def shape(node, ctx, smap: SplitMap, rank: int) -> None:
+def split(node, ctx, sizes_of) -> None:
+    """Split of a split tensor: on a level it cuts that level (kept whole); elsewhere it passes."""
+    smap, rank = ctx.split_map(node.inputs[0]), _rank(ctx, node.inputs[0])
+    if rank is None:
+        ctx.block(smap, f"rank of the input of {node.name} is unknown")
+        return
+    axis = normalize_axis(int(node.attrs.get("axis", 0)), rank)
+    if axis not in smap.axes:
+        for out in node.outputs:
+            ctx.set_map(out, smap)
+        return
+    dim = smap.labels.shape[smap.axes.index(axis)]
+    sizes = sizes_of(dim)
+    if sizes is None or sum(sizes) != dim or len(sizes) != len(node.outputs):
+        ctx.block(smap, f"split sizes of {node.name} are not constant or do not add up")
+        return
+    starts = np.cumsum([0, *sizes])
+    cut_level(node, ctx, smap, axis, list(zip(starts[:-1], starts[1:])))
+
+
+def slice_(node, ctx, params) -> None:
+    """Slice of a split tensor with ``params`` = (starts, ends, axes, steps) or None."""
+    smap, rank = ctx.split_map(node.inputs[0]), _rank(ctx, node.inputs[0])
+    if params is None or rank is None:
+        ctx.block(smap, f"bounds of Slice {node.name} are not constant")
+        return
+    starts, ends, axes, steps = params
+    axes = [normalize_axis(a, rank) for a in axes]
+    cut = [k for k, a in enumerate(axes) if a in smap.axes]
+    if not cut:
+        ctx.set_map(node.outputs[0], smap)
+        return
+    k = cut[0]
+    if len(cut) > 1 or steps[k] != 1 or starts[k] is None or ends[k] is None:
+        ctx.block(smap, f"Slice {node.name} cuts a split channel axis in steps, twice or "
+                        "at computed bounds")
+        return
+    dim = smap.labels.shape[smap.axes.index(axes[k])]
+    start = _clamp(starts[k], dim)
+    cut_level(node, ctx, smap, axes[k], [(start, max(start, _clamp(ends[k], dim)))])
+
+
+def _clamp(index: int, dim: int) -> int:
+    index = index + dim if index < 0 else index
+    return max(0, min(index, dim))
+
+
+def shape(node, ctx) -> None:
     """Sizes of levels read by a Shape (head_dim for the scale): those levels stay whole."""
+    smap, rank = ctx.split_map(node.inputs[0]), _rank(ctx, node.inputs[0])
+    if rank is None:
+        ctx.block(smap, f"rank of the input of Shape {node.name} is unknown")
+        return
     read = shape_read_axes(node, ctx, rank)
     for k, axis in enumerate(smap.axes):
         if axis in read:
             require_whole(ctx, smap, k, f"its size is read by Shape {node.name}")
 
 
-def gather(node, ctx, smap: SplitMap, rank: int, idx_rank: int) -> None:
+def gather(node, ctx) -> None:
+    smap = ctx.split_map(node.inputs[0])
+    rank, idx_rank = _rank(ctx, node.inputs[0]), _rank(ctx, node.inputs[1])
+    if rank is None or idx_rank is None:
+        ctx.block(smap, f"ranks around Gather {node.name} are unknown")
+        return
     axis = normalize_axis(int(node.attrs.get("axis", 0)), rank)
     position = smap.position(axis)
     if position is None:
@@ -120,6 +188,9 @@ def cut_level(node, ctx, smap: SplitMap, axis: int, bounds: list[tuple[int, int]
         index = [slice(None)] * smap.labels.ndim
         index[position] = slice(start, stop)
         ctx.set_map(out, replace(smap, labels=smap.labels[tuple(index)]))
+
+
+# ---- Reshape ----------------------------------------------------------------------------------
 
 
 # ---- Reshape ----------------------------------------------------------------------------------
@@ -333,8 +404,8 @@ def broadcast_apply(node, ctx) -> bool:
 # ---- attention: MatMul of two activations -----------------------------------------------------
 
 
-def _entries(ctx, tensor, rank: int, out_rank: int):
-    """[(output axis or role, input axis, split-or-map, position)] for one MatMul operand."""
+def _entries(ctx, tensor):
+    """[(tensor axis, split or plain map, level position or None)] of one MatMul operand."""
     smap, cmap = ctx.split_map(tensor), ctx.map(tensor)
     found = []
     if smap is not None:
@@ -360,7 +431,7 @@ def matmul_activations(node, ctx) -> None:
     batch: dict[int, list[tuple]] = {}
     for tensor, r, contracted, kept_axis, kept_out in ((a, ra, ra - 1, ra - 2, rank - 2),
                                                        (b, rb, rb - 2, rb - 1, rank - 1)):
-        for axis, m, k in _entries(ctx, tensor, r, rank):
+        for axis, m, k in _entries(ctx, tensor):
             if axis == contracted:
                 if k is None:
                     ctx.block(m, f"{where} contracts channels of two activations")
@@ -376,9 +447,7 @@ def matmul_activations(node, ctx) -> None:
             shape = sb if tensor is b else sa
             local = out_axis - (rank - len(shape))
             if local >= 0 and shape[local] != 1:
-                m, k = entries[0][1:]
-                ctx.block(m if k is None else m, f"{where} pairs heads with an activation not "
-                                                 "ours")
+                ctx.block(entries[0][1], f"{where} pairs heads with an activation not ours")
                 continue
         reps = []
         for _, m, k in entries:
