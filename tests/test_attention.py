@@ -204,3 +204,15 @@ def test_fused_attention_with_a_cache_blocks_with_a_reason() -> None:
     assert not any(g.heads and not g.frozen for g in result.report.groups)
     assert any(g.frozen and "key/value cache" in g.frozen for g in result.report.groups)
     assert _num_heads(result.model) == 4
+
+
+def test_cli_head_sparsity(tmp_path) -> None:
+    """--head-sparsity reaches the plan through the CLI; a bad value is a usage error (exit 2)."""
+    from onnx_fpgm import cli
+
+    source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(_fused_attention_model("onnx3d"), source)
+    assert cli.main([str(source), str(target), "--sparsity", "0.5", "--head-sparsity", "0.25",
+                     "--quiet"]) == 0
+    assert _num_heads(onnx.load(target)) == 3
+    assert cli.main([str(source), str(target), "--head-sparsity", "1.5"]) == 2
