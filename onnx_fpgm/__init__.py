@@ -6,6 +6,7 @@ from .api import PruneResult, benchmark, prune, verify
 from .config import PruneConfig
 from .errors import (
     ConfigError,
+    ExportError,
     ModelLoadError,
     OnnxFpgmError,
     OutputError,
@@ -16,6 +17,7 @@ from .errors import (
 
 __all__ = [
     "ConfigError",
+    "ExportError",
     "ModelLoadError",
     "OnnxFpgmError",
     "OutputError",

@@ -15,7 +15,7 @@ from . import io
 from .bench import ModelSize, benchmark as _benchmark, count_macs, count_params
 from .config import PruneConfig
 from .deps import handlers  # noqa: F401  (registers every op handler)
-from .deps.analysis import Analysis, build_analysis
+from .deps.analysis import QUANTIZED_LAYERS, Analysis, build_analysis
 from .deps.constants import fold_constant_shapes
 from .errors import ConfigError, UnsupportedOpError, VerificationError
 from .plan import PrunePlan, plan_pruning
@@ -100,10 +100,13 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
         advance = progress("scoring", len(analysis.groups)) if progress else None
         plan = plan_pruning(analysis, config, score, advance)
     with _timed(report, "rewrite"):
-        notes = apply_plan(graph, analysis, plan, opset)
-        metadata = {f"onnx_fpgm.{k}": v for k, v in config.to_metadata().items()}
-        pruned = io.export_graph(graph, original, metadata if plan.n_removed else None)
-        io.check_pruned(pruned, original)
+        if plan.n_removed:
+            notes = apply_plan(graph, analysis, plan, opset)
+            metadata = {f"onnx_fpgm.{k}": v for k, v in config.to_metadata().items()}
+            pruned = io.export_graph(graph, original, metadata)
+            io.check_pruned(pruned, original)
+        else:  # nothing to remove: the input as it is (value_info, IR version, every opset)
+            notes, pruned = [], original
     report.notes.extend(notes)
     _note_alignment(report, plan, config)
     _fill_decisions(report, analysis, plan)
@@ -127,9 +130,15 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
     if config.calibration or config.evaluation or config.compensate != "none":
         with _timed(report, "compensate"):
             pruned = _compensate_and_measure(original, pruned, analysis, plan, config, report)
+    quantized = _quantized_layers(graph)
+    if quantized:
+        report.notes.append(
+            f"{len(quantized)} quantized layer(s) left unpruned ({', '.join(quantized[:6])}"
+            f"{', ...' if len(quantized) > 6 else ''}): integer weights with their scales and "
+            "zero points are not sliced; prune the float model before quantizing")
     if not analysis.sources:
-        report.notes.append("no prunable layer: the model has no Conv, ConvTranspose, Gemm or "
-                            "MatMul with constant weights; written unchanged")
+        report.notes.append("no prunable layer: the model has no float Conv, ConvTranspose, Gemm "
+                            "or MatMul with constant weights; written unchanged")
     elif not plan.n_removed:
         report.notes.append("nothing was pruned: no prunable group lost a channel "
                             "(see the frozen reasons)")
@@ -242,6 +251,11 @@ def _note_alignment(report: Report, plan: PrunePlan, config: PruneConfig) -> Non
         report.notes.append(
             f"{len(broken)} group(s) now keep a channel count that is not a multiple of 8; "
             "onnxruntime runs such layers on slower kernels: consider --round-to 8")
+
+
+def _quantized_layers(graph) -> list[str]:
+    """``op name`` of every quantized layer (QLinear/Integer ops, onnxruntime's contrib ones)."""
+    return [f"{node.op} {node.name}" for node in graph.nodes if node.op in QUANTIZED_LAYERS]
 
 
 def _check_strict(analysis: Analysis) -> None:

@@ -12,6 +12,8 @@ from .config import COMPENSATIONS, CRITERIA, PruneConfig, check_sparsity
 from .errors import ConfigError, OnnxFpgmError, OutputError
 
 EXIT_INTERNAL = 3
+#: Console width when stdout is not a terminal: wide enough that no table cell wraps.
+PIPE_WIDTH = 10_000
 
 
 def _parse_layer_sparsity(text: str) -> tuple[str, float]:
@@ -98,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compensate", choices=COMPENSATIONS, default="none",
                         help="recover removed channels in their consumers: bias, lstsq "
                              "(needs --calibration), or auto (best on the calibration data)")
-    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     return parser
 
 
@@ -173,6 +175,8 @@ def _run(args) -> int:
         criterion=args.criterion, calibration=args.calibration, compensate=args.compensate,
         evaluation=args.evaluation)
     console = Console(quiet=args.quiet)
+    if not console.is_terminal:  # a pipe or a file: full node names, never wrapped mid-name
+        console = Console(quiet=args.quiet, width=PIPE_WIDTH)
     err_console = Console(stderr=True, quiet=args.quiet)
     with _Progress(err_console) as progress:
         result = prune(args.input, config=config, progress=progress)

@@ -1,4 +1,5 @@
-"""Typed errors; the CLI maps each family to an exit code (usage/bad input 2, verification 1)."""
+"""Typed errors; the CLI maps each family to an exit code (usage/bad input 2, verification 1,
+our own failure 3)."""
 from __future__ import annotations
 
 class OnnxFpgmError(Exception):
@@ -19,6 +20,11 @@ class ScoringError(OnnxFpgmError):
 
 class RewriteError(OnnxFpgmError):
     """The pruned graph could not be built or fails the checker."""
+
+class ExportError(RewriteError):
+    """Our written model fails a check the input passes: a bug of ours (exit 3), never the
+    input's fault."""
+    exit_code = 3
 
 class VerificationError(OnnxFpgmError):
     """The pruned model does not match the masked original."""

@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError, Message
 
-from .errors import ModelLoadError, OutputError, RewriteError
+from .errors import ExportError, ModelLoadError, OutputError, RewriteError
 
 #: Protobuf refuses to serialise a single message above 2 GiB.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -270,6 +270,7 @@ def export_graph(graph: gs.Graph, like: onnx.ModelProto,
             tensor.shape = None
             tensor.dtype = None
     model = gs.export_onnx(graph, do_type_check=False)
+    restore_interface_types(model, like)
     _restore_initializer_inputs(model, like)
     model.ir_version = like.ir_version
     del model.opset_import[:]
@@ -290,6 +291,19 @@ def export_graph(graph: gs.Graph, like: onnx.ModelProto,
             from err
     model.graph.value_info.extend(inferred.graph.value_info)
     return model
+
+
+def restore_interface_types(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
+    """Graph inputs and outputs exactly as ``like`` declares them (the interface never changes).
+
+    graph-surgeon takes a tensor's type from ``value_info`` when the name is listed there too,
+    and IR < 7 models (onnxruntime's quantize_dynamic output) may list graph outputs in
+    ``value_info`` without a shape: the export would then lose the declared shape.
+    """
+    declared = {v.name: v for v in (*like.graph.input, *like.graph.output)}
+    for value in (*model.graph.input, *model.graph.output):
+        if value.name in declared:
+            value.CopyFrom(declared[value.name])
 
 
 def _restore_initializer_inputs(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
@@ -320,6 +334,9 @@ def check_pruned(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
     """The pruned model must pass the checker: the full check, unless the original fails it too.
 
     The original is full-checked only when the pruned model fails (it costs a serialisation).
+
+    Raises:
+        ExportError: the pruned model fails a check the original passes (our bug: exit 3).
     """
     if too_large(model):
         return
@@ -329,12 +346,16 @@ def check_pruned(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
     except Exception as err:
         full_error = err
     if passes_full_check(original):
-        raise RewriteError(f"pruned model fails onnx.checker: {_first_line(full_error)}") \
-            from full_error
+        raise ExportError(_internal(full_error)) from full_error
     try:
         onnx.checker.check_model(model)
-    except Exception as err:
-        raise RewriteError(f"pruned model fails onnx.checker: {_first_line(err)}") from err
+    except Exception as err:  # the input passed this check when it was loaded
+        raise ExportError(_internal(err)) from err
+
+
+def _internal(err: BaseException) -> str:
+    return (f"internal error: the written model fails onnx.checker although the input passes "
+            f"it ({_first_line(err)}); please report it")
 
 
 def passes_full_check(model: onnx.ModelProto) -> bool:

@@ -189,6 +189,7 @@ def masked_original(model: onnx.ModelProto, analysis: Analysis,
         node.inputs[1] = gs.Constant(f"{node.inputs[1].name}__masked{counter}", masked)
     graph.cleanup(remove_unused_graph_inputs=False)
     out = gs.export_onnx(graph, do_type_check=False)
+    io.restore_interface_types(out, model)
     out.ir_version = model.ir_version
     del out.opset_import[:]
     out.opset_import.extend(model.opset_import)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from tests.onnx_patterns import _Net
 
@@ -149,6 +149,7 @@ def _torch_view_net():
             self.bn1 = torch.nn.BatchNorm2d(8)
             self.conv2 = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
             self.se = torch.nn.Linear(8, 8)
+            self.chunk_conv = torch.nn.Conv2d(4, 4, 3, padding=1)
             self.fc1 = torch.nn.Linear(8 * 4 * 4, 16)
             self.fc2 = torch.nn.Linear(16, 5)
 
@@ -162,6 +163,10 @@ def _torch_view_net():
                 y = torch.nn.functional.adaptive_avg_pool2d(x, 1).view(b, c)
                 y = torch.sigmoid(self.se(y)).view(b, c, 1, 1)
                 x = (x * y).view(b, -1)
+            elif self.form == "chunk":  # TorchScript: Slice bounds computed from Shape
+                p, q = torch.chunk(x, 2, dim=1)
+                x = torch.cat([torch.relu(self.chunk_conv(p)), q], 1)
+                x = x.view(x.size(0), -1)
             elif self.form == "reshape":
                 x = x.reshape(x.shape[0], x.shape[1] * x.shape[2] * x.shape[3])
             else:
@@ -173,8 +178,9 @@ def _torch_view_net():
 
 def torch_view_batch(form: str, dynamo: bool) -> onnx.ModelProto:
     """A torch CNN exported with a dynamic batch; the head flattens with ``form``:
-    ``view`` (``x.view(x.size(0), -1)``), ``reshape`` (all sizes read from ``x.shape``) or
-    ``flatten`` (``torch.flatten(x, 1)``)."""
+    ``view`` (``x.view(x.size(0), -1)``), ``reshape`` (all sizes read from ``x.shape``),
+    ``flatten`` (``torch.flatten(x, 1)``), ``se`` (a squeeze-excitation block sized with
+    ``b, c, _, _ = x.size()``) or ``chunk`` (``torch.chunk`` on channels, then ``view``)."""
     import io
 
     import torch
@@ -198,5 +204,89 @@ def torch_view_batch(form: str, dynamo: bool) -> onnx.ModelProto:
     return onnx.load_from_string(buffer.getvalue())
 
 
-__all__ = ["slice_bounds_partly_computed", "paddle_reshape_zero_minus_one", "resize_computed_channel_sizes",
-           "resize_computed_sizes", "tf2onnx_computed_flatten", "torch_view_batch"]
+# --- quantized graphs (issue 9, item 5) --------------------------------------------------------
+
+
+def quantized_dynamic_by_hand(*, float_stem: bool = False, ir_version: int = 6) -> onnx.ModelProto:
+    """onnxruntime ``quantize_dynamic`` output, written by hand: IR 6, opset 11 plus
+    ``com.microsoft`` and ``ai.onnx.ml`` imports, ``DynamicQuantizeLinear`` -> ``ConvInteger``
+    -> Cast/Mul rescale -> Relu -> Flatten -> ``com.microsoft::DynamicQuantizeMatMul``; and
+    ``value_info`` entries without shapes, one of them naming the graph output (IR < 7 allows
+    them; graph-surgeon then takes the output's type from there).
+
+    With ``float_stem``, two float convs (stem1 -> stem2) come first: stem1 is prunable, so the
+    pruned model goes through the export with those forms.
+    """
+    n = _Net(61)
+    x = "input"
+    if float_stem:
+        x = n.relu("stem_relu1", n.conv("stem1", x, 3, 8))
+        x = n.relu("stem_relu2", n.conv("stem2", x, 8, 3))
+    n.nodes.append(helper.make_node("DynamicQuantizeLinear", [x], ["x_q", "x_scale", "x_zp"],
+                                    name="input_QuantizeLinear"))
+    w_q = n.const("conv.weight_quantized", n.rng.integers(0, 255, [8, 3, 3, 3], np.uint8))
+    w_zp = n.const("conv.weight_zero_point", np.uint8(128))
+    y = n.op("ConvInteger", "/conv/Conv_quant", ["x_q", w_q, "x_zp", w_zp], pads=[1, 1, 1, 1])
+    y = n.op("Cast", "/conv/Conv_quant_cast", [y], to=TensorProto.FLOAT)
+    scale = n.op("Mul", "/conv/Conv_quant_scales_mul", [
+        "x_scale", n.const("conv.weight_scale", np.float32(0.004))])
+    y = n.relu("/relu/Relu", n.op("Mul", "/conv/Conv_quant_output_scale_mul", [y, scale]))
+    y = n.op("Flatten", "/Flatten", [y], axis=1)
+    b_q = n.const("fc.weight_quantized", n.rng.integers(-100, 100, [8 * 8 * 8, 5], np.int8))
+    n.nodes.append(helper.make_node(
+        "DynamicQuantizeMatMul", [y, b_q, n.const("fc.weight_scale", np.float32(0.001)),
+                                  n.const("fc.weight_zero_point", np.int8(0)),
+                                  n.randn("fc.bias", [5], 0.1)],
+        ["output"], name="/fc/Gemm_MatMul_quant", domain="com.microsoft"))
+    model = n.model({"output": [1, 5]})
+    del model.opset_import[:]
+    model.opset_import.extend([helper.make_opsetid("", 11),
+                               helper.make_opsetid("com.microsoft", 1),
+                               helper.make_opsetid("ai.onnx.ml", 2)])
+    model.ir_version = ir_version
+    model.producer_name, model.producer_version = "onnx.quantize", "0.1.0"
+    for name in ("/conv/Conv_quant_output_0", "/Flatten_out", "output"):
+        model.graph.value_info.append(helper.make_tensor_value_info(name, TensorProto.FLOAT,
+                                                                    None))
+    return model
+
+
+def quantized_dynamic_torch(directory) -> onnx.ModelProto:
+    """A torch CNN + LSTM + Linear, exported (opset 12) and run through onnxruntime's
+    ``quantize_dynamic``: ConvInteger, MatMulInteger, DynamicQuantizeLinear and
+    ``com.microsoft::DynamicQuantizeLSTM``."""
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    class ConvLSTM(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.lstm = torch.nn.LSTM(64, 16, batch_first=True)
+            self.fc = torch.nn.Linear(16, 5)
+
+        def forward(self, x):
+            x = torch.relu(self.conv2(torch.relu(self.conv1(x)))).flatten(2)
+            y, _ = self.lstm(x)
+            return self.fc(y[:, -1])
+
+    torch.manual_seed(0)
+    source, target = f"{directory}/float.onnx", f"{directory}/quantized.onnx"
+    torch.onnx.export(ConvLSTM().eval(), (torch.randn(1, 3, 8, 8),), source, dynamo=False,
+                      opset_version=12, input_names=["input"], output_names=["output"])
+    quantize_dynamic(source, target, weight_type=QuantType.QUInt8,
+                     op_types_to_quantize=["Conv", "MatMul", "Gemm", "LSTM"])
+    return onnx.load(target)
+
+
+__all__ = [
+    "paddle_reshape_zero_minus_one",
+    "quantized_dynamic_by_hand",
+    "quantized_dynamic_torch",
+    "resize_computed_channel_sizes",
+    "resize_computed_sizes",
+    "slice_bounds_partly_computed",
+    "tf2onnx_computed_flatten",
+    "torch_view_batch",
+]

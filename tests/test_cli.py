@@ -128,10 +128,29 @@ def test_report_json_matches_written_model(capsys, model_file, out_dir):
     assert tree(out_dir) == ["out.onnx", "r.json"]
 
 
-def test_quiet_prints_nothing(capsys, model_file, out_dir):
-    code, stdout, stderr = run(capsys, model_file, out_dir / "out.onnx", "--quiet")
+@pytest.mark.parametrize("flag", ["--quiet", "-q"])
+def test_quiet_prints_nothing(capsys, model_file, out_dir, flag):
+    code, stdout, stderr = run(capsys, model_file, out_dir / "out.onnx", flag)
     assert (code, stdout, stderr) == (0, "", "")
     assert (out_dir / "out.onnx").is_file()
+
+
+LONG_NAME = "StatefulPartitionedCall/functional_1/block5_conv3_with_a_long_scope/Conv2D"
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["pruned_table", "dry_run_tables"])
+def test_piped_tables_print_full_node_names(capsys, tmp_path, out_dir, dry_run):
+    """Not a terminal (capsys): a long node name is printed whole on one line, not folded."""
+    model = PATTERNS["conv_bn_relu_conv"].build()
+    for node in model.graph.node:
+        if node.name == "conv1":
+            node.name = LONG_NAME
+    source = tmp_path / "long.onnx"
+    onnx.save(model, source)
+    args = ["--dry-run"] if dry_run else [out_dir / "out.onnx"]
+    code, stdout, _ = run(capsys, source, *args)
+    assert code == 0
+    assert any(LONG_NAME in line for line in stdout.splitlines())
 
 
 @pytest.mark.parametrize("with_report", [False, True], ids=["plain", "with_report"])

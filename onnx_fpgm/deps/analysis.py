@@ -37,7 +37,8 @@ SHAPE_PARAMETER_INPUTS = frozenset({("Split", 1), ("Reshape", 1), ("Resize", 3),
 ELEMENTWISE_PARAMETER_INPUTS = frozenset({("Reshape", 1), ("Resize", 3)})
 #: Quantized layer ops (no handler): named in the report even when no channel of ours reaches them.
 QUANTIZED_LAYERS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
-                              "QGemm"})
+                              "QGemm", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul",
+                              "MatMulIntegerToFloat", "QAttention", "QLinearConvTranspose"})
 #: Ops that may carry a channel count along in shape arithmetic.
 SHAPE_ARITHMETIC = FOLDABLE_OPS - {"Shape"}
 

@@ -62,9 +62,11 @@ REASONS: tuple[ReasonKind, ...] = (
                "(each group is pruned at the same rate; a coupling that breaks the balance "
                "freezes them)."),
     ReasonKind("quantized layers", r"quantized layers|computed by (DequantizeLinear|QuantizeLinear)",
-               "QLinearConv/QLinearMatMul/ConvInteger and convs whose weight comes from a "
-               "DequantizeLinear (QDQ): left unpruned and named in the report; prune the float "
-               "model before quantizing."),
+               "QLinearConv/QLinearMatMul/ConvInteger/MatMulInteger, onnxruntime's "
+               "DynamicQuantizeLSTM/DynamicQuantizeMatMul, and convs whose weight comes from a "
+               "DequantizeLinear (QDQ): left unpruned and named in the report (a model with "
+               "nothing else is written unchanged, exit 0); prune the float model before "
+               "quantizing."),
     ReasonKind("computed weights or parameters",
                r"not a stored|not constant|computed shape|no constant 2-D weight|"
                r"computed or",

@@ -124,7 +124,11 @@ class RewriteContext:
         """
         if source is None:
             raise RewriteError("a shape parameter to rewrite is computed at run time")
-        stored = self.const(source.node.inputs[source.index])
+        tensor = source.node.inputs[source.index]
+        stored = self.const(tensor)
+        if stored is None and source.values is not None:  # computed from static dims
+            stored = np.array(source.values, dtype=tensor.dtype or np.int64).reshape(
+                () if tensor.shape is not None and len(tensor.shape) == 0 else -1)
         if stored is None:
             raise RewriteError(f"input {source.index} of {source.node.name} is not constant")
         updated = np.array(stored, copy=True)

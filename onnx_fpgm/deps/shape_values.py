@@ -28,7 +28,7 @@ keeps the labels it came from in ``derived``, so that it is never mistaken for a
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -36,9 +36,12 @@ import onnx_graphsurgeon as gs
 
 logger = logging.getLogger(__name__)
 
-#: Ops that move elements of a vector without computing on them.
+#: Ops whose output elements are followed one by one from their inputs' elements: moved
+#: without computing on them, or (``Mul``) scaled, so ``c * h * w`` still names its channels.
 ELEMENT_MOVING_OPS = frozenset({"Identity", "Cast", "Concat", "Gather", "Slice", "Unsqueeze",
                                 "Squeeze", "Reshape", "Flatten", "Shape", "Mul"})
+#: Arithmetic evaluated element by element where both sides are known.
+ARITHMETIC_OPS = frozenset({"Add", "Sub", "Div"})
 _MAX_ELEMENTS = 64  # shape vectors are short; anything longer is data
 
 
@@ -55,6 +58,9 @@ class Source:
     index: int
     position: int
     exclusive: bool
+    #: the whole tensor's values when they are known but not stored (computed from static
+    #: dims): the rewrite then gives ``node`` a constant in place of the computation
+    values: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,7 +127,12 @@ def _elements(tensor: gs.Tensor | None, ctx, reader: tuple[gs.Node, int] | None,
             tensor.name not in {t.name for t in ctx.graph.outputs}
         moved = _moved(producer, ctx, reader is not None, alone, depth + 1)
         if moved is not None:
-            return moved
+            return _with_reader_sources(moved, reader, exclusive)
+    if producer is not None and producer.op in ARITHMETIC_OPS and \
+            (producer.domain or "") in ("", "ai.onnx"):
+        computed = _arithmetic(producer, ctx, depth + 1)
+        if computed is not None:
+            return _with_reader_sources(computed, reader, exclusive)
     # A value computed from a channel count is tainted (``analysis``): say so.
     tainted = getattr(ctx, "shape_maps", {}).get(tensor.name)
     derived = None if tainted is None else tainted.labels
@@ -173,6 +184,43 @@ def _moved(node: gs.Node, ctx, sources: bool, exclusive: bool,
         other = input_elements(1)
         return None if other is None else _product(data, other)
     return data  # Identity, Cast, Unsqueeze, Squeeze, Reshape, Flatten: same elements in order
+
+
+def _with_reader_sources(elements: list[Element], reader, exclusive: bool) -> list[Element]:
+    """Known values computed from static dims (TorchScript's ``chunk`` bounds) have no stored
+    constant; when the whole vector is known and holds no dim read by ``Shape``, the reader may
+    take a constant instead (its own copy: other readers of the computation are unaffected)."""
+    if reader is None or not all(e.known and e.symbol is None for e in elements):
+        return elements  # a dim read at run time (a batch) must stay read at run time
+    values = tuple(e.value for e in elements)
+    return [e if e.source is not None else
+            replace(e, source=Source(reader[0], reader[1], k, exclusive, values))
+            for k, e in enumerate(elements)]
+
+
+def _arithmetic(node: gs.Node, ctx, depth: int) -> list[Element] | None:
+    """``Add``/``Sub``/``Div`` element by element: known where both sides are known (from static
+    dims, e.g. TorchScript's ``chunk``: ``Div(Gather(Shape(x), 1), 2)``), and tainted by the
+    channel counts they were computed from."""
+    if len(node.inputs) != 2:
+        return None
+    a = _elements(node.inputs[0], ctx, None, False, depth)
+    b = _elements(node.inputs[1], ctx, None, False, depth)
+    if a is None or b is None or (len(a) != len(b) and 1 not in (len(a), len(b))):
+        return None
+    out = []
+    for x, y in zip(a * (len(b) if len(a) == 1 else 1), b * (len(a) if len(b) == 1 else 1)):
+        derived = x.channels if x.channels is not None else y.channels
+        value = None
+        if x.known and y.known:
+            if node.op == "Add":
+                value = x.value + y.value
+            elif node.op == "Sub":
+                value = x.value - y.value
+            elif x.value >= 0 and y.value > 0:  # Div; integer division as ONNX defines it
+                value = x.value // y.value
+        out.append(Element(value, derived=derived))
+    return out
 
 
 def _product(a: list[Element], b: list[Element]) -> list[Element] | None:

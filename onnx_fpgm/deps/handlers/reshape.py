@@ -61,7 +61,6 @@ class _ReshapeTarget:
 
     out_map: ChannelMap | None  # the channel map of the output; None: blocked (see reason)
     reason: str = ""
-    elements: tuple = ()
     out_dims: list | None = None  # ints, symbols, None (unknown)
 
 
@@ -104,6 +103,8 @@ def reshape_target(node, ctx, xmap: ChannelMap) -> _ReshapeTarget:
     Elements of the target that carry the output's channel count must be constants that can be
     rewritten (or -1, or ``0`` copying the same axis, or the very channel count read by
     ``Shape``, which follows the plan by itself); the batch and other elements may be computed.
+    Another tensor's channel count sizing these channels (an SE block's ``view(b, c, 1, 1)``)
+    is coupled to them here, in ``ctx`` (analysis only).
     """
     where = f"Reshape {node.name}"
     in_dims = symbolic_dims(node.inputs[0])
@@ -134,8 +135,7 @@ def reshape_target(node, ctx, xmap: ChannelMap) -> _ReshapeTarget:
                         rewritable_source(node, 1, result.axis, elements, ctx) is None):
         return _ReshapeTarget(None, f"the channel count in the target of {where} is computed "
                                     "(computed shape)")
-    return _ReshapeTarget(result, elements=tuple(elements),
-                          out_dims=_named_dims(out_numbers, in_dims, elements))
+    return _ReshapeTarget(result, out_dims=_named_dims(out_numbers, in_dims, elements))
 
 
 def _counts_follow(element, labels: np.ndarray) -> bool:

@@ -163,9 +163,11 @@ class ConcatHandler:
 def _split_sizes(node, ctx, dim: int) -> list[int] | None:
     if "split" in node.attrs:
         return [int(s) for s in node.attrs["split"]]
-    if has_input(node, 1):
-        value = ctx.const(node.inputs[1])
-        return None if value is None else [int(s) for s in np.asarray(value).reshape(-1)]
+    if has_input(node, 1):  # constant, or computed from static dims (``shape_values``)
+        elements = shape_elements(node, 1, ctx)
+        if elements is None or not all(e.known for e in elements):
+            return None
+        return [e.value for e in elements]
     n = int(node.attrs.get("num_outputs", len(node.outputs)))
     size = -(-dim // n)  # ceil, as opset 18 specifies for uneven splits
     sizes = [size] * (n - 1)
