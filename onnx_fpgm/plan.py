@@ -70,19 +70,36 @@ SelectFn = Callable[[Analysis, Group, int], np.ndarray]
 
 def plan_pruning(analysis: Analysis, config: PruneConfig, score: SelectFn,
                  progress: Callable[[int], None] | None = None) -> PrunePlan:
-    """Decide, group by group, which channels to keep (smallest FPGM scores are removed)."""
+    """Decide, group by group, which channels to keep (smallest FPGM scores are removed).
+
+    A group whose selection would empty a tensor it shares with other channels (one half of a
+    shuffled, then chunked, width) is selected again part by part, the same fraction from the
+    channels in that tensor and from the rest; only if that fails too is it frozen.
+    """
     extra_frozen: dict[int, str] = {}
-    for _ in range(8):
-        plan = _plan_once(analysis, config, score, extra_frozen, progress)
+    strata: dict[int, list[np.ndarray]] = {}
+    cutting: dict[int, list[str]] = {}  # group -> tensors whose parts it keeps proportionally
+    for _ in range(16):
+        plan = _plan_once(analysis, config, score, extra_frozen, progress, strata)
         emptied = _emptied_groups(analysis, plan)
         if not emptied:
             return plan
-        extra_frozen.update(emptied)
+        for gid, reason in emptied.items():
+            prefix = "pruning would empty tensor "
+            name = reason[len(prefix):] if reason.startswith(prefix) else None
+            parts = None
+            if name is not None and name not in cutting.get(gid, []):
+                parts = _strata(analysis, gid, [*cutting.get(gid, []), name])
+            if parts is None:
+                extra_frozen[gid] = reason
+            else:
+                cutting.setdefault(gid, []).append(name)
+                strata[gid] = parts
         progress = None
     raise RuntimeError("could not find a plan that empties no tensor")
 
 
-def _plan_once(analysis, config, score, extra_frozen, progress) -> PrunePlan:
+def _plan_once(analysis, config, score, extra_frozen, progress, strata) -> PrunePlan:
     plans: list[GroupPlan] = []
     removed: list[np.ndarray] = []
     for group in analysis.groups:
@@ -100,9 +117,18 @@ def _plan_once(analysis, config, score, extra_frozen, progress) -> PrunePlan:
             keep = np.arange(n, dtype=np.int64)
         else:
             gone = np.zeros(n, dtype=bool)
-            gone[np.asarray(score(analysis, group, n - keep_n), dtype=np.int64)] = True
-            if np.count_nonzero(gone) != n - keep_n:
-                raise RuntimeError(f"selection for group {group.id} returned a wrong count")
+            for part in strata.get(group.id, [np.arange(n)]):
+                part_keep = keep_n if len(part) == n else n_to_keep(
+                    len(part), sparsity, 1, None)
+                if part_keep >= len(part):
+                    continue
+                sub = part if len(part) == n else None
+                chosen = score(analysis, group if sub is not None else Group(
+                    group.id, group.classes[part], group.members, group.producers,
+                    heads=group.heads), len(part) - part_keep)
+                gone[part[np.asarray(chosen, dtype=np.int64)]] = True
+                if np.count_nonzero(gone[part]) != len(part) - part_keep:
+                    raise RuntimeError(f"selection for group {group.id} returned a wrong count")
             keep = np.flatnonzero(~gone).astype(np.int64)
             removed.append(group.classes[gone])
         if progress is not None:
@@ -110,6 +136,22 @@ def _plan_once(analysis, config, score, extra_frozen, progress) -> PrunePlan:
         plans.append(GroupPlan(group.id, group.producers, n, keep, sparsity, frozen))
     removed_classes = np.sort(np.concatenate(removed)) if removed else np.zeros(0, np.int64)
     return PrunePlan(plans, removed_classes)
+
+
+def _strata(analysis: Analysis, gid: int, names: list[str]) -> list[np.ndarray] | None:
+    """The group's channel positions split by which of the tensors ``names`` hold them."""
+    labels_of = dict(analysis.all_labels())
+    group = analysis.groups[gid]
+    signature = np.zeros(group.n_channels, dtype=np.int64)
+    for bit, name in enumerate(names):
+        labels = labels_of.get(name)
+        if labels is None:
+            return None
+        inside = np.isin(group.classes, analysis.class_of_atom[labels[labels >= 0]])
+        if inside.all() or not inside.any():
+            return None
+        signature |= inside.astype(np.int64) << bit
+    return [np.flatnonzero(signature == v) for v in np.unique(signature)]
 
 
 def _emptied_groups(analysis: Analysis, plan: PrunePlan) -> dict[int, str]:

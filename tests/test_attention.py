@@ -49,8 +49,10 @@ def test_heads_and_widths_pass_the_oracle(name: str, exporter: str) -> None:
         assert any(not np.allclose(a, b) for a, b in zip(original, pruned)), \
             "pruning changed nothing: the oracle would be vacuous"
         heads = _head_groups(result)
-        if name == "shufflenet_like":
+        if name == "shufflenet_like":  # every shuffled width prunable, no half ever emptied
             assert not heads
+            assert all(g.frozen is None or "graph output" in g.frozen
+                       for g in result.report.groups)
             continue
         if (name, exporter) in HEADS_BLOCKED:
             assert not any(not g.frozen for g in heads)
