@@ -217,6 +217,21 @@ def _rewritable(node, ctx, elements, axes) -> bool:
         for j in axes)
 
 
+def _computed_from(elements, axes, labels: np.ndarray) -> bool:
+    """An element at ``axes`` is computed from the count of these very channels (``C // h``):
+    it would follow the plan where the split must not."""
+    return any(elements[j].channels is not None and
+               np.isin(elements[j].channels, labels[labels >= 0]).any() for j in axes)
+
+
+def _keep_computed_whole(node, ctx, smap: SplitMap, elements, axes) -> None:
+    """A level whose target element is computed (from shapes, not from our channels) keeps
+    all its entries: the element then holds its value."""
+    for k, j in enumerate(axes):
+        if not _rewritable(node, ctx, elements, [j]):
+            require_whole(ctx, smap, k, f"Reshape {node.name} computes its size")
+
+
 def _span(in_shape, lo: int, hi: int, out_shape: list[int]) -> tuple[int, int] | None:
     """Output axes ``[j0, j1)`` holding exactly the elements of input axes ``lo..hi``."""
     mid = in_shape[lo:hi + 1]
@@ -255,11 +270,12 @@ def reshape_splits(node, ctx, xmap: ChannelMap) -> bool:
     levels = [j for j in range(*span) if out_shape[j] != 1]
     if len(levels) < 2:
         return False
-    if not _rewritable(node, ctx, elements, levels):
+    if _computed_from(elements, levels, xmap.labels):
         ctx.block(xmap, f"Reshape {node.name} splits the channel axis with a computed shape")
         return True
     sizes = [out_shape[j] for j in levels]
     smap = new_split(ctx, f"Reshape {node.name}", xmap.labels.reshape(sizes), levels)
+    _keep_computed_whole(node, ctx, smap, elements, levels)
     ctx.set_map(node.outputs[0], smap)
     _refine(node, out_shape, ctx)
     return True
@@ -291,9 +307,12 @@ def reshape_split_input(node, ctx, smap: SplitMap) -> None:
     if span is not None and all(in_shape[a] == 1 for a in inside):
         big = [j for j in range(*span) if out_shape[j] != 1]
         if len(big) == 1:  # the levels merge into one channel axis, read in tensor order
-            if not _rewritable(node, ctx, elements, big):
+            if _computed_from(elements, big, smap.flat()):
                 ctx.block(smap, f"{where} merges heads with a computed shape")
                 return
+            if not _rewritable(node, ctx, elements, big):
+                for k in range(len(smap.axes)):
+                    require_whole(ctx, smap, k, f"{where} computes the merged size")
             order = np.argsort(smap.axes)
             labels = np.transpose(smap.labels, order).reshape(-1)
             heads = ctx.split_records[smap.record].heads
@@ -308,9 +327,10 @@ def reshape_split_input(node, ctx, smap: SplitMap) -> None:
             ctx.block(smap, f"{where} regroups a split channel axis")
             return
         moved.append(big[0])
-    if not _rewritable(node, ctx, elements, moved):
+    if _computed_from(elements, moved, smap.flat()):
         ctx.block(smap, f"{where} moves heads with a computed shape")
         return
+    _keep_computed_whole(node, ctx, smap, elements, moved)
     ctx.set_map(node.outputs[0], smap.moved(moved))
     _refine(node, out_shape, ctx)
 
