@@ -11,7 +11,12 @@ fresh child processes run, in alternating order so a noisy neighbour hits both a
   verify, save); ``other`` is wall time not inside a phase (building the report, ...);
 - floor: import the same third-party stack, ``onnx.load`` the model, build one onnxruntime CPU
   session (default optimisations, thread spinning off as onnx_fpgm does) and run it once on a
-  random input, ``onnx.save`` to a temporary file.
+  random input (symbolic dims: batch 1, others ``FLOOR_SYMBOLIC_SIZE``, what prune chooses
+  first for an image), ``onnx.save`` to a temporary file.
+
+``paddle_det`` is the PaddlePaddle detector form (``models/make_paddle_det.py``: Constant
+weights, dynamic dims, Resize FPN neck): ``sizes`` is the time spent choosing input sizes by
+running the original, ``analyse/1k nodes`` the analysis time per 1,000 graph nodes.
 
 ``total`` is the wall time inside the child from the first import to the end of the save
 (interpreter start-up excluded in both). ``peak RSS`` is the child's ``ru_maxrss``. Columns
@@ -37,8 +42,13 @@ MODELS = {
                     ROOT / "models" / "make_densenet121.py"),
     "mobilenetv2": ("MobileNetV2 224", ROOT / "models" / "mobilenetv2_generated.onnx",
                     ROOT / "models" / "make_mobilenetv2.py"),
+    "paddle_det": ("Paddle det (dynamic)", ROOT / "models" / "paddle_det_generated.onnx",
+                   ROOT / "models" / "make_paddle_det.py"),
 }
-PHASES = ("load", "analyse", "score", "rewrite", "measure", "verify", "save")
+PHASES = ("load", "sizes", "analyse", "score", "rewrite", "measure", "verify", "save")
+#: The floor's size for a symbolic dim other than the batch: what ``prune`` chooses first for
+#: an image input (``onnx_fpgm.input_sizes.SPATIAL[0]``).
+FLOOR_SYMBOLIC_SIZE = 64
 
 
 def ensure_model(key: str) -> Path:
@@ -96,6 +106,7 @@ def child_prune(path: Path, sparsity: float, tmpdir: str) -> dict[str, object]:
         "other": total - t_import - sum(v for v in timings.values()),
         "rss": _peak_rss_mib(),
         "verified": "passed" if verification.get("passed") else "FAILED",
+        "sizes_at": " & ".join(verification.get("checked_at") or []) or "static",
         "params": [result.report.before.params, result.report.after.params],
         "macs": [result.report.before.macs, result.report.after.macs],
     }
@@ -120,7 +131,8 @@ def child_floor(path: Path, tmpdir: str) -> dict[str, object]:
     rng = np.random.default_rng(0)
     feeds = {}
     for inp in session.get_inputs():
-        shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+        shape = [d if isinstance(d, int) and d > 0 else 1 if k == 0 else FLOOR_SYMBOLIC_SIZE
+                 for k, d in enumerate(inp.shape)]
         feeds[inp.name] = rng.standard_normal(shape).astype(np.float32)
     session.run(None, feeds)
     t_ort = time.perf_counter() - t0
@@ -173,7 +185,9 @@ def bench_model(key: str, rounds: int, sparsity: float) -> tuple[list[dict], dic
     prune_row = {"model": label, "run": "prune", "nodes": n_nodes, "convs": n_conv,
                  **{k: med(prunes, k) for k in ("import", *PHASES[:-1])}, "ort 1 run": None,
                  **{k: med(prunes, k) for k in ("save", "other", "total")},
-                 "peak RSS MiB": round(med(prunes, "rss") or 0.0), "total/floor": statistics.median(ratios)}
+                 "peak RSS MiB": round(med(prunes, "rss") or 0.0),
+                 "analyse/1k nodes": (med(prunes, "analyse") or 0.0) * 1000 / n_nodes,
+                 "total/floor": statistics.median(ratios)}
     floor_row = {"model": label, "run": "floor", "nodes": n_nodes, "convs": n_conv,
                  "import": med(floors, "import"), "load": med(floors, "load"),
                  **dict.fromkeys(PHASES[1:-1]), "ort 1 run": med(floors, "ort 1 run"),
@@ -184,6 +198,7 @@ def bench_model(key: str, rounds: int, sparsity: float) -> tuple[list[dict], dic
         "model": label, "verified": ",".join(sorted({r["verified"] for r in prunes})),
         "params": f"{p['params'][0]:,} -> {p['params'][1]:,}",
         "MACs": f"{p['macs'][0]:,} -> {p['macs'][1]:,}",
+        "verified at": p["sizes_at"],
         "total/floor per round": " ".join(f"{r:.2f}" for r in ratios),
     }
     return [prune_row, floor_row], extra
@@ -194,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--models", nargs="+", choices=list(MODELS),
-                        default=["resnet50", "densenet121"])
+                        default=["resnet50", "densenet121", "paddle_det"])
     parser.add_argument("--child", choices=["prune", "floor"], help=argparse.SUPPRESS)
     parser.add_argument("--model-path", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -4,8 +4,11 @@
 
 Uses the test zoo (tests/torch_models.py) and the transformer models of tests/attention_models.py,
 exported by TorchScript (BN folded) and by torch.export (BN kept). With --peers, also the params
-after onnxsim's structured pruning. ``--only NAME`` runs the named models only. Heads (attention
-layers' whole heads) are counted in "groups" like channel groups; "heads" lists pruned heads.
+after onnxsim's structured pruning. ``--only NAME`` runs the named models only (and skips the
+dynamic forms). Heads (attention layers' whole heads) are counted in "groups" like channel groups;
+"heads kept" sums them over the attention layers. Then the shipped forms with dynamic input dims
+(tests/shipped_forms.py), pruned with no option but the sparsity: the sizes chosen and verified,
+and the time of the whole prune.
 """
 from __future__ import annotations
 
@@ -17,10 +20,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import onnx_fpgm  # noqa: E402
 from onnx_fpgm.bench import count_params  # noqa: E402
+from tests import shipped_forms  # noqa: E402
 from tests.attention_models import ATTENTION_ZOO  # noqa: E402
 from tests.torch_models import ZOO, export_onnx  # noqa: E402
 
 MODELS = {**ZOO, **ATTENTION_ZOO}
+
+#: Shipped forms with dynamic input dims (issue 9, items 1-3).
+DYNAMIC_FORMS = {
+    **{f"paddle_det ({k} dims)": (lambda k=k: shipped_forms.paddle_detector(k))
+       for k in shipped_forms.PADDLE_DIMS},
+    "dynamic_axes_detector": shipped_forms.dynamic_axes_detector,
+    "nhwc_all_symbolic": shipped_forms.nhwc_all_symbolic,
+    "token_classifier": shipped_forms.token_classifier,
+    "torch dynamic axes (torchscript)": lambda: shipped_forms.torch_dynamic_axes(dynamo=False),
+    "torch dynamic axes (dynamo)": lambda: shipped_forms.torch_dynamic_axes(dynamo=True),
+}
 
 EXPORTERS = {"torchscript": dict(dynamo=False, fold_bn=True),
              "dynamo": dict(dynamo=True, fold_bn=False)}
@@ -61,6 +76,28 @@ def main() -> None:
                 except Exception as err:  # the peer refusing a model
                     row += f" failed: {type(err).__name__} |"
             print(row, flush=True)
+    if not args.only:
+        dynamic_rows()
+
+
+def dynamic_rows() -> None:
+    """Shipped forms with symbolic input dims, no option but the sparsity."""
+    import time
+
+    print("\n| form | verified at | coverage | params before -> after | MACs before -> after | "
+          "oracle max rel. error | prune s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, build in DYNAMIC_FORMS.items():
+        model = build()
+        start = time.perf_counter()
+        r = onnx_fpgm.prune(model, 0.5).report
+        seconds = time.perf_counter() - start
+        print(f"| {name} | {' & '.join(r.verification['checked_at'])} | "
+              f"{r.prunable_channels}/{r.total_channels} ({100 * r.coverage:.0f}%) | "
+              f"{r.before.params:,} -> {r.after.params:,} "
+              f"({r.before.params / r.after.params:.2f}x) | "
+              f"{r.before.macs:,} -> {r.after.macs:,} ({r.before.macs / r.after.macs:.2f}x) | "
+              f"{r.verification['max_rel_error']:.1e} | {seconds:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

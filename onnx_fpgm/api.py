@@ -18,6 +18,7 @@ from .deps import handlers  # noqa: F401  (registers every op handler)
 from .deps.analysis import QUANTIZED_LAYERS, Analysis, build_analysis
 from .deps.constants import fold_constant_shapes
 from .errors import ConfigError, UnsupportedOpError, VerificationError
+from .input_sizes import InputSizes, choose_sizes, infer_shapes_at
 from .plan import PrunePlan, plan_pruning
 from .report import GroupReport, LayerReport, Report
 from .rewrite import apply_plan
@@ -39,6 +40,7 @@ class PruneResult:
         plan: the decision per group (kept channel positions).
         original: the input model.
         external_data: the input stored its weights as external data (kept on save).
+        input_sizes: the input sizes verification and MACs used.
     """
 
     model: onnx.ModelProto
@@ -47,6 +49,8 @@ class PruneResult:
     original: onnx.ModelProto = field(repr=False)
     analysis: Analysis = field(repr=False)
     external_data: bool = False
+    #: Sizes of the inputs used for verification and MACs (chosen when dims are symbolic).
+    input_sizes: InputSizes | None = field(default=None, repr=False)
 
     def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
         """Write the pruned model atomically (external data when the input had it or > 2 GB)."""
@@ -88,8 +92,12 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
     with _timed(report, "load"):
         original, external = io.load_model(model)
         opset = io.default_opset(original)
+    with _timed(report, "sizes"):
+        sizes = choose_sizes(original, dict(config.input_shapes), seed=config.seed)
+    report.input_sizes = sizes.to_dict()
     with _timed(report, "analyse"):
-        shapes = io.infer_shapes(io.light_copy(original))
+        shapes = infer_shapes_at(original, sizes) if sizes.dims else \
+            io.infer_shapes(io.light_copy(original))
         graph = io.import_graph(original, shapes)
         fold_constant_shapes(graph)
         analysis = build_analysis(graph, opset, io.overridable_inputs(original))
@@ -110,7 +118,7 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
     report.notes.extend(notes)
     _note_alignment(report, plan, config)
     _fill_decisions(report, analysis, plan)
-    input_shapes = dict(config.input_shapes)
+    input_shapes = sizes.primary
     with _timed(report, "measure"):
         report.before = ModelSize(count_params(original), count_macs(original, input_shapes),
                                   io.weight_bytes(original))
@@ -121,7 +129,7 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
             advance = progress("verifying", 1) if progress else None
             result = _verify(original, pruned, analysis=analysis,
                              removed_classes=plan.removed_classes, opset=opset,
-                             seed=config.seed, input_shapes=input_shapes)
+                             seed=config.seed, size_sets=sizes.sets)
             if advance:
                 advance(1)
         report.verification = _verification_dict(result)
@@ -129,7 +137,8 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
             raise VerificationError(f"verification failed: {result.summary()}")
     if config.calibration or config.evaluation or config.compensate != "none":
         with _timed(report, "compensate"):
-            pruned = _compensate_and_measure(original, pruned, analysis, plan, config, report)
+            pruned = _compensate_and_measure(original, pruned, analysis, plan, config, report,
+                                             sizes.primary)
     quantized = _quantized_layers(graph)
     if quantized:
         report.notes.append(
@@ -142,7 +151,7 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
     elif not plan.n_removed:
         report.notes.append("nothing was pruned: no prunable group lost a channel "
                             "(see the frozen reasons)")
-    return PruneResult(pruned, report, plan, original, analysis, external)
+    return PruneResult(pruned, report, plan, original, analysis, external, sizes)
 
 
 def verify(original: onnx.ModelProto | str, pruned: onnx.ModelProto | str, *, seed: int = 0,
@@ -151,10 +160,12 @@ def verify(original: onnx.ModelProto | str, pruned: onnx.ModelProto | str, *, se
 
     Used on its own (without the analysis), the reference is ``original`` itself: use it for
     models that should be numerically identical (e.g. a sparsity-0 run, or a re-export).
+    Symbolic input dims get sizes as in ``prune`` (two sets where the model allows).
     """
     original, _ = io.load_model(original)
     pruned, _ = io.load_model(pruned)
-    return _verify(original, pruned, seed=seed, input_shapes=input_shapes)
+    sizes = choose_sizes(original, input_shapes, seed=seed)
+    return _verify(original, pruned, seed=seed, size_sets=sizes.sets)
 
 
 def benchmark(original: onnx.ModelProto | str, pruned: onnx.ModelProto | str, *,
@@ -164,10 +175,11 @@ def benchmark(original: onnx.ModelProto | str, pruned: onnx.ModelProto | str, *,
     original, _ = io.load_model(original)
     pruned, _ = io.load_model(pruned)
     return _benchmark(original, pruned, runs=runs, warmup=warmup, provider=provider,
-                      input_shapes=input_shapes)
+                      input_shapes=choose_sizes(original, input_shapes).primary)
 
 
-def _compensate_and_measure(original, pruned, analysis, plan, config, report) -> onnx.ModelProto:
+def _compensate_and_measure(original, pruned, analysis, plan, config, report,
+                            input_shapes) -> onnx.ModelProto:
     """Apply --compensate (choosing the best for ``auto``) and report fidelity on real data."""
     from .calibration import fidelity, load_calibration
     from .compensate import compensate, find_consumers
@@ -206,12 +218,11 @@ def _compensate_and_measure(original, pruned, analysis, plan, config, report) ->
         report.fidelity = [f.summary() for f in scores]
         report.fidelity_data = [dict(vars(f)) for f in scores]
     if mode != "none":
-        problem = smoke_check(original, model, seed=config.seed,
-                              input_shapes=dict(config.input_shapes))
+        problem = smoke_check(original, model, seed=config.seed, input_shapes=input_shapes)
         if problem:
             raise VerificationError(f"compensated model fails: {problem}")
         report.after = ModelSize(count_params(model),
-                                 count_macs(model, dict(config.input_shapes)),
+                                 count_macs(model, input_shapes),
                                  io.weight_bytes(model))
     return model
 
@@ -290,6 +301,7 @@ def _verification_dict(result: CompareResult) -> dict:
         "passed": bool(result),
         "max_rel_error": result.max_rel_error,
         "summary": result.summary(),
+        "checked_at": list(result.checked_at),
         "outputs": [{"name": o.name, "max_abs_error": o.max_abs_error,
                      "max_rel_error": o.max_rel_error, "finite": o.finite} for o in
                     result.outputs],

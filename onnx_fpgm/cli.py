@@ -183,7 +183,7 @@ def _run(args) -> int:
         if args.benchmark and not args.dry_run:
             advance = progress("benchmark", 30)
             result.report.latency = benchmark(result.original, result.model,
-                                              input_shapes=dict(config.input_shapes),
+                                              input_shapes=result.input_sizes.primary,
                                               progress=advance)
     if not args.dry_run:
         result.save(args.output)

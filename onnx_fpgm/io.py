@@ -172,16 +172,18 @@ def _numel(tensor: onnx.TensorProto) -> int:
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shapes of every tensor, as far as they can be known statically.
 
-    onnx's inference (with data propagation) first; where it leaves dims unknown, which it does
-    behind shape arithmetic such as TorchScript's ``chunk`` (Shape -> Gather -> Div -> Slice),
-    onnxruntime's symbolic shape inference is tried as well. Best effort: handlers block
-    whatever stays unknown.
+    onnx's inference (with data propagation) first; where it leaves dims unknown in a model
+    with static inputs, which it does behind shape arithmetic such as TorchScript's ``chunk``
+    (Shape -> Gather -> Div -> Slice), onnxruntime's symbolic shape inference is tried as well.
+    Models with symbolic input dims are inferred at concrete sizes instead
+    (``input_sizes.infer_shapes_at``): the symbolic engine takes seconds on them (sympy), so it
+    is not tried here. Best effort: handlers block whatever stays unknown.
     """
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
         inferred = model
-    if not _has_unknown_dims(inferred) or too_large(model):
+    if not _has_unknown_dims(inferred) or too_large(model) or _has_symbolic_inputs(model):
         return inferred
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
@@ -193,6 +195,11 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     if symbolic is None or not _agrees(symbolic, inferred, model):
         return inferred
     return symbolic if _unknown_count(symbolic) < _unknown_count(inferred) else inferred
+
+
+def _has_symbolic_inputs(model: onnx.ModelProto) -> bool:
+    return any(not d.HasField("dim_value") or d.dim_value < 0
+               for v in model.graph.input for d in v.type.tensor_type.shape.dim)
 
 
 @contextlib.contextmanager

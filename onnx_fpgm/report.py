@@ -53,6 +53,8 @@ class Report:
     fidelity_on: str = ""
     fidelity: list[str] = field(default_factory=list)
     fidelity_data: list[dict[str, Any]] = field(default_factory=list)
+    #: Input sizes used for verification, MACs and shape inference (see ``input_sizes``).
+    input_sizes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def coverage(self) -> float:
@@ -80,6 +82,17 @@ class Report:
 
 def _ratio(before: float, after: float) -> str:
     return f"{before / after:.2f}x" if after else "-"
+
+
+def _sizes_line(sizes: dict[str, Any], verified: bool) -> str:
+    def text(shapes):
+        return " ".join(f"{n}={','.join(map(str, s))}" for n, s in shapes.items())
+
+    how = "given" if sizes.get("given") else "chosen by running the original"
+    second = sizes.get("secondary")
+    also = "also verified at" if verified else "second set"
+    extra = f"; {also} {text(second)}" if second else "; it ran at no second size tried"
+    return f"{text(sizes['primary'])} ({how}{extra})"
 
 
 def render(report: Report, console, dry_run: bool = False) -> None:
@@ -121,6 +134,9 @@ def render(report: Report, console, dry_run: bool = False) -> None:
         console.print(f"params: {b.params:,} -> {a.params:,} ({_ratio(b.params, a.params)} smaller)")
         console.print(f"MACs:   {b.macs:,} -> {a.macs:,} ({_ratio(b.macs, a.macs)} fewer)")
         console.print(f"size:   {b.bytes:,} -> {a.bytes:,} bytes")
+    if report.input_sizes.get("symbolic_dims"):
+        verified = report.verification is not None
+        console.print(f"input sizes: {_sizes_line(report.input_sizes, verified)}")
     if report.verification is not None:
         v = report.verification
         console.print(f"verify: {'passed' if v['passed'] else 'FAILED'} - {v['summary']}")

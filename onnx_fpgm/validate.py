@@ -20,6 +20,7 @@ from . import io
 from .deps.analysis import Analysis
 from .deps.constants import ConstantFolder
 from .errors import ConfigError, VerificationError
+from .input_sizes import check_given, is_unknown
 
 #: Oracle tolerance of a float32/float64 output: max |pruned - masked| / max |masked|.
 RTOL = 1e-4
@@ -66,6 +67,7 @@ class CompareResult:
     interface_ok: bool = True
     problem: str | None = None
     reference_failed: bool = False  # onnxruntime could not run the reference model
+    checked_at: list[str] = field(default_factory=list)  # input sizes verified, in order
 
     def __bool__(self) -> bool:
         return self.interface_ok and self.problem is None and all(self.outputs)
@@ -87,8 +89,10 @@ class CompareResult:
 
 
 def make_session(model: onnx.ModelProto | bytes, *, optimize: bool = False,
-                 provider: str = "CPUExecutionProvider", threads: int = 0):
+                 provider: str = "CPUExecutionProvider", threads: int = 0, quiet: bool = False):
     """An onnxruntime session on bytes; spinning off so sessions coexist.
+
+    ``quiet`` silences onnxruntime's own error log too (for runs that may fail on purpose).
 
     A model too large for one protobuf message (``io.too_large``) cannot become bytes: it is
     written to a temporary directory with external data and the session reads that path.
@@ -96,7 +100,7 @@ def make_session(model: onnx.ModelProto | bytes, *, optimize: bool = False,
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4 if quiet else 3
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
@@ -117,14 +121,7 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0,
     rng = np.random.default_rng(seed)
     shapes = shapes or {}
     initializers = {t.name for t in model.graph.initializer}
-    real_inputs = {v.name: v for v in model.graph.input if v.name not in initializers}
-    for name, shape in shapes.items():
-        if name not in real_inputs:
-            raise ConfigError(f"--input-shape names {name!r}, which is not a graph input "
-                              f"(inputs: {', '.join(real_inputs)})")
-        rank = len(real_inputs[name].type.tensor_type.shape.dim)
-        if rank and len(shape) != rank:
-            raise ConfigError(f"--input-shape {name} has {len(shape)} dims, the input has {rank}")
+    check_given(model, shapes)
     feeds = {}
     for value in model.graph.input:
         if value.name in initializers:
@@ -135,10 +132,10 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0,
             shape = tuple(shapes[value.name])
         else:
             dims = ttype.shape.dim
-            unknown = [i for i, d in enumerate(dims) if not d.HasField("dim_value")]
+            unknown = [i for i, d in enumerate(dims) if is_unknown(d)]
             if any(i > 0 for i in unknown):
                 names = [dims[i].dim_param or "?" for i in unknown]
-                example = [str(d.dim_value) if d.HasField("dim_value") else
+                example = [str(d.dim_value) if not is_unknown(d) else
                            "1" if i == 0 else d.dim_param or f"D{i + 1}"
                            for i, d in enumerate(dims)]  # the batch defaults to 1
                 missing = [example[i] for i in unknown if i > 0]
@@ -146,7 +143,7 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0,
                                   f"needs concrete sizes; give --input-shape "
                                   f"{value.name}={','.join(example)} with numbers for "
                                   f"{', '.join(missing)} (input_shapes= in Python)")
-            shape = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in dims)
+            shape = tuple(1 if is_unknown(d) else d.dim_value for d in dims)
         if _is_float(dtype):
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype == np.bool_:
@@ -221,47 +218,69 @@ def _consumer_axis(node: gs.Node, analysis: Analysis):
 def compare(original: onnx.ModelProto, pruned: onnx.ModelProto,
             feeds: dict[str, np.ndarray]) -> CompareResult:
     """Run both models on ``feeds`` and compare outputs (interface, finiteness, rel. error)."""
-    result = CompareResult()
     if _interface(original) != _interface(pruned):
-        result.interface_ok = False
-        result.problem = "graph inputs/outputs differ from the original"
+        return CompareResult(interface_ok=False,
+                             problem="graph inputs/outputs differ from the original")
+    return _SessionPair(original, pruned).compare(feeds)
+
+
+class _SessionPair:
+    """Sessions of the reference and the pruned model, created once for several feeds."""
+
+    def __init__(self, reference: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
+        self.names = [o.name for o in reference.graph.output]
+        self.reference = self.pruned = None
+        self.reference_error = self.pruned_error = None
+        try:
+            self.reference = make_session(reference)
+        except Exception as err:
+            self.reference_error = _first_line(err)
+        try:
+            self.pruned = make_session(pruned)
+        except Exception as err:
+            self.pruned_error = _first_line(err)
+
+    def compare(self, feeds: dict[str, np.ndarray]) -> CompareResult:
+        result = CompareResult()
+        try:
+            if self.reference is None:
+                raise RuntimeError(self.reference_error)
+            expected = self.reference.run(None, feeds)
+        except Exception as err:
+            result.problem = f"onnxruntime cannot run the reference model: {_first_line(err)}"
+            result.reference_failed = True
+            return result
+        try:
+            if self.pruned is None:
+                raise RuntimeError(self.pruned_error)
+            got = self.pruned.run(None, feeds)
+        except Exception as err:
+            result.problem = f"onnxruntime failed to run the pruned model: {_first_line(err)}"
+            return result
+        for name, want, have in zip(self.names, expected, got):
+            result.outputs.append(_compare_output(name, np.asarray(want), np.asarray(have)))
         return result
-    try:
-        expected = make_session(original).run(None, feeds)
-    except Exception as err:
-        result.problem = f"onnxruntime cannot run the reference model: {_first_line(err)}"
-        result.reference_failed = True
-        return result
-    try:
-        got = make_session(pruned).run(None, feeds)
-    except Exception as err:
-        result.problem = f"onnxruntime failed to run the pruned model: {_first_line(err)}"
-        return result
-    names = [o.name for o in original.graph.output]
-    for name, want, have in zip(names, expected, got):
-        want = np.asarray(want)
-        have = np.asarray(have)
-        shape_ok = want.shape == have.shape
-        if not shape_ok:
-            result.outputs.append(OutputCompare(name, np.inf, np.inf, True, False))
-            continue
-        tolerance = RTOL
-        if _is_float(want.dtype):
-            tolerance = tolerance_for(want.dtype)
-            w64, h64 = want.astype(np.float64), have.astype(np.float64)
-            finite = bool(np.isfinite(h64).all() or not np.isfinite(w64).all())
-            diff = np.abs(w64 - h64)
-            max_abs = float(np.nanmax(diff)) if diff.size else 0.0
-            scale = float(np.nanmax(np.abs(w64))) if w64.size else 0.0
-            # allclose-style floor: an output that is zero up to round-off (|values| << 1) is
-            # judged by an absolute error of ATOL, not relative to its own noise.
-            rel = max_abs / max(scale, ATOL / RTOL)
-        else:
-            finite = True
-            max_abs = float(np.count_nonzero(want != have))
-            rel = 0.0 if max_abs == 0 else np.inf
-        result.outputs.append(OutputCompare(name, max_abs, rel, finite, shape_ok, tolerance))
-    return result
+
+
+def _compare_output(name: str, want: np.ndarray, have: np.ndarray) -> OutputCompare:
+    if want.shape != have.shape:
+        return OutputCompare(name, np.inf, np.inf, True, False)
+    tolerance = RTOL
+    if _is_float(want.dtype):
+        tolerance = tolerance_for(want.dtype)
+        w64, h64 = want.astype(np.float64), have.astype(np.float64)
+        finite = bool(np.isfinite(h64).all() or not np.isfinite(w64).all())
+        diff = np.abs(w64 - h64)
+        max_abs = float(np.nanmax(diff)) if diff.size else 0.0
+        scale = float(np.nanmax(np.abs(w64))) if w64.size else 0.0
+        # allclose-style floor: an output that is zero up to round-off (|values| << 1) is
+        # judged by an absolute error of ATOL, not relative to its own noise.
+        rel = max_abs / max(scale, ATOL / RTOL)
+    else:
+        finite = True
+        max_abs = float(np.count_nonzero(want != have))
+        rel = 0.0 if max_abs == 0 else np.inf
+    return OutputCompare(name, max_abs, rel, finite, True, tolerance)
 
 
 def _first_line(err: BaseException) -> str:
@@ -279,11 +298,14 @@ def _interface(model: onnx.ModelProto):
 def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, *, analysis: Analysis | None = None,
            removed_classes: np.ndarray | None = None, opset: int | None = None, seed: int = 0,
            input_shapes: dict[str, tuple[int, ...]] | None = None,
+           size_sets: list[dict[str, tuple[int, ...]]] | None = None,
            raise_on_failure: bool = False) -> CompareResult:
     """Check the pruned model against the masked original (or against the original itself).
 
     Without ``analysis``, the pruned model is compared with ``original`` directly, which is the
     right check for a model whose channels were removed by zero-weight slices elsewhere.
+    ``size_sets`` (several input-size sets, see ``input_sizes``) verifies at each in turn: a
+    pruned model that runs or matches at one size only fails; otherwise ``input_shapes``.
 
     Raises:
         ConfigError: onnxruntime (CPU) cannot run ``original`` itself (a dtype or opset it has
@@ -293,13 +315,29 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, *, analysis: Anal
     reference = original
     if analysis is not None and removed_classes is not None and len(removed_classes):
         reference = masked_original(original, analysis, removed_classes, opset or 13)
-    feeds = random_inputs(original, seed, input_shapes)
-    result = compare(reference, pruned, feeds)
-    if result.reference_failed:
-        _check_runnable(original, reference, feeds, result.problem)
+    sets = size_sets or [input_shapes]
+    if _interface(reference) != _interface(pruned):
+        result = CompareResult(interface_ok=False,
+                               problem="graph inputs/outputs differ from the original")
+    else:
+        sessions = _SessionPair(reference, pruned)
+        for k, shapes in enumerate(sets):
+            feeds = random_inputs(original, seed + k, shapes)
+            result = sessions.compare(feeds)
+            result.checked_at = [_sizes_text(s) for s in sets[:k + 1] if s]
+            if result.reference_failed:
+                _check_runnable(original, reference, feeds, result.problem)
+            if not result:
+                if len(sets) > 1:
+                    result.problem = f"at input sizes {_sizes_text(shapes)}: {result.summary()}"
+                break
     if raise_on_failure and not result:
         raise VerificationError(f"verification failed: {result.summary()}")
     return result
+
+
+def _sizes_text(shapes: dict[str, tuple[int, ...]] | None) -> str:
+    return " ".join(f"{n}={','.join(map(str, s))}" for n, s in (shapes or {}).items())
 
 
 def smoke_check(original: onnx.ModelProto, model: onnx.ModelProto, *, seed: int = 0,

@@ -12,6 +12,7 @@ inputs need it, ``_check`` (the same checks with dtype-appropriate tolerance and
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -563,18 +564,54 @@ def test_shared_weight_copy_on_write(form: str) -> None:
 SHAPES = (("input", (1, 3, 16, 16)),)
 
 
-def test_symbolic_spatial_dims_need_an_input_shape(tmp_path: Path, capsys) -> None:
+def test_symbolic_spatial_dims_get_sizes_chosen_and_reported(tmp_path: Path, capsys) -> None:
     model = _symbolic(flatten=False)
-    with pytest.raises(onnx_fpgm.ConfigError, match=r"input input has symbolic dims.*H.*W"):
+    source, out, report = tmp_path / "sym.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(model, str(source))
+    assert cli.main([str(source), str(out), "--report", str(report)]) == 0
+    assert "input sizes: input=1,3,64,64 (chosen" in capsys.readouterr().out.replace("\n", " ")
+    sizes = json.loads(report.read_text())["input_sizes"]
+    assert sizes["primary"] == {"input": [1, 3, 64, 64]} and not sizes["given"]
+    second = sizes["secondary"]["input"]
+    assert second[0] == 2 and second[2:] != [64, 64]
+    pruned = onnx.load(str(out))
+    dims = pruned.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["N", 3, "H", "W"]
+    result = onnx_fpgm.prune(model, 0.5)
+    assert {"conv1", "conv2"} <= pruned_layers(result)
+    for shapes in result.input_sizes.sets:
+        _check(model, result, input_shapes=shapes)
+
+
+def _flatten_at(size: int) -> onnx.ModelProto:
+    """Input ["N", 3, "H", "W"] -> conv -> Flatten -> Gemm: runs at H = W = ``size`` only."""
+    n = _Net(78)
+    x = n.relu("relu1", n.conv("conv1", "input", 3, 4))
+    w = n.randn("fc.weight", [5, 4 * size * size], 0.01)
+    n.op("Gemm", "fc", [n.op("Flatten", "flatten", [x], axis=1), w], out="output", transB=1)
+    return n.model({"output": ["N", 5]}, {"input": ["N", 3, "H", "W"]})
+
+
+def test_no_size_that_runs_is_an_error_naming_dims_and_flag(tmp_path: Path, capsys) -> None:
+    model = _flatten_at(13)  # 13 x 13 is no candidate size
+    with pytest.raises(onnx_fpgm.ConfigError, match=r"input input \[N, 3, H, W\].*--input-shape"):
         onnx_fpgm.prune(model, 0.5)
     source, out = tmp_path / "sym.onnx", tmp_path / "out.onnx"
     onnx.save(model, str(source))
     assert cli.main([str(source), str(out)]) == 2
     stderr = capsys.readouterr().err
-    assert stderr.count("\n") == 1 and "input input" in stderr and "--input-shape" in stderr
+    assert stderr.count("\n") == 1 and "input=1,3,N,N" in stderr and "--input-shape" in stderr
     assert not out.exists()
-    assert cli.main([str(source), str(out), "--input-shape", "input=1,3,16,16", "--quiet"]) == 0
+    assert cli.main([str(source), str(out), "--input-shape", "input=1,3,13,13", "--quiet"]) == 0
     assert out.exists()
+
+
+def test_flatten_model_runs_at_one_size_which_is_found() -> None:
+    model = _flatten_at(16)
+    result = onnx_fpgm.prune(model, 0.5)
+    assert result.input_sizes.primary == {"input": (1, 3, 16, 16)}
+    assert result.input_sizes.secondary == {"input": (2, 3, 16, 16)}  # batch 2 only
+    assert result.report.verification["passed"]
 
 
 def test_symbolic_spatial_dims_with_input_shape() -> None:

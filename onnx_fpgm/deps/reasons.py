@@ -77,9 +77,10 @@ REASONS: tuple[ReasonKind, ...] = (
                "Flatten and torch's x.view(x.size(0), -1) write it, and a channel count read by "
                "Shape from the tensor itself)."),
     ReasonKind("unknown shapes", r"unknown|cannot resolve",
-               "Shapes that cannot be inferred where the channel mapping depends on them "
-               "(e.g. Flatten or Reshape after symbolic spatial dims); --input-shape helps "
-               "verification, and a static export helps the analysis."),
+               "Shapes that cannot be inferred, or that depend on the input size, where the "
+               "channel mapping depends on them (e.g. Flatten or Reshape after symbolic spatial "
+               "dims that the model accepts at several sizes); a static export helps the "
+               "analysis."),
     ReasonKind("coupled with fixed channels",
                r"coupled with channels that cannot be pruned|broadcast channel axis|"
                r"different axes|joins different channel counts",

@@ -34,6 +34,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ..input_sizes import ANONYMOUS
+
 logger = logging.getLogger(__name__)
 
 #: Ops whose output elements are followed one by one from their inputs' elements: moved
@@ -94,9 +96,9 @@ def symbolic_dims(tensor: gs.Tensor | None) -> list[int | str] | None:
     for axis, dim in enumerate(tensor.shape):
         if isinstance(dim, (int, np.integer)) and dim >= 0:
             dims.append(int(dim))
-        elif isinstance(dim, str) and dim:
+        elif isinstance(dim, str) and dim.strip() not in ANONYMOUS:
             dims.append(dim)
-        else:
+        else:  # unnamed, or a name that names nothing (Paddle writes ``?`` for H and W alike)
             dims.append(f"?{tensor.name}#{axis}")
     return dims
 

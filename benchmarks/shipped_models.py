@@ -1,0 +1,140 @@
+"""Trained models as shipped on PyPI, pruned with no option but the sparsity.
+
+    python benchmarks/shipped_models.py [--models-dir DIR] [--rounds 3] [--sparsity 0.5]
+
+Fetches ``rapidocr-onnxruntime==1.4.4`` with ``pip download --no-deps`` into a temporary
+directory (or reads the ``.onnx`` files of ``--models-dir``) and, for each of its PaddleOCR
+models (PP-OCRv4 detector and recogniser, mobile v2.0 direction classifier: dynamic input dims,
+Constant weights), prints:
+
+- the sizes onnx-fpgm chose, coverage, params and MACs before/after, verification and the time
+  per phase of ``onnx_fpgm.prune(path, sparsity)`` (in process, after one warm-up prune);
+- shape inference for the analysis side by side on the same model: onnxruntime's symbolic
+  engine on the symbolic graph (what the analysis ran before issue 9) against
+  ``input_sizes.infer_shapes_at`` (onnx's inference at the two chosen size sets, onnxruntime
+  for what it leaves), per 1,000 nodes;
+- prune + verify + save against the floor (import, load, one onnxruntime session and run,
+  save), in fresh child processes as ``end_to_end.py`` measures it.
+
+Nothing is downloaded at test time; the models are never committed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from end_to_end import format_table, run_child  # noqa: E402
+
+PACKAGE = "rapidocr-onnxruntime==1.4.4"
+
+
+def fetch(target: Path) -> list[Path]:
+    """The package's ``.onnx`` files, unpacked under ``target``."""
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
+                    str(target), PACKAGE], check=True)
+    wheel = next(target.glob("*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        names = [n for n in archive.namelist() if n.endswith(".onnx")]
+        archive.extractall(target, names)
+    return sorted(target / n for n in names)
+
+
+def symbolic_engine_s(model) -> float:
+    """Seconds of onnxruntime's symbolic shape inference on the symbolic graph (the old path)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    from onnx_fpgm import io
+
+    light = io.light_copy(model)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        cwd = os.getcwd()
+        os.chdir(tmp)
+        try:
+            SymbolicShapeInference.infer_shapes(light, auto_merge=True)
+        except Exception as err:  # noqa: BLE001 (it gives up on some graphs; time it anyway)
+            print(f"  symbolic engine failed: {err}")
+        finally:
+            os.chdir(cwd)
+    return time.perf_counter() - start
+
+
+def measure(path: Path, sparsity: float, rounds: int) -> tuple[dict, dict]:
+    import onnx_fpgm
+    from onnx_fpgm import io
+    from onnx_fpgm.input_sizes import choose_sizes, infer_shapes_at
+
+    onnx_fpgm.prune(path, sparsity)  # warm-up: torch import, first sessions
+    result = onnx_fpgm.prune(path, sparsity)
+    r = result.report
+    model, _ = io.load_model(path)
+    nodes = len(model.graph.node)
+    sizes = choose_sizes(model)
+    start = time.perf_counter()
+    infer_shapes_at(model, sizes)
+    concrete = time.perf_counter() - start
+    symbolic = symbolic_engine_s(model)
+    prunes, floors = [], []
+    for i in range(rounds):
+        for kind in (("floor", "prune") if i % 2 == 0 else ("prune", "floor")):
+            (floors if kind == "floor" else prunes).append(run_child(kind, path, sparsity))
+    ratios = [p["total"] / f["total"] for p, f in zip(prunes, floors)]
+    row = {
+        "model": path.stem, "nodes": nodes,
+        "verified at": " & ".join(r.verification["checked_at"]) if r.verification else "-",
+        "coverage": f"{r.prunable_channels}/{r.total_channels} ({100 * r.coverage:.1f}%)",
+        "params": f"{r.before.params / r.after.params:.2f}x",
+        "MACs": f"{r.before.macs / r.after.macs:.2f}x",
+        "oracle": "passed" if r.verification and r.verification["passed"] else "FAILED",
+        **{f"{k} s": v for k, v in r.timings_s.items()},
+    }
+    speed = {
+        "model": path.stem,
+        "symbolic engine s/1k nodes": symbolic * 1000 / nodes,
+        "concrete s/1k nodes": concrete * 1000 / nodes,
+        "ratio": symbolic / concrete,
+        "analyse s/1k nodes": r.timings_s["analyse"] * 1000 / nodes,
+        "prune total s": statistics.median(p["total"] for p in prunes),
+        "floor total s": statistics.median(f["total"] for f in floors),
+        "total/floor": statistics.median(ratios),
+        "per round": " ".join(f"{x:.2f}" for x in ratios),
+    }
+    return row, speed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models-dir", type=Path, help="use these .onnx files, no download")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    args = parser.parse_args(argv)
+    print(f"{PACKAGE} models at sparsity {args.sparsity}, no other option; cpus "
+          f"{os.cpu_count()}, load avg {os.getloadavg()[0]:.2f}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="shipped-") as tmp:
+        paths = sorted(args.models_dir.glob("*.onnx")) if args.models_dir else fetch(Path(tmp))
+        rows, speeds = [], []
+        for path in paths:
+            print(f"- {path.name}", flush=True)
+            row, speed = measure(path, args.sparsity, args.rounds)
+            rows.append(row)
+            speeds.append(speed)
+    print()
+    print(format_table(rows))
+    print()
+    print(format_table(speeds))
+    print(f"\nload avg after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

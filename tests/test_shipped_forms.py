@@ -1,0 +1,158 @@
+"""Models as shipped, pruned with no option but the sparsity (issue 9).
+
+Dynamic input dims (items 1-3): the tool chooses sizes the original runs at, keeps the symbolic
+interface, and the oracle is rerun here at both chosen size sets; a model that works at one size
+only (a Shape-derived value baked in) fails verification.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import onnx_fpgm
+from onnx_fpgm import cli
+from onnx_fpgm.validate import make_session, random_inputs, verify
+from tests import shipped_forms
+from tests.conftest import pruned_layers
+from tests.onnx_patterns import _Net
+from tests.test_forms import _check
+
+# --- dynamic input dims -----------------------------------------------------------------------
+
+DYNAMIC_FORMS = {
+    **{f"paddle_{k}": (lambda k=k: shipped_forms.paddle_detector(k))
+       for k in shipped_forms.PADDLE_DIMS},
+    "dynamic_axes_detector": shipped_forms.dynamic_axes_detector,
+    "nhwc_all_symbolic": shipped_forms.nhwc_all_symbolic,
+    "token_classifier": shipped_forms.token_classifier,
+    "torch_dynamic_axes_torchscript": lambda: shipped_forms.torch_dynamic_axes(dynamo=False),
+    "torch_dynamic_axes_dynamo": lambda: shipped_forms.torch_dynamic_axes(dynamo=True),
+}
+
+
+def _dims(value: onnx.ValueInfoProto) -> list:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+@pytest.mark.parametrize("form", [
+    pytest.param(name, marks=pytest.mark.torch_export) if name.startswith("torch") else name
+    for name in DYNAMIC_FORMS])
+def test_dynamic_form_prunes_with_no_flag_and_verifies_at_two_sizes(form: str) -> None:
+    model = DYNAMIC_FORMS[form]()
+    result = onnx_fpgm.prune(model, 0.5)
+    assert pruned_layers(result), "nothing pruned"
+    sizes = result.input_sizes
+    assert not sizes.given and sizes.secondary is not None
+    (name, first), = sizes.primary.items()
+    second = sizes.secondary[name]
+    assert first[0] == 1 and second[0] == 2, (first, second)  # batch 1, then 2
+    spatial = [k for k, d in enumerate(model.graph.input[0].type.tensor_type.shape.dim)
+               if k and not d.dim_value > 0]
+    assert all(first[k] != second[k] for k in spatial), (first, second)
+    assert result.report.verification["passed"]
+    assert len(result.report.verification["checked_at"]) == 2
+    assert [_dims(v) for v in result.model.graph.input] == [_dims(v) for v in model.graph.input]
+    for shapes in sizes.sets:  # the oracle, rerun here at each size
+        _oracle(model, result, shapes)
+
+
+def _oracle(model: onnx.ModelProto, result: onnx_fpgm.PruneResult, shapes) -> None:
+    """``test_forms._check`` (which includes exact conv slices); the oracle alone without convs."""
+    if any(node.op_type == "Conv" for node in model.graph.node):
+        _check(model, result, input_shapes=shapes)
+        return
+    onnx.checker.check_model(result.model, full_check=True)
+    check = verify(model, result.model, analysis=result.analysis,
+                   removed_classes=result.plan.removed_classes,
+                   opset=onnx_fpgm.io.default_opset(model), seed=123, input_shapes=shapes)
+    assert check, check.summary()
+
+
+def test_nhwc_channels_stay_last() -> None:
+    sizes = onnx_fpgm.prune(shipped_forms.nhwc_all_symbolic(), 0.5).input_sizes
+    assert sizes.primary["input_1"][3] == 3 and sizes.secondary["input_1"][3] == 3
+
+
+def test_cli_prints_and_records_the_sizes(tmp_path: Path, capsys) -> None:
+    source, out, report = tmp_path / "det.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(shipped_forms.paddle_detector("minus_one"), str(source))
+    assert cli.main([str(source), str(out), "--report", str(report)]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "input sizes: x=1,3,64,64 (chosen by running the original; also verified at " \
+           "x=2,3,96,96)" in printed
+    data = json.loads(report.read_text())
+    assert data["input_sizes"]["primary"] == {"x": [1, 3, 64, 64]}
+    assert data["input_sizes"]["secondary"] == {"x": [2, 3, 96, 96]}
+    assert data["verification"]["checked_at"] == ["x=1,3,64,64", "x=2,3,96,96"]
+
+
+def test_token_input_gets_a_sequence_length() -> None:
+    sizes = onnx_fpgm.prune(shipped_forms.token_classifier(), 0.5).input_sizes
+    assert sizes.primary == {"input_ids": (1, 16)}
+    assert sizes.secondary == {"input_ids": (2, 32)}
+
+
+def test_given_input_shape_overrides_the_choice() -> None:
+    result = onnx_fpgm.prune(shipped_forms.paddle_detector(), 0.5,
+                             input_shapes=(("x", (1, 3, 128, 160)),))
+    assert result.input_sizes.given
+    assert result.input_sizes.primary == {"x": (1, 3, 128, 160)}
+    assert result.input_sizes.secondary["x"][0] == 2
+    assert result.report.before.macs > onnx_fpgm.prune(
+        shipped_forms.paddle_detector(), 0.5).report.before.macs  # measured at the given size
+
+
+# --- a size baked into the pruned model is caught ---------------------------------------------
+
+
+def test_size_baked_model_fails_verification() -> None:
+    model = shipped_forms.computed_shapes()
+    sets = [{"input": (1, 3, 16, 16)}, {"input": (2, 3, 24, 24)}]
+    baked = shipped_forms.size_baked(model, sets[0])
+    feeds = random_inputs(model, 0, sets[0])
+    assert np.array_equal(make_session(model).run(None, feeds)[0],
+                          make_session(baked).run(None, feeds)[0])  # same at the first size
+    assert verify(model, baked, input_shapes=sets[0])
+    caught = verify(model, baked, size_sets=sets)
+    assert not caught and "input=2,3,24,24" in caught.summary()
+    assert verify(model, model, size_sets=sets)
+
+
+def test_prune_catches_a_rewrite_that_bakes_a_size(monkeypatch) -> None:
+    model = shipped_forms.computed_shapes()
+    export = onnx_fpgm.io.export_graph
+    primary = onnx_fpgm.prune(model, 0.5).input_sizes.primary
+
+    def baking_export(graph, like, metadata=None):
+        return shipped_forms.size_baked(export(graph, like, metadata), primary)
+
+    monkeypatch.setattr(onnx_fpgm.io, "export_graph", baking_export)
+    with pytest.raises(onnx_fpgm.VerificationError, match=r"at input sizes input=2,"):
+        onnx_fpgm.prune(model, 0.5)
+
+
+# --- how sizes are chosen ---------------------------------------------------------------------
+
+
+def _two_inputs(image_dims: list, side_dims: list) -> onnx.ModelProto:
+    """image -> conv -> GlobalAveragePool -> Flatten, added to a second input ``side``."""
+    n = _Net(96)
+    x = n.relu("conv1.relu", n.conv("conv1", "image", 3, 8, stride=2))
+    x = n.op("Flatten", "flatten", [n.op("GlobalAveragePool", "gap", [x])], axis=1)
+    n.op("Add", "add", [n.matmul_add("fc", x, 8, 8), "side"], out="output")
+    return n.model({"output": [side_dims[0], 8]}, {"image": image_dims, "side": side_dims})
+
+
+def test_one_value_per_symbol_and_anonymous_dims_apart() -> None:
+    from onnx_fpgm.input_sizes import choose_sizes
+
+    shared = choose_sizes(_two_inputs(["batch", 3, "S", "S"], ["batch", 8]))
+    assert shared.primary == {"image": (1, 3, 64, 64), "side": (1, 8)}
+    assert shared.secondary == {"image": (2, 3, 96, 96), "side": (2, 8)}
+    anonymous = choose_sizes(_two_inputs([-1, 3, "?", "?"], [-1, 8]))
+    assert {d.symbol for d in anonymous.dims} == {"image:0", "image:2", "image:3", "side:0"}
+    assert anonymous.primary == {"image": (1, 3, 64, 64), "side": (1, 8)}
