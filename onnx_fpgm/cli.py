@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("output", metavar="OUT", nargs="?", help="output .onnx model")
     parser.add_argument("--sparsity", type=_parse_sparsity, default=None,
                         help="fraction of each group's channels to remove (default 0.5)")
+    parser.add_argument("--head-sparsity", type=_parse_sparsity, default=None, metavar="S",
+                        help="fraction of attention heads to remove per layer (default: "
+                             "--sparsity); at least one head stays")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--target-macs", type=_parse_target, metavar="R",
                         help="prune to this fraction of the original MACs (per-group "
@@ -209,6 +212,7 @@ def _run(args) -> int:
         raise ConfigError("--plan fixes every group's channels: drop --sparsity and targets")
     config = PruneConfig(
         sparsity=0.5 if args.sparsity is None else args.sparsity,
+        head_sparsity=args.head_sparsity,
         target_macs=args.target_macs, target_params=args.target_params,
         target_latency=args.target_latency,
         allocation=args.allocation, plan=args.plan, dist=args.dist, device=args.device,

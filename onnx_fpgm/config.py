@@ -25,6 +25,8 @@ class PruneConfig:
 
     Attributes:
         sparsity: fraction of each group's channels to remove, in [0, 1].
+        head_sparsity: fraction of each attention layer's heads to remove (None: ``sparsity``);
+            at least one head stays.
         dist: 1 (L1), 2 (L2, default) or a callable mapping an (N, D) tensor to (N, N) distances.
         device: where FPGM scores are computed.
         exclude: regexes; a group any of whose producer node names matches is left unpruned.
@@ -44,6 +46,7 @@ class PruneConfig:
     """
 
     sparsity: float = 0.5
+    head_sparsity: float | None = None
     dist: DistSpec = 2
     device: Device = "auto"
     exclude: tuple[str, ...] = ()
@@ -67,6 +70,8 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
+        if self.head_sparsity is not None:
+            check_sparsity(self.head_sparsity, what="head sparsity")
         for pattern, value in self.layer_sparsity:
             check_sparsity(value, what=f"sparsity for {pattern!r}")
         if not (callable(self.dist) or self.dist in (1, 2)):
@@ -125,10 +130,15 @@ class PruneConfig:
                 return regex.pattern
         return None
 
-    def sparsity_for(self, names: list[str]) -> float:
-        """Sparsity of a group with these producer names (first matching --layer-sparsity)."""
+    def sparsity_for(self, names: list[str], heads: bool = False) -> float:
+        """Sparsity of a group with these producer names (first matching --layer-sparsity),
+        else ``head_sparsity`` for attention heads, else ``sparsity``."""
         fixed = self.layer_sparsity_for(names)
-        return self.sparsity if fixed is None else fixed
+        if fixed is not None:
+            return fixed
+        if heads and self.head_sparsity is not None:
+            return self.head_sparsity
+        return self.sparsity
 
     def layer_sparsity_for(self, names: list[str]) -> float | None:
         """The first matching --layer-sparsity value, or None (targets leave such groups be)."""
@@ -142,6 +152,7 @@ class PruneConfig:
         dist = self.dist if not callable(self.dist) else getattr(self.dist, "__name__", "callable")
         return {
             "sparsity": repr(self.sparsity),
+            "head_sparsity": repr(self.head_sparsity),
             "dist": str(dist),
             "exclude": ",".join(self.exclude),
             "layer_sparsity": ",".join(f"{p}={s}" for p, s in self.layer_sparsity),
