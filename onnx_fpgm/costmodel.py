@@ -149,6 +149,8 @@ def _map(analysis: Analysis, tensor: gs.Tensor | None, axis: int | None = None,
     if tensor is None or not tensor.name:
         return None
     cmap = analysis.maps.get(tensor.name)
+    if cmap is None and axis is None:
+        return _split_as_map(analysis, tensor.name)
     if cmap is None or axis is None:
         return cmap
     if axis < 0:
@@ -157,6 +159,14 @@ def _map(analysis: Analysis, tensor: gs.Tensor | None, axis: int | None = None,
             return None
         axis += rank
     return cmap if cmap.axis == axis else None
+
+
+def _split_as_map(analysis: Analysis, name: str) -> ChannelMap | None:
+    """A tensor whose channels are split over several axes (attention heads) as one flat map:
+    the kept share of its positions is the kept share of its elements, which is what scales a
+    MAC op's output (the scores and context of the heads kept)."""
+    smap = analysis.split_maps.get(name)
+    return None if smap is None else ChannelMap(smap.axes[0], smap.labels.reshape(-1))
 
 
 def _attr(node: gs.Node, name: str, default: int = 0) -> int:
