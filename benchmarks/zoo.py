@@ -2,8 +2,10 @@
 
     python benchmarks/zoo.py [--peers]
 
-Uses the test zoo (tests/torch_models.py), exported by TorchScript (BN folded) and by
-torch.export (BN kept). With --peers, also the params after onnxsim's structured pruning.
+Uses the test zoo (tests/torch_models.py) and the transformer models of tests/attention_models.py,
+exported by TorchScript (BN folded) and by torch.export (BN kept). With --peers, also the params
+after onnxsim's structured pruning. ``--only NAME`` runs the named models only. Heads (attention
+layers' whole heads) are counted in "groups" like channel groups; "heads" lists pruned heads.
 Then the shipped forms with dynamic input dims (tests/shipped_forms.py), pruned with no option
 but the sparsity: the sizes chosen and verified, and the time of the whole prune.
 """
@@ -18,7 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import onnx_fpgm  # noqa: E402
 from onnx_fpgm.bench import count_params  # noqa: E402
 from tests import shipped_forms  # noqa: E402
+from tests.attention_models import ATTENTION_ZOO  # noqa: E402
 from tests.torch_models import ZOO, export_onnx  # noqa: E402
+
+MODELS = {**ZOO, **ATTENTION_ZOO}
 
 #: Shipped forms with dynamic input dims (issue 9, items 1-3).
 DYNAMIC_FORMS = {
@@ -38,24 +43,31 @@ EXPORTERS = {"torchscript": dict(dynamo=False, fold_bn=True),
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--peers", action="store_true")
+    parser.add_argument("--only", nargs="*", default=None, help="model names to run")
     args = parser.parse_args()
     peer = None
     if args.peers:
         from onnxsim import pruning as peer
-    print("| model | exporter | groups (prunable) | coverage | params before -> after | "
-          "MACs before -> after | oracle max rel. error |" + (" peer params |" if peer else ""))
-    print("|---|---|---|---|---|---|---|" + ("---|" if peer else ""))
-    for name, build in ZOO.items():
+    print("| model | exporter | groups (prunable) | coverage | heads kept | params before -> after "
+          "| MACs before -> after | oracle max rel. error |" + (" peer params |" if peer else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if peer else ""))
+    for name, build in MODELS.items():
+        if args.only and name not in args.only:
+            continue
         for exporter, kwargs in EXPORTERS.items():
             module, shape = build()
             model = export_onnx(module, shape, **kwargs)
             r = onnx_fpgm.prune(model, 0.5).report
             open_groups = sum(1 for g in r.groups if not g.frozen)
+            heads = [g for g in r.groups if getattr(g, "heads", False)]
+            kept = (f"{sum(g.channels_after for g in heads)}/"
+                    f"{sum(g.channels_before for g in heads)}") if heads else "-"
             row = (f"| {name} | {exporter} | {len(r.groups)} ({open_groups}) | "
-                   f"{r.prunable_channels}/{r.total_channels} ({100 * r.coverage:.0f}%) | "
+                   f"{r.prunable_channels}/{r.total_channels} ({100 * r.coverage:.0f}%) | {kept} | "
                    f"{r.before.params:,} -> {r.after.params:,} "
-                   f"({r.before.params / r.after.params:.2f}x) | "
-                   f"{r.before.macs:,} -> {r.after.macs:,} ({r.before.macs / r.after.macs:.2f}x) "
+                   f"({r.after.params / r.before.params:.2f}; {r.before.params / r.after.params:.2f}x)"
+                   f" | {r.before.macs:,} -> {r.after.macs:,} "
+                   f"({r.after.macs / r.before.macs:.2f}; {r.before.macs / r.after.macs:.2f}x) "
                    f"| {r.verification['max_rel_error']:.1e} |")
             if peer:
                 try:

@@ -282,7 +282,8 @@ def _fill_decisions(report: Report, analysis: Analysis, plan: PrunePlan) -> None
     frozen_group = {g.group_id for g in plan.groups if g.frozen}
     for gp in plan.groups:
         report.groups.append(GroupReport(gp.group_id, gp.producers, gp.n_channels, gp.n_keep,
-                                         gp.sparsity, gp.frozen))
+                                         gp.sparsity, gp.frozen,
+                                         analysis.groups[gp.group_id].heads))
     for src in analysis.sources:
         atoms = np.arange(src.start, src.start + src.n)
         kept = np.flatnonzero(~removed[atoms])

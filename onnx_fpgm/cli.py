@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("output", metavar="OUT", nargs="?", help="output .onnx model")
     parser.add_argument("--sparsity", type=_parse_sparsity, default=0.5,
                         help="fraction of each group's channels to remove (default 0.5)")
+    parser.add_argument("--head-sparsity", type=_parse_sparsity, default=None, metavar="S",
+                        help="fraction of attention heads to remove per layer (default: "
+                             "--sparsity); at least one head stays")
     parser.add_argument("--dist", type=int, choices=(1, 2), default=2,
                         help="distance between filters: 1 (L1) or 2 (L2, default)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -165,7 +168,7 @@ def _run(args) -> int:
 
     _check_paths(args)
     config = PruneConfig(
-        sparsity=args.sparsity, dist=args.dist, device=args.device, exclude=tuple(args.exclude),
+        sparsity=args.sparsity, head_sparsity=args.head_sparsity, dist=args.dist, device=args.device, exclude=tuple(args.exclude),
         layer_sparsity=tuple(args.layer_sparsity), min_channels=args.min_channels,
         round_to=args.round_to, verify=not args.no_verify and not args.dry_run,
         strict=args.strict, input_shapes=tuple(args.input_shape), seed=args.seed,

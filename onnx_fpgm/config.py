@@ -23,6 +23,8 @@ class PruneConfig:
 
     Attributes:
         sparsity: fraction of each group's channels to remove, in [0, 1].
+        head_sparsity: fraction of each attention layer's heads to remove (None: ``sparsity``);
+            at least one head stays.
         dist: 1 (L1), 2 (L2, default) or a callable mapping an (N, D) tensor to (N, N) distances.
         device: where FPGM scores are computed.
         exclude: regexes; a group any of whose producer node names matches is left unpruned.
@@ -42,6 +44,7 @@ class PruneConfig:
     """
 
     sparsity: float = 0.5
+    head_sparsity: float | None = None
     dist: DistSpec = 2
     device: Device = "auto"
     exclude: tuple[str, ...] = ()
@@ -60,6 +63,8 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
+        if self.head_sparsity is not None:
+            check_sparsity(self.head_sparsity, what="head sparsity")
         for pattern, value in self.layer_sparsity:
             check_sparsity(value, what=f"sparsity for {pattern!r}")
         if not (callable(self.dist) or self.dist in (1, 2)):
@@ -87,11 +92,14 @@ class PruneConfig:
                 return regex.pattern
         return None
 
-    def sparsity_for(self, names: list[str]) -> float:
-        """Sparsity of a group with these producer names (first matching --layer-sparsity)."""
+    def sparsity_for(self, names: list[str], heads: bool = False) -> float:
+        """Sparsity of a group with these producer names (first matching --layer-sparsity),
+        else ``head_sparsity`` for attention heads, else ``sparsity``."""
         for regex, value in self._compiled[1]:
             if any(regex.search(n) for n in names):
                 return value
+        if heads and self.head_sparsity is not None:
+            return self.head_sparsity
         return self.sparsity
 
     def to_metadata(self) -> dict[str, str]:
@@ -99,6 +107,7 @@ class PruneConfig:
         dist = self.dist if not callable(self.dist) else getattr(self.dist, "__name__", "callable")
         return {
             "sparsity": repr(self.sparsity),
+            "head_sparsity": repr(self.head_sparsity),
             "dist": str(dist),
             "exclude": ",".join(self.exclude),
             "layer_sparsity": ",".join(f"{p}={s}" for p, s in self.layer_sparsity),

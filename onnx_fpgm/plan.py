@@ -70,36 +70,65 @@ SelectFn = Callable[[Analysis, Group, int], np.ndarray]
 
 def plan_pruning(analysis: Analysis, config: PruneConfig, score: SelectFn,
                  progress: Callable[[int], None] | None = None) -> PrunePlan:
-    """Decide, group by group, which channels to keep (smallest FPGM scores are removed)."""
+    """Decide, group by group, which channels to keep (smallest FPGM scores are removed).
+
+    A group whose selection would empty a tensor it shares with other channels (one half of a
+    shuffled, then chunked, width) is selected again part by part, the same fraction from the
+    channels in that tensor and from the rest; only if that fails too is it frozen.
+    """
     extra_frozen: dict[int, str] = {}
-    for _ in range(8):
-        plan = _plan_once(analysis, config, score, extra_frozen, progress)
+    strata: dict[int, list[np.ndarray]] = {}
+    cutting: dict[int, list[str]] = {}  # group -> tensors whose parts it keeps proportionally
+    for _ in range(16):
+        plan = _plan_once(analysis, config, score, extra_frozen, progress, strata)
         emptied = _emptied_groups(analysis, plan)
         if not emptied:
             return plan
-        extra_frozen.update(emptied)
+        for gid, reason in emptied.items():
+            prefix = "pruning would empty tensor "
+            name = reason[len(prefix):] if reason.startswith(prefix) else None
+            parts = None
+            if name is not None and name not in cutting.get(gid, []):
+                parts = _strata(analysis, gid, [*cutting.get(gid, []), name])
+            if parts is None:
+                extra_frozen[gid] = reason
+            else:
+                cutting.setdefault(gid, []).append(name)
+                strata[gid] = parts
         progress = None
     raise RuntimeError("could not find a plan that empties no tensor")
 
 
-def _plan_once(analysis, config, score, extra_frozen, progress) -> PrunePlan:
+def _plan_once(analysis, config, score, extra_frozen, progress, strata) -> PrunePlan:
     plans: list[GroupPlan] = []
     removed: list[np.ndarray] = []
     for group in analysis.groups:
         n = group.n_channels
         frozen = group.frozen or extra_frozen.get(group.id)
-        sparsity = config.sparsity_for(group.producers)
+        sparsity = config.sparsity_for(group.producers, group.heads)
         if frozen is None:
             pattern = config.is_excluded(group.producers)
             frozen = f"excluded by --exclude {pattern}" if pattern else None
-        keep_n = n if frozen else n_to_keep(n, sparsity, config.min_channels, config.round_to)
+        if group.heads:  # units are whole heads: at least one stays, no channel rounding
+            keep_n = n if frozen else n_to_keep(n, sparsity, 1, None)
+        else:
+            keep_n = n if frozen else n_to_keep(n, sparsity, config.min_channels, config.round_to)
         if keep_n >= n:
             keep = np.arange(n, dtype=np.int64)
         else:
             gone = np.zeros(n, dtype=bool)
-            gone[np.asarray(score(analysis, group, n - keep_n), dtype=np.int64)] = True
-            if np.count_nonzero(gone) != n - keep_n:
-                raise RuntimeError(f"selection for group {group.id} returned a wrong count")
+            for part in strata.get(group.id, [np.arange(n)]):
+                part_keep = keep_n if len(part) == n else n_to_keep(
+                    len(part), sparsity, 1, None)
+                if part_keep >= len(part):
+                    continue
+                sub = part if len(part) == n else None
+                chosen = score(analysis, group if sub is not None else Group(
+                    group.id, group.classes[part], group.members, group.producers,
+                    heads=group.heads), len(part) - part_keep)
+                gone[part[np.asarray(chosen, dtype=np.int64)]] = True
+                if np.count_nonzero(gone[part]) != len(part) - part_keep:
+                    raise RuntimeError(f"selection for group {group.id} returned a wrong count")
             keep = np.flatnonzero(~gone).astype(np.int64)
             removed.append(group.classes[gone])
         if progress is not None:
@@ -109,6 +138,22 @@ def _plan_once(analysis, config, score, extra_frozen, progress) -> PrunePlan:
     return PrunePlan(plans, removed_classes)
 
 
+def _strata(analysis: Analysis, gid: int, names: list[str]) -> list[np.ndarray] | None:
+    """The group's channel positions split by which of the tensors ``names`` hold them."""
+    labels_of = dict(analysis.all_labels())
+    group = analysis.groups[gid]
+    signature = np.zeros(group.n_channels, dtype=np.int64)
+    for bit, name in enumerate(names):
+        labels = labels_of.get(name)
+        if labels is None:
+            return None
+        inside = np.isin(group.classes, analysis.class_of_atom[labels[labels >= 0]])
+        if inside.all() or not inside.any():
+            return None
+        signature |= inside.astype(np.int64) << bit
+    return [np.flatnonzero(signature == v) for v in np.unique(signature)]
+
+
 def _emptied_groups(analysis: Analysis, plan: PrunePlan) -> dict[int, str]:
     """Groups whose removal would empty a tensor or unbalance the groups of a grouped conv."""
     if not plan.n_removed:
@@ -116,9 +161,9 @@ def _emptied_groups(analysis: Analysis, plan: PrunePlan) -> dict[int, str]:
     removed = analysis.removed_atoms(plan.removed_classes)
     group_of_class = analysis.group_of_class
     result: dict[int, str] = {}
-    for name, cmap in analysis.maps.items():
-        if removed[cmap.labels].all():
-            for gid in np.unique(group_of_class[analysis.class_of_atom[cmap.labels]]).tolist():
+    for name, labels in analysis.all_labels():
+        if removed[labels].all():
+            for gid in np.unique(group_of_class[analysis.class_of_atom[labels]]).tolist():
                 result[gid] = f"pruning would empty tensor {name}"
     for what, blocks in analysis.balanced:
         kept = {int(np.count_nonzero(~removed[b])) for b in blocks}

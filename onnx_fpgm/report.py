@@ -22,7 +22,7 @@ class LayerReport:
 
 @dataclass
 class GroupReport:
-    """One group of coupled channels."""
+    """One group of coupled channels (``heads``: its units are whole attention heads)."""
 
     id: int
     producers: list[str]
@@ -30,6 +30,7 @@ class GroupReport:
     channels_after: int
     sparsity: float
     frozen: str | None
+    heads: bool = False
 
 
 @dataclass
@@ -104,7 +105,9 @@ def render(report: Report, console, dry_run: bool = False) -> None:
             table.add_column(col, overflow="fold")
         for g in report.groups:
             producers = ", ".join(g.producers[:4]) + (" ..." if len(g.producers) > 4 else "")
-            table.add_row(str(g.id), producers, str(g.channels_before), str(g.channels_after),
+            unit = " heads" if g.heads else ""
+            table.add_row(str(g.id), producers, f"{g.channels_before}{unit}",
+                          f"{g.channels_after}{unit}",
                           "frozen: " + g.frozen if g.frozen else "prunable")
         console.print(table)
         if report.blocked_tensors:

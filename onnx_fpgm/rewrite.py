@@ -58,7 +58,7 @@ def _dead_outputs(graph: gs.Graph) -> list[gs.Tensor]:
 
 def _touched_nodes(graph: gs.Graph, analysis: Analysis, removed: np.ndarray) -> set:
     """Nodes reading or writing a tensor that loses channels."""
-    shrinking = {name for name, cmap in analysis.maps.items() if removed[cmap.labels].any()}
+    shrinking = {name for name, labels in analysis.all_labels() if removed[labels].any()}
     touched: set = set()
     for node in graph.nodes:
         names = [t.name for t in node.inputs if t is not None] + [t.name for t in node.outputs]

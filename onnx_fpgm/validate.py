@@ -169,6 +169,8 @@ def masked_original(model: onnx.ModelProto, analysis: Analysis,
         if not gone.any():
             continue
         weight = consts.value(node.inputs[1])
+        if weight is None:  # a product of two activations: nothing stored to mask
+            continue
         masked = np.array(weight, copy=True)
         conv_group = int(node.attrs.get("group", 1)) if node.op == "Conv" else 1
         if conv_group > 1:  # grouped conv: output o of group j reads inputs of group j only

@@ -624,9 +624,10 @@ def _conv_to_graph_output(n: _Net) -> onnx.ModelProto:
 
 @_pattern(
     "channel_shuffle",
-    frozen=["conv1", "head"],
+    prunable=["conv1"],
+    frozen=["head"],
     note="ShuffleNet: Reshape [1,2,8,H,W] -> Transpose [0,2,1,3,4] -> Reshape [1,16,H,W] "
-    "permutes channels across the split dim; blocked safely.",
+    "permutes channels across the split dim; the same offset goes from both halves.",
 )
 def _channel_shuffle(n: _Net) -> onnx.ModelProto:
     x = n.conv("conv1", "input", 3, 16)

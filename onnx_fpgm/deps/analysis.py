@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .blocks import SplitMap, SplitRecord, block_split_readers, resolve_splits
 from .constants import FOLDABLE_OPS, ConstantFolder
 from .registry import handler_for
 from .shape_values import ELEMENT_MOVING_OPS, channel_labels, refine_shapes, tensor_elements
@@ -53,12 +54,15 @@ class ChannelMap:
             (a producer's direct output, possibly after a bias Add), for virtual BN folding.
         shape_index: set when the tensor is a 1-D shape vector whose element ``shape_index``
             is the channel count (``Shape`` of a mapped tensor).
+        heads: the channels are attention heads merged back (``head_dim`` per head): the
+            output projection reading them joins the heads' scoring.
     """
 
     axis: int
     labels: np.ndarray
     fold_member: int | None = None
     shape_index: int | None = None
+    heads: bool = False
 
     def moved(self, axis: int, labels: np.ndarray | None = None) -> ChannelMap:
         """The same channels on another axis (and optionally other labels); no fold target."""
@@ -109,6 +113,7 @@ class Group:
     members: list[int]
     producers: list[str]
     frozen: str | None = None
+    heads: bool = False  # the channels are attention heads (--head-sparsity applies)
 
     @property
     def n_channels(self) -> int:
@@ -129,6 +134,18 @@ class Analysis:
     ranks: dict[str, int] = field(default_factory=dict)  # rank of each mapped tensor, if known
     #: Blocks of channels that must keep equal counts (grouped convs): (what, label blocks).
     balanced: list[tuple[str, list[np.ndarray]]] = field(default_factory=list)
+    #: Tensors whose channel axis is split over several axes, and each split's free level.
+    split_maps: dict[str, SplitMap] = field(default_factory=dict)
+    split_free: list[int | None] = field(default_factory=list)
+    #: Values computed from a mapped tensor's shape (see AnalysisContext.shape_maps).
+    shape_maps: dict[str, ChannelMap] = field(default_factory=dict)
+
+    def all_labels(self):
+        """(tensor name, flat labels) of every mapped tensor, split or not."""
+        for name, cmap in self.maps.items():
+            yield name, cmap.labels
+        for name, smap in self.split_maps.items():
+            yield name, smap.flat()
 
     @property
     def n_atoms(self) -> int:
@@ -176,6 +193,9 @@ class AnalysisContext:
         self.sequences: dict[str, list[ChannelMap]] = {}
         #: Values computed from the shape of a mapped tensor: name -> its channel map.
         self.shape_maps: dict[str, ChannelMap] = {}
+        #: Tensors whose channel axis a Reshape split over several axes (see blocks.py).
+        self.split_maps: dict[str, SplitMap] = {}
+        self.split_records: list[SplitRecord] = []
         #: Tensors whose shape a handler found where onnx's inference could not (a computed
         #: Reshape target); shapes are inferred onward from them, node by node.
         self.refined: set[str] = set()
@@ -186,10 +206,18 @@ class AnalysisContext:
             return None
         return self.maps.get(tensor.name)
 
-    def set_map(self, tensor: gs.Tensor, cmap: ChannelMap | None) -> None:
+    def set_map(self, tensor: gs.Tensor, cmap: ChannelMap | SplitMap | None) -> None:
         if cmap is None or not np.any(cmap.labels >= 0):
             return
-        self.maps[tensor.name] = cmap
+        if isinstance(cmap, SplitMap):
+            self.split_maps[tensor.name] = cmap
+        else:
+            self.maps[tensor.name] = cmap
+
+    def split_map(self, tensor: gs.Tensor | None) -> SplitMap | None:
+        if tensor is None or not tensor.name:
+            return None
+        return self.split_maps.get(tensor.name)
 
     @staticmethod
     def shape(tensor: gs.Tensor | None) -> tuple[int | None, ...] | None:
@@ -256,13 +284,13 @@ class AnalysisContext:
     def block(self, cmap: ChannelMap | np.ndarray | None, reason: str) -> None:
         if cmap is None:
             return
-        labels = cmap.labels if isinstance(cmap, ChannelMap) else np.asarray(cmap)
+        labels = cmap.labels if isinstance(cmap, (ChannelMap, SplitMap)) else np.asarray(cmap)
         labels = labels[labels >= 0]
         if len(labels):
             self._blocked.append((labels, reason))
 
     def block_tensor(self, tensor: gs.Tensor | None, reason: str) -> None:
-        cmap = self.map(tensor)
+        cmap = self.map(tensor) or self.split_map(tensor)
         if cmap is not None and np.any(cmap.labels >= 0):
             self.blocked_tensors.append((tensor.name, reason))
             self.block(cmap, reason)
@@ -318,6 +346,7 @@ class AnalysisContext:
 
     # ---- finishing ----
     def finish(self) -> Analysis:
+        head_atoms = resolve_splits(self)
         n = self.n_atoms
         parent = np.arange(n, dtype=np.int64)
 
@@ -345,6 +374,11 @@ class AnalysisContext:
                     class_blocked[c] = reason
 
         groups = self._build_groups(class_of_atom, n_classes, class_blocked)
+        if head_atoms:
+            head_class = np.zeros(n_classes, dtype=bool)
+            head_class[class_of_atom[np.concatenate(head_atoms)]] = True
+            for group in groups:
+                group.heads = bool(head_class[group.classes].any())
         return Analysis(
             maps=self.maps,
             sources=self.sources,
@@ -355,12 +389,15 @@ class AnalysisContext:
             blocked_tensors=self.blocked_tensors,
             ranks=self._ranks(),
             balanced=self.balanced,
+            split_maps=self.split_maps,
+            split_free=[r.free_level for r in self.split_records],
+            shape_maps=self.shape_maps,
         )
 
     def _ranks(self) -> dict[str, int]:
         tensors = self.graph.tensors()
         ranks = {}
-        for name in self.maps:
+        for name in [*self.maps, *self.split_maps]:
             shape = tensors[name].shape if name in tensors else None
             if shape is not None:
                 ranks[name] = len(shape)
@@ -436,6 +473,7 @@ def build_analysis(graph: gs.Graph, opset: int,
                     (node.outputs[0].name, f"{node.op} {node.name}: quantized layers are not "
                                            "pruned"))
             continue
+        block_split_readers(node, handler, ctx)
         try:
             handler.propagate(node, ctx)
         except Exception as err:  # a handler bug must never yield a wrong model: block instead
@@ -443,6 +481,7 @@ def build_analysis(graph: gs.Graph, opset: int,
             ctx.block_inputs(node, f"could not analyse {node.op} ({node.name}): {err}")
             for out in node.outputs:
                 ctx.maps.pop(out.name, None)
+                ctx.split_maps.pop(out.name, None)
     for out in graph.outputs:
         ctx.block_tensor(out, f"reaches graph output {out.name}")
         if out.name in ctx.shape_maps:

@@ -22,6 +22,8 @@ FOLDABLE_OPS = frozenset({
     "Expand", "Slice", "Gather", "Mul", "Add", "Sub", "Div", "Sqrt", "Pow", "Neg", "Reciprocal",
     "Abs", "Exp", "Log", "ConstantOfShape", "Range", "Shape", "Tile", "Sigmoid", "Relu", "Clip",
     "Max", "Min", "Sum", "ReduceSum", "ReduceMean", "ReduceProd", "CastLike",
+    # index arithmetic of gathered per-head tables (Swin's relative position bias, torch.export)
+    "GatherND", "GatherElements", "Where", "Less", "Greater", "Equal", "Not", "Mod",
 })
 #: Larger results are not folded (weights are stored, not computed, in real models).
 MAX_FOLD_ELEMENTS = 1 << 24

@@ -40,8 +40,21 @@ REASONS: tuple[ReasonKind, ...] = (
     ReasonKind("reshaping the channel axis",
                r"splits the channel axis|removes the channel axis|pads the channel axis|"
                r"crops with a roi|channel-changing",
-               "A Reshape that splits the channel axis (channel shuffle, attention heads), "
-               "Pad or Resize along the channel axis."),
+               "Pad or Resize along the channel axis, or a Reshape that merges the channel axis "
+               "with a neighbour in a way no block rule covers."),
+    ReasonKind("split channel axes and attention",
+               r"split channel axis|split at|pairs heads|pairs head axes|contracts channels of "
+               r"two activations|mixes channels of two operands|activations of unknown rank|"
+               r"fused attention",
+               "A channel axis split into levels (attention heads, a channel shuffle) is pruned "
+               "by whole heads or by the same offset in every block; it blocks when a consumer "
+               "needs two levels pruned at once, reads a level with a computed index or shape, "
+               "regroups the levels, or mixes them with channels that are not ours. A product "
+               "of two activations that contracts plain channels blocks them. Fused "
+               "com.microsoft Attention/MultiHeadAttention lose whole heads (num_heads "
+               "rewritten) but block with a key/value cache, a computed attention bias, packed "
+               "or 4-D q/k/v, or when their own input channels are ours; ONNX Attention "
+               "(opset 23) likewise, and with grouped-query heads."),
     ReasonKind("grouped convolutions",
                r"grouped conv|grouped ConvTranspose|same channel count in every group",
                "Depthwise convs with a channel multiplier > 1 and grouped ConvTranspose; and a "

@@ -33,29 +33,38 @@ class OpHandler(Protocol):
 
 
 _HANDLERS: dict[str, OpHandler] = {}
+#: Handlers of ops in other domains (com.microsoft's fused attention): (domain, op) -> handler.
+_DOMAIN_HANDLERS: dict[tuple[str, str], OpHandler] = {}
 
 
-def register(*op_types: str):
+def register(*op_types: str, domain: str = ""):
     """Class decorator: instantiate the handler once and register it for ``op_types``."""
 
     def wrap(cls):
         instance = cls()
         for op in op_types:
-            if op in _HANDLERS:
+            table, key = (_HANDLERS, op) if not domain else (_DOMAIN_HANDLERS, (domain, op))
+            if key in table:
                 raise ValueError(f"handler for {op} registered twice")
-            _HANDLERS[op] = instance
+            table[key] = instance
         return cls
 
     return wrap
 
 
 def handler_for(op_type: str, domain: str = "") -> OpHandler | None:
-    """The handler of an op in the default ONNX domain, or None (the op then blocks)."""
+    """The handler of an op, or None (the op then blocks)."""
     if domain not in ("", "ai.onnx"):
-        return None
+        return _DOMAIN_HANDLERS.get((domain, op_type))
     return _HANDLERS.get(op_type)
 
 
 def ops() -> list[str]:
-    """Every op type with a handler, sorted (the README's support table is checked against it)."""
+    """Every default-domain op type with a handler, sorted (the README's support table is
+    checked against it)."""
     return sorted(_HANDLERS)
+
+
+def domain_ops() -> list[str]:
+    """Ops of other domains with a handler, as ``domain::op``."""
+    return sorted(f"{d}::{op}" for d, op in _DOMAIN_HANDLERS)

@@ -13,6 +13,7 @@ from onnx import helper
 
 from ..errors import RewriteError
 from .analysis import Analysis, ChannelMap
+from .blocks import SplitMap, split_keep
 from .constants import ConstantFolder, root_constant
 from .shape_values import Source
 
@@ -25,6 +26,8 @@ class RewriteContext:
         self.graph = graph
         self.analysis = analysis
         self.opset = opset
+        #: read by ``shape_values``: which shape values are computed from a channel count
+        self.shape_maps = analysis.shape_maps
         self._removed = removed_atoms  # bool over atoms + 1 trailing False for label -1
         self._sources = {s.node for s in analysis.sources}
         self.consts = ConstantFolder(opset)
@@ -36,6 +39,19 @@ class RewriteContext:
         if tensor is None or not tensor.name:
             return None
         return self.analysis.maps.get(tensor.name)
+
+    def split_map(self, tensor: gs.Tensor | None) -> SplitMap | None:
+        if tensor is None or not tensor.name:
+            return None
+        return self.analysis.split_maps.get(tensor.name)
+
+    def split_keep(self, tensor: gs.Tensor | None) -> tuple[int, np.ndarray] | None:
+        """(tensor axis, kept indices) of a split tensor's free level when it shrinks."""
+        smap = self.split_map(tensor)
+        if smap is None:
+            return None
+        found = split_keep(self._removed, smap, self.analysis.split_free[smap.record])
+        return None if found is None else (smap.axes[found[0]], found[1])
 
     def kept_mask(self, labels: np.ndarray) -> np.ndarray:
         return ~self._removed[labels]
@@ -130,6 +146,10 @@ class RewriteContext:
         node.inputs[index] = copy
         self._edited()
         self.notes.append(f"{node.name}: {old.name} is shared or computed; used a {what}")
+
+    def unique_name(self, name: str) -> str:
+        """A tensor name not yet used in the graph, based on ``name``."""
+        return self._unique(name)
 
     def _unique(self, name: str) -> str:
         candidate, k = name, 1

@@ -7,7 +7,9 @@ norm so that no layer dominates by magnitude; a member that does not own channel
 zeros there. With a single member nothing is rescaled, so a one-producer group selects exactly
 what the single-layer FPGM core selects. Filters are *effective* filters: a BatchNorm (or
 per-channel scale) right after the producer is folded in virtually, so that BN-folded and
-BN-unfolded exports of one network score alike.
+BN-unfolded exports of one network score alike. A channel that one member owns several times (an
+attention head: its ``head_dim`` rows of Q, K and V; two coupled slices of one producer) gets
+those rows side by side, in their order, so a head is one point in the joint space.
 """
 from __future__ import annotations
 
@@ -30,7 +32,16 @@ def group_filters(analysis: Analysis, group: Group) -> np.ndarray:
         if not np.all(scale == 1.0):
             rows = rows * scale[:, None].astype(rows.dtype if rows.dtype.kind == "f" else
                                                 np.float64)
-        blocks.append((rows_pos[inside], rows))
+        pos = rows_pos[inside]
+        slot = _occurrence(pos)
+        if slot.max(initial=0) > 0:  # a class with several rows here (a head's head_dim rows)
+            wide = np.zeros((len(np.unique(pos)), (slot.max() + 1) * rows.shape[1]), rows.dtype)
+            owner, first = np.unique(pos, return_inverse=True)
+            for k in range(slot.max() + 1):
+                picked = slot == k
+                wide[first[picked], k * rows.shape[1]:(k + 1) * rows.shape[1]] = rows[picked]
+            pos, rows = owner, wide
+        blocks.append((pos, rows))
     multi = len(blocks) > 1
     if not multi and np.array_equal(blocks[0][0], np.arange(group.n_channels)):
         rows = blocks[0][1]  # one producer, channels in order: its filters as they are
@@ -45,9 +56,17 @@ def group_filters(analysis: Analysis, group: Group) -> np.ndarray:
             norm = float(np.linalg.norm(rows.astype(np.float64, copy=False)))
             rows = rows / rows.dtype.type(norm) if norm > 0 else rows
         columns = slice(offset, offset + rows.shape[1])
-        if len(np.unique(pos)) == len(pos):
-            joint[pos, columns] += rows
-        else:  # a channel owned twice by one member (e.g. two slices of it added together)
-            np.add.at(joint, (pos, columns), rows)
+        joint[pos, columns] += rows
         offset += rows.shape[1]
     return joint
+
+
+def _occurrence(pos: np.ndarray) -> np.ndarray:
+    """For each entry, how many earlier entries hold the same value (0 for the first)."""
+    order = np.argsort(pos, kind="stable")
+    ranks = np.empty(len(pos), dtype=np.int64)
+    sorted_pos = pos[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_pos)) + 1]
+    run_start = np.repeat(starts, np.diff(np.r_[starts, len(pos)]))
+    ranks[order] = np.arange(len(pos)) - run_start
+    return ranks

@@ -1,2 +1,12 @@
 """Op handlers; importing this package registers every one of them."""
-from . import conv, elementwise, linear, norm, pool, reshape, sequence, shape  # noqa: F401
+from . import (  # noqa: F401
+    conv,
+    elementwise,
+    fused_attention,
+    linear,
+    norm,
+    pool,
+    reshape,
+    sequence,
+    shape,
+)

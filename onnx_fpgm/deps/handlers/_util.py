@@ -26,6 +26,14 @@ def axes_from(node: gs.Node, ctx, input_index: int, attr: str = "axes") -> list[
     return None
 
 
+def transpose_perm(node: gs.Node, rank: int | None) -> list[int] | None:
+    """Transpose's ``perm`` (reversed axes by default); None when that needs an unknown rank."""
+    perm = node.attrs.get("perm")
+    if perm is None:
+        return None if rank is None else list(reversed(range(rank)))
+    return list(perm)
+
+
 def has_input(node: gs.Node, index: int) -> bool:
     return len(node.inputs) > index and node.inputs[index] is not None and bool(
         node.inputs[index].name

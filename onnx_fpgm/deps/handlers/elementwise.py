@@ -14,6 +14,7 @@ import numpy as np
 
 from ..analysis import ChannelMap
 from ..registry import register
+from . import split_axes
 
 UNARY_OPS = (
     "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu",
@@ -29,8 +30,10 @@ VALUE_PRESERVING = ("Identity", "Dropout", "Cast")
 class UnaryHandler:
     """One input carries the channels; extra inputs of these ops are attributes-like scalars."""
 
+    accepts_split = True
+
     def propagate(self, node, ctx) -> None:
-        xmap = ctx.map(node.inputs[0])
+        xmap = ctx.map(node.inputs[0]) or ctx.split_map(node.inputs[0])
         if xmap is not None:
             ctx.set_map(node.outputs[0], xmap.passed())
 
@@ -42,8 +45,10 @@ class UnaryHandler:
 class IdentityLikeHandler:
     """Identity, Dropout (inference), Cast: same values, same channels."""
 
+    accepts_split = True
+
     def propagate(self, node, ctx) -> None:
-        xmap = ctx.map(node.inputs[0])
+        xmap = ctx.map(node.inputs[0]) or ctx.split_map(node.inputs[0])
         if xmap is None:
             return
         if node.op == "Dropout" and len(node.outputs) > 1 and node.outputs[1].outputs:
@@ -59,8 +64,10 @@ class IdentityLikeHandler:
 class CastLikeHandler:
     """CastLike(x, like): x's channels pass; ``like`` only lends its dtype (no channels read)."""
 
+    accepts_split = True
+
     def propagate(self, node, ctx) -> None:
-        xmap = ctx.map(node.inputs[0])
+        xmap = ctx.map(node.inputs[0]) or ctx.split_map(node.inputs[0])
         if xmap is not None:
             ctx.set_map(node.outputs[0], xmap)
 
@@ -99,7 +106,11 @@ def _aligned(rank_in: int, rank_out: int, out_axis: int) -> int:
 class BroadcastHandler:
     """Broadcasting n-ary element-wise ops (see module docstring)."""
 
+    accepts_split = True
+
     def propagate(self, node, ctx) -> None:
+        if split_axes.broadcast(node, ctx):
+            return
         inputs = [t for t in node.inputs if t is not None and t.name]
         shapes = [ctx.shape(t) for t in inputs]
         maps = [ctx.map(t) for t in inputs]
@@ -150,6 +161,8 @@ class BroadcastHandler:
         ctx.set_map(node.outputs[0], ChannelMap(out_axis, ref.labels, fold_member=keep_fold))
 
     def apply(self, node, ctx) -> None:
+        if split_axes.broadcast_apply(node, ctx):
+            return
         out_map = ctx.map(node.outputs[0])
         keep = ctx.keep(node.outputs[0])
         if out_map is None or keep is None:

@@ -8,7 +8,10 @@ Channel algebra:
 * MatMul ``Y = A @ W`` with a constant 2-D ``W`` (K, N): when A's channels are on its last axis,
   feature k is consumed by ``W[k]`` and output feature n is ``W[:, n]``; when A's channels sit on
   an earlier axis they pass through unchanged (the product acts on the last axis only).
-* MatMul of two activations (attention) blocks both.
+* An output projection reading merged attention heads also scores them: its input rows join
+  the heads' joint space (a member that creates nothing).
+* MatMul of two activations (attention): see ``split_axes.matmul_activations`` (heads paired on
+  batch axes, head_dim contracted whole; plain channels contracted between activations block).
 """
 from __future__ import annotations
 
@@ -16,7 +19,15 @@ import numpy as np
 
 from ..analysis import ChannelMap
 from ..registry import register
+from . import split_axes
 from ._util import has_input
+
+
+def _score_heads_with(node, ctx, amap, kn: np.ndarray) -> None:
+    """An output projection reading attention heads: its input rows (one per head channel)
+    join the heads' joint FPGM space, as a member that creates no channel."""
+    if amap is not None and amap.heads and len(amap.labels) == kn.shape[0]:
+        ctx.add_member(node, amap.labels, kn, creates=False)
 
 
 @register("Gemm")
@@ -35,6 +46,7 @@ class GemmHandler:
         if amap is not None and (int(node.attrs.get("transA", 0)) or amap.axis != 1):
             ctx.block(amap, f"features reach Gemm {node.name} transposed")
         kn = weight.T if int(node.attrs.get("transB", 0)) else weight
+        _score_heads_with(node, ctx, amap, kn)
         atoms = ctx.new_source(node, kn.T)
         ctx.set_map(node.outputs[0], ChannelMap(1, atoms, fold_member=len(ctx.members) - 1))
 
@@ -58,9 +70,15 @@ class GemmHandler:
 class MatMulHandler:
     """MatMul: see module docstring."""
 
+    accepts_split = True
+
     def propagate(self, node, ctx) -> None:
         a, b = node.inputs[0], node.inputs[1]
         amap, bmap = ctx.map(a), ctx.map(b)
+        if ctx.split_map(a) is not None or ctx.split_map(b) is not None or (
+                ctx.const(a) is None and ctx.const(b) is None):
+            split_axes.matmul_activations(node, ctx)
+            return
         weight = ctx.const(b) if bmap is None else None
         a_rank = len(ctx.shape(a)) if ctx.shape(a) is not None else None
         if weight is None or weight.ndim != 2 or a_rank is None or a_rank < 2:
@@ -71,6 +89,7 @@ class MatMulHandler:
         if amap is not None and amap.axis < a_rank - 1:
             ctx.set_map(y, amap.passed())  # channels ride along; our output features stay fixed
             return
+        _score_heads_with(node, ctx, amap, weight)
         atoms = ctx.new_source(node, weight.T)
         ctx.set_map(y, ChannelMap(a_rank - 1, atoms, fold_member=len(ctx.members) - 1))
 

@@ -71,7 +71,19 @@ class ReduceHandler:
 class SoftmaxHandler:
     """Normalises over one axis (opset >= 13) or all axes from ``axis`` (older opsets)."""
 
+    accepts_split = True
+
     def propagate(self, node, ctx) -> None:
+        smap = ctx.split_map(node.inputs[0])
+        shape = ctx.shape(node.inputs[0])
+        if smap is not None:
+            axis = None if shape is None or ctx.opset < 13 else normalize_axis(
+                int(node.attrs.get("axis", -1)), len(shape))
+            if axis is None or axis in smap.axes:
+                ctx.block(smap, f"{node.op} {node.name} normalises over a split channel axis")
+            else:
+                ctx.set_map(node.outputs[0], smap)
+            return
         found = mapped_input(node, ctx)
         if found is None:
             return

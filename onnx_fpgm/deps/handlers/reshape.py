@@ -3,7 +3,8 @@
 * Flatten/Reshape that merge the channel axis with neighbouring axes repeat each channel's label
   over the merged block in row-major order: feature ``f = (outer * C + c) * inner + i``, which
   covers NCHW flatten (``c * HW + s``) and channels-last flatten (``s * C + c``) alike. A Reshape
-  that splits the channel axis itself (channel shuffle, attention heads) is blocked.
+  that splits the channel axis itself (channel shuffle, attention heads), or reshapes a split
+  one, follows the block rules of ``split_axes``.
 * The Reshape target is read element by element (``shape_values``): symbolic dims (a batch read
   by ``Shape``) resolve as symbols, ``0`` copies an input dim, ``-1`` (or one element computed by
   arithmetic) takes what the others leave. The element at the output channel axis is rewritten
@@ -19,6 +20,7 @@ import numpy as np
 from ..analysis import ChannelMap
 from ..registry import register
 from ..shape_values import resolve_symbols, rewritable_source, shape_elements, symbolic_dims
+from . import split_axes
 from ._util import normalize_axis, prod
 
 
@@ -155,11 +157,19 @@ def _named_dims(numbers: list[int], in_dims: list, elements: list) -> list:
 
 @register("Reshape")
 class ReshapeHandler:
-    """Keeps, merges (repeat/tile labels) or splits (blocked) the channel axis."""
+    """Keeps, merges (repeat/tile labels) or splits (``split_axes``) the channel axis."""
+
+    accepts_split = True
 
     def propagate(self, node, ctx) -> None:
+        smap = ctx.split_map(node.inputs[0])
+        if smap is not None:
+            split_axes.reshape_split_input(node, ctx, smap)
+            return
         xmap = ctx.map(node.inputs[0])
         if xmap is None:
+            return
+        if split_axes.reshape_splits(node, ctx, xmap):
             return
         target = reshape_target(node, ctx, xmap)
         if target.out_map is None:
@@ -173,6 +183,8 @@ class ReshapeHandler:
             ctx.refined.add(node.outputs[0].name)
 
     def apply(self, node, ctx) -> None:
+        if split_axes.reshape_apply(node, ctx):
+            return
         out_map = ctx.map(node.outputs[0])
         keep = ctx.keep(node.outputs[0])
         if out_map is None or keep is None:

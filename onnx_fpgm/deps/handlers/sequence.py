@@ -4,11 +4,13 @@ A SplitToSequence on the channel axis cuts the channels into parts like Split; e
 out of a ``SequenceAt`` with a constant index. Any other reader of the sequence (a
 ConcatFromSequence, SequenceLength, a loop) blocks the channels, since sequences carry no channel
 map. The split sizes are rewritten to the surviving counts (a scalar chunk size becomes an
-explicit list, since parts may now differ).
+explicit list, since parts may now differ). Parts that end up of different sizes turn the pair
+into Split -> Identity (see ``_as_split``).
 """
 from __future__ import annotations
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from ..registry import register
 from ._util import has_input, normalize_axis, split_parts, surviving_sizes
@@ -70,10 +72,41 @@ class SplitToSequenceHandler:
             return
         value = np.array(surviving_sizes(ctx, xmap, _sizes(node, ctx, len(xmap.labels))),
                          dtype=np.int64)
+        if len(set(value.tolist())) > 1:
+            _as_split(node, ctx, value)
+            return
         if has_input(node, 1):
             ctx.set_input_value(node, 1, value)
         else:
             ctx.add_input_value(node, value, f"{node.name}_split")
+
+
+def _as_split(node, ctx, sizes: np.ndarray) -> None:
+    """Rewrite SplitToSequence -> SequenceAt as Split -> Identity (names kept).
+
+    Shape inference gives every element of a sequence one merged shape, so parts of different
+    sizes would share a symbolic dim and onnxruntime reuses one's buffer for the other.
+    """
+    readers = list(node.outputs[0].outputs)
+    parts = [gs.Variable(ctx.unique_name(f"{node.outputs[0].name}_{i}"))
+             for i in range(len(sizes))]
+    data = node.inputs[0]
+    node.op = "Split"
+    node.attrs = {"axis": int(node.attrs.get("axis", 0))}
+    node.inputs.clear()
+    node.inputs.append(data)
+    if ctx.opset < 13:
+        node.attrs["split"] = [int(s) for s in sizes]
+    else:
+        ctx.add_input_value(node, sizes, f"{node.name}_split")
+    node.outputs.clear()
+    node.outputs.extend(parts)
+    for reader in readers:
+        index = int(np.asarray(ctx.const(reader.inputs[1])).reshape(-1)[0]) % len(sizes)
+        reader.op = "Identity"
+        reader.attrs = {}
+        reader.inputs.clear()
+        reader.inputs.append(parts[index])
 
 
 @register("SequenceAt")

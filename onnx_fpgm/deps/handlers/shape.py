@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...errors import RewriteError
 from ..analysis import ChannelMap
 from ..registry import register
 from ..shape_values import rewritable_source, shape_elements
+from . import split_axes
 from ._util import (
     axes_from,
     has_input,
@@ -25,6 +27,7 @@ from ._util import (
     normalize_axis,
     split_parts,
     surviving_sizes,
+    transpose_perm,
 )
 
 
@@ -41,18 +44,20 @@ def _kept_count(ctx, cmap: ChannelMap, start: int, stop: int) -> int:
 class TransposeHandler:
     """Moves the channel axis to ``perm.index(axis)``."""
 
+    accepts_split = True
+
     def propagate(self, node, ctx) -> None:
+        if ctx.split_map(node.inputs[0]) is not None:
+            split_axes.transpose(node, ctx)
+            return
         xmap = ctx.map(node.inputs[0])
         if xmap is None:
             return
-        rank = _rank(ctx, node.inputs[0])
-        perm = node.attrs.get("perm")
+        perm = transpose_perm(node, _rank(ctx, node.inputs[0]))
         if perm is None:
-            if rank is None:
-                ctx.block(xmap, f"rank of the input of {node.name} is unknown")
-                return
-            perm = list(reversed(range(rank)))
-        ctx.set_map(node.outputs[0], xmap.moved(list(perm).index(xmap.axis)))
+            ctx.block(xmap, f"rank of the input of {node.name} is unknown")
+            return
+        ctx.set_map(node.outputs[0], xmap.moved(perm.index(xmap.axis)))
 
     def apply(self, node, ctx) -> None:
         pass
@@ -62,7 +67,12 @@ class TransposeHandler:
 class SqueezeHandler:
     """Removes or inserts size-1 axes around the channel axis."""
 
+    accepts_split = True
+
     def propagate(self, node, ctx) -> None:
+        if ctx.split_map(node.inputs[0]) is not None:
+            split_axes.squeeze(node, ctx)
+            return
         found = mapped_input(node, ctx)
         if found is None:
             return
@@ -168,7 +178,12 @@ def _split_sizes(node, ctx, dim: int) -> list[int] | None:
 class SplitHandler:
     """Cuts the channel axis into independent parts (or passes other-axis splits through)."""
 
+    accepts_split = True
+
     def propagate(self, node, ctx) -> None:
+        if ctx.split_map(node.inputs[0]) is not None:
+            split_axes.split(node, ctx, lambda dim: _split_sizes(node, ctx, dim))
+            return
         found = mapped_input(node, ctx)
         if found is None:
             return
@@ -262,7 +277,13 @@ def _check_slice_bounds(node, ctx, params, k: int, dim: int) -> str | None:
 class SliceHandler:
     """A contiguous channel range (cut from the rest), or a slice of other axes."""
 
+    accepts_split = True
+
     def propagate(self, node, ctx) -> None:
+        if ctx.split_map(node.inputs[0]) is not None:
+            params = _slice_params(node, ctx)
+            split_axes.slice_(node, ctx, None if params is None else params[:4])
+            return
         xmap = ctx.map(node.inputs[0])
         if xmap is None:
             return
@@ -312,11 +333,39 @@ class SliceHandler:
                 ends[k] = new_stop
             node.attrs["starts"], node.attrs["ends"] = starts, ends
             return
-        if new_start != starts[k]:
+        if _computed_from_channels(ctx, elements[1][k], new_start):
+            _set_bounds_constant(node, ctx, 1, k, new_start)
+        elif new_start != starts[k]:
             ctx.set_shape_element(rewritable_source(node, 1, k, elements[1], ctx), new_start)
-        if not (ends[k] >= dim) and new_stop != ends[k]:  # "to the end" stays "to the end"
-            elements[2] = shape_elements(node, 2, ctx)  # input 1 may share its constant
+        if ends[k] >= dim and elements[2][k].channels is None:
+            return  # "to the end" stays "to the end"
+        elements[2] = shape_elements(node, 2, ctx)  # input 1 may share its constant
+        if _computed_from_channels(ctx, elements[2][k], new_stop):
+            _set_bounds_constant(node, ctx, 2, k, new_stop)
+        elif new_stop != ends[k]:
             ctx.set_shape_element(rewritable_source(node, 2, k, elements[2], ctx), new_stop)
+
+
+def _computed_from_channels(ctx, element, new_value: int) -> bool:
+    """True when a bound is computed from a channel count at run time and would not land on
+    ``new_value`` by itself (``chunk``'s ``(C + 1) // 2`` once the halves keep unequal counts)."""
+    if element.channels is None:
+        return False
+    if element.labels is not None:
+        runtime = element.factor * int(np.count_nonzero(ctx.kept_mask(element.labels)))
+        return runtime != new_value
+    return True
+
+
+def _set_bounds_constant(node, ctx, index: int, k: int, value: int) -> None:
+    """Replace a computed bounds vector by constants (the channel count is fixed after
+    pruning); its other entries must be known."""
+    elements = shape_elements(node, index, ctx)
+    if elements is None or any(e.value is None for i, e in enumerate(elements) if i != k):
+        raise RewriteError(f"bounds of Slice {node.name} are computed from the channel count "
+                           "together with unknown entries")
+    values = np.array([value if i == k else e.value for i, e in enumerate(elements)], np.int64)
+    ctx.set_input_value(node, index, values)
 
 
 @register("Resize", "Upsample")
@@ -441,7 +490,12 @@ class PadHandler:
 class ShapeHandler:
     """Records which element of the shape vector is a channel count."""
 
+    accepts_split = True
+
     def propagate(self, node, ctx) -> None:
+        if ctx.split_map(node.inputs[0]) is not None:
+            split_axes.shape(node, ctx)
+            return
         found = mapped_input(node, ctx)
         if found is None:
             return
@@ -461,7 +515,12 @@ class ShapeHandler:
 class GatherHandler:
     """Gather on a non-channel axis moves the channel axis; on the channel axis it blocks."""
 
+    accepts_split = True
+
     def propagate(self, node, ctx) -> None:
+        if ctx.split_map(node.inputs[0]) is not None:
+            split_axes.gather(node, ctx)
+            return
         xmap = ctx.map(node.inputs[0])
         if xmap is None:
             return

@@ -1,0 +1,231 @@
+"""Fused attention ops of onnxruntime's ``com.microsoft`` domain: whole heads.
+
+Channel algebra (``num_heads = h``, hidden size ``H``, head size ``d = H / h``):
+
+* ``Attention(x, W, b)``: ``W`` (H_in, 3H) packs the Q, K and V projections side by side; output
+  column ``c`` of each part belongs to head ``c // d``. The op is a producer of 3H atoms (the
+  columns of W), split into levels (3, h, d) with the head level free: head ``i`` removes
+  columns ``p * H + i * d .. + d`` of every part ``p``. Its output (B, S, H) carries V's atoms,
+  head-major, to the output projection (whose input rows the oracle zeroes).
+* ``MultiHeadAttention(q, k, v, bias)``: q, k, v are projected activations (B, S, H) whose
+  channels are split into (h, d); heads are paired across q, k and v, the output carries v's.
+
+Rewrite: the kept heads' columns of W and b (``qkv_hidden_sizes`` too), ``num_heads``, and a
+constant ``attention_bias`` (B, h, S, T) sliced on its head axis. head_dim and ``scale`` stay.
+Blocked: past/present key-value caches, packed or 4-D q/k/v layouts, a computed attention bias,
+an input whose own channels are ours (the input width of the fused projection is not rewritten).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..analysis import ChannelMap
+from ..blocks import new_split, require_free, require_whole
+from ..registry import register
+from ._util import has_input
+
+_BIAS_INPUT = {"Attention": 5, "MultiHeadAttention": 5}
+
+
+def _check_extras(node, ctx, past_inputs: tuple[int, ...]) -> str | None:
+    where = f"fused attention {node.op} {node.name}"
+    if any(has_input(node, i) for i in past_inputs):
+        return f"{where} reads a key/value cache (heads are not rewritten there)"
+    if any(out.outputs or out.name in {t.name for t in ctx.graph.outputs}
+           for out in node.outputs[1:] if out is not None and out.name):
+        return f"{where} writes a key/value cache that is used"
+    index = _BIAS_INPUT[node.op]
+    if has_input(node, index) and ctx.const(node.inputs[index]) is None:
+        return f"{where} has a computed attention bias"
+    return None
+
+
+def _heads(node, ctx, labels: np.ndarray, parts: int, heads: int, where: str):
+    """Split ``labels`` (parts * H) into (parts, h, d) with whole parts, free heads."""
+    d = len(labels) // (parts * heads)
+    smap = new_split(ctx, where, labels.reshape(parts, heads, d), [0, 1, 2])
+    require_whole(ctx, smap, 0, f"{where} packs Q, K and V")
+    require_whole(ctx, smap, 2, f"{where} keeps head_dim")
+    require_free(ctx, smap, 1, f"{where} pairs heads", heads=True)
+    return smap
+
+
+@register("Attention", domain="com.microsoft")
+class MicrosoftAttentionHandler:
+    """com.microsoft Attention with packed Q/K/V weights (see module docstring)."""
+
+    def propagate(self, node, ctx) -> None:
+        where = f"fused attention {node.op} {node.name}"
+        xmap = ctx.map(node.inputs[0])
+        weight = ctx.const(node.inputs[1])
+        heads = int(node.attrs.get("num_heads", 0))
+        bias = ctx.const(node.inputs[2]) if has_input(node, 2) else None
+        sizes = node.attrs.get("qkv_hidden_sizes")
+        reason = _check_extras(node, ctx, (4,))
+        if xmap is not None:
+            ctx.block(xmap, f"{where} reads them (its input width is not rewritten)")
+        if reason is None and (weight is None or weight.ndim != 2 or heads < 1 or
+                               weight.shape[1] % (3 * heads) or
+                               (has_input(node, 2) and bias is None)):
+            reason = f"{where}: weights are not a stored (H_in, 3H) constant"
+        if reason is None and sizes is not None and len(set(sizes)) != 1:
+            reason = f"{where}: Q, K and V of different widths (qkv_hidden_sizes)"
+        atoms = ctx.new_source(node, weight.T) if weight is not None and weight.ndim == 2 \
+            else None
+        if reason is not None:
+            if atoms is not None:
+                ctx.block(atoms, reason)
+            return
+        smap = _heads(node, ctx, atoms, 3, heads, where)
+        ctx.set_map(node.outputs[0], ChannelMap(2, smap.labels[2].reshape(-1), heads=True))
+
+    def apply(self, node, ctx) -> None:
+        found = _kept_heads(node, ctx, "num_heads")
+        if found is None:
+            return
+        keep, columns, kept_heads, heads = found
+        ctx.slice_input(node, 1, 1, columns)
+        if has_input(node, 2):
+            ctx.slice_input(node, 2, 0, columns)
+        node.attrs["num_heads"] = len(kept_heads)
+        if "qkv_hidden_sizes" in node.attrs:
+            node.attrs["qkv_hidden_sizes"] = [len(keep)] * 3
+        _slice_attention_bias(node, ctx, kept_heads, heads)
+
+
+@register("MultiHeadAttention", domain="com.microsoft")
+class MicrosoftMultiHeadAttentionHandler:
+    """com.microsoft MultiHeadAttention on separate projected q, k, v (B, S, H)."""
+
+    def propagate(self, node, ctx) -> None:
+        where = f"fused attention {node.op} {node.name}"
+        heads = int(node.attrs.get("num_heads", 0))
+        qkv = [ctx.map(t) if has_input(node, i) else None for i, t in enumerate(node.inputs[:3])]
+        shapes = [ctx.shape(t) if has_input(node, i) else None
+                  for i, t in enumerate(node.inputs[:3])]
+        reason = _check_extras(node, ctx, (6, 7))
+        if reason is None and (heads < 1 or any(s is None or len(s) != 3 for s in shapes)):
+            reason = f"{where}: q, k and v are not three (B, S, H) tensors"
+        if reason is None and (any(m is None or m.axis != 2 for m in qkv) or
+                               len({len(m.labels) for m in qkv}) != 1 or
+                               len(qkv[0].labels) % heads):
+            reason = f"{where}: q, k and v do not all carry our channels on their last axis"
+        if reason is None and has_input(node, 3) and ctx.const(node.inputs[3]) is None:
+            reason = f"{where}: the packed bias is not a stored constant"
+        if reason is not None:
+            for m in qkv:
+                ctx.block(m, reason)
+            return
+        splits = [_heads(node, ctx, m.labels, 1, heads, where) for m in qkv]
+        for other in splits[1:]:
+            ctx.couple(splits[0].representative(1), other.representative(1), where)
+        ctx.set_map(node.outputs[0], ChannelMap(2, qkv[2].labels, heads=True))
+
+    def apply(self, node, ctx) -> None:
+        found = _kept_heads(node, ctx, "num_heads")
+        if found is None:
+            return
+        _, columns, kept_heads, heads = found
+        if has_input(node, 3):
+            ctx.slice_input(node, 3, 0, columns)
+        node.attrs["num_heads"] = len(kept_heads)
+        _slice_attention_bias(node, ctx, kept_heads, heads)
+
+
+def _kept_heads(node, ctx, attr: str):
+    """(kept output positions, kept packed Q/K/V columns, kept heads, heads) or None."""
+    keep = ctx.keep(node.outputs[0])
+    if keep is None:
+        return None
+    hidden = len(ctx.map(node.outputs[0]).labels)
+    heads = int(node.attrs[attr])
+    columns = np.concatenate([p * hidden + keep for p in range(3)])
+    return keep, columns, np.unique(keep // (hidden // heads)), heads
+
+
+def _slice_attention_bias(node, ctx, kept_heads: np.ndarray, heads: int) -> None:
+    index = _BIAS_INPUT[node.op]
+    if not has_input(node, index):
+        return
+    value = ctx.const(node.inputs[index])
+    if value.ndim == 4 and value.shape[1] == heads and heads > 1:
+        ctx.slice_input(node, index, 1, kept_heads)
+
+
+@register("Attention")
+class OnnxAttentionHandler:
+    """ONNX Attention (opset 23): q, k, v as (B, S, h * d) with ``q_num_heads``/``kv_num_heads``
+    or as (B, h, S, d); whole heads paired across q, k and v (grouped-query attention, where
+    k/v have fewer heads, blocks)."""
+
+    accepts_split = True
+
+    def propagate(self, node, ctx) -> None:
+        where = f"fused attention {node.op} {node.name}"
+        qkv = [ctx.map(t) or ctx.split_map(t) if has_input(node, i) else None
+               for i, t in enumerate(node.inputs[:3])]
+        shapes = [ctx.shape(t) if has_input(node, i) else None
+                  for i, t in enumerate(node.inputs[:3])]
+        reason = self._check(node, ctx, qkv, shapes, where)
+        if reason is not None:
+            for m in qkv:
+                ctx.block(m, reason)
+            for tensor in node.inputs[3:]:
+                ctx.block_tensor(tensor, reason)
+            return
+        if len(shapes[0]) == 3:
+            heads = int(node.attrs["q_num_heads"])
+            splits = [_heads(node, ctx, m.labels, 1, heads, where) for m in qkv]
+            for other in splits[1:]:
+                ctx.couple(splits[0].representative(1), other.representative(1), where)
+            ctx.set_map(node.outputs[0], ChannelMap(2, qkv[2].labels, heads=True))
+            return
+        for m in qkv:  # (B, h, S, d): levels on axes 1 (heads) and 3 (head_dim)
+            require_whole(ctx, m, 1, f"{where} keeps head_dim")
+            require_free(ctx, m, 0, f"{where} pairs heads", heads=True)
+        for other in qkv[1:]:
+            ctx.couple(qkv[0].representative(0), other.representative(0), where)
+        ctx.set_map(node.outputs[0], qkv[2])
+
+    @staticmethod
+    def _check(node, ctx, qkv, shapes, where) -> str | None:
+        if any(has_input(node, i) for i in (4, 5)):
+            return f"{where} reads a key/value cache (heads are not rewritten there)"
+        if any(out.outputs or out.name in {t.name for t in ctx.graph.outputs}
+               for out in node.outputs[1:] if out is not None and out.name):
+            return f"{where} writes a key/value cache or scores that are used"
+        if any(s is None for s in shapes) or len({len(s) for s in shapes}) != 1 or \
+                len(shapes[0]) not in (3, 4):
+            return f"{where}: q, k and v of unknown or different ranks"
+        if len(shapes[0]) == 3:
+            heads = int(node.attrs.get("q_num_heads", 0))
+            if heads < 1 or int(node.attrs.get("kv_num_heads", 0)) != heads:
+                return f"{where}: grouped-query heads (kv_num_heads != q_num_heads)"
+            if any(m is None or not isinstance(m, ChannelMap) or m.axis != 2 for m in qkv) or \
+                    len({len(m.labels) for m in qkv}) != 1 or len(qkv[0].labels) % heads:
+                return f"{where}: q, k and v do not all carry our channels on their last axis"
+        elif any(m is None or isinstance(m, ChannelMap) or m.axes != (1, 3) for m in qkv) or \
+                len({m.labels.shape for m in qkv}) != 1:
+            return f"{where}: q, k and v are not all split into (heads, head_dim) on axes 1, 3"
+        if has_input(node, 3):
+            mask, shape = ctx.const(node.inputs[3]), ctx.shape(node.inputs[3])
+            if shape is None or (len(shape) == 4 and shape[1] != 1 and mask is None):
+                return f"{where} has a computed per-head attention mask"
+        return None
+
+    def apply(self, node, ctx) -> None:
+        if ctx.split_map(node.outputs[0]) is not None:
+            found = ctx.split_keep(node.outputs[0])
+            if found is None:
+                return
+            kept_heads, heads = found[1], ctx.split_map(node.outputs[0]).labels.shape[0]
+        else:
+            found = _kept_heads(node, ctx, "q_num_heads")
+            if found is None:
+                return
+            _, _, kept_heads, heads = found
+            node.attrs["q_num_heads"] = node.attrs["kv_num_heads"] = len(kept_heads)
+        if has_input(node, 3):
+            value = ctx.const(node.inputs[3])
+            if value is not None and value.ndim == 4 and value.shape[1] == heads and heads > 1:
+                ctx.slice_input(node, 3, 1, kept_heads)

@@ -1,0 +1,505 @@
+"""Handlers' rules for split channel axes (attention heads, channel shuffle); see ``blocks.py``.
+
+Channel algebra, for a split tensor with levels ``(n_1, ..., n_k)`` on tensor axes ``a_1..a_k``:
+
+* Reshape of a channel axis ``C`` into consecutive axes ``(n_1, ..., n_k)`` (size-1 axes aside)
+  creates the split: ``labels.reshape(n_1, ..., n_k)``. A Reshape that merges the level axes
+  (adjacent, in any order) back into one axis ends it: the labels are read in the tensor's order,
+  so ``(C/g, g)`` after a shuffle's Transpose gives the shuffled channel order. A Reshape that
+  leaves every level axis alone in its block only moves them (e.g. a leading batch axis).
+* Transpose/Squeeze/Unsqueeze move the level axes; Gather with a constant scalar index on a level
+  picks one entry of it (that level stays whole: ``qkv[0]``); Gather elsewhere moves them.
+* Element-wise ops pass the split through; a constant operand with a level's full extent is
+  sliced on the free level (per-head biases). Softmax over a non-level axis passes.
+* MatMul of two activations ``A @ B`` (attention): a level on a contracted axis must stay whole
+  (``head_dim``); levels on broadcast batch axes are paired between A and B and must be the free
+  level (heads); levels on A's rows or B's columns pass to the product.
+
+Rewrites: Reshape targets get the free level's surviving count (``-1`` entries are left to
+infer it), constants are sliced; nothing else changes (head_dim and the scale stay).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from ..analysis import ChannelMap
+from ..blocks import SplitMap, drop_level, new_split, require_free, require_whole
+from ..shape_values import rewritable_source, shape_elements, symbolic_dims
+from ._util import axes_from, normalize_axis, prod, transpose_perm
+
+
+def _rank(ctx, tensor) -> int | None:
+    shape = ctx.shape(tensor)
+    return None if shape is None else len(shape)
+
+
+def transpose(node, ctx) -> None:
+    smap = ctx.split_map(node.inputs[0])
+    perm = transpose_perm(node, _rank(ctx, node.inputs[0]))
+    if perm is None:
+        ctx.block(smap, f"rank of the input of {node.name} is unknown")
+        return
+    ctx.set_map(node.outputs[0], smap.moved(perm.index(a) for a in smap.axes))
+
+
+def squeeze(node, ctx) -> None:
+    """Squeeze/Unsqueeze: levels move; a squeezed one-entry level (an unbound part) is dropped."""
+    smap, rank = ctx.split_map(node.inputs[0]), _rank(ctx, node.inputs[0])
+    try:
+        axes = axes_from(node, ctx, 1)
+    except ValueError:
+        axes = None
+    if rank is None or axes is None:
+        ctx.block(smap, f"{node.op} {node.name} on a split channel axis without axes")
+        return
+    if node.op == "Squeeze":
+        axes = [normalize_axis(a, rank) for a in axes]
+        for position, axis in reversed(list(enumerate(smap.axes))):
+            if axis not in axes:
+                continue
+            if smap.labels.shape[position] != 1:
+                ctx.block(smap, f"Squeeze {node.name} removes a level of a split channel axis")
+                return
+            require_whole(ctx, smap, position, f"Squeeze {node.name} drops a one-entry part")
+            smap = drop_level(smap, position, 0, lambda a: a)
+        ctx.set_map(node.outputs[0], smap.moved(a - sum(s < a for s in axes) for a in smap.axes))
+        return
+    out_rank = rank + len(axes)
+    inserted = sorted(normalize_axis(a, out_rank) for a in axes)
+    kept_positions = [i for i in range(out_rank) if i not in inserted]
+    ctx.set_map(node.outputs[0], smap.moved(kept_positions[a] for a in smap.axes))
+
+
+def split(node, ctx, sizes_of) -> None:
+    """Split of a split tensor: on a level it cuts that level (kept whole); elsewhere it passes."""
+    smap, rank = ctx.split_map(node.inputs[0]), _rank(ctx, node.inputs[0])
+    if rank is None:
+        ctx.block(smap, f"rank of the input of {node.name} is unknown")
+        return
+    axis = normalize_axis(int(node.attrs.get("axis", 0)), rank)
+    if axis not in smap.axes:
+        for out in node.outputs:
+            ctx.set_map(out, smap)
+        return
+    dim = smap.labels.shape[smap.axes.index(axis)]
+    sizes = sizes_of(dim)
+    if sizes is None or sum(sizes) != dim or len(sizes) != len(node.outputs):
+        ctx.block(smap, f"split sizes of {node.name} are not constant or do not add up")
+        return
+    starts = np.cumsum([0, *sizes])
+    cut_level(node, ctx, smap, axis, list(zip(starts[:-1], starts[1:])))
+
+
+def slice_(node, ctx, params) -> None:
+    """Slice of a split tensor with ``params`` = (starts, ends, axes, steps) or None."""
+    smap, rank = ctx.split_map(node.inputs[0]), _rank(ctx, node.inputs[0])
+    if params is None or rank is None:
+        ctx.block(smap, f"bounds of Slice {node.name} are not constant")
+        return
+    starts, ends, axes, steps = params
+    axes = [normalize_axis(a, rank) for a in axes]
+    cut = [k for k, a in enumerate(axes) if a in smap.axes]
+    if not cut:
+        ctx.set_map(node.outputs[0], smap)
+        return
+    k = cut[0]
+    if len(cut) > 1 or steps[k] != 1 or starts[k] is None or ends[k] is None:
+        ctx.block(smap, f"Slice {node.name} cuts a split channel axis in steps, twice or "
+                        "at computed bounds")
+        return
+    dim = smap.labels.shape[smap.axes.index(axes[k])]
+    start = _clamp(starts[k], dim)
+    cut_level(node, ctx, smap, axes[k], [(start, max(start, _clamp(ends[k], dim)))])
+
+
+def _clamp(index: int, dim: int) -> int:
+    index = index + dim if index < 0 else index
+    return max(0, min(index, dim))
+
+
+def shape(node, ctx) -> None:
+    """Sizes of levels read by a Shape (head_dim for the scale): those levels stay whole."""
+    smap, rank = ctx.split_map(node.inputs[0]), _rank(ctx, node.inputs[0])
+    if rank is None:
+        ctx.block(smap, f"rank of the input of Shape {node.name} is unknown")
+        return
+    read = shape_read_axes(node, ctx, rank)
+    for k, axis in enumerate(smap.axes):
+        if axis in read:
+            require_whole(ctx, smap, k, f"its size is read by Shape {node.name}")
+
+
+def gather(node, ctx) -> None:
+    smap = ctx.split_map(node.inputs[0])
+    rank, idx_rank = _rank(ctx, node.inputs[0]), _rank(ctx, node.inputs[1])
+    if rank is None or idx_rank is None:
+        ctx.block(smap, f"ranks around Gather {node.name} are unknown")
+        return
+    axis = normalize_axis(int(node.attrs.get("axis", 0)), rank)
+    position = smap.position(axis)
+    if position is None:
+        def shift(a):
+            return a if a < axis else a - 1 + idx_rank
+        ctx.set_map(node.outputs[0], smap.moved(shift(a) for a in smap.axes))
+        return
+    index = ctx.const(node.inputs[1])
+    if index is None or np.asarray(index).ndim != 0:
+        ctx.block(smap, f"Gather {node.name} indexes a split channel axis at run time")
+        return
+    n = smap.labels.shape[position]
+    require_whole(ctx, smap, position, f"Gather {node.name} picks a fixed entry")
+    out = drop_level(smap, position, int(index) % n, lambda a: a if a < axis else a - 1)
+    ctx.set_map(node.outputs[0], out)
+
+
+def shape_read_axes(node, ctx, rank: int) -> set[int]:
+    """Axes whose sizes a Shape's readers pick (constant Gather/Slice), else every axis."""
+    start = normalize_axis(int(node.attrs.get("start", 0)), rank)
+    end = node.attrs.get("end")
+    end = rank if end is None else normalize_axis(int(end), rank)
+    every = set(range(start, end))
+    picked: set[int] = set()
+    for reader in node.outputs[0].outputs:
+        values = [ctx.const(t) for t in reader.inputs[1:]]
+        if reader.op == "Gather" and values and values[0] is not None:
+            picked |= {start + (int(i) % (end - start)) for i in np.asarray(values[0]).reshape(-1)}
+        elif reader.op == "Slice" and len(values) >= 2 and all(v is not None for v in values[:2]) \
+                and all(v is None or np.all(np.asarray(v) == w) for v, w in
+                        zip(values[2:4], (0, 1))):
+            n = end - start
+            lo = max(0, min(n, int(np.asarray(values[0]).reshape(-1)[0]) % (n + 1)
+                         if int(np.asarray(values[0]).reshape(-1)[0]) < 0 else
+                         int(np.asarray(values[0]).reshape(-1)[0])))
+            hi_raw = int(np.asarray(values[1]).reshape(-1)[0])
+            hi = max(0, min(n, hi_raw + n if hi_raw < 0 else hi_raw))
+            picked |= {start + i for i in range(lo, hi)}
+        else:
+            return every
+    return picked
+
+
+def cut_level(node, ctx, smap: SplitMap, axis: int, bounds: list[tuple[int, int]]) -> None:
+    """Split/Slice on a level axis: each output keeps ``[start, stop)`` of it, the level whole."""
+    position = smap.position(axis)
+    require_whole(ctx, smap, position, f"{node.op} {node.name} cuts it at fixed bounds")
+    for out, (start, stop) in zip(node.outputs, bounds):
+        index = [slice(None)] * smap.labels.ndim
+        index[position] = slice(start, stop)
+        ctx.set_map(out, replace(smap, labels=smap.labels[tuple(index)]))
+
+
+# ---- Reshape ----------------------------------------------------------------------------------
+
+
+# ---- Reshape ----------------------------------------------------------------------------------
+
+
+def _resolved(node, ctx):
+    """(input sizes, output sizes, target elements) of a Reshape, symbols as stand-in primes."""
+    from .reshape import _resolve_target
+
+    in_dims = symbolic_dims(node.inputs[0])
+    elements = shape_elements(node, 1, ctx)
+    if in_dims is None or elements is None:
+        return None
+    resolved = _resolve_target(in_dims, elements, bool(node.attrs.get("allowzero", 0)))
+    if resolved is None:
+        return None
+    return resolved[0], resolved[1], elements
+
+
+def _rewritable(node, ctx, elements, axes) -> bool:
+    """Every target element at ``axes`` is -1 or a stored constant we can rewrite."""
+    return all(elements[j].value == -1 or (
+        elements[j].value is not None and rewritable_source(node, 1, j, elements, ctx) is not None)
+        for j in axes)
+
+
+def _computed_from(elements, axes, labels: np.ndarray) -> bool:
+    """An element at ``axes`` is computed from the count of these very channels (``C // h``):
+    it would follow the plan where the split must not."""
+    return any(elements[j].channels is not None and
+               np.isin(elements[j].channels, labels[labels >= 0]).any() for j in axes)
+
+
+def _keep_computed_whole(node, ctx, smap: SplitMap, elements, axes) -> None:
+    """A level whose target element is computed (from shapes, not from our channels) keeps
+    all its entries: the element then holds its value."""
+    for k, j in enumerate(axes):
+        if not _rewritable(node, ctx, elements, [j]):
+            require_whole(ctx, smap, k, f"Reshape {node.name} computes its size")
+
+
+def _span(in_shape, lo: int, hi: int, out_shape: list[int]) -> tuple[int, int] | None:
+    """Output axes ``[j0, j1)`` holding exactly the elements of input axes ``lo..hi``."""
+    mid = in_shape[lo:hi + 1]
+    if any(d is None for d in mid):
+        return None
+    mid_n, total = prod(mid), prod(out_shape)
+    pre, post = in_shape[:lo], in_shape[hi + 1:]
+    if all(d is not None for d in pre):
+        before = prod(pre)
+        after = total // max(before * mid_n, 1)
+    elif all(d is not None for d in post):
+        after = prod(post)
+        before = total // max(after * mid_n, 1)
+    else:
+        return None
+    if before * mid_n * after != total:
+        return None
+    for j0 in range(len(out_shape) + 1):
+        if prod(out_shape[:j0]) != before:
+            continue
+        for j1 in range(j0, len(out_shape) + 1):
+            if prod(out_shape[j0:j1]) == mid_n and prod(out_shape[j1:]) == after:
+                return j0, j1
+    return None
+
+
+def reshape_splits(node, ctx, xmap: ChannelMap) -> bool:
+    """Split ``xmap``'s channel axis when the Reshape cuts it; True when handled (or blocked)."""
+    resolved = _resolved(node, ctx)
+    if resolved is None:
+        return False
+    in_shape, out_shape, elements = resolved
+    span = _span(in_shape, xmap.axis, xmap.axis, out_shape)
+    if span is None:
+        return False
+    levels = [j for j in range(*span) if out_shape[j] != 1]
+    if len(levels) < 2:
+        return False
+    if _computed_from(elements, levels, xmap.labels):
+        ctx.block(xmap, f"Reshape {node.name} splits the channel axis with a computed shape")
+        return True
+    sizes = [out_shape[j] for j in levels]
+    smap = new_split(ctx, f"Reshape {node.name}", xmap.labels.reshape(sizes), levels)
+    _keep_computed_whole(node, ctx, smap, elements, levels)
+    ctx.set_map(node.outputs[0], smap)
+    _refine(node, out_shape, ctx)
+    return True
+
+
+def _refine(node, out_shape: list[int], ctx) -> None:
+    """Give later handlers the output shape onnx's inference could not (a computed target)."""
+    if node.outputs[0].shape is None and all(d < 2**31 for d in out_shape):
+        node.outputs[0].shape = list(out_shape)
+        ctx.refined.add(node.outputs[0].name)
+
+
+def reshape_split_input(node, ctx, smap: SplitMap) -> None:
+    """Reshape of a split tensor: merge its levels back, or move them (see module docstring)."""
+    if len(smap.axes) == 1:  # one level left (q of a packed qkv): it may be split again
+        plain = ChannelMap(smap.axes[0], smap.labels)
+        if reshape_splits(node, ctx, plain):
+            require_free(ctx, smap, 0, f"Reshape {node.name} splits it into heads")
+            return
+    where = f"Reshape {node.name}"
+    resolved = _resolved(node, ctx)
+    if resolved is None:
+        ctx.block(smap, f"{where} reshapes a split channel axis with unknown shapes")
+        return
+    in_shape, out_shape, elements = resolved
+    lo, hi = min(smap.axes), max(smap.axes)
+    inside = [a for a in range(lo, hi + 1) if a not in smap.axes]
+    span = _span(in_shape, lo, hi, out_shape)
+    if span is not None and all(in_shape[a] == 1 for a in inside):
+        big = [j for j in range(*span) if out_shape[j] != 1]
+        if len(big) == 1:  # the levels merge into one channel axis, read in tensor order
+            if _computed_from(elements, big, smap.flat()):
+                ctx.block(smap, f"{where} merges heads with a computed shape")
+                return
+            if not _rewritable(node, ctx, elements, big):
+                for k in range(len(smap.axes)):
+                    require_whole(ctx, smap, k, f"{where} computes the merged size")
+            order = np.argsort(smap.axes)
+            labels = np.transpose(smap.labels, order).reshape(-1)
+            heads = ctx.split_records[smap.record].heads
+            ctx.set_map(node.outputs[0], ChannelMap(big[0], labels, heads=heads))
+            _refine(node, out_shape, ctx)
+            return
+    moved = []
+    for axis in smap.axes:  # every level alone in its block: it only moves
+        found = _span(in_shape, axis, axis, out_shape)
+        big = [] if found is None else [j for j in range(*found) if out_shape[j] != 1]
+        if len(big) != 1:
+            ctx.block(smap, f"{where} regroups a split channel axis")
+            return
+        moved.append(big[0])
+    if _computed_from(elements, moved, smap.flat()):
+        ctx.block(smap, f"{where} moves heads with a computed shape")
+        return
+    _keep_computed_whole(node, ctx, smap, elements, moved)
+    ctx.set_map(node.outputs[0], smap.moved(moved))
+    _refine(node, out_shape, ctx)
+
+
+def reshape_apply(node, ctx) -> bool:
+    """Rewrite the target of a Reshape that creates, moves or merges a split; True if handled."""
+    in_split, out_split = ctx.split_map(node.inputs[0]), ctx.split_map(node.outputs[0])
+    if in_split is None and out_split is None:
+        return False
+    if out_split is not None:
+        found = ctx.split_keep(node.outputs[0])
+        if found is None:
+            return True
+        axis, keep = found
+    else:
+        out_map = ctx.map(node.outputs[0])
+        keep = ctx.keep(node.outputs[0])
+        if out_map is None or keep is None:
+            return True
+        axis = out_map.axis
+    elements = shape_elements(node, 1, ctx)
+    if elements[axis].value != -1:
+        ctx.set_shape_element(rewritable_source(node, 1, axis, elements, ctx), len(keep))
+    return True
+
+
+# ---- element-wise -----------------------------------------------------------------------------
+
+
+def broadcast(node, ctx) -> bool:
+    """An element-wise op over one split input and constants/broadcast inputs; True if handled."""
+    inputs = [t for t in node.inputs if t is not None and t.name]
+    splits = [ctx.split_map(t) for t in inputs]
+    if not any(s is not None for s in splits):
+        return False
+    where = f"{node.op} {node.name}"
+    shapes = [ctx.shape(t) for t in inputs]
+    ref_index = next(i for i, s in enumerate(splits) if s is not None)
+    ref = splits[ref_index]
+    if any(s is None for s in shapes):
+        ctx.block(ref, f"input rank of {where} is unknown")
+        return True
+    rank_out = max(len(s) for s in shapes)
+    ref_axes = [a + rank_out - len(shapes[ref_index]) for a in ref.axes]
+    for tensor, shape, smap in zip(inputs, shapes, splits):
+        offset = rank_out - len(shape)
+        if smap is not None:
+            axes = [a + offset for a in smap.axes]
+            if smap is not ref and (axes != ref_axes or smap.labels.shape != ref.labels.shape):
+                ctx.block(ref, f"{where} joins split channel axes that do not line up")
+                ctx.block(smap, f"{where} joins split channel axes that do not line up")
+                return True
+            if smap is not ref:
+                ctx.couple(ref.flat(), smap.flat(), where)
+            continue
+        if ctx.map(tensor) is not None:
+            ctx.block(ref, f"{where} joins a split channel axis with plain channels")
+            ctx.block(ctx.map(tensor), f"{where} joins a split channel axis with plain channels")
+            return True
+        wide = [axis for axis in ref_axes if axis - offset >= 0 and shape[axis - offset] != 1]
+        if wide and ctx.const(tensor) is None:
+            ctx.block(ref, f"{where} mixes a split channel axis with an activation not ours")
+            return True
+    ctx.set_map(node.outputs[0], ref.moved(ref_axes))
+    return True
+
+
+def broadcast_apply(node, ctx) -> bool:
+    """Slice constants of an element-wise op on the free level of its split output."""
+    found = ctx.split_keep(node.outputs[0])
+    if ctx.split_map(node.outputs[0]) is None:
+        return False
+    if found is None:
+        return True
+    axis, keep = found
+    rank_out = len(ctx.shape(node.outputs[0]))
+    width = ctx.split_map(node.outputs[0]).labels.shape[
+        ctx.split_map(node.outputs[0]).axes.index(axis)]
+    for index, tensor in enumerate(node.inputs):
+        if tensor is None or not tensor.name or ctx.split_map(tensor) is not None:
+            continue
+        value = ctx.const(tensor)
+        if value is None:
+            continue
+        local = axis - (rank_out - value.ndim)
+        if local >= 0 and value.shape[local] == width and width > 1:
+            ctx.slice_input(node, index, local, keep)
+    return True
+
+
+# ---- attention: MatMul of two activations -----------------------------------------------------
+
+
+def _entries(ctx, tensor):
+    """[(tensor axis, split or plain map, level position or None)] of one MatMul operand."""
+    smap, cmap = ctx.split_map(tensor), ctx.map(tensor)
+    found = []
+    if smap is not None:
+        found = [(axis, smap, k) for k, axis in enumerate(smap.axes)]
+    elif cmap is not None:
+        found = [(cmap.axis, cmap, None)]
+    return found
+
+
+def matmul_activations(node, ctx) -> None:
+    """``A @ B`` of two activations: pair heads on batch axes, keep contracted levels whole."""
+    a, b = node.inputs[0], node.inputs[1]
+    sa, sb = ctx.shape(a), ctx.shape(b)
+    where = f"MatMul {node.name}"
+    maps = [m for t in (a, b) for m in (ctx.split_map(t), ctx.map(t)) if m is not None]
+    if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
+        for m in maps:
+            ctx.block(m, f"{where} multiplies activations of unknown rank")
+        return
+    ra, rb = len(sa), len(sb)
+    rank = max(ra, rb)
+    out: dict[int, tuple] = {}
+    batch: dict[int, list[tuple]] = {}
+    for tensor, r, contracted, kept_axis, kept_out in ((a, ra, ra - 1, ra - 2, rank - 2),
+                                                       (b, rb, rb - 2, rb - 1, rank - 1)):
+        for axis, m, k in _entries(ctx, tensor):
+            if axis == contracted:
+                if k is None:
+                    ctx.block(m, f"{where} contracts channels of two activations")
+                    continue
+                require_whole(ctx, m, k, f"{where} contracts it")
+            elif axis == kept_axis:
+                out[kept_out] = (m, k)
+            else:
+                batch.setdefault(axis + rank - r, []).append((tensor, m, k))
+    for out_axis, entries in batch.items():
+        if len(entries) == 1:  # the other operand must broadcast (size 1) on this axis
+            tensor = b if entries[0][0] is a else a
+            shape = sb if tensor is b else sa
+            local = out_axis - (rank - len(shape))
+            if local >= 0 and shape[local] != 1:
+                ctx.block(entries[0][1], f"{where} pairs heads with an activation not ours")
+                continue
+        reps = []
+        for _, m, k in entries:
+            if k is None:
+                reps.append(m.labels)
+            else:
+                require_free(ctx, m, k, f"{where} pairs heads", heads=True)
+                reps.append(m.representative(k))
+        if len({len(r) for r in reps}) != 1:
+            for _, m, _k in entries:
+                ctx.block(m, f"{where} pairs head axes of different sizes")
+            continue
+        for rep in reps[1:]:
+            ctx.couple(reps[0], rep, where)
+        out[out_axis] = entries[-1][1:]
+    _set_matmul_output(node, ctx, out)
+
+
+def _set_matmul_output(node, ctx, out: dict[int, tuple]) -> None:
+    if not out:
+        return
+    splits = {id(m): m for m, k in out.values() if k is not None}
+    for m in splits.values():  # one operand's split covers every channel-carrying axis
+        if all((mm is m) or (k is None) for mm, k in out.values()) and \
+                len([1 for mm, _ in out.values() if mm is m]) == len(m.axes):
+            axes = {k: axis for axis, (mm, k) in out.items() if mm is m}
+            ctx.set_map(node.outputs[0], m.moved(axes[k] for k in range(len(m.axes))))
+            return
+    if len(out) == 1:
+        (axis, (m, k)), = out.items()
+        labels = m.labels if k is None else m.representative(k)
+        ctx.set_map(node.outputs[0], ChannelMap(axis, labels))
+        return
+    for m, _ in out.values():
+        ctx.block(m, f"MatMul {node.name} mixes channels of two operands in its product")
