@@ -6,6 +6,7 @@ from . import (  # noqa: F401
     linear,
     norm,
     pool,
+    quantize,
     reshape,
     sequence,
     shape,

@@ -9,6 +9,8 @@ Channel algebra (NCHW, ``g`` = the ``group`` attribute):
   its filter ``W[c]`` joins channel c's group; removal slices ``W``/``B`` on axis 0 and sets g.
 * ConvTranspose, g == 1: ``W[i, o, k...]`` (input channels first); output channel o is the
   filter ``W[:, o]``.
+* A weight (or bias) given as ``DequantizeLinear`` of stored integers is the same filter: it is
+  scored dequantized and sliced where stored (``RewriteContext.slice_input``).
 * Other grouped convs are blocked: their channel counts must stay divisible by g.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..analysis import ChannelMap
+from ..constants import weight_reason
 from ..registry import register
 from ...errors import RewriteError
 from ._util import has_input, split_parts
@@ -25,10 +28,9 @@ def _weight_or_block(node, ctx):
     weight = ctx.const(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None or weight.ndim < 2:
         reason = f"weight of {node.name} is not a stored constant"
-        source = node.inputs[1].inputs[0] if len(node.inputs) > 1 and node.inputs[1].inputs \
-            else None
-        if source is not None:
-            reason += f" (computed by {source.op} {source.name}); layer not pruned"
+        detail = weight_reason(node.inputs[1]) if len(node.inputs) > 1 else ""
+        if detail:
+            reason += f"{detail}; layer not pruned"
         ctx.block_inputs(node, reason)
         ctx.blocked_tensors.append((node.outputs[0].name, reason))
         return None
@@ -102,8 +104,8 @@ class ConvHandler:
         if conv_group == 1 and keep_in is not None:
             ctx.slice_input(node, 1, 1, keep_in)
         elif not depthwise and keep_in is not None:
-            ctx.set_input_value(node, 1, _grouped_input_slice(
-                ctx.const(node.inputs[1]), keep_in, conv_group, node.name))
+            ctx.map_input(node, 1, 1, lambda w: _grouped_input_slice(
+                w, keep_in, conv_group, node.name))
         if keep_out is not None:
             ctx.slice_input(node, 1, 0, keep_out)
             if has_input(node, 2):

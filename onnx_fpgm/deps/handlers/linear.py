@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..analysis import ChannelMap
+from ..constants import weight_reason
 from ..registry import register
 from . import split_axes
 from ._util import has_input
@@ -38,7 +39,8 @@ class GemmHandler:
         amap = ctx.map(node.inputs[0])
         weight = ctx.const(node.inputs[1])
         if ctx.map(node.inputs[1]) is not None or weight is None or weight.ndim != 2:
-            ctx.block_inputs(node, f"weight of Gemm {node.name} is not a stored 2-D constant")
+            ctx.block_inputs(node, f"weight of Gemm {node.name} is not a stored 2-D constant"
+                                   f"{weight_reason(node.inputs[1])}")
             return
         if has_input(node, 2) and ctx.const(node.inputs[2]) is None:
             ctx.block_inputs(node, f"bias of Gemm {node.name} is not a stored constant")
@@ -83,7 +85,7 @@ class MatMulHandler:
         a_rank = len(ctx.shape(a)) if ctx.shape(a) is not None else None
         if weight is None or weight.ndim != 2 or a_rank is None or a_rank < 2:
             ctx.block_inputs(node, f"MatMul {node.name} has no constant 2-D weight "
-                                   "(or an input of unknown rank)")
+                                   f"(or an input of unknown rank){weight_reason(b)}")
             return
         y = node.outputs[0]
         if amap is not None and amap.axis < a_rank - 1:
