@@ -142,12 +142,15 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
     quantized = _quantized_layers(graph)
     if quantized:
         report.notes.append(
-            f"{len(quantized)} quantized layer(s) left unpruned ({', '.join(quantized[:6])}"
-            f"{', ...' if len(quantized) > 6 else ''}): integer weights with their scales and "
-            "zero points are not sliced; prune the float model before quantizing")
+            f"{len(quantized)} QOperator/integer layer(s) left unpruned ({', '.join(quantized[:6])}"
+            f"{', ...' if len(quantized) > 6 else ''}): onnx-fpgm has no handler for them yet, so "
+            "their integer weights, scales and zero points stay whole; QDQ models (weights "
+            "through DequantizeLinear) are pruned: quantize with the QDQ format, or prune the "
+            "float model before quantizing")
     if not analysis.sources:
-        report.notes.append("no prunable layer: the model has no float Conv, ConvTranspose, Gemm "
-                            "or MatMul with constant weights; written unchanged")
+        report.notes.append("no prunable layer: the model has no Conv, ConvTranspose, Gemm or "
+                            "MatMul with constant weights (stored, or dequantized from stored "
+                            "integers); written unchanged")
     elif not plan.n_removed:
         report.notes.append("nothing was pruned: no prunable group lost a channel "
                             "(see the frozen reasons)")
@@ -265,7 +268,8 @@ def _note_alignment(report: Report, plan: PrunePlan, config: PruneConfig) -> Non
 
 
 def _quantized_layers(graph) -> list[str]:
-    """``op name`` of every quantized layer (QLinear/Integer ops, onnxruntime's contrib ones)."""
+    """``op name`` of every QOperator/integer layer (QLinear/Integer ops, onnxruntime's contrib
+    ones): these have no handler. QDQ layers (float ops over DequantizeLinear) are not listed."""
     return [f"{node.op} {node.name}" for node in graph.nodes if node.op in QUANTIZED_LAYERS]
 
 
