@@ -105,8 +105,9 @@ REASONS: tuple[ReasonKind, ...] = (
     ReasonKind("your options", r"excluded by --exclude",
                "Groups you excluded with --exclude."),
     ReasonKind("safety net", r"would empty tensor",
-               "A plan that would leave some tensor with no channel at all; the groups "
-               "involved are kept."),
+               "A plan that would leave some tensor with no channel at all, even after the "
+               "group was selected part by part (the same fraction inside and outside that "
+               "tensor); the groups involved are kept."),
 )
 
 _COMPILED = tuple((kind, re.compile(kind.pattern)) for kind in REASONS)

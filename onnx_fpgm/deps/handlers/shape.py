@@ -4,8 +4,11 @@
 * Concat on the channel axis places the inputs' channels side by side (unmapped inputs are fixed
   positions); on another axis it couples its inputs position by position.
 * Split/Slice on the channel axis cut the channels into parts (independent groups); their sizes
-  or bounds are rewritten to the surviving counts. Steps other than 1 are blocked.
-* Flatten/Reshape: see ``reshape.py``.
+  or bounds are rewritten to the surviving counts (a bound computed from the channel count,
+  as TorchScript's ``chunk`` writes it, becomes a constant when the plan would move it). Steps
+  other than 1 are blocked.
+* Flatten/Reshape: see ``reshape.py``. Tensors whose channel axis a Reshape split into levels
+  (heads, shuffle groups) are handled by ``split_axes`` in every handler here.
 * Resize/Upsample/Pad act on other axes (a ``sizes`` entry for the channel axis is rewritten);
   scaling or padding the channel axis is blocked.
 * Shape of a mapped tensor is tracked so that reading the batch size does not block the channels,
