@@ -17,6 +17,7 @@ from .config import PruneConfig
 from .deps import handlers  # noqa: F401  (registers every op handler)
 from .deps.analysis import QUANTIZED_LAYERS, Analysis, build_analysis
 from .deps.constants import fold_constant_shapes
+from .deps.registry import handler_for
 from .errors import ConfigError, UnsupportedOpError, VerificationError
 from .input_sizes import InputSizes, choose_sizes, infer_shapes_at
 from .plan import PrunePlan, plan_pruning
@@ -270,7 +271,8 @@ def _note_alignment(report: Report, plan: PrunePlan, config: PruneConfig) -> Non
 def _quantized_layers(graph) -> list[str]:
     """``op name`` of every QOperator/integer layer (QLinear/Integer ops, onnxruntime's contrib
     ones): these have no handler. QDQ layers (float ops over DequantizeLinear) are not listed."""
-    return [f"{node.op} {node.name}" for node in graph.nodes if node.op in QUANTIZED_LAYERS]
+    return [f"{node.op} {node.name}" for node in graph.nodes
+            if node.op in QUANTIZED_LAYERS and handler_for(node.op, node.domain or "") is None]
 
 
 def _check_strict(analysis: Analysis) -> None:

@@ -23,13 +23,14 @@ Mask = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def mask_input(graph: gs.Graph, node: gs.Node, index: int, mask: Mask,
-               consts: ConstantFolder, name: str) -> bool:
+               consts: ConstantFolder, name: str, zero: np.ndarray | None = None) -> bool:
     """Give ``node.inputs[index]`` a masked private copy of its stored weight.
 
     A float constant gets zeros; a quantized one (``DequantizeLinear(W_q)``) gets its zero point
     in the stored integers, behind a private copy of each quantizer of its chain (``Quantize
     Linear`` of a float constant: the float gets zeros, which quantize to the zero point).
-    Returns False when the input is not stored (a product of two activations).
+    ``zero`` is the fill of a stored integer weight read directly (QOperator layers: their
+    zero point). Returns False when the input is not stored (a product of two activations).
     """
     tensor = node.inputs[index]
     quantizer = quantizer_of(tensor)
@@ -37,7 +38,8 @@ def mask_input(graph: gs.Graph, node: gs.Node, index: int, mask: Mask,
         value = consts.value(tensor)
         if value is None:
             return False
-        node.inputs[index] = gs.Constant(name, mask(np.asarray(value), np.zeros((), value.dtype)))
+        fill = np.zeros((), value.dtype) if zero is None else zero
+        node.inputs[index] = gs.Constant(name, mask(np.asarray(value), fill))
         return True
     out = quantizer.outputs[0]
     copy = gs.Node(quantizer.op, f"{quantizer.name}__{name}", dict(quantizer.attrs),

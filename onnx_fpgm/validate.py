@@ -76,6 +76,8 @@ class CompareResult:
     #: or not run), and the check's note.
     qdq_bypassed: bool = False
     quantized_steps: float | None = None
+    #: QOperator models: integer layers make pruned and masked outputs equal bit for bit.
+    bit_exact: bool = False
 
     def __bool__(self) -> bool:
         return self.interface_ok and self.problem is None and all(self.outputs)
@@ -90,6 +92,8 @@ class CompareResult:
         bad = [o for o in self.outputs if not o]
         if not bad:
             text = f"matches the masked original (max relative error {self.max_rel_error:.2e}"
+            if self.bit_exact:
+                text += ", bit for bit"
             if self.qdq_bypassed:
                 text += ", activation quantize/dequantize pairs bypassed"
                 if self.quantized_steps is not None:
@@ -182,7 +186,8 @@ def masked_original(model: onnx.ModelProto, analysis: Analysis,
         gone = removed[cmap.labels]
         if not gone.any():
             continue
-        conv_group = int(node.attrs.get("group", 1)) if node.op == "Conv" else 1
+        conv_group = int(node.attrs.get("group", 1)) if node.op in ("Conv", "QLinearConv") else 1
+        w_index, zero = _integer_weight(node, consts)
 
         def mask(stored: np.ndarray, fill: np.ndarray, gone=gone, axis=weight_axis,
                  conv_group=conv_group) -> np.ndarray:
@@ -201,7 +206,8 @@ def masked_original(model: onnx.ModelProto, analysis: Analysis,
             return masked
 
         counter += 1
-        if qdq.mask_input(graph, node, 1, mask, consts, f"{node.inputs[1].name}__masked{counter}"):
+        if qdq.mask_input(graph, node, w_index, mask, consts,
+                          f"{node.inputs[w_index].name}__masked{counter}", zero):
             added = added or bool(node.inputs[1].inputs)  # a masked copy of a quantizer chain
     graph.cleanup(remove_unused_graph_inputs=False)
     if added:
@@ -214,22 +220,45 @@ def masked_original(model: onnx.ModelProto, analysis: Analysis,
     return out
 
 
+#: QOperator layers: the float op they stand for (same weight layout).
+_QOPERATOR_AS = {"QLinearConv": "Conv", "QGemm": "Gemm"}
+
+
+def _integer_weight(node: gs.Node, consts: ConstantFolder) -> tuple[int, np.ndarray | None]:
+    """(weight input index, zero point broadcastable to the weight) of a consumer; the zero
+    point only for QOperator layers, whose integer weights are stored as they are."""
+    if node.op not in _QOPERATOR_AS:
+        return 1, None
+    weight = consts.value(node.inputs[3])
+    zero = consts.value(node.inputs[5]) if len(node.inputs) > 5 and node.inputs[5].name else None
+    if zero is None or weight is None:
+        return 3, None
+    zero = np.asarray(zero, weight.dtype)
+    if zero.size == 1:
+        return 3, zero.reshape(())
+    axis = 0 if node.op == "QLinearConv" or int(node.attrs.get("transB", 0)) else 1
+    shape = [1] * weight.ndim
+    shape[axis] = zero.size
+    return 3, zero.reshape(shape)
+
+
 def _consumer_axis(node: gs.Node, analysis: Analysis):
     """(input channel map, weight axis) when ``node`` contracts over mapped channels."""
     if len(node.inputs) < 2 or node.inputs[0] is None:
         return None
+    op = _QOPERATOR_AS.get(node.op, node.op)
     cmap = analysis.maps.get(node.inputs[0].name)
     if cmap is None:
         return None
-    if node.op in ("Conv", "ConvTranspose") and int(node.attrs.get("group", 1)) == 1:
-        return cmap, 1 if node.op == "Conv" else 0
+    if op in ("Conv", "ConvTranspose") and int(node.attrs.get("group", 1)) == 1:
+        return cmap, 1 if op == "Conv" else 0
     out_map = analysis.maps.get(node.outputs[0].name) if node.outputs else None
     passes_through = out_map is not None and out_map.labels is cmap.labels  # depthwise
-    if node.op == "Conv" and not passes_through:  # grouped: consumes its input channels
+    if op == "Conv" and not passes_through:  # grouped: consumes its input channels
         return cmap, 1
-    if node.op == "Gemm" and not int(node.attrs.get("transA", 0)):
+    if op == "Gemm" and not int(node.attrs.get("transA", 0)):
         return cmap, 1 if int(node.attrs.get("transB", 0)) else 0
-    if node.op == "MatMul":
+    if op == "MatMul":
         rank = analysis.ranks.get(node.inputs[0].name)
         if rank is not None and cmap.axis == rank - 1:
             return cmap, 0
@@ -355,6 +384,14 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, *, analysis: Anal
                 if len(sets) > 1:
                     result.problem = f"at input sizes {_sizes_text(shapes)}: {result.summary()}"
                 break
+        if result and reference is not original and any(
+                node.op_type in _QOPERATOR_AS for node in original.graph.node):
+            differing = [o for o in result.outputs if o.max_abs_error > 0]
+            result.bit_exact = not differing
+            if differing:
+                result.problem = (f"output {differing[0].name}: the QOperator model differs from "
+                                  f"its masked original by {differing[0].max_abs_error:.3g} "
+                                  "(integer layers must agree bit for bit)")
         if quantized and result:
             result.qdq_bypassed = True
             result.quantized_steps = _quantized_steps(reference, pruned, original, seed, sets)

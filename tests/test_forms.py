@@ -710,15 +710,14 @@ def test_qdq_models_are_pruned(form: str) -> None:
     assert not any("quantized layer" in note for note in result.report.notes)
 
 
-def test_qlinearconv_model_is_left_whole_and_named() -> None:
-    """QOperator layers have no handler: never a wrong model, the note says which and why."""
+def test_qlinearconv_model_is_pruned_bit_exactly() -> None:
+    """QLinearConv: int8 weights, per-tensor scales; the masked original agrees bit for bit."""
     model = _quantized("qlinearconv")
     onnx.checker.check_model(model, full_check=True)
     result = onnx_fpgm.prune(model, 0.5)
-    _assert_unchanged(model, result)
-    reasons = _reasons(result)
-    assert "QLinearConv conv1" in reasons and "no handler" in reasons
-    assert "no prunable layer" in reasons
+    assert pruned_layers(result) == {"conv1"}
+    check_pruned(model, result)
+    assert "bit for bit" in result.report.verification["summary"]
 
 
 # --- 8. control flow --------------------------------------------------------------------------

@@ -61,6 +61,29 @@ def test_quantize_static_qdq(name: str, per_channel: bool, sparsity: float) -> N
         assert report.after.params <= 0.55 * report.before.params
 
 
+@pytest.mark.parametrize("sparsity", [0.3, 0.5])
+@pytest.mark.parametrize("name", STATIC_MODELS)
+def test_quantize_static_qoperator(name: str, sparsity: float) -> None:
+    """QLinearConv, com.microsoft QGemm/QLinearAdd/QLinearGlobalAveragePool: pruned, and the
+    pruned model equals its masked original (weights at their zero point) bit for bit."""
+    model = static(name, "qoperator", True)
+    result = onnx_fpgm.prune(model, sparsity)
+    check_pruned(model, result)
+    report = result.report
+    assert "bit for bit" in report.verification["summary"]
+    assert {layer.op for layer in report.layers} == {"QLinearConv", "QGemm"}
+    assert report.prunable_channels > 0.8 * report.total_channels
+    assert not any("QOperator" in note for note in report.notes)
+    stored = _initializers(result.model)
+    for node in result.model.graph.node:
+        if node.op_type == "QLinearConv":
+            weight, scale, bias = (stored[node.input[i]] for i in (3, 4, 8))
+            assert weight.dtype == np.int8 and bias.dtype == np.int32
+            assert scale.shape == bias.shape == (weight.shape[0],)
+    if name == "resnet18_like" and sparsity == 0.5:
+        assert report.after.params <= 0.55 * report.before.params
+
+
 def test_the_quantized_oracle_catches_a_wrong_kept_weight() -> None:
     """The check can fail: one kept integer of a pruned layer changed -> verification fails."""
     model = static("resnet18_like", "qdq", True)
@@ -71,6 +94,23 @@ def test_the_quantized_oracle_catches_a_wrong_kept_weight() -> None:
     weight_dq = next(n for n in broken.graph.node if n.op_type == "Conv" and n.name == layer)
     producer = next(n for n in broken.graph.node if weight_dq.input[1] in n.output)
     tensor = next(t for t in broken.graph.initializer if t.name == producer.input[0])
+    values = numpy_helper.to_array(tensor).copy()
+    values.reshape(-1)[0] = 127 if values.reshape(-1)[0] != 127 else -127
+    tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+    check = onnx_fpgm.validate.verify(
+        onnx_fpgm.io.infer_shapes(model), broken, analysis=result.analysis,
+        removed_classes=result.plan.removed_classes, opset=onnx_fpgm.io.default_opset(model))
+    assert not check
+
+
+def test_the_qoperator_oracle_catches_a_wrong_kept_weight() -> None:
+    model = static("resnet18_like", "qoperator", True)
+    result = onnx_fpgm.prune(model, 0.5)
+    broken = onnx.ModelProto()
+    broken.CopyFrom(result.model)
+    layer = sorted(pruned_layers(result))[0]
+    conv = next(n for n in broken.graph.node if n.name == layer)
+    tensor = next(t for t in broken.graph.initializer if t.name == conv.input[3])
     values = numpy_helper.to_array(tensor).copy()
     values.reshape(-1)[0] = 127 if values.reshape(-1)[0] != 127 else -127
     tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))

@@ -6,6 +6,7 @@ from . import (  # noqa: F401
     linear,
     norm,
     pool,
+    qoperator,
     quantize,
     reshape,
     sequence,
