@@ -117,17 +117,19 @@ def _plan_once(analysis, config, score, extra_frozen, progress, strata) -> Prune
             keep = np.arange(n, dtype=np.int64)
         else:
             gone = np.zeros(n, dtype=bool)
-            for part in strata.get(group.id, [np.arange(n)]):
-                part_keep = keep_n if len(part) == n else n_to_keep(
-                    len(part), sparsity, 1, None)
-                if part_keep >= len(part):
+            parts = strata.get(group.id, [np.arange(n)])
+            shares = _share(n - keep_n, [len(p) for p in parts])
+            if shares is None:  # the parts cannot each keep one: select as one (then frozen)
+                parts, shares = [np.arange(n)], [n - keep_n]
+            for part, n_prune in zip(parts, shares):
+                if not n_prune:
                     continue
-                sub = part if len(part) == n else None
-                chosen = score(analysis, group if sub is not None else Group(
+                whole = len(part) == n
+                chosen = score(analysis, group if whole else Group(
                     group.id, group.classes[part], group.members, group.producers,
-                    heads=group.heads), len(part) - part_keep)
+                    heads=group.heads), n_prune)
                 gone[part[np.asarray(chosen, dtype=np.int64)]] = True
-                if np.count_nonzero(gone[part]) != len(part) - part_keep:
+                if np.count_nonzero(gone[part]) != n_prune:
                     raise RuntimeError(f"selection for group {group.id} returned a wrong count")
             keep = np.flatnonzero(~gone).astype(np.int64)
             removed.append(group.classes[gone])
@@ -136,6 +138,19 @@ def _plan_once(analysis, config, score, extra_frozen, progress, strata) -> Prune
         plans.append(GroupPlan(group.id, group.producers, n, keep, sparsity, frozen))
     removed_classes = np.sort(np.concatenate(removed)) if removed else np.zeros(0, np.int64)
     return PrunePlan(plans, removed_classes)
+
+
+def _share(total: int, sizes: list[int]) -> list[int] | None:
+    """Split ``total`` removals over parts of ``sizes`` in proportion (largest remainders),
+    every part keeping at least one channel; None when that is impossible."""
+    if total > sum(sizes) - len(sizes):
+        return None
+    exact = [total * size / sum(sizes) for size in sizes]
+    counts = [min(int(e), size - 1) for e, size in zip(exact, sizes)]
+    while sum(counts) < total:
+        room = [i for i in range(len(sizes)) if counts[i] < sizes[i] - 1]
+        counts[min(room, key=lambda i: counts[i] - exact[i])] += 1
+    return counts
 
 
 def _strata(analysis: Analysis, gid: int, names: list[str]) -> list[np.ndarray] | None:
