@@ -66,13 +66,15 @@ REASONS: tuple[ReasonKind, ...] = (
                r"parameters of",
                "QDQ models are pruned like float ones (weights through DequantizeLinear are "
                "scored dequantized; W_q, per-axis scales and zero points and int32 biases are "
-               "sliced; activation Q/DQ pairs pass channels). Left whole: QOperator and integer "
-               "layers (QLinearConv, QLinearMatMul, QGemm, ConvInteger, MatMulInteger, "
-               "onnxruntime's DynamicQuantizeLSTM/DynamicQuantizeMatMul: no handler yet; named "
+               "sliced; activation Q/DQ pairs pass channels), and so are QLinearConv and "
+               "com.microsoft QGemm, QLinearAdd/QLinearMul, QLinearGlobalAveragePool, "
+               "QLinearSigmoid/QLinearLeakyRelu. Left whole: QOperator and integer layers "
+               "without a handler yet (QLinearMatMul, QLinearConcat, ConvInteger, "
+               "MatMulInteger, onnxruntime's DynamicQuantizeLSTM/DynamicQuantizeMatMul: named "
                "in the report, a model with nothing else is written unchanged, exit 0), "
                "blocked quantization (opset 21 block_size: one scale per block of rows), "
-               "float8/int4 weights, quantization parameters computed at run time, and "
-               "per-channel activation parameters along the channel axis in blocks."),
+               "float8/int4 weights, quantization parameters computed at run time or carrying "
+               "channels, and blocked activation parameters along the channel axis."),
     ReasonKind("computed weights or parameters",
                r"not a stored|not constant|computed shape|no constant 2-D weight|"
                r"computed or",
