@@ -168,3 +168,34 @@ def test_shared_quantized_weight_gets_a_private_quantizer() -> None:
     assert pruned_layers(result) == {"conv1", "conv2"}
     check_pruned(model, result)
     _check_quantizers(result.model)
+
+
+def test_dynamic_quantize_linear_blocks_the_channels_it_reads() -> None:
+    """DynamicQuantizeLinear's scale comes from all channels: a conv feeding it stays whole."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.integers(-100, 100, (4, 8, 1, 1)).astype(np.int8),
+                                     "w2_q"),
+             numpy_helper.from_array(np.int8(0), "w2_zp")]
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("DynamicQuantizeLinear", ["r1"], ["x_q", "x_s", "x_zp"],
+                              name="dql"),
+             helper.make_node("ConvInteger", ["x_q", "w2_q", "x_zp", "w2_zp"], ["acc"],
+                              name="conv2"),
+             helper.make_node("Cast", ["acc"], ["accf"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["accf", "x_s"], ["output"], name="rescale")]
+    graph = helper.make_graph(
+        nodes, "dynamic", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                         [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    result = onnx_fpgm.prune(model, 0.5)
+    assert not pruned_layers(result)
+    reason = next(g.frozen for g in result.report.groups if "conv1" in g.producers)
+    assert "DynamicQuantizeLinear dql computes one scale from all channels" in reason
+    assert any("ConvInteger conv2" in note for note in result.report.notes)

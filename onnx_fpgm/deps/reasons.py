@@ -63,7 +63,7 @@ REASONS: tuple[ReasonKind, ...] = (
     ReasonKind("quantized layers",
                r"quantized layers|computed by (DequantizeLinear|QuantizeLinear)|blocked "
                r"quantization|quantization parameter|scale or zero point of|per-channel "
-               r"parameters of",
+               r"parameters of|computes one scale from all channels",
                "QDQ models are pruned like float ones (weights through DequantizeLinear are "
                "scored dequantized; W_q, per-axis scales and zero points and int32 biases are "
                "sliced; activation Q/DQ pairs pass channels), and so are QLinearConv and "
@@ -74,7 +74,9 @@ REASONS: tuple[ReasonKind, ...] = (
                "in the report, a model with nothing else is written unchanged, exit 0), "
                "blocked quantization (opset 21 block_size: one scale per block of rows), "
                "float8/int4 weights, quantization parameters computed at run time or carrying "
-               "channels, and blocked activation parameters along the channel axis."),
+               "channels, blocked activation parameters along the channel axis, and channels "
+               "read by DynamicQuantizeLinear (one scale from the min/max of all channels: "
+               "removing one would change the quantization of the others)."),
     ReasonKind("computed weights or parameters",
                r"not a stored|not constant|computed shape|no constant 2-D weight|"
                r"computed or",

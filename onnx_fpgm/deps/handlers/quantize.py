@@ -80,3 +80,21 @@ class QuantizeHandler:
         for param in (1, 2):
             if has_input(node, param):
                 ctx.slice_input(node, param, xmap.axis if blocked else 0, keep)
+
+
+@register("DynamicQuantizeLinear")
+class DynamicQuantizeHandler:
+    """``y, y_scale, y_zp = DynamicQuantizeLinear(x)``: one scale from the min/max of all of x.
+
+    Removing a channel can change that range, and with it the quantization of every other
+    channel, so the pruned model would not equal the masked original: x's channels block.
+    (onnxruntime's ``quantize_dynamic`` puts one before every ConvInteger/MatMulInteger.)
+    """
+
+    def propagate(self, node, ctx) -> None:
+        ctx.block(ctx.map(node.inputs[0]) or ctx.split_map(node.inputs[0]),
+                  f"DynamicQuantizeLinear {node.name} computes one scale from all channels "
+                  "(min/max of the tensor): removing one would change the others' quantization")
+
+    def apply(self, node, ctx) -> None:
+        pass
