@@ -199,3 +199,18 @@ def test_dynamic_quantize_linear_blocks_the_channels_it_reads() -> None:
     reason = next(g.frozen for g in result.report.groups if "conv1" in g.producers)
     assert "DynamicQuantizeLinear dql computes one scale from all channels" in reason
     assert any("ConvInteger conv2" in note for note in result.report.notes)
+
+
+@pytest.mark.parametrize("name", ["vit_like", "shufflenet_like"])
+def test_qdq_split_channel_axes(name: str) -> None:
+    """Per-tensor Q/DQ on attention heads and a channel shuffle pass the split axis whole."""
+    model = static(name, "qdq", True)
+    result = onnx_fpgm.prune(model, 0.5)
+    check_pruned(model, result)
+    report = result.report
+    assert not any("split channel axis" in (g.frozen or "") for g in report.groups)
+    if name == "vit_like":
+        heads = [g for g in report.groups if g.heads]
+        assert heads and all(g.channels_after < g.channels_before for g in heads)
+    else:
+        assert report.prunable_channels > 0.9 * report.total_channels

@@ -10,6 +10,8 @@ through unchanged.
   spans several channels, so those channels are blocked; otherwise the parameters hold every
   channel on the channel axis and are sliced there.
 * Parameters computed at run time (not constants) block the channels.
+* A split channel axis (attention heads, a channel shuffle) passes a per-tensor quantizer whole;
+  per-channel parameters on it block.
 
 Quantizers of stored weights carry no channel map: the consuming Conv/Gemm/MatMul sees the
 weight through them (``constants.quantizer_of``) and slices them itself.
@@ -54,7 +56,19 @@ def _layout(node, ctx, xmap) -> str | None:
 class QuantizeHandler:
     """Channels pass through; per-channel parameters are sliced with them (module docstring)."""
 
+    accepts_split = True  # per-tensor parameters: a split channel axis (heads) passes whole
+
     def propagate(self, node, ctx) -> None:
+        smap = ctx.split_map(node.inputs[0])
+        if smap is not None:
+            scale = ctx.const(node.inputs[1]) if has_input(node, 1) else None
+            if scale is not None and scale.size == 1 and \
+                    (not has_input(node, 2) or ctx.const(node.inputs[2]) is not None):
+                ctx.set_map(node.outputs[0], smap)
+            else:
+                ctx.block_tensor(node.inputs[0], f"{node.op} {node.name} quantizes a split "
+                                                 "channel axis with per-channel parameters")
+            return
         xmap = ctx.map(node.inputs[0])
         if xmap is None:
             for param in node.inputs[1:]:
