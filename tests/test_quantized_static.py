@@ -214,3 +214,15 @@ def test_qdq_split_channel_axes(name: str) -> None:
         assert heads and all(g.channels_after < g.channels_before for g in heads)
     else:
         assert report.prunable_channels > 0.9 * report.total_channels
+
+
+def test_qoperator_concat_and_average_pool() -> None:
+    """DenseNet-like QOperator: com.microsoft QLinearConcat and QLinearAveragePool pass
+    channels (Concat offsets, pooling), bit for bit."""
+    model = static("densenet_like", "qoperator", True)
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QLinearConcat", "QLinearAveragePool"} <= ops
+    result = onnx_fpgm.prune(model, 0.5)
+    check_pruned(model, result)
+    assert "bit for bit" in result.report.verification["summary"]
+    assert result.report.prunable_channels > 0.9 * result.report.total_channels

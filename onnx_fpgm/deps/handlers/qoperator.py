@@ -11,8 +11,11 @@ Channel algebra, as for the float ops they stand for, on integer tensors:
   ``B`` int8, per-column ``b_scale``/``b_zp`` (one per output feature) and int32 ``C``.
 * ``com.microsoft`` ``QLinearAdd``/``QLinearMul`` (per-tensor parameters): broadcasting
   element-wise ops, coupling their two operands like ``Add``/``Mul``.
-* ``com.microsoft`` ``QLinearGlobalAveragePool``, ``QLinearSigmoid``, ``QLinearLeakyRelu``:
-  channels pass through (``channels_last`` puts them on the last axis).
+* ``com.microsoft`` ``QLinearGlobalAveragePool``, ``QLinearAveragePool``, ``QLinearSigmoid``,
+  ``QLinearLeakyRelu``: channels pass through (``channels_last`` puts them on the last axis;
+  QLinearAveragePool blocks it).
+* ``com.microsoft`` ``QLinearConcat(y_scale, y_zp, x0, x0_scale, x0_zp, x1, ...)``: a Concat of
+  ``x0, x1, ...`` (per-tensor parameters).
 
 Removing a channel equals setting its consumer weights to their zero point: integer accumulation
 then makes the pruned and the masked model agree bit for bit (``validate``).
@@ -26,6 +29,8 @@ from ._util import has_input, mapped_input
 from .conv import ConvHandler
 from .elementwise import BroadcastHandler, UnaryHandler
 from .linear import GemmHandler
+from .pool import PoolHandler
+from .shape import ConcatHandler
 
 MS = "com.microsoft"
 
@@ -92,7 +97,7 @@ def _refine_output(node, ctx, shape) -> None:
     """onnx cannot infer com.microsoft ops' shapes: give the output its shape (and dtype, that of
     input 0) so shapes are inferred onward from it (``AnalysisContext.refined``)."""
     out = node.outputs[0]
-    if out.shape is not None or shape is None or any(d is None for d in shape):
+    if out.shape is not None or shape is None:
         return
     out.shape = list(shape)
     out.dtype = out.dtype or node.inputs[0].dtype
@@ -108,7 +113,8 @@ class QLinearBroadcastHandler(BroadcastHandler):
         if a is not None and b is not None:
             rank = max(len(a), len(b))
             a, b = (1,) * (rank - len(a)) + a, (1,) * (rank - len(b)) + b
-            _refine_output(node, ctx, [x if y == 1 else y for x, y in zip(a, b)])
+            _refine_output(node, ctx, [x if y == 1 else y if x == 1 or x is None else x
+                                       for x, y in zip(a, b)])
         super().propagate(node, ctx)
 
 
@@ -144,3 +150,47 @@ class QLinearGlobalAveragePoolHandler:
 
     def apply(self, node, ctx) -> None:
         pass
+
+
+def _infer_as(node, ctx, op: str, inputs: list) -> None:
+    """Output shape of a com.microsoft op from its float twin's onnx shape inference."""
+    import onnx
+
+    if node.outputs[0].shape is not None or any(ctx.shape(t) is None for t in inputs):
+        return
+    attrs = {k: v for k, v in node.attrs.items() if k != "channels_last"}
+    try:
+        proto = onnx.helper.make_node(op, [t.name for t in inputs], ["y"], **attrs)
+        types = {t.name: onnx.helper.make_tensor_type_proto(onnx.TensorProto.FLOAT,
+                                                             list(ctx.shape(t)))
+                 for t in inputs}
+        inferred = onnx.shape_inference.infer_node_outputs(
+            onnx.defs.get_schema(op, ctx.opset), proto, types)
+        dims = inferred["y"].tensor_type.shape.dim
+    except Exception:  # best effort: handlers block what stays unknown
+        return
+    _refine_output(node, ctx, [d.dim_value if d.HasField("dim_value") else None for d in dims])
+
+
+@register("QLinearAveragePool", domain=MS)
+class QLinearAveragePoolHandler(PoolHandler):
+    """QLinearAveragePool: an AveragePool on integers (channels_first only)."""
+
+    def propagate(self, node, ctx) -> None:
+        if int(node.attrs.get("channels_last", 0)):
+            ctx.block(ctx.map(node.inputs[0]), f"{node.op} {node.name} is channels-last")
+            return
+        _infer_as(node, ctx, "AveragePool", [node.inputs[0]])
+        super().propagate(node, ctx)
+
+
+@register("QLinearConcat", domain=MS)
+class QLinearConcatHandler(ConcatHandler):
+    """QLinearConcat: a Concat of every third input from the third (module docstring)."""
+
+    def data_inputs(self, node) -> list:
+        return list(node.inputs[2::3])
+
+    def propagate(self, node, ctx) -> None:
+        _infer_as(node, ctx, "Concat", self.data_inputs(node))
+        super().propagate(node, ctx)
