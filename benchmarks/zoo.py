@@ -4,10 +4,11 @@
 
 Uses the test zoo (tests/torch_models.py) and the transformer models of tests/attention_models.py,
 exported by TorchScript (BN folded) and by torch.export (BN kept). With --peers, also the params
-after onnxsim's structured pruning. ``--only NAME`` runs the named models only. Heads (attention
-layers' whole heads) are counted in "groups" like channel groups; "heads" lists pruned heads.
-Then the shipped forms with dynamic input dims (tests/shipped_forms.py), pruned with no option
-but the sparsity: the sizes chosen and verified, and the time of the whole prune.
+after onnxsim's structured pruning. ``--only NAME`` runs the named models only (and skips the
+dynamic forms). Heads (attention layers' whole heads) are counted in "groups" like channel groups;
+"heads kept" sums them over the attention layers. Then the shipped forms with dynamic input dims
+(tests/shipped_forms.py), pruned with no option but the sparsity: the sizes chosen and verified,
+and the time of the whole prune.
 """
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ def main() -> None:
                 except Exception as err:  # the peer refusing a model
                     row += f" failed: {type(err).__name__} |"
             print(row, flush=True)
-    dynamic_rows()
+    if not args.only:
+        dynamic_rows()
 
 
 def dynamic_rows() -> None:
