@@ -18,6 +18,7 @@ from .config import PruneConfig
 from .deps import handlers  # noqa: F401  (registers every op handler)
 from .deps.analysis import QUANTIZED_LAYERS, Analysis, build_analysis
 from .deps.constants import fold_constant_shapes
+from .deps.registry import handler_for
 from .errors import ConfigError, UnsupportedOpError, VerificationError
 from .input_sizes import InputSizes, choose_sizes, infer_shapes_at
 from .plan import PrunePlan, plan_pruning
@@ -166,12 +167,15 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
     quantized = _quantized_layers(graph)
     if quantized:
         report.notes.append(
-            f"{len(quantized)} quantized layer(s) left unpruned ({', '.join(quantized[:6])}"
-            f"{', ...' if len(quantized) > 6 else ''}): integer weights with their scales and "
-            "zero points are not sliced; prune the float model before quantizing")
+            f"{len(quantized)} QOperator/integer layer(s) left unpruned ({', '.join(quantized[:6])}"
+            f"{', ...' if len(quantized) > 6 else ''}): onnx-fpgm has no handler for them yet, so "
+            "their integer weights, scales and zero points stay whole; QDQ models (weights "
+            "through DequantizeLinear) are pruned: quantize with the QDQ format, or prune the "
+            "float model before quantizing")
     if not analysis.sources:
-        report.notes.append("no prunable layer: the model has no float Conv, ConvTranspose, Gemm "
-                            "or MatMul with constant weights; written unchanged")
+        report.notes.append("no prunable layer: the model has no Conv, ConvTranspose, Gemm or "
+                            "MatMul with constant weights (stored, or dequantized from stored "
+                            "integers); written unchanged")
     elif not plan.n_removed:
         report.notes.append("nothing was pruned: no prunable group lost a channel "
                             "(see the frozen reasons)")
@@ -304,8 +308,10 @@ def _note_alignment(report: Report, plan: PrunePlan, config: PruneConfig) -> Non
 
 
 def _quantized_layers(graph) -> list[str]:
-    """``op name`` of every quantized layer (QLinear/Integer ops, onnxruntime's contrib ones)."""
-    return [f"{node.op} {node.name}" for node in graph.nodes if node.op in QUANTIZED_LAYERS]
+    """``op name`` of every QOperator/integer layer (QLinear/Integer ops, onnxruntime's contrib
+    ones): these have no handler. QDQ layers (float ops over DequantizeLinear) are not listed."""
+    return [f"{node.op} {node.name}" for node in graph.nodes
+            if node.op in QUANTIZED_LAYERS and handler_for(node.op, node.domain or "") is None]
 
 
 def _check_strict(analysis: Analysis) -> None:

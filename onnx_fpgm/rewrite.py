@@ -41,6 +41,8 @@ def apply_plan(graph: gs.Graph, analysis: Analysis, plan: PrunePlan, opset: int)
     graph.outputs.extend(already_dead)
     graph.cleanup(remove_unused_graph_inputs=False)
     graph.outputs = outputs
+    if ctx.added_nodes:  # private quantizer copies were appended after their readers
+        graph.toposort()
     return ctx.notes
 
 

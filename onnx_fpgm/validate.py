@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import io
+from . import io, qdq
 from .deps.analysis import Analysis
 from .deps.constants import ConstantFolder
 from .errors import ConfigError, VerificationError
@@ -31,6 +31,9 @@ ATOL = 1e-6
 #: order, so the two models legitimately differ by a few units in the last place per op; 1e-2
 #: relative still catches a wrong or misplaced channel, which changes outputs by O(1).
 RTOL_HALF = 1e-2
+#: QDQ models: a difference of the real quantized models beyond this many quantization steps is
+#: no rounding flip but a wrong model (rounding flips move outputs by a few steps).
+MAX_QUANTIZED_STEPS = 64
 
 
 def tolerance_for(dtype: np.dtype) -> float:
@@ -68,6 +71,13 @@ class CompareResult:
     problem: str | None = None
     reference_failed: bool = False  # onnxruntime could not run the reference model
     checked_at: list[str] = field(default_factory=list)  # input sizes verified, in order
+    #: QDQ models: activation Q/DQ pairs were bypassed for the check (see ``qdq``); the real
+    #: quantized models' largest output difference, in quantization steps (None: no such output
+    #: or not run), and the check's note.
+    qdq_bypassed: bool = False
+    quantized_steps: float | None = None
+    #: QOperator models: integer layers make pruned and masked outputs equal bit for bit.
+    bit_exact: bool = False
 
     def __bool__(self) -> bool:
         return self.interface_ok and self.problem is None and all(self.outputs)
@@ -81,7 +91,15 @@ class CompareResult:
             return self.problem
         bad = [o for o in self.outputs if not o]
         if not bad:
-            return f"matches the masked original (max relative error {self.max_rel_error:.2e})"
+            text = f"matches the masked original (max relative error {self.max_rel_error:.2e}"
+            if self.bit_exact:
+                text += ", bit for bit"
+            if self.qdq_bypassed:
+                text += ", activation quantize/dequantize pairs bypassed"
+                if self.quantized_steps is not None:
+                    text += (f"; quantized models differ by at most {self.quantized_steps:.3g} "
+                             "quantization step(s)")
+            return text + ")"
         o = bad[0]
         return (f"output {o.name}: relative error {o.max_rel_error:.2e} "
                 f"(limit {o.tolerance:.0e}), "
@@ -159,7 +177,7 @@ def masked_original(model: onnx.ModelProto, analysis: Analysis,
     removed = analysis.removed_atoms(removed_classes)
     graph = gs.import_onnx(model)
     consts = ConstantFolder(opset)
-    counter = 0
+    counter, added = 0, False
     for node in graph.nodes:
         target = consumer_axis(node, analysis)
         if target is None:
@@ -168,23 +186,32 @@ def masked_original(model: onnx.ModelProto, analysis: Analysis,
         gone = removed[cmap.labels]
         if not gone.any():
             continue
-        weight = consts.value(node.inputs[1])
-        if weight is None:  # a product of two activations: nothing stored to mask
-            continue
-        masked = np.array(weight, copy=True)
-        conv_group = int(node.attrs.get("group", 1)) if node.op == "Conv" else 1
-        if conv_group > 1:  # grouped conv: output o of group j reads inputs of group j only
-            per_group, rows = masked.shape[1], masked.shape[0] // conv_group
-            for j in range(conv_group):
-                local = np.flatnonzero(gone[j * per_group:(j + 1) * per_group])
-                masked[j * rows:(j + 1) * rows, local] = 0
-        else:
-            index = [slice(None)] * masked.ndim
-            index[weight_axis] = np.flatnonzero(gone)
-            masked[tuple(index)] = 0
+        conv_group = int(node.attrs.get("group", 1)) if node.op in ("Conv", "QLinearConv") else 1
+        w_index, zero = _integer_weight(node, consts)
+
+        def mask(stored: np.ndarray, fill: np.ndarray, gone=gone, axis=weight_axis,
+                 conv_group=conv_group) -> np.ndarray:
+            masked = np.array(stored, copy=True)
+            fill = np.broadcast_to(fill, masked.shape)
+            if conv_group > 1:  # grouped conv: output o of group j reads inputs of group j only
+                per_group, rows = masked.shape[1], masked.shape[0] // conv_group
+                for j in range(conv_group):
+                    block = (slice(j * rows, (j + 1) * rows),
+                             np.flatnonzero(gone[j * per_group:(j + 1) * per_group]))
+                    masked[block] = fill[block]
+            else:
+                index = [slice(None)] * masked.ndim
+                index[axis] = np.flatnonzero(gone)
+                masked[tuple(index)] = fill[tuple(index)]
+            return masked
+
         counter += 1
-        node.inputs[1] = gs.Constant(f"{node.inputs[1].name}__masked{counter}", masked)
+        if qdq.mask_input(graph, node, w_index, mask, consts,
+                          f"{node.inputs[w_index].name}__masked{counter}", zero):
+            added = added or bool(node.inputs[1].inputs)  # a masked copy of a quantizer chain
     graph.cleanup(remove_unused_graph_inputs=False)
+    if added:
+        graph.toposort()
     out = gs.export_onnx(graph, do_type_check=False)
     io.restore_interface_types(out, model)
     out.ir_version = model.ir_version
@@ -193,22 +220,45 @@ def masked_original(model: onnx.ModelProto, analysis: Analysis,
     return out
 
 
+#: QOperator layers: the float op they stand for (same weight layout).
+_QOPERATOR_AS = {"QLinearConv": "Conv", "QGemm": "Gemm"}
+
+
+def _integer_weight(node: gs.Node, consts: ConstantFolder) -> tuple[int, np.ndarray | None]:
+    """(weight input index, zero point broadcastable to the weight) of a consumer; the zero
+    point only for QOperator layers, whose integer weights are stored as they are."""
+    if node.op not in _QOPERATOR_AS:
+        return 1, None
+    weight = consts.value(node.inputs[3])
+    zero = consts.value(node.inputs[5]) if len(node.inputs) > 5 and node.inputs[5].name else None
+    if zero is None or weight is None:
+        return 3, None
+    zero = np.asarray(zero, weight.dtype)
+    if zero.size == 1:
+        return 3, zero.reshape(())
+    axis = 0 if node.op == "QLinearConv" or int(node.attrs.get("transB", 0)) else 1
+    shape = [1] * weight.ndim
+    shape[axis] = zero.size
+    return 3, zero.reshape(shape)
+
+
 def consumer_axis(node: gs.Node, analysis: Analysis):
     """(input channel map, weight axis) when ``node`` contracts over mapped channels."""
     if len(node.inputs) < 2 or node.inputs[0] is None:
         return None
+    op = _QOPERATOR_AS.get(node.op, node.op)
     cmap = analysis.maps.get(node.inputs[0].name)
     if cmap is None:
         return None
-    if node.op in ("Conv", "ConvTranspose") and int(node.attrs.get("group", 1)) == 1:
-        return cmap, 1 if node.op == "Conv" else 0
+    if op in ("Conv", "ConvTranspose") and int(node.attrs.get("group", 1)) == 1:
+        return cmap, 1 if op == "Conv" else 0
     out_map = analysis.maps.get(node.outputs[0].name) if node.outputs else None
     passes_through = out_map is not None and out_map.labels is cmap.labels  # depthwise
-    if node.op == "Conv" and not passes_through:  # grouped: consumes its input channels
+    if op == "Conv" and not passes_through:  # grouped: consumes its input channels
         return cmap, 1
-    if node.op == "Gemm" and not int(node.attrs.get("transA", 0)):
+    if op == "Gemm" and not int(node.attrs.get("transA", 0)):
         return cmap, 1 if int(node.attrs.get("transB", 0)) else 0
-    if node.op == "MatMul":
+    if op == "MatMul":
         rank = analysis.ranks.get(node.inputs[0].name)
         if rank is not None and cmap.axis == rank - 1:
             return cmap, 0
@@ -227,16 +277,17 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto,
 class _SessionPair:
     """Sessions of the reference and the pruned model, created once for several feeds."""
 
-    def __init__(self, reference: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
+    def __init__(self, reference: onnx.ModelProto, pruned: onnx.ModelProto,
+                 optimize: bool = False) -> None:
         self.names = [o.name for o in reference.graph.output]
         self.reference = self.pruned = None
         self.reference_error = self.pruned_error = None
         try:
-            self.reference = make_session(reference)
+            self.reference = make_session(reference, optimize=optimize)
         except Exception as err:
             self.reference_error = _first_line(err)
         try:
-            self.pruned = make_session(pruned)
+            self.pruned = make_session(pruned, optimize=optimize)
         except Exception as err:
             self.pruned_error = _first_line(err)
 
@@ -316,11 +367,13 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, *, analysis: Anal
     if analysis is not None and removed_classes is not None and len(removed_classes):
         reference = masked_original(original, analysis, removed_classes, opset or 13)
     sets = size_sets or [input_shapes]
+    quantized = qdq.activation_pairs(original) if reference is not original else []
     if _interface(reference) != _interface(pruned):
         result = CompareResult(interface_ok=False,
                                problem="graph inputs/outputs differ from the original")
     else:
-        sessions = _SessionPair(reference, pruned)
+        sessions = _SessionPair(reference, pruned) if not quantized else \
+            _SessionPair(qdq.bypass_activation_pairs(reference), qdq.bypass_activation_pairs(pruned))
         for k, shapes in enumerate(sets):
             feeds = random_inputs(original, seed + k, shapes)
             result = sessions.compare(feeds)
@@ -331,9 +384,47 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, *, analysis: Anal
                 if len(sets) > 1:
                     result.problem = f"at input sizes {_sizes_text(shapes)}: {result.summary()}"
                 break
+        if result and reference is not original and any(
+                node.op_type in _QOPERATOR_AS for node in original.graph.node):
+            differing = [o for o in result.outputs if o.max_abs_error > 0]
+            result.bit_exact = not differing
+            if differing:
+                result.problem = (f"output {differing[0].name}: the QOperator model differs from "
+                                  f"its masked original by {differing[0].max_abs_error:.3g} "
+                                  "(integer layers must agree bit for bit)")
+        if quantized and result:
+            result.qdq_bypassed = True
+            result.quantized_steps = _quantized_steps(reference, pruned, original, seed, sets)
+            if result.quantized_steps is not None and \
+                    result.quantized_steps > MAX_QUANTIZED_STEPS:
+                result.problem = (f"the quantized models differ by {result.quantized_steps:.3g} "
+                                  f"quantization steps (limit {MAX_QUANTIZED_STEPS})")
     if raise_on_failure and not result:
         raise VerificationError(f"verification failed: {result.summary()}")
     return result
+
+
+def _quantized_steps(reference: onnx.ModelProto, pruned: onnx.ModelProto,
+                     original: onnx.ModelProto, seed: int, sets: list) -> float | None:
+    """Largest output difference of the real quantized models, in quantization steps.
+
+    They run as deployed: onnxruntime's optimiser fuses the Q/DQ pairs into integer kernels.
+    """
+    steps = qdq.output_steps(original)
+    if not steps:
+        return None
+    pair = _SessionPair(reference, pruned, optimize=True)
+    if pair.reference is None or pair.pruned is None:
+        return None
+    names = [o.name for o in original.graph.output]
+    worst = None
+    for k, shapes in enumerate(sets):
+        feeds = random_inputs(original, seed + k, shapes)
+        found = qdq.max_steps(names, steps, pair.reference.run(None, feeds),
+                              pair.pruned.run(None, feeds))
+        if found is not None:
+            worst = found if worst is None else max(worst, found)
+    return worst
 
 
 def _sizes_text(shapes: dict[str, tuple[int, ...]] | None) -> str:

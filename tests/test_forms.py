@@ -694,28 +694,30 @@ def test_tf2onnx_channels_last_batchnorm_as_mul_add() -> None:
 
 # --- 7. quantized models ----------------------------------------------------------------------
 
-QUANTIZED = ["qdq_per_channel", "qdq_per_tensor", "qlinearconv", "fp32_stem_then_qdq"]
+QDQ_FORMS = {"qdq_per_channel": {"conv1"}, "qdq_per_tensor": {"conv1"},
+             "fp32_stem_then_qdq": {"stem", "conv1"}}
 
 
-@pytest.mark.parametrize("form", QUANTIZED)
-def test_quantized_models_are_left_whole(form: str) -> None:
-    """QDQ and QLinear ops have no handler: never a wrong model, the float layers say why."""
+@pytest.mark.parametrize("form", list(QDQ_FORMS))
+def test_qdq_models_are_pruned(form: str) -> None:
+    """Weights through DequantizeLinear and activation Q/DQ pairs: pruned like float layers."""
     model = _quantized(form)
     onnx.checker.check_model(model, full_check=True)
     result = onnx_fpgm.prune(model, 0.5)
-    _assert_unchanged(model, result)
-    assert result.report.notes
-    if form == "fp32_stem_then_qdq":
-        reason = _frozen_reason(result, "stem")
-        assert reason and "QuantizeLinear" in reason
+    assert pruned_layers(result) == QDQ_FORMS[form]
+    check_pruned(model, result)
+    assert "bypassed" in result.report.verification["summary"]
+    assert not any("quantized layer" in note for note in result.report.notes)
 
 
-@pytest.mark.parametrize("form", ["qdq_per_channel", "qlinearconv"])
-def test_quantized_layers_are_named_in_the_report(form: str) -> None:
-    result = onnx_fpgm.prune(_quantized(form), 0.5)
-    reasons = _reasons(result)
-    assert "conv1" in reasons
-    assert ("DequantizeLinear" if form.startswith("qdq") else "QLinearConv") in reasons
+def test_qlinearconv_model_is_pruned_bit_exactly() -> None:
+    """QLinearConv: int8 weights, per-tensor scales; the masked original agrees bit for bit."""
+    model = _quantized("qlinearconv")
+    onnx.checker.check_model(model, full_check=True)
+    result = onnx_fpgm.prune(model, 0.5)
+    assert pruned_layers(result) == {"conv1"}
+    check_pruned(model, result)
+    assert "bit for bit" in result.report.verification["summary"]
 
 
 # --- 8. control flow --------------------------------------------------------------------------

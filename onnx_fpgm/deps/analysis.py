@@ -35,7 +35,8 @@ SHAPE_PARAMETER_INPUTS = frozenset({("Split", 1), ("Reshape", 1), ("Resize", 3),
                                     ("Slice", 2), ("SplitToSequence", 1)})
 #: Shape parameters whose handler reads them element by element (``shape_values``).
 ELEMENTWISE_PARAMETER_INPUTS = frozenset({("Reshape", 1), ("Resize", 3)})
-#: Quantized layer ops (no handler): named in the report even when no channel of ours reaches them.
+#: QOperator/integer layer ops (no handler): named in the report even when no channel of ours
+#: reaches them. QDQ layers are float ops over DequantizeLinear and are pruned like float ones.
 QUANTIZED_LAYERS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
                               "QGemm", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul",
                               "MatMulIntegerToFloat", "QAttention", "QLinearConvTranspose"})
@@ -470,8 +471,8 @@ def build_analysis(graph: gs.Graph, opset: int,
             ctx.block_inputs(node, f"consumed by unsupported op {node.op} ({node.name})")
             if node.op in QUANTIZED_LAYERS and node.outputs:
                 ctx.blocked_tensors.append(
-                    (node.outputs[0].name, f"{node.op} {node.name}: quantized layers are not "
-                                           "pruned"))
+                    (node.outputs[0].name, f"{node.op} {node.name}: QOperator quantized layers "
+                                           "are not pruned (no handler)"))
             continue
         block_split_readers(node, handler, ctx)
         try:

@@ -4,6 +4,12 @@ Exporters hide weights in many ways (PaddlePaddle keeps every weight in a ``Cons
 mixed-precision exports put a ``Cast`` in front, others an ``Identity``; per-channel constants are
 sometimes computed by a ``Reshape``/``Mul``/``Sqrt`` chain). The folder evaluates such chains with
 onnx's reference evaluator, one node at a time, so the analysis can see the values.
+
+Quantized weights are seen through too: ``DequantizeLinear(W_q, scale, zero_point)`` (QDQ
+models) and ``DequantizeLinear(QuantizeLinear(W))`` (fake-quantized exports) over stored constants
+fold to the float weights they stand for, so every handler scores and consumes them like float
+weights; ``quantizer_of`` names the node the rewrite slices through. Blocked quantization
+(``block_size``) is not folded: such a layer is left whole, with ``weight_reason`` saying why.
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ FOLDABLE_OPS = frozenset({
     # index arithmetic of gathered per-head tables (Swin's relative position bias, torch.export)
     "GatherND", "GatherElements", "Where", "Less", "Greater", "Equal", "Not", "Mod",
 })
+#: Quantize/dequantize ops folded over constants (per-tensor and per-axis; never blocked).
+QUANTIZE_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 #: Larger results are not folded (weights are stored, not computed, in real models).
 MAX_FOLD_ELEMENTS = 1 << 24
 
@@ -96,7 +104,8 @@ class ConstantFolder:
         node = tensor.inputs[0]
         if node.op == "Constant":
             return constant_node_value(node)
-        if node.op not in FOLDABLE_OPS or node.domain not in ("", "ai.onnx", None):
+        if node.domain not in ("", "ai.onnx", None) or not (
+                node.op in FOLDABLE_OPS or (node.op in QUANTIZE_OPS and not block_size(node))):
             return None
         inputs = []
         for inp in node.inputs:
@@ -118,6 +127,8 @@ class ConstantFolder:
         return self._run_node(node, inputs, tensor)
 
     def _run_node(self, node: gs.Node, inputs: list, tensor: gs.Tensor) -> np.ndarray | None:
+        if node.op in QUANTIZE_OPS:  # the reference evaluator has them from opset 19 only
+            return quantize_value(node, inputs)
         from onnx.reference import ReferenceEvaluator
 
         names = [f"i{k}" if v is not None else "" for k, v in enumerate(inputs)]
@@ -149,6 +160,67 @@ class ConstantFolder:
         if value.size > MAX_FOLD_ELEMENTS:
             return None
         return value
+
+
+def quantize_value(node: gs.Node, inputs: list) -> np.ndarray | None:
+    """Quantize/DequantizeLinear (per-tensor or per-axis, integer types) as onnxruntime does it.
+
+    None for types we do not evaluate (float8, int4): the weight is then not a constant.
+    """
+    data, scale = np.asarray(inputs[0]), np.asarray(inputs[1])
+    zero = np.asarray(inputs[2]) if len(inputs) > 2 and inputs[2] is not None else None
+    if scale.size > 1:
+        if scale.ndim != 1:
+            return None
+        shape = [1] * data.ndim
+        shape[int(node.attrs.get("axis", 1)) % data.ndim] = scale.size
+        scale = scale.reshape(shape)
+        zero = zero.reshape(shape) if zero is not None else None
+    if node.op == "DequantizeLinear":
+        if data.dtype.kind not in "iu":
+            return None
+        shifted = data.astype(np.int32) - (zero.astype(np.int32) if zero is not None else 0)
+        return (shifted.astype(scale.dtype) * scale).astype(scale.dtype)
+    dtype = zero.dtype if zero is not None else np.dtype(np.uint8)
+    if dtype.kind not in "iu" or "output_dtype" in node.attrs or "saturate" in node.attrs:
+        return None
+    info = np.iinfo(dtype)
+    values = np.rint(data.astype(np.float32) / scale) + (zero if zero is not None else 0)
+    return np.clip(values, info.min, info.max).astype(dtype)
+
+
+def block_size(node: gs.Node) -> int:
+    """The ``block_size`` of a blocked (opset 21) Quantize/DequantizeLinear; 0 otherwise."""
+    return int(node.attrs.get("block_size", 0) or 0)
+
+
+def quantizer_of(tensor: gs.Tensor | None) -> gs.Node | None:
+    """The Quantize/DequantizeLinear producing ``tensor`` from a stored constant, or None.
+
+    Its data input may itself be quantized (``DequantizeLinear(QuantizeLinear(W))``); scale and
+    zero point must be stored constants too (checked by the caller's folding).
+    """
+    if tensor is None or isinstance(tensor, gs.Constant) or len(tensor.inputs) != 1:
+        return None
+    node = tensor.inputs[0]
+    if node.op not in QUANTIZE_OPS or node.domain not in ("", "ai.onnx", None) or \
+            not node.inputs or node.inputs[0] is None:
+        return None
+    data = node.inputs[0]
+    if root_constant(data) is None and quantizer_of(data) is None:
+        return None
+    return node
+
+
+def weight_reason(tensor: gs.Tensor | None) -> str:
+    """Why a weight is not a constant we can slice (appended to a handler's reason)."""
+    if tensor is None or isinstance(tensor, gs.Constant) or len(tensor.inputs) != 1:
+        return ""
+    source = tensor.inputs[0]
+    if source.op in QUANTIZE_OPS and block_size(source):
+        return (f" (blocked quantization by {source.op} {source.name}, block_size="
+                f"{block_size(source)}: scales are shared by blocks of input rows)")
+    return f" (computed by {source.op} {source.name})"
 
 
 def fold_constant_shapes(graph: gs.Graph) -> int:

@@ -25,8 +25,7 @@ REASONS: tuple[ReasonKind, ...] = (
                "interface (inputs and outputs never change)."),
     ReasonKind("ops without a handler", r"unsupported op|could not analyse",
                "Channels consumed by an op the engine has no handler for (LSTM/GRU/RNN, TopK, "
-               "QuantizeLinear/DequantizeLinear and QLinear ops, custom "
-               "domains, ...). Unknown ops are never assumed to be element-wise."),
+               "QOperator ops such as QLinearConv, custom domains, ...). Unknown ops are never assumed to be element-wise."),
     ReasonKind("control flow", r"control-flow op",
                "Channels read by If/Loop/Scan or inside their subgraphs, which are left "
                "untouched."),
@@ -61,12 +60,23 @@ REASONS: tuple[ReasonKind, ...] = (
                "grouped Conv whose groups would not all keep the same number of channels "
                "(each group is pruned at the same rate; a coupling that breaks the balance "
                "freezes them)."),
-    ReasonKind("quantized layers", r"quantized layers|computed by (DequantizeLinear|QuantizeLinear)",
-               "QLinearConv/QLinearMatMul/ConvInteger/MatMulInteger, onnxruntime's "
-               "DynamicQuantizeLSTM/DynamicQuantizeMatMul, and convs whose weight comes from a "
-               "DequantizeLinear (QDQ): left unpruned and named in the report (a model with "
-               "nothing else is written unchanged, exit 0); prune the float model before "
-               "quantizing."),
+    ReasonKind("quantized layers",
+               r"quantized layers|computed by (DequantizeLinear|QuantizeLinear)|blocked "
+               r"quantization|quantization parameter|scale or zero point of|per-channel "
+               r"parameters of|computes one scale from all channels",
+               "QDQ models are pruned like float ones (weights through DequantizeLinear are "
+               "scored dequantized; W_q, per-axis scales and zero points and int32 biases are "
+               "sliced; activation Q/DQ pairs pass channels), and so are QLinearConv and "
+               "com.microsoft QGemm, QLinearAdd/QLinearMul, QLinearConcat, QLinearAveragePool, "
+               "QLinearGlobalAveragePool, QLinearSigmoid/QLinearLeakyRelu. Left whole: QOperator "
+               "and integer layers without a handler yet (QLinearMatMul, ConvInteger, "
+               "MatMulInteger, onnxruntime's DynamicQuantizeLSTM/DynamicQuantizeMatMul: named "
+               "in the report, a model with nothing else is written unchanged, exit 0), "
+               "blocked quantization (opset 21 block_size: one scale per block of rows), "
+               "float8/int4 weights, quantization parameters computed at run time or carrying "
+               "channels, blocked activation parameters along the channel axis, and channels "
+               "read by DynamicQuantizeLinear (one scale from the min/max of all channels: "
+               "removing one would change the quantization of the others)."),
     ReasonKind("computed weights or parameters",
                r"not a stored|not constant|computed shape|no constant 2-D weight|"
                r"computed or",

@@ -4,6 +4,11 @@ Constants are sliced where they are stored (the initializer, or the ``Constant``
 ``Identity``/``Cast`` chain), keeping their names, dtype and bytes of the kept entries. A constant
 that another node also reads is never sliced in place: the pruned node gets its own copy
 (copy-on-write), and the event is noted for the report.
+
+A weight stored quantized (``DequantizeLinear(W_q, scale, zero_point)``, possibly over a
+``QuantizeLinear`` of a float constant) is sliced through its quantizer: ``W_q`` along the pruned
+axis, and per-axis scale/zero point too when their axis is the pruned one (per-tensor ones stay).
+A quantizer that other nodes also read is duplicated for the pruned node first.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from onnx import helper
 from ..errors import RewriteError
 from .analysis import Analysis, ChannelMap
 from .blocks import SplitMap, split_keep
-from .constants import ConstantFolder, root_constant
+from .constants import ConstantFolder, block_size, quantizer_of, root_constant
 from .shape_values import Source
 
 
@@ -32,7 +37,12 @@ class RewriteContext:
         self._sources = {s.node for s in analysis.sources}
         self.consts = ConstantFolder(opset)
         self.notes: list[str] = []
-        self._names = {t for t in graph.tensors()}
+        self._names = {t for t in graph.tensors()} | {n.name for n in graph.nodes}
+        #: Nodes added by the rewrite (private quantizer copies): the graph needs a toposort.
+        self.added_nodes: list[gs.Node] = []
+        #: Sliced copies of shared constants, by (root, chain, axis, kept): readers slicing a
+        #: shared constant alike share one copy.
+        self._sliced_copies: dict[tuple, gs.Constant] = {}
 
     # ---- reading ----
     def map(self, tensor: gs.Tensor | None) -> ChannelMap | None:
@@ -86,6 +96,10 @@ class RewriteContext:
     def slice_input(self, node: gs.Node, index: int, axis: int, keep: np.ndarray) -> None:
         """Keep only ``keep`` along ``axis`` of the constant feeding ``node.inputs[index]``."""
         tensor = node.inputs[index]
+        quantizer = quantizer_of(tensor)
+        if quantizer is not None:
+            self._slice_quantized(node, index, quantizer, axis, keep)
+            return
         found = root_constant(tensor)
         if found is not None:
             root, chain = found
@@ -97,13 +111,70 @@ class RewriteContext:
                 _store_value(root, sliced)
                 self._edited()
                 return
+            key = (id(root), tuple(id(c) for c in chain), axis, keep.tobytes())
+            if key in self._sliced_copies:  # sliced alike by another reader (a Q/DQ pair's scale)
+                node.inputs[index] = self._sliced_copies[key]
+                return
             value = _through_chain(sliced, chain)
+            self._attach_copy(node, index, value, "sliced copy")
+            self._sliced_copies[key] = node.inputs[index]
+            return
         else:
             value = self.const(tensor)
             if value is None:
                 raise RewriteError(f"input {tensor.name} of {node.name} is not constant")
             value = np.take(value, keep, axis=axis)
         self._attach_copy(node, index, value, "sliced copy")
+
+    def _slice_quantized(self, node: gs.Node, index: int, quantizer: gs.Node, axis: int,
+                         keep: np.ndarray) -> None:
+        """Slice a quantized constant: its integers (or float source) and per-axis parameters."""
+        quantizer = self._private_quantizer(node, index, quantizer)
+        data = self.const(quantizer.inputs[0])
+        scale = self.const(quantizer.inputs[1])
+        if data is None or scale is None or block_size(quantizer):
+            raise RewriteError(f"cannot slice the quantized input {index} of {node.name} "
+                               f"through {quantizer.op} {quantizer.name}")
+        q_axis = int(quantizer.attrs.get("axis", 1))
+        q_axis = q_axis + data.ndim if q_axis < 0 else q_axis
+        self.slice_input(quantizer, 0, axis, keep)
+        if scale.size > 1 and q_axis == axis:  # per-axis along the pruned axis
+            for param in (1, 2):
+                if len(quantizer.inputs) > param and quantizer.inputs[param] is not None and \
+                        quantizer.inputs[param].name:
+                    self.slice_input(quantizer, param, 0, keep)
+
+    def map_input(self, node: gs.Node, index: int, axis: int, transform) -> None:
+        """Replace the constant at ``node.inputs[index]`` by ``transform(value)``, which only
+        rearranges entries along ``axis`` (a grouped conv's input slices); quantized constants
+        are transformed in their stored integers, per-axis parameters on other axes stay."""
+        quantizer = quantizer_of(node.inputs[index])
+        if quantizer is None:
+            self.set_input_value(node, index, transform(self.const(node.inputs[index])))
+            return
+        quantizer = self._private_quantizer(node, index, quantizer)
+        data, scale = self.const(quantizer.inputs[0]), self.const(quantizer.inputs[1])
+        q_axis = int(quantizer.attrs.get("axis", 1))
+        if data is None or scale is None or (scale.size > 1 and q_axis % data.ndim == axis):
+            raise RewriteError(f"cannot rewrite the quantized input {index} of {node.name}")
+        self.map_input(quantizer, 0, axis, transform)
+
+    def _private_quantizer(self, node: gs.Node, index: int, quantizer: gs.Node) -> gs.Node:
+        """``quantizer`` itself when only ``node`` reads its output, else a copy for ``node``."""
+        out = quantizer.outputs[0]
+        graph_outputs = {t.name for t in self.graph.outputs}
+        if out.name not in graph_outputs and len(out.outputs) == 1 and \
+                sum(1 for t in node.inputs if t is out) == 1:
+            return quantizer
+        copy_out = gs.Variable(self._unique(f"{out.name}__{node.name}"), dtype=out.dtype)
+        copy = gs.Node(quantizer.op, self._unique(f"{quantizer.name}__{node.name}"),
+                       dict(quantizer.attrs), list(quantizer.inputs), [copy_out],
+                       domain=quantizer.domain)
+        self.graph.nodes.append(copy)
+        self.added_nodes.append(copy)
+        node.inputs[index] = copy_out
+        self.notes.append(f"{node.name}: {quantizer.name} is shared; used a private copy")
+        return copy
 
     def set_input_value(self, node: gs.Node, index: int, value: np.ndarray) -> None:
         """Replace the constant at ``node.inputs[index]`` by ``value`` (same dtype)."""

@@ -6,6 +6,8 @@ from . import (  # noqa: F401
     linear,
     norm,
     pool,
+    qoperator,
+    quantize,
     reshape,
     sequence,
     shape,

@@ -9,6 +9,8 @@ Channel algebra (NCHW, ``g`` = the ``group`` attribute):
   its filter ``W[c]`` joins channel c's group; removal slices ``W``/``B`` on axis 0 and sets g.
 * ConvTranspose, g == 1: ``W[i, o, k...]`` (input channels first); output channel o is the
   filter ``W[:, o]``.
+* A weight (or bias) given as ``DequantizeLinear`` of stored integers is the same filter: it is
+  scored dequantized and sliced where stored (``RewriteContext.slice_input``).
 * Other grouped convs are blocked: their channel counts must stay divisible by g.
 """
 from __future__ import annotations
@@ -16,23 +18,24 @@ from __future__ import annotations
 import numpy as np
 
 from ..analysis import ChannelMap
+from ..constants import weight_reason
 from ..registry import register
 from ...errors import RewriteError
 from ._util import has_input, split_parts
 
 
-def _weight_or_block(node, ctx):
-    weight = ctx.const(node.inputs[1]) if len(node.inputs) > 1 else None
+def _weight_or_block(node, ctx, w: int = 1, b: int = 2, weight=None):
+    if weight is None:
+        weight = ctx.const(node.inputs[w]) if len(node.inputs) > w else None
     if weight is None or weight.ndim < 2:
         reason = f"weight of {node.name} is not a stored constant"
-        source = node.inputs[1].inputs[0] if len(node.inputs) > 1 and node.inputs[1].inputs \
-            else None
-        if source is not None:
-            reason += f" (computed by {source.op} {source.name}); layer not pruned"
+        detail = weight_reason(node.inputs[w]) if len(node.inputs) > w else ""
+        if detail:
+            reason += f"{detail}; layer not pruned"
         ctx.block_inputs(node, reason)
         ctx.blocked_tensors.append((node.outputs[0].name, reason))
         return None
-    if has_input(node, 2) and ctx.const(node.inputs[2]) is None:
+    if has_input(node, b) and ctx.const(node.inputs[b]) is None:
         ctx.block_inputs(node, f"bias of {node.name} is not a stored constant")
         return None
     return weight
@@ -50,8 +53,16 @@ def _input_map(node, ctx):
 class ConvHandler:
     """Conv: producer of filters, consumer of input channels (see module docstring)."""
 
+    #: Input indices of the weight and the bias (QLinearConv has its own).
+    WEIGHT, BIAS = 1, 2
+
+    def weight(self, node, ctx):
+        """The float filters to score (QLinearConv: dequantized)."""
+        return ctx.const(node.inputs[self.WEIGHT]) if len(node.inputs) > self.WEIGHT else None
+
     def propagate(self, node, ctx) -> None:
-        weight = _weight_or_block(node, ctx)
+        weight = _weight_or_block(node, ctx, self.WEIGHT, self.BIAS,
+                                  weight=self.weight(node, ctx))
         if weight is None:
             return
         xmap = _input_map(node, ctx)
@@ -94,22 +105,27 @@ class ConvHandler:
         ctx.set_map(node.outputs[0], out_map)
 
     def apply(self, node, ctx) -> None:
+        w, b = self.WEIGHT, self.BIAS
         conv_group = int(node.attrs.get("group", 1))
-        weight_shape = ctx.const(node.inputs[1]).shape
+        weight_shape = ctx.const(node.inputs[w]).shape
         depthwise = conv_group > 1 and weight_shape[1] == 1 and weight_shape[0] == conv_group
         keep_out = ctx.keep(node.outputs[0])
         keep_in = ctx.keep(node.inputs[0])
         if conv_group == 1 and keep_in is not None:
-            ctx.slice_input(node, 1, 1, keep_in)
+            ctx.slice_input(node, w, 1, keep_in)
         elif not depthwise and keep_in is not None:
-            ctx.set_input_value(node, 1, _grouped_input_slice(
-                ctx.const(node.inputs[1]), keep_in, conv_group, node.name))
+            ctx.map_input(node, w, 1, lambda value: _grouped_input_slice(
+                value, keep_in, conv_group, node.name))
         if keep_out is not None:
-            ctx.slice_input(node, 1, 0, keep_out)
-            if has_input(node, 2):
-                ctx.slice_input(node, 2, 0, keep_out)
+            ctx.slice_input(node, w, 0, keep_out)
+            if has_input(node, b):
+                ctx.slice_input(node, b, 0, keep_out)
+            self.slice_filter_parameters(node, ctx, keep_out)
             if depthwise:
                 node.attrs["group"] = len(keep_out)
+
+    def slice_filter_parameters(self, node, ctx, keep_out) -> None:
+        """Per-filter parameters besides weight and bias (QLinearConv's w_scale/w_zero_point)."""
 
 
 def _grouped_input_slice(weight: np.ndarray, keep_in: np.ndarray, conv_group: int,

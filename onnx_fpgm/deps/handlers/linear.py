@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..analysis import ChannelMap
+from ..constants import weight_reason
 from ..registry import register
 from . import split_axes
 from ._util import has_input
@@ -34,36 +35,49 @@ def _score_heads_with(node, ctx, amap, kn: np.ndarray) -> None:
 class GemmHandler:
     """Gemm: producer of output features, consumer of input features."""
 
+    #: Input indices of the weight and the bias (com.microsoft QGemm has its own).
+    WEIGHT, BIAS = 1, 2
+
+    def weight(self, node, ctx):
+        """The float weight to score (QGemm: dequantized)."""
+        return ctx.const(node.inputs[self.WEIGHT])
+
     def propagate(self, node, ctx) -> None:
         amap = ctx.map(node.inputs[0])
-        weight = ctx.const(node.inputs[1])
-        if ctx.map(node.inputs[1]) is not None or weight is None or weight.ndim != 2:
-            ctx.block_inputs(node, f"weight of Gemm {node.name} is not a stored 2-D constant")
+        weight = self.weight(node, ctx)
+        if ctx.map(node.inputs[self.WEIGHT]) is not None or weight is None or weight.ndim != 2:
+            ctx.block_inputs(node, f"weight of {node.op} {node.name} is not a stored 2-D "
+                                   f"constant{weight_reason(node.inputs[self.WEIGHT])}")
             return
-        if has_input(node, 2) and ctx.const(node.inputs[2]) is None:
-            ctx.block_inputs(node, f"bias of Gemm {node.name} is not a stored constant")
+        if has_input(node, self.BIAS) and ctx.const(node.inputs[self.BIAS]) is None:
+            ctx.block_inputs(node, f"bias of {node.op} {node.name} is not a stored constant")
             return
         if amap is not None and (int(node.attrs.get("transA", 0)) or amap.axis != 1):
-            ctx.block(amap, f"features reach Gemm {node.name} transposed")
+            ctx.block(amap, f"features reach {node.op} {node.name} transposed")
         kn = weight.T if int(node.attrs.get("transB", 0)) else weight
         _score_heads_with(node, ctx, amap, kn)
         atoms = ctx.new_source(node, kn.T)
         ctx.set_map(node.outputs[0], ChannelMap(1, atoms, fold_member=len(ctx.members) - 1))
 
     def apply(self, node, ctx) -> None:
+        w, b = self.WEIGHT, self.BIAS
         trans_b = int(node.attrs.get("transB", 0))
         keep_in = ctx.keep(node.inputs[0])
         if keep_in is not None:
-            ctx.slice_input(node, 1, 1 if trans_b else 0, keep_in)
+            ctx.slice_input(node, w, 1 if trans_b else 0, keep_in)
         keep_out = ctx.keep(node.outputs[0])
         if keep_out is None:
             return
-        ctx.slice_input(node, 1, 0 if trans_b else 1, keep_out)
-        if has_input(node, 2):
-            bias = ctx.const(node.inputs[2])
+        ctx.slice_input(node, w, 0 if trans_b else 1, keep_out)
+        self.slice_output_parameters(node, ctx, keep_out)
+        if has_input(node, b):
+            bias = ctx.const(node.inputs[b])
             n_out = len(ctx.map(node.outputs[0]).labels)
             if bias.ndim >= 1 and bias.shape[-1] == n_out and n_out > 1:
-                ctx.slice_input(node, 2, bias.ndim - 1, keep_out)
+                ctx.slice_input(node, b, bias.ndim - 1, keep_out)
+
+    def slice_output_parameters(self, node, ctx, keep_out) -> None:
+        """Per-output parameters besides weight and bias (QGemm's per-column b_scale)."""
 
 
 @register("MatMul")
@@ -83,7 +97,7 @@ class MatMulHandler:
         a_rank = len(ctx.shape(a)) if ctx.shape(a) is not None else None
         if weight is None or weight.ndim != 2 or a_rank is None or a_rank < 2:
             ctx.block_inputs(node, f"MatMul {node.name} has no constant 2-D weight "
-                                   "(or an input of unknown rank)")
+                                   f"(or an input of unknown rank){weight_reason(b)}")
             return
         y = node.outputs[0]
         if amap is not None and amap.axis < a_rank - 1:

@@ -116,12 +116,17 @@ class SqueezeHandler:
 class ConcatHandler:
     """Joins channels on the channel axis, couples them on any other axis."""
 
+    def data_inputs(self, node) -> list:
+        """The tensors joined (com.microsoft QLinearConcat interleaves their parameters)."""
+        return list(node.inputs)
+
     def propagate(self, node, ctx) -> None:
-        maps = [ctx.map(t) for t in node.inputs]
+        inputs = self.data_inputs(node)
+        maps = [ctx.map(t) for t in inputs]
         if not any(m is not None for m in maps):
             return
-        shapes = [ctx.shape(t) for t in node.inputs]
-        where = f"Concat {node.name}"
+        shapes = [ctx.shape(t) for t in inputs]
+        where = f"{node.op} {node.name}"
         if any(s is None for s in shapes):
             for m in maps:
                 ctx.block(m, f"input shapes of {where} are unknown")
