@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 
 from .calibration import Calibration, run_batched
 from .deps.analysis import Analysis, Group
+from .errors import ConfigError
 from .validate import consumer_axis, make_session
 
 #: Calibration samples used per measurement (enough to rank groups, cheap enough for many).
@@ -48,6 +49,11 @@ def build_masked_model(model: onnx.ModelProto, analysis: Analysis) -> MaskedMode
             continue
         cmap = found[0]
         tensor = node.inputs[0]
+        if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            # A QOperator layer reads integers: a removed channel is its zero point, which a
+            # multiplicative mask cannot express.
+            raise ConfigError(f"sensitivity allocation cannot mask the integer input of "
+                              f"{node.op} {node.name}: use --allocation global or uniform")
         rank = analysis.ranks.get(tensor.name)
         if rank is None:
             continue

@@ -226,3 +226,16 @@ def test_qoperator_concat_and_average_pool() -> None:
     check_pruned(model, result)
     assert "bit for bit" in result.report.verification["summary"]
     assert result.report.prunable_channels > 0.9 * result.report.total_channels
+
+
+
+def test_sensitivity_masks_refuse_integer_inputs() -> None:
+    """A QOperator layer reads integers: a multiplicative mask cannot stand for a removed
+    channel (that is its zero point), so the sensitivity measurement says so instead of
+    measuring something else."""
+    from onnx_fpgm.sensitivity import build_masked_model
+
+    model = static("resnet18_like", "qoperator")
+    result = onnx_fpgm.prune(model, 0.5, verify=False)
+    with pytest.raises(onnx_fpgm.ConfigError, match="sensitivity allocation cannot mask"):
+        build_masked_model(result.original, result.analysis)
