@@ -417,8 +417,8 @@ def _write_external(model: onnx.ModelProto, model_file: Path, data_file: Path,
     every tensor is small; the caller then writes no data file).
     """
     shell = onnx.ModelProto()
-    _copy_fields(model, shell, skip={"graph"})
-    _copy_fields(model.graph, shell.graph, skip={"initializer"})
+    copy_fields(model, shell, skip={"graph"})
+    copy_fields(model.graph, shell.graph, skip={"initializer"})
     wrote = False
     with open(data_file, "wb") as data:
         for tensor in model.graph.initializer:
@@ -432,7 +432,7 @@ def _write_external(model: onnx.ModelProto, model_file: Path, data_file: Path,
                 data.write(b"\0" * (_ALIGN - offset % _ALIGN))
                 offset = data.tell()
             data.write(raw)
-            _copy_fields(tensor, stub, skip=_TENSOR_DATA_FIELDS)
+            copy_fields(tensor, stub, skip=_TENSOR_DATA_FIELDS)
             stub.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", location), ("offset", offset),
                                ("length", len(raw))):
@@ -466,7 +466,7 @@ def _raw_bytes(tensor: onnx.TensorProto) -> bytes | None:
     return onnx.numpy_helper.to_array(tensor).tobytes()
 
 
-def _copy_fields(source, target, skip: set[str] | frozenset[str]) -> None:
+def copy_fields(source, target, skip: set[str] | frozenset[str]) -> None:
     """Copy every set field of protobuf message ``source`` into ``target``, except ``skip``."""
     for descriptor, value in source.ListFields():
         if descriptor.name in skip:

@@ -21,6 +21,7 @@ from .deps.analysis import Analysis
 from .deps.constants import ConstantFolder
 from .errors import ConfigError, VerificationError
 from .input_sizes import check_given, is_unknown
+from .weight_feeds import WeightFedSession, split_weights
 
 #: Oracle tolerance of a float32/float64 output: max |pruned - masked| / max |masked|.
 RTOL = 1e-4
@@ -190,23 +191,76 @@ def masked_original(model: onnx.ModelProto, analysis: Analysis,
     return out
 
 
+def mask_consumer_inputs(light: onnx.ModelProto, analysis: Analysis,
+                         removed_classes: np.ndarray) -> bool:
+    """Turn ``light`` (the original's graph) into the masked original without touching weights.
+
+    Each layer that contracts over removed channels reads its input through ``Mul`` by a 0/1
+    mask over the channel axis. ``Conv(x * m, W)`` forms exactly the products of
+    ``Conv(x, W * m)`` (each is ``x_c * w_c`` or an exact zero), so this is the masked original
+    of the module docstring, while every weight stays shared with the original. Returns False
+    (``light`` untouched) when some consumer cannot be masked so (non-fp32/64 input, unknown
+    rank); the caller then zeroes weight slices with ``masked_original``.
+    """
+    removed = analysis.removed_atoms(removed_classes)
+    float_inputs = {t.name: t.data_type for t in light.graph.initializer}
+    float_inputs.update({v.name: v.type.tensor_type.elem_type for v in light.graph.input})
+    plan = []
+    for position, node in enumerate(light.graph.node):
+        if len(node.input) < 2 or not node.input[0] or node.domain not in ("", "ai.onnx"):
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute
+                 if a.name in ("group", "transA", "transB")}
+        target = _contracted_axis(node.op_type, node.input[0],
+                                  node.output[0] if node.output else None, attrs, analysis)
+        if target is None:
+            continue
+        cmap = target[0]
+        gone = removed[cmap.labels]
+        if not gone.any():
+            continue
+        rank = analysis.ranks.get(node.input[0])
+        dtype = float_inputs.get(node.input[1])
+        if rank is None or dtype not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+            return False
+        plan.append((position, node, cmap.axis, rank, gone, dtype))
+    nodes = list(light.graph.node)
+    for k, (position, node, axis, rank, gone, dtype) in enumerate(reversed(plan)):
+        mask = (~gone).astype(onnx.helper.tensor_dtype_to_np_dtype(dtype))
+        mask = mask.reshape((len(mask),) + (1,) * (rank - 1 - axis))
+        name = f"{node.input[0]}__oracle_mask{len(plan) - k}"
+        light.graph.initializer.append(onnx.numpy_helper.from_array(mask, name + "_value"))
+        nodes.insert(position, onnx.helper.make_node("Mul", [node.input[0], name + "_value"],
+                                                     [name], name=name))
+        node.input[0] = name
+    del light.graph.node[:]
+    light.graph.node.extend(nodes)
+    return True
+
+
 def _consumer_axis(node: gs.Node, analysis: Analysis):
     """(input channel map, weight axis) when ``node`` contracts over mapped channels."""
     if len(node.inputs) < 2 or node.inputs[0] is None:
         return None
-    cmap = analysis.maps.get(node.inputs[0].name)
+    return _contracted_axis(node.op, node.inputs[0].name,
+                            node.outputs[0].name if node.outputs else None, node.attrs, analysis)
+
+
+def _contracted_axis(op: str, input_name: str, output_name: str | None, attrs: dict,
+                     analysis: Analysis):
+    cmap = analysis.maps.get(input_name)
     if cmap is None:
         return None
-    if node.op in ("Conv", "ConvTranspose") and int(node.attrs.get("group", 1)) == 1:
-        return cmap, 1 if node.op == "Conv" else 0
-    out_map = analysis.maps.get(node.outputs[0].name) if node.outputs else None
+    if op in ("Conv", "ConvTranspose") and int(attrs.get("group", 1)) == 1:
+        return cmap, 1 if op == "Conv" else 0
+    out_map = analysis.maps.get(output_name) if output_name else None
     passes_through = out_map is not None and out_map.labels is cmap.labels  # depthwise
-    if node.op == "Conv" and not passes_through:  # grouped: consumes its input channels
+    if op == "Conv" and not passes_through:  # grouped: consumes its input channels
         return cmap, 1
-    if node.op == "Gemm" and not int(node.attrs.get("transA", 0)):
-        return cmap, 1 if int(node.attrs.get("transB", 0)) else 0
-    if node.op == "MatMul":
-        rank = analysis.ranks.get(node.inputs[0].name)
+    if op == "Gemm" and not int(attrs.get("transA", 0)):
+        return cmap, 1 if int(attrs.get("transB", 0)) else 0
+    if op == "MatMul":
+        rank = analysis.ranks.get(input_name)
         if rank is not None and cmap.axis == rank - 1:
             return cmap, 0
     return None
@@ -218,45 +272,29 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto,
     if _interface(original) != _interface(pruned):
         return CompareResult(interface_ok=False,
                              problem="graph inputs/outputs differ from the original")
-    return _SessionPair(original, pruned).compare(feeds)
+    reference = WeightFedSession.of(original)
+    try:
+        expected = reference.run(feeds)
+    except Exception as err:
+        return CompareResult(problem="onnxruntime cannot run the reference model: "
+                                     f"{_first_line(err)}", reference_failed=True)
+    finally:
+        reference.close()
+    return _compare_pruned(WeightFedSession.of(pruned), [o.name for o in original.graph.output],
+                           feeds, expected)
 
 
-class _SessionPair:
-    """Sessions of the reference and the pruned model, created once for several feeds."""
-
-    def __init__(self, reference: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
-        self.names = [o.name for o in reference.graph.output]
-        self.reference = self.pruned = None
-        self.reference_error = self.pruned_error = None
-        try:
-            self.reference = make_session(reference)
-        except Exception as err:
-            self.reference_error = _first_line(err)
-        try:
-            self.pruned = make_session(pruned)
-        except Exception as err:
-            self.pruned_error = _first_line(err)
-
-    def compare(self, feeds: dict[str, np.ndarray]) -> CompareResult:
-        result = CompareResult()
-        try:
-            if self.reference is None:
-                raise RuntimeError(self.reference_error)
-            expected = self.reference.run(None, feeds)
-        except Exception as err:
-            result.problem = f"onnxruntime cannot run the reference model: {_first_line(err)}"
-            result.reference_failed = True
-            return result
-        try:
-            if self.pruned is None:
-                raise RuntimeError(self.pruned_error)
-            got = self.pruned.run(None, feeds)
-        except Exception as err:
-            result.problem = f"onnxruntime failed to run the pruned model: {_first_line(err)}"
-            return result
-        for name, want, have in zip(self.names, expected, got):
-            result.outputs.append(_compare_output(name, np.asarray(want), np.asarray(have)))
+def _compare_pruned(session: WeightFedSession, names: list[str], feeds: dict[str, np.ndarray],
+                    expected: list) -> CompareResult:
+    result = CompareResult()
+    try:
+        got = session.run(feeds)
+    except Exception as err:
+        result.problem = f"onnxruntime failed to run the pruned model: {_first_line(err)}"
         return result
+    for name, want, have in zip(names, expected, got):
+        result.outputs.append(_compare_output(name, np.asarray(want), np.asarray(have)))
+    return result
 
 
 def _compare_output(name: str, want: np.ndarray, have: np.ndarray) -> OutputCompare:
@@ -309,25 +347,40 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, *, analysis: Anal
             no kernel for), so nothing can be verified: the caller should skip verification.
         VerificationError: with ``raise_on_failure``, when the check fails.
     """
-    reference = original
-    if analysis is not None and removed_classes is not None and len(removed_classes):
-        reference = masked_original(original, analysis, removed_classes, opset or 13)
     sets = size_sets or [input_shapes]
-    if _interface(reference) != _interface(pruned):
+    if _interface(original) != _interface(pruned):
         result = CompareResult(interface_ok=False,
                                problem="graph inputs/outputs differ from the original")
     else:
-        sessions = _SessionPair(reference, pruned)
+        masked = analysis is not None and removed_classes is not None and len(removed_classes) > 0
+        reference = _reference_session(original, analysis, removed_classes, opset) if masked \
+            else WeightFedSession.of(original)
+        runs = []  # (feeds, expected outputs) per size set, computed before the pruned session
+        result = None
         for k, shapes in enumerate(sets):
             feeds = random_inputs(original, seed + k, shapes)
-            result = sessions.compare(feeds)
-            result.checked_at = [_sizes_text(s) for s in sets[:k + 1] if s]
-            if result.reference_failed:
-                _check_runnable(original, reference, feeds, result.problem)
-            if not result:
-                if len(sets) > 1:
-                    result.problem = f"at input sizes {_sizes_text(shapes)}: {result.summary()}"
+            try:
+                runs.append((feeds, reference.run(feeds)))
+            except Exception as err:
+                result = CompareResult(problem="onnxruntime cannot run the reference model: "
+                                               f"{_first_line(err)}", reference_failed=True)
+                result.checked_at = [_sizes_text(s) for s in sets[:k + 1] if s]
+                reference.close()
+                _check_runnable(original, masked, feeds, result.problem)
                 break
+        reference.close()
+        if result is None:
+            session = WeightFedSession.of(pruned)
+            names = [o.name for o in original.graph.output]
+            for k, (feeds, expected) in enumerate(runs):
+                result = _compare_pruned(session, names, feeds, expected)
+                result.checked_at = [_sizes_text(s) for s in sets[:k + 1] if s]
+                if not result:
+                    if len(sets) > 1:
+                        result.problem = (f"at input sizes {_sizes_text(sets[k])}: "
+                                          f"{result.summary()}")
+                    break
+            session.close()
     if raise_on_failure and not result:
         raise VerificationError(f"verification failed: {result.summary()}")
     return result
@@ -353,7 +406,17 @@ def smoke_check(original: onnx.ModelProto, model: onnx.ModelProto, *, seed: int 
     return None
 
 
-def _check_runnable(original: onnx.ModelProto, reference: onnx.ModelProto,
+def _reference_session(original: onnx.ModelProto, analysis: Analysis,
+                       removed_classes: np.ndarray, opset: int | None) -> WeightFedSession:
+    """The masked original's session, sharing the original's weight arrays where it can."""
+    light, weights = split_weights(original)
+    if mask_consumer_inputs(light, analysis, removed_classes):
+        return WeightFedSession(light, weights)
+    del light, weights
+    return WeightFedSession.of(masked_original(original, analysis, removed_classes, opset or 13))
+
+
+def _check_runnable(original: onnx.ModelProto, masked: bool,
                     feeds: dict[str, np.ndarray], problem: str | None) -> None:
     """Raise ConfigError when onnxruntime cannot run the input model at all.
 
@@ -361,13 +424,16 @@ def _check_runnable(original: onnx.ModelProto, reference: onnx.ModelProto,
     the caller); an original that onnxruntime refuses is a limit of the verifier, not of the
     pruning, and gets its own message.
     """
-    if reference is not original:
+    if masked:
+        session = WeightFedSession.of(original)
         try:
-            make_session(original).run(None, feeds)
+            session.run(feeds)
         except Exception as err:
             problem = _first_line(err)
         else:
             return
+        finally:
+            session.close()
     else:
         problem = (problem or "").removeprefix("onnxruntime cannot run the reference model: ")
     raise ConfigError(f"cannot verify: onnxruntime (CPU) cannot run the input model ({problem}); "

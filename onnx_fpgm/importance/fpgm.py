@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -123,12 +124,13 @@ def to_filter_matrix(filters: torch.Tensor | np.ndarray) -> torch.Tensor:
     if isinstance(filters, torch.Tensor):
         t = filters.detach()
     else:
-        arr = np.asarray(filters)
-        if not arr.flags.writeable:
-            # torch.from_numpy warns on read-only buffers (e.g. ONNX raw_data views).
-            arr = arr.copy()
+        arr = np.ascontiguousarray(filters)
         try:
-            t = torch.from_numpy(np.ascontiguousarray(arr))
+            with warnings.catch_warnings():
+                # torch warns on read-only buffers (ONNX raw_data views); scoring never writes
+                # to its input, so the view is shared rather than copied.
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                t = torch.from_numpy(arr)
         except TypeError as err:
             raise ScoringError(f"weights of dtype {arr.dtype} cannot be scored") from err
     if t.dim() == 0:
