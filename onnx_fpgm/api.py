@@ -101,6 +101,7 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
         graph = io.import_graph(original, shapes)
         fold_constant_shapes(graph)
         analysis = build_analysis(graph, opset, io.overridable_inputs(original))
+        loaded = io.loaded_constants(graph) if config.verify else None  # before the rewrite
     if config.strict:
         _check_strict(analysis)
     with _timed(report, "score"):
@@ -112,6 +113,7 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
         metadata = {f"onnx_fpgm.{k}": v for k, v in config.to_metadata().items()}
         pruned = io.export_graph(graph, original, metadata if plan.n_removed else None)
         io.check_pruned(pruned, original)
+        io.release_free_memory()
     report.notes.extend(notes)
     _note_alignment(report, plan, config)
     _fill_decisions(report, analysis, plan)
@@ -126,12 +128,14 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
             advance = progress("verifying", 1) if progress else None
             result = _verify(original, pruned, analysis=analysis,
                              removed_classes=plan.removed_classes, opset=opset,
-                             seed=config.seed, size_sets=sizes.sets)
+                             seed=config.seed, size_sets=sizes.sets, weights=loaded)
             if advance:
                 advance(1)
         report.verification = _verification_dict(result)
         if not result:
             raise VerificationError(f"verification failed: {result.summary()}")
+    loaded = None
+    io.release_free_memory()
     if config.calibration or config.evaluation or config.compensate != "none":
         with _timed(report, "compensate"):
             pruned = _compensate_and_measure(original, pruned, analysis, plan, config, report,

@@ -69,6 +69,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as err:
         raise ModelLoadError(f"{where}: fails onnx.checker: {_first_line(err)}") from err
+    release_free_memory()
     return model, external
 
 
@@ -266,6 +267,27 @@ def import_graph(model: onnx.ModelProto, shapes: onnx.ModelProto | None = None) 
             tensor.shape = [d.dim_value if d.HasField("dim_value") else
                             (d.dim_param or None) for d in ttype.shape.dim]
     return graph
+
+
+def loaded_constants(graph: gs.Graph) -> dict[str, np.ndarray]:
+    """Arrays the graph's constants already hold (read by the analysis), by tensor name."""
+    return {name: tensor._values for name, tensor in graph.tensors().items()
+            if isinstance(tensor, gs.Constant) and isinstance(tensor._values, np.ndarray)}
+
+
+def release_free_memory() -> None:
+    """Hand memory that was freed back to the OS (glibc keeps freed weight-sized blocks).
+
+    glibc raises its mmap threshold after a large block is freed, so later tensors come from
+    the heap, whose free space is not returned: after loading, a process held twice the
+    weights although one copy was live. ``malloc_trim`` returns it; elsewhere a no-op.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def export_graph(graph: gs.Graph, like: onnx.ModelProto,

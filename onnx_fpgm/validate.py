@@ -334,13 +334,16 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, *, analysis: Anal
            removed_classes: np.ndarray | None = None, opset: int | None = None, seed: int = 0,
            input_shapes: dict[str, tuple[int, ...]] | None = None,
            size_sets: list[dict[str, tuple[int, ...]]] | None = None,
-           raise_on_failure: bool = False) -> CompareResult:
+           raise_on_failure: bool = False,
+           weights: dict[str, np.ndarray] | None = None) -> CompareResult:
     """Check the pruned model against the masked original (or against the original itself).
 
     Without ``analysis``, the pruned model is compared with ``original`` directly, which is the
     right check for a model whose channels were removed by zero-weight slices elsewhere.
     ``size_sets`` (several input-size sets, see ``input_sizes``) verifies at each in turn: a
     pruned model that runs or matches at one size only fails; otherwise ``input_shapes``.
+    ``weights`` (name -> array of ``original``'s initializers the caller already holds) are fed
+    to the reference as they are, instead of a copy read from the protobuf.
 
     Raises:
         ConfigError: onnxruntime (CPU) cannot run ``original`` itself (a dtype or opset it has
@@ -353,8 +356,8 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, *, analysis: Anal
                                problem="graph inputs/outputs differ from the original")
     else:
         masked = analysis is not None and removed_classes is not None and len(removed_classes) > 0
-        reference = _reference_session(original, analysis, removed_classes, opset) if masked \
-            else WeightFedSession.of(original)
+        reference = _reference_session(original, analysis, removed_classes, opset, weights) \
+            if masked else WeightFedSession(*split_weights(original, weights))
         runs = []  # (feeds, expected outputs) per size set, computed before the pruned session
         result = None
         for k, shapes in enumerate(sets):
@@ -407,9 +410,10 @@ def smoke_check(original: onnx.ModelProto, model: onnx.ModelProto, *, seed: int 
 
 
 def _reference_session(original: onnx.ModelProto, analysis: Analysis,
-                       removed_classes: np.ndarray, opset: int | None) -> WeightFedSession:
+                       removed_classes: np.ndarray, opset: int | None,
+                       known: dict[str, np.ndarray] | None) -> WeightFedSession:
     """The masked original's session, sharing the original's weight arrays where it can."""
-    light, weights = split_weights(original)
+    light, weights = split_weights(original, known)
     if mask_consumer_inputs(light, analysis, removed_classes):
         return WeightFedSession(light, weights)
     del light, weights

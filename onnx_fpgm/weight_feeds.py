@@ -26,12 +26,16 @@ FED_MIN_ELEMENTS = 1024
 _FEEDABLE = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16})
 
 
-def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def split_weights(model: onnx.ModelProto, known: dict[str, np.ndarray] | None = None
+                  ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """``model`` without its large float initializers, and those as arrays keyed by name.
 
-    The arrays are read-only views over one copy of each tensor's bytes (the protobuf field
-    cannot be viewed in place); the light model declares them as graph inputs.
+    ``known`` holds arrays the caller already has for some initializers (the loaded graph's
+    constants): they are used as they are. Other arrays are read-only views over one copy of
+    each tensor's bytes (the protobuf field cannot be viewed in place). The light model
+    declares them as graph inputs.
     """
+    known = known or {}
     light = onnx.ModelProto()
     io.copy_fields(model, light, skip={"graph"})
     io.copy_fields(model.graph, light.graph, skip={"initializer"})
@@ -40,7 +44,10 @@ def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np
     for tensor in model.graph.initializer:
         if tensor.data_type in _FEEDABLE and tensor.data_location != TensorProto.EXTERNAL \
                 and int(np.prod(tensor.dims)) >= FED_MIN_ELEMENTS:
-            weights[tensor.name] = numpy_helper.to_array(tensor)
+            have = known.get(tensor.name)
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            same = have is not None and have.dtype == dtype and have.shape == tuple(tensor.dims)
+            weights[tensor.name] = have if same else numpy_helper.to_array(tensor)
             if tensor.name not in declared:
                 light.graph.input.append(onnx.helper.make_tensor_value_info(
                     tensor.name, tensor.data_type, list(tensor.dims)))
