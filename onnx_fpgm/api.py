@@ -38,7 +38,9 @@ class PruneResult:
         model: the pruned model.
         report: per-layer and per-group decisions, sizes, verification and timings.
         plan: the decision per group (kept channel positions).
-        original: the input model.
+        original: the input model. For an input whose external data were memory-mapped
+            (``io.MAP_EXTERNAL_BYTES`` or more), its large initializers still reference the
+            input's data file: ``onnx.load`` the input for a copy with the data.
         external_data: the input stored its weights as external data (kept on save).
         input_sizes: the input sizes verification and MACs used.
     """
@@ -90,8 +92,19 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
     config = config or PruneConfig(sparsity=sparsity, **options)
     report = Report(settings=config.to_metadata())
     with _timed(report, "load"):
-        original, external = io.load_model(model)
+        loaded = io.load_mapped(model)
+        original, external = loaded.model, loaded.external
         opset = io.default_opset(original)
+    token = io.EXTERNAL_DIR.set(loaded.directory)
+    try:
+        return _prune_loaded(loaded, config, report, opset, progress, model)
+    finally:
+        io.EXTERNAL_DIR.reset(token)
+
+
+def _prune_loaded(loaded: io.Loaded, config: PruneConfig, report: Report, opset: int,
+                  progress: Progress | None, source) -> PruneResult:
+    original, external = loaded.model, loaded.external
     with _timed(report, "sizes"):
         sizes = choose_sizes(original, dict(config.input_shapes), seed=config.seed)
     report.input_sizes = sizes.to_dict()
@@ -99,9 +112,11 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
         shapes = infer_shapes_at(original, sizes) if sizes.dims else \
             io.infer_shapes(io.light_copy(original))
         graph = io.import_graph(original, shapes)
+        io.attach_weights(graph, loaded.weights)
         fold_constant_shapes(graph)
         analysis = build_analysis(graph, opset, io.overridable_inputs(original))
-        loaded = io.loaded_constants(graph) if config.verify else None  # before the rewrite
+        # the arrays the analysis read, before the rewrite replaces them: the oracle shares them
+        weights = io.loaded_constants(graph) if config.verify else None
     if config.strict:
         _check_strict(analysis)
     with _timed(report, "score"):
@@ -128,15 +143,17 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
             advance = progress("verifying", 1) if progress else None
             result = _verify(original, pruned, analysis=analysis,
                              removed_classes=plan.removed_classes, opset=opset,
-                             seed=config.seed, size_sets=sizes.sets, weights=loaded)
+                             seed=config.seed, size_sets=sizes.sets, weights=weights)
             if advance:
                 advance(1)
         report.verification = _verification_dict(result)
         if not result:
             raise VerificationError(f"verification failed: {result.summary()}")
-    loaded = None
+    weights = None
     io.release_free_memory()
     if config.calibration or config.evaluation or config.compensate != "none":
+        if loaded.weights:  # compensation reads the original's data from the protobuf
+            original = io.load_model(source)[0]
         with _timed(report, "compensate"):
             pruned = _compensate_and_measure(original, pruned, analysis, plan, config, report,
                                              sizes.primary)

@@ -107,6 +107,10 @@ def make_session(model: onnx.ModelProto | bytes, *, optimize: bool = False,
     if threads:
         options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    directory = io.EXTERNAL_DIR.get()
+    if directory is not None:  # a mapped model's stubs name files relative to its directory
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(directory))
     if isinstance(model, onnx.ModelProto) and io.too_large(model):
         with tempfile.TemporaryDirectory(prefix="onnx-fpgm-") as tmp:
             path = Path(tmp) / "model.onnx"
@@ -369,7 +373,7 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, *, analysis: Anal
                                                f"{_first_line(err)}", reference_failed=True)
                 result.checked_at = [_sizes_text(s) for s in sets[:k + 1] if s]
                 reference.close()
-                _check_runnable(original, masked, feeds, result.problem)
+                _check_runnable(original, masked, feeds, result.problem, weights)
                 break
         reference.close()
         if result is None:
@@ -421,7 +425,8 @@ def _reference_session(original: onnx.ModelProto, analysis: Analysis,
 
 
 def _check_runnable(original: onnx.ModelProto, masked: bool,
-                    feeds: dict[str, np.ndarray], problem: str | None) -> None:
+                    feeds: dict[str, np.ndarray], problem: str | None,
+                    known: dict[str, np.ndarray] | None = None) -> None:
     """Raise ConfigError when onnxruntime cannot run the input model at all.
 
     A masked reference that fails while the original runs is a verification failure (left to
@@ -429,7 +434,7 @@ def _check_runnable(original: onnx.ModelProto, masked: bool,
     pruning, and gets its own message.
     """
     if masked:
-        session = WeightFedSession.of(original)
+        session = WeightFedSession(*split_weights(original, known))
         try:
             session.run(feeds)
         except Exception as err:

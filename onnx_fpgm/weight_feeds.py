@@ -42,17 +42,26 @@ def split_weights(model: onnx.ModelProto, known: dict[str, np.ndarray] | None = 
     declared = {v.name for v in model.graph.input}
     weights: dict[str, np.ndarray] = {}
     for tensor in model.graph.initializer:
-        if tensor.data_type in _FEEDABLE and tensor.data_location != TensorProto.EXTERNAL \
+        have = known.get(tensor.name)
+        if have is not None and (
+                have.dtype != onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+                or have.shape != tuple(tensor.dims)):
+            have = None
+        if have is not None and tensor.data_type in _FEEDABLE and have.size >= FED_MIN_ELEMENTS:
+            weights[tensor.name] = have  # mapped external data, or the graph's own array
+        elif tensor.data_type in _FEEDABLE and tensor.data_location != TensorProto.EXTERNAL \
                 and int(np.prod(tensor.dims)) >= FED_MIN_ELEMENTS:
-            have = known.get(tensor.name)
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-            same = have is not None and have.dtype == dtype and have.shape == tuple(tensor.dims)
-            weights[tensor.name] = have if same else numpy_helper.to_array(tensor)
-            if tensor.name not in declared:
-                light.graph.input.append(onnx.helper.make_tensor_value_info(
-                    tensor.name, tensor.data_type, list(tensor.dims)))
+            weights[tensor.name] = numpy_helper.to_array(tensor)
+        elif have is not None and tensor.data_location == TensorProto.EXTERNAL:
+            # mapped but not fed (shapes, sizes): onnxruntime must see its value as a constant
+            light.graph.initializer.append(numpy_helper.from_array(np.asarray(have), tensor.name))
+            continue
         else:
             light.graph.initializer.append(tensor)
+            continue
+        if tensor.name not in declared:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(
+                tensor.name, tensor.data_type, list(tensor.dims)))
     return light, weights
 
 
