@@ -5,6 +5,12 @@ ignores it: Conv/ConvTranspose input-channel slices and Gemm/MatMul weight rows 
 channels are zeroed. It is built here from the analysis' channel maps alone, independently of the
 rewrite, so a rewrite bug shows up as a mismatch. Sessions run on the CPU provider with graph
 optimisations disabled, so onnxruntime fusions cannot hide a bug.
+
+Memory: the masked original is the original's graph with a 0/1 ``Mul`` on each such consumer's
+input (``mask_consumer_inputs``; the same products as zeroed weight slices), so it shares every
+weight with the original; weights are fed to the sessions from NumPy (``weight_feeds``); the
+original runs at every size set and its session is freed before the pruned one is built.
+``masked_original`` (zeroed weight slices, a full copy) serves consumers a mask cannot reach.
 """
 from __future__ import annotations
 
