@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from . import io
+from . import io, mapped
 from .bench import ModelSize, benchmark as _benchmark, count_macs, count_params
 from .config import PruneConfig
 from .deps import handlers  # noqa: F401  (registers every op handler)
@@ -39,7 +39,7 @@ class PruneResult:
         report: per-layer and per-group decisions, sizes, verification and timings.
         plan: the decision per group (kept channel positions).
         original: the input model. For an input whose external data were memory-mapped
-            (``io.MAP_EXTERNAL_BYTES`` or more), its large initializers still reference the
+            (``mapped.MAP_EXTERNAL_BYTES`` or more), its large initializers still reference the
             input's data file: ``onnx.load`` the input for a copy with the data.
         external_data: the input stored its weights as external data (kept on save).
         input_sizes: the input sizes verification and MACs used.
@@ -92,17 +92,17 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
     config = config or PruneConfig(sparsity=sparsity, **options)
     report = Report(settings=config.to_metadata())
     with _timed(report, "load"):
-        loaded = io.load_mapped(model)
+        loaded = mapped.load_mapped(model)
         original, external = loaded.model, loaded.external
         opset = io.default_opset(original)
-    token = io.EXTERNAL_DIR.set(loaded.directory)
+    token = mapped.EXTERNAL_DIR.set(loaded.directory)
     try:
         return _prune_loaded(loaded, config, report, opset, progress, model)
     finally:
-        io.EXTERNAL_DIR.reset(token)
+        mapped.EXTERNAL_DIR.reset(token)
 
 
-def _prune_loaded(loaded: io.Loaded, config: PruneConfig, report: Report, opset: int,
+def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, opset: int,
                   progress: Progress | None, source) -> PruneResult:
     original, external = loaded.model, loaded.external
     with _timed(report, "sizes"):
@@ -112,7 +112,7 @@ def _prune_loaded(loaded: io.Loaded, config: PruneConfig, report: Report, opset:
         shapes = infer_shapes_at(original, sizes) if sizes.dims else \
             io.infer_shapes(io.light_copy(original))
         graph = io.import_graph(original, shapes)
-        io.attach_weights(graph, loaded.weights)
+        mapped.attach_weights(graph, loaded.weights)
         fold_constant_shapes(graph)
         analysis = build_analysis(graph, opset, io.overridable_inputs(original))
         # the arrays the analysis read, before the rewrite replaces them: the oracle shares them

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import io
+from . import io, mapped
 from .deps.analysis import Analysis
 from .deps.constants import ConstantFolder
 from .errors import ConfigError, VerificationError
@@ -113,7 +113,7 @@ def make_session(model: onnx.ModelProto | bytes, *, optimize: bool = False,
     if threads:
         options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    directory = io.EXTERNAL_DIR.get()
+    directory = mapped.EXTERNAL_DIR.get()
     if directory is not None:  # a mapped model's stubs name files relative to its directory
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(directory))

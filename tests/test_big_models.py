@@ -1,8 +1,9 @@
 """The big-model path (issue 12) at a small scale: mapped weights, weight-fed sessions, no copies.
 
 A generated conv stack (``models/make_big.py``) with external data is pruned with the limits
-lowered (``io.PROTOBUF_LIMIT``: "over 2 GiB"; ``io.MAP_EXTERNAL_BYTES``: mapped), so it takes the
-road a multi-GB model takes; peak-memory figures are measured by ``benchmarks/end_to_end.py``.
+lowered (``io.PROTOBUF_LIMIT``: "over 2 GiB"; ``mapped.MAP_EXTERNAL_BYTES``: mapped), so it
+takes the road a multi-GB model takes; peak-memory figures are measured by
+``benchmarks/end_to_end.py``.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from onnx import TensorProto
 
 import onnx_fpgm
 import onnx_fpgm.io
+import onnx_fpgm.mapped
 import onnx_fpgm.validate
 from tests.conftest import pruned_layers
 
@@ -54,7 +56,7 @@ def test_big_external_model_is_mapped_pruned_verified_and_saved_with_external_da
     violations: list[str] = []
     with monkeypatch.context() as patch:
         patch.setattr(onnx_fpgm.io, "PROTOBUF_LIMIT", 1)
-        patch.setattr(onnx_fpgm.io, "MAP_EXTERNAL_BYTES", 1)
+        patch.setattr(onnx_fpgm.mapped, "MAP_EXTERNAL_BYTES", 1)
         for module, name in ((onnx.shape_inference, "infer_shapes"),
                              (onnx.checker, "check_model"), (ort, "InferenceSession")):
             patch.setattr(module, name, _guard(name, getattr(module, name), too_big, violations))
@@ -90,7 +92,7 @@ def test_input_masks_equal_zeroed_weight_slices(tmp_path: Path, monkeypatch, map
     """The weight-sharing oracle (``Mul`` masks on consumer inputs) gives the outputs of the
     masked original with zeroed weight slices, and differs from the unmasked original."""
     source = _make_stack(tmp_path / "stack.onnx", *([] if mapped else ["--no-external"]))
-    monkeypatch.setattr(onnx_fpgm.io, "MAP_EXTERNAL_BYTES", 1 if mapped else 1 << 62)
+    monkeypatch.setattr(onnx_fpgm.mapped, "MAP_EXTERNAL_BYTES", 1 if mapped else 1 << 62)
     result = onnx_fpgm.prune(source, 0.5)
     full = onnx.load(str(source))
     light, weights = onnx_fpgm.validate.split_weights(full)
