@@ -18,6 +18,11 @@ fresh child processes run, in alternating order so a noisy neighbour hits both a
 weights, dynamic dims, Resize FPN neck): ``sizes`` is the time spent choosing input sizes by
 running the original, ``analyse/1k nodes`` the analysis time per 1,000 graph nodes.
 
+``vgg11bn``, ``stack566`` and (``--big``) ``big`` are the issue-12 memory models from
+``models/make_big.py`` (random weights; the stacks store external data, which the floor hands
+onnxruntime as a path and saves as external data). ``RSS/weights`` is the peak RSS over the
+model's weight bytes (issue 12's budget: 2.5x above 1 GB).
+
 ``total`` is the wall time inside the child from the first import to the end of the save
 (interpreter start-up excluded in both). ``peak RSS`` is the child's ``ru_maxrss``. Columns
 are medians over rounds; ``total/floor`` is the median of the per-round ratios.
@@ -44,6 +49,13 @@ MODELS = {
                     ROOT / "models" / "make_mobilenetv2.py"),
     "paddle_det": ("Paddle det (dynamic)", ROOT / "models" / "paddle_det_generated.onnx",
                    ROOT / "models" / "make_paddle_det.py"),
+    "vgg11bn": ("VGG-11-BN 224 (531 MB)", ROOT / "models" / "vgg11bn_generated.onnx",
+                ROOT / "models" / "make_big.py", "vgg11bn"),
+    "stack566": ("conv stack 566 MB (ext.)", ROOT / "models" / "stack566_generated.onnx",
+                 ROOT / "models" / "make_big.py", "stack", "--stages", "4"),
+    # --big: 302 convs of 512 x 4608, 707 M params, 2.83 GB of external data
+    "big": ("conv stack 2.83 GB (ext.)", ROOT / "models" / "stack_big_generated.onnx",
+            ROOT / "models" / "make_big.py", "stack"),
 }
 PHASES = ("load", "sizes", "analyse", "score", "rewrite", "measure", "verify", "save")
 #: The floor's size for a symbolic dim other than the batch: what ``prune`` chooses first for
@@ -53,10 +65,13 @@ FLOOR_SYMBOLIC_SIZE = 64
 
 def ensure_model(key: str) -> Path:
     """Path of the generated model, running its generator first when the file is missing."""
-    _, path, script = MODELS[key]
+    _, path, script, *args = MODELS[key]
     if not path.exists():
         print(f"generating {path.name} ...", flush=True)
-        subprocess.run([sys.executable, str(script), str(path)], check=True)
+        command = [sys.executable, str(script), str(path)]
+        if args:  # make_big.py: architecture first
+            command = [sys.executable, str(script), args[0], str(path), *args[1:]]
+        subprocess.run(command, check=True)
     return path
 
 
@@ -104,7 +119,7 @@ def child_prune(path: Path, sparsity: float, tmpdir: str) -> dict[str, object]:
     return {
         "import": t_import, **{p: timings.get(p) for p in PHASES}, "total": total,
         "other": total - t_import - sum(v for v in timings.values()),
-        "rss": _peak_rss_mib(),
+        "rss": _peak_rss_mib(), "weight_bytes": result.report.before.bytes,
         "verified": "passed" if verification.get("passed") else "FAILED",
         "sizes_at": " & ".join(verification.get("checked_at") or []) or "static",
         "params": [result.report.before.params, result.report.after.params],
@@ -123,11 +138,14 @@ def child_floor(path: Path, tmpdir: str) -> dict[str, object]:
     t0 = time.perf_counter()
     model = onnx.load(str(path))
     t_load = time.perf_counter() - t0
+    external = any(t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL
+                   for t in onnx.load(str(path), load_external_data=False).graph.initializer)
     t0 = time.perf_counter()
     options = ort.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    # external data: onnxruntime reads the files itself (bytes cannot exceed 2 GiB)
+    session = ort.InferenceSession(str(path) if external else model.SerializeToString(),
+                                   options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     feeds = {}
     for inp in session.get_inputs():
@@ -137,7 +155,8 @@ def child_floor(path: Path, tmpdir: str) -> dict[str, object]:
     session.run(None, feeds)
     t_ort = time.perf_counter() - t0
     t0 = time.perf_counter()
-    onnx.save(model, os.path.join(tmpdir, "floor.onnx"))
+    onnx.save(model, os.path.join(tmpdir, "floor.onnx"), save_as_external_data=external,
+              location="floor.onnx.data")
     t_save = time.perf_counter() - t0
     total = time.perf_counter() - start
     return {"import": t_import, "load": t_load, "ort 1 run": t_ort, "save": t_save,
@@ -177,6 +196,7 @@ def bench_model(key: str, rounds: int, sparsity: float) -> tuple[list[dict], dic
             out = run_child(kind, path, sparsity)
             (floors if kind == "floor" else prunes).append(out)
     ratios = [p["total"] / f["total"] for p, f in zip(prunes, floors)]
+    weight_bytes = prunes[0]["weight_bytes"]
 
     def med(runs: list[dict], key: str) -> float | None:
         values = [r[key] for r in runs if r.get(key) is not None]
@@ -186,13 +206,16 @@ def bench_model(key: str, rounds: int, sparsity: float) -> tuple[list[dict], dic
                  **{k: med(prunes, k) for k in ("import", *PHASES[:-1])}, "ort 1 run": None,
                  **{k: med(prunes, k) for k in ("save", "other", "total")},
                  "peak RSS MiB": round(med(prunes, "rss") or 0.0),
+                 "RSS/weights": (med(prunes, "rss") or 0.0) * 2**20 / weight_bytes,
                  "analyse/1k nodes": (med(prunes, "analyse") or 0.0) * 1000 / n_nodes,
                  "total/floor": statistics.median(ratios)}
     floor_row = {"model": label, "run": "floor", "nodes": n_nodes, "convs": n_conv,
                  "import": med(floors, "import"), "load": med(floors, "load"),
                  **dict.fromkeys(PHASES[1:-1]), "ort 1 run": med(floors, "ort 1 run"),
                  "save": med(floors, "save"), "other": None, "total": med(floors, "total"),
-                 "peak RSS MiB": round(med(floors, "rss") or 0.0), "total/floor": 1.0}
+                 "peak RSS MiB": round(med(floors, "rss") or 0.0),
+                 "RSS/weights": (med(floors, "rss") or 0.0) * 2**20 / weight_bytes,
+                 "total/floor": 1.0}
     p = prunes[0]
     extra = {
         "model": label, "verified": ",".join(sorted({r["verified"] for r in prunes})),
@@ -210,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--models", nargs="+", choices=list(MODELS),
                         default=["resnet50", "densenet121", "paddle_det"])
+    parser.add_argument("--big", action="store_true",
+                        help="add the 2.83 GB external-data conv stack (generated, ~3 GB disk)")
     parser.add_argument("--child", choices=["prune", "floor"], help=argparse.SUPPRESS)
     parser.add_argument("--model-path", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -231,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(medians; times in s)", flush=True)
     rows: list[dict] = []
     extras: list[dict] = []
-    for key in args.models:
+    for key in [*args.models, *(["big"] if args.big and "big" not in args.models else [])]:
         model_rows, extra = bench_model(key, args.rounds, args.sparsity)
         rows += model_rows
         extras.append(extra)

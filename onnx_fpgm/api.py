@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from . import io
+from . import io, mapped
 from .bench import ModelSize, benchmark as _benchmark, count_macs, count_params
 from .config import PruneConfig
 from .deps import handlers  # noqa: F401  (registers every op handler)
@@ -40,7 +40,9 @@ class PruneResult:
         model: the pruned model.
         report: per-layer and per-group decisions, sizes, verification and timings.
         plan: the decision per group (kept channel positions).
-        original: the input model.
+        original: the input model. For an input whose external data were memory-mapped
+            (``mapped.MAP_EXTERNAL_BYTES`` or more), its large initializers still reference the
+            input's data file: ``onnx.load`` the input for a copy with the data.
         external_data: the input stored its weights as external data (kept on save).
         input_sizes: the input sizes verification and MACs used.
     """
@@ -99,8 +101,18 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
         return prune_to_latency(model, config, progress, cache)
     report = Report(settings=config.to_metadata())
     with _timed(report, "load"):
-        original, external = io.load_model(model)
-        opset = io.default_opset(original)
+        loaded = mapped.load_mapped(model)
+        opset = io.default_opset(loaded.model)
+    token = mapped.EXTERNAL_DIR.set(loaded.directory)
+    try:
+        return _prune_loaded(loaded, config, report, opset, progress, model, cache)
+    finally:
+        mapped.EXTERNAL_DIR.reset(token)
+
+
+def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, opset: int,
+                  progress: Progress | None, source, cache: dict | None) -> PruneResult:
+    original, external = loaded.model, loaded.external
     with _timed(report, "sizes"):
         sizes = choose_sizes(original, dict(config.input_shapes), seed=config.seed)
     report.input_sizes = sizes.to_dict()
@@ -108,8 +120,11 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
         shapes = infer_shapes_at(original, sizes) if sizes.dims else \
             io.infer_shapes(io.light_copy(original))
         graph = io.import_graph(original, shapes)
+        mapped.attach_weights(graph, loaded.weights)
         fold_constant_shapes(graph)
         analysis = build_analysis(graph, opset, io.overridable_inputs(original))
+        # the arrays the analysis read, before the rewrite replaces them: the oracle shares them
+        weights = io.loaded_constants(graph) if config.verify else None
     if config.strict:
         _check_strict(analysis)
     with _timed(report, "score"):
@@ -136,6 +151,7 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
             metadata = {f"onnx_fpgm.{k}": v for k, v in config.to_metadata().items()}
             pruned = io.export_graph(graph, original, metadata)
             io.check_pruned(pruned, original)
+            io.release_free_memory()
         else:  # nothing to remove: the input as it is (value_info, IR version, every opset)
             notes, pruned = [], original
     report.notes.extend(notes)
@@ -154,13 +170,17 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
             advance = progress("verifying", 1) if progress else None
             result = _verify(original, pruned, analysis=analysis,
                              removed_classes=plan.removed_classes, opset=opset,
-                             seed=config.seed, size_sets=sizes.sets)
+                             seed=config.seed, size_sets=sizes.sets, weights=weights)
             if advance:
                 advance(1)
         report.verification = _verification_dict(result)
         if not result:
             raise VerificationError(f"verification failed: {result.summary()}")
+    weights = None
+    io.release_free_memory()
     if config.calibration or config.evaluation or config.compensate != "none":
+        if loaded.weights:  # compensation reads the original's data from the protobuf
+            original = io.load_model(source)[0]
         with _timed(report, "compensate"):
             pruned = _compensate_and_measure(original, pruned, analysis, plan, config, report,
                                              sizes.primary)

@@ -230,7 +230,9 @@ def _run(args) -> int:
         result = prune(args.input, config=config, progress=progress)
         if args.benchmark and not args.dry_run and result.report.latency is None:
             advance = progress("benchmark", 30)
-            result.report.latency = benchmark(result.original, result.model,
+            # a memory-mapped input's original references its data file: pass the path
+            original = args.input if result.external_data else result.original
+            result.report.latency = benchmark(original, result.model,
                                               input_shapes=result.input_sizes.primary,
                                               progress=advance)
     if not args.dry_run:

@@ -69,7 +69,15 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as err:
         raise ModelLoadError(f"{where}: fails onnx.checker: {_first_line(err)}") from err
+    release_free_memory()
     return model, external
+
+
+def _itemsize(data_type: int) -> int:
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+    except (KeyError, TypeError):
+        return 8
 
 
 def overridable_inputs(model: onnx.ModelProto) -> frozenset[str]:
@@ -88,10 +96,14 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of stored tensors (initializers, Constant values): cheap, unlike ``ByteSize()``."""
+    """Bytes of stored tensors (initializers, Constant values): cheap, unlike ``ByteSize()``.
+
+    External tensors that were not loaded (``load_mapped``) count with their size too.
+    """
     total = 0
     for tensor in _stored_tensors(model):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:  # mapped, not loaded
+            total += _numel(tensor) * _itemsize(tensor.data_type)
             continue
         if tensor.raw_data:
             total += len(tensor.raw_data)
@@ -268,6 +280,27 @@ def import_graph(model: onnx.ModelProto, shapes: onnx.ModelProto | None = None) 
     return graph
 
 
+def loaded_constants(graph: gs.Graph) -> dict[str, np.ndarray]:
+    """Arrays the graph's constants already hold (read by the analysis), by tensor name."""
+    return {name: tensor._values for name, tensor in graph.tensors().items()
+            if isinstance(tensor, gs.Constant) and isinstance(tensor._values, np.ndarray)}
+
+
+def release_free_memory() -> None:
+    """Hand memory that was freed back to the OS (glibc keeps freed weight-sized blocks).
+
+    glibc raises its mmap threshold after a large block is freed, so later tensors come from
+    the heap, whose free space is not returned: after loading, a process held twice the
+    weights although one copy was live. ``malloc_trim`` returns it; elsewhere a no-op.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def export_graph(graph: gs.Graph, like: onnx.ModelProto,
                  metadata: dict[str, str] | None = None) -> onnx.ModelProto:
     """Export ``graph`` with the IR version, opsets and metadata of ``like``; infer shapes."""
@@ -438,8 +471,8 @@ def _write_external(model: onnx.ModelProto, model_file: Path, data_file: Path,
     every tensor is small; the caller then writes no data file).
     """
     shell = onnx.ModelProto()
-    _copy_fields(model, shell, skip={"graph"})
-    _copy_fields(model.graph, shell.graph, skip={"initializer"})
+    copy_fields(model, shell, skip={"graph"})
+    copy_fields(model.graph, shell.graph, skip={"initializer"})
     wrote = False
     with open(data_file, "wb") as data:
         for tensor in model.graph.initializer:
@@ -453,7 +486,7 @@ def _write_external(model: onnx.ModelProto, model_file: Path, data_file: Path,
                 data.write(b"\0" * (_ALIGN - offset % _ALIGN))
                 offset = data.tell()
             data.write(raw)
-            _copy_fields(tensor, stub, skip=_TENSOR_DATA_FIELDS)
+            copy_fields(tensor, stub, skip=_TENSOR_DATA_FIELDS)
             stub.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", location), ("offset", offset),
                                ("length", len(raw))):
@@ -487,7 +520,7 @@ def _raw_bytes(tensor: onnx.TensorProto) -> bytes | None:
     return onnx.numpy_helper.to_array(tensor).tobytes()
 
 
-def _copy_fields(source, target, skip: set[str] | frozenset[str]) -> None:
+def copy_fields(source, target, skip: set[str] | frozenset[str]) -> None:
     """Copy every set field of protobuf message ``source`` into ``target``, except ``skip``."""
     for descriptor, value in source.ListFields():
         if descriptor.name in skip:

@@ -5,6 +5,12 @@ ignores it: Conv/ConvTranspose input-channel slices and Gemm/MatMul weight rows 
 channels are zeroed. It is built here from the analysis' channel maps alone, independently of the
 rewrite, so a rewrite bug shows up as a mismatch. Sessions run on the CPU provider with graph
 optimisations disabled, so onnxruntime fusions cannot hide a bug.
+
+Memory: the masked original is the original's graph with a 0/1 ``Mul`` on each such consumer's
+input (``mask_consumer_inputs``; the same products as zeroed weight slices), so it shares every
+weight with the original; weights are fed to the sessions from NumPy (``weight_feeds``); the
+original runs at every size set and its session is freed before the pruned one is built.
+``masked_original`` (zeroed weight slices, a full copy) serves consumers a mask cannot reach.
 """
 from __future__ import annotations
 
@@ -16,11 +22,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import io, qdq
+from . import io, mapped, qdq
 from .deps.analysis import Analysis
 from .deps.constants import ConstantFolder
 from .errors import ConfigError, VerificationError
 from .input_sizes import check_given, is_unknown
+from .weight_feeds import WeightFedSession, split_weights
 
 #: Oracle tolerance of a float32/float64 output: max |pruned - masked| / max |masked|.
 RTOL = 1e-4
@@ -124,6 +131,10 @@ def make_session(model: onnx.ModelProto | bytes, *, optimize: bool = False,
     if threads:
         options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    directory = mapped.EXTERNAL_DIR.get()
+    if directory is not None:  # a mapped model's stubs name files relative to its directory
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(directory))
     if isinstance(model, onnx.ModelProto) and io.too_large(model):
         with tempfile.TemporaryDirectory(prefix="onnx-fpgm-") as tmp:
             path = Path(tmp) / "model.onnx"
@@ -242,24 +253,77 @@ def _integer_weight(node: gs.Node, consts: ConstantFolder) -> tuple[int, np.ndar
     return 3, zero.reshape(shape)
 
 
+def mask_consumer_inputs(light: onnx.ModelProto, analysis: Analysis,
+                         removed_classes: np.ndarray) -> bool:
+    """Turn ``light`` (the original's graph) into the masked original without touching weights.
+
+    Each layer that contracts over removed channels reads its input through ``Mul`` by a 0/1
+    mask over the channel axis. ``Conv(x * m, W)`` forms exactly the products of
+    ``Conv(x, W * m)`` (each is ``x_c * w_c`` or an exact zero), so this is the masked original
+    of the module docstring, while every weight stays shared with the original. Returns False
+    (``light`` untouched) when some consumer cannot be masked so (non-fp32/64 input, unknown
+    rank); the caller then zeroes weight slices with ``masked_original``.
+    """
+    removed = analysis.removed_atoms(removed_classes)
+    float_inputs = {t.name: t.data_type for t in light.graph.initializer}
+    float_inputs.update({v.name: v.type.tensor_type.elem_type for v in light.graph.input})
+    plan = []
+    for position, node in enumerate(light.graph.node):
+        if len(node.input) < 2 or not node.input[0] or node.domain not in ("", "ai.onnx"):
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute
+                 if a.name in ("group", "transA", "transB")}
+        target = _contracted_axis(node.op_type, node.input[0],
+                                  node.output[0] if node.output else None, attrs, analysis)
+        if target is None:
+            continue
+        cmap = target[0]
+        gone = removed[cmap.labels]
+        if not gone.any():
+            continue
+        rank = analysis.ranks.get(node.input[0])
+        dtype = float_inputs.get(node.input[1])
+        if rank is None or dtype not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+            return False
+        plan.append((position, node, cmap.axis, rank, gone, dtype))
+    nodes = list(light.graph.node)
+    for k, (position, node, axis, rank, gone, dtype) in enumerate(reversed(plan)):
+        mask = (~gone).astype(onnx.helper.tensor_dtype_to_np_dtype(dtype))
+        mask = mask.reshape((len(mask),) + (1,) * (rank - 1 - axis))
+        name = f"{node.input[0]}__oracle_mask{len(plan) - k}"
+        light.graph.initializer.append(onnx.numpy_helper.from_array(mask, name + "_value"))
+        nodes.insert(position, onnx.helper.make_node("Mul", [node.input[0], name + "_value"],
+                                                     [name], name=name))
+        node.input[0] = name
+    del light.graph.node[:]
+    light.graph.node.extend(nodes)
+    return True
+
+
 def consumer_axis(node: gs.Node, analysis: Analysis):
-    """(input channel map, weight axis) when ``node`` contracts over mapped channels."""
+    """(input channel map, weight axis) when ``node`` contracts over mapped channels
+    (QOperator layers read as the float op they stand for)."""
     if len(node.inputs) < 2 or node.inputs[0] is None:
         return None
-    op = _QOPERATOR_AS.get(node.op, node.op)
-    cmap = analysis.maps.get(node.inputs[0].name)
+    return _contracted_axis(_QOPERATOR_AS.get(node.op, node.op), node.inputs[0].name,
+                            node.outputs[0].name if node.outputs else None, node.attrs, analysis)
+
+
+def _contracted_axis(op: str, input_name: str, output_name: str | None, attrs: dict,
+                     analysis: Analysis):
+    cmap = analysis.maps.get(input_name)
     if cmap is None:
         return None
-    if op in ("Conv", "ConvTranspose") and int(node.attrs.get("group", 1)) == 1:
+    if op in ("Conv", "ConvTranspose") and int(attrs.get("group", 1)) == 1:
         return cmap, 1 if op == "Conv" else 0
-    out_map = analysis.maps.get(node.outputs[0].name) if node.outputs else None
+    out_map = analysis.maps.get(output_name) if output_name else None
     passes_through = out_map is not None and out_map.labels is cmap.labels  # depthwise
     if op == "Conv" and not passes_through:  # grouped: consumes its input channels
         return cmap, 1
-    if op == "Gemm" and not int(node.attrs.get("transA", 0)):
-        return cmap, 1 if int(node.attrs.get("transB", 0)) else 0
+    if op == "Gemm" and not int(attrs.get("transA", 0)):
+        return cmap, 1 if int(attrs.get("transB", 0)) else 0
     if op == "MatMul":
-        rank = analysis.ranks.get(node.inputs[0].name)
+        rank = analysis.ranks.get(input_name)
         if rank is not None and cmap.axis == rank - 1:
             return cmap, 0
     return None
@@ -271,7 +335,16 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto,
     if _interface(original) != _interface(pruned):
         return CompareResult(interface_ok=False,
                              problem="graph inputs/outputs differ from the original")
-    return _SessionPair(original, pruned).compare(feeds)
+    reference = WeightFedSession.of(original)
+    try:
+        expected = reference.run(feeds)
+    except Exception as err:
+        return CompareResult(problem="onnxruntime cannot run the reference model: "
+                                     f"{_first_line(err)}", reference_failed=True)
+    finally:
+        reference.close()
+    return _compare_pruned(WeightFedSession.of(pruned), [o.name for o in original.graph.output],
+                           feeds, expected)
 
 
 class _SessionPair:
@@ -313,6 +386,19 @@ class _SessionPair:
         return result
 
 
+def _compare_pruned(session: WeightFedSession, names: list[str], feeds: dict[str, np.ndarray],
+                    expected: list) -> CompareResult:
+    result = CompareResult()
+    try:
+        got = session.run(feeds)
+    except Exception as err:
+        result.problem = f"onnxruntime failed to run the pruned model: {_first_line(err)}"
+        return result
+    for name, want, have in zip(names, expected, got):
+        result.outputs.append(_compare_output(name, np.asarray(want), np.asarray(have)))
+    return result
+
+
 def _compare_output(name: str, want: np.ndarray, have: np.ndarray) -> OutputCompare:
     if want.shape != have.shape:
         return OutputCompare(name, np.inf, np.inf, True, False)
@@ -350,57 +436,103 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, *, analysis: Anal
            removed_classes: np.ndarray | None = None, opset: int | None = None, seed: int = 0,
            input_shapes: dict[str, tuple[int, ...]] | None = None,
            size_sets: list[dict[str, tuple[int, ...]]] | None = None,
-           raise_on_failure: bool = False) -> CompareResult:
+           raise_on_failure: bool = False,
+           weights: dict[str, np.ndarray] | None = None) -> CompareResult:
     """Check the pruned model against the masked original (or against the original itself).
 
     Without ``analysis``, the pruned model is compared with ``original`` directly, which is the
     right check for a model whose channels were removed by zero-weight slices elsewhere.
     ``size_sets`` (several input-size sets, see ``input_sizes``) verifies at each in turn: a
     pruned model that runs or matches at one size only fails; otherwise ``input_shapes``.
+    ``weights`` (name -> array of ``original``'s initializers the caller already holds) are fed
+    to the reference as they are, instead of a copy read from the protobuf.
 
     Raises:
         ConfigError: onnxruntime (CPU) cannot run ``original`` itself (a dtype or opset it has
             no kernel for), so nothing can be verified: the caller should skip verification.
         VerificationError: with ``raise_on_failure``, when the check fails.
     """
-    reference = original
-    if analysis is not None and removed_classes is not None and len(removed_classes):
-        reference = masked_original(original, analysis, removed_classes, opset or 13)
     sets = size_sets or [input_shapes]
-    quantized = qdq.activation_pairs(original) if reference is not original else []
-    if _interface(reference) != _interface(pruned):
+    masked = analysis is not None and removed_classes is not None and len(removed_classes) > 0
+    if masked and (qdq.activation_pairs(original) or
+                   any(node.op_type in _QOPERATOR_AS for node in original.graph.node)):
+        result = _verify_quantized(original, pruned, analysis, removed_classes, opset, seed, sets)
+    elif _interface(original) != _interface(pruned):
         result = CompareResult(interface_ok=False,
                                problem="graph inputs/outputs differ from the original")
     else:
-        sessions = _SessionPair(reference, pruned) if not quantized else \
-            _SessionPair(qdq.bypass_activation_pairs(reference), qdq.bypass_activation_pairs(pruned))
+        reference = _reference_session(original, analysis, removed_classes, opset, weights) \
+            if masked else WeightFedSession(*split_weights(original, weights))
+        runs = []  # (feeds, expected outputs) per size set, computed before the pruned session
+        result = None
         for k, shapes in enumerate(sets):
             feeds = random_inputs(original, seed + k, shapes)
-            result = sessions.compare(feeds)
-            result.checked_at = [_sizes_text(s) for s in sets[:k + 1] if s]
-            if result.reference_failed:
-                _check_runnable(original, reference, feeds, result.problem)
-            if not result:
-                if len(sets) > 1:
-                    result.problem = f"at input sizes {_sizes_text(shapes)}: {result.summary()}"
+            try:
+                runs.append((feeds, reference.run(feeds)))
+            except Exception as err:
+                result = CompareResult(problem="onnxruntime cannot run the reference model: "
+                                               f"{_first_line(err)}", reference_failed=True)
+                result.checked_at = [_sizes_text(s) for s in sets[:k + 1] if s]
+                reference.close()
+                _check_runnable(original, masked, feeds, result.problem, weights)
                 break
-        if result and reference is not original and any(
-                node.op_type in _QOPERATOR_AS for node in original.graph.node):
-            differing = [o for o in result.outputs if o.max_abs_error > 0]
-            result.bit_exact = not differing
-            if differing:
-                result.problem = (f"output {differing[0].name}: the QOperator model differs from "
-                                  f"its masked original by {differing[0].max_abs_error:.3g} "
-                                  "(integer layers must agree bit for bit)")
-        if quantized and result:
-            result.qdq_bypassed = True
-            result.quantized_steps = _quantized_steps(reference, pruned, original, seed, sets)
-            if result.quantized_steps is not None and \
-                    result.quantized_steps > MAX_QUANTIZED_STEPS:
-                result.problem = (f"the quantized models differ by {result.quantized_steps:.3g} "
-                                  f"quantization steps (limit {MAX_QUANTIZED_STEPS})")
+        reference.close()
+        if result is None:
+            session = WeightFedSession.of(pruned)
+            names = [o.name for o in original.graph.output]
+            for k, (feeds, expected) in enumerate(runs):
+                result = _compare_pruned(session, names, feeds, expected)
+                result.checked_at = [_sizes_text(s) for s in sets[:k + 1] if s]
+                if not result:
+                    if len(sets) > 1:
+                        result.problem = (f"at input sizes {_sizes_text(sets[k])}: "
+                                          f"{result.summary()}")
+                    break
+            session.close()
     if raise_on_failure and not result:
         raise VerificationError(f"verification failed: {result.summary()}")
+    return result
+
+
+def _verify_quantized(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Analysis,
+                      removed_classes: np.ndarray, opset: int | None, seed: int,
+                      sets: list) -> CompareResult:
+    """The oracle for quantized graphs: consumer weights of removed channels at their zero
+    point. QDQ graphs are compared with activation quantize/dequantize pairs bypassed in both
+    models (float), then the real quantized models are run and their largest difference in
+    quantization steps reported; QOperator graphs must agree bit for bit (integer layers).
+    These graphs are compared with copies of their (int8, small) weights, not the weight-fed
+    sessions of float models."""
+    reference = masked_original(original, analysis, removed_classes, opset or 13)
+    if _interface(reference) != _interface(pruned):
+        return CompareResult(interface_ok=False,
+                             problem="graph inputs/outputs differ from the original")
+    quantized = qdq.activation_pairs(original)
+    sessions = _SessionPair(reference, pruned) if not quantized else \
+        _SessionPair(qdq.bypass_activation_pairs(reference), qdq.bypass_activation_pairs(pruned))
+    for k, shapes in enumerate(sets):
+        feeds = random_inputs(original, seed + k, shapes)
+        result = sessions.compare(feeds)
+        result.checked_at = [_sizes_text(s) for s in sets[:k + 1] if s]
+        if result.reference_failed:
+            _check_runnable(original, True, feeds, result.problem)
+        if not result:
+            if len(sets) > 1:
+                result.problem = f"at input sizes {_sizes_text(shapes)}: {result.summary()}"
+            break
+    if result and any(node.op_type in _QOPERATOR_AS for node in original.graph.node):
+        differing = [o for o in result.outputs if o.max_abs_error > 0]
+        result.bit_exact = not differing
+        if differing:
+            result.problem = (f"output {differing[0].name}: the QOperator model differs from "
+                              f"its masked original by {differing[0].max_abs_error:.3g} "
+                              "(integer layers must agree bit for bit)")
+    if quantized and result:
+        result.qdq_bypassed = True
+        result.quantized_steps = _quantized_steps(reference, pruned, original, seed, sets)
+        if result.quantized_steps is not None and result.quantized_steps > MAX_QUANTIZED_STEPS:
+            result.problem = (f"the quantized models differ by {result.quantized_steps:.3g} "
+                              f"quantization steps (limit {MAX_QUANTIZED_STEPS})")
     return result
 
 
@@ -447,21 +579,36 @@ def smoke_check(original: onnx.ModelProto, model: onnx.ModelProto, *, seed: int 
     return None
 
 
-def _check_runnable(original: onnx.ModelProto, reference: onnx.ModelProto,
-                    feeds: dict[str, np.ndarray], problem: str | None) -> None:
+def _reference_session(original: onnx.ModelProto, analysis: Analysis,
+                       removed_classes: np.ndarray, opset: int | None,
+                       known: dict[str, np.ndarray] | None) -> WeightFedSession:
+    """The masked original's session, sharing the original's weight arrays where it can."""
+    light, weights = split_weights(original, known)
+    if mask_consumer_inputs(light, analysis, removed_classes):
+        return WeightFedSession(light, weights)
+    del light, weights
+    return WeightFedSession.of(masked_original(original, analysis, removed_classes, opset or 13))
+
+
+def _check_runnable(original: onnx.ModelProto, masked: bool,
+                    feeds: dict[str, np.ndarray], problem: str | None,
+                    known: dict[str, np.ndarray] | None = None) -> None:
     """Raise ConfigError when onnxruntime cannot run the input model at all.
 
     A masked reference that fails while the original runs is a verification failure (left to
     the caller); an original that onnxruntime refuses is a limit of the verifier, not of the
     pruning, and gets its own message.
     """
-    if reference is not original:
+    if masked:
+        session = WeightFedSession(*split_weights(original, known))
         try:
-            make_session(original).run(None, feeds)
+            session.run(feeds)
         except Exception as err:
             problem = _first_line(err)
         else:
             return
+        finally:
+            session.close()
     else:
         problem = (problem or "").removeprefix("onnxruntime cannot run the reference model: ")
     raise ConfigError(f"cannot verify: onnxruntime (CPU) cannot run the input model ({problem}); "

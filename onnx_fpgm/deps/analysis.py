@@ -246,7 +246,9 @@ class AnalysisContext:
 
     def add_member(self, node: gs.Node, atoms: np.ndarray, rows: np.ndarray, creates: bool) -> int:
         keep = atoms >= 0
-        rows = rows.reshape(rows.shape[0], -1)[keep]
+        rows = rows.reshape(rows.shape[0], -1)
+        if not keep.all():  # boolean indexing copies: a whole layer stays a view
+            rows = rows[keep]
         self.members.append(
             Member(node.name, node.op, atoms[keep], rows, np.ones(len(rows)), creates)
         )

@@ -1,0 +1,109 @@
+"""Loading big models with their weights memory-mapped from the external data file.
+
+Reading external data into the protobuf and then into NumPy costs two copies of the weights
+(protobuf fields cannot be viewed in place). Here the header is loaded alone and every large
+float initializer becomes a read-only view of the data file: no copy until read, and then one
+file-backed copy shared by every view (issue 12's memory budget).
+"""
+from __future__ import annotations
+
+import contextvars
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .errors import ModelLoadError
+from .io import _first_line, _itemsize, _numel, _stored_tensors, load_model
+#: Inputs whose external data reach this many bytes are memory-mapped, not read (``load_mapped``).
+MAP_EXTERNAL_BYTES = 1 << 26
+#: Directory external data of the model being pruned is read from (sessions built from bytes).
+EXTERNAL_DIR: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "onnx_fpgm_external_dir", default=None)
+
+
+@dataclass
+class Loaded:
+    """A model to prune: the protobuf, plus memory-mapped weights when they are big.
+
+    Attributes:
+        model: the model; with ``weights``, its big initializers still reference external data.
+        external: the input stored its weights as external data.
+        weights: initializer name -> read-only array mapped from the external data file.
+        directory: where ``model``'s external data lives (set when ``weights`` is).
+    """
+
+    model: onnx.ModelProto
+    external: bool
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+    directory: Path | None = None
+
+
+def load_mapped(source: str | os.PathLike | onnx.ModelProto) -> Loaded:
+    """``io.load_model``, except that external data of ``MAP_EXTERNAL_BYTES`` or more is mapped.
+
+    The header is checked by onnx's checker from its path (which reads no weights).
+
+    Raises:
+        ModelLoadError: as ``load_model``.
+    """
+    if isinstance(source, onnx.ModelProto) or not Path(source).is_file():
+        return Loaded(*load_model(source))
+    path = Path(source)
+    try:
+        header = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return Loaded(*load_model(source))  # load_model words the error
+    external = [t for t in header.graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL]
+    if sum(_numel(t) * _itemsize(t.data_type) for t in external) < MAP_EXTERNAL_BYTES or any(
+            t.data_location == onnx.TensorProto.EXTERNAL for t in _stored_tensors(header)
+            if t not in external):
+        return Loaded(*load_model(source))
+    if not len(header.graph.node) or not len(header.opset_import):
+        return Loaded(*load_model(source))
+    try:
+        onnx.checker.check_model(str(path))
+        weights = _map_external(external, path.parent)
+    except (onnx.checker.ValidationError, OSError, ValueError) as err:
+        raise ModelLoadError(f"{path}: fails onnx.checker: {_first_line(err)}") from err
+    for tensor in external:  # shapes, sizes, axes: inference and the folder read them inline
+        value = weights[tensor.name]
+        if value.dtype.kind != "f" or value.nbytes < _MAPPED_MIN_BYTES:
+            tensor.CopyFrom(onnx.numpy_helper.from_array(np.array(value), tensor.name))
+            del weights[tensor.name]
+    return Loaded(header, True, weights, path.parent)
+
+
+#: Smaller (or non-float) external tensors are read into the model instead of mapped.
+_MAPPED_MIN_BYTES = 4096
+
+
+def _map_external(tensors: list[onnx.TensorProto], directory: Path) -> dict[str, np.ndarray]:
+    files: dict[str, np.ndarray] = {}
+    weights = {}
+    for tensor in tensors:
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info["location"]
+        if location not in files:
+            files[location] = np.memmap(directory / location, dtype=np.uint8, mode="r")
+        offset = int(info.get("offset", 0))
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        length = int(info.get("length", _numel(tensor) * dtype.itemsize))
+        if length != _numel(tensor) * dtype.itemsize or offset + length > len(files[location]):
+            raise ValueError(f"external data of {tensor.name} does not match its shape")
+        weights[tensor.name] = np.asarray(files[location][offset:offset + length]).view(
+            dtype).reshape(tuple(tensor.dims))
+    return weights
+
+
+def attach_weights(graph: gs.Graph, weights: dict[str, np.ndarray]) -> None:
+    """Give the graph's constants their mapped arrays (instead of unreadable external stubs)."""
+    for name, tensor in graph.tensors().items():
+        if isinstance(tensor, gs.Constant) and name in weights:
+            tensor.values = weights[name]
+            tensor.data_location = None  # exported with its data, not as a dangling reference
+
