@@ -20,7 +20,8 @@ import onnx_graphsurgeon as gs
 from .calibration import Calibration, run_batched
 from .deps.analysis import Analysis, Group
 from .errors import ConfigError
-from .validate import consumer_axis, make_session
+from .masking import consumer_axis
+from .validate import make_session
 
 #: Calibration samples used per measurement (enough to rank groups, cheap enough for many).
 MAX_SAMPLES = 256

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
 from . import io, mapped, qdq
 from .deps.analysis import Analysis
-from .deps.constants import ConstantFolder
+from .masking import QOPERATOR_AS, mask_consumer_inputs, masked_original
 from .errors import ConfigError, VerificationError
 from .input_sizes import check_given, is_unknown
 from .weight_feeds import WeightFedSession, split_weights
@@ -182,153 +181,6 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0,
     return feeds
 
 
-def masked_original(model: onnx.ModelProto, analysis: Analysis,
-                    removed_classes: np.ndarray, opset: int) -> onnx.ModelProto:
-    """The original with consumer weight slices of removed channels zeroed."""
-    removed = analysis.removed_atoms(removed_classes)
-    graph = gs.import_onnx(model)
-    consts = ConstantFolder(opset)
-    counter, added = 0, False
-    for node in graph.nodes:
-        target = consumer_axis(node, analysis)
-        if target is None:
-            continue
-        cmap, weight_axis = target
-        gone = removed[cmap.labels]
-        if not gone.any():
-            continue
-        conv_group = int(node.attrs.get("group", 1)) if node.op in ("Conv", "QLinearConv") else 1
-        w_index, zero = _integer_weight(node, consts)
-
-        def mask(stored: np.ndarray, fill: np.ndarray, gone=gone, axis=weight_axis,
-                 conv_group=conv_group) -> np.ndarray:
-            masked = np.array(stored, copy=True)
-            fill = np.broadcast_to(fill, masked.shape)
-            if conv_group > 1:  # grouped conv: output o of group j reads inputs of group j only
-                per_group, rows = masked.shape[1], masked.shape[0] // conv_group
-                for j in range(conv_group):
-                    block = (slice(j * rows, (j + 1) * rows),
-                             np.flatnonzero(gone[j * per_group:(j + 1) * per_group]))
-                    masked[block] = fill[block]
-            else:
-                index = [slice(None)] * masked.ndim
-                index[axis] = np.flatnonzero(gone)
-                masked[tuple(index)] = fill[tuple(index)]
-            return masked
-
-        counter += 1
-        if qdq.mask_input(graph, node, w_index, mask, consts,
-                          f"{node.inputs[w_index].name}__masked{counter}", zero):
-            added = added or bool(node.inputs[1].inputs)  # a masked copy of a quantizer chain
-    graph.cleanup(remove_unused_graph_inputs=False)
-    if added:
-        graph.toposort()
-    out = gs.export_onnx(graph, do_type_check=False)
-    io.restore_interface_types(out, model)
-    out.ir_version = model.ir_version
-    del out.opset_import[:]
-    out.opset_import.extend(model.opset_import)
-    return out
-
-
-#: QOperator layers: the float op they stand for (same weight layout).
-_QOPERATOR_AS = {"QLinearConv": "Conv", "QGemm": "Gemm"}
-
-
-def _integer_weight(node: gs.Node, consts: ConstantFolder) -> tuple[int, np.ndarray | None]:
-    """(weight input index, zero point broadcastable to the weight) of a consumer; the zero
-    point only for QOperator layers, whose integer weights are stored as they are."""
-    if node.op not in _QOPERATOR_AS:
-        return 1, None
-    weight = consts.value(node.inputs[3])
-    zero = consts.value(node.inputs[5]) if len(node.inputs) > 5 and node.inputs[5].name else None
-    if zero is None or weight is None:
-        return 3, None
-    zero = np.asarray(zero, weight.dtype)
-    if zero.size == 1:
-        return 3, zero.reshape(())
-    axis = 0 if node.op == "QLinearConv" or int(node.attrs.get("transB", 0)) else 1
-    shape = [1] * weight.ndim
-    shape[axis] = zero.size
-    return 3, zero.reshape(shape)
-
-
-def mask_consumer_inputs(light: onnx.ModelProto, analysis: Analysis,
-                         removed_classes: np.ndarray) -> bool:
-    """Turn ``light`` (the original's graph) into the masked original without touching weights.
-
-    Each layer that contracts over removed channels reads its input through ``Mul`` by a 0/1
-    mask over the channel axis. ``Conv(x * m, W)`` forms exactly the products of
-    ``Conv(x, W * m)`` (each is ``x_c * w_c`` or an exact zero), so this is the masked original
-    of the module docstring, while every weight stays shared with the original. Returns False
-    (``light`` untouched) when some consumer cannot be masked so (non-fp32/64 input, unknown
-    rank); the caller then zeroes weight slices with ``masked_original``.
-    """
-    removed = analysis.removed_atoms(removed_classes)
-    float_inputs = {t.name: t.data_type for t in light.graph.initializer}
-    float_inputs.update({v.name: v.type.tensor_type.elem_type for v in light.graph.input})
-    plan = []
-    for position, node in enumerate(light.graph.node):
-        if len(node.input) < 2 or not node.input[0] or node.domain not in ("", "ai.onnx"):
-            continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute
-                 if a.name in ("group", "transA", "transB")}
-        target = _contracted_axis(node.op_type, node.input[0],
-                                  node.output[0] if node.output else None, attrs, analysis)
-        if target is None:
-            continue
-        cmap = target[0]
-        gone = removed[cmap.labels]
-        if not gone.any():
-            continue
-        rank = analysis.ranks.get(node.input[0])
-        dtype = float_inputs.get(node.input[1])
-        if rank is None or dtype not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
-            return False
-        plan.append((position, node, cmap.axis, rank, gone, dtype))
-    nodes = list(light.graph.node)
-    for k, (position, node, axis, rank, gone, dtype) in enumerate(reversed(plan)):
-        mask = (~gone).astype(onnx.helper.tensor_dtype_to_np_dtype(dtype))
-        mask = mask.reshape((len(mask),) + (1,) * (rank - 1 - axis))
-        name = f"{node.input[0]}__oracle_mask{len(plan) - k}"
-        light.graph.initializer.append(onnx.numpy_helper.from_array(mask, name + "_value"))
-        nodes.insert(position, onnx.helper.make_node("Mul", [node.input[0], name + "_value"],
-                                                     [name], name=name))
-        node.input[0] = name
-    del light.graph.node[:]
-    light.graph.node.extend(nodes)
-    return True
-
-
-def consumer_axis(node: gs.Node, analysis: Analysis):
-    """(input channel map, weight axis) when ``node`` contracts over mapped channels
-    (QOperator layers read as the float op they stand for)."""
-    if len(node.inputs) < 2 or node.inputs[0] is None:
-        return None
-    return _contracted_axis(_QOPERATOR_AS.get(node.op, node.op), node.inputs[0].name,
-                            node.outputs[0].name if node.outputs else None, node.attrs, analysis)
-
-
-def _contracted_axis(op: str, input_name: str, output_name: str | None, attrs: dict,
-                     analysis: Analysis):
-    cmap = analysis.maps.get(input_name)
-    if cmap is None:
-        return None
-    if op in ("Conv", "ConvTranspose") and int(attrs.get("group", 1)) == 1:
-        return cmap, 1 if op == "Conv" else 0
-    out_map = analysis.maps.get(output_name) if output_name else None
-    passes_through = out_map is not None and out_map.labels is cmap.labels  # depthwise
-    if op == "Conv" and not passes_through:  # grouped: consumes its input channels
-        return cmap, 1
-    if op == "Gemm" and not int(attrs.get("transA", 0)):
-        return cmap, 1 if int(attrs.get("transB", 0)) else 0
-    if op == "MatMul":
-        rank = analysis.ranks.get(input_name)
-        if rank is not None and cmap.axis == rank - 1:
-            return cmap, 0
-    return None
-
-
 def compare(original: onnx.ModelProto, pruned: onnx.ModelProto,
             feeds: dict[str, np.ndarray]) -> CompareResult:
     """Run both models on ``feeds`` and compare outputs (interface, finiteness, rel. error)."""
@@ -455,7 +307,7 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, *, analysis: Anal
     sets = size_sets or [input_shapes]
     masked = analysis is not None and removed_classes is not None and len(removed_classes) > 0
     if masked and (qdq.activation_pairs(original) or
-                   any(node.op_type in _QOPERATOR_AS for node in original.graph.node)):
+                   any(node.op_type in QOPERATOR_AS for node in original.graph.node)):
         result = _verify_quantized(original, pruned, analysis, removed_classes, opset, seed, sets)
     elif _interface(original) != _interface(pruned):
         result = CompareResult(interface_ok=False,
@@ -520,7 +372,7 @@ def _verify_quantized(original: onnx.ModelProto, pruned: onnx.ModelProto, analys
             if len(sets) > 1:
                 result.problem = f"at input sizes {_sizes_text(shapes)}: {result.summary()}"
             break
-    if result and any(node.op_type in _QOPERATOR_AS for node in original.graph.node):
+    if result and any(node.op_type in QOPERATOR_AS for node in original.graph.node):
         differing = [o for o in result.outputs if o.max_abs_error > 0]
         result.bit_exact = not differing
         if differing:

@@ -21,6 +21,7 @@ from onnx import TensorProto
 import onnx_fpgm
 import onnx_fpgm.io
 import onnx_fpgm.mapped
+import onnx_fpgm.masking
 import onnx_fpgm.validate
 from tests.conftest import pruned_layers
 
@@ -76,7 +77,7 @@ def test_big_external_model_is_mapped_pruned_verified_and_saved_with_external_da
     assert any(t.data_location == TensorProto.EXTERNAL for t in header.graph.initializer)
     onnx.checker.check_model(str(out), full_check=True)
     # the saved model passes the oracle built the independent way (zeroed weight slices)
-    masked = onnx_fpgm.validate.masked_original(
+    masked = onnx_fpgm.masking.masked_original(
         full, result.analysis, result.plan.removed_classes, onnx_fpgm.io.default_opset(full))
     feeds = onnx_fpgm.validate.random_inputs(full, seed=7)
     want = onnx_fpgm.validate.make_session(masked).run(None, feeds)[0]
@@ -97,9 +98,9 @@ def test_input_masks_equal_zeroed_weight_slices(tmp_path: Path, monkeypatch, map
     full = onnx.load(str(source))
     light, weights = onnx_fpgm.validate.split_weights(full)
     assert weights and not any(t.name in weights for t in light.graph.initializer)
-    assert onnx_fpgm.validate.mask_consumer_inputs(light, result.analysis,
+    assert onnx_fpgm.masking.mask_consumer_inputs(light, result.analysis,
                                                    result.plan.removed_classes)
-    masked = onnx_fpgm.validate.masked_original(
+    masked = onnx_fpgm.masking.masked_original(
         full, result.analysis, result.plan.removed_classes, onnx_fpgm.io.default_opset(full))
     feeds = onnx_fpgm.validate.random_inputs(full, seed=3)
     by_masks = onnx_fpgm.validate.WeightFedSession(light, weights).run(feeds)[0]

@@ -27,6 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_fpgm
 import onnx_fpgm.io
+import onnx_fpgm.masking
 import onnx_fpgm.validate
 from onnx_fpgm import cli
 from tests.conftest import _stored, check_pruned, pruned_layers, run_outputs, runtime_nodes
@@ -300,7 +301,7 @@ def _check_with_reference(original: onnx.ModelProto, result: onnx_fpgm.PruneResu
                           rtol: float) -> None:
     """The oracle on onnx's reference evaluator, for models onnxruntime (CPU) cannot run."""
     onnx.checker.check_model(result.model, full_check=True)
-    masked = onnx_fpgm.validate.masked_original(
+    masked = onnx_fpgm.masking.masked_original(
         original, result.analysis, result.plan.removed_classes,
         onnx_fpgm.io.default_opset(original))
     feeds = onnx_fpgm.validate.random_inputs(original, seed=123)
