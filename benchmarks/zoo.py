@@ -26,7 +26,7 @@ from tests.torch_models import ZOO, export_onnx  # noqa: E402
 
 MODELS = {**ZOO, **ATTENTION_ZOO}
 
-#: Shipped forms with dynamic input dims (issue 9, items 1-3).
+#: Shipped forms (issue 9): dynamic input dims, computed shape parameters, quantized graphs.
 DYNAMIC_FORMS = {
     **{f"paddle_det ({k} dims)": (lambda k=k: shipped_forms.paddle_detector(k))
        for k in shipped_forms.PADDLE_DIMS},
@@ -35,6 +35,16 @@ DYNAMIC_FORMS = {
     "token_classifier": shipped_forms.token_classifier,
     "torch dynamic axes (torchscript)": lambda: shipped_forms.torch_dynamic_axes(dynamo=False),
     "torch dynamic axes (dynamo)": lambda: shipped_forms.torch_dynamic_axes(dynamo=True),
+    # partly computed shape parameters and quantized graphs (issue 9, items 4-5)
+    "tf2onnx computed Flatten": shipped_forms.tf2onnx_computed_flatten,
+    "paddle reshape [0, -1]": shipped_forms.paddle_reshape_zero_minus_one,
+    "resize with computed sizes": shipped_forms.resize_computed_sizes,
+    "slice bounds partly computed": shipped_forms.slice_bounds_partly_computed,
+    **{f"torch x.{form}(batch, ...) ({exporter})":
+       (lambda form=form, dynamo=dynamo: shipped_forms.torch_view_batch(form, dynamo))
+       for form in ("view", "flatten", "se", "chunk")
+       for exporter, dynamo in (("torchscript", False), ("dynamo", True))},
+    "ORT quantize_dynamic, IR 6 (nothing to prune)": shipped_forms.quantized_dynamic_by_hand,
 }
 
 EXPORTERS = {"torchscript": dict(dynamo=False, fold_bn=True),
