@@ -28,13 +28,7 @@ MODELS = {**ZOO, **ATTENTION_ZOO}
 
 #: Shipped forms (issue 9): dynamic input dims, computed shape parameters, quantized graphs.
 DYNAMIC_FORMS = {
-    **{f"paddle_det ({k} dims)": (lambda k=k: shipped_forms.paddle_detector(k))
-       for k in shipped_forms.PADDLE_DIMS},
-    "dynamic_axes_detector": shipped_forms.dynamic_axes_detector,
-    "nhwc_all_symbolic": shipped_forms.nhwc_all_symbolic,
-    "token_classifier": shipped_forms.token_classifier,
-    "torch dynamic axes (torchscript)": lambda: shipped_forms.torch_dynamic_axes(dynamo=False),
-    "torch dynamic axes (dynamo)": lambda: shipped_forms.torch_dynamic_axes(dynamo=True),
+    **shipped_forms.DYNAMIC_DIM_FORMS,
     # partly computed shape parameters and quantized graphs (issue 9, items 4-5)
     "tf2onnx computed Flatten": shipped_forms.tf2onnx_computed_flatten,
     "paddle reshape [0, -1]": shipped_forms.paddle_reshape_zero_minus_one,

@@ -180,6 +180,18 @@ def torch_dynamic_axes(dynamo: bool) -> onnx.ModelProto:
         return onnx.load(path)
 
 
+#: Every form above with symbolic input dims, by name (tests and benchmarks/zoo.py).
+DYNAMIC_DIM_FORMS = {
+    **{f"paddle_{k}": (lambda k=k: paddle_detector(k))
+       for k in PADDLE_DIMS},
+    "dynamic_axes_detector": dynamic_axes_detector,
+    "nhwc_all_symbolic": nhwc_all_symbolic,
+    "token_classifier": token_classifier,
+    "torch_dynamic_axes_torchscript": lambda: torch_dynamic_axes(dynamo=False),
+    "torch_dynamic_axes_dynamo": lambda: torch_dynamic_axes(dynamo=True),
+}
+
+
 def size_baked(model: onnx.ModelProto, sizes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
     """``model`` with each computed Reshape target and Resize ``sizes`` replaced by its value at
     ``sizes``: what a rewrite that folded a Shape-derived value at one size would write."""

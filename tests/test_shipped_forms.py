@@ -23,15 +23,7 @@ from tests.test_forms import _check
 
 # --- dynamic input dims -----------------------------------------------------------------------
 
-DYNAMIC_FORMS = {
-    **{f"paddle_{k}": (lambda k=k: shipped_forms.paddle_detector(k))
-       for k in shipped_forms.PADDLE_DIMS},
-    "dynamic_axes_detector": shipped_forms.dynamic_axes_detector,
-    "nhwc_all_symbolic": shipped_forms.nhwc_all_symbolic,
-    "token_classifier": shipped_forms.token_classifier,
-    "torch_dynamic_axes_torchscript": lambda: shipped_forms.torch_dynamic_axes(dynamo=False),
-    "torch_dynamic_axes_dynamo": lambda: shipped_forms.torch_dynamic_axes(dynamo=True),
-}
+DYNAMIC_FORMS = shipped_forms.DYNAMIC_DIM_FORMS
 
 
 def _dims(value: onnx.ValueInfoProto) -> list:
