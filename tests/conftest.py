@@ -1,6 +1,8 @@
 """Shared fixtures and the independent checks every pruning test applies."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 import pytest
@@ -82,3 +84,16 @@ def run_outputs(model: onnx.ModelProto, seed: int = 0) -> list[np.ndarray]:
     from onnx_fpgm.validate import make_session, random_inputs
 
     return make_session(model).run(None, random_inputs(model, seed))
+
+
+def protobuf_guard(what: str, function: Callable, too_big: int,
+                   violations: list[str]) -> Callable:
+    """``function`` failing, as protobuf does past 2 GiB, on any message holding the weights."""
+    def wrapped(proto, *args, **kwargs):
+        size = len(proto) if isinstance(proto, bytes) else \
+            proto.ByteSize() if isinstance(proto, onnx.ModelProto) else 0
+        if size > too_big:
+            violations.append(what)
+            raise ValueError(f"{what}: message exceeds the 2 GiB protobuf limit")
+        return function(proto, *args, **kwargs)
+    return wrapped

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import onnx_fpgm.io
 import onnx_fpgm.mapped
 import onnx_fpgm.masking
 import onnx_fpgm.validate
-from tests.conftest import pruned_layers
+from tests.conftest import protobuf_guard, pruned_layers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,18 +32,6 @@ def _make_stack(path: Path, *extra: str) -> Path:
                     "--stages", "2", "--blocks", "2", "--width", "32", "--size", "8", *extra],
                    check=True, capture_output=True)
     return path
-
-
-def _guard(what: str, function: Callable, too_big: int, violations: list[str]) -> Callable:
-    """``function`` failing, as protobuf does past 2 GiB, on any message holding the weights."""
-    def wrapped(proto, *args, **kwargs):
-        size = len(proto) if isinstance(proto, bytes) else \
-            proto.ByteSize() if isinstance(proto, onnx.ModelProto) else 0
-        if size > too_big:
-            violations.append(what)
-            raise ValueError(f"{what}: message exceeds the 2 GiB protobuf limit")
-        return function(proto, *args, **kwargs)
-    return wrapped
 
 
 def test_big_external_model_is_mapped_pruned_verified_and_saved_with_external_data(
@@ -60,7 +47,8 @@ def test_big_external_model_is_mapped_pruned_verified_and_saved_with_external_da
         patch.setattr(onnx_fpgm.mapped, "MAP_EXTERNAL_BYTES", 1)
         for module, name in ((onnx.shape_inference, "infer_shapes"),
                              (onnx.checker, "check_model"), (ort, "InferenceSession")):
-            patch.setattr(module, name, _guard(name, getattr(module, name), too_big, violations))
+            patch.setattr(module, name,
+                          protobuf_guard(name, getattr(module, name), too_big, violations))
         result = onnx_fpgm.prune(source, 0.5)
         out = tmp_path / "out" / "pruned.onnx"
         out.parent.mkdir()

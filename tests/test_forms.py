@@ -30,7 +30,8 @@ import onnx_fpgm.io
 import onnx_fpgm.masking
 import onnx_fpgm.validate
 from onnx_fpgm import cli
-from tests.conftest import _stored, check_pruned, pruned_layers, run_outputs, runtime_nodes
+from tests.conftest import (_stored, check_pruned, protobuf_guard, pruned_layers, run_outputs,
+                            runtime_nodes)
 from tests.onnx_patterns import _Net
 
 REPO = Path(__file__).resolve().parents[1]
@@ -432,14 +433,7 @@ def test_over_protobuf_limit_goes_through_light_copies_and_paths(tmp_path: Path,
     violations: list[str] = []
 
     def guard(what: str, function: Callable) -> Callable:
-        def wrapped(proto, *args, **kwargs):
-            size = len(proto) if isinstance(proto, bytes) else \
-                proto.ByteSize() if isinstance(proto, onnx.ModelProto) else 0
-            if size > too_big:
-                violations.append(what)
-                raise ValueError(f"{what}: message exceeds the 2 GiB protobuf limit")
-            return function(proto, *args, **kwargs)
-        return wrapped
+        return protobuf_guard(what, function, too_big, violations)
 
     with monkeypatch.context() as patch:
         patch.setattr(onnx_fpgm.io, "PROTOBUF_LIMIT", 1)
