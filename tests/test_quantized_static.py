@@ -84,33 +84,28 @@ def test_quantize_static_qoperator(name: str, sparsity: float) -> None:
         assert report.after.params <= 0.55 * report.before.params
 
 
-def test_the_quantized_oracle_catches_a_wrong_kept_weight() -> None:
-    """The check can fail: one kept integer of a pruned layer changed -> verification fails."""
-    model = static("resnet18_like", "qdq", True)
+def _weight_behind_dequantize(graph: onnx.GraphProto, layer: str) -> str:
+    """QDQ: the stored integers behind the Conv's DequantizeLinear weight."""
+    conv = next(n for n in graph.node if n.op_type == "Conv" and n.name == layer)
+    return next(n for n in graph.node if conv.input[1] in n.output).input[0]
+
+
+def _qoperator_weight(graph: onnx.GraphProto, layer: str) -> str:
+    """QOperator: QLinearConv's integer weight input."""
+    return next(n for n in graph.node if n.name == layer).input[3]
+
+
+@pytest.mark.parametrize("fmt,find_weight", [("qdq", _weight_behind_dequantize),
+                                              ("qoperator", _qoperator_weight)])
+def test_the_quantized_oracle_catches_a_wrong_kept_weight(fmt: str, find_weight) -> None:
+    """The check can fail: one kept integer of a pruned layer changed -> verification fails
+    (QDQ: float comparison with activation pairs bypassed; QOperator: bit for bit)."""
+    model = static("resnet18_like", fmt, True)
     result = onnx_fpgm.prune(model, 0.5)
     broken = onnx.ModelProto()
     broken.CopyFrom(result.model)
-    layer = next(iter(sorted(pruned_layers(result))))
-    weight_dq = next(n for n in broken.graph.node if n.op_type == "Conv" and n.name == layer)
-    producer = next(n for n in broken.graph.node if weight_dq.input[1] in n.output)
-    tensor = next(t for t in broken.graph.initializer if t.name == producer.input[0])
-    values = numpy_helper.to_array(tensor).copy()
-    values.reshape(-1)[0] = 127 if values.reshape(-1)[0] != 127 else -127
-    tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
-    check = onnx_fpgm.validate.verify(
-        onnx_fpgm.io.infer_shapes(model), broken, analysis=result.analysis,
-        removed_classes=result.plan.removed_classes, opset=onnx_fpgm.io.default_opset(model))
-    assert not check
-
-
-def test_the_qoperator_oracle_catches_a_wrong_kept_weight() -> None:
-    model = static("resnet18_like", "qoperator", True)
-    result = onnx_fpgm.prune(model, 0.5)
-    broken = onnx.ModelProto()
-    broken.CopyFrom(result.model)
-    layer = sorted(pruned_layers(result))[0]
-    conv = next(n for n in broken.graph.node if n.name == layer)
-    tensor = next(t for t in broken.graph.initializer if t.name == conv.input[3])
+    name = find_weight(broken.graph, sorted(pruned_layers(result))[0])
+    tensor = next(t for t in broken.graph.initializer if t.name == name)
     values = numpy_helper.to_array(tensor).copy()
     values.reshape(-1)[0] = 127 if values.reshape(-1)[0] != 127 else -127
     tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
