@@ -179,7 +179,7 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
     weights = None
     io.release_free_memory()
     if config.calibration or config.evaluation or config.compensate != "none":
-        if loaded.weights:  # compensation reads the original's data from the protobuf
+        if loaded.directory is not None:  # compensation reads the original's data from the protobuf
             original = io.load_model(source)[0]
         with _timed(report, "compensate"):
             pruned = _compensate_and_measure(original, pruned, analysis, plan, config, report,

@@ -3,7 +3,8 @@
 Reading external data into the protobuf and then into NumPy costs two copies of the weights
 (protobuf fields cannot be viewed in place). Here the header is loaded alone and every large
 float initializer becomes a read-only view of the data file: no copy until read, and then one
-file-backed copy shared by every view (issue 12's memory budget).
+file-backed copy shared by every view (issue 12's memory budget). Weights stored in the
+protobuf are viewed in place too, and the model is checked without serialising them.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .errors import ModelLoadError
-from .io import _first_line, _itemsize, _numel, _stored_tensors, load_model
+from .io import _first_line, _itemsize, _stored_tensors, load_model
+from .light import _KEPT_TYPES, _numel
 #: Inputs whose external data reach this many bytes are memory-mapped, not read (``load_mapped``).
 MAP_EXTERNAL_BYTES = 1 << 26
 #: Directory external data of the model being pruned is read from (sessions built from bytes).
@@ -27,13 +29,14 @@ EXTERNAL_DIR: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
 
 @dataclass
 class Loaded:
-    """A model to prune: the protobuf, plus memory-mapped weights when they are big.
+    """A model to prune: the protobuf, plus its big weights as read-only arrays.
 
     Attributes:
-        model: the model; with ``weights``, its big initializers still reference external data.
+        model: the model; with ``directory``, its big initializers still reference external data.
         external: the input stored its weights as external data.
-        weights: initializer name -> read-only array mapped from the external data file.
-        directory: where ``model``'s external data lives (set when ``weights`` is).
+        weights: initializer name -> read-only array, mapped from the external data file
+            (with ``directory``) or viewing the protobuf's raw data.
+        directory: where ``model``'s external data lives (set when mapped).
     """
 
     model: onnx.ModelProto
@@ -43,15 +46,18 @@ class Loaded:
 
 
 def load_mapped(source: str | os.PathLike | onnx.ModelProto) -> Loaded:
-    """``io.load_model``, except that external data of ``MAP_EXTERNAL_BYTES`` or more is mapped.
+    """``io.load_model``, except that no weight is copied more than once.
 
-    The header is checked by onnx's checker from its path (which reads no weights).
+    External data of ``MAP_EXTERNAL_BYTES`` or more is mapped; its header is checked by onnx's
+    checker from its path (which reads no weights). Otherwise the file is parsed once, checked
+    without its weights (``light.check_light``), and its big tensors are viewed in place
+    (``embedded_arrays``).
 
     Raises:
         ModelLoadError: as ``load_model``.
     """
     if isinstance(source, onnx.ModelProto) or not Path(source).is_file():
-        return Loaded(*load_model(source))
+        return _embedded(source)
     path = Path(source)
     try:
         header = onnx.load(str(path), load_external_data=False)
@@ -61,10 +67,8 @@ def load_mapped(source: str | os.PathLike | onnx.ModelProto) -> Loaded:
                 if t.data_location == onnx.TensorProto.EXTERNAL]
     if sum(_numel(t) * _itemsize(t.data_type) for t in external) < MAP_EXTERNAL_BYTES or any(
             t.data_location == onnx.TensorProto.EXTERNAL for t in _stored_tensors(header)
-            if t not in external):
-        return Loaded(*load_model(source))
-    if not len(header.graph.node) or not len(header.opset_import):
-        return Loaded(*load_model(source))
+            if t not in external) or not len(header.graph.node) or not len(header.opset_import):
+        return _embedded(path, header)
     try:
         onnx.checker.check_model(str(path))
         weights = _map_external(external, path.parent)
@@ -76,6 +80,59 @@ def load_mapped(source: str | os.PathLike | onnx.ModelProto) -> Loaded:
             tensor.CopyFrom(onnx.numpy_helper.from_array(np.array(value), tensor.name))
             del weights[tensor.name]
     return Loaded(header, True, weights, path.parent)
+
+
+def _embedded(source: str | os.PathLike | onnx.ModelProto,
+              header: onnx.ModelProto | None = None) -> Loaded:
+    """A model whose weights live in the protobuf: light check, big tensors viewed in place."""
+    model = source if isinstance(source, onnx.ModelProto) else header
+    if model is None or any(t.data_type not in _VIEWED_TYPES and _numel(t) > 64
+                            for t in model.graph.initializer):
+        return Loaded(*load_model(source, parsed=header))  # the full checker for rare types
+    model, external = load_model(source, parsed=header, light_check=True)
+    where = "the given model" if isinstance(source, onnx.ModelProto) else str(source)
+    return Loaded(model, external, embedded_arrays(model, where))
+
+
+#: Types whose raw data ``embedded_arrays`` views (others take the full checker's path).
+_VIEWED_TYPES = frozenset({
+    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16,
+    onnx.TensorProto.UINT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+    onnx.TensorProto.BOOL})
+
+
+def embedded_arrays(model: onnx.ModelProto, where: str) -> dict[str, np.ndarray]:
+    """Read-only arrays over the raw data of the initializers ``light_copy`` strips.
+
+    One copy of each (protobuf fields cannot be viewed); graph-surgeon's own loader makes two.
+    Checks what the light checker skipped: each data size must match the tensor's shape.
+
+    Raises:
+        ModelLoadError: a tensor's data does not match its shape.
+    """
+    arrays: dict[str, np.ndarray] = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_type in _KEPT_TYPES or _numel(tensor) <= 64:
+            continue  # checked by the light checker
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).newbyteorder("<")
+        if not tensor.HasField("raw_data"):
+            count = len(getattr(tensor, _TYPED_FIELD.get(tensor.data_type, "int32_data")))
+            if count != _numel(tensor):
+                raise ModelLoadError(f"{where}: fails onnx.checker: initializer {tensor.name} "
+                                     f"holds {count} values, its shape needs {_numel(tensor)}")
+            continue  # typed fields: graph-surgeon converts them when read
+        raw = tensor.raw_data
+        if len(raw) != _numel(tensor) * dtype.itemsize:
+            raise ModelLoadError(f"{where}: fails onnx.checker: raw data of initializer "
+                                 f"{tensor.name} holds {len(raw)} bytes, its shape needs "
+                                 f"{_numel(tensor) * dtype.itemsize}")
+        arrays[tensor.name] = np.frombuffer(raw, dtype).reshape(tuple(tensor.dims))
+    return arrays
+
+
+_TYPED_FIELD = {onnx.TensorProto.FLOAT: "float_data", onnx.TensorProto.DOUBLE: "double_data",
+                onnx.TensorProto.INT64: "int64_data"}
 
 
 #: Smaller (or non-float) external tensors are read into the model instead of mapped.

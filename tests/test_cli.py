@@ -261,6 +261,21 @@ def _checker_failure(path: Path, good: bytes, rng) -> None:
     onnx.save(model, path)
 
 
+def _short_weight(typed: bool):
+    """The biggest weight's data one value short: checked apart from the light checker."""
+    def make(path: Path, good: bytes, rng) -> None:
+        model = onnx.load_from_string(good)
+        weight = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+        values = numpy_helper.to_array(weight).ravel()[:-1]
+        weight.ClearField("raw_data")
+        if typed:
+            weight.float_data.extend(values.tolist())
+        else:
+            weight.raw_data = values.tobytes()
+        path.write_bytes(model.SerializeToString())
+    return make
+
+
 def _no_opset(path: Path, good: bytes, rng) -> None:
     model = onnx.load_from_string(good)
     del model.opset_import[:]
@@ -282,6 +297,8 @@ BAD_INPUTS = {
                                                  .SerializeToString()),
         "not an ONNX model"),
     "checker_failure": (_checker_failure, "onnx.checker"),
+    "short_raw_weight": (_short_weight(typed=False), "onnx.checker"),
+    "short_typed_weight": (_short_weight(typed=True), "onnx.checker"),
     "no_opset": (_no_opset, "opset"),
 }
 
