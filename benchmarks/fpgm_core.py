@@ -1,7 +1,7 @@
 """Benchmark the FPGM core against the seed implementation and a one-GEMM floor.
 
 Usage: ``python benchmarks/fpgm_core.py [--repeats 15] [--device all|cpu|cuda] [--threads N]
-[--out FILE]``
+[--large] [--out FILE]``
 
 For each shape, on CPU (and CUDA when available), times with the median of ``--repeats``
 rounds after a warm-up:
@@ -41,6 +41,9 @@ SHAPES: list[tuple[int, ...]] = [
     (2048, 512, 1, 1),
     (3072, 768),
 ]
+#: ``--large``: issue 12's big producers (VGG's 4096 x 25088 classifier; the 2.83 GB stack's
+#: 512 x 4608 convs are ``(512, 512, 3, 3)`` above). The seed runs there too (one cdist).
+LARGE_SHAPES: list[tuple[int, ...]] = [(4096, 25088)]
 SPARSITY = 0.5
 
 
@@ -118,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
     parser.add_argument("--out", type=Path, help="also write the report to this file")
+    parser.add_argument("--large", action="store_true",
+                        help="also the 4096 x 25088 classifier of VGG (about 5 s a GEMM on 2 cores)")
     parser.add_argument(
         "--threads",
         type=int,
@@ -158,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     for device in devices:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-        rows = [bench_shape(shape, device, args.repeats) for shape in SHAPES]
+        shapes = SHAPES + (LARGE_SHAPES if args.large else [])
+        rows = [bench_shape(shape, device, args.repeats) for shape in shapes]
         emit("", f"device: {device.type} ({name})", format_table(rows))
     emit(f"load avg after: {os.getloadavg()[0]:.2f}")
     if args.out is not None:

@@ -236,12 +236,13 @@ class Allocator:
                 losses = measure_sensitivity(self._original, self.analysis, groups, levels,
                                              select, calibration, counts, advance)
             else:  # what compensation cannot recover; auto judges by lstsq, its best
-                from . import io
+                from . import io, mapped
                 from .sensitivity import measure_compensated_sensitivity
 
+                original = mapped.with_data(self._original)  # compensation reads weights there
                 losses = measure_compensated_sensitivity(
-                    self._original, io.infer_shapes(io.light_copy(self._original)),
-                    io.default_opset(self._original), self.analysis, groups, levels, select,
+                    original, io.infer_shapes(io.light_copy(original)),
+                    io.default_opset(original), self.analysis, groups, levels, select,
                     calibration, counts, "lstsq" if mode == "auto" else mode, advance)
             for unit, row in zip(missing, np.maximum.accumulate(losses, axis=1)):
                 self.sensitivity[tuple(unit)] = row  # made monotone in sparsity

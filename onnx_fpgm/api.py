@@ -71,13 +71,14 @@ def _timed(report: Report, phase: str):
     report.timings_s[phase] = report.timings_s.get(phase, 0.0) + time.perf_counter() - started
 
 
-def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
+def prune(model: str | os.PathLike | onnx.ModelProto | mapped.Loaded, sparsity: float = 0.5, *,
           config: PruneConfig | None = None, progress: Progress | None = None,
           cache: dict | None = None, **options) -> PruneResult:
     """Prune ``model`` by FPGM and verify the result.
 
     Args:
-        model: a path to an ``.onnx`` file (external data is read too) or a ``ModelProto``.
+        model: a path to an ``.onnx`` file (external data is read too), a ``ModelProto``, or
+            a model loaded once for many prunes (``mapped.load_mapped``: a sweep).
         sparsity: fraction of each group's channels to remove (ignored when ``config`` is given).
         config: all options at once; otherwise ``options`` are ``PruneConfig`` fields.
         progress: optional progress callback for long phases.
@@ -101,17 +102,14 @@ def prune(model: str | os.PathLike | onnx.ModelProto, sparsity: float = 0.5, *,
         return prune_to_latency(model, config, progress, cache)
     report = Report(settings=config.to_metadata())
     with _timed(report, "load"):
-        loaded = mapped.load_mapped(model)
+        loaded = model if isinstance(model, mapped.Loaded) else mapped.load_mapped(model)
         opset = io.default_opset(loaded.model)
-    token = mapped.EXTERNAL_DIR.set(loaded.directory)
-    try:
-        return _prune_loaded(loaded, config, report, opset, progress, model, cache)
-    finally:
-        mapped.EXTERNAL_DIR.reset(token)
+    with mapped.reading_from(loaded):
+        return _prune_loaded(loaded, config, report, opset, progress, cache)
 
 
 def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, opset: int,
-                  progress: Progress | None, source, cache: dict | None) -> PruneResult:
+                  progress: Progress | None, cache: dict | None) -> PruneResult:
     original, external = loaded.model, loaded.external
     with _timed(report, "sizes"):
         sizes = choose_sizes(original, dict(config.input_shapes), seed=config.seed)
@@ -179,8 +177,8 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
     weights = None
     io.release_free_memory()
     if config.calibration or config.evaluation or config.compensate != "none":
-        if loaded.directory is not None:  # compensation reads the original's data from the protobuf
-            original = io.load_model(source)[0]
+        if config.compensate != "none":  # it reads the data from the protobuf
+            original = mapped.with_data(original)
         with _timed(report, "compensate"):
             pruned = _compensate_and_measure(original, pruned, analysis, plan, config, report,
                                              sizes.primary)

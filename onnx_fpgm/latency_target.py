@@ -26,13 +26,20 @@ MIN_SPREAD = 0.02
 def prune_to_latency(model, config: PruneConfig, progress=None, cache: dict | None = None,
                      runs: int = 30):
     """Search a MACs target whose pruned model meets ``config.target_latency``."""
-    from . import io
+    from . import mapped
+
+    loaded = model if isinstance(model, mapped.Loaded) else mapped.load_mapped(model)
+    with mapped.reading_from(loaded):  # loaded once: its weights are mapped or viewed
+        return _search(loaded, config, progress, cache if cache is not None else {}, runs)
+
+
+def _search(loaded, config: PruneConfig, progress, cache: dict, runs: int):
+    """Bisect (then step by the MACs-latency proportion) over MACs targets, timing each."""
     from .api import prune
     from .bench import benchmark
 
-    original, _ = io.load_model(model)
+    original = loaded.model
     goal = float(config.target_latency)
-    cache = cache if cache is not None else {}
     quick = replace(config, target_latency=None, verify=False, compensate="none",
                     evaluation=None)
     lo, hi, macs = 0.0, 1.0, goal  # bracket of MACs fractions: too slow below hi is unknown
@@ -42,7 +49,7 @@ def prune_to_latency(model, config: PruneConfig, progress=None, cache: dict | No
     chosen = None
     for _ in range(MAX_TRIALS):
         try:
-            result = prune(original, config=replace(quick, target_macs=macs), cache=cache)
+            result = prune(loaded, config=replace(quick, target_macs=macs), cache=cache)
         except ConfigError as err:
             if "not reachable" not in str(err):
                 raise
@@ -74,7 +81,7 @@ def prune_to_latency(model, config: PruneConfig, progress=None, cache: dict | No
                               f"best reached is {best_reachable or 1.0:.3f} "
                               f"(after {len(trials)} pruned-and-timed trials)")
         chosen = max(fitting)[0]  # the most channels among those fast enough
-    result = prune(original, config=replace(config, target_latency=None, target_macs=chosen),
+    result = prune(loaded, config=replace(config, target_latency=None, target_macs=chosen),
                    progress=progress, cache=cache)
     latency = benchmark(original, result.model, runs=runs,
                         input_shapes=result.input_sizes.primary)

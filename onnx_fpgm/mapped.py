@@ -8,8 +8,10 @@ protobuf are viewed in place too, and the model is checked without serialising t
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +45,31 @@ class Loaded:
     external: bool
     weights: dict[str, np.ndarray] = field(default_factory=dict)
     directory: Path | None = None
+
+
+@contextlib.contextmanager
+def reading_from(loaded: Loaded) -> Iterator[None]:
+    """Meanwhile, sessions built from ``loaded.model`` read its mapped data from its folder."""
+    token = EXTERNAL_DIR.set(loaded.directory)
+    try:
+        yield
+    finally:
+        EXTERNAL_DIR.reset(token)
+
+
+def with_data(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its mapped weights read into the protobuf, for code that reads them there
+    (compensation); ``model`` itself when it has none, or outside ``reading_from``."""
+    directory = EXTERNAL_DIR.get()
+    if directory is None or not any(t.data_location == onnx.TensorProto.EXTERNAL
+                                    for t in model.graph.initializer):
+        return model
+    from onnx.external_data_helper import load_external_data_for_model
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    load_external_data_for_model(copy, str(directory))
+    return copy
 
 
 def load_mapped(source: str | os.PathLike | onnx.ModelProto) -> Loaded:

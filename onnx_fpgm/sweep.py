@@ -7,6 +7,8 @@ Sensitivities and channel scores are measured once and shared by every point (``
 """
 from __future__ import annotations
 
+import itertools
+
 import logging
 import math
 from collections.abc import Callable
@@ -63,45 +65,47 @@ def run_sweep(model: str, targets: tuple[float, ...], allocations: tuple[str, ..
               base: PruneConfig | None = None, latency_runs: int = 20,
               progress: Callable[[str, int], Callable[[int], None]] | None = None) -> Sweep:
     """Prune ``model`` at every (allocation, compensation, target) and measure each result."""
-    from . import io
-    from .api import prune
-    from .bench import benchmark
+    from . import mapped
 
     base = base or PruneConfig()
     if "sensitivity" in allocations and not base.calibration:
         raise ConfigError("allocation sensitivity needs --calibration data")
-    original, _ = io.load_model(model)
+    loaded = mapped.load_mapped(model)  # once, weights mapped or viewed: not per point
     fidelity_on = "evaluation" if base.evaluation else "calibration" if base.calibration else ""
     sweep = Sweep(str(model), metric, fidelity_on)
     caches: dict[str, dict] = {}
     total = len(targets) * len(allocations) * len(compensations)
     advance = progress("sweep", total) if progress else None
-    for allocation in allocations:
-        for compensation in compensations:
-            for target in targets:
-                point = SweepPoint(allocation, compensation, target)
-                sweep.points.append(point)
-                config = _config(base, metric, target, allocation, compensation)
-                try:
-                    result = prune(original, config=config,
-                                   cache=caches.setdefault(allocation, {}))
-                except OnnxFpgmError as err:
-                    point.error = str(err)
-                    if advance:
-                        advance(1)
-                    continue
-                report = result.report
-                point.macs = report.after.macs / report.before.macs if report.before.macs \
-                    else 1.0
-                point.params = report.after.params / report.before.params
-                _fill_fidelity(point, report.fidelity_data)
-                if latency_runs:
-                    lat = benchmark(original, result.model, runs=latency_runs, warmup=3,
-                                    input_shapes=result.input_sizes.primary)
-                    point.latency_ms, point.original_latency_ms = lat.pruned_ms, lat.original_ms
-                if advance:
-                    advance(1)
+    with mapped.reading_from(loaded):
+        for allocation, compensation, target in itertools.product(allocations, compensations,
+                                                                  targets):
+            point = SweepPoint(allocation, compensation, target)
+            sweep.points.append(point)
+            _measure_point(point, loaded, _config(base, metric, target, allocation, compensation),
+                           caches.setdefault(allocation, {}), latency_runs)
+            if advance:
+                advance(1)
     return sweep
+
+
+def _measure_point(point: SweepPoint, loaded, config: PruneConfig, cache: dict,
+                   latency_runs: int) -> None:
+    from .api import prune
+    from .bench import benchmark
+
+    try:
+        result = prune(loaded, config=config, cache=cache)
+    except OnnxFpgmError as err:
+        point.error = str(err)
+        return
+    report = result.report
+    point.macs = report.after.macs / report.before.macs if report.before.macs else 1.0
+    point.params = report.after.params / report.before.params
+    _fill_fidelity(point, report.fidelity_data)
+    if latency_runs:
+        lat = benchmark(loaded.model, result.model, runs=latency_runs, warmup=3,
+                        input_shapes=result.input_sizes.primary)
+        point.latency_ms, point.original_latency_ms = lat.pruned_ms, lat.original_ms
 
 
 def _config(base: PruneConfig, metric: str, target: float, allocation: str,

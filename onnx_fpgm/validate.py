@@ -119,7 +119,8 @@ def make_session(model: onnx.ModelProto | bytes, *, optimize: bool = False,
     ``quiet`` silences onnxruntime's own error log too (for runs that may fail on purpose).
 
     A model too large for one protobuf message (``io.too_large``) cannot become bytes: it is
-    written to a temporary directory with external data and the session reads that path.
+    written to a temporary directory with external data and the session reads that path. A
+    mapped model (``mapped.reading_from``) is its small header: its data stays in its files.
     """
     import onnxruntime as ort
 
@@ -131,14 +132,16 @@ def make_session(model: onnx.ModelProto | bytes, *, optimize: bool = False,
         options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     directory = mapped.EXTERNAL_DIR.get()
-    if directory is not None:  # a mapped model's stubs name files relative to its directory
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                         str(directory))
-    if isinstance(model, onnx.ModelProto) and io.too_large(model):
+    header = isinstance(model, onnx.ModelProto) and io.has_external_data(model)
+    if isinstance(model, onnx.ModelProto) and not header and io.too_large(model):
         with tempfile.TemporaryDirectory(prefix="onnx-fpgm-") as tmp:
             path = Path(tmp) / "model.onnx"
             io.save_model(model, path, external_data=True)
             return ort.InferenceSession(str(path), options, providers=[provider])
+    if directory is not None and (header or isinstance(model, bytes)):
+        # a mapped model's stubs name files relative to its directory
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(directory))
     data = model if isinstance(model, bytes) else model.SerializeToString()
     return ort.InferenceSession(data, options, providers=[provider])
 

@@ -22,7 +22,7 @@ import onnx_fpgm.io
 import onnx_fpgm.mapped
 import onnx_fpgm.masking
 import onnx_fpgm.validate
-from tests.conftest import protobuf_guard, pruned_layers
+from tests.conftest import check_pruned, protobuf_guard, pruned_layers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,3 +97,77 @@ def test_input_masks_equal_zeroed_weight_slices(tmp_path: Path, monkeypatch, map
     scale = np.abs(by_weights).max()
     assert np.abs(by_masks - by_weights).max() <= 1e-6 * scale
     assert np.abs(unmasked - by_weights).max() > 1e-3 * scale
+
+
+def _calibration_file(tmp_path: Path) -> str:
+    path = tmp_path / "calib.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, input=rng.standard_normal((8, 3, 8, 8)).astype(np.float32))
+    return str(path)
+
+
+#: The outcome paths (issue 11) that prune many times or measure: on a mapped input none may
+#: hold the weights in one message (compensation reads them into the protobuf by design).
+OUTCOME_PATHS = {
+    "target_global": (dict(target_macs=0.5, allocation="global"), True),
+    "target_uniform_params": (dict(target_params=0.5, allocation="uniform"), True),
+    "sensitivity": (dict(target_macs=0.5, allocation="sensitivity", calibration=True), True),
+    "latency": (dict(target_latency=0.7, allocation="uniform"), True),
+    "compensated_sensitivity": (dict(target_macs=0.5, allocation="sensitivity",
+                                     calibration=True, compensate="lstsq"), False),
+    "compensate": (dict(sparsity=0.5, calibration=True, compensate="auto"), False),
+}
+
+
+@pytest.mark.parametrize("path", list(OUTCOME_PATHS), ids=list(OUTCOME_PATHS))
+def test_outcome_paths_on_a_mapped_model(tmp_path: Path, monkeypatch, path: str) -> None:
+    """Targets, sensitivity, latency search and compensation work on mapped weights, and the
+    multi-prune paths keep them mapped (no message holding the weights)."""
+    source = _make_stack(tmp_path / "stack.onnx")
+    options, guarded = OUTCOME_PATHS[path]
+    if options.get("calibration"):
+        options = {**options, "calibration": _calibration_file(tmp_path)}
+    too_big = onnx.load(str(source)).ByteSize() // 4
+    violations: list[str] = []
+    with monkeypatch.context() as patch:
+        patch.setattr(onnx_fpgm.mapped, "MAP_EXTERNAL_BYTES", 1)
+        if guarded:
+            patch.setattr(onnx_fpgm.io, "PROTOBUF_LIMIT", 1)
+            for module, name in ((onnx.checker, "check_model"), (ort, "InferenceSession")):
+                patch.setattr(module, name,
+                              protobuf_guard(name, getattr(module, name), too_big, violations))
+        result = onnx_fpgm.prune(source, **options)
+    assert violations == []
+    assert result.report.verification["passed"], result.report.verification["summary"]
+    if guarded:
+        assert onnx_fpgm.io.has_external_data(result.original)  # mapped, not read in
+    if "target_macs" in options:
+        assert result.report.after.macs <= 0.5 * result.report.before.macs * 1.02
+    if options.get("compensate", "none") == "none":  # compensated weights differ on purpose
+        check_pruned(onnx.load(str(source)), result)
+    else:
+        assert result.report.compensation in ("none", "bias", "lstsq")
+        assert result.report.fidelity
+
+
+def test_sweep_on_a_mapped_model_loads_it_once(tmp_path: Path, monkeypatch) -> None:
+    from onnx_fpgm.sweep import run_sweep
+
+    source = _make_stack(tmp_path / "stack.onnx")
+    too_big = onnx.load(str(source)).ByteSize() // 4
+    violations: list[str] = []
+    loads: list[str] = []
+    real_load = onnx_fpgm.mapped.load_mapped
+    with monkeypatch.context() as patch:
+        patch.setattr(onnx_fpgm.mapped, "MAP_EXTERNAL_BYTES", 1)
+        patch.setattr(onnx_fpgm.io, "PROTOBUF_LIMIT", 1)
+        patch.setattr(onnx_fpgm.mapped, "load_mapped",
+                      lambda model: loads.append(str(model)) or real_load(model))
+        for module, name in ((onnx.checker, "check_model"), (ort, "InferenceSession")):
+            patch.setattr(module, name,
+                          protobuf_guard(name, getattr(module, name), too_big, violations))
+        sweep = run_sweep(str(source), (0.5, 0.3), ("uniform", "global"), latency_runs=3)
+    assert violations == []
+    assert loads == [str(source)]
+    assert [p.error for p in sweep.points] == [None] * 4
+    assert all(p.macs <= p.target * 1.02 and p.latency_ms for p in sweep.points)
