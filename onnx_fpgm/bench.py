@@ -38,13 +38,14 @@ def count_params(model: onnx.ModelProto) -> int:
 
 def count_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
                inferred: onnx.ModelProto | None = None) -> int:
-    """MACs of Conv, ConvTranspose, Gemm and MatMul from inferred shapes (unknown dims = 1)."""
+    """MACs of Conv, ConvTranspose, Gemm and MatMul and their quantized forms (``MAC_OPS``),
+    from inferred shapes (unknown dims = 1)."""
     return sum(macs_by_node(model, input_shapes, inferred).values())
 
 
 def macs_by_node(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
                  inferred: onnx.ModelProto | None = None) -> dict[str, int]:
-    """MACs of every Conv, ConvTranspose, Gemm and MatMul, keyed by the node's first output."""
+    """MACs of every op in ``MAC_OPS``, keyed by the node's first output."""
     if inferred is None:
         inferred = _with_input_shapes(model, input_shapes or {})
     shapes = {}
@@ -61,22 +62,30 @@ def macs_by_node(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
     _fill_unknown_shapes(model, inferred, shapes, input_shapes or {})
     result: dict[str, int] = {}
     for node in inferred.graph.node:
+        kind, w_index = MAC_OPS.get(node.op_type, (None, 0))
         get = [shapes.get(n) for n in node.input]
         out = shapes.get(node.output[0]) if node.output else None
+        w = get[w_index] if len(get) > w_index else None
         macs = None
-        if node.op_type == "Conv" and out and len(get) > 1 and get[1]:
-            macs = int(np.prod(out)) * int(np.prod(get[1][1:]))
-        elif node.op_type == "ConvTranspose" and get[0] and len(get) > 1 and get[1]:
-            macs = int(np.prod(get[0])) * int(np.prod(get[1][1:]))
-        elif node.op_type in ("Gemm", "MatMul") and out and get[0]:
-            k = get[0][-1] if node.op_type == "MatMul" or not _attr(node, "transA") else get[0][0]
+        if kind == "conv" and out and w:
+            macs = int(np.prod(out)) * int(np.prod(w[1:]))
+        elif kind == "convtranspose" and get[0] and w:
+            macs = int(np.prod(get[0])) * int(np.prod(w[1:]))
+        elif kind in ("gemm", "matmul") and out and get[0]:
+            k = get[0][-1] if kind == "matmul" or not _attr(node, "transA") else get[0][0]
             macs = int(np.prod(out)) * int(k)
         if macs is not None:
             result[node.output[0]] = macs
     return result
 
 
-MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: Ops whose multiply-accumulates are counted: op -> (kind, index of the weight input). The
+#: quantized ones (QOperator, com.microsoft QGemm, integer ops) count like their float forms.
+MAC_OPS: dict[str, tuple[str, int]] = {
+    "Conv": ("conv", 1), "ConvInteger": ("conv", 1), "QLinearConv": ("conv", 3),
+    "ConvTranspose": ("convtranspose", 1), "Gemm": ("gemm", 1), "QGemm": ("gemm", 3),
+    "MatMul": ("matmul", 1), "MatMulInteger": ("matmul", 1), "QLinearMatMul": ("matmul", 3),
+}
 
 
 def _fill_unknown_shapes(model, inferred, shapes, input_shapes) -> None:

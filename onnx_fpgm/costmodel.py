@@ -18,13 +18,21 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .bench import count_params, macs_by_node
+from .bench import MAC_OPS, count_params, macs_by_node
 from .deps.analysis import Analysis, ChannelMap
 from .deps.constants import constant_node_value, root_constant
 
 Metric = Literal["macs", "params"]
 #: Ops whose 1-D parameters (scale, bias, mean, var) follow their input's channel axis 1.
 _NORM_1D = frozenset({"BatchNormalization", "InstanceNormalization", "GroupNormalization"})
+#: Inputs of a MAC op that hold one value per output channel (bias; quantized: the weight's
+#: scale and zero point, the integer bias).
+_PER_OUTPUT = {"Conv": (2,), "ConvTranspose": (2,), "Gemm": (2,), "QLinearConv": (4, 5, 8),
+               "ConvInteger": (3,), "QGemm": (4, 5, 6), "QLinearMatMul": (4, 5),
+               "MatMulInteger": (3,)}
+#: Consumers whose integer constants are quantized weights and biases (counted as params).
+_INTEGER_WEIGHTS = frozenset({"DequantizeLinear", "QLinearConv", "ConvInteger", "QGemm",
+                              "QLinearMatMul", "MatMulInteger"})
 
 
 @dataclass
@@ -113,12 +121,14 @@ def build_cost_model(analysis: Analysis, graph: gs.Graph, original: onnx.ModelPr
         seen: set[str] = set()
         for node in graph.nodes:
             for index, tensor in enumerate(node.inputs):
-                size, key = _stored_size(tensor)
+                size, key = _stored_size(tensor, integer=node.op in _INTEGER_WEIGHTS)
                 if key is None or key in seen:
                     continue
-                seen.add(key)
-                axes = _param_maps(node, index, size[1], analysis)
-                if axes is not None:
+                axes = _dequantized_maps(node, index, size[1], analysis) \
+                    if node.op == "DequantizeLinear" else \
+                    _param_maps(node, index, size[1], analysis)
+                if axes is not None:  # else a later consumer may slice it (or none: fixed)
+                    seen.add(key)
                     builder.add(size[0], *axes)
     return _finish(builder, analysis, metric, total)
 
@@ -175,22 +185,51 @@ def _attr(node: gs.Node, name: str, default: int = 0) -> int:
 
 def _mac_maps(node: gs.Node, analysis: Analysis) -> tuple[ChannelMap | None, ChannelMap | None]:
     """(map scaling the output's size, map scaling the contracted length) of a MAC op."""
+    kind, w_index = MAC_OPS[node.op]
     x = node.inputs[0] if node.inputs else None
-    w = node.inputs[1] if len(node.inputs) > 1 else None
+    w = node.inputs[w_index] if len(node.inputs) > w_index else None
     out = _map(analysis, node.outputs[0])
-    if node.op == "Conv":
+    if kind == "conv":
         return out, _map(analysis, x, 1)  # depthwise: the same map twice, counted once
-    if node.op == "ConvTranspose":  # MACs = |input| * |W[1:]|; W[1] = output channels / group
+    if kind == "convtranspose":  # MACs = |input| * |W[1:]|; W[1] = output channels / group
         return _map(analysis, x, 1), out
-    if node.op == "Gemm":
+    if kind == "gemm":
         contracted = _map(analysis, x, 0 if _attr(node, "transA") else 1) or \
             _map(analysis, w, 1 if _attr(node, "transB") else 0)
         return out, contracted
     return out, _map(analysis, x, -1) or _map(analysis, w, -2)  # MatMul
 
 
-def _stored_size(tensor: gs.Tensor | None) -> tuple[tuple[int, tuple[int, ...]], str | None]:
-    """(elements, shape) of a stored float constant behind ``tensor`` and its root's name."""
+def _dequantized_maps(node: gs.Node, index: int, shape: tuple[int, ...], analysis: Analysis
+                      ) -> tuple[ChannelMap | None, ChannelMap | None] | None:
+    """A QDQ weight (or bias) is sliced as the input of the layer its ``DequantizeLinear``
+    feeds; a per-channel scale or zero point as that layer's per-output values when it runs
+    along the weight's output-channel axis."""
+    consumers = node.outputs[0].outputs
+    if len(consumers) != 1:
+        return None
+    layer = consumers[0]
+    at = next(i for i, t in enumerate(layer.inputs) if t is node.outputs[0])
+    if index == 0:
+        return _param_maps(layer, at, shape, analysis)
+    kind, w_index = MAC_OPS.get(layer.op, (None, 0))
+    rank = len(node.outputs[0].shape or ()) or analysis.ranks.get(node.outputs[0].name)
+    out = _map(analysis, layer.outputs[0])
+    if kind is None or out is None or len(shape) != 1 or shape[0] != len(out.labels) or \
+            shape[0] <= 1 or not rank:
+        return None
+    if at in _PER_OUTPUT.get(layer.op, ()):  # a bias's scale: one per output channel
+        return out, None
+    axis = int(node.attrs.get("axis", 1)) % rank
+    out_axis = {"conv": 0, "convtranspose": 1, "matmul": rank - 1}.get(
+        kind, 0 if _attr(layer, "transB") else 1)
+    return (out, None) if at == w_index and axis == out_axis else None
+
+
+def _stored_size(tensor: gs.Tensor | None, integer: bool = False
+                 ) -> tuple[tuple[int, tuple[int, ...]], str | None]:
+    """(elements, shape) of a stored float constant behind ``tensor`` and its root's name;
+    with ``integer``, integer constants too (quantized weights and biases)."""
     if tensor is None:
         return (0, ()), None
     root = root_constant(tensor)
@@ -205,7 +244,8 @@ def _stored_size(tensor: gs.Tensor | None) -> tuple[tuple[int, tuple[int, ...]],
         return (0, ()), None
     shape = tuple(int(d) for d in np.shape(values))
     dtype = np.dtype(getattr(values, "dtype", np.float32))
-    if dtype.kind != "f" and not dtype.name.startswith(("bfloat", "float")):
+    if dtype.kind != "f" and not dtype.name.startswith(("bfloat", "float")) and not (
+            integer and dtype.kind in "iu"):
         return (0, ()), None  # shape parameters and indices: their element counts stay
     return (int(np.prod(shape, dtype=np.int64)), shape), key
 
@@ -215,16 +255,21 @@ def _param_maps(node: gs.Node, index: int, shape: tuple[int, ...], analysis: Ana
     """Maps along which the constant at ``node.inputs[index]`` is sliced (None: not at all)."""
     x = node.inputs[0]
     out = _map(analysis, node.outputs[0]) if node.outputs else None
-    if node.op in ("Conv", "ConvTranspose") and index in (1, 2):
+    kind, w_index = MAC_OPS.get(node.op, (None, 0))
+    per_output = index in _PER_OUTPUT.get(node.op, ())
+    if kind in ("conv", "convtranspose") and (index == w_index or per_output):
+        if per_output:  # one value per output channel (axis 1 of the output)
+            return (out, None) if out is not None and len(shape) == 1 and \
+                shape[0] == len(out.labels) else None
         xin = _map(analysis, x, 1)
-        if index == 2:
-            return out, None
-        return (out, xin) if node.op == "Conv" else (xin, out)
-    if node.op == "Gemm" and index in (1, 2):
-        if index == 2:
+        return (out, xin) if kind == "conv" else (xin, out)
+    if kind == "gemm" and (index == w_index or per_output):
+        if per_output:
             return _aligned(out, node.outputs[0], shape, analysis), None
         return out, _map(analysis, x, 0 if _attr(node, "transA") else 1)
-    if node.op == "MatMul" and index == 1:
+    if kind == "matmul" and (index == w_index or per_output):
+        if per_output:
+            return _aligned(out, node.outputs[0], shape, analysis), None
         return out, _map(analysis, x, -1)
     if node.op in _NORM_1D and len(shape) == 1 and index > 0:
         return _map(analysis, x, 1), None

@@ -234,3 +234,19 @@ def test_sensitivity_masks_refuse_integer_inputs() -> None:
     result = onnx_fpgm.prune(model, 0.5, verify=False)
     with pytest.raises(onnx_fpgm.ConfigError, match="sensitivity allocation cannot mask"):
         build_masked_model(result.original, result.analysis)
+
+
+@pytest.mark.parametrize("metric", ["macs", "params"])
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
+def test_targets_on_quantized_models(fmt: str, metric: str) -> None:
+    """QLinearConv/QGemm MACs are counted like Conv/Gemm, and integer weights (behind
+    DequantizeLinear, or read by a QOperator layer) are params the cost model slices: a
+    target is met as on the float model, and the count agrees with the cost model."""
+    model = static("resnet18_like", fmt, True)
+    result = onnx_fpgm.prune(model, **{f"target_{metric}": 0.5}, allocation="global")
+    before, after = result.report.before, result.report.after
+    assert before.macs > 10_000_000 and before.params > 700_000
+    achieved = getattr(after, metric) / getattr(before, metric)
+    assert 0.45 <= achieved <= 0.5 + 1e-12
+    assert result.report.target.estimated == pytest.approx(achieved, abs=1e-9)  # exact here
+    check_pruned(model, result)
