@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from . import io, mapped
+from . import export, io, mapped
 from .bench import ModelSize, benchmark as _benchmark, count_macs, count_params
 from .config import PruneConfig
 from .deps import handlers  # noqa: F401  (registers every op handler)
@@ -25,6 +25,7 @@ from .plan import PrunePlan, plan_pruning
 from .report import GroupReport, LayerReport, Report
 from .rewrite import apply_plan
 from .validate import CompareResult, verify as _verify
+from .weight_feeds import COLLECT_ABOVE_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -143,15 +144,19 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
         else:
             advance = progress("scoring", len(analysis.groups)) if progress else None
             plan = plan_pruning(analysis, config, score, advance)
+    quantized = _quantized_layers(graph)
     with _timed(report, "rewrite"):
         if plan.n_removed:
             notes = apply_plan(graph, analysis, plan, opset)
             metadata = {f"onnx_fpgm.{k}": v for k, v in config.to_metadata().items()}
-            pruned = io.export_graph(graph, original, metadata)
+            pruned = export.export_graph(graph, original, metadata)
             io.check_pruned(pruned, original)
-            io.release_free_memory()
         else:  # nothing to remove: the input as it is (value_info, IR version, every opset)
             notes, pruned = [], original
+        # the pruned protobuf holds the sliced weights now: the graph's arrays of them would
+        # stay alive (a second copy) through verification
+        graph = None
+        io.release_free_memory(collect=io.weight_bytes(pruned) >= COLLECT_ABOVE_BYTES)
     report.notes.extend(notes)
     _note_alignment(report, plan, config)
     _fill_decisions(report, analysis, plan)
@@ -182,7 +187,6 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
         with _timed(report, "compensate"):
             pruned = _compensate_and_measure(original, pruned, analysis, plan, config, report,
                                              sizes.primary)
-    quantized = _quantized_layers(graph)
     if quantized:
         report.notes.append(
             f"{len(quantized)} QOperator/integer layer(s) left unpruned ({', '.join(quantized[:6])}"

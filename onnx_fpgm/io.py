@@ -1,12 +1,8 @@
-"""Loading, checking and saving models; graph-surgeon import/export that keeps what users set.
-
-onnx's helpers and graph-surgeon write the newest IR version by default, which older onnxruntime
-builds refuse, so the IR version, opsets, producer fields and metadata of the input are carried
-over to the output explicitly.
-"""
+"""Loading, checking and saving models; the graph-surgeon import (the export: ``export.py``)."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import tempfile
 from pathlib import Path
@@ -16,8 +12,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import Message
 
-from .errors import ExportError, ModelLoadError, OutputError, RewriteError
-from .light import _numel, check_light, light_copy
+from .errors import ExportError, ModelLoadError, OutputError
+from .light import _numel, check_light, light_copy  # noqa: F401  (io.light_copy for callers)
 
 #: Protobuf refuses to serialise a single message above 2 GiB.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -236,88 +232,22 @@ def loaded_constants(graph: gs.Graph) -> dict[str, np.ndarray]:
             if isinstance(tensor, gs.Constant) and isinstance(tensor._values, np.ndarray)}
 
 
-def release_free_memory() -> None:
+def release_free_memory(collect: bool = False) -> None:
     """Hand memory that was freed back to the OS (glibc keeps freed weight-sized blocks).
 
     glibc raises its mmap threshold after a large block is freed, so later tensors come from
     the heap, whose free space is not returned: after loading, a process held twice the
     weights although one copy was live. ``malloc_trim`` returns it; elsewhere a no-op.
+    ``collect`` first frees what only reference cycles (a graph-surgeon graph) still hold.
     """
+    if collect:
+        gc.collect()
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def export_graph(graph: gs.Graph, like: onnx.ModelProto,
-                 metadata: dict[str, str] | None = None) -> onnx.ModelProto:
-    """Export ``graph`` with the IR version, opsets and metadata of ``like``; infer shapes."""
-    io_names = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
-    for tensor in graph.tensors().values():
-        if isinstance(tensor, gs.Variable) and tensor.name not in io_names:
-            tensor.shape = None
-            tensor.dtype = None
-    model = gs.export_onnx(graph, do_type_check=False)
-    restore_interface_types(model, like)
-    _restore_initializer_inputs(model, like)
-    model.ir_version = like.ir_version
-    del model.opset_import[:]
-    model.opset_import.extend(like.opset_import)
-    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(model, field, getattr(like, field))
-    del model.metadata_props[:]
-    model.metadata_props.extend(like.metadata_props)
-    if len(like.functions) and not len(model.functions):
-        model.functions.extend(like.functions)
-    for key, value in (metadata or {}).items():
-        onnx.helper.set_model_props(model, {**_props(model), key: value})
-    del model.graph.value_info[:]
-    try:  # on a light copy: the weights are neither copied nor serialised again
-        inferred = onnx.shape_inference.infer_shapes(light_copy(model), data_prop=True)
-    except Exception as err:
-        raise RewriteError(f"shape inference failed on the pruned model: {_first_line(err)}") \
-            from err
-    model.graph.value_info.extend(inferred.graph.value_info)
-    return model
-
-
-def restore_interface_types(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
-    """Graph inputs and outputs exactly as ``like`` declares them (the interface never changes).
-
-    graph-surgeon takes a tensor's type from ``value_info`` when the name is listed there too,
-    and IR < 7 models (onnxruntime's quantize_dynamic output) may list graph outputs in
-    ``value_info`` without a shape: the export would then lose the declared shape.
-    """
-    declared = {v.name: v for v in (*like.graph.input, *like.graph.output)}
-    for value in (*model.graph.input, *model.graph.output):
-        if value.name in declared:
-            value.CopyFrom(declared[value.name])
-
-
-def _restore_initializer_inputs(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
-    """graph-surgeon drops initializers from the graph inputs; put them back in their order."""
-    present = {v.name: v for v in model.graph.input}
-    initializers = {t.name: t for t in model.graph.initializer}
-    if all(v.name in present for v in like.graph.input):
-        return
-    inputs = []
-    for value in like.graph.input:
-        if value.name in present:
-            inputs.append(present[value.name])
-        elif value.name in initializers:
-            init = initializers[value.name]
-            restored = onnx.ValueInfoProto()
-            restored.CopyFrom(value)
-            dims = restored.type.tensor_type.shape.dim
-            if len(dims) == len(init.dims):  # an IR < 4 weight may have been pruned
-                for dim, size in zip(dims, init.dims):
-                    dim.ClearField("dim_param")
-                    dim.dim_value = size
-            inputs.append(restored)
-    del model.graph.input[:]
-    model.graph.input.extend(inputs)
 
 
 def check_pruned(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
@@ -485,10 +415,6 @@ def copy_fields(source, target, skip: set[str] | frozenset[str]) -> None:
 def has_external_data(model: onnx.ModelProto) -> bool:
     """True when some initializer points at external data."""
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-
-
-def _props(model: onnx.ModelProto) -> dict[str, str]:
-    return {p.key: p.value for p in model.metadata_props}
 
 
 def _first_line(err: BaseException) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import io, qdq
+from . import export, qdq
 from .deps.analysis import Analysis
 from .deps.constants import ConstantFolder
 
@@ -61,7 +61,7 @@ def masked_original(model: onnx.ModelProto, analysis: Analysis,
     if added:
         graph.toposort()
     out = gs.export_onnx(graph, do_type_check=False)
-    io.restore_interface_types(out, model)
+    export.restore_interface_types(out, model)
     out.ir_version = model.ir_version
     del out.opset_import[:]
     out.opset_import.extend(model.opset_import)

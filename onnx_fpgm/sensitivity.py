@@ -169,7 +169,7 @@ def measure_compensated_sensitivity(original: onnx.ModelProto, shapes: onnx.Mode
     ``mode`` compensation: with compensation, what matters is what it cannot recover (a group
     whose removal lstsq undoes is cheap, however large its raw error). One rewrite and one fit
     per measurement: slower, so only used when compensation is asked for."""
-    from . import io
+    from . import export, io
     from .compensate import compensate, find_consumers
     from .deps.constants import fold_constant_shapes
     from .plan import PrunePlan
@@ -185,7 +185,7 @@ def measure_compensated_sensitivity(original: onnx.ModelProto, shapes: onnx.Mode
                 graph = io.import_graph(original, shapes)
                 fold_constant_shapes(graph)
                 apply_plan(graph, analysis, PrunePlan([], classes), opset)
-                pruned = io.export_graph(graph, original, None)
+                pruned = export.export_graph(graph, original, None)
                 consumers = find_consumers(original, analysis, analysis.removed_atoms(classes))
                 model, _ = compensate(original, pruned, consumers, mode, calibration)
                 outputs = run_batched(make_session(model, optimize=True), original, calibration)

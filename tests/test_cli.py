@@ -584,7 +584,7 @@ def _raise(exc: BaseException):
         ("api.plan_pruning", MemoryError(), 2, "out of memory"),
         ("api.apply_plan", RuntimeError("boom\nsecond line"), 3,
          "internal error (RuntimeError: boom)"),
-        ("io.export_graph", KeyError("lost"), 3, "internal error (KeyError"),
+        ("export.export_graph", KeyError("lost"), 3, "internal error (KeyError"),
     ],
     ids=["interrupt_while_planning", "interrupt_while_saving", "out_of_memory",
          "internal_runtime_error", "internal_key_error"],

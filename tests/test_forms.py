@@ -488,6 +488,26 @@ def test_weights_stored_in_dtype_behind_cast(dtype: str) -> None:
     assert stored["conv2.weight"] == DTYPES[dtype]
 
 
+@pytest.mark.parametrize("form", ["fp32", "fp16", "fp64_behind_cast", "bf16_behind_cast",
+                                  "wide"])
+def test_direct_export_of_big_constants_writes_what_graph_surgeon_writes(monkeypatch, form):
+    """Big constants are written into the exported model directly (no graph-surgeon copies):
+    with every constant taking that path, the pruned model is byte for byte the one
+    graph-surgeon's own export gives."""
+    model = {"fp32": lambda: _ladder(),
+             "fp16": lambda: _to_dtype(_ladder(), TensorProto.FLOAT16),
+             "fp64_behind_cast": lambda: _weights_behind_cast(_ladder(), TensorProto.DOUBLE),
+             "bf16_behind_cast": lambda: _weights_behind_cast(_ladder(), TensorProto.BFLOAT16),
+             "wide": lambda: _ladder(width=16)}[form]()
+    monkeypatch.setattr(onnx_fpgm.export, "_DIRECT_EXPORT_BYTES", 1 << 62)
+    by_graph_surgeon = onnx_fpgm.prune(model, 0.5).model
+    monkeypatch.setattr(onnx_fpgm.export, "_DIRECT_EXPORT_BYTES", 1)
+    direct = onnx_fpgm.prune(model, 0.5)
+    assert direct.model.SerializeToString() == by_graph_surgeon.SerializeToString()
+    if form != "fp16":
+        check_pruned(model, direct)
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp64"])
 def test_whole_model_dtype_onnxruntime_cannot_run(dtype: str) -> None:
     """onnxruntime CPU has no bf16/fp64 Conv: verification is refused with the reason.

@@ -116,13 +116,13 @@ def test_size_baked_model_fails_verification() -> None:
 
 def test_prune_catches_a_rewrite_that_bakes_a_size(monkeypatch) -> None:
     model = shipped_forms.computed_shapes()
-    export = onnx_fpgm.io.export_graph
+    export = onnx_fpgm.export.export_graph
     primary = onnx_fpgm.prune(model, 0.5).input_sizes.primary
 
     def baking_export(graph, like, metadata=None):
         return shipped_forms.size_baked(export(graph, like, metadata), primary)
 
-    monkeypatch.setattr(onnx_fpgm.io, "export_graph", baking_export)
+    monkeypatch.setattr(onnx_fpgm.export, "export_graph", baking_export)
     with pytest.raises(onnx_fpgm.VerificationError, match=r"at input sizes input=2,"):
         onnx_fpgm.prune(model, 0.5)
 
