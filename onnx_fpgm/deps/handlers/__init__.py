@@ -11,4 +11,5 @@ from . import (  # noqa: F401
     reshape,
     sequence,
     shape,
+    split_slice,
 )

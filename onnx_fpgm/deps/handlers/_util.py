@@ -1,8 +1,13 @@
 """Small helpers shared by handlers (axis arithmetic, attribute/input reading)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx_graphsurgeon as gs
+
+if TYPE_CHECKING:
+    from ..analysis import ChannelMap
 
 
 def normalize_axis(axis: int, rank: int) -> int:
@@ -78,3 +83,14 @@ def mapped_input(node: gs.Node, ctx):
         ctx.block(xmap, f"rank of the input of {node.op} {node.name} is unknown")
         return None
     return xmap, shape
+
+
+def rank_of(ctx, tensor) -> int | None:
+    """The tensor's rank when its shape is known."""
+    shape = ctx.shape(tensor)
+    return None if shape is None else len(shape)
+
+
+def kept_count(ctx, cmap: ChannelMap, start: int, stop: int) -> int:
+    """How many of the map's positions ``start .. stop`` the plan keeps."""
+    return int(np.count_nonzero(ctx.kept_mask(cmap.labels[start:stop])))
