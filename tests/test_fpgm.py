@@ -108,18 +108,22 @@ def code_path(path: str) -> Iterator[None]:
 
     By default small layers take a float64 NumPy pass (``_SMALL_ROWS``) and few undecided
     filters go straight to explicit differences (``_DIRECT_MACS``). ``"cascade"`` forces the
-    full float32 Gram -> float64 Gram -> explicit differences path that large layers take.
+    full float32 Gram -> float64 Gram -> explicit differences path that large layers take;
+    ``"lazy"`` the same as big float32 layers take it, without a whole float64 copy (columns
+    converted block by block).
     """
-    saved = fpgm_mod._SMALL_ROWS, fpgm_mod._DIRECT_MACS
-    if path == "cascade":
+    saved = fpgm_mod._SMALL_ROWS, fpgm_mod._DIRECT_MACS, fpgm_mod._LAZY_FLOAT64_BYTES
+    if path in ("cascade", "lazy"):
         fpgm_mod._SMALL_ROWS, fpgm_mod._DIRECT_MACS = -1, -1
+    if path == "lazy":
+        fpgm_mod._LAZY_FLOAT64_BYTES = 0
     try:
         yield
     finally:
-        fpgm_mod._SMALL_ROWS, fpgm_mod._DIRECT_MACS = saved
+        fpgm_mod._SMALL_ROWS, fpgm_mod._DIRECT_MACS, fpgm_mod._LAZY_FLOAT64_BYTES = saved
 
 
-PATHS = ["default", "cascade"]
+PATHS = ["default", "cascade", "lazy"]
 
 
 # --------------------------------------------------------------------------- parity
@@ -135,7 +139,7 @@ PARITY_CASES = [
     for dist_name in DISTS
     for dtype in DTYPES
     for path in PATHS
-    if path == "default" or dist_name == "l2"  # only L2 has a small-layer path
+    if path != "cascade" or dist_name == "l2"  # only L2 has a small-layer path
 ]
 
 
@@ -174,12 +178,13 @@ def test_half_inputs_scored_in_float32_or_better(rng, dtype):
     np.testing.assert_allclose(got.numpy(), ref_scores(w.double().numpy(), "l2"), rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("path", PATHS)
-def test_near_ties_resolved_like_float64(rng, path):
+def test_near_ties_resolved_like_float64(rng, path, dtype):
     # Twins 1e-6 apart (relative): float32 Gram distances cannot order them, float64 can.
     base = rng.standard_normal((24, 300))
     twins = base + 1e-6 * rng.standard_normal(base.shape)
-    w = np.concatenate([base, twins])[rng.permutation(48)]
+    w = np.concatenate([base, twins])[rng.permutation(48)].astype(dtype)
     for dist, metric in [(2, "l2"), (1, "l1")]:
         for sparsity in (0.25, 0.5, 0.75):
             with code_path(path):
@@ -393,3 +398,24 @@ def test_cuda_selection_matches_cpu(rng, dist):
             fpgm_scores(w, dist=dist, device="cpu").numpy(),
             rtol=1e-5,
         )
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0**-45])
+@pytest.mark.parametrize("p", [1, 2])
+def test_float64_stages_from_float32_blocks_equal_the_float64_copy(rng, p, scale, monkeypatch):
+    """Big float32 layers get no whole float64 copy: the float64 Gram stage and the explicit
+    differences convert column blocks on the fly; their scores equal those from the copy."""
+    from onnx_fpgm.importance import _distances
+
+    monkeypatch.setattr(_distances, "_CPU_BLOCK_ELEMS", 300 * 7)  # 7-row column blocks
+    x32 = torch.from_numpy(rng.standard_normal((50, 300)).astype(np.float32))
+    x64 = x32.to(torch.float64) * scale
+    rows = torch.tensor([3, 17, 18, 40, 49])
+    direct = _distances._direct_scores(x32, rows, p, scale)
+    np.testing.assert_allclose(direct, _distances._direct_scores(x64, rows, p), rtol=1e-13)
+    if p == 2:
+        sq = _distances._sq_norms64(x64)
+        with_copy = _distances._l2_stage(x64, sq, rows, cast_error=False)
+        blocked = _distances._l2_stage(x32, sq, rows, cast_error=False, to64=scale)
+        np.testing.assert_allclose(blocked[0], with_copy[0], rtol=1e-13)
+        np.testing.assert_allclose(blocked[1], with_copy[1], rtol=1e-6)

@@ -108,13 +108,24 @@ def _sq_norms64(x: torch.Tensor) -> torch.Tensor:
     """Squared row norms accumulated in float64 (relative error ~D * 1e-16).
 
     They also serve as the finiteness check (NaN/Inf propagate) and, for float32 data, are
-    exact enough to be reused by the float64 rescoring pass.
+    exact enough to be reused by the float64 rescoring pass. Float32 rows go by blocks of
+    ``_CPU_BLOCK_ELEMS`` elements: a reduction in float64 converts its input first.
     """
-    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square_()
+    if x.dtype == torch.float64 or x.numel() <= _CPU_BLOCK_ELEMS:
+        return torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square_()
+    rows = max(1, _CPU_BLOCK_ELEMS // max(x.shape[1], 1))
+    # Into one preallocated result: a small result allocated after each block's float64
+    # temporary would pin that freed block in glibc's heap (0.75 GiB held for a 4096 x 25088
+    # classifier).
+    out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    for i in range(0, x.shape[0], rows):
+        torch.linalg.vector_norm(x[i:i + rows], dim=1, dtype=torch.float64, out=out[i:i + rows])
+    return out.square_()
 
 
 def _gram_pass(
-    x: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor | None, *, with_bound: bool, clamp: bool
+    x: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor | None, *, with_bound: bool, clamp: bool,
+    to64: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Euclidean scores of ``rows`` (all when ``None``) and the sums the error bound needs.
 
@@ -133,12 +144,17 @@ def _gram_pass(
         with_bound: Also return ``[sum_j 1/d_ij, sum_j n_j/d_ij]`` per row (diagonal excluded).
         clamp: Clamp negative squared distances (rounding) to zero. Off by default to save a
             pass: a negative shows up as a NaN score and the caller retries with it on.
+        to64: ``x`` is float32 data to be used in float64 times this (power of two) scale,
+            converted a column block at a time (``rows`` given): a big layer then never needs
+            a whole float64 copy.
 
     Returns:
         ``(scores, rsum)`` on ``x.device`` in ``x.dtype``; ``rsum`` stays zero without bound.
     """
     n, d = x.shape
-    dev, dt = x.device, x.dtype
+    dev, dt = x.device, torch.float64 if to64 is not None else x.dtype
+    if to64 is not None and rows is None:
+        raise ValueError("to64 needs rows (the symmetric pass reads every row as a block)")
     chunks = _k_chunks(d, dt)
     col = sq.unsqueeze(1)
     m = n if rows is None else rows.numel()
@@ -156,8 +172,14 @@ def _gram_pass(
             c0, xs, acc0 = 0, x[idx], col[idx]
             flat = torch.arange(stop - start, device=dev) * n + idx
         blk = buf[: (stop - start) * (n - c0)].view(stop - start, n - c0)
+        if to64 is not None:  # one chunk (float64), the columns converted block by block
+            xs = _as64(xs, to64)
+            step = max(1, _CPU_BLOCK_ELEMS // max(d, 1))
+            for a in range(0, n, step):
+                blk[:, a:a + step] = torch.addmm(acc0, xs, _as64(x[a:a + step], to64).T,
+                                                 alpha=-2.0)
         xc = x[c0:]
-        for t, (lo, hi) in enumerate(chunks):
+        for t, (lo, hi) in enumerate(chunks if to64 is None else ()):
             acc = acc0 if t == 0 else blk
             torch.addmm(acc, xs[:, lo:hi], xc[:, lo:hi].T, alpha=-2.0, out=blk)
         blk.add_(sq[c0:])
@@ -176,6 +198,11 @@ def _gram_pass(
             if right is not None:
                 rsum[stop:].addmm_(right.T, weights[start:stop])
     return scores, rsum
+
+
+def _as64(t: torch.Tensor, scale: float) -> torch.Tensor:
+    t = t.to(torch.float64)
+    return t * scale if scale != 1.0 else t
 
 
 def _row_sums(blk: torch.Tensor) -> torch.Tensor:
@@ -216,7 +243,8 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 def _l2_stage(
-    x: torch.Tensor, sq64: torch.Tensor, rows: torch.Tensor | None, *, cast_error: bool
+    x: torch.Tensor, sq64: torch.Tensor, rows: torch.Tensor | None, *, cast_error: bool,
+    to64: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Euclidean scores of ``rows`` with a rigorous bound on their error (float64, on CPU).
 
@@ -234,20 +262,22 @@ def _l2_stage(
         sq64: Squared row norms of ``x`` in float64.
         rows: Indices of the filters to score, or ``None`` for all of them.
         cast_error: ``x`` was rounded from float64 to float32; add that perturbation.
+        to64: computed in float64 from float32 ``x`` (see ``_gram_pass``).
 
     Returns:
         ``(scores, bound)``, float64 NumPy arrays.
     """
     n, d = x.shape
-    sq = sq64.to(x.dtype)
-    scores_t, rsum_t = _gram_pass(x, sq, rows, with_bound=True, clamp=False)
+    dtype = torch.float64 if to64 is not None else x.dtype
+    sq = sq64.to(dtype)
+    scores_t, rsum_t = _gram_pass(x, sq, rows, with_bound=True, clamp=False, to64=to64)
     scores = _np(scores_t)
     if np.isnan(scores).any():  # a near-duplicate pair rounded below zero
-        scores_t, rsum_t = _gram_pass(x, sq, rows, with_bound=True, clamp=True)
+        scores_t, rsum_t = _gram_pass(x, sq, rows, with_bound=True, clamp=True, to64=to64)
         scores = _np(scores_t)
     sq_all = _np(sq64)
     sq_rows = sq_all if rows is None else sq_all[rows.cpu().numpy()]
-    chunks = _k_chunks(d, x.dtype)
+    chunks = _k_chunks(d, dtype)
     m = n if rows is None else rows.numel()
     b = _block_rows(m, n, x.device, symmetric=rows is None, n_chunks=len(chunks))
     return scores, _l2_bound(
@@ -256,7 +286,7 @@ def _l2_stage(
         sq_rows,
         sq_all,
         d=d,
-        dtype=x.dtype,
+        dtype=dtype,
         # Summation depth of n_i - 2 g_ij: one chunk, the chunk count, the n_i input, margin.
         gemm_depth=(chunks[0][1] - chunks[0][0]) + len(chunks) + 4,
         sum_depth=_sum_depth(n, b),
@@ -360,14 +390,29 @@ def _l1_pass(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return scores
 
 
-def _direct_scores(x64: torch.Tensor, rows: torch.Tensor, p: int) -> torch.Tensor:
-    """Float64 scores from explicit differences: the arbiter for the last undecided rows."""
+def _direct_scores(x: torch.Tensor, rows: torch.Tensor, p: int, scale: float = 1.0
+                   ) -> torch.Tensor:
+    """Float64 scores from explicit differences: the arbiter for the last undecided rows.
+
+    ``x`` is the float64 data, or float32 data (times ``scale``) converted to float64 a column
+    block at a time, so that a big layer never needs a whole float64 copy.
+    """
     mode = "donot_use_mm_for_euclid_dist"
-    out = torch.empty(rows.numel(), dtype=torch.float64, device=x64.device)
-    b = _block_rows(rows.numel(), x64.shape[0], x64.device, symmetric=False)
-    for start in range(0, rows.numel(), b):
-        dist = torch.cdist(x64[rows[start : start + b]], x64, p=float(p), compute_mode=mode)
-        torch.sum(dist, dim=1, out=out[start : start + b])
+
+    def as64(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(torch.float64)
+        return t * scale if scale != 1.0 else t
+
+    n = x.shape[0]
+    cols = n if x.dtype == torch.float64 else max(1, _CPU_BLOCK_ELEMS // max(x.shape[1], 1))
+    out = torch.zeros(rows.numel(), dtype=torch.float64, device=x.device)
+    b = _block_rows(rows.numel(), min(n, cols), x.device, symmetric=False)
+    for c in range(0, n, cols):
+        xc = as64(x[c:c + cols])
+        for start in range(0, rows.numel(), b):
+            dist = torch.cdist(as64(x[rows[start : start + b]]), xc, p=float(p),
+                               compute_mode=mode)
+            out[start : start + b] += dist.sum(dim=1)
     return out
 
 

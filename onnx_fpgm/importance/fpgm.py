@@ -152,27 +152,42 @@ def _resolve_dist(dist: DistSpec) -> int | Callable[[torch.Tensor], torch.Tensor
     return int(dist)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Prepared:
     """Filters ready for scoring, plus what the error bounds need to know about them."""
 
     x: torch.Tensor  # (N, D) on the compute device, original floating dtype
     x32: torch.Tensor  # scaled float32 data for the fast pass (the input itself if possible)
-    x64: torch.Tensor  # scaled float64 data: exact, for the bounds and the rescoring
     sq64: torch.Tensor  # float64 squared row norms of x64
     scale: float  # power of two applied to x32/x64 (scores scale by it)
     cast_error: bool  # x32 was rounded from float64 (adds a term to the bound)
+    float64: torch.Tensor | None = None  # x64 once made
+
+    @property
+    def x64(self) -> torch.Tensor:
+        """Scaled float64 data: exact, for the bounds and the rescoring; made on first use for
+        big float32 layers (twice their size: 0.8 GB for a 4096 x 25088 classifier, where the
+        float32 stage usually decides every filter)."""
+        if self.float64 is None:
+            x64 = self.x.to(torch.float64)
+            self.float64 = x64 * self.scale if self.scale != 1.0 else x64
+        return self.float64
+
+
+#: float32 layers whose float64 copy would take this many bytes get it only when needed.
+_LAZY_FLOAT64_BYTES = 64 << 20
 
 
 def _prepare(matrix: torch.Tensor, device: torch.device) -> _Prepared:
     x = matrix.to(device)
     is64 = x.dtype == torch.float64
-    # The float64 copy is needed by the rescoring stage anyway (nearly always run on large
-    # layers), and float64 norms are ~3x cheaper from it than from float32 data.
-    x64 = x if is64 else x.to(torch.float64)
+    lazy = x.dtype == torch.float32 and x.numel() * 8 >= _LAZY_FLOAT64_BYTES
+    # Small layers: the float64 copy is needed by the rescoring stage anyway, and float64
+    # norms are ~3x cheaper from it than from float32 data. Big float32 ones: norms by blocks.
+    x64 = None if lazy else x if is64 else x.to(torch.float64)
     # The norms double as the finiteness check: NaN/Inf propagate into them (and float32
     # data cannot overflow float64 squares), so the common case costs one reduction.
-    sq = _sq_norms64(x64)
+    sq = _sq_norms64(x) if x64 is None else _sq_norms64(x64)
     top = float(sq.max()) if sq.numel() else 0.0
     if math.isfinite(top) and top > 2.0**-900:
         exp = math.frexp(math.sqrt(top))[1]
@@ -190,12 +205,10 @@ def _prepare(matrix: torch.Tensor, device: torch.device) -> _Prepared:
     scale = 1.0
     if abs(exp) > _SAFE_EXP:
         scale = math.ldexp(1.0, -exp)
-        x64 = x64 * scale
+        x64 = (x.to(torch.float64) if x64 is None else x64) * scale
         sq = _sq_norms64(x64)
     x32 = x if x.dtype == torch.float32 and scale == 1.0 else x64.to(torch.float32)
-    return _Prepared(x, x32, x64, sq, scale, cast_error=is64)
-
-
+    return _Prepared(x, x32, sq, scale, cast_error=is64, float64=x64)
 
 
 @torch.no_grad()
@@ -322,10 +335,9 @@ def _select_exact(prep: _Prepared, k: int, p: int) -> np.ndarray:
     n = prep.x.shape[0]
     cand = np.arange(n, dtype=np.int64)
     chosen: list[np.ndarray] = []
-    x64 = prep.x64
     small = p == 2 and dev.type == "cpu" and n <= _SMALL_ROWS
     if small:
-        s, b = _l2_small_stage(x64, prep.sq64)
+        s, b = _l2_small_stage(prep.x64, prep.sq64)
     else:
         with _ieee_matmul(dev):
             if p == 2:
@@ -337,13 +349,18 @@ def _select_exact(prep: _Prepared, k: int, p: int) -> np.ndarray:
     if m == 0 or cand.size == 0:
         return np.unique(np.concatenate(chosen))
     # A float64 Gram stage only pays off when explicit differences would be costly.
-    if p == 2 and not small and cand.size * x64.numel() > _DIRECT_MACS:
+    if p == 2 and not small and cand.size * prep.x.numel() > _DIRECT_MACS:
         rows = None if cand.size == n else torch.from_numpy(cand).to(dev)
-        s, b = _l2_stage(x64, prep.sq64, rows, cast_error=False)
+        if prep.float64 is None and rows is not None:  # a big float32 layer: no float64 copy
+            s, b = _l2_stage(prep.x, prep.sq64, rows, cast_error=False, to64=prep.scale)
+        else:
+            s, b = _l2_stage(prep.x64, prep.sq64, rows, cast_error=False)
         cand, m = _narrow(s, b, cand, m, chosen)
     if m > 0 and cand.size:
         logger.debug("FPGM: %d filter(s) rescored exactly at the cut", cand.size)
-        exact = _direct_scores(x64, torch.from_numpy(cand).to(dev), p).cpu().numpy()
+        rows = torch.from_numpy(cand).to(dev)
+        exact = (_direct_scores(prep.x, rows, p, prep.scale) if prep.float64 is None else
+                 _direct_scores(prep.x64, rows, p)).cpu().numpy()
         chosen.append(_smallest(exact, cand, m))
     return np.unique(np.concatenate(chosen))
 
