@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 from . import io, qdq
 from .deps.analysis import Analysis
 from .deps.constants import ConstantFolder
+from .deps.handlers.recurrent import FEATURE_AXIS, RECURRENT_OPS
 
 
 def masked_original(model: onnx.ModelProto, analysis: Analysis,
@@ -70,8 +71,6 @@ def masked_original(model: onnx.ModelProto, analysis: Analysis,
 
 #: QOperator layers: the float op they stand for (same weight layout).
 QOPERATOR_AS = {"QLinearConv": "Conv", "QGemm": "Gemm"}
-#: Recurrent layers: X (3-D) contracted with W on the last axis of both.
-RECURRENT = frozenset({"LSTM", "GRU", "RNN"})
 
 
 def _integer_weight(node: gs.Node, consts: ConstantFolder) -> tuple[int, np.ndarray | None]:
@@ -165,6 +164,6 @@ def _contracted_axis(op: str, input_name: str, output_name: str | None, attrs: d
         rank = analysis.ranks.get(input_name)
         if rank is not None and cmap.axis == rank - 1:
             return cmap, 0
-    if op in RECURRENT and analysis.ranks.get(input_name) == 3 and cmap.axis == 2:
-        return cmap, 2  # W (directions, gates * hidden, input)
+    if op in RECURRENT_OPS and analysis.ranks.get(input_name) == 3 and cmap.axis == FEATURE_AXIS:
+        return cmap, FEATURE_AXIS  # W (directions, gates * hidden, input)
     return None

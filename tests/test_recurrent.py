@@ -16,6 +16,7 @@ import onnx_fpgm
 from onnx_fpgm.deps.reasons import classify
 from tests.conftest import check_pruned, pruned_layers
 from tests.onnx_patterns import _Net
+from tests.test_targets import _cost_models
 from tests.torch_models import export_onnx
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
@@ -34,14 +35,14 @@ def _recurrent(n: _Net, op: str, x: str, features: int, hidden: int, *, directio
     return n.op(op, op.lower(), inputs, out="output", **attrs)
 
 
-def _crnn(op: str, directions: int) -> onnx.ModelProto:
+def _crnn(op: str, directions: int, hidden: int = 6) -> onnx.ModelProto:
     """Conv -> Relu -> Conv -> Relu -> ReduceMean(H) -> Transpose -> ``op`` (features last)."""
     n = _Net(31)
     x = n.relu("relu2", n.conv("conv2", n.relu("relu1", n.conv("conv1", "input", 3, 8)), 8, 16))
     seq = n.op("ReduceMean", "pool_h", [x, n.ints("axes", [2])], keepdims=0)  # N, C, W
     seq = n.op("Transpose", "to_seq", [seq], perm=[2, 0, 1])  # W, N, C
-    _recurrent(n, op, seq, 16, 6, directions=directions)
-    return n.model({"output": [8, directions, 1, 6]}, {"input": [1, 3, 4, 8]}, opset=18)
+    _recurrent(n, op, seq, 16, hidden, directions=directions)
+    return n.model({"output": [8, directions, 1, hidden]}, {"input": [1, 3, 4, 8]}, opset=18)
 
 
 def _weight(model: onnx.ModelProto, name: str) -> np.ndarray:
@@ -59,6 +60,16 @@ def test_conv_feeding_a_recurrent_layer_is_pruned(op: str, directions: int) -> N
     assert _weight(result.model, f"{op}.W").shape == (directions, GATES[op] * 6, 8)
     assert _weight(result.model, f"{op}.R").shape == (directions, GATES[op] * 6, 6)
     check_pruned(model, result)
+
+
+@pytest.mark.parametrize("op", list(GATES))
+def test_cost_model_counts_the_recurrent_weights_as_rewritten(op: str) -> None:
+    """Hidden size = input features: only W shrinks, R (same trailing size) stays whole."""
+    model = _crnn(op, 2, hidden=16)
+    params = _cost_models(model)["params"]
+    result = onnx_fpgm.prune(model, 0.5)
+    assert params.exact(result.analysis.removed_atoms(result.plan.removed_classes)) == \
+        result.report.after.params
 
 
 def _blocked(producer: str, result: onnx_fpgm.PruneResult) -> str:

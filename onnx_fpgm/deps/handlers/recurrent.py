@@ -19,9 +19,11 @@ from ..registry import register
 
 #: Axis of X (and of W) that holds the input features.
 FEATURE_AXIS = 2
+#: The recurrent ops (the oracle and the cost model read ``W`` of these on ``FEATURE_AXIS``).
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 
 
-@register("LSTM", "GRU", "RNN")
+@register(*RECURRENT_OPS)
 class RecurrentHandler:
     """Consumer of its input features; its hidden units stay fixed (see module docstring)."""
 
