@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import Message
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from .errors import ExportError, ModelLoadError, OutputError, RewriteError
 from .light import _numel, check_light, light_copy
@@ -259,7 +260,7 @@ def export_graph(graph: gs.Graph, like: onnx.ModelProto,
         if isinstance(tensor, gs.Variable) and tensor.name not in io_names:
             tensor.shape = None
             tensor.dtype = None
-    model = gs.export_onnx(graph, do_type_check=False)
+    model = export_onnx(graph)
     restore_interface_types(model, like)
     _restore_initializer_inputs(model, like)
     model.ir_version = like.ir_version
@@ -281,6 +282,17 @@ def export_graph(graph: gs.Graph, like: onnx.ModelProto,
             from err
     model.graph.value_info.extend(inferred.graph.value_info)
     return model
+
+
+def export_onnx(graph: gs.Graph) -> onnx.ModelProto:
+    """``gs.export_onnx`` without its warning per pair of nodes sharing a name (the input's names,
+    kept; it prints both nodes' tensors in full: pages on stderr for some shipped models)."""
+    severity = G_LOGGER.severity
+    G_LOGGER.severity = max(severity, G_LOGGER.ERROR)
+    try:
+        return gs.export_onnx(graph, do_type_check=False)
+    finally:
+        G_LOGGER.severity = severity
 
 
 def restore_interface_types(model: onnx.ModelProto, like: onnx.ModelProto) -> None:

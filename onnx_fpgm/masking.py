@@ -61,7 +61,7 @@ def masked_original(model: onnx.ModelProto, analysis: Analysis,
     graph.cleanup(remove_unused_graph_inputs=False)
     if added:
         graph.toposort()
-    out = gs.export_onnx(graph, do_type_check=False)
+    out = io.export_onnx(graph)
     io.restore_interface_types(out, model)
     out.ir_version = model.ir_version
     del out.opset_import[:]

@@ -148,3 +148,22 @@ def test_one_value_per_symbol_and_anonymous_dims_apart() -> None:
     anonymous = choose_sizes(_two_inputs([-1, 3, "?", "?"], [-1, 8]))
     assert {d.symbol for d in anonymous.dims} == {"image:0", "image:2", "image:3", "side:0"}
     assert anonymous.primary == {"image": (1, 3, 64, 64), "side": (1, 8)}
+
+
+def test_nodes_sharing_a_name_prune_quietly(tmp_path: Path, capfd) -> None:
+    """OpenVINO-inlined exports name many Constant nodes alike (``F0::anon``): the names are
+    kept, and graph-surgeon's warning per pair (both nodes' tensors in full) is not printed."""
+    n = _Net(96, constants=True)
+    x = n.relu("relu1", n.conv("conv1", "input", 3, 8))
+    n.head(n.relu("relu2", n.conv("conv2", x, 8, 8)), 8)
+    model = n.model({"output": [1, 4, 8, 8]})
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            node.name = "anon"
+    source, out = tmp_path / "dup.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(source))
+    assert cli.main([str(source), str(out), "-q"]) == 0
+    printed = capfd.readouterr()
+    assert "share the same name" not in printed.out + printed.err
+    assert [node.name for node in onnx.load(str(out)).graph.node] == \
+        [node.name for node in model.graph.node]
