@@ -19,6 +19,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from .errors import ExportError, ModelLoadError, OutputError, RewriteError
 from .light import _numel, check_light, light_copy
+from .outer_scope import hoist_outer_constants
 
 #: Protobuf refuses to serialise a single message above 2 GiB.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -261,6 +262,7 @@ def export_graph(graph: gs.Graph, like: onnx.ModelProto,
             tensor.shape = None
             tensor.dtype = None
     model = export_onnx(graph)
+    hoist_outer_constants(model, like)
     restore_interface_types(model, like)
     _restore_initializer_inputs(model, like)
     model.ir_version = like.ir_version
