@@ -1,14 +1,15 @@
-"""Constants that control-flow bodies read from the outer graph stay in the outer graph.
+"""Control-flow bodies (If/Loop/Scan subgraphs), which pruning leaves untouched.
 
-graph-surgeon exports a constant that only If/Loop/Scan bodies read as an initializer of every
-body that reads it (silero VAD's LSTM weights, read by both branches of an ``If``: the pruned file
-came out larger than the input, and counting the outer graph reported the weights as removed).
-After the export, each such copy goes back to the outer graph once, where the input had it;
-subgraphs see outer names, so the model computes the same.
+Constants that bodies read from the outer graph stay in the outer graph. graph-surgeon exports a
+constant that only bodies read as an initializer of every body that reads it (silero VAD's LSTM
+weights, read by both branches of an ``If``: the pruned file came out larger than the input, and
+counting the outer graph reported the weights as removed). After the export, each such copy goes
+back to the outer graph once, where the input had it; subgraphs see outer names, so the model
+computes the same. The layers inside bodies are listed for the report.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import onnx
 
@@ -44,6 +45,14 @@ def hoist_outer_constants(model: onnx.ModelProto, like: onnx.ModelProto) -> int:
             body.initializer.remove(tensor)
             moved += 1
     return moved
+
+
+def layers_in_bodies(model: onnx.ModelProto, ops: Iterable[str]) -> list[str]:
+    """``op name`` of every node of ``ops`` inside a control-flow body (nested ones too): the
+    layers that pruning leaves untouched, for the report."""
+    wanted = set(ops)
+    return [f"{node.op_type} {node.name}" for body in _bodies(model.graph) for node in body.node
+            if node.op_type in wanted]
 
 
 def _bodies(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:

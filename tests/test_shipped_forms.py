@@ -218,11 +218,15 @@ def _all_params(graph: onnx.GraphProto) -> int:
 @pytest.mark.parametrize("op", ["If", "Loop"])
 def test_weights_read_by_control_flow_bodies_stay_outside_once(op: str) -> None:
     """graph-surgeon's export copied such a weight into every body that reads it: the pruned
-    file grew and the top-level count reported the weight as removed."""
+    file grew and the top-level count reported the weight as removed. The body's layer is
+    named in a note (bodies are not pruned)."""
     model = _body_reading_outer_weight(op)
     result = onnx_fpgm.prune(model, 0.5)
     pruned = result.model
     assert [t.name for t in pruned.graph.initializer].count("side.weight") == 1
     assert _all_params(pruned.graph) == result.report.after.params
     assert pruned.ByteSize() < model.ByteSize()
+    body_layer = "MatMul then_mm" if op == "If" else "MatMul body_mm"
+    assert any("inside If/Loop/Scan bodies left untouched" in note and body_layer in note
+               for note in result.report.notes), result.report.notes
     _check(model, result)
