@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from enum import Enum
+from itertools import zip_longest
 
 import numpy as np
 import onnx
@@ -278,16 +279,18 @@ def _secondary(model, dims, assignment, prober, primary):
     """A second set the original runs at: batch 2 and other sizes, else batch 2 alone, else
     other sizes alone (a few of each, so that probing stays cheap).
 
-    Other sizes no smaller than the primary's come first: the primary is the first candidate
-    that ran, so smaller ones in the list before it were mostly refused already (a model with a
-    minimum input length, such as an STFT front-end, refuses every smaller one).
+    Other sizes alternate between larger and smaller than the primary's, larger first: a model
+    with a minimum input length (an STFT front-end) refuses every smaller one, a fixed-height
+    text recogniser may refuse the larger ones.
     """
     if prober.session is None:
         return None
     batch = {s for s in assignment if _role(dims, s) is Role.BATCH}
     others = [c for c in _candidates(dims)
               if any(c[s] != assignment[s] for s in c if s not in batch)]
-    others.sort(key=lambda c: any(c[s] < assignment[s] for s in c if s not in batch))
+    smaller = [c for c in others if any(c[s] < assignment[s] for s in c if s not in batch)]
+    larger = [c for c in others if c not in smaller]
+    others = [c for pair in zip_longest(larger, smaller) for c in pair if c is not None]
     others = others[:SECOND_TRIES]
     other_batch = {s: 2 if assignment[s] != 2 else 1 for s in batch}
     options = [{**c, **other_batch} for c in others]
