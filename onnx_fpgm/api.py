@@ -13,14 +13,16 @@ import numpy as np
 import onnx
 
 from . import export, io, mapped
-from .bench import ModelSize, benchmark as _benchmark, count_macs, count_params
+from .bench import MAC_OPS, ModelSize, benchmark as _benchmark, count_macs, count_params
 from .config import PruneConfig
 from .deps import handlers  # noqa: F401  (registers every op handler)
 from .deps.analysis import QUANTIZED_LAYERS, Analysis, build_analysis
 from .deps.constants import fold_constant_shapes
+from .deps.handlers.recurrent import RECURRENT_OPS
 from .deps.registry import handler_for
 from .errors import ConfigError, UnsupportedOpError, VerificationError
 from .input_sizes import InputSizes, choose_sizes, infer_shapes_at
+from .outer_scope import layers_in_bodies
 from .plan import PrunePlan, plan_pruning
 from .report import GroupReport, LayerReport, Report
 from .rewrite import apply_plan
@@ -194,10 +196,18 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
             "their integer weights, scales and zero points stay whole; QDQ models (weights "
             "through DequantizeLinear) are pruned: quantize with the QDQ format, or prune the "
             "float model before quantizing")
+    in_bodies = layers_in_bodies(original, (*MAC_OPS, *RECURRENT_OPS))
+    if in_bodies:
+        report.notes.append(
+            f"{len(in_bodies)} layer(s) inside If/Loop/Scan bodies left untouched "
+            f"({', '.join(in_bodies[:4])}{', ...' if len(in_bodies) > 4 else ''}): onnx-fpgm "
+            "does not prune control-flow bodies; an export without control flow (e.g. one "
+            "traced at a fixed sample rate or sequence length) can be pruned there")
     if not analysis.sources:
         report.notes.append("no prunable layer: the model has no Conv, ConvTranspose, Gemm or "
                             "MatMul with constant weights (stored, or dequantized from stored "
-                            "integers); written unchanged")
+                            f"integers){' outside control flow' if in_bodies else ''}; written "
+                            "unchanged")
     elif not plan.n_removed:
         report.notes.append("nothing was pruned: no prunable group lost a channel "
                             "(see the frozen reasons)")

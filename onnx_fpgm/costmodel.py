@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 from .bench import MAC_OPS, count_params, macs_by_node
 from .deps.analysis import Analysis, ChannelMap
 from .deps.constants import constant_node_value, root_constant
+from .deps.handlers.recurrent import FEATURE_AXIS, RECURRENT_OPS
 
 Metric = Literal["macs", "params"]
 #: Ops whose 1-D parameters (scale, bias, mean, var) follow their input's channel axis 1.
@@ -273,6 +274,8 @@ def _param_maps(node: gs.Node, index: int, shape: tuple[int, ...], analysis: Ana
         return out, _map(analysis, x, -1)
     if node.op in _NORM_1D and len(shape) == 1 and index > 0:
         return _map(analysis, x, 1), None
+    if node.op in RECURRENT_OPS:  # W loses input columns; R, B and the states stay whole
+        return (None, _map(analysis, x, FEATURE_AXIS)) if index == 1 else None
     for tensor in [*node.inputs, *node.outputs]:
         if tensor is None or tensor is node.inputs[index]:
             continue

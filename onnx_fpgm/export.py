@@ -9,9 +9,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from .errors import RewriteError
 from .io import _first_line, light_copy
+from .outer_scope import hoist_outer_constants
 
 
 def export_graph(graph: gs.Graph, like: onnx.ModelProto,
@@ -22,7 +24,8 @@ def export_graph(graph: gs.Graph, like: onnx.ModelProto,
         if isinstance(tensor, gs.Variable) and tensor.name not in io_names:
             tensor.shape = None
             tensor.dtype = None
-    model = _export_without_copies(graph)
+    model = export_onnx(graph)
+    hoist_outer_constants(model, like)
     restore_interface_types(model, like)
     _restore_initializer_inputs(model, like)
     model.ir_version = like.ir_version
@@ -50,8 +53,10 @@ def export_graph(graph: gs.Graph, like: onnx.ModelProto,
 _DIRECT_EXPORT_BYTES = 1 << 20
 
 
-def _export_without_copies(graph: gs.Graph) -> onnx.ModelProto:
-    """``gs.export_onnx``, with the data of big constants written into the final model.
+def export_onnx(graph: gs.Graph) -> onnx.ModelProto:
+    """``gs.export_onnx``, with the data of big constants written into the final model, and
+    without its warning per pair of nodes sharing a name (the input's names, kept; it prints
+    both nodes' tensors in full: pages on stderr for some shipped models).
 
     graph-surgeon builds each initializer, then copies the list into a graph and the graph into
     the model: three copies of the weights alive at once (2.7 GiB for 1.2 GiB of pruned
@@ -65,9 +70,12 @@ def _export_without_copies(graph: gs.Graph) -> onnx.ModelProto:
                 _exported_as_is(tensor, values.dtype):
             held[name] = (tensor, values)
             tensor.values = np.empty((0,), values.dtype)
+    severity = G_LOGGER.severity
+    G_LOGGER.severity = max(severity, G_LOGGER.ERROR)
     try:
         model = gs.export_onnx(graph, do_type_check=False)
     finally:
+        G_LOGGER.severity = severity
         for tensor, values in held.values():
             tensor.values = values
     for init in model.graph.initializer:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from enum import Enum
+from itertools import zip_longest
 
 import numpy as np
 import onnx
@@ -35,8 +36,10 @@ ANONYMOUS = frozenset({"", "?", "-1", "None", "none", "unk", "unknown", "dynamic
 SPATIAL = ((64, 64), (96, 96), (32, 32), (128, 128), (48, 320), (32, 320), (48, 192),
            (32, 128), (224, 224), (16, 16), (8, 8), (256, 256), (240, 240), (299, 299),
            (320, 320))
-#: Sequence lengths (tokens, frames, features of a rank-2/3 input).
-SEQUENCE = (16, 32, 8, 64, 128, 1)
+#: Sequence lengths (tokens, frames, features of a rank-2/3 input), then audio frames: a raw
+#: waveform input behind an STFT (reflect Pad, Conv with a 256-512 tap kernel) needs hundreds of
+#: samples (silero VAD runs at 256-576 only).
+SEQUENCE = (16, 32, 8, 64, 128, 1, 256, 512, 1024)
 #: Channel counts tried for an all-symbolic image input (NCHW, then NHWC).
 CHANNELS = (3, 1, 4)
 #: Probing stops after this many onnxruntime runs.
@@ -274,12 +277,21 @@ def _assignment_of(dims: list[SymbolicDim], shapes: dict[str, tuple[int, ...]]) 
 
 def _secondary(model, dims, assignment, prober, primary):
     """A second set the original runs at: batch 2 and other sizes, else batch 2 alone, else
-    other sizes alone (a few of each, so that probing stays cheap)."""
+    other sizes alone (a few of each, so that probing stays cheap).
+
+    Other sizes alternate between larger and smaller than the primary's, larger first: a model
+    with a minimum input length (an STFT front-end) refuses every smaller one, a fixed-height
+    text recogniser may refuse the larger ones.
+    """
     if prober.session is None:
         return None
     batch = {s for s in assignment if _role(dims, s) is Role.BATCH}
     others = [c for c in _candidates(dims)
-              if any(c[s] != assignment[s] for s in c if s not in batch)][:SECOND_TRIES]
+              if any(c[s] != assignment[s] for s in c if s not in batch)]
+    smaller = [c for c in others if any(c[s] < assignment[s] for s in c if s not in batch)]
+    larger = [c for c in others if c not in smaller]
+    others = [c for pair in zip_longest(larger, smaller) for c in pair if c is not None]
+    others = others[:SECOND_TRIES]
     other_batch = {s: 2 if assignment[s] != 2 else 1 for s in batch}
     options = [{**c, **other_batch} for c in others]
     if batch:

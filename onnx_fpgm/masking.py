@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 from . import export, qdq
 from .deps.analysis import Analysis
 from .deps.constants import ConstantFolder
+from .deps.handlers.recurrent import FEATURE_AXIS, RECURRENT_OPS
 
 
 def masked_original(model: onnx.ModelProto, analysis: Analysis,
@@ -60,7 +61,7 @@ def masked_original(model: onnx.ModelProto, analysis: Analysis,
     graph.cleanup(remove_unused_graph_inputs=False)
     if added:
         graph.toposort()
-    out = gs.export_onnx(graph, do_type_check=False)
+    out = export.export_onnx(graph)
     export.restore_interface_types(out, model)
     out.ir_version = model.ir_version
     del out.opset_import[:]
@@ -163,4 +164,6 @@ def _contracted_axis(op: str, input_name: str, output_name: str | None, attrs: d
         rank = analysis.ranks.get(input_name)
         if rank is not None and cmap.axis == rank - 1:
             return cmap, 0
+    if op in RECURRENT_OPS and analysis.ranks.get(input_name) == 3 and cmap.axis == FEATURE_AXIS:
+        return cmap, FEATURE_AXIS  # W (directions, gates * hidden, input)
     return None

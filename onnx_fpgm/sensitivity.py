@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from . import export
 from .calibration import Calibration, run_batched
 from .deps.analysis import Analysis, Group
 from .errors import ConfigError
@@ -72,7 +73,7 @@ def build_masked_model(model: onnx.ModelProto, analysis: Analysis) -> MaskedMode
             masked[tensor.name] = out
         node.inputs[0] = masked[tensor.name]
     graph.toposort()
-    proto = gs.export_onnx(graph, do_type_check=False)
+    proto = export.export_onnx(graph)
     proto.ir_version = model.ir_version
     del proto.opset_import[:]
     proto.opset_import.extend(model.opset_import)

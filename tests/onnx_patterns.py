@@ -585,9 +585,11 @@ def _pad_channel(n: _Net) -> onnx.ModelProto:
 
 @_pattern(
     "lstm_consumer",
-    frozen=["conv1"],
+    prunable=["conv1"],
+    frozen=(),
     note="conv1 -> Reshape [1,C,HW] -> Transpose [T,1,C] -> LSTM (input_size C) -> output. "
-    "The LSTM is not a handled op, so conv1 is blocked. No head producer here.",
+    "The LSTM consumes conv1's channels as input features (W sliced on axis 2); its hidden "
+    "units are the graph output and stay. No head producer here.",
 )
 def _lstm_consumer(n: _Net) -> onnx.ModelProto:
     x = n.relu("relu1", n.conv("conv1", "input", 3, 8, stride=2))  # [1, 8, 4, 4]

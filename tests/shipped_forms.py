@@ -180,6 +180,52 @@ def torch_dynamic_axes(dynamo: bool) -> onnx.ModelProto:
         return onnx.load(path)
 
 
+def torch_waveform_vad(dynamo: bool) -> onnx.ModelProto:
+    """A voice-activity model on raw audio ``[batch, samples]`` (silero VAD's form): reflect
+    Pad + a 320-tap strided Conv1d as the STFT, a Conv1d encoder, an LSTM over the frames and a
+    Linear -> Sigmoid per frame; it runs from 192 samples up only."""
+    import torch
+    from torch import nn
+    from torch.nn import functional
+
+    from tests.torch_models import _quiet_exporter
+
+    class Vad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stft = nn.Conv1d(1, 32, 320, stride=128, bias=False)
+            self.encoder = nn.Sequential(nn.Conv1d(32, 16, 3, padding=1), nn.ReLU(),
+                                         nn.Conv1d(16, 16, 3, padding=1), nn.ReLU())
+            self.rnn = nn.LSTM(16, 8)
+            self.out = nn.Linear(8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = functional.pad(x.unsqueeze(1), (64, 64), mode="reflect")
+            x = self.encoder(torch.relu(self.stft(x)))
+            y, _ = self.rnn(x.permute(2, 0, 1))
+            return torch.sigmoid(self.out(y))
+
+    torch.manual_seed(0)
+    module = Vad().eval()
+    # torch.export specialises a batch of 1 (the LSTM's zero state); TorchScript warns on others
+    example = (torch.zeros(3 if dynamo else 1, 512),)
+    with tempfile.TemporaryDirectory() as tmp, _quiet_exporter():
+        path = os.path.join(tmp, "model.onnx")
+        if dynamo:
+            from torch.export import Dim
+
+            torch.onnx.export(module, example, path, dynamo=True, opset_version=18,
+                              input_names=["input"], output_names=["output"],
+                              dynamic_shapes={"x": {0: Dim("batch"), 1: Dim.AUTO}},
+                              external_data=False, verbose=False)
+        else:
+            torch.onnx.export(module, example, path, dynamo=False, opset_version=17,
+                              input_names=["input"], output_names=["output"],
+                              dynamic_axes={"input": {0: "batch", 1: "samples"},
+                                            "output": {0: "frames", 1: "batch"}})
+        return onnx.load(path)
+
+
 #: Every form above with symbolic input dims, by name (tests and benchmarks/zoo.py).
 DYNAMIC_DIM_FORMS = {
     **{f"paddle_{k}": (lambda k=k: paddle_detector(k))
@@ -189,6 +235,8 @@ DYNAMIC_DIM_FORMS = {
     "token_classifier": token_classifier,
     "torch_dynamic_axes_torchscript": lambda: torch_dynamic_axes(dynamo=False),
     "torch_dynamic_axes_dynamo": lambda: torch_dynamic_axes(dynamo=True),
+    "torch_waveform_vad_torchscript": lambda: torch_waveform_vad(dynamo=False),
+    "torch_waveform_vad_dynamo": lambda: torch_waveform_vad(dynamo=True),
 }
 
 

@@ -148,3 +148,85 @@ def test_one_value_per_symbol_and_anonymous_dims_apart() -> None:
     anonymous = choose_sizes(_two_inputs([-1, 3, "?", "?"], [-1, 8]))
     assert {d.symbol for d in anonymous.dims} == {"image:0", "image:2", "image:3", "side:0"}
     assert anonymous.primary == {"image": (1, 3, 64, 64), "side": (1, 8)}
+
+
+def test_nodes_sharing_a_name_prune_quietly(tmp_path: Path, capfd) -> None:
+    """OpenVINO-inlined exports name many Constant nodes alike (``F0::anon``): the names are
+    kept, and graph-surgeon's warning per pair (both nodes' tensors in full) is not printed."""
+    n = _Net(96, constants=True)
+    x = n.relu("relu1", n.conv("conv1", "input", 3, 8))
+    n.head(n.relu("relu2", n.conv("conv2", x, 8, 8)), 8)
+    model = n.model({"output": [1, 4, 8, 8]})
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            node.name = "anon"
+    source, out = tmp_path / "dup.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(source))
+    assert cli.main([str(source), str(out), "-q"]) == 0
+    printed = capfd.readouterr()
+    assert "share the same name" not in printed.out + printed.err
+    assert [node.name for node in onnx.load(str(out)).graph.node] == \
+        [node.name for node in model.graph.node]
+
+
+def _body_reading_outer_weight(op: str) -> onnx.ModelProto:
+    """conv1 -> conv2 -> head, plus an ``op`` (If: both branches; Loop: the body) whose body
+    reads ``side.weight``, a top-level initializer nothing else reads (silero VAD's LSTM)."""
+    from onnx import TensorProto, helper
+
+    n = _Net(97)
+    n.head(n.relu("relu2", n.conv("conv2", n.relu("relu1", n.conv("conv1", "input", 3, 8)),
+                                  8, 8)), 8)
+    n.randn("side.weight", [64, 4], 0.5)
+    n.op("Flatten", "side_flat", ["side_x"], out="side_in")
+    scalar = helper.make_tensor_value_info
+
+    def body(tag: str, nodes: list, inputs: list, outputs: list) -> onnx.GraphProto:
+        read = [helper.make_node("MatMul", ["side_in", "side.weight"], [f"{tag}_mm"],
+                                 name=f"{tag}_mm"),
+                helper.make_node("ReduceSum", [f"{tag}_mm"], [f"{tag}_y"], name=f"{tag}_sum",
+                                 keepdims=0)]
+        return helper.make_graph(read + nodes, tag, inputs, outputs)
+
+    if op == "If":
+        branches = {f"{b}_branch": body(b, [], [], [scalar(f"{b}_y", TensorProto.FLOAT, [])])
+                    for b in ("then", "else")}
+        n.op("If", "gate", [n.const("cond", np.array(True))], out="side", **branches)
+    else:
+        loop = body("body", [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond"),
+            helper.make_node("Add", ["acc_in", "body_y"], ["acc_out"], name="body_acc")],
+            [scalar("i", TensorProto.INT64, []), scalar("cond_in", TensorProto.BOOL, []),
+             scalar("acc_in", TensorProto.FLOAT, [])],
+            [scalar("cond_out", TensorProto.BOOL, []), scalar("acc_out", TensorProto.FLOAT, [])])
+        n.op("Loop", "loop", [n.const("trip", np.array(2, np.int64)),
+                              n.const("cond", np.array(True)), n.const("acc0", np.float32(0))],
+             out="side", body=loop)
+    return n.model({"output": [1, 4, 8, 8], "side": []},
+                   {"input": [1, 3, 8, 8], "side_x": [1, 64]})
+
+
+def _all_params(graph: onnx.GraphProto) -> int:
+    total = sum(int(np.prod(t.dims)) for t in graph.initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                total += _all_params(attr.g)
+    return total
+
+
+@pytest.mark.parametrize("op", ["If", "Loop"])
+def test_weights_read_by_control_flow_bodies_stay_outside_once(op: str) -> None:
+    """graph-surgeon's export copied such a weight into every body that reads it: the pruned
+    file grew and the top-level count reported the weight as removed. The body's layer is
+    named in a note (bodies are not pruned)."""
+    model = _body_reading_outer_weight(op)
+    result = onnx_fpgm.prune(model, 0.5)
+    pruned = result.model
+    assert [t.name for t in pruned.graph.initializer].count("side.weight") == 1
+    assert _all_params(pruned.graph) == result.report.after.params
+    assert pruned.ByteSize() < model.ByteSize()
+    body_layer = "MatMul then_mm" if op == "If" else "MatMul body_mm"
+    assert any("inside If/Loop/Scan bodies left untouched" in note and body_layer in note
+               for note in result.report.notes), result.report.notes
+    _check(model, result)

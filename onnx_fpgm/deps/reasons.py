@@ -24,7 +24,7 @@ REASONS: tuple[ReasonKind, ...] = (
                "Channels that reach a graph output: removing them would change the model's "
                "interface (inputs and outputs never change)."),
     ReasonKind("ops without a handler", r"unsupported op|could not analyse",
-               "Channels consumed by an op the engine has no handler for (LSTM/GRU/RNN, TopK, "
+               "Channels consumed by an op the engine has no handler for (TopK, "
                "QOperator ops such as QLinearConv, custom domains, ...). Unknown ops are never assumed to be element-wise."),
     ReasonKind("control flow", r"control-flow op",
                "Channels read by If/Loop/Scan or inside their subgraphs, which are left "
@@ -96,6 +96,10 @@ REASONS: tuple[ReasonKind, ...] = (
                r"different axes|joins different channel counts",
                "Channels tied by a residual Add, a Mul or a Concat on another axis to channels "
                "that cannot be pruned, such as a graph input or a blocked branch."),
+    ReasonKind("recurrent layers", r"recurrent layer",
+               "LSTM/GRU/RNN consume pruned channels on the input features of their sequence "
+               "(axis 2 of X; W sliced on its input axis), but their hidden units are not "
+               "pruned; channels that reach them on another axis or on an initial state block."),
     ReasonKind("sequences", r"sequence from",
                "A SplitToSequence whose sequence is read by anything but SequenceAt with a "
                "constant index."),

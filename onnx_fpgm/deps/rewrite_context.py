@@ -108,6 +108,10 @@ class RewriteContext:
                 raise RewriteError(f"cannot slice {tensor.name} of {node.name} on axis {axis}")
             sliced = np.take(stored, keep, axis=axis)
             if self._exclusive(root, chain, node):
+                # A copy another reader may still be handed (sliced alike on this axis) is
+                # now sliced further: it no longer stands for that slice alone.
+                self._sliced_copies = {k: v for k, v in self._sliced_copies.items()
+                                       if v is not root}
                 _store_value(root, sliced)
                 self._edited()
                 return

@@ -8,6 +8,7 @@ from . import (  # noqa: F401
     pool,
     qoperator,
     quantize,
+    recurrent,
     reshape,
     sequence,
     shape,

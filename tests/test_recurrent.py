@@ -1,0 +1,142 @@
+"""LSTM/GRU/RNN reading pruned channels as input features (CRNN recognisers, audio encoders).
+
+The channels of the last Conv reach the recurrent layer's input features; the Conv is pruned and
+``W`` loses the matching input columns; the oracle (``W[:, :, i]`` of removed features zeroed)
+is rerun here. Channels that reach the layer on another axis or on an initial state block.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import onnx_fpgm
+from onnx_fpgm.deps.reasons import classify
+from tests.conftest import check_pruned, pruned_layers
+from tests.onnx_patterns import _Net
+from tests.test_targets import _cost_models
+from tests.torch_models import export_onnx
+
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def _recurrent(n: _Net, op: str, x: str, features: int, hidden: int, *, directions: int = 1,
+               initial_h: str = "") -> str:
+    gates = GATES[op]
+    w = n.randn(f"{op}.W", [directions, gates * hidden, features], features ** -0.5)
+    r = n.randn(f"{op}.R", [directions, gates * hidden, hidden], hidden ** -0.5)
+    b = n.randn(f"{op}.B", [directions, 2 * gates * hidden], 0.1)
+    attrs = {"hidden_size": hidden}
+    if directions == 2:
+        attrs["direction"] = "bidirectional"
+    inputs = [x, w, r, b] + (["", initial_h] if initial_h else [])
+    return n.op(op, op.lower(), inputs, out="output", **attrs)
+
+
+def _crnn(op: str, directions: int, hidden: int = 6) -> onnx.ModelProto:
+    """Conv -> Relu -> Conv -> Relu -> ReduceMean(H) -> Transpose -> ``op`` (features last)."""
+    n = _Net(31)
+    x = n.relu("relu2", n.conv("conv2", n.relu("relu1", n.conv("conv1", "input", 3, 8)), 8, 16))
+    seq = n.op("ReduceMean", "pool_h", [x, n.ints("axes", [2])], keepdims=0)  # N, C, W
+    seq = n.op("Transpose", "to_seq", [seq], perm=[2, 0, 1])  # W, N, C
+    _recurrent(n, op, seq, 16, hidden, directions=directions)
+    return n.model({"output": [8, directions, 1, hidden]}, {"input": [1, 3, 4, 8]}, opset=18)
+
+
+def _weight(model: onnx.ModelProto, name: str) -> np.ndarray:
+    found = [t for t in model.graph.initializer if t.name.split("__")[0] == name]
+    return onnx.numpy_helper.to_array(found[0])
+
+
+@pytest.mark.parametrize("op", list(GATES))
+@pytest.mark.parametrize("directions", [1, 2], ids=["forward", "bidirectional"])
+def test_conv_feeding_a_recurrent_layer_is_pruned(op: str, directions: int) -> None:
+    """Layout 0 only: onnxruntime refuses ``layout=1``, so exporters write a Transpose."""
+    model = _crnn(op, directions)
+    result = onnx_fpgm.prune(model, 0.5)
+    assert "conv2" in pruned_layers(result), result.report.groups
+    assert _weight(result.model, f"{op}.W").shape == (directions, GATES[op] * 6, 8)
+    assert _weight(result.model, f"{op}.R").shape == (directions, GATES[op] * 6, 6)
+    check_pruned(model, result)
+
+
+@pytest.mark.parametrize("op", list(GATES))
+def test_cost_model_counts_the_recurrent_weights_as_rewritten(op: str) -> None:
+    """Hidden size = input features: only W shrinks, R (same trailing size) stays whole."""
+    model = _crnn(op, 2, hidden=16)
+    params = _cost_models(model)["params"]
+    result = onnx_fpgm.prune(model, 0.5)
+    assert params.exact(result.analysis.removed_atoms(result.plan.removed_classes)) == \
+        result.report.after.params
+
+
+def _blocked(producer: str, result: onnx_fpgm.PruneResult) -> str:
+    reasons = [g.frozen for g in result.report.groups if producer in g.producers and g.frozen]
+    assert reasons, f"{producer} is not frozen"
+    assert classify(reasons[0]), reasons[0]
+    return reasons[0]
+
+
+def test_channels_on_the_time_axis_block() -> None:
+    """A Conv output (N, C, W) fed as X without a Transpose: its channels are X's batch axis."""
+    n = _Net(32)
+    x = n.relu("relu1", n.conv("conv1", "input", 3, 8))
+    seq = n.op("ReduceMean", "pool_h", [x, n.ints("axes", [2])], keepdims=0)
+    _recurrent(n, "LSTM", seq, 8, 6)
+    model = n.model({"output": [1, 1, 8, 6]}, {"input": [1, 3, 4, 8]}, opset=18)
+    result = onnx_fpgm.prune(model, 0.5)
+    assert "recurrent layer LSTM lstm on axis 1" in _blocked("conv1", result)
+    check_pruned(model, result)
+
+
+def test_channels_on_the_initial_state_block() -> None:
+    """A Gemm's features become ``initial_h``: the hidden units are not pruned, so they block."""
+    n = _Net(33)
+    x = n.relu("relu1", n.conv("conv1", "input", 3, 8))
+    seq = n.op("Transpose", "to_seq", [n.op("ReduceMean", "pool_h", [x, n.ints("axes", [2])],
+                                             keepdims=0)], perm=[2, 0, 1])
+    state = n.op("Gemm", "init", [n.op("Flatten", "flat", ["context"]),
+                                  n.randn("init.weight", [4, 6], 0.5)])
+    state = n.op("Unsqueeze", "state", [state, n.ints("state_axes", [0])])
+    _recurrent(n, "GRU", seq, 8, 6, initial_h=state)
+    model = n.model({"output": [8, 1, 1, 6]}, {"input": [1, 3, 4, 8], "context": [1, 4]},
+                    opset=18)
+    result = onnx_fpgm.prune(model, 0.5)
+    assert "not on its input sequence" in _blocked("init", result)
+    assert "conv1" in pruned_layers(result)
+    check_pruned(model, result)
+
+
+class _TorchCRNN(nn.Module):
+    """Conv2d x2 -> mean over height -> (W, N, C) -> bidirectional ``cell`` -> Linear."""
+
+    def __init__(self, cell: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.rnn = getattr(nn, cell)(16, 12, bidirectional=True)
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        y, _ = self.rnn(x.mean(2).permute(2, 0, 1))
+        return self.fc(y)
+
+
+@pytest.mark.torch_export
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+def test_torch_crnn_prunes_the_conv_before_the_recurrent_layer(cell: str, dynamo: bool) -> None:
+    """torch.export writes ``nn.RNN`` unrolled: per time step a MatMul with the shared
+    ``W_hh^T`` (each step's hidden is its own group, so every step gets its own sliced copy)."""
+    model = export_onnx(_TorchCRNN(cell), (1, 1, 8, 16), dynamo=dynamo)
+    unrolled = cell == "RNN" and dynamo
+    assert any(node.op_type == cell for node in model.graph.node) != unrolled
+    result = onnx_fpgm.prune(model, 0.5)
+    conv2 = next(n.name for n in model.graph.node if n.op_type == "Conv"
+                 and any(t.name == n.input[1] and t.dims[0] == 16 for t in model.graph.initializer))
+    assert conv2 in pruned_layers(result), result.report.groups
+    check_pruned(model, result)
