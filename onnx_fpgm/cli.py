@@ -151,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return runner(args)
     except OnnxFpgmError as err:
-        print(f"onnx-fpgm: error: {err}", file=sys.stderr)
+        text = str(err) if err.exit_code != EXIT_INTERNAL or str(err).startswith(
+            "internal error") else f"internal error: {err}; please report it"
+        print(f"onnx-fpgm: error: {text}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("onnx-fpgm: error: interrupted; nothing was written", file=sys.stderr)

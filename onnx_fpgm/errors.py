@@ -19,12 +19,13 @@ class ScoringError(OnnxFpgmError):
     """Weights cannot be scored (non-finite values, ...)."""
 
 class RewriteError(OnnxFpgmError):
-    """The pruned graph could not be built or fails the checker."""
+    """The pruned graph could not be built: the analysis accepted a plan the rewrite cannot
+    carry out, a bug of ours (exit 3), never the input's fault (it refuses such layers)."""
+    exit_code = 3
 
 class ExportError(RewriteError):
     """Our written model fails a check the input passes: a bug of ours (exit 3), never the
     input's fault."""
-    exit_code = 3
 
 class VerificationError(OnnxFpgmError):
     """The pruned model does not match the masked original."""

@@ -585,9 +585,11 @@ def _raise(exc: BaseException):
         ("api.apply_plan", RuntimeError("boom\nsecond line"), 3,
          "internal error (RuntimeError: boom)"),
         ("export.export_graph", KeyError("lost"), 3, "internal error (KeyError"),
+        ("api.apply_plan", onnx_fpgm.RewriteError("cannot slice w of conv on axis 1"), 3,
+         "internal error: cannot slice w of conv on axis 1; please report it"),
     ],
     ids=["interrupt_while_planning", "interrupt_while_saving", "out_of_memory",
-         "internal_runtime_error", "internal_key_error"],
+         "internal_runtime_error", "internal_key_error", "rewrite_error_is_ours"],
 )
 def test_unexpected_exceptions(capsys, monkeypatch, model_file, out_dir, target, exc, code,
                                fragment):
