@@ -47,7 +47,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, *,
     else:
         path = Path(source)
         where = str(path)
-        model, external = parsed_file(path, parsed)
+        model, external = _read_file(path, parsed)
     if not model.HasField("graph") or not len(model.graph.node):
         raise ModelLoadError(f"{where}: not an ONNX model (no graph nodes)")
     if not len(model.opset_import):
@@ -63,7 +63,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, *,
     return model, external
 
 
-def parsed_file(path: Path, parsed: onnx.ModelProto | None = None) -> tuple[onnx.ModelProto, bool]:
+def _read_file(path: Path, parsed: onnx.ModelProto | None = None) -> tuple[onnx.ModelProto, bool]:
     """The file's model with its external data read in (``parsed``: its header, if at hand)."""
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file")

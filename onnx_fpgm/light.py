@@ -41,7 +41,7 @@ def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.value_info.extend(model.graph.value_info)
     graph.sparse_initializer.extend(model.graph.sparse_initializer)
     for init in model.graph.initializer:
-        if init.data_type in _KEPT_TYPES or _numel(init) <= 64:
+        if not is_stripped(init):
             graph.initializer.append(init)
         else:
             stub = graph.initializer.add()
@@ -52,6 +52,11 @@ def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
             entry = stub.external_data.add()
             entry.key, entry.value = "location", STRIPPED
     return light
+
+
+def is_stripped(init: onnx.TensorProto) -> bool:
+    """``light_copy`` replaces this initializer's data by a stub (see its docstring)."""
+    return init.data_type not in _KEPT_TYPES and _numel(init) > 64
 
 
 def _as_value_tensor(node: onnx.NodeProto) -> None:

@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 
 from .errors import ModelLoadError
 from .io import _first_line, _itemsize, _stored_tensors, load_model
-from .light import _KEPT_TYPES, _numel
+from .light import _numel, is_stripped
 #: Inputs whose external data reach this many bytes are memory-mapped, not read (``load_mapped``).
 MAP_EXTERNAL_BYTES = 1 << 26
 #: Directory external data of the model being pruned is read from (sessions built from bytes).
@@ -113,7 +113,7 @@ def _embedded(source: str | os.PathLike | onnx.ModelProto,
               header: onnx.ModelProto | None = None) -> Loaded:
     """A model whose weights live in the protobuf: light check, big tensors viewed in place."""
     model = source if isinstance(source, onnx.ModelProto) else header
-    if model is None or any(t.data_type not in _VIEWED_TYPES and _numel(t) > 64
+    if model is None or any(is_stripped(t) and t.data_type not in _VIEWED_TYPES
                             for t in model.graph.initializer):
         return Loaded(*load_model(source, parsed=header))  # the full checker for rare types
     model, external = load_model(source, parsed=header, light_check=True)
@@ -140,7 +140,7 @@ def embedded_arrays(model: onnx.ModelProto, where: str) -> dict[str, np.ndarray]
     """
     arrays: dict[str, np.ndarray] = {}
     for tensor in model.graph.initializer:
-        if tensor.data_type in _KEPT_TYPES or _numel(tensor) <= 64:
+        if not is_stripped(tensor):
             continue  # checked by the light checker
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).newbyteorder("<")
         if not tensor.HasField("raw_data"):

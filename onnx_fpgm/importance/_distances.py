@@ -398,19 +398,14 @@ def _direct_scores(x: torch.Tensor, rows: torch.Tensor, p: int, scale: float = 1
     block at a time, so that a big layer never needs a whole float64 copy.
     """
     mode = "donot_use_mm_for_euclid_dist"
-
-    def as64(t: torch.Tensor) -> torch.Tensor:
-        t = t.to(torch.float64)
-        return t * scale if scale != 1.0 else t
-
     n = x.shape[0]
     cols = n if x.dtype == torch.float64 else max(1, _CPU_BLOCK_ELEMS // max(x.shape[1], 1))
     out = torch.zeros(rows.numel(), dtype=torch.float64, device=x.device)
     b = _block_rows(rows.numel(), min(n, cols), x.device, symmetric=False)
     for c in range(0, n, cols):
-        xc = as64(x[c:c + cols])
+        xc = _as64(x[c:c + cols], scale)
         for start in range(0, rows.numel(), b):
-            dist = torch.cdist(as64(x[rows[start : start + b]]), xc, p=float(p),
+            dist = torch.cdist(_as64(x[rows[start : start + b]], scale), xc, p=float(p),
                                compute_mode=mode)
             out[start : start + b] += dist.sum(dim=1)
     return out
