@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 import onnx_fpgm
-from onnx_fpgm.calibration import load_calibration, run_batched
-from onnx_fpgm.validate import make_session
+from onnx_fpgm.measure.calibration import load_calibration, run_batched
+from onnx_fpgm.model.runtime import make_session
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "mnist_resnet.onnx"
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--sparsities", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7")
     args = parser.parse_args()
     sparsities = [float(s) for s in args.sparsities.split(",")]
-    original, _ = onnx_fpgm.io.load_model(MODEL)
+    original, _ = onnx_fpgm.model.io.load_model(MODEL)
     evaluation = load_calibration(EVAL, original)
     base = accuracy(original, evaluation)
     print(f"original top-1 on {evaluation.n_samples} held-out images: {100 * base:.2f}%")

@@ -61,7 +61,7 @@ MODELS = {
 }
 PHASES = ("load", "sizes", "analyse", "score", "rewrite", "measure", "verify", "save")
 #: The floor's size for a symbolic dim other than the batch: what ``prune`` chooses first for
-#: an image input (``onnx_fpgm.input_sizes.SPATIAL[0]``).
+#: an image input (``onnx_fpgm.oracle.input_sizes.SPATIAL[0]``).
 FLOOR_SYMBOLIC_SIZE = 64
 
 
@@ -138,7 +138,7 @@ def _saved_matches(result, saved_path: str) -> str:
     import numpy as np
     import onnxruntime as ort
 
-    from onnx_fpgm.validate import random_inputs
+    from onnx_fpgm.model.runtime import random_inputs
 
     sizes = getattr(result.report, "input_sizes", None) or {}  # older versions: static sizes
     shapes = {name: tuple(dims) for name, dims in (sizes.get("primary") or {}).items()}

@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image
 
 import onnx_fpgm
-from onnx_fpgm.calibration import load_calibration, run_batched
-from onnx_fpgm.validate import make_session
+from onnx_fpgm.measure.calibration import load_calibration, run_batched
+from onnx_fpgm.model.runtime import make_session
 
 RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
 SKIMAGE = "scikit-image==0.26.0"
@@ -103,7 +103,7 @@ def main() -> None:
     print(f"calibration: {len(calib)} {SIZE}x{SIZE} crops of page.png (upscaled "
           f"{', '.join(f'{s:.2f}x' for s in SCALES)}); evaluation: text.png at "
           f"{held_out.shape[2]}x{held_out.shape[3]} and its mirror image")
-    original, _ = onnx_fpgm.io.load_model(model_path)
+    original, _ = onnx_fpgm.model.io.load_model(model_path)
     evaluation = load_calibration(cache / "det_eval.npz", original)
     reference = run_batched(make_session(original), original, evaluation)[0]
     print(f"original: text pixels (p > 0.3) {100 * np.mean(reference > 0.3):.1f}% of the "

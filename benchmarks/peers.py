@@ -16,7 +16,7 @@ seed it) the module is exported once (eval, TorchScript ``dynamo=False``, opset 
   *our* oracle is applied: which output channels it removed is reconstructed from the weights
   (see ``reconstruct``), the masked original is built (every group=1 Conv / Gemm of the
   original gets the input columns of removed channels zeroed) and
-  ``onnx_fpgm.validate.compare(masked, peer, random_inputs(original, 0))`` must pass
+  ``onnx_fpgm.oracle.validate.compare(masked, peer, random_inputs(original, 0))`` must pass
   (max relative error <= 1e-4).
 - **Torch-Pruning**: ``tp.pruner.BasePruner`` (``MetaPruner`` on older versions) with
   ``FPGMImportance`` (GroupNormImportance if missing), ``pruning_ratio=sparsity``, the final
@@ -27,8 +27,8 @@ seed it) the module is exported once (eval, TorchScript ``dynamo=False``, opset 
   the *original torch module*, exports it the same way and compares it with the pruned export.
   The ONNX-side reconstruction is also run on the Torch-Pruning export as a cross-check.
 
-Params and MACs are counted with ``onnx_fpgm.bench`` on the ONNX files (ratios are
-before/after). Latency is ``onnx_fpgm.bench.benchmark(original, pruned, runs, warmup)``
+Params and MACs are counted with ``onnx_fpgm.measure.bench`` on the ONNX files (ratios are
+before/after). Latency is ``onnx_fpgm.measure.bench.benchmark(original, pruned, runs, warmup)``
 (onnxruntime CPU, both sessions interleaved in this process), once per tool, all in this run.
 As negative control, ``unmasked err`` is the relative error of each pruned model against the
 *unmasked* original: far above 1e-4, so the oracle is not passing trivially. ``shapes = fpgm``
@@ -218,7 +218,8 @@ def mask_original(original: onnx.ModelProto, consumers: dict[str, np.ndarray]) -
 
 def onnx_oracle(original: onnx.ModelProto, pruned: onnx.ModelProto) -> tuple[str, str]:
     """(short verdict, detail) of our oracle on a peer's pruned ONNX."""
-    from onnx_fpgm.validate import compare, random_inputs
+    from onnx_fpgm.oracle.validate import compare
+    from onnx_fpgm.model.runtime import random_inputs
 
     try:
         masked = mask_original(original, reconstruct(original, pruned))
@@ -231,7 +232,8 @@ def onnx_oracle(original: onnx.ModelProto, pruned: onnx.ModelProto) -> tuple[str
 
 
 def unmasked_error(original: onnx.ModelProto, pruned: onnx.ModelProto) -> float:
-    from onnx_fpgm.validate import compare, random_inputs
+    from onnx_fpgm.oracle.validate import compare
+    from onnx_fpgm.model.runtime import random_inputs
 
     return compare(original, pruned, random_inputs(original, 0)).max_rel_error
 
@@ -277,7 +279,8 @@ def run_torch_pruning(module, last_layer, sparsity, tmp: Path, original):
     import torch
     import torch_pruning as tp
 
-    from onnx_fpgm.validate import compare, random_inputs
+    from onnx_fpgm.oracle.validate import compare
+    from onnx_fpgm.model.runtime import random_inputs
 
     pruner_cls = getattr(tp.pruner, "BasePruner", None) or tp.pruner.MetaPruner
     if hasattr(tp.importance, "FPGMImportance"):
@@ -375,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from _common import build_seeded
-    from onnx_fpgm.bench import benchmark, count_macs, count_params
+    from onnx_fpgm.measure.bench import benchmark, count_macs, count_params
 
     started = time.perf_counter()
     import onnxsim.pruning  # noqa: F401  (a 2.6 MB module: its import is kept out of the timing)

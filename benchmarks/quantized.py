@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import onnx_fpgm  # noqa: E402
-from onnx_fpgm.bench import count_params  # noqa: E402
+from onnx_fpgm.measure.bench import count_params  # noqa: E402
 from tests.quantized_models import HAND_BUILT, STATIC_MODELS, hand_built, static  # noqa: E402
 
 FORMS = {"QDQ per-tensor": ("qdq", False), "QDQ per-channel": ("qdq", True),

@@ -87,7 +87,7 @@ def symbolic_engine_s(model) -> float:
     """Seconds of onnxruntime's symbolic shape inference on the symbolic graph (the old path)."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    from onnx_fpgm import io
+    from onnx_fpgm.model import io
 
     light = io.light_copy(model)
     start = time.perf_counter()
@@ -105,8 +105,8 @@ def symbolic_engine_s(model) -> float:
 
 def measure(path: Path, sparsity: float, rounds: int) -> tuple[dict, dict]:
     import onnx_fpgm
-    from onnx_fpgm import io
-    from onnx_fpgm.input_sizes import choose_sizes, infer_shapes_at
+    from onnx_fpgm.model import io
+    from onnx_fpgm.oracle.input_sizes import choose_sizes, infer_shapes_at
 
     onnx_fpgm.prune(path, sparsity)  # warm-up: torch import, first sessions
     result = onnx_fpgm.prune(path, sparsity)

@@ -5,7 +5,7 @@ Usage: ``python benchmarks/speedup.py [--runs 20] [--warmup 3] [--models resnet5
 For each model (generated into ``models/*_generated.onnx`` when missing), sparsity 0.3 and
 0.5, with and without ``round_to=8``: ``onnx_fpgm.prune`` (verification on only for
 sparsity 0.5 without rounding, once per model; off elsewhere for speed), then
-``onnx_fpgm.bench.benchmark(original, pruned, runs, warmup)``: both onnxruntime sessions in
+``onnx_fpgm.measure.bench.benchmark(original, pruned, runs, warmup)``: both onnxruntime sessions in
 one process, interleaved run by run, thread spinning off (CPU provider here; CUDA with I/O
 binding where a GPU is present). Ratios are before/after; ``efficiency`` is
 ``speedup / MACs ratio`` (1.0: latency falls exactly as fast as MACs).
@@ -30,7 +30,7 @@ ROUND_TOS = (None, 8)
 def bench_config(original, label: str, sparsity: float, round_to: int | None, runs: int,
                  warmup: int) -> dict[str, object]:
     import onnx_fpgm
-    from onnx_fpgm.bench import benchmark
+    from onnx_fpgm.measure.bench import benchmark
 
     verify = sparsity == 0.5 and round_to is None
     row: dict[str, object] = {"model": label, "sparsity": sparsity,

@@ -24,8 +24,8 @@ import onnxruntime
 import torch
 
 import onnx_fpgm
-from onnx_fpgm.calibration import load_calibration, run_batched
-from onnx_fpgm.validate import make_session
+from onnx_fpgm.measure.calibration import load_calibration, run_batched
+from onnx_fpgm.model.runtime import make_session
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "mnist_resnet.onnx"
@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     targets = [float(t) for t in args.targets.split(",")]
     print(machine())
-    original, _ = onnx_fpgm.io.load_model(MODEL)
+    original, _ = onnx_fpgm.model.io.load_model(MODEL)
     evaluation = load_calibration(EVAL, original)
     print(f"original top-1 on {evaluation.n_samples} held-out images: "
           f"{100 * accuracy(original, evaluation):.2f}%")
@@ -81,7 +81,7 @@ def main() -> None:
                   flush=True)
     print(f"({time.perf_counter() - started:.0f} s)")
     if args.plot:
-        from onnx_fpgm import cli
+        from onnx_fpgm.cli import main as cli
 
         cli.main(["sweep", str(MODEL), "--calibration", str(CALIB), "--eval", str(EVAL),
                   "--compensate", "lstsq", "--targets", "0.9,0.8,0.7,0.6,0.5,0.4,0.3,0.2",

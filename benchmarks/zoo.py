@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import onnx_fpgm  # noqa: E402
-from onnx_fpgm.bench import count_params  # noqa: E402
+from onnx_fpgm.measure.bench import count_params  # noqa: E402
 from tests import shipped_forms  # noqa: E402
 from tests.attention_models import ATTENTION_ZOO  # noqa: E402
 from tests.torch_models import ZOO, export_onnx  # noqa: E402

@@ -1,8 +1,7 @@
 """onnx-fpgm: structured FPGM filter pruning of ONNX models, verified with onnxruntime."""
 from __future__ import annotations
 
-from . import io, validate
-from .api import PruneResult, benchmark, prune, verify
+from .api import PruneResult, benchmark, verify
 from .config import PruneConfig
 from .errors import (
     ConfigError,
@@ -15,6 +14,7 @@ from .errors import (
     UnsupportedOpError,
     VerificationError,
 )
+from .outcome.entry import prune
 
 __all__ = [
     "ConfigError",

@@ -1,4 +1,4 @@
 """``python -m onnx_fpgm`` runs the CLI."""
-from .cli import main
+from .cli.main import main
 
 raise SystemExit(main())

@@ -12,22 +12,29 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from . import export, io, mapped
-from .bench import MAC_OPS, ModelSize, benchmark as _benchmark, count_macs, count_params
 from .config import PruneConfig
 from .deps import handlers  # noqa: F401  (registers every op handler)
-from .deps.analysis import QUANTIZED_LAYERS, Analysis, build_analysis
+from .deps.analysis import build_analysis
+from .deps.channels import Analysis
 from .deps.constants import fold_constant_shapes
-from .deps.handlers.recurrent import RECURRENT_OPS
+from .deps.op_families import QUANTIZED_LAYERS, RECURRENT_OPS
 from .deps.registry import handler_for
+from .deps.rewrite import apply_plan
 from .errors import ConfigError, UnsupportedOpError, VerificationError
-from .input_sizes import InputSizes, choose_sizes, infer_shapes_at
-from .outer_scope import layers_in_bodies
-from .plan import PrunePlan, plan_pruning
+from .measure.bench import MAC_OPS, ModelSize, count_macs, count_params
+from .measure.bench import benchmark as _benchmark
+from .measure.calibration import fidelity, load_calibration
+from .model import export, io, mapped
+from .model.outer_scope import layers_in_bodies
+from .oracle.input_sizes import InputSizes, choose_sizes, infer_shapes_at
+from .oracle.validate import CompareResult, smoke_check
+from .oracle.validate import verify as _verify
+from .oracle.weight_feeds import COLLECT_ABOVE_BYTES
+from .planning.allocate import plan_to_target
+from .planning.plan import PrunePlan, plan_pruning
+from .planning.plan_io import plan_from_report
+from .recover.compensate import compensate, find_consumers
 from .report import GroupReport, LayerReport, Report
-from .rewrite import apply_plan
-from .validate import CompareResult, verify as _verify
-from .weight_feeds import COLLECT_ABOVE_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -99,10 +106,8 @@ def prune(model: str | os.PathLike | onnx.ModelProto | mapped.Loaded, sparsity: 
         VerificationError: the pruned model does not match the masked original.
     """
     config = config or PruneConfig(sparsity=sparsity, **options)
-    if config.target_latency is not None:
-        from .latency_target import prune_to_latency
-
-        return prune_to_latency(model, config, progress, cache)
+    if config.target_latency is not None:  # a search over prunes: outcome.entry dispatches it
+        raise ConfigError("target_latency is searched by timing: call onnx_fpgm.prune")
     report = Report(settings=config.to_metadata())
     with _timed(report, "load"):
         loaded = model if isinstance(model, mapped.Loaded) else mapped.load_mapped(model)
@@ -131,14 +136,10 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
     with _timed(report, "score"):
         score = _scorer(config)
         if config.plan:
-            from .plan_io import plan_from_report
-
             plan, matched_by = plan_from_report(config.plan, analysis)
             report.notes.append(f"plan re-applied from {config.plan} (producers matched by "
                                 f"{matched_by})")
         elif config.target:
-            from .allocate import plan_to_target
-
             # the cost model counts MACs at the sizes chosen for symbolic dims, as the report
             sized = replace(config, input_shapes=tuple(sizes.primary.items()))
             plan, report.target = plan_to_target(analysis, graph, original, sized, score,
@@ -149,7 +150,7 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
     quantized = _quantized_layers(graph)
     with _timed(report, "rewrite"):
         if plan.n_removed:
-            notes = apply_plan(graph, analysis, plan, opset)
+            notes = apply_plan(graph, analysis, plan.removed_classes, opset)
             metadata = {f"onnx_fpgm.{k}": v for k, v in config.to_metadata().items()}
             pruned = export.export_graph(graph, original, metadata)
             io.check_pruned(pruned, original)
@@ -241,9 +242,6 @@ def benchmark(original: onnx.ModelProto | str, pruned: onnx.ModelProto | str, *,
 def _compensate_and_measure(original, pruned, analysis, plan, config, report,
                             input_shapes) -> onnx.ModelProto:
     """Apply --compensate (choosing the best for ``auto``) and report fidelity on real data."""
-    from .calibration import fidelity, load_calibration
-    from .compensate import compensate, find_consumers
-    from .validate import smoke_check
 
     calibration = load_calibration(config.calibration, original) if config.calibration else None
     if config.compensate == "auto" and calibration is None:
@@ -304,6 +302,7 @@ def _check_target(report: Report) -> None:
 
 def _scorer(config: PruneConfig):
     """Selection of exactly ``n_prune`` channels of a group by the configured criterion."""
+    # importance imports torch: loaded on first use, off the start-up path
     from .importance.fpgm import fpgm_select, resolve_device
     from .importance.group import group_filters
     from .importance.norms import l1_scores, l2_scores

@@ -2,6 +2,7 @@
 our own failure 3)."""
 from __future__ import annotations
 
+
 class OnnxFpgmError(Exception):
     """Base of every error onnx-fpgm raises on purpose."""
     exit_code = 2

@@ -5,8 +5,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .allocate import TargetOutcome
-from .bench import LatencyResult, ModelSize
+from .measure.bench import LatencyResult, ModelSize
+from .planning.allocate import TargetOutcome
 
 
 @dataclass

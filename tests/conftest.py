@@ -49,9 +49,9 @@ def check_pruned(original: onnx.ModelProto, result: onnx_fpgm.PruneResult) -> No
     # Node names and order of everything that runs on data are preserved.
     assert runtime_nodes(pruned) == runtime_nodes(original)
     # The oracle, rerun here (not only inside prune()).
-    check = onnx_fpgm.validate.verify(
-        onnx_fpgm.io.infer_shapes(original), pruned, analysis=result.analysis,
-        removed_classes=result.plan.removed_classes, opset=onnx_fpgm.io.default_opset(original),
+    check = onnx_fpgm.oracle.validate.verify(
+        onnx_fpgm.model.io.infer_shapes(original), pruned, analysis=result.analysis,
+        removed_classes=result.plan.removed_classes, opset=onnx_fpgm.model.io.default_opset(original),
         seed=123)
     assert check, check.summary()
     assert check.max_rel_error <= 1e-4
@@ -81,7 +81,7 @@ def pruned_layers(result: onnx_fpgm.PruneResult) -> set[str]:
 
 
 def run_outputs(model: onnx.ModelProto, seed: int = 0) -> list[np.ndarray]:
-    from onnx_fpgm.validate import make_session, random_inputs
+    from onnx_fpgm.model.runtime import make_session, random_inputs
 
     return make_session(model).run(None, random_inputs(model, seed))
 

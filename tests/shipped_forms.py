@@ -243,7 +243,7 @@ DYNAMIC_DIM_FORMS = {
 def size_baked(model: onnx.ModelProto, sizes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
     """``model`` with each computed Reshape target and Resize ``sizes`` replaced by its value at
     ``sizes``: what a rewrite that folded a Shape-derived value at one size would write."""
-    from onnx_fpgm.validate import make_session, random_inputs
+    from onnx_fpgm.model.runtime import make_session, random_inputs
 
     stored = {t.name for t in model.graph.initializer}
     stored |= {o for node in model.graph.node if node.op_type == "Constant" for o in node.output}

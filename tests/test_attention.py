@@ -210,7 +210,7 @@ def test_fused_attention_with_a_cache_blocks_with_a_reason() -> None:
 
 def test_cli_head_sparsity(tmp_path) -> None:
     """--head-sparsity reaches the plan through the CLI; a bad value is a usage error (exit 2)."""
-    from onnx_fpgm import cli
+    from onnx_fpgm.cli import main as cli
 
     source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(_fused_attention_model("onnx3d"), source)

@@ -18,10 +18,11 @@ import pytest
 from onnx import TensorProto
 
 import onnx_fpgm
-import onnx_fpgm.io
-import onnx_fpgm.mapped
-import onnx_fpgm.masking
-import onnx_fpgm.validate
+import onnx_fpgm.model.io
+import onnx_fpgm.model.runtime
+import onnx_fpgm.model.mapped
+import onnx_fpgm.oracle.masking
+import onnx_fpgm.oracle.validate
 from tests.conftest import check_pruned, protobuf_guard, pruned_layers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,8 +44,8 @@ def test_big_external_model_is_mapped_pruned_verified_and_saved_with_external_da
     too_big = full.ByteSize() // 4  # any message holding a good part of the weights
     violations: list[str] = []
     with monkeypatch.context() as patch:
-        patch.setattr(onnx_fpgm.io, "PROTOBUF_LIMIT", 1)
-        patch.setattr(onnx_fpgm.mapped, "MAP_EXTERNAL_BYTES", 1)
+        patch.setattr(onnx_fpgm.model.io, "PROTOBUF_LIMIT", 1)
+        patch.setattr(onnx_fpgm.model.mapped, "MAP_EXTERNAL_BYTES", 1)
         for module, name in ((onnx.shape_inference, "infer_shapes"),
                              (onnx.checker, "check_model"), (ort, "InferenceSession")):
             patch.setattr(module, name,
@@ -57,23 +58,23 @@ def test_big_external_model_is_mapped_pruned_verified_and_saved_with_external_da
     assert result.report.verification["passed"], result.report.verification["summary"]
     assert {"s0.b0.conv1", "s1.b1.conv1", "s0.plain"} <= pruned_layers(result)
     # the weights were mapped, not read into the protobuf; the input is untouched
-    assert onnx_fpgm.io.has_external_data(result.original)
-    assert result.report.before.bytes == onnx_fpgm.io.weight_bytes(full)
+    assert onnx_fpgm.model.io.has_external_data(result.original)
+    assert result.report.before.bytes == onnx_fpgm.model.io.weight_bytes(full)
     assert (source.parent / "stack.onnx.data").read_bytes() == data_before
     assert sorted(p.name for p in out.parent.iterdir()) == ["pruned.onnx", "pruned.onnx.data"]
     header = onnx.load(str(out), load_external_data=False)
     assert any(t.data_location == TensorProto.EXTERNAL for t in header.graph.initializer)
     onnx.checker.check_model(str(out), full_check=True)
     # the saved model passes the oracle built the independent way (zeroed weight slices)
-    masked = onnx_fpgm.masking.masked_original(
-        full, result.analysis, result.plan.removed_classes, onnx_fpgm.io.default_opset(full))
-    feeds = onnx_fpgm.validate.random_inputs(full, seed=7)
-    want = onnx_fpgm.validate.make_session(masked).run(None, feeds)[0]
+    masked = onnx_fpgm.oracle.masking.masked_original(
+        full, result.analysis, result.plan.removed_classes, onnx_fpgm.model.io.default_opset(full))
+    feeds = onnx_fpgm.model.runtime.random_inputs(full, seed=7)
+    want = onnx_fpgm.model.runtime.make_session(masked).run(None, feeds)[0]
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     have = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"]).run(
         None, feeds)[0]
-    assert np.abs(want - have).max() <= onnx_fpgm.validate.RTOL * np.abs(want).max()
+    assert np.abs(want - have).max() <= onnx_fpgm.oracle.validate.RTOL * np.abs(want).max()
 
 
 @pytest.mark.parametrize("mapped", [False, True], ids=["embedded", "mapped"])
@@ -81,19 +82,19 @@ def test_input_masks_equal_zeroed_weight_slices(tmp_path: Path, monkeypatch, map
     """The weight-sharing oracle (``Mul`` masks on consumer inputs) gives the outputs of the
     masked original with zeroed weight slices, and differs from the unmasked original."""
     source = _make_stack(tmp_path / "stack.onnx", *([] if mapped else ["--no-external"]))
-    monkeypatch.setattr(onnx_fpgm.mapped, "MAP_EXTERNAL_BYTES", 1 if mapped else 1 << 62)
+    monkeypatch.setattr(onnx_fpgm.model.mapped, "MAP_EXTERNAL_BYTES", 1 if mapped else 1 << 62)
     result = onnx_fpgm.prune(source, 0.5)
     full = onnx.load(str(source))
-    light, weights = onnx_fpgm.validate.split_weights(full)
+    light, weights = onnx_fpgm.oracle.validate.split_weights(full)
     assert weights and not any(t.name in weights for t in light.graph.initializer)
-    assert onnx_fpgm.masking.mask_consumer_inputs(light, result.analysis,
+    assert onnx_fpgm.oracle.masking.mask_consumer_inputs(light, result.analysis,
                                                    result.plan.removed_classes)
-    masked = onnx_fpgm.masking.masked_original(
-        full, result.analysis, result.plan.removed_classes, onnx_fpgm.io.default_opset(full))
-    feeds = onnx_fpgm.validate.random_inputs(full, seed=3)
-    by_masks = onnx_fpgm.validate.WeightFedSession(light, weights).run(feeds)[0]
-    by_weights = onnx_fpgm.validate.make_session(masked).run(None, feeds)[0]
-    unmasked = onnx_fpgm.validate.make_session(full).run(None, feeds)[0]
+    masked = onnx_fpgm.oracle.masking.masked_original(
+        full, result.analysis, result.plan.removed_classes, onnx_fpgm.model.io.default_opset(full))
+    feeds = onnx_fpgm.model.runtime.random_inputs(full, seed=3)
+    by_masks = onnx_fpgm.oracle.validate.WeightFedSession(light, weights).run(feeds)[0]
+    by_weights = onnx_fpgm.model.runtime.make_session(masked).run(None, feeds)[0]
+    unmasked = onnx_fpgm.model.runtime.make_session(full).run(None, feeds)[0]
     scale = np.abs(by_weights).max()
     assert np.abs(by_masks - by_weights).max() <= 1e-6 * scale
     assert np.abs(unmasked - by_weights).max() > 1e-3 * scale
@@ -130,9 +131,9 @@ def test_outcome_paths_on_a_mapped_model(tmp_path: Path, monkeypatch, path: str)
     too_big = onnx.load(str(source)).ByteSize() // 4
     violations: list[str] = []
     with monkeypatch.context() as patch:
-        patch.setattr(onnx_fpgm.mapped, "MAP_EXTERNAL_BYTES", 1)
+        patch.setattr(onnx_fpgm.model.mapped, "MAP_EXTERNAL_BYTES", 1)
         if guarded:
-            patch.setattr(onnx_fpgm.io, "PROTOBUF_LIMIT", 1)
+            patch.setattr(onnx_fpgm.model.io, "PROTOBUF_LIMIT", 1)
             for module, name in ((onnx.checker, "check_model"), (ort, "InferenceSession")):
                 patch.setattr(module, name,
                               protobuf_guard(name, getattr(module, name), too_big, violations))
@@ -140,7 +141,7 @@ def test_outcome_paths_on_a_mapped_model(tmp_path: Path, monkeypatch, path: str)
     assert violations == []
     assert result.report.verification["passed"], result.report.verification["summary"]
     if guarded:
-        assert onnx_fpgm.io.has_external_data(result.original)  # mapped, not read in
+        assert onnx_fpgm.model.io.has_external_data(result.original)  # mapped, not read in
     if "target_macs" in options:
         assert result.report.after.macs <= 0.5 * result.report.before.macs * 1.02
     if options.get("compensate", "none") == "none":  # compensated weights differ on purpose
@@ -151,17 +152,17 @@ def test_outcome_paths_on_a_mapped_model(tmp_path: Path, monkeypatch, path: str)
 
 
 def test_sweep_on_a_mapped_model_loads_it_once(tmp_path: Path, monkeypatch) -> None:
-    from onnx_fpgm.sweep import run_sweep
+    from onnx_fpgm.outcome.sweep import run_sweep
 
     source = _make_stack(tmp_path / "stack.onnx")
     too_big = onnx.load(str(source)).ByteSize() // 4
     violations: list[str] = []
     loads: list[str] = []
-    real_load = onnx_fpgm.mapped.load_mapped
+    real_load = onnx_fpgm.model.mapped.load_mapped
     with monkeypatch.context() as patch:
-        patch.setattr(onnx_fpgm.mapped, "MAP_EXTERNAL_BYTES", 1)
-        patch.setattr(onnx_fpgm.io, "PROTOBUF_LIMIT", 1)
-        patch.setattr(onnx_fpgm.mapped, "load_mapped",
+        patch.setattr(onnx_fpgm.model.mapped, "MAP_EXTERNAL_BYTES", 1)
+        patch.setattr(onnx_fpgm.model.io, "PROTOBUF_LIMIT", 1)
+        patch.setattr(onnx_fpgm.model.mapped, "load_mapped",
                       lambda model: loads.append(str(model)) or real_load(model))
         for module, name in ((onnx.checker, "check_model"), (ort, "InferenceSession")):
             patch.setattr(module, name,

@@ -5,7 +5,7 @@ error is ONE stderr line starting with ``onnx-fpgm: error:``, never a traceback.
 atomically (nothing partial or temporary is left in its directory on failure), IN is never
 modified, and OUT == IN is refused however it is spelled.
 
-Most cases call ``onnx_fpgm.cli.main`` in-process; ``test_subprocess_smoke`` runs the real
+Most cases call ``onnx_fpgm.cli.main.main`` in-process; ``test_subprocess_smoke`` runs the real
 entry points once.
 """
 from __future__ import annotations
@@ -26,9 +26,9 @@ import torch
 from onnx import numpy_helper
 
 import onnx_fpgm.api
-import onnx_fpgm.io
-from onnx_fpgm import cli
-from onnx_fpgm.validate import CompareResult
+import onnx_fpgm.model.io
+from onnx_fpgm.cli import main as cli
+from onnx_fpgm.oracle.validate import CompareResult
 
 from .onnx_patterns import PATTERNS
 
@@ -511,7 +511,7 @@ DISK_FULL = {
 def test_disk_full_leaves_nothing(capsys, monkeypatch, model_file, out_dir, where):
     attribute, replacement = DISK_FULL[where]
     owner, _, name = attribute.rpartition(".")
-    target = getattr(onnx_fpgm.io, owner) if owner else onnx_fpgm.io
+    target = getattr(onnx_fpgm.model.io, owner) if owner else onnx_fpgm.model.io
     monkeypatch.setattr(target, name, replacement, raising=bool(owner))
     before = snapshot(model_file)
     out = out_dir / "out.onnx"
@@ -537,7 +537,7 @@ def test_disk_full_with_external_data_leaves_no_data_file(capsys, monkeypatch, t
         renamed.append(Path(dst).name)
         return real_replace(src, dst)
 
-    monkeypatch.setattr(onnx_fpgm.io.os, "replace", replace)
+    monkeypatch.setattr(onnx_fpgm.model.io.os, "replace", replace)
     code, _, stderr = run(capsys, source, out_dir / "out.onnx")
     monkeypatch.undo()
     assert code == 2
@@ -557,7 +557,7 @@ def test_report_disk_full_leaves_no_temp_file(capsys, monkeypatch, tmp_path, mod
             raise ENOSPC
         return real_replace(src, dst)
 
-    monkeypatch.setattr(onnx_fpgm.io.os, "replace", replace)
+    monkeypatch.setattr(onnx_fpgm.model.io.os, "replace", replace)
     code, _, stderr = run(capsys, model_file, out_dir / "out.onnx",
                           "--report", reports / "r.json")
     monkeypatch.undo()
@@ -580,11 +580,11 @@ def _raise(exc: BaseException):
     ("target", "exc", "code", "fragment"),
     [
         ("api.plan_pruning", KeyboardInterrupt(), 2, "interrupted"),
-        ("io.os.fsync", KeyboardInterrupt(), 2, "interrupted"),
+        ("model.io.os.fsync", KeyboardInterrupt(), 2, "interrupted"),
         ("api.plan_pruning", MemoryError(), 2, "out of memory"),
         ("api.apply_plan", RuntimeError("boom\nsecond line"), 3,
          "internal error (RuntimeError: boom)"),
-        ("export.export_graph", KeyError("lost"), 3, "internal error (KeyError"),
+        ("model.export.export_graph", KeyError("lost"), 3, "internal error (KeyError"),
         ("api.apply_plan", onnx_fpgm.RewriteError("cannot slice w of conv on axis 1"), 3,
          "internal error: cannot slice w of conv on axis 1; please report it"),
     ],

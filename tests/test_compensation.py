@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_fpgm
-from onnx_fpgm.calibration import load_calibration
+from onnx_fpgm.measure.calibration import load_calibration
 from tests.conftest import run_outputs
 from tests.onnx_patterns import PATTERNS
 

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 import onnx_fpgm
-from onnx_fpgm.bench import count_params
+from onnx_fpgm.measure.bench import count_params
 from onnx_fpgm.deps.reasons import classify
 from tests import shipped_forms
 from tests.conftest import _stored, check_pruned, pruned_layers
@@ -24,10 +24,10 @@ TF_PRODUCERS = {f"{TF}conv1/Conv2D", f"{TF}conv2/Conv2D", f"{TF}conv3/Conv2D",
 def _check_at_batch(original: onnx.ModelProto, result: onnx_fpgm.PruneResult, batch: int) -> None:
     value = original.graph.input[0]
     dims = [d.dim_value or batch for d in value.type.tensor_type.shape.dim]
-    check = onnx_fpgm.validate.verify(
-        onnx_fpgm.io.infer_shapes(original), result.model, analysis=result.analysis,
+    check = onnx_fpgm.oracle.validate.verify(
+        onnx_fpgm.model.io.infer_shapes(original), result.model, analysis=result.analysis,
         removed_classes=result.plan.removed_classes,
-        opset=onnx_fpgm.io.default_opset(original), seed=7,
+        opset=onnx_fpgm.model.io.default_opset(original), seed=7,
         input_shapes={value.name: tuple(dims)})
     assert check, check.summary()
     assert check.max_rel_error <= 1e-4

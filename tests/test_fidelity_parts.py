@@ -7,8 +7,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_fpgm
-from onnx_fpgm.fidelity import output_parts
-from onnx_fpgm.sensitivity import output_loss
+from onnx_fpgm.measure.fidelity import output_parts
+from onnx_fpgm.planning.sensitivity import output_loss
 
 
 def _head(rng, n=2, classes=16, anchors=400):

@@ -26,10 +26,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_fpgm
-import onnx_fpgm.io
-import onnx_fpgm.masking
-import onnx_fpgm.validate
-from onnx_fpgm import cli
+import onnx_fpgm.model.io
+import onnx_fpgm.model.runtime
+import onnx_fpgm.oracle.masking
+import onnx_fpgm.oracle.validate
+from onnx_fpgm.cli import main as cli
 from tests.conftest import (_stored, check_pruned, protobuf_guard, pruned_layers, run_outputs,
                             runtime_nodes)
 from tests.onnx_patterns import _Net
@@ -244,9 +245,9 @@ def _check(original: onnx.ModelProto, result: onnx_fpgm.PruneResult, *,
     assert (pruned.ir_version, list(pruned.opset_import)) == \
         (original.ir_version, list(original.opset_import))
     assert runtime_nodes(pruned) == runtime_nodes(original)
-    check = onnx_fpgm.validate.verify(
-        onnx_fpgm.io.infer_shapes(original), pruned, analysis=result.analysis,
-        removed_classes=result.plan.removed_classes, opset=onnx_fpgm.io.default_opset(original),
+    check = onnx_fpgm.oracle.validate.verify(
+        onnx_fpgm.model.io.infer_shapes(original), pruned, analysis=result.analysis,
+        removed_classes=result.plan.removed_classes, opset=onnx_fpgm.model.io.default_opset(original),
         seed=123, input_shapes=input_shapes)
     assert check, check.summary()
     for output in check.outputs:
@@ -302,10 +303,10 @@ def _check_with_reference(original: onnx.ModelProto, result: onnx_fpgm.PruneResu
                           rtol: float) -> None:
     """The oracle on onnx's reference evaluator, for models onnxruntime (CPU) cannot run."""
     onnx.checker.check_model(result.model, full_check=True)
-    masked = onnx_fpgm.masking.masked_original(
+    masked = onnx_fpgm.oracle.masking.masked_original(
         original, result.analysis, result.plan.removed_classes,
-        onnx_fpgm.io.default_opset(original))
-    feeds = onnx_fpgm.validate.random_inputs(original, seed=123)
+        onnx_fpgm.model.io.default_opset(original))
+    feeds = onnx_fpgm.model.runtime.random_inputs(original, seed=123)
     for want, have in zip(_reference_run(masked, feeds), _reference_run(result.model, feeds),
                           strict=True):
         want, have = np.asarray(want, np.float64), np.asarray(have, np.float64)
@@ -372,9 +373,9 @@ def test_external_data_input_is_saved_with_external_data(tmp_path: Path) -> None
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
-    feeds = onnx_fpgm.validate.random_inputs(model, seed=5)
+    feeds = onnx_fpgm.model.runtime.random_inputs(model, seed=5)
     assert np.array_equal(session.run(None, feeds)[0],
-                          onnx_fpgm.validate.make_session(result.model).run(None, feeds)[0])
+                          onnx_fpgm.model.runtime.make_session(result.model).run(None, feeds)[0])
 
 
 def test_saving_with_external_data_leaves_the_result_intact(tmp_path: Path, monkeypatch) -> None:
@@ -436,7 +437,7 @@ def test_over_protobuf_limit_goes_through_light_copies_and_paths(tmp_path: Path,
         return protobuf_guard(what, function, too_big, violations)
 
     with monkeypatch.context() as patch:
-        patch.setattr(onnx_fpgm.io, "PROTOBUF_LIMIT", 1)
+        patch.setattr(onnx_fpgm.model.io, "PROTOBUF_LIMIT", 1)
         patch.setattr(onnx.shape_inference, "infer_shapes",
                       guard("infer_shapes", onnx.shape_inference.infer_shapes))
         patch.setattr(onnx.checker, "check_model", guard("check_model", onnx.checker.check_model))
@@ -499,9 +500,9 @@ def test_direct_export_of_big_constants_writes_what_graph_surgeon_writes(monkeyp
              "fp64_behind_cast": lambda: _weights_behind_cast(_ladder(), TensorProto.DOUBLE),
              "bf16_behind_cast": lambda: _weights_behind_cast(_ladder(), TensorProto.BFLOAT16),
              "wide": lambda: _ladder(width=16)}[form]()
-    monkeypatch.setattr(onnx_fpgm.export, "_DIRECT_EXPORT_BYTES", 1 << 62)
+    monkeypatch.setattr(onnx_fpgm.model.export, "_DIRECT_EXPORT_BYTES", 1 << 62)
     by_graph_surgeon = onnx_fpgm.prune(model, 0.5).model
-    monkeypatch.setattr(onnx_fpgm.export, "_DIRECT_EXPORT_BYTES", 1)
+    monkeypatch.setattr(onnx_fpgm.model.export, "_DIRECT_EXPORT_BYTES", 1)
     direct = onnx_fpgm.prune(model, 0.5)
     assert direct.model.SerializeToString() == by_graph_surgeon.SerializeToString()
     if form != "fp16":
@@ -541,14 +542,14 @@ def test_compare_tolerance_follows_the_output_dtype() -> None:
         model.ir_version = 8
         return model
 
-    compare = onnx_fpgm.validate.compare
+    compare = onnx_fpgm.oracle.validate.compare
     for dtype, ok, bad in ((TensorProto.FLOAT, 5e-5, 5e-4), (TensorProto.FLOAT16, 5e-3, 5e-2)):
         np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
         feeds = {"x": np.ones(4, np_dtype)}
         assert compare(model_adding(dtype, 0.0), model_adding(dtype, ok), feeds)
         failed = compare(model_adding(dtype, 0.0), model_adding(dtype, bad), feeds)
         assert not failed
-        assert f"limit {onnx_fpgm.validate.tolerance_for(np_dtype):.0e}" in failed.summary()
+        assert f"limit {onnx_fpgm.oracle.validate.tolerance_for(np_dtype):.0e}" in failed.summary()
 
 
 # --- 3. weights behind Identity / Cast / Constant, shared (copy-on-write) ----------------------
@@ -649,8 +650,8 @@ def test_flatten_after_symbolic_spatial_dims_is_blocked_with_reason() -> None:
 
 
 def _assert_unchanged_with_shapes(model: onnx.ModelProto, result: onnx_fpgm.PruneResult) -> None:
-    feeds = onnx_fpgm.validate.random_inputs(model, seed=1, shapes=dict(SHAPES))
-    make = onnx_fpgm.validate.make_session
+    feeds = onnx_fpgm.model.runtime.random_inputs(model, seed=1, shapes=dict(SHAPES))
+    make = onnx_fpgm.model.runtime.make_session
     for want, have in zip(make(model).run(None, feeds), make(result.model).run(None, feeds),
                           strict=True):
         assert np.array_equal(want, have)
@@ -661,7 +662,7 @@ def _assert_unchanged_with_shapes(model: onnx.ModelProto, result: onnx_fpgm.Prun
 
 def _runs_on_onnxruntime(opset: int) -> bool:
     try:
-        onnx_fpgm.validate.make_session(_ladder(opset))
+        onnx_fpgm.model.runtime.make_session(_ladder(opset))
     except Exception:  # noqa: BLE001 (onnxruntime raises its own assorted types)
         return False
     return True

@@ -39,7 +39,7 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 import onnx_fpgm
-from onnx_fpgm.validate import make_session, random_inputs
+from onnx_fpgm.model.runtime import make_session, random_inputs
 from tests.conftest import check_pruned
 from tests.fuzz_models import random_model
 

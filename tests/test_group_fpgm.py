@@ -7,7 +7,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_fpgm
 from onnx_fpgm.importance.fpgm import fpgm_select
-from onnx_fpgm.plan import n_to_keep
+from onnx_fpgm.planning.plan import n_to_keep
 from tests.conftest import check_pruned
 
 

@@ -126,12 +126,12 @@ def test_oracle_catches_a_wrong_model() -> None:
     values = onnx.numpy_helper.to_array(weight).copy()
     values[[0, 1]] = values[[1, 0]]
     weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
-    check = onnx_fpgm.validate.verify(
-        onnx_fpgm.io.infer_shapes(model), tampered, analysis=result.analysis,
+    check = onnx_fpgm.oracle.validate.verify(
+        onnx_fpgm.model.io.infer_shapes(model), tampered, analysis=result.analysis,
         removed_classes=result.plan.removed_classes, opset=17)
     assert not check
     # ... and the masked reference really differs from the unmasked original.
-    plain = onnx_fpgm.validate.verify(model, result.model)
+    plain = onnx_fpgm.oracle.validate.verify(model, result.model)
     assert not plain
 
 

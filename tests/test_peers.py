@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 import onnx_fpgm
-from onnx_fpgm.bench import count_params
+from onnx_fpgm.measure.bench import count_params
 from tests.test_zoo import EXPORTERS, _model
 from tests.torch_models import ZOO
 

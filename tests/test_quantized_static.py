@@ -1,6 +1,6 @@
 """QDQ models pruned exactly: onnxruntime's ``quantize_static`` output and hand-built forms.
 
-Checked by the quantized oracle (``onnx_fpgm.qdq``): removed channels' consumer weights set to
+Checked by the quantized oracle (``onnx_fpgm.oracle.qdq``): removed channels' consumer weights set to
 their zero point, compared with the activation Q/DQ pairs bypassed (float, 1e-4), and the real
 quantized models (onnxruntime's integer kernels) compared in quantization steps. Structure: the
 stored integers stay integers, every per-axis scale/zero point matches its weight's axis, int32
@@ -14,7 +14,7 @@ import pytest
 from onnx import numpy_helper
 
 import onnx_fpgm
-import onnx_fpgm.validate
+import onnx_fpgm.oracle.validate
 from tests.conftest import check_pruned, pruned_layers
 from tests.quantized_models import STATIC_MODELS, hand_built, static
 
@@ -109,9 +109,9 @@ def test_the_quantized_oracle_catches_a_wrong_kept_weight(fmt: str, find_weight)
     values = numpy_helper.to_array(tensor).copy()
     values.reshape(-1)[0] = 127 if values.reshape(-1)[0] != 127 else -127
     tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
-    check = onnx_fpgm.validate.verify(
-        onnx_fpgm.io.infer_shapes(model), broken, analysis=result.analysis,
-        removed_classes=result.plan.removed_classes, opset=onnx_fpgm.io.default_opset(model))
+    check = onnx_fpgm.oracle.validate.verify(
+        onnx_fpgm.model.io.infer_shapes(model), broken, analysis=result.analysis,
+        removed_classes=result.plan.removed_classes, opset=onnx_fpgm.model.io.default_opset(model))
     assert not check
 
 
@@ -228,7 +228,7 @@ def test_sensitivity_masks_refuse_integer_inputs() -> None:
     """A QOperator layer reads integers: a multiplicative mask cannot stand for a removed
     channel (that is its zero point), so the sensitivity measurement says so instead of
     measuring something else."""
-    from onnx_fpgm.sensitivity import build_masked_model
+    from onnx_fpgm.planning.sensitivity import build_masked_model
 
     model = static("resnet18_like", "qoperator")
     result = onnx_fpgm.prune(model, 0.5, verify=False)

@@ -147,7 +147,7 @@ def test_infer_shapes_keeps_declared_output_types(rng) -> None:
     overwrite declared graph inputs/outputs, and drop symbolic shapes that contradict onnx's.
     """
     model = _chunk_then_resize_with_axes(rng)
-    inferred = onnx_fpgm.io.infer_shapes(model)
+    inferred = onnx_fpgm.model.io.infer_shapes(model)
     assert [o.type for o in inferred.graph.output] == [o.type for o in model.graph.output]
 
 

@@ -14,8 +14,9 @@ import onnx
 import pytest
 
 import onnx_fpgm
-from onnx_fpgm import cli
-from onnx_fpgm.validate import make_session, random_inputs, verify
+from onnx_fpgm.cli import main as cli
+from onnx_fpgm.oracle.validate import verify
+from onnx_fpgm.model.runtime import make_session, random_inputs
 from tests import shipped_forms
 from tests.conftest import pruned_layers
 from tests.onnx_patterns import _Net
@@ -60,7 +61,7 @@ def _oracle(model: onnx.ModelProto, result: onnx_fpgm.PruneResult, shapes) -> No
     onnx.checker.check_model(result.model, full_check=True)
     check = verify(model, result.model, analysis=result.analysis,
                    removed_classes=result.plan.removed_classes,
-                   opset=onnx_fpgm.io.default_opset(model), seed=123, input_shapes=shapes)
+                   opset=onnx_fpgm.model.io.default_opset(model), seed=123, input_shapes=shapes)
     assert check, check.summary()
 
 
@@ -116,13 +117,13 @@ def test_size_baked_model_fails_verification() -> None:
 
 def test_prune_catches_a_rewrite_that_bakes_a_size(monkeypatch) -> None:
     model = shipped_forms.computed_shapes()
-    export = onnx_fpgm.export.export_graph
+    export = onnx_fpgm.model.export.export_graph
     primary = onnx_fpgm.prune(model, 0.5).input_sizes.primary
 
     def baking_export(graph, like, metadata=None):
         return shipped_forms.size_baked(export(graph, like, metadata), primary)
 
-    monkeypatch.setattr(onnx_fpgm.export, "export_graph", baking_export)
+    monkeypatch.setattr(onnx_fpgm.model.export, "export_graph", baking_export)
     with pytest.raises(onnx_fpgm.VerificationError, match=r"at input sizes input=2,"):
         onnx_fpgm.prune(model, 0.5)
 
@@ -140,7 +141,7 @@ def _two_inputs(image_dims: list, side_dims: list) -> onnx.ModelProto:
 
 
 def test_one_value_per_symbol_and_anonymous_dims_apart() -> None:
-    from onnx_fpgm.input_sizes import choose_sizes
+    from onnx_fpgm.oracle.input_sizes import choose_sizes
 
     shared = choose_sizes(_two_inputs(["batch", 3, "S", "S"], ["batch", 8]))
     assert shared.primary == {"image": (1, 3, 64, 64), "side": (1, 8)}

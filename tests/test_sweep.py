@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_fpgm import cli
+from onnx_fpgm.cli import main as cli
 
 from .onnx_patterns import PATTERNS
 

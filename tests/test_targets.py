@@ -14,8 +14,9 @@ import onnx
 import pytest
 
 import onnx_fpgm
-from onnx_fpgm import cli, io
-from onnx_fpgm.costmodel import build_cost_model
+from onnx_fpgm.cli import main as cli
+from onnx_fpgm.model import io
+from onnx_fpgm.planning.costmodel import build_cost_model
 from onnx_fpgm.deps.analysis import build_analysis
 from onnx_fpgm.deps.constants import fold_constant_shapes
 

@@ -8,19 +8,23 @@ import os
 import sys
 from pathlib import Path
 
-from .config import (
-    ALLOCATIONS,
-    COMPENSATIONS,
-    CRITERIA,
-    PruneConfig,
-    check_sparsity,
-    check_target,
-)
-from .errors import ConfigError, OnnxFpgmError, OutputError
+from rich.console import Console
 
-EXIT_INTERNAL = 3
-#: Console width when stdout is not a terminal: wide enough that no table cell wraps.
-PIPE_WIDTH = 10_000
+from ..config import ALLOCATIONS, COMPENSATIONS, CRITERIA, PruneConfig, check_sparsity, check_target
+from ..errors import ConfigError, OnnxFpgmError, OutputError
+from ..measure.bench import benchmark
+from ..outcome.entry import prune
+from ..report import render
+from .common import (
+    EXIT_INTERNAL,
+    PIPE_WIDTH,
+    Parser,
+    ProgressBars,
+    parse_input_shape,
+    same_file,
+    write_text,
+)
+from .sweep import build_sweep_parser, run_sweep_command
 
 
 def _parse_layer_sparsity(text: str) -> tuple[str, float]:
@@ -31,17 +35,6 @@ def _parse_layer_sparsity(text: str) -> tuple[str, float]:
         return pattern, check_sparsity(value, what=f"sparsity for {pattern!r}")
     except ConfigError as err:
         raise argparse.ArgumentTypeError(str(err)) from err
-
-
-def _parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
-    name, sep, dims = text.rpartition("=")
-    try:
-        shape = tuple(int(d) for d in dims.split(","))
-    except ValueError:
-        shape = ()
-    if not sep or not name or not shape or any(d < 1 for d in shape):
-        raise argparse.ArgumentTypeError(f"expected NAME=D1,D2,..., got {text!r}")
-    return name, shape
 
 
 def _parse_target(text: str) -> float:
@@ -58,15 +51,8 @@ def _parse_sparsity(text: str) -> float:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one ``onnx-fpgm: error: ...`` line (exit 2), without the usage block."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="onnx-fpgm",
         description="Remove whole filters from an ONNX model by FPGM (geometric median), "
                     "rewrite every coupled layer, and verify the result with onnxruntime.",
@@ -109,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--round-to", type=int, default=None, metavar="N",
                         help="keep a multiple of N channels in every group (e.g. 8)")
     parser.add_argument("--input-shape", metavar="NAME=D1,D2,...", action="append", default=[],
-                        type=_parse_input_shape,
+                        type=parse_input_shape,
                         help="concrete shape for an input with symbolic dims")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the onnxruntime check against the masked original")
@@ -140,8 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, runner = build_parser(), _run
     if argv[:1] == ["sweep"]:  # the subcommand; a model file named sweep is ./sweep
-        from .cli_sweep import build_sweep_parser, run_sweep_command
-
         parser, runner, argv = build_sweep_parser(), run_sweep_command, argv[1:]
     try:
         args = parser.parse_args(argv)
@@ -169,17 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
-    return a.exists() and b.exists() and os.path.samefile(a, b)
-
-
 def _check_paths(args) -> None:
     inp = Path(args.input)
     if args.report:  # checked on --dry-run too, and before anything is written
         report = Path(args.report)
-        if _same_file(report, inp):
+        if same_file(report, inp):
             raise OutputError("--report would overwrite IN")
         if not report.parent.is_dir():
             raise OutputError(f"{report.parent}: report directory does not exist")
@@ -188,9 +166,9 @@ def _check_paths(args) -> None:
     if not args.output:
         raise ConfigError("OUT is required (or use --dry-run)")
     out = Path(args.output)
-    if _same_file(inp, out):
+    if same_file(inp, out):
         raise OutputError("OUT is the same file as IN; refusing to overwrite the input")
-    if args.report and _same_file(Path(args.report), out):
+    if args.report and same_file(Path(args.report), out):
         raise OutputError("--report would overwrite OUT")
     directory = out.parent if str(out.parent) else Path(".")
     if not directory.is_dir():
@@ -200,11 +178,6 @@ def _check_paths(args) -> None:
 
 
 def _run(args) -> int:
-    from rich.console import Console
-
-    from .api import prune
-    from .bench import benchmark
-
     _check_paths(args)
     targets = (args.target_macs, args.target_params, args.target_latency)
     if args.sparsity is not None and any(targets):
@@ -228,7 +201,7 @@ def _run(args) -> int:
     if not console.is_terminal:  # a pipe or a file: full node names, never wrapped mid-name
         console = Console(quiet=args.quiet, width=PIPE_WIDTH)
     err_console = Console(stderr=True, quiet=args.quiet)
-    with _Progress(err_console) as progress:
+    with ProgressBars(err_console) as progress:
         result = prune(args.input, config=config, progress=progress)
         if args.benchmark and not args.dry_run and result.report.latency is None:
             advance = progress("benchmark", 30)
@@ -239,48 +212,12 @@ def _run(args) -> int:
                                               progress=advance)
     if not args.dry_run:
         result.save(args.output)
-    from .report import render
 
     render(result.report, console, dry_run=args.dry_run)
     if args.report:
-        _write_text(args.report, result.report.to_json())
+        write_text(args.report, result.report.to_json())
     if not args.dry_run:
         console.print(f"wrote {args.output}")
     return 0
 
 
-def _write_text(path: str, text: str) -> None:
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, target)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)  # no partial temp file left behind (e.g. disk full)
-        raise OutputError(f"{path}: cannot write report ({err.strerror or err})") from err
-
-
-class _Progress:
-    """Progress bars on stderr, only when it is a terminal (rich decides)."""
-
-    def __init__(self, console) -> None:
-        self.console = console
-        self._bar = None
-
-    def __enter__(self):
-        if self.console.is_terminal and not self.console.quiet:
-            from rich.progress import Progress
-
-            self._bar = Progress(console=self.console, transient=True)
-            self._bar.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-    def __call__(self, phase: str, total: int):
-        if self._bar is None:
-            return lambda n=1: None
-        task = self._bar.add_task(phase, total=total)
-        return lambda n=1: self._bar.advance(task, n)

@@ -1,4 +1,4 @@
-"""``onnx-fpgm sweep IN``: the sweep subcommand's arguments and run (see ``sweep.py``).
+"""``onnx-fpgm sweep IN``: the sweep subcommand's arguments and run (see ``outcome/sweep.py``).
 
 ``sweep`` as the first argument is the subcommand; a model file literally named ``sweep`` is
 pruned by writing its path another way (``./sweep``), and the error for a missing IN says so.
@@ -6,11 +6,15 @@ pruned by writing its path another way (``./sweep``), and the error for a missin
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-from .config import ALLOCATIONS, PruneConfig, check_target
-from .errors import ConfigError, ModelLoadError, OutputError
-from .sweep import DEFAULT_TARGETS
+from rich.console import Console
+
+from ..config import ALLOCATIONS, PruneConfig, check_target
+from ..errors import ConfigError, ModelLoadError, OutputError
+from ..outcome.sweep import DEFAULT_TARGETS, plot_sweep, render_sweep, require_matplotlib, run_sweep
+from .common import Parser, ProgressBars, parse_input_shape, write_text
 
 SWEEP_ALLOCATIONS = tuple(a for a in ALLOCATIONS if a != "auto")
 
@@ -35,9 +39,7 @@ def _parse_allocations(text: str) -> tuple[str, ...]:
 
 
 def build_sweep_parser() -> argparse.ArgumentParser:
-    from .cli import _Parser, _parse_input_shape
-
-    parser = _Parser(
+    parser = Parser(
         prog="onnx-fpgm sweep",
         description="Prune IN at several targets with every allocation and tabulate MACs, "
                     "params, latency and fidelity/accuracy; optionally plot them.")
@@ -58,7 +60,7 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compensate", choices=("none", "bias", "lstsq"), default="none",
                         help="also measure every point with this compensation")
     parser.add_argument("--input-shape", metavar="NAME=D1,D2,...", action="append", default=[],
-                        type=_parse_input_shape,
+                        type=parse_input_shape,
                         help="concrete shape for an input with symbolic dims")
     parser.add_argument("--runs", type=int, default=20, metavar="N",
                         help="latency runs per point, interleaved with the original "
@@ -73,11 +75,6 @@ def build_sweep_parser() -> argparse.ArgumentParser:
 
 
 def run_sweep_command(args) -> int:
-    from rich.console import Console
-
-    from .cli import _Progress, _write_text
-    from .sweep import plot_sweep, render_sweep, require_matplotlib, run_sweep
-
     inp = Path(args.input)
     if not inp.is_file():
         hint = " (to prune a model file named 'sweep', write ./sweep)" \
@@ -99,15 +96,13 @@ def run_sweep_command(args) -> int:
     console = Console(quiet=args.quiet)
     if not console.is_terminal:  # a pipe or file: the whole table, not 80 folded columns
         console = Console(quiet=args.quiet, width=140)
-    with _Progress(Console(stderr=True, quiet=args.quiet)) as progress:
+    with ProgressBars(Console(stderr=True, quiet=args.quiet)) as progress:
         sweep = run_sweep(str(inp), args.targets, allocations, metric=args.metric,
                           compensations=compensations, base=base, latency_runs=args.runs,
                           progress=progress)
     render_sweep(sweep, console)
     if args.json:
-        import json
-
-        _write_text(args.json, json.dumps(sweep.to_dict(), indent=2))
+        write_text(args.json, json.dumps(sweep.to_dict(), indent=2))
         console.print(f"wrote {args.json}")
     if args.plot:
         plot_sweep(sweep, args.plot)

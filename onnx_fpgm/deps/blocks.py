@@ -25,12 +25,9 @@ record that cannot pick a level blocks its channels.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from .analysis import AnalysisContext
 
 
 @dataclass(frozen=True)
@@ -78,18 +75,33 @@ class SplitRecord:
     free_level: int | None = None
 
 
-def new_split(ctx: AnalysisContext, where: str, labels: np.ndarray,
+class SplitContext(Protocol):
+    """What the split bookkeeping uses of the analysis' state (``context.AnalysisContext``),
+    declared here so this module needs nothing above it."""
+
+    split_records: list[SplitRecord]
+
+    def split_map(self, tensor) -> SplitMap | None: ...
+
+    def couple(self, a: np.ndarray, b: np.ndarray, where: str) -> None: ...
+
+    def block(self, cmap, reason: str) -> None: ...
+
+    def block_tensor(self, tensor, reason: str) -> None: ...
+
+
+def new_split(ctx: SplitContext, where: str, labels: np.ndarray,
               axes: list[int]) -> SplitMap:
     """A split of ``labels`` (already shaped as the level grid) onto tensor ``axes``."""
     ctx.split_records.append(SplitRecord(where, labels))
     return SplitMap(tuple(axes), labels, len(ctx.split_records) - 1, tuple(range(labels.ndim)))
 
 
-def require_whole(ctx: AnalysisContext, smap: SplitMap, position: int, why: str) -> None:
+def require_whole(ctx: SplitContext, smap: SplitMap, position: int, why: str) -> None:
     ctx.split_records[smap.record].whole.setdefault(smap.levels[position], why)
 
 
-def require_free(ctx: AnalysisContext, smap: SplitMap, position: int, why: str,
+def require_free(ctx: SplitContext, smap: SplitMap, position: int, why: str,
                  heads: bool = False) -> None:
     record = ctx.split_records[smap.record]
     record.free.setdefault(smap.levels[position], why)
@@ -104,7 +116,7 @@ def drop_level(smap: SplitMap, position: int, index: int, axis_shift) -> SplitMa
     return SplitMap(tuple(axes), labels, smap.record, tuple(levels))
 
 
-def block_split_readers(node, handler, ctx: AnalysisContext) -> None:
+def block_split_readers(node, handler, ctx: SplitContext) -> None:
     """A handler that does not declare ``accepts_split`` must not see split channels: block."""
     if getattr(handler, "accepts_split", False):
         return
@@ -113,7 +125,7 @@ def block_split_readers(node, handler, ctx: AnalysisContext) -> None:
             ctx.block_tensor(tensor, f"{node.op} {node.name} reads a split channel axis")
 
 
-def resolve_splits(ctx: AnalysisContext) -> list[np.ndarray]:
+def resolve_splits(ctx: SplitContext) -> list[np.ndarray]:
     """Pick every record's free level and couple its slabs; returns the head atoms per head."""
     heads: list[np.ndarray] = []
     for record in ctx.split_records:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
 
-    from .analysis import AnalysisContext
+    from .context import AnalysisContext
     from .rewrite_context import RewriteContext
 
 

@@ -8,18 +8,20 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .deps.analysis import Analysis
-from .deps.registry import handler_for
-from .deps.rewrite_context import RewriteContext
-from .errors import RewriteError
-from .plan import PrunePlan
+from ..errors import RewriteError
+from .channels import Analysis
+from .registry import handler_for
+from .rewrite_context import RewriteContext
 
 
-def apply_plan(graph: gs.Graph, analysis: Analysis, plan: PrunePlan, opset: int) -> list[str]:
-    """Rewrite ``graph`` in place; returns notes (copy-on-write events) for the report."""
-    if not plan.n_removed:
+def apply_plan(graph: gs.Graph, analysis: Analysis, removed_classes: np.ndarray,
+               opset: int) -> list[str]:
+    """Rewrite ``graph`` in place, removing the channel classes ``removed_classes`` (a plan's
+    ``removed_classes``: the rewrite needs no more of the plan, so it sits below planning);
+    returns notes (copy-on-write events) for the report."""
+    if not len(removed_classes):
         return []
-    removed = analysis.removed_atoms(plan.removed_classes)
+    removed = analysis.removed_atoms(removed_classes)
     already_dead = _dead_outputs(graph)
     ctx = RewriteContext(graph, analysis, removed, opset)
     touched = _touched_nodes(graph, analysis, removed)

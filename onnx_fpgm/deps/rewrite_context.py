@@ -17,9 +17,10 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from ..errors import RewriteError
-from .analysis import Analysis, ChannelMap
 from .blocks import SplitMap, split_keep
-from .constants import ConstantFolder, block_size, quantizer_of, root_constant
+from .channels import Analysis, ChannelMap
+from .constants import ConstantFolder, block_size, constant_node_value, quantizer_of, root_constant
+from .context import AnalysisContext
 from .shape_values import Source
 
 
@@ -81,8 +82,6 @@ class RewriteContext:
 
     @staticmethod
     def shape(tensor):
-        from .analysis import AnalysisContext
-
         return AnalysisContext.shape(tensor)
 
     def const(self, tensor: gs.Tensor | None) -> np.ndarray | None:
@@ -251,7 +250,6 @@ class RewriteContext:
 def _stored_value(root) -> np.ndarray:
     if isinstance(root, gs.Constant):
         return np.asarray(root.values)
-    from .constants import constant_node_value
 
     return constant_node_value(root)
 

@@ -28,13 +28,14 @@ keeps the labels it came from in ``derived``, so that it is never mistaken for a
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..input_sizes import ANONYMOUS
+from ..model.runtime import ANONYMOUS
 
 logger = logging.getLogger(__name__)
 
@@ -409,3 +410,37 @@ def refine_shapes(node: gs.Node, ctx) -> None:
             if out.dtype is None and ttype.tensor_type.elem_type:
                 out.dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.tensor_type.elem_type)
             ctx.refined.add(out.name)
+
+
+def resolve_reshape_target(in_dims: list, elements: list, allowzero: bool):
+    """A Reshape target against its input: (input sizes, output sizes, symbolic input
+    positions) as integers, ``-1`` inferred.
+
+    Symbols become stand-in primes (``resolve_symbols``); None when an element is computed by
+    arithmetic or the sizes do not add up.
+    """
+    out: list = []
+    for i, element in enumerate(elements):
+        if element.value == 0 and not allowzero:
+            if i >= len(in_dims):
+                return None
+            out.append(in_dims[i])
+        elif element.value is not None:
+            if element.value < -1:
+                return None
+            out.append(element.value)
+        elif element.symbol is not None:
+            out.append(element.symbol)
+        elif element.labels is not None and element.factor > 1:
+            out.append(len(element.labels) * element.factor)
+        else:
+            out.append(-1)  # computed by arithmetic: in a valid model, what the others leave
+    (in_numbers, out_numbers), (in_symbolic, _) = resolve_symbols(in_dims, out)
+    if out_numbers.count(-1) > 1:
+        return None
+    if -1 in out_numbers:
+        known = math.prod(d for d in out_numbers if d != -1)
+        if known == 0 or math.prod(in_numbers) % known:
+            return None
+        out_numbers[out_numbers.index(-1)] = math.prod(in_numbers) // known
+    return in_numbers, out_numbers, in_symbolic

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from onnx_fpgm.errors import ConfigError, ScoringError
+from ..errors import ConfigError, ScoringError
 
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 # Smallest normal number: a flushed or subnormal product loses at most this much (absolute).

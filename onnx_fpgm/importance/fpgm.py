@@ -39,8 +39,8 @@ from typing import Union
 import numpy as np
 import torch
 
-from onnx_fpgm.errors import ConfigError, ScoringError
-from onnx_fpgm.importance._distances import (
+from ..errors import ConfigError, ScoringError
+from ._distances import (
     _SAFE_EXP,
     _callable_scores,
     _direct_scores,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..deps.analysis import Analysis, Group
+from ..deps.channels import Analysis, Group
 
 
 def group_filters(analysis: Analysis, group: Group) -> np.ndarray:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from onnx_fpgm.errors import ScoringError
-from onnx_fpgm.importance.fpgm import to_filter_matrix
+from ..errors import ScoringError
+from .fpgm import to_filter_matrix
 
 __all__ = ["l1_scores", "l2_scores"]
 

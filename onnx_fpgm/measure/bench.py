@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .validate import make_session, random_inputs
+from ..model.io import light_copy
+from ..model.runtime import make_session, random_inputs
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,6 @@ def _fill_unknown_shapes(model, inferred, shapes, input_shapes) -> None:
     missing = [m for m in missing if m not in graph_io]
     if not missing:
         return
-    from .validate import make_session, random_inputs
 
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
@@ -132,8 +132,6 @@ def _with_input_shapes(model: onnx.ModelProto, input_shapes) -> onnx.ModelProto:
     No symbolic-engine fallback: with concrete inputs onnx resolves nearly everything, and
     ``_fill_unknown_shapes`` reads what it leaves around a MAC op off one onnxruntime run.
     """
-    from .io import light_copy
-
     light = light_copy(model)
     for value in light.graph.input:
         if value.name in input_shapes:

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..model.runtime import make_session
+from .fidelity import output_parts
 
 LABELS_KEY = "labels"
 
@@ -126,9 +128,6 @@ class Fidelity:
 def fidelity(original: onnx.ModelProto | bytes, pruned: onnx.ModelProto | bytes,
              model_for_inputs: onnx.ModelProto, calibration: Calibration) -> list[Fidelity]:
     """Compare every float output of both models, part by part, over the calibration samples."""
-    from .fidelity import output_parts
-    from .validate import make_session
-
     want = run_batched(make_session(original), model_for_inputs, calibration)
     have = run_batched(make_session(pruned), model_for_inputs, calibration)
     n = min(len(want[0]), len(calibration.labels)) if calibration.labels is not None else None

@@ -11,7 +11,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from .errors import RewriteError
+from ..errors import RewriteError
 from .io import _first_line, light_copy
 from .outer_scope import hoist_outer_constants
 

@@ -12,7 +12,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import Message
 
-from .errors import ExportError, ModelLoadError, OutputError
+from ..errors import ExportError, ModelLoadError, OutputError
 from .light import _numel, check_light, light_copy  # noqa: F401  (io.light_copy for callers)
 
 #: Protobuf refuses to serialise a single message above 2 GiB.

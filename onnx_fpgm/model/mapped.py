@@ -19,9 +19,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 from .io import _first_line, _itemsize, _stored_tensors, load_model
 from .light import _numel, is_stripped
+
 #: Inputs whose external data reach this many bytes are memory-mapped, not read (``load_mapped``).
 MAP_EXTERNAL_BYTES = 1 << 26
 #: Directory external data of the model being pruned is read from (sessions built from bytes).

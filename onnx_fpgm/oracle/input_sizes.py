@@ -25,12 +25,19 @@ from itertools import zip_longest
 import numpy as np
 import onnx
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..model.io import light_copy
+from ..model.runtime import (
+    ANONYMOUS,
+    check_given,
+    is_unknown,
+    make_session,
+    random_inputs,
+    real_inputs,
+)
 
 logger = logging.getLogger(__name__)
 
-#: Symbols that name nothing: each occurrence is a dim of its own (Paddle writes ``?`` twice).
-ANONYMOUS = frozenset({"", "?", "-1", "None", "none", "unk", "unknown", "dynamic"})
 #: Spatial (height, width) candidates, small first: multiples of 32 (strided backbones, FPN
 #: necks), a text-line shape (fixed height 48 or 32, wide), then classifier sizes.
 SPATIAL = ((64, 64), (96, 96), (32, 32), (128, 128), (48, 320), (32, 320), (48, 192),
@@ -98,32 +105,6 @@ class InputSizes:
                 {k: list(v) for k, v in self.secondary.items()},
                 "given": self.given,
                 "symbolic_dims": [f"{d.input}[{d.axis}]={d.symbol}" for d in self.dims]}
-
-
-def is_unknown(dim: onnx.TensorShapeProto.Dimension) -> bool:
-    """A dim without a positive value (a name, ``-1`` as exporters write it, or nothing)."""
-    return not dim.HasField("dim_value") or dim.dim_value < 0
-
-
-def real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    initializers = {t.name for t in model.graph.initializer}
-    return [v for v in model.graph.input if v.name not in initializers]
-
-
-def check_given(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Given sizes must name real inputs and match their rank.
-
-    Raises:
-        ConfigError: naming the input and ``--input-shape``.
-    """
-    inputs = {v.name: v for v in real_inputs(model)}
-    for name, shape in shapes.items():
-        if name not in inputs:
-            raise ConfigError(f"--input-shape names {name!r}, which is not a graph input "
-                              f"(inputs: {', '.join(inputs)})")
-        rank = len(inputs[name].type.tensor_type.shape.dim)
-        if rank and len(shape) != rank:
-            raise ConfigError(f"--input-shape {name} has {len(shape)} dims, the input has {rank}")
 
 
 def symbolic_dims(model: onnx.ModelProto) -> list[SymbolicDim]:
@@ -205,8 +186,6 @@ class _Prober:
     """Runs the original model at candidate sizes in one onnxruntime session."""
 
     def __init__(self, model: onnx.ModelProto, seed: int) -> None:
-        from .validate import make_session
-
         self.model = model
         self.seed = seed
         self.runs = 0
@@ -218,9 +197,7 @@ class _Prober:
             self.error = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
 
     def runs_at(self, shapes: dict[str, tuple[int, ...]]) -> bool:
-        import onnxruntime as ort
-
-        from .validate import random_inputs
+        import onnxruntime as ort  # on first use: keeps it off the CLI's start-up path
 
         if self.session is None or self.runs >= MAX_PROBES:
             return False
@@ -347,8 +324,6 @@ def infer_shapes_at(model: onnx.ModelProto, sizes: InputSizes) -> onnx.ModelProt
     a third, inference-only set, so dims that depend on them stay unknown as well (conservative:
     a dim onnx cannot infer there is treated as unknown).
     """
-    from .io import light_copy
-
     light = light_copy(model)
     del light.graph.value_info[:]
     sets = [(sizes.primary, True)]
@@ -463,8 +438,6 @@ def _run_for_shapes(model: onnx.ModelProto, names: list[str],
                     size_sets: list[dict[str, tuple[int, ...]]]) -> list[Shapes]:
     """Shapes of ``names`` from onnxruntime runs of ``model``, one per size set, in one session
     (empty where it cannot run)."""
-    from .validate import make_session, random_inputs
-
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     present = {o.name for o in exposed.graph.output}

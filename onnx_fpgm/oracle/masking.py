@@ -14,10 +14,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import export, qdq
-from .deps.analysis import Analysis
-from .deps.constants import ConstantFolder
-from .deps.handlers.recurrent import FEATURE_AXIS, RECURRENT_OPS
+from ..deps.channels import Analysis
+from ..deps.constants import ConstantFolder
+from ..deps.op_families import FEATURE_AXIS, RECURRENT_OPS
+from ..model import export
+from . import qdq
 
 
 def masked_original(model: onnx.ModelProto, analysis: Analysis,

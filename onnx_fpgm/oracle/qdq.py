@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .deps.constants import ConstantFolder, quantizer_of
+from ..deps.constants import ConstantFolder, quantizer_of
 
 #: A masking function: (stored array, fill value broadcastable to it) -> masked copy.
 Mask = Callable[[np.ndarray, np.ndarray], np.ndarray]

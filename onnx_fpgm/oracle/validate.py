@@ -14,18 +14,16 @@ original runs at every size set and its session is freed before the pruned one i
 """
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
 
-from . import io, mapped, qdq
-from .deps.analysis import Analysis
+from ..deps.channels import Analysis
+from ..errors import ConfigError, VerificationError
+from ..model.runtime import is_float, make_session, random_inputs
+from . import qdq
 from .masking import QOPERATOR_AS, mask_consumer_inputs, masked_original
-from .errors import ConfigError, VerificationError
-from .input_sizes import check_given, is_unknown
 from .weight_feeds import WeightFedSession, split_weights
 
 #: Oracle tolerance of a float32/float64 output: max |pruned - masked| / max |masked|.
@@ -45,12 +43,6 @@ MAX_QUANTIZED_STEPS = 64
 def tolerance_for(dtype: np.dtype) -> float:
     """The oracle tolerance of an output of ``dtype`` (``RTOL`` or ``RTOL_HALF``)."""
     return RTOL_HALF if np.dtype(dtype).itemsize <= 2 else RTOL
-
-
-def _is_float(dtype: np.dtype) -> bool:
-    """numpy floats plus ml_dtypes' (bfloat16, float8...), which numpy files under void."""
-    dtype = np.dtype(dtype)
-    return dtype.kind == "f" or dtype.name.startswith(("bfloat", "float"))
 
 
 @dataclass
@@ -110,78 +102,6 @@ class CompareResult:
         return (f"output {o.name}: relative error {o.max_rel_error:.2e} "
                 f"(limit {o.tolerance:.0e}), "
                 f"finite={o.finite}, shape ok={o.shape_ok}")
-
-
-def make_session(model: onnx.ModelProto | bytes, *, optimize: bool = False,
-                 provider: str = "CPUExecutionProvider", threads: int = 0, quiet: bool = False):
-    """An onnxruntime session on bytes; spinning off so sessions coexist.
-
-    ``quiet`` silences onnxruntime's own error log too (for runs that may fail on purpose).
-
-    A model too large for one protobuf message (``io.too_large``) cannot become bytes: it is
-    written to a temporary directory with external data and the session reads that path. A
-    mapped model (``mapped.reading_from``) is its small header: its data stays in its files.
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 4 if quiet else 3
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    directory = mapped.EXTERNAL_DIR.get()
-    header = isinstance(model, onnx.ModelProto) and io.has_external_data(model)
-    if isinstance(model, onnx.ModelProto) and not header and io.too_large(model):
-        with tempfile.TemporaryDirectory(prefix="onnx-fpgm-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            io.save_model(model, path, external_data=True)
-            return ort.InferenceSession(str(path), options, providers=[provider])
-    if directory is not None and (header or isinstance(model, bytes)):
-        # a mapped model's stubs name files relative to its directory
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                         str(directory))
-    data = model if isinstance(model, bytes) else model.SerializeToString()
-    return ort.InferenceSession(data, options, providers=[provider])
-
-
-def random_inputs(model: onnx.ModelProto, seed: int = 0,
-                  shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
-    """Seeded random feeds for every real graph input (symbolic dims from ``shapes`` or 1)."""
-    rng = np.random.default_rng(seed)
-    shapes = shapes or {}
-    initializers = {t.name for t in model.graph.initializer}
-    check_given(model, shapes)
-    feeds = {}
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        ttype = value.type.tensor_type
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
-        if value.name in shapes:
-            shape = tuple(shapes[value.name])
-        else:
-            dims = ttype.shape.dim
-            unknown = [i for i, d in enumerate(dims) if is_unknown(d)]
-            if any(i > 0 for i in unknown):
-                names = [dims[i].dim_param or "?" for i in unknown]
-                example = [str(d.dim_value) if not is_unknown(d) else
-                           "1" if i == 0 else d.dim_param or f"D{i + 1}"
-                           for i, d in enumerate(dims)]  # the batch defaults to 1
-                missing = [example[i] for i in unknown if i > 0]
-                raise ConfigError(f"input {value.name} has symbolic dims {names}: verification "
-                                  f"needs concrete sizes; give --input-shape "
-                                  f"{value.name}={','.join(example)} with numbers for "
-                                  f"{', '.join(missing)} (input_shapes= in Python)")
-            shape = tuple(1 if is_unknown(d) else d.dim_value for d in dims)
-        if _is_float(dtype):
-            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[value.name] = rng.integers(0, 2, shape).astype(bool)
-        else:
-            feeds[value.name] = rng.integers(0, 4, shape).astype(dtype)
-    return feeds
 
 
 def compare(original: onnx.ModelProto, pruned: onnx.ModelProto,
@@ -258,7 +178,7 @@ def _compare_output(name: str, want: np.ndarray, have: np.ndarray) -> OutputComp
     if want.shape != have.shape:
         return OutputCompare(name, np.inf, np.inf, True, False)
     tolerance = RTOL
-    if _is_float(want.dtype):
+    if is_float(want.dtype):
         tolerance = tolerance_for(want.dtype)
         w64, h64 = want.astype(np.float64), have.astype(np.float64)
         finite = bool(np.isfinite(h64).all() or not np.isfinite(w64).all())

@@ -18,7 +18,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from . import io
+from ..model import io
+from ..model.runtime import make_session
 
 #: Float initializers of at least this many elements are fed as inputs.
 FED_MIN_ELEMENTS = 1024
@@ -75,8 +76,6 @@ class WeightFedSession:
     """
 
     def __init__(self, light: onnx.ModelProto, weights: dict[str, np.ndarray]) -> None:
-        from .validate import make_session
-
         self.weights = weights
         self.session = None
         self.error: str | None = None

@@ -1,7 +1,7 @@
 """``--target-latency R``: prune until onnxruntime runs the model in R times the original's time.
 
 Latency is not additive over layers, so it is searched, not modelled: a MACs target is chosen,
-the model pruned to it (``allocate.py``) and both models timed, interleaved as ``--benchmark``
+the model pruned to it (``planning/allocate.py``) and both models timed, interleaved as ``--benchmark``
 does; the MACs target is then corrected (secant step on the measured ratio, kept inside the
 bracket found so far) until the measured ratio is within the measurement's spread of R (the
 relative interquartile ranges of both timings, at least 2 %). The last model is pruned once more
@@ -12,8 +12,11 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from .config import PruneConfig
-from .errors import ConfigError
+from ..api import prune
+from ..config import PruneConfig
+from ..errors import ConfigError
+from ..measure.bench import benchmark
+from ..model import mapped
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +29,6 @@ MIN_SPREAD = 0.02
 def prune_to_latency(model, config: PruneConfig, progress=None, cache: dict | None = None,
                      runs: int = 30):
     """Search a MACs target whose pruned model meets ``config.target_latency``."""
-    from . import mapped
-
     loaded = model if isinstance(model, mapped.Loaded) else mapped.load_mapped(model)
     with mapped.reading_from(loaded):  # loaded once: its weights are mapped or viewed
         return _search(loaded, config, progress, cache if cache is not None else {}, runs)
@@ -35,9 +36,6 @@ def prune_to_latency(model, config: PruneConfig, progress=None, cache: dict | No
 
 def _search(loaded, config: PruneConfig, progress, cache: dict, runs: int):
     """Bisect (then step by the MACs-latency proportion) over MACs targets, timing each."""
-    from .api import prune
-    from .bench import benchmark
-
     original = loaded.model
     goal = float(config.target_latency)
     quick = replace(config, target_latency=None, verify=False, compensate="none",

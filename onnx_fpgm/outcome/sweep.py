@@ -8,14 +8,16 @@ Sensitivities and channel scores are measured once and shared by every point (``
 from __future__ import annotations
 
 import itertools
-
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from .config import PruneConfig
-from .errors import ConfigError, OnnxFpgmError
+from ..api import prune
+from ..config import PruneConfig
+from ..errors import ConfigError, OnnxFpgmError
+from ..measure.bench import benchmark
+from ..model import mapped
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +67,6 @@ def run_sweep(model: str, targets: tuple[float, ...], allocations: tuple[str, ..
               base: PruneConfig | None = None, latency_runs: int = 20,
               progress: Callable[[str, int], Callable[[int], None]] | None = None) -> Sweep:
     """Prune ``model`` at every (allocation, compensation, target) and measure each result."""
-    from . import mapped
-
     base = base or PruneConfig()
     if "sensitivity" in allocations and not base.calibration:
         raise ConfigError("allocation sensitivity needs --calibration data")
@@ -90,9 +90,6 @@ def run_sweep(model: str, targets: tuple[float, ...], allocations: tuple[str, ..
 
 def _measure_point(point: SweepPoint, loaded, config: PruneConfig, cache: dict,
                    latency_runs: int) -> None:
-    from .api import prune
-    from .bench import benchmark
-
     try:
         result = prune(loaded, config=config, cache=cache)
     except OnnxFpgmError as err:

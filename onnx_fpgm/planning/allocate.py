@@ -26,11 +26,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .config import PruneConfig
+from ..config import PruneConfig
+from ..deps.channels import Analysis, Group
+from ..errors import ConfigError
+from ..measure.calibration import load_calibration
+from ..model import io, mapped
 from .costmodel import CostModel, build_cost_model
-from .deps.analysis import Analysis, Group
-from .errors import ConfigError
-from .plan import n_to_keep
+from .plan import n_to_keep, plan_pruning
+from .sensitivity import measure_compensated_sensitivity, measure_sensitivity
 
 logger = logging.getLogger(__name__)
 
@@ -219,8 +222,6 @@ class Allocator:
         return self.with_units(keep_for(lo))
 
     def _sensitivity(self, target: float, select, calibration, progress_factory) -> np.ndarray:
-        from .sensitivity import measure_sensitivity
-
         levels = SENSITIVITY_LEVELS
         missing = [unit for unit in self.units if tuple(unit) not in self.sensitivity]
         if missing:
@@ -236,8 +237,6 @@ class Allocator:
                 losses = measure_sensitivity(self._original, self.analysis, groups, levels,
                                              select, calibration, counts, advance)
             else:  # what compensation cannot recover; auto judges by lstsq, its best
-                from . import io, mapped
-                from .sensitivity import measure_compensated_sensitivity
 
                 original = mapped.with_data(self._original)  # compensation reads weights there
                 losses = measure_compensated_sensitivity(
@@ -316,8 +315,6 @@ def plan_to_target(analysis: Analysis, graph: gs.Graph, original: onnx.ModelProt
     ``cache`` (a dict the caller keeps) carries measured sensitivities and channel scores
     between runs on the same model and settings (a sweep).
     """
-    from .calibration import load_calibration
-    from .plan import plan_pruning
 
     metric, target = config.target
     how = config.resolved_allocation
@@ -349,9 +346,10 @@ def plan_to_target(analysis: Analysis, graph: gs.Graph, original: onnx.ModelProt
 
 def channel_scorer(analysis: Analysis, config: PruneConfig) -> Callable[[Group], np.ndarray]:
     """Per-channel score of a group by the configured criterion (smaller goes first)."""
-    from .importance.fpgm import fpgm_scores, resolve_device
-    from .importance.group import group_filters
-    from .importance.norms import l1_scores, l2_scores
+    # importance imports torch: loaded on first use, off the start-up path
+    from ..importance.fpgm import fpgm_scores, resolve_device
+    from ..importance.group import group_filters
+    from ..importance.norms import l1_scores, l2_scores
 
     device = resolve_device(config.device)
 

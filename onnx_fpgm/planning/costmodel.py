@@ -18,10 +18,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .bench import MAC_OPS, count_params, macs_by_node
-from .deps.analysis import Analysis, ChannelMap
-from .deps.constants import constant_node_value, root_constant
-from .deps.handlers.recurrent import FEATURE_AXIS, RECURRENT_OPS
+from ..deps.channels import Analysis, ChannelMap
+from ..deps.constants import constant_node_value, root_constant
+from ..deps.op_families import FEATURE_AXIS, RECURRENT_OPS
+from ..measure.bench import MAC_OPS, count_params, macs_by_node
 
 Metric = Literal["macs", "params"]
 #: Ops whose 1-D parameters (scale, bias, mean, var) follow their input's channel axis 1.

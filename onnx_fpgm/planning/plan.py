@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import PruneConfig
-from .deps.analysis import Analysis, Group
+from ..config import PruneConfig
+from ..deps.channels import Analysis, Group
 
 
 @dataclass

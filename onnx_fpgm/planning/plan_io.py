@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .deps.analysis import Analysis
-from .errors import PlanError
+from ..deps.channels import Analysis
+from ..errors import PlanError
 from .plan import GroupPlan, PrunePlan, emptied_groups
 
 _FAMILY = {"Gemm": "linear", "MatMul": "linear", "Conv": "conv", "ConvTranspose": "convT"}

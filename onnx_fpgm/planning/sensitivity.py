@@ -17,12 +17,16 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import export
-from .calibration import Calibration, run_batched
-from .deps.analysis import Analysis, Group
-from .errors import ConfigError
-from .masking import consumer_axis
-from .validate import make_session
+from ..deps.channels import Analysis, Group
+from ..deps.constants import fold_constant_shapes
+from ..deps.rewrite import apply_plan
+from ..errors import ConfigError
+from ..measure.calibration import Calibration, run_batched
+from ..measure.fidelity import output_parts
+from ..model import export, io
+from ..model.runtime import make_session
+from ..oracle.masking import consumer_axis
+from ..recover.compensate import compensate, find_consumers
 
 #: Calibration samples used per measurement (enough to rank groups, cheap enough for many).
 MAX_SAMPLES = 256
@@ -84,8 +88,6 @@ def output_loss(reference: list[np.ndarray], outputs: list[np.ndarray],
                 labels: np.ndarray | None) -> float:
     """Loss of the worst output part: its relative error, plus with labels the drop in top-1
     accuracy (class scores), else the lost share of its top-1/top-k agreement."""
-    from .fidelity import output_parts
-
     loss = 0.0
     for want, have in zip(reference, outputs):
         if want.dtype.kind != "f":
@@ -170,11 +172,6 @@ def measure_compensated_sensitivity(original: onnx.ModelProto, shapes: onnx.Mode
     ``mode`` compensation: with compensation, what matters is what it cannot recover (a group
     whose removal lstsq undoes is cheap, however large its raw error). One rewrite and one fit
     per measurement: slower, so only used when compensation is asked for."""
-    from . import export, io
-    from .compensate import compensate, find_consumers
-    from .deps.constants import fold_constant_shapes
-    from .plan import PrunePlan
-    from .rewrite import apply_plan
 
     calibration = _subset(calibration)
     reference = run_batched(make_session(original, optimize=True), original, calibration)
@@ -185,7 +182,7 @@ def measure_compensated_sensitivity(original: onnx.ModelProto, shapes: onnx.Mode
             if len(classes):
                 graph = io.import_graph(original, shapes)
                 fold_constant_shapes(graph)
-                apply_plan(graph, analysis, PrunePlan([], classes), opset)
+                apply_plan(graph, analysis, classes, opset)
                 pruned = export.export_graph(graph, original, None)
                 consumers = find_consumers(original, analysis, analysis.removed_atoms(classes))
                 model, _ = compensate(original, pruned, consumers, mode, calibration)

@@ -27,9 +27,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .calibration import Calibration, run_batched
-from .deps.analysis import Analysis
-from .validate import make_session
+from ..deps.channels import Analysis
+from ..measure.calibration import Calibration, run_batched
+from ..model.runtime import make_session
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 if TYPE_CHECKING:
-    from ..analysis import ChannelMap
+    from ..channels import ChannelMap
 
 
 def normalize_axis(axis: int, rank: int) -> int:

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..analysis import ChannelMap
+from ...errors import RewriteError
+from ..channels import ChannelMap
 from ..constants import weight_reason
 from ..registry import register
-from ...errors import RewriteError
 from ._util import has_input, split_parts
 
 

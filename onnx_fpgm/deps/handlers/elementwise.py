@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..analysis import ChannelMap
+from ..channels import ChannelMap
 from ..registry import register
-from . import split_axes
+from . import split_operands
 
 UNARY_OPS = (
     "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu",
@@ -109,7 +109,7 @@ class BroadcastHandler:
     accepts_split = True
 
     def propagate(self, node, ctx) -> None:
-        if split_axes.broadcast(node, ctx):
+        if split_operands.broadcast(node, ctx):
             return
         inputs = [t for t in node.inputs if t is not None and t.name]
         shapes = [ctx.shape(t) for t in inputs]
@@ -161,7 +161,7 @@ class BroadcastHandler:
         ctx.set_map(node.outputs[0], ChannelMap(out_axis, ref.labels, fold_member=keep_fold))
 
     def apply(self, node, ctx) -> None:
-        if split_axes.broadcast_apply(node, ctx):
+        if split_operands.broadcast_apply(node, ctx):
             return
         out_map = ctx.map(node.outputs[0])
         keep = ctx.keep(node.outputs[0])

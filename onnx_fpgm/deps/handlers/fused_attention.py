@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..analysis import ChannelMap
 from ..blocks import new_split, require_free, require_whole
+from ..channels import ChannelMap
 from ..registry import register
 from ._util import has_input
 

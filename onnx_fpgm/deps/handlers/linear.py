@@ -10,17 +10,17 @@ Channel algebra:
   an earlier axis they pass through unchanged (the product acts on the last axis only).
 * An output projection reading merged attention heads also scores them: its input rows join
   the heads' joint space (a member that creates nothing).
-* MatMul of two activations (attention): see ``split_axes.matmul_activations`` (heads paired on
+* MatMul of two activations (attention): see ``split_operands.matmul_activations`` (heads paired on
   batch axes, head_dim contracted whole; plain channels contracted between activations block).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..analysis import ChannelMap
+from ..channels import ChannelMap
 from ..constants import weight_reason
 from ..registry import register
-from . import split_axes
+from . import split_operands
 from ._util import has_input
 
 
@@ -91,7 +91,7 @@ class MatMulHandler:
         amap, bmap = ctx.map(a), ctx.map(b)
         if ctx.split_map(a) is not None or ctx.split_map(b) is not None or (
                 ctx.const(a) is None and ctx.const(b) is None):
-            split_axes.matmul_activations(node, ctx)
+            split_operands.matmul_activations(node, ctx)
             return
         weight = ctx.const(b) if bmap is None else None
         a_rank = len(ctx.shape(a)) if ctx.shape(a) is not None else None

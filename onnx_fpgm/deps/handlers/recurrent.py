@@ -15,12 +15,8 @@ Channel algebra (``layout`` 0: X is (seq, batch, input); 1: (batch, seq, input))
 from __future__ import annotations
 
 from ..constants import weight_reason
+from ..op_families import FEATURE_AXIS, RECURRENT_OPS
 from ..registry import register
-
-#: Axis of X (and of W) that holds the input features.
-FEATURE_AXIS = 2
-#: The recurrent ops (the oracle and the cost model read ``W`` of these on ``FEATURE_AXIS``).
-RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 
 
 @register(*RECURRENT_OPS)

@@ -17,9 +17,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..analysis import ChannelMap
+from ..channels import ChannelMap
 from ..registry import register
-from ..shape_values import resolve_symbols, rewritable_source, shape_elements, symbolic_dims
+from ..shape_values import (
+    resolve_reshape_target,
+    resolve_symbols,
+    rewritable_source,
+    shape_elements,
+    symbolic_dims,
+)
 from . import split_axes
 from ._util import normalize_axis, prod
 
@@ -64,39 +70,6 @@ class _ReshapeTarget:
     out_dims: list | None = None  # ints, symbols, None (unknown)
 
 
-def _resolve_target(in_dims: list, elements: list, allowzero: bool):
-    """(input sizes, output sizes, symbolic input positions) as integers, ``-1`` inferred.
-
-    Symbols become stand-in primes (``resolve_symbols``); None when an element is computed by
-    arithmetic or the sizes do not add up.
-    """
-    out: list = []
-    for i, element in enumerate(elements):
-        if element.value == 0 and not allowzero:
-            if i >= len(in_dims):
-                return None
-            out.append(in_dims[i])
-        elif element.value is not None:
-            if element.value < -1:
-                return None
-            out.append(element.value)
-        elif element.symbol is not None:
-            out.append(element.symbol)
-        elif element.labels is not None and element.factor > 1:
-            out.append(len(element.labels) * element.factor)
-        else:
-            out.append(-1)  # computed by arithmetic: in a valid model, what the others leave
-    (in_numbers, out_numbers), (in_symbolic, _) = resolve_symbols(in_dims, out)
-    if out_numbers.count(-1) > 1:
-        return None
-    if -1 in out_numbers:
-        known = prod(d for d in out_numbers if d != -1)
-        if known == 0 or prod(in_numbers) % known:
-            return None
-        out_numbers[out_numbers.index(-1)] = prod(in_numbers) // known
-    return in_numbers, out_numbers, in_symbolic
-
-
 def reshape_target(node, ctx, xmap: ChannelMap) -> _ReshapeTarget:
     """Where the channels of ``xmap`` land through Reshape ``node`` (partly computed targets too).
 
@@ -112,7 +85,7 @@ def reshape_target(node, ctx, xmap: ChannelMap) -> _ReshapeTarget:
     if in_dims is None or elements is None:
         return _ReshapeTarget(None, f"{where} has a computed shape or unknown input dims")
     allowzero = bool(node.attrs.get("allowzero", 0))
-    resolved = _resolve_target(in_dims, elements, allowzero)
+    resolved = resolve_reshape_target(in_dims, elements, allowzero)
     if resolved is None:
         return _ReshapeTarget(None, f"cannot resolve the target shape of {where} (computed shape)")
     in_numbers, out_numbers, in_symbolic = resolved

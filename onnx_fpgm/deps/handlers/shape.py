@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..analysis import ChannelMap
+from ..channels import ChannelMap
 from ..registry import register
 from ..shape_values import rewritable_source, shape_elements
 from . import split_axes

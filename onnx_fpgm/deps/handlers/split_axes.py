@@ -24,9 +24,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..analysis import ChannelMap
 from ..blocks import SplitMap, drop_level, new_split, require_free, require_whole
-from ..shape_values import rewritable_source, shape_elements, symbolic_dims
+from ..channels import ChannelMap
+from ..shape_values import resolve_reshape_target, rewritable_source, shape_elements, symbolic_dims
 from ._util import axes_from, normalize_axis, prod, transpose_perm
 
 
@@ -198,13 +198,11 @@ def cut_level(node, ctx, smap: SplitMap, axis: int, bounds: list[tuple[int, int]
 
 def _resolved(node, ctx):
     """(input sizes, output sizes, target elements) of a Reshape, symbols as stand-in primes."""
-    from .reshape import _resolve_target
-
     in_dims = symbolic_dims(node.inputs[0])
     elements = shape_elements(node, 1, ctx)
     if in_dims is None or elements is None:
         return None
-    resolved = _resolve_target(in_dims, elements, bool(node.attrs.get("allowzero", 0)))
+    resolved = resolve_reshape_target(in_dims, elements, bool(node.attrs.get("allowzero", 0)))
     if resolved is None:
         return None
     return resolved[0], resolved[1], elements
@@ -355,151 +353,3 @@ def reshape_apply(node, ctx) -> bool:
     if elements[axis].value != -1:
         ctx.set_shape_element(rewritable_source(node, 1, axis, elements, ctx), len(keep))
     return True
-
-
-# ---- element-wise -----------------------------------------------------------------------------
-
-
-def broadcast(node, ctx) -> bool:
-    """An element-wise op over one split input and constants/broadcast inputs; True if handled."""
-    inputs = [t for t in node.inputs if t is not None and t.name]
-    splits = [ctx.split_map(t) for t in inputs]
-    if not any(s is not None for s in splits):
-        return False
-    where = f"{node.op} {node.name}"
-    shapes = [ctx.shape(t) for t in inputs]
-    ref_index = next(i for i, s in enumerate(splits) if s is not None)
-    ref = splits[ref_index]
-    if any(s is None for s in shapes):
-        ctx.block(ref, f"input rank of {where} is unknown")
-        return True
-    rank_out = max(len(s) for s in shapes)
-    ref_axes = [a + rank_out - len(shapes[ref_index]) for a in ref.axes]
-    for tensor, shape, smap in zip(inputs, shapes, splits):
-        offset = rank_out - len(shape)
-        if smap is not None:
-            axes = [a + offset for a in smap.axes]
-            if smap is not ref and (axes != ref_axes or smap.labels.shape != ref.labels.shape):
-                ctx.block(ref, f"{where} joins split channel axes that do not line up")
-                ctx.block(smap, f"{where} joins split channel axes that do not line up")
-                return True
-            if smap is not ref:
-                ctx.couple(ref.flat(), smap.flat(), where)
-            continue
-        if ctx.map(tensor) is not None:
-            ctx.block(ref, f"{where} joins a split channel axis with plain channels")
-            ctx.block(ctx.map(tensor), f"{where} joins a split channel axis with plain channels")
-            return True
-        wide = [axis for axis in ref_axes if axis - offset >= 0 and shape[axis - offset] != 1]
-        if wide and ctx.const(tensor) is None:
-            ctx.block(ref, f"{where} mixes a split channel axis with an activation not ours")
-            return True
-    ctx.set_map(node.outputs[0], ref.moved(ref_axes))
-    return True
-
-
-def broadcast_apply(node, ctx) -> bool:
-    """Slice constants of an element-wise op on the free level of its split output."""
-    found = ctx.split_keep(node.outputs[0])
-    if ctx.split_map(node.outputs[0]) is None:
-        return False
-    if found is None:
-        return True
-    axis, keep = found
-    rank_out = len(ctx.shape(node.outputs[0]))
-    width = ctx.split_map(node.outputs[0]).labels.shape[
-        ctx.split_map(node.outputs[0]).axes.index(axis)]
-    for index, tensor in enumerate(node.inputs):
-        if tensor is None or not tensor.name or ctx.split_map(tensor) is not None:
-            continue
-        value = ctx.const(tensor)
-        if value is None:
-            continue
-        local = axis - (rank_out - value.ndim)
-        if local >= 0 and value.shape[local] == width and width > 1:
-            ctx.slice_input(node, index, local, keep)
-    return True
-
-
-# ---- attention: MatMul of two activations -----------------------------------------------------
-
-
-def _entries(ctx, tensor):
-    """[(tensor axis, split or plain map, level position or None)] of one MatMul operand."""
-    smap, cmap = ctx.split_map(tensor), ctx.map(tensor)
-    found = []
-    if smap is not None:
-        found = [(axis, smap, k) for k, axis in enumerate(smap.axes)]
-    elif cmap is not None:
-        found = [(cmap.axis, cmap, None)]
-    return found
-
-
-def matmul_activations(node, ctx) -> None:
-    """``A @ B`` of two activations: pair heads on batch axes, keep contracted levels whole."""
-    a, b = node.inputs[0], node.inputs[1]
-    sa, sb = ctx.shape(a), ctx.shape(b)
-    where = f"MatMul {node.name}"
-    maps = [m for t in (a, b) for m in (ctx.split_map(t), ctx.map(t)) if m is not None]
-    if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
-        for m in maps:
-            ctx.block(m, f"{where} multiplies activations of unknown rank")
-        return
-    ra, rb = len(sa), len(sb)
-    rank = max(ra, rb)
-    out: dict[int, tuple] = {}
-    batch: dict[int, list[tuple]] = {}
-    for tensor, r, contracted, kept_axis, kept_out in ((a, ra, ra - 1, ra - 2, rank - 2),
-                                                       (b, rb, rb - 2, rb - 1, rank - 1)):
-        for axis, m, k in _entries(ctx, tensor):
-            if axis == contracted:
-                if k is None:
-                    ctx.block(m, f"{where} contracts channels of two activations")
-                    continue
-                require_whole(ctx, m, k, f"{where} contracts it")
-            elif axis == kept_axis:
-                out[kept_out] = (m, k)
-            else:
-                batch.setdefault(axis + rank - r, []).append((tensor, m, k))
-    for out_axis, entries in batch.items():
-        if len(entries) == 1:  # the other operand must broadcast (size 1) on this axis
-            tensor = b if entries[0][0] is a else a
-            shape = sb if tensor is b else sa
-            local = out_axis - (rank - len(shape))
-            if local >= 0 and shape[local] != 1:
-                ctx.block(entries[0][1], f"{where} pairs heads with an activation not ours")
-                continue
-        reps = []
-        for _, m, k in entries:
-            if k is None:
-                reps.append(m.labels)
-            else:
-                require_free(ctx, m, k, f"{where} pairs heads", heads=True)
-                reps.append(m.representative(k))
-        if len({len(r) for r in reps}) != 1:
-            for _, m, _k in entries:
-                ctx.block(m, f"{where} pairs head axes of different sizes")
-            continue
-        for rep in reps[1:]:
-            ctx.couple(reps[0], rep, where)
-        out[out_axis] = entries[-1][1:]
-    _set_matmul_output(node, ctx, out)
-
-
-def _set_matmul_output(node, ctx, out: dict[int, tuple]) -> None:
-    if not out:
-        return
-    splits = {id(m): m for m, k in out.values() if k is not None}
-    for m in splits.values():  # one operand's split covers every channel-carrying axis
-        if all((mm is m) or (k is None) for mm, k in out.values()) and \
-                len([1 for mm, _ in out.values() if mm is m]) == len(m.axes):
-            axes = {k: axis for axis, (mm, k) in out.items() if mm is m}
-            ctx.set_map(node.outputs[0], m.moved(axes[k] for k in range(len(m.axes))))
-            return
-    if len(out) == 1:
-        (axis, (m, k)), = out.items()
-        labels = m.labels if k is None else m.representative(k)
-        ctx.set_map(node.outputs[0], ChannelMap(axis, labels))
-        return
-    for m, _ in out.values():
-        ctx.block(m, f"MatMul {node.name} mixes channels of two operands in its product")

@@ -1,0 +1,305 @@
+"""The analysis' working state: what handlers read and record while channel maps propagate.
+
+Handlers set each output's channel map and record couplings, cuts and blocks here; ``finish``
+turns them into classes and groups (``channels.Analysis``). See ``analysis.py`` for the model.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .blocks import SplitMap, SplitRecord, resolve_splits
+from .channels import Analysis, ChannelMap, Group, Member, Source
+from .constants import FOLDABLE_OPS, ConstantFolder
+from .shape_values import ELEMENT_MOVING_OPS, channel_labels, tensor_elements
+
+logger = logging.getLogger(__name__)
+
+#: (op, input index) whose shape parameter the op's handler rewrites from surviving channels.
+SHAPE_PARAMETER_INPUTS = frozenset({("Split", 1), ("Reshape", 1), ("Resize", 3), ("Slice", 1),
+                                    ("Slice", 2), ("SplitToSequence", 1)})
+#: Shape parameters whose handler reads them element by element (``shape_values``).
+ELEMENTWISE_PARAMETER_INPUTS = frozenset({("Reshape", 1), ("Resize", 3)})
+#: Ops that may carry a channel count along in shape arithmetic.
+SHAPE_ARITHMETIC = FOLDABLE_OPS - {"Shape"}
+
+
+class AnalysisContext:
+    """State shared by the handlers while channel maps are propagated."""
+
+    def __init__(self, graph: gs.Graph, opset: int,
+                 overridable: frozenset[str] = frozenset()) -> None:
+        self.graph = graph
+        self.opset = opset
+        self.maps: dict[str, ChannelMap] = {}
+        self.sources: list[Source] = []
+        self.members: list[Member] = []
+        self.n_atoms = 0
+        self._pairs: list[tuple[np.ndarray, np.ndarray]] = []
+        self._cuts: list[tuple[np.ndarray, np.ndarray]] = []
+        self._blocked: list[tuple[np.ndarray, str]] = []
+        self.blocked_tensors: list[tuple[str, str]] = []
+        self.balanced: list[tuple[str, list[np.ndarray]]] = []
+        self.consts = ConstantFolder(opset, overridable)
+        #: Sequences cut from a mapped tensor (SplitToSequence): name -> channel map per part.
+        self.sequences: dict[str, list[ChannelMap]] = {}
+        #: Values computed from the shape of a mapped tensor: name -> its channel map.
+        self.shape_maps: dict[str, ChannelMap] = {}
+        #: Tensors whose channel axis a Reshape split over several axes (see blocks.py).
+        self.split_maps: dict[str, SplitMap] = {}
+        self.split_records: list[SplitRecord] = []
+        #: Tensors whose shape a handler found where onnx's inference could not (a computed
+        #: Reshape target); shapes are inferred onward from them, node by node.
+        self.refined: set[str] = set()
+
+    # ---- reading the graph ----
+    def map(self, tensor: gs.Tensor | None) -> ChannelMap | None:
+        if tensor is None or not tensor.name:
+            return None
+        return self.maps.get(tensor.name)
+
+    def set_map(self, tensor: gs.Tensor, cmap: ChannelMap | SplitMap | None) -> None:
+        if cmap is None or not np.any(cmap.labels >= 0):
+            return
+        if isinstance(cmap, SplitMap):
+            self.split_maps[tensor.name] = cmap
+        else:
+            self.maps[tensor.name] = cmap
+
+    def split_map(self, tensor: gs.Tensor | None) -> SplitMap | None:
+        if tensor is None or not tensor.name:
+            return None
+        return self.split_maps.get(tensor.name)
+
+    @staticmethod
+    def shape(tensor: gs.Tensor | None) -> tuple[int | None, ...] | None:
+        """Static shape with None for unknown dims; None when the rank is unknown."""
+        if tensor is None:
+            return None
+        shape = tensor.shape
+        if shape is None:
+            return None
+        return tuple(d if isinstance(d, (int, np.integer)) and d >= 0 else None for d in shape)
+
+    def const(self, tensor: gs.Tensor | None) -> np.ndarray | None:
+        """The tensor's value when it is a constant (folding small constant subgraphs)."""
+        return self.consts.value(tensor)
+
+    # ---- recording facts ----
+    def new_source(self, node: gs.Node, rows: np.ndarray) -> np.ndarray:
+        """Create one atom per filter row of ``node``; returns the atom labels."""
+        n = rows.shape[0]
+        atoms = np.arange(self.n_atoms, self.n_atoms + n, dtype=np.int64)
+        member = self.add_member(node, atoms, rows, creates=True)
+        self.sources.append(Source(node.name, node.op, self.n_atoms, n, member))
+        self.n_atoms += n
+        return atoms
+
+    def add_member(self, node: gs.Node, atoms: np.ndarray, rows: np.ndarray, creates: bool) -> int:
+        keep = atoms >= 0
+        rows = rows.reshape(rows.shape[0], -1)
+        if not keep.all():  # boolean indexing copies: a whole layer stays a view
+            rows = rows[keep]
+        self.members.append(
+            Member(node.name, node.op, atoms[keep], rows, np.ones(len(rows)), creates)
+        )
+        return len(self.members) - 1
+
+    def scale_member(self, cmap: ChannelMap, scale: np.ndarray) -> None:
+        """Fold a per-channel scale virtually into the producer's filters (BN after Conv)."""
+        if cmap.fold_member is None:
+            return
+        member = self.members[cmap.fold_member]
+        scale = np.broadcast_to(np.asarray(scale, dtype=np.float64).reshape(-1), cmap.labels.shape)
+        position = {int(a): i for i, a in enumerate(cmap.labels)}
+        idx = np.array([position[int(a)] for a in member.atoms], dtype=np.int64)
+        member.scale = member.scale * scale[idx]
+
+    def couple(self, a: np.ndarray, b: np.ndarray, where: str) -> None:
+        """Positions of ``a`` and ``b`` hold the same channel; a fixed (-1) partner blocks."""
+        a = np.asarray(a)
+        b = np.asarray(b)
+        both = (a >= 0) & (b >= 0)
+        if both.any():
+            self._pairs.append((a[both], b[both]))
+        lone = np.concatenate([a[(a >= 0) & (b < 0)], b[(b >= 0) & (a < 0)]])
+        if len(lone):
+            self._blocked.append((lone, f"coupled with channels that cannot be pruned at {where}"))
+
+    def balance(self, blocks: list[np.ndarray], what: str) -> None:
+        """These blocks of channels must keep equal counts (the groups of a grouped conv)."""
+        self.balanced.append((what, blocks))
+
+    def cut(self, labels: np.ndarray, position: int) -> None:
+        """A Split/Slice boundary between ``position - 1`` and ``position``."""
+        if 0 < position < len(labels) and labels[position - 1] >= 0 and labels[position] >= 0:
+            self._cuts.append((labels[position - 1 : position], labels[position : position + 1]))
+
+    def block(self, cmap: ChannelMap | np.ndarray | None, reason: str) -> None:
+        if cmap is None:
+            return
+        labels = cmap.labels if isinstance(cmap, (ChannelMap, SplitMap)) else np.asarray(cmap)
+        labels = labels[labels >= 0]
+        if len(labels):
+            self._blocked.append((labels, reason))
+
+    def block_tensor(self, tensor: gs.Tensor | None, reason: str) -> None:
+        cmap = self.map(tensor) or self.split_map(tensor)
+        if cmap is not None and np.any(cmap.labels >= 0):
+            self.blocked_tensors.append((tensor.name, reason))
+            self.block(cmap, reason)
+
+    def block_inputs(self, node: gs.Node, reason: str) -> None:
+        for tensor in node.inputs:
+            self.block_tensor(tensor, reason)
+
+    # ---- shape values ----
+    # A value computed from a mapped tensor's Shape that may hold its channel count is
+    # *tainted*: it may flow through shape arithmetic and end as the shape parameter of an op
+    # whose handler rewrites that parameter from the surviving channels (Split sizes, Reshape
+    # target, Resize sizes). Any other use would keep a stale channel count: it blocks.
+    # Through ops that only move elements (Gather, Slice, Concat, Cast, ...) the taint is
+    # followed element by element (``shape_values``), so picking the batch out of a shape
+    # vector leaves the channels free.
+    def check_shape_taint(self, node: gs.Node) -> None:
+        tainted = [(i, t) for i, t in enumerate(node.inputs)
+                   if t is not None and t.name in self.shape_maps]
+        if not tainted:
+            return
+        if node.op in ELEMENT_MOVING_OPS and node.op != "Shape" and \
+                not any(self.map(t) for t in node.inputs) and self._taint_elements(node):
+            return
+        for index, tensor in tainted:
+            cmap = self.shape_maps[tensor.name]
+            data = self.map(node.inputs[0])
+            if (node.op, index) in ELEMENTWISE_PARAMETER_INPUTS and data is not None:
+                continue  # the handler checks (or couples) every channel count, element-wise
+            if (node.op, index) in SHAPE_PARAMETER_INPUTS and data is not None and \
+                    np.array_equal(data.labels, cmap.labels):
+                continue  # the handler rewrites this parameter from the same channels
+            if node.op in SHAPE_ARITHMETIC and not any(self.map(t) for t in node.inputs):
+                for out in node.outputs:
+                    self.shape_maps[out.name] = cmap
+                continue
+            self.block(cmap, f"channel count read by {node.op} {node.name}")
+
+    def _taint_elements(self, node: gs.Node) -> bool:
+        """Taint ``node``'s output with exactly the channel counts among its elements.
+
+        False when the output's elements cannot be followed (then the whole-vector rules apply).
+        """
+        if len(node.outputs) != 1:
+            return False
+        elements = tensor_elements(node.outputs[0], self)
+        if elements is None:
+            return False
+        labels = channel_labels(elements)
+        if labels is not None:
+            self.shape_maps[node.outputs[0].name] = ChannelMap(0, labels)
+        return True
+
+    # ---- finishing ----
+    def finish(self) -> Analysis:
+        head_atoms = resolve_splits(self)
+        n = self.n_atoms
+        parent = np.arange(n, dtype=np.int64)
+
+        def find(x: int) -> int:
+            root = x
+            while parent[root] != root:
+                root = parent[root]
+            while parent[x] != root:
+                parent[x], x = root, parent[x]
+            return root
+
+        for a_arr, b_arr in self._pairs:
+            for a, b in zip(a_arr.tolist(), b_arr.tolist()):
+                ra, rb = find(a), find(b)
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)
+        roots = np.array([find(i) for i in range(n)], dtype=np.int64)
+        unique_roots, class_of_atom = np.unique(roots, return_inverse=True)
+        n_classes = len(unique_roots)
+
+        class_blocked: list[str | None] = [None] * n_classes
+        for labels, reason in self._blocked:
+            for c in np.unique(class_of_atom[labels]).tolist():
+                if class_blocked[c] is None:
+                    class_blocked[c] = reason
+
+        groups = self._build_groups(class_of_atom, n_classes, class_blocked)
+        if head_atoms:
+            head_class = np.zeros(n_classes, dtype=bool)
+            head_class[class_of_atom[np.concatenate(head_atoms)]] = True
+            for group in groups:
+                group.heads = bool(head_class[group.classes].any())
+        return Analysis(
+            maps=self.maps,
+            sources=self.sources,
+            members=self.members,
+            class_of_atom=class_of_atom,
+            class_blocked=class_blocked,
+            groups=groups,
+            blocked_tensors=self.blocked_tensors,
+            ranks=self._ranks(),
+            balanced=self.balanced,
+            split_maps=self.split_maps,
+            split_free=[r.free_level for r in self.split_records],
+            shape_maps=self.shape_maps,
+        )
+
+    def _ranks(self) -> dict[str, int]:
+        tensors = self.graph.tensors()
+        ranks = {}
+        for name in [*self.maps, *self.split_maps]:
+            shape = tensors[name].shape if name in tensors else None
+            if shape is not None:
+                ranks[name] = len(shape)
+        return ranks
+
+    def _build_groups(
+        self, class_of_atom: np.ndarray, n_classes: int, class_blocked: list[str | None]
+    ) -> list[Group]:
+        gparent = list(range(n_classes))
+
+        def gfind(x: int) -> int:
+            while gparent[x] != x:
+                gparent[x] = gparent[gparent[x]]
+                x = gparent[x]
+            return x
+
+        cut_pairs = {(int(a[0]), int(b[0])) for a, b in self._cuts}
+        for src in self.sources:
+            atoms = np.arange(src.start, src.start + src.n)
+            cls = class_of_atom[atoms]
+            for i in range(src.n - 1):
+                if (int(atoms[i]), int(atoms[i + 1])) in cut_pairs:
+                    continue
+                ra, rb = gfind(int(cls[i])), gfind(int(cls[i + 1]))
+                if ra != rb:
+                    gparent[max(ra, rb)] = min(ra, rb)
+        group_of_class = np.array([gfind(c) for c in range(n_classes)], dtype=np.int64)
+
+        # Stable order: groups by their smallest atom, classes by their smallest atom.
+        first_atom = np.full(n_classes, np.iinfo(np.int64).max)
+        np.minimum.at(first_atom, class_of_atom, np.arange(len(class_of_atom)))
+        order = np.lexsort((first_atom, group_of_class))
+        groups: dict[int, list[int]] = {}
+        for c in order.tolist():
+            groups.setdefault(int(group_of_class[c]), []).append(c)
+        ordered = sorted(groups.values(), key=lambda cs: first_atom[cs[0]])
+
+        member_group: list[set[int]] = []
+        for m in self.members:
+            member_group.append(set(np.unique(group_of_class[class_of_atom[m.atoms]]).tolist()))
+        result: list[Group] = []
+        for gid, cls in enumerate(ordered):
+            root = int(group_of_class[cls[0]])
+            members = [i for i, gs_ in enumerate(member_group) if root in gs_]
+            members.sort(key=lambda i: (not self.members[i].creates, i))
+            producers = list(dict.fromkeys(self.members[i].node for i in members))
+            frozen = next((class_blocked[c] for c in cls if class_blocked[c] is not None), None)
+            result.append(Group(gid, np.array(cls, dtype=np.int64), members, producers, frozen))
+        return result

@@ -1,0 +1,16 @@
+"""Op families that several stages name: the recurrent layers and the QOperator layers.
+
+They live here, at the lowest stage that needs them (the analysis and the handlers), so the
+oracle (``oracle.masking``), the cost model and the report read the same sets.
+"""
+from __future__ import annotations
+
+#: The recurrent ops (the oracle and the cost model read ``W`` of these on ``FEATURE_AXIS``).
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+#: Axis of a recurrent op's X (and of its W) that holds the input features.
+FEATURE_AXIS = 2
+#: QOperator/integer layer ops (no handler): named in the report even when no channel of ours
+#: reaches them. QDQ layers are float ops over DequantizeLinear and are pruned like float ones.
+QUANTIZED_LAYERS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
+                              "QGemm", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul",
+                              "MatMulIntegerToFloat", "QAttention", "QLinearConvTranspose"})

@@ -1,0 +1,1 @@
+"""Recovering what pruning cost, from unlabeled calibration data (compensation)."""
