@@ -1,8 +1,12 @@
-"""LSTM/GRU/RNN reading pruned channels as input features (CRNN recognisers, audio encoders).
+"""LSTM/GRU/RNN reading pruned channels as input features (CRNN recognisers, audio encoders)
+and losing hidden units.
 
 The channels of the last Conv reach the recurrent layer's input features; the Conv is pruned and
 ``W`` loses the matching input columns; the oracle (``W[:, :, i]`` of removed features zeroed)
 is rerun here. Channels that reach the layer on another axis or on an initial state block.
+Hidden units whose outputs reach a layer that follows are pruned too (``W``/``R``/``B`` rows,
+``R`` columns, peepholes, constant initial states); the oracle zeroes ``R[:, :, h]`` and what
+reads the outputs.
 """
 from __future__ import annotations
 
@@ -13,6 +17,9 @@ import torch
 from torch import nn
 
 import onnx_fpgm
+from onnx_fpgm.model import io
+from onnx_fpgm.model.runtime import make_session, random_inputs
+from onnx_fpgm.oracle.masking import masked_original
 from onnx_fpgm.deps.reasons import classify
 from tests.conftest import check_pruned, pruned_layers
 from tests.onnx_patterns import _Net
@@ -139,4 +146,85 @@ def test_torch_crnn_prunes_the_conv_before_the_recurrent_layer(cell: str, dynamo
     conv2 = next(n.name for n in model.graph.node if n.op_type == "Conv"
                  and any(t.name == n.input[1] and t.dims[0] == 16 for t in model.graph.initializer))
     assert conv2 in pruned_layers(result), result.report.groups
+    check_pruned(model, result)
+
+
+def _hidden_reaches_matmul(op: str, directions: int, *, states: str = "none") -> onnx.ModelProto:
+    """Conv -> ReduceMean(H) -> Transpose -> ``op`` -> Transpose -> Reshape(seq, batch,
+    dirs * hidden) -> MatMul: the PyTorch export form of a (bi)directional layer and a Linear.
+    ``states``: "none", "constant" (initial states and LSTM peepholes stored) or "input"
+    (initial_h given by the caller)."""
+    n = _Net(41)
+    hidden, gates = 6, GATES[op]
+    x = n.relu("relu1", n.conv("conv1", "input", 3, 8))
+    seq = n.op("Transpose", "to_seq", [n.op("ReduceMean", "pool_h", [x, n.ints("axes", [2])],
+                                             keepdims=0)], perm=[2, 0, 1])  # (8, 1, 8)
+    inputs = [seq, n.randn(f"{op}.W", [directions, gates * hidden, 8], 8 ** -0.5),
+              n.randn(f"{op}.R", [directions, gates * hidden, hidden], hidden ** -0.5),
+              n.randn(f"{op}.B", [directions, 2 * gates * hidden], 0.1)]
+    extra = {"input": ["initial_h"]}.get(states, [])
+    if states == "constant":
+        extra = [n.randn("h0", [directions, 1, hidden], 0.5)]
+        if op == "LSTM":
+            extra += [n.randn("c0", [directions, 1, hidden], 0.5),
+                      n.randn("P", [directions, 3 * hidden], 0.3)]
+    attrs = {"hidden_size": hidden}
+    if directions == 2:
+        attrs["direction"] = "bidirectional"
+    y = n.op(op, op.lower(), inputs + ([""] + extra if extra else []), **attrs)
+    y = n.op("Transpose", "batch_major", [y], perm=[0, 2, 1, 3])
+    y = n.op("Reshape", "merge_dirs", [y, n.ints("merged", [0, 0, -1])])
+    n.matmul_add("fc", y, directions * hidden, 5, out="output")
+    given = {"input": [1, 3, 4, 8]}
+    if states == "input":
+        given["initial_h"] = [directions, 1, hidden]
+    return n.model({"output": [8, 1, 5]}, given, opset=18)
+
+
+def _attr(model: onnx.ModelProto, node: str, name: str) -> int:
+    found = next(n for n in model.graph.node if n.name == node)
+    return next(onnx.helper.get_attribute_value(a) for a in found.attribute if a.name == name)
+
+
+@pytest.mark.parametrize("states", ["none", "constant"])
+@pytest.mark.parametrize("op", list(GATES))
+@pytest.mark.parametrize("directions", [1, 2], ids=["forward", "bidirectional"])
+def test_hidden_units_are_pruned_across_gates_and_directions(op: str, directions: int,
+                                                             states: str) -> None:
+    model = _hidden_reaches_matmul(op, directions, states=states)
+    result = onnx_fpgm.prune(model, 0.5)
+    assert op.lower() in pruned_layers(result), result.report.groups
+    assert _attr(result.model, op.lower(), "hidden_size") == 3
+    assert _weight(result.model, f"{op}.W").shape == (directions, GATES[op] * 3, 4)
+    assert _weight(result.model, f"{op}.R").shape == (directions, GATES[op] * 3, 3)
+    assert _weight(result.model, f"{op}.B").shape == (directions, 2 * GATES[op] * 3)
+    if states == "constant":
+        assert _weight(result.model, "h0").shape == (directions, 1, 3)
+        if op == "LSTM":
+            assert _weight(result.model, "P").shape == (directions, 9)
+    check_pruned(model, result)
+    # The weight-zeroing form of the oracle (the one big or quantized models fall back to)
+    # agrees too: R[:, :, h] and the reader's rows of removed units zeroed in a copy.
+    masked = masked_original(model, result.analysis, result.plan.removed_classes,
+                             io.default_opset(model))
+    feeds = random_inputs(model, seed=5)
+    want = make_session(masked).run(None, feeds)[0]
+    have = make_session(result.model).run(None, feeds)[0]
+    np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-5)
+    params = _cost_models(model)["params"]
+    assert params.exact(result.analysis.removed_atoms(result.plan.removed_classes)) == \
+        result.report.after.params
+
+
+def test_hidden_units_stay_whole_when_the_caller_gives_the_state() -> None:
+    """A streaming model's state input is its interface: the units stay, and the report says
+    why; the input features are still pruned."""
+    model = _hidden_reaches_matmul("GRU", 1, states="input")
+    result = onnx_fpgm.prune(model, 0.5)
+    assert _weight(result.model, "GRU.R").shape == (1, 18, 6)
+    reasons = [reason for _, reason in result.report.blocked_tensors]
+    assert any("hidden units of recurrent layer GRU gru stay whole: initial_h" in r
+               for r in reasons), reasons
+    assert all(classify(r) for r in reasons)
+    assert "conv1" in pruned_layers(result)
     check_pruned(model, result)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 #: The recurrent ops (the oracle and the cost model read ``W`` of these on ``FEATURE_AXIS``).
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+#: Gate blocks stacked in a recurrent op's W and R rows (its B holds twice as many).
+RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 #: Axis of a recurrent op's X (and of its W) that holds the input features.
 FEATURE_AXIS = 2
 #: QOperator/integer layer ops (no handler): named in the report even when no channel of ours

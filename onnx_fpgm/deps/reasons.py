@@ -98,8 +98,11 @@ REASONS: tuple[ReasonKind, ...] = (
                "that cannot be pruned, such as a graph input or a blocked branch."),
     ReasonKind("recurrent layers", r"recurrent layer",
                "LSTM/GRU/RNN consume pruned channels on the input features of their sequence "
-               "(axis 2 of X; W sliced on its input axis), but their hidden units are not "
-               "pruned; channels that reach them on another axis or on an initial state block."),
+               "(axis 2 of X; W sliced on its input axis) and lose hidden units (W, R, B, "
+               "peepholes and constant initial states sliced alike); the units stay whole when "
+               "an initial state or a bias is not a stored constant (a streaming model's state "
+               "inputs), and channels that reach the layer on another axis or on an initial "
+               "state block."),
     ReasonKind("sequences", r"sequence from",
                "A SplitToSequence whose sequence is read by anything but SequenceAt with a "
                "constant index."),

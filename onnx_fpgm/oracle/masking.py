@@ -16,6 +16,8 @@ import onnx_graphsurgeon as gs
 
 from ..deps.channels import Analysis
 from ..deps.constants import ConstantFolder
+from ..deps.handlers.recurrent import R as RECURRENCE
+from ..deps.handlers.recurrent import hidden_output_map
 from ..deps.op_families import FEATURE_AXIS, RECURRENT_OPS
 from ..model import export
 from . import qdq
@@ -28,16 +30,14 @@ def masked_original(model: onnx.ModelProto, analysis: Analysis,
     graph = gs.import_onnx(model)
     consts = ConstantFolder(opset)
     counter, added = 0, False
-    for node in graph.nodes:
-        target = consumer_axis(node, analysis)
-        if target is None:
-            continue
-        cmap, weight_axis = target
+    for node, w_index_of, cmap, weight_axis in _weight_targets(graph.nodes, analysis):
         gone = removed[cmap.labels]
         if not gone.any():
             continue
         conv_group = int(node.attrs.get("group", 1)) if node.op in ("Conv", "QLinearConv") else 1
         w_index, zero = _integer_weight(node, consts)
+        if w_index_of is not None:  # a recurrent layer's own hidden units, on R
+            w_index, zero = w_index_of, None
 
         def mask(stored: np.ndarray, fill: np.ndarray, gone=gone, axis=weight_axis,
                  conv_group=conv_group) -> np.ndarray:
@@ -68,6 +68,20 @@ def masked_original(model: onnx.ModelProto, analysis: Analysis,
     del out.opset_import[:]
     out.opset_import.extend(model.opset_import)
     return out
+
+
+def _weight_targets(nodes, analysis: Analysis):
+    """(node, weight input or None for the layer's usual one, channel map, weight axis) of
+    every weight that reads mapped channels: consumers of their input channels, and recurrent
+    layers reading their own hidden units through ``R[:, :, h]``."""
+    for node in nodes:
+        target = consumer_axis(node, analysis)
+        if target is not None:
+            yield node, None, *target
+        if node.op in RECURRENT_OPS:
+            hidden = hidden_output_map(node, analysis.maps)
+            if hidden is not None:
+                yield node, RECURRENCE, hidden, 2
 
 
 #: QOperator layers: the float op they stand for (same weight layout).
@@ -124,19 +138,36 @@ def mask_consumer_inputs(light: onnx.ModelProto, analysis: Analysis,
         dtype = float_inputs.get(node.input[1])
         if rank is None or dtype not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
             return False
-        plan.append((position, node, cmap.axis, rank, gone, dtype))
+        plan.append((position, node, 0, cmap.axis, rank, gone, dtype))
+    for position, node in enumerate(light.graph.node):
+        if node.op_type not in RECURRENT_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        hidden = _hidden_map(node, analysis)
+        if hidden is None or not removed[hidden.labels].any():
+            continue
+        dtype = float_inputs.get(node.input[RECURRENCE])
+        if dtype not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+            return False
+        # R (directions, gates * hidden, hidden) read through a mask over its last axis
+        plan.append((position, node, RECURRENCE, 2, 3, removed[hidden.labels], dtype))
+    plan.sort(key=lambda entry: entry[0])
     nodes = list(light.graph.node)
-    for k, (position, node, axis, rank, gone, dtype) in enumerate(reversed(plan)):
+    for k, (position, node, index, axis, rank, gone, dtype) in enumerate(reversed(plan)):
         mask = (~gone).astype(onnx.helper.tensor_dtype_to_np_dtype(dtype))
         mask = mask.reshape((len(mask),) + (1,) * (rank - 1 - axis))
-        name = f"{node.input[0]}__oracle_mask{len(plan) - k}"
+        name = f"{node.input[index]}__oracle_mask{len(plan) - k}"
         light.graph.initializer.append(onnx.numpy_helper.from_array(mask, name + "_value"))
-        nodes.insert(position, onnx.helper.make_node("Mul", [node.input[0], name + "_value"],
+        nodes.insert(position, onnx.helper.make_node("Mul", [node.input[index], name + "_value"],
                                                      [name], name=name))
-        node.input[0] = name
+        node.input[index] = name
     del light.graph.node[:]
     light.graph.node.extend(nodes)
     return True
+
+
+def _hidden_map(node: onnx.NodeProto, analysis: Analysis):
+    """The hidden-unit map of a recurrent NodeProto (its first mapped output)."""
+    return next((analysis.maps[name] for name in node.output if name in analysis.maps), None)
 
 
 def consumer_axis(node: gs.Node, analysis: Analysis):

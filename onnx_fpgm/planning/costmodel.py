@@ -20,6 +20,8 @@ import onnx_graphsurgeon as gs
 
 from ..deps.channels import Analysis, ChannelMap
 from ..deps.constants import constant_node_value, root_constant
+from ..deps.handlers import recurrent
+from ..deps.handlers.recurrent import hidden_output_map
 from ..deps.op_families import FEATURE_AXIS, RECURRENT_OPS
 from ..measure.bench import MAC_OPS, count_params, macs_by_node
 
@@ -96,9 +98,12 @@ class _Builder:
             self.labels.append(cmap.labels)
         return self.index[key]
 
-    def add(self, coef: float, a: ChannelMap | None, b: ChannelMap | None = None) -> None:
+    def add(self, coef: float, a: ChannelMap | None, b: ChannelMap | None = None,
+            square: bool = False) -> None:
+        """A term ``coef * kept(a) * kept(b)``; the same map twice counts once (depthwise: one
+        axis) unless ``square`` (a recurrence ``R``: hidden units on both axes)."""
         ia, ib = self.map_index(a), self.map_index(b)
-        if ia == ib and ia >= 0:  # the same channels on both axes (depthwise): counted once
+        if ia == ib and ia >= 0 and not square:
             ib = -1
         if ia < 0 and ib < 0:
             return
@@ -252,8 +257,9 @@ def _stored_size(tensor: gs.Tensor | None, integer: bool = False
 
 
 def _param_maps(node: gs.Node, index: int, shape: tuple[int, ...], analysis: Analysis
-                ) -> tuple[ChannelMap | None, ChannelMap | None] | None:
-    """Maps along which the constant at ``node.inputs[index]`` is sliced (None: not at all)."""
+                ) -> tuple | None:
+    """Maps along which the constant at ``node.inputs[index]`` is sliced (None: not at all),
+    and for a recurrence whether the one map counts on both axes."""
     x = node.inputs[0]
     out = _map(analysis, node.outputs[0]) if node.outputs else None
     kind, w_index = MAC_OPS.get(node.op, (None, 0))
@@ -274,8 +280,14 @@ def _param_maps(node: gs.Node, index: int, shape: tuple[int, ...], analysis: Ana
         return out, _map(analysis, x, -1)
     if node.op in _NORM_1D and len(shape) == 1 and index > 0:
         return _map(analysis, x, 1), None
-    if node.op in RECURRENT_OPS:  # W loses input columns; R, B and the states stay whole
-        return (None, _map(analysis, x, FEATURE_AXIS)) if index == 1 else None
+    if node.op in RECURRENT_OPS:  # W: hidden rows, input columns; R: hidden both ways
+        hidden = hidden_output_map(node, analysis.maps)
+        if index == recurrent.W:
+            return hidden, _map(analysis, x, FEATURE_AXIS)
+        if index == recurrent.R:
+            return (hidden, hidden, True) if hidden is not None else None
+        sliced = (recurrent.B, recurrent.INITIAL_H, recurrent.INITIAL_C, recurrent.PEEPHOLES)
+        return (hidden, None) if index in sliced and hidden is not None else None
     for tensor in [*node.inputs, *node.outputs]:
         if tensor is None or tensor is node.inputs[index]:
             continue

@@ -1,4 +1,4 @@
-"""LSTM, GRU and RNN as consumers of pruned channels: the CRNN and audio front-end form.
+"""LSTM, GRU and RNN: consumers of pruned input features and producers of hidden units.
 
 Channel algebra (``layout`` 0: X is (seq, batch, input); 1: (batch, seq, input)):
 
@@ -6,24 +6,69 @@ Channel algebra (``layout`` 0: X is (seq, batch, input); 1: (batch, seq, input))
   input feature i is consumed by ``W[:, :, i]`` and by nothing else (the recurrence ``R`` and
   the biases act on the hidden state). Removing feature i slices ``W`` on axis 2, which is
   exactly the original with ``W[:, :, i]`` zeroed (the oracle's consumer rule).
-* The hidden units are not pruned: ``Y``, ``Y_h`` and ``Y_c`` carry no channel map, so what
-  reads them sees fixed channels. Pruning hidden units would couple ``W``, ``R``, ``B``, ``P``,
-  the initial states and every reader of the states; it is left for later.
+* Hidden unit h is one atom across gates and directions (``hidden_size`` is shared): its rows
+  ``g * hidden + h`` of ``W``, ``R`` and the biases, its peepholes, its initial states. It is
+  consumed inside the layer by ``R[:, :, h]`` (every unit's gates read the previous hidden
+  state), and outside by whatever reads ``Y`` (axis 3), ``Y_h`` and ``Y_c`` (axis 2), in both
+  layouts. Removing unit h slices all of these alike; the rest of the layer computes exactly
+  what it computed with ``R[:, :, h]`` zeroed, and the readers of the outputs ignore h (the
+  oracle zeroes both). The units stay whole when a weight or an initial state is not a stored
+  constant (a streaming model's state inputs are its interface).
 * Channels that reach X on another axis (time or batch), a computed ``W``, or channels on any
   other input (initial states, sequence lengths) block, with the reason named.
 """
 from __future__ import annotations
 
+import numpy as np
+
+from ..channels import ChannelMap
 from ..constants import weight_reason
-from ..op_families import FEATURE_AXIS, RECURRENT_OPS
+from ..op_families import FEATURE_AXIS, RECURRENT_GATES, RECURRENT_OPS
 from ..registry import register
+
+#: Input positions: W, R, B, sequence_lens, initial_h, initial_c, P (LSTM's peepholes).
+W, R, B, INITIAL_H, INITIAL_C, PEEPHOLES = 1, 2, 3, 5, 6, 7
+#: Axis of the hidden units in Y (seq, dirs, batch, hidden), Y_h and Y_c (dirs, batch, hidden);
+#: layout 1 moves batch first and keeps hidden last: the same axes.
+HIDDEN_AXES = (3, 2, 2)
+
+
+def _input(node, index: int):
+    return node.inputs[index] if len(node.inputs) > index and node.inputs[index].name else None
+
+
+def hidden_output_map(node, maps) -> ChannelMap | None:
+    """The hidden-unit map of a recurrent node, read off its first mapped output (``maps``:
+    tensor name -> channel map, as the analysis records them)."""
+    for tensor in node.outputs:
+        if tensor is not None and tensor.name and tensor.name in maps:
+            return maps[tensor.name]
+    return None
+
+
+def hidden_unit_rows(op: str, weight: np.ndarray, recurrence: np.ndarray,
+                     bias: np.ndarray | None) -> np.ndarray:
+    """One row per hidden unit: its rows of W, R and B over every gate and direction (the
+    filter FPGM scores)."""
+    gates = RECURRENT_GATES[op]
+    dirs, _, _ = weight.shape
+    hidden = recurrence.shape[2]
+    parts = [weight.reshape(dirs, gates, hidden, -1).transpose(2, 0, 1, 3).reshape(hidden, -1),
+             recurrence.reshape(dirs, gates, hidden, -1).transpose(2, 0, 1, 3).reshape(hidden, -1)]
+    if bias is not None:
+        parts.append(bias.reshape(dirs, 2 * gates, hidden).transpose(2, 0, 1).reshape(hidden, -1))
+    return np.concatenate(parts, axis=1)
 
 
 @register(*RECURRENT_OPS)
 class RecurrentHandler:
-    """Consumer of its input features; its hidden units stay fixed (see module docstring)."""
+    """Consumer of its input features, producer of its hidden units (see module docstring)."""
 
     def propagate(self, node, ctx) -> None:
+        self._input_features(node, ctx)
+        self._hidden_units(node, ctx)
+
+    def _input_features(self, node, ctx) -> None:
         xmap = ctx.map(node.inputs[0])
         for tensor in node.inputs[1:]:
             if tensor is not None and tensor.name and ctx.map(tensor) is not None:
@@ -32,11 +77,11 @@ class RecurrentHandler:
                                            "sequence")
         if xmap is None:
             return
-        weight = ctx.const(node.inputs[1]) if len(node.inputs) > 1 else None
+        weight = ctx.const(node.inputs[W]) if len(node.inputs) > W else None
         shape = ctx.shape(node.inputs[0])
-        if weight is None or weight.ndim != 3 or ctx.map(node.inputs[1]) is not None:
+        if weight is None or weight.ndim != 3 or ctx.map(node.inputs[W]) is not None:
             ctx.block(xmap, f"input weight W of {node.op} {node.name} is not a stored 3-D "
-                            f"constant{weight_reason(node.inputs[1])}")
+                            f"constant{weight_reason(node.inputs[W])}")
         elif shape is None or len(shape) != 3 or xmap.axis != FEATURE_AXIS:
             ctx.block(xmap, f"channels reach recurrent layer {node.op} {node.name} on axis "
                             f"{xmap.axis}, not on its input features (axis 2 of a 3-D sequence)")
@@ -45,7 +90,55 @@ class RecurrentHandler:
                             f"{weight.shape[FEATURE_AXIS]} input features, {len(xmap.labels)} "
                             "channels reach it")
 
+    def _hidden_units(self, node, ctx) -> None:
+        """Create the hidden-unit atoms when every tensor sliced with them is a constant."""
+        outputs = [(t, axis) for t, axis in zip(node.outputs, HIDDEN_AXES)
+                   if t is not None and t.name]
+        weight, recurrence = (ctx.const(_input(node, i)) if _input(node, i) else None
+                              for i in (W, R))
+        if not outputs or weight is None or recurrence is None or weight.ndim != 3 \
+                or recurrence.ndim != 3:
+            return
+        gates, hidden = RECURRENT_GATES[node.op], recurrence.shape[2]
+        if weight.shape[1] != gates * hidden or recurrence.shape[1] != gates * hidden:
+            return
+        sliced = {B: 2 * gates * hidden, INITIAL_H: None, INITIAL_C: None, PEEPHOLES: 3 * hidden}
+        for index in sliced:
+            tensor = _input(node, index)
+            if tensor is not None and (ctx.const(tensor) is None or ctx.map(tensor) is not None):
+                # a computed bias, or initial states the caller gives: the units stay whole
+                ctx.blocked_tensors.append(
+                    (outputs[0][0].name, f"hidden units of recurrent layer {node.op} "
+                                         f"{node.name} stay whole: {tensor.name} is not a "
+                                         "stored constant"))
+                return
+        bias = ctx.const(_input(node, B)) if _input(node, B) else None
+        atoms = ctx.new_source(node, hidden_unit_rows(node.op, weight, recurrence, bias))
+        for tensor, axis in outputs:
+            ctx.set_map(tensor, ChannelMap(axis, atoms))
+
     def apply(self, node, ctx) -> None:
         keep_in = ctx.keep(node.inputs[0])
         if keep_in is not None:
-            ctx.slice_input(node, 1, FEATURE_AXIS, keep_in)
+            ctx.slice_input(node, W, FEATURE_AXIS, keep_in)
+        cmap = next((ctx.map(t) for t in node.outputs if ctx.map(t) is not None), None)
+        if cmap is None:
+            return
+        mask = ctx.kept_mask(cmap.labels)
+        if mask.all():
+            return
+        keep = np.flatnonzero(mask).astype(np.int64)
+        hidden = len(mask)
+
+        def rows(blocks: int) -> np.ndarray:
+            return np.concatenate([block * hidden + keep for block in range(blocks)])
+
+        gates = RECURRENT_GATES[node.op]
+        ctx.slice_input(node, W, 1, rows(gates))
+        ctx.slice_input(node, R, 1, rows(gates))
+        ctx.slice_input(node, R, 2, keep)
+        for index, axis, blocks in ((B, 1, 2 * gates), (INITIAL_H, 2, 1), (INITIAL_C, 2, 1),
+                                    (PEEPHOLES, 1, 3)):
+            if _input(node, index) is not None:
+                ctx.slice_input(node, index, axis, rows(blocks))
+        node.attrs["hidden_size"] = len(keep)
