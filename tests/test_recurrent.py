@@ -152,8 +152,8 @@ def test_torch_crnn_prunes_the_conv_before_the_recurrent_layer(cell: str, dynamo
 def _hidden_reaches_matmul(op: str, directions: int, *, states: str = "none") -> onnx.ModelProto:
     """Conv -> ReduceMean(H) -> Transpose -> ``op`` -> Transpose -> Reshape(seq, batch,
     dirs * hidden) -> MatMul: the PyTorch export form of a (bi)directional layer and a Linear.
-    ``states``: "none", "constant" (initial states and LSTM peepholes stored) or "input"
-    (initial_h given by the caller)."""
+    ``states``: "none", "constant" (initial states and LSTM peepholes stored), "zeros"
+    (PyTorch's computed zero states) or "input" (initial_h given by the caller)."""
     n = _Net(41)
     hidden, gates = 6, GATES[op]
     x = n.relu("relu1", n.conv("conv1", "input", 3, 8))
@@ -163,6 +163,14 @@ def _hidden_reaches_matmul(op: str, directions: int, *, states: str = "none") ->
               n.randn(f"{op}.R", [directions, gates * hidden, hidden], hidden ** -0.5),
               n.randn(f"{op}.B", [directions, 2 * gates * hidden], 0.1)]
     extra = {"input": ["initial_h"]}.get(states, [])
+    if states == "zeros":  # PyTorch's h0 = zeros(dirs, x.size(1), hidden), batch from a Shape
+        batch = n.op("Unsqueeze", "batch", [n.op("Gather", "batch_dim", [
+            n.op("Shape", "seq_shape", [seq]), n.const("one", np.array(1, dtype=np.int64))]),
+            n.ints("ax0", [0])])
+        for state in ("h0", "c0")[:2 if op == "LSTM" else 1]:  # one Concat each, as exported
+            dims = n.op("Concat", f"{state}_dims", [n.ints(f"{state}_dirs", [directions]), batch,
+                                                    n.ints(f"{state}_hidden", [hidden])], axis=0)
+            extra.append(n.op("ConstantOfShape", f"{state}_zeros", [dims]))
     if states == "constant":
         extra = [n.randn("h0", [directions, 1, hidden], 0.5)]
         if op == "LSTM":
@@ -175,10 +183,11 @@ def _hidden_reaches_matmul(op: str, directions: int, *, states: str = "none") ->
     y = n.op("Transpose", "batch_major", [y], perm=[0, 2, 1, 3])
     y = n.op("Reshape", "merge_dirs", [y, n.ints("merged", [0, 0, -1])])
     n.matmul_add("fc", y, directions * hidden, 5, out="output")
-    given = {"input": [1, 3, 4, 8]}
+    batch = "N" if states == "zeros" else 1  # a symbolic batch keeps the zeros computed
+    given = {"input": [batch, 3, 4, 8]}
     if states == "input":
         given["initial_h"] = [directions, 1, hidden]
-    return n.model({"output": [8, 1, 5]}, given, opset=18)
+    return n.model({"output": [8, batch, 5]}, given, opset=18)
 
 
 def _attr(model: onnx.ModelProto, node: str, name: str) -> int:
@@ -186,7 +195,7 @@ def _attr(model: onnx.ModelProto, node: str, name: str) -> int:
     return next(onnx.helper.get_attribute_value(a) for a in found.attribute if a.name == name)
 
 
-@pytest.mark.parametrize("states", ["none", "constant"])
+@pytest.mark.parametrize("states", ["none", "constant", "zeros"])
 @pytest.mark.parametrize("op", list(GATES))
 @pytest.mark.parametrize("directions", [1, 2], ids=["forward", "bidirectional"])
 def test_hidden_units_are_pruned_across_gates_and_directions(op: str, directions: int,
@@ -198,6 +207,10 @@ def test_hidden_units_are_pruned_across_gates_and_directions(op: str, directions
     assert _weight(result.model, f"{op}.W").shape == (directions, GATES[op] * 3, 4)
     assert _weight(result.model, f"{op}.R").shape == (directions, GATES[op] * 3, 3)
     assert _weight(result.model, f"{op}.B").shape == (directions, 2 * GATES[op] * 3)
+    if states == "zeros":  # the stored hidden size of the zeros' shape is rewritten
+        assert _weight(result.model, "h0_hidden").tolist() == [3]
+        assert sum(n.op_type == "ConstantOfShape" for n in result.model.graph.node) == \
+            (2 if op == "LSTM" else 1)
     if states == "constant":
         assert _weight(result.model, "h0").shape == (directions, 1, 3)
         if op == "LSTM":
@@ -207,7 +220,8 @@ def test_hidden_units_are_pruned_across_gates_and_directions(op: str, directions
     # agrees too: R[:, :, h] and the reader's rows of removed units zeroed in a copy.
     masked = masked_original(model, result.analysis, result.plan.removed_classes,
                              io.default_opset(model))
-    feeds = random_inputs(model, seed=5)
+    feeds = random_inputs(model, seed=5, shapes={"input": (2, 3, 4, 8)} if states == "zeros"
+                          else None)
     want = make_session(masked).run(None, feeds)[0]
     have = make_session(result.model).run(None, feeds)[0]
     np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-5)

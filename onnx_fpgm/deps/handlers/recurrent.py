@@ -12,8 +12,10 @@ Channel algebra (``layout`` 0: X is (seq, batch, input); 1: (batch, seq, input))
   state), and outside by whatever reads ``Y`` (axis 3), ``Y_h`` and ``Y_c`` (axis 2), in both
   layouts. Removing unit h slices all of these alike; the rest of the layer computes exactly
   what it computed with ``R[:, :, h]`` zeroed, and the readers of the outputs ignore h (the
-  oracle zeroes both). The units stay whole when a weight or an initial state is not a stored
-  constant (a streaming model's state inputs are its interface).
+  oracle zeroes both). An initial state is a stored constant (sliced) or the zeros PyTorch
+  writes, ``ConstantOfShape(Concat(dirs, batch, hidden))`` (its stored ``hidden`` element is
+  rewritten). The units stay whole when a weight or an initial state is anything else (a
+  streaming model's state inputs are its interface).
 * Channels that reach X on another axis (time or batch), a computed ``W``, or channels on any
   other input (initial states, sequence lengths) block, with the reason named.
 """
@@ -25,6 +27,7 @@ from ..channels import ChannelMap
 from ..constants import weight_reason
 from ..op_families import FEATURE_AXIS, RECURRENT_GATES, RECURRENT_OPS
 from ..registry import register
+from ..shape_values import rewritable_source, shape_elements
 
 #: Input positions: W, R, B, sequence_lens, initial_h, initial_c, P (LSTM's peepholes).
 W, R, B, INITIAL_H, INITIAL_C, PEEPHOLES = 1, 2, 3, 5, 6, 7
@@ -58,6 +61,21 @@ def hidden_unit_rows(op: str, weight: np.ndarray, recurrence: np.ndarray,
     if bias is not None:
         parts.append(bias.reshape(dirs, 2 * gates, hidden).transpose(2, 0, 1).reshape(hidden, -1))
     return np.concatenate(parts, axis=1)
+
+
+def zero_state_shape(tensor, hidden: int, ctx):
+    """Where the hidden size of a zero initial state ``ConstantOfShape(shape)`` is stored (a
+    ``shape_values.Source``), or None when the state is not such zeros."""
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is None or producer.op != "ConstantOfShape" or len(tensor.outputs) != 1:
+        return None
+    value = producer.attrs.get("value")
+    if value is not None and np.any(np.asarray(getattr(value, "values", value))):
+        return None
+    elements = shape_elements(producer, 0, ctx)
+    if elements is None or len(elements) != 3 or elements[2].value != hidden:
+        return None
+    return rewritable_source(producer, 0, 2, elements, ctx)
 
 
 @register(*RECURRENT_OPS)
@@ -105,7 +123,10 @@ class RecurrentHandler:
         sliced = {B: 2 * gates * hidden, INITIAL_H: None, INITIAL_C: None, PEEPHOLES: 3 * hidden}
         for index in sliced:
             tensor = _input(node, index)
-            if tensor is not None and (ctx.const(tensor) is None or ctx.map(tensor) is not None):
+            stored = tensor is None or (ctx.const(tensor) is not None and ctx.map(tensor) is None)
+            zeros = index in (INITIAL_H, INITIAL_C) and tensor is not None and \
+                zero_state_shape(tensor, hidden, ctx) is not None
+            if not stored and not zeros:
                 # a computed bias, or initial states the caller gives: the units stay whole
                 ctx.blocked_tensors.append(
                     (outputs[0][0].name, f"hidden units of recurrent layer {node.op} "
@@ -139,6 +160,13 @@ class RecurrentHandler:
         ctx.slice_input(node, R, 2, keep)
         for index, axis, blocks in ((B, 1, 2 * gates), (INITIAL_H, 2, 1), (INITIAL_C, 2, 1),
                                     (PEEPHOLES, 1, 3)):
-            if _input(node, index) is not None:
+            tensor = _input(node, index)
+            if tensor is None:
+                continue
+            zeros = zero_state_shape(tensor, hidden, ctx) if index in (INITIAL_H, INITIAL_C) \
+                and ctx.const(tensor) is None else None
+            if zeros is not None:
+                ctx.set_shape_element(zeros, len(keep))
+            else:
                 ctx.slice_input(node, index, axis, rows(blocks))
         node.attrs["hidden_size"] = len(keep)
