@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import onnx_fpgm
+from onnx_fpgm.measure.bench import macs_by_node
 from onnx_fpgm.model import io
 from onnx_fpgm.model.runtime import make_session, random_inputs
 from onnx_fpgm.oracle.masking import masked_original
@@ -225,9 +226,20 @@ def test_hidden_units_are_pruned_across_gates_and_directions(op: str, directions
     want = make_session(masked).run(None, feeds)[0]
     have = make_session(result.model).run(None, feeds)[0]
     np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-5)
-    params = _cost_models(model)["params"]
-    assert params.exact(result.analysis.removed_atoms(result.plan.removed_classes)) == \
-        result.report.after.params
+    costs, removed = _cost_models(model), result.analysis.removed_atoms(result.plan.removed_classes)
+    assert costs["params"].exact(removed) == result.report.after.params
+    assert costs["macs"].exact(removed) == result.report.after.macs
+
+
+@pytest.mark.parametrize("op", list(GATES))
+def test_macs_count_the_recurrence(op: str) -> None:
+    """(seq * batch) * (|W| + |R|): every step runs X_t @ W^T and H_t-1 @ R^T per direction."""
+    model = _hidden_reaches_matmul(op, 2)
+    steps, gates, hidden, features = 8, GATES[op], 6, 8
+    per_node = macs_by_node(model)
+    assert per_node[f"{op.lower()}_out"] == steps * 2 * gates * hidden * (features + hidden)
+    result = onnx_fpgm.prune(model, 0.5)
+    assert macs_by_node(result.model)[f"{op.lower()}_out"] == steps * 2 * gates * 3 * (4 + 3)
 
 
 def test_hidden_units_stay_whole_when_the_caller_gives_the_state() -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from ..deps.op_families import RECURRENT_OPS
 from ..model.io import light_copy
 from ..model.runtime import make_session, random_inputs
 
@@ -39,14 +40,15 @@ def count_params(model: onnx.ModelProto) -> int:
 
 def count_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
                inferred: onnx.ModelProto | None = None) -> int:
-    """MACs of Conv, ConvTranspose, Gemm and MatMul and their quantized forms (``MAC_OPS``),
-    from inferred shapes (unknown dims = 1)."""
+    """MACs of Conv, ConvTranspose, Gemm and MatMul and their quantized forms (``MAC_OPS``) and
+    of LSTM/GRU/RNN, from inferred shapes (unknown dims = 1)."""
     return sum(macs_by_node(model, input_shapes, inferred).values())
 
 
 def macs_by_node(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
                  inferred: onnx.ModelProto | None = None) -> dict[str, int]:
-    """MACs of every op in ``MAC_OPS``, keyed by the node's first output."""
+    """MACs of every op in ``MAC_OPS`` and of recurrent layers, keyed by the node's first named
+    output (``first_output``)."""
     if inferred is None:
         inferred = _with_input_shapes(model, input_shapes or {})
     shapes = {}
@@ -75,9 +77,20 @@ def macs_by_node(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
         elif kind in ("gemm", "matmul") and out and get[0]:
             k = get[0][-1] if kind == "matmul" or not _attr(node, "transA") else get[0][0]
             macs = int(np.prod(out)) * int(k)
-        if macs is not None:
-            result[node.output[0]] = macs
+        if node.op_type in RECURRENT_OPS and get[0] and len(get) > 2 and get[1] and get[2]:
+            # every step of every sequence runs X_t @ W^T and H_t-1 @ R^T for each direction
+            # and gate: (seq * batch) * (|W| + |R|), in either layout
+            macs = int(np.prod(get[0][:2])) * (int(np.prod(get[1])) + int(np.prod(get[2])))
+        key = first_output(node.output)
+        if macs is not None and key:
+            result[key] = macs
     return result
+
+
+def first_output(names) -> str:
+    """The name MACs are keyed by: a node's first non-empty output (a recurrent layer may
+    leave ``Y`` unnamed and give only ``Y_h``)."""
+    return next((name for name in names if name), "")
 
 
 #: Ops whose multiply-accumulates are counted: op -> (kind, index of the weight input). The
@@ -94,8 +107,10 @@ def _fill_unknown_shapes(model, inferred, shapes, input_shapes) -> None:
     static = {v.name: v for v in inferred.graph.value_info}
     missing = []
     for node in inferred.graph.node:
-        if node.op_type in MAC_OPS:
-            for name in (node.input[0], node.output[0]):
+        if node.op_type in MAC_OPS or node.op_type in RECURRENT_OPS:
+            for name in (node.input[0], first_output(node.output)):
+                if not name:
+                    continue
                 info = static.get(name)
                 dims = info.type.tensor_type.shape.dim if info is not None else []
                 known = name in shapes and (len(dims) or name not in static) and all(

@@ -23,7 +23,7 @@ from ..deps.constants import constant_node_value, root_constant
 from ..deps.handlers import recurrent
 from ..deps.handlers.recurrent import hidden_output_map
 from ..deps.op_families import FEATURE_AXIS, RECURRENT_OPS
-from ..measure.bench import MAC_OPS, count_params, macs_by_node
+from ..measure.bench import MAC_OPS, count_params, first_output, macs_by_node
 
 Metric = Literal["macs", "params"]
 #: Ops whose 1-D parameters (scale, bias, mean, var) follow their input's channel axis 1.
@@ -119,9 +119,14 @@ def build_cost_model(analysis: Analysis, graph: gs.Graph, original: onnx.ModelPr
         per_node = macs_by_node(original, input_shapes)
         total = sum(per_node.values())
         for node in graph.nodes:
-            if node.outputs and node.outputs[0].name in per_node:
+            key = first_output(t.name for t in node.outputs)
+            if key not in per_node:
+                continue
+            if node.op in RECURRENT_OPS:
+                _recurrent_macs(builder, node, per_node[key], analysis)
+            else:
                 out, contracted = _mac_maps(node, analysis)
-                builder.add(per_node[node.outputs[0].name], out, contracted)
+                builder.add(per_node[key], out, contracted)
     else:
         total = count_params(original)
         seen: set[str] = set()
@@ -204,6 +209,21 @@ def _mac_maps(node: gs.Node, analysis: Analysis) -> tuple[ChannelMap | None, Cha
             _map(analysis, w, 1 if _attr(node, "transB") else 0)
         return out, contracted
     return out, _map(analysis, x, -1) or _map(analysis, w, -2)  # MatMul
+
+
+def _recurrent_macs(builder: _Builder, node: gs.Node, macs: int, analysis: Analysis) -> None:
+    """A recurrent layer's MACs, (seq * batch) * (|W| + |R|): the W part scales with its hidden
+    units and input features, the R part with its hidden units on both axes."""
+    hidden = hidden_output_map(node, analysis.maps)
+    features = _map(analysis, node.inputs[0], FEATURE_AXIS)
+    shapes = [node.inputs[i].shape for i in (recurrent.W, recurrent.R)]
+    if any(shape is None or None in shape or isinstance(shape, str) for shape in shapes):
+        builder.add(macs, hidden, features)  # weights of unknown size: split unknown
+        return
+    sizes = [int(np.prod(shape)) for shape in shapes]
+    builder.add(macs * sizes[0] / sum(sizes), hidden, features)
+    if hidden is not None:
+        builder.add(macs * sizes[1] / sum(sizes), hidden, hidden, square=True)
 
 
 def _dequantized_maps(node: gs.Node, index: int, shape: tuple[int, ...], analysis: Analysis
