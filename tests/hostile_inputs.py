@@ -114,3 +114,26 @@ def sparse_model() -> onnx.ModelProto:
     model.graph.initializer.remove(dense)
     model.graph.sparse_initializer.append(sparse)
     return model
+
+
+def if_body_model() -> onnx.ModelProto:
+    """``conv_model`` plus an If whose branches hold their own weights (added to the output)."""
+    model = conv_model()
+    rng = np.random.default_rng(5)
+    branches = []
+    for name in ("then", "else"):
+        weight = numpy_helper.from_array(
+            rng.standard_normal((1, 4, 8, 8)).astype(np.float32), f"{name}.bias")
+        branches.append(helper.make_graph(
+            [helper.make_node("Identity", [f"{name}.bias"], [f"{name}.out"])], name, [],
+            [helper.make_tensor_value_info(f"{name}.out", TensorProto.FLOAT, [1, 4, 8, 8])],
+            [weight]))
+    graph = model.graph
+    graph.output[0].name = "head.out"
+    graph.node[-1].output[0] = "head.out"
+    graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+    graph.node.append(helper.make_node("If", ["cond"], ["branch"], name="choose",
+                                       then_branch=branches[0], else_branch=branches[1]))
+    graph.node.append(helper.make_node("Add", ["head.out", "branch"], ["output"], name="add"))
+    graph.output[0].name = "output"
+    return model

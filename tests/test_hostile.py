@@ -18,6 +18,7 @@ import onnx_fpgm.model.mapped
 from onnx_fpgm.cli import main as cli
 
 from .hostile_inputs import (
+    if_body_model,
     conv_model,
     digest,
     one_error_line,
@@ -203,3 +204,31 @@ def test_two_runs_writing_one_out_leave_one_complete_pair(tmp_path, ext):
     assert weights["conv1.weight"].dims[0] in (12, 14)
     assert np.isfinite(outputs(out)["output"]).all()
     assert _leftovers(out.parent) == []
+
+
+# --- 3. OUT always carries its own data -------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["nothing_pruned", "weights_in_if_bodies"])
+def test_mapped_input_out_carries_its_own_data(capsys, monkeypatch, tmp_path, form):
+    """A memory-mapped input whose weights reach OUT unread (nothing pruned; If bodies): OUT
+    must not reference IN's data file name, which in OUT's folder is an unrelated file."""
+    model = conv_model(filters=64) if form == "nothing_pruned" else if_body_model()
+    source = save_external(model, tmp_path / "src" / "in.onnx")
+    options = ["--sparsity", "0"] if form == "nothing_pruned" else []
+    reference = tmp_path / "ref" / "ref.onnx"  # the same prune, weights read in (not mapped)
+    reference.parent.mkdir()
+    assert run(capsys, source, reference, *options, "-q")[0] == 0
+    out = tmp_path / "out" / "out.onnx"
+    out.parent.mkdir()
+    decoy = out.parent / "in.onnx.data"
+    decoy.write_bytes(np.random.default_rng(9).bytes(source.with_name("in.onnx.data")
+                                                     .stat().st_size))
+    monkeypatch.setattr(onnx_fpgm.model.mapped, "MAP_EXTERNAL_BYTES", 1)
+    code, _, stderr = run(capsys, source, out, *options, "-q")
+    assert code == 0, stderr
+    locations = {e.value for t in onnx.external_data_helper._get_all_tensors(
+        onnx.load(str(out), load_external_data=False)) for e in t.external_data
+        if e.key == "location"}
+    assert locations and all(loc.startswith("out.onnx") for loc in locations), locations
+    np.testing.assert_array_equal(outputs(out)["output"], outputs(reference)["output"])
