@@ -24,7 +24,7 @@ from .errors import ConfigError, UnsupportedOpError, VerificationError
 from .measure.bench import MAC_OPS, ModelSize, count_macs, count_params
 from .measure.bench import benchmark as _benchmark
 from .measure.calibration import fidelity, load_calibration
-from .model import export, io, mapped
+from .model import export, io, mapped, save
 from .model.outer_scope import layers_in_bodies
 from .oracle.input_sizes import InputSizes, choose_sizes, infer_shapes_at
 from .oracle.validate import CompareResult, smoke_check
@@ -65,12 +65,21 @@ class PruneResult:
     external_data: bool = False
     #: Sizes of the inputs used for verification and MACs (chosen when dims are symbolic).
     input_sizes: InputSizes | None = field(default=None, repr=False)
+    #: What was read (``mapped.Loaded``): the input's files and where its mapped data lies.
+    source: mapped.Loaded | None = field(default=None, repr=False)
 
     def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
-        """Write the pruned model atomically (external data when the input had it or > 2 GB)."""
+        """Write the pruned model atomically, as a pair with its data file (external data when
+        the input had it or > 2 GB); OUT carries all its data and overwrites no input file.
+
+        Raises:
+            OutputError: OUT or its data file is a file the run read, or cannot be written.
+        """
         started = time.perf_counter()
         use_external = self.external_data if external_data is None else external_data
-        io.save_model(self.model, path, external_data=use_external)
+        source = self.source or mapped.Loaded(self.original, self.external_data)
+        save.save_model(self.model, path, external_data=use_external,
+                        source_dir=source.directory, reads=source.read_files())
         self.report.timings_s["save"] = time.perf_counter() - started
 
 
@@ -212,7 +221,8 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
     elif not plan.n_removed:
         report.notes.append("nothing was pruned: no prunable group lost a channel "
                             "(see the frozen reasons)")
-    return PruneResult(pruned, report, plan, original, analysis, external, sizes)
+    source = mapped.Loaded(loaded.model, external, directory=loaded.directory, files=loaded.files)
+    return PruneResult(pruned, report, plan, original, analysis, external, sizes, source)
 
 
 def verify(original: onnx.ModelProto | str, pruned: onnx.ModelProto | str, *, seed: int = 0,

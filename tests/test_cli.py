@@ -26,6 +26,7 @@ import torch
 from onnx import numpy_helper
 
 import onnx_fpgm.api
+import onnx_fpgm.model.files
 import onnx_fpgm.model.io
 from onnx_fpgm.cli import main as cli
 from onnx_fpgm.oracle.validate import CompareResult
@@ -500,10 +501,10 @@ def _raise_enospc(*args, **kwargs):
 
 
 DISK_FULL = {
-    "write": ("open", _HalfWrittenFile),
+    "write": ("os.fdopen", _HalfWrittenFile),
     "fsync": ("os.fsync", _raise_enospc),
     "rename": ("os.replace", _raise_enospc),
-    "mkdtemp": ("tempfile.mkdtemp", _raise_enospc),
+    "mkstemp": ("tempfile.mkstemp", _raise_enospc),
 }
 
 
@@ -511,22 +512,21 @@ DISK_FULL = {
 def test_disk_full_leaves_nothing(capsys, monkeypatch, model_file, out_dir, where):
     attribute, replacement = DISK_FULL[where]
     owner, _, name = attribute.rpartition(".")
-    target = getattr(onnx_fpgm.model.io, owner) if owner else onnx_fpgm.model.io
-    monkeypatch.setattr(target, name, replacement, raising=bool(owner))
+    monkeypatch.setattr(getattr(onnx_fpgm.model.files, owner), name, replacement)
     before = snapshot(model_file)
     out = out_dir / "out.onnx"
     code, _, stderr = run(capsys, model_file, out)
     monkeypatch.undo()
     assert code == 2
     assert_one_error(stderr, str(out_dir), "No space left on device")
-    if where != "mkdtemp":
+    if where != "mkstemp":
         assert str(out) in stderr
     assert tree(out_dir) == []  # neither OUT nor a temporary directory or file
     assert snapshot(model_file) == before
 
 
 def test_disk_full_with_external_data_leaves_no_data_file(capsys, monkeypatch, tmp_path, out_dir):
-    """The data file moved next to OUT is removed again when OUT itself cannot be renamed."""
+    """The new data file next to OUT is removed again when OUT itself cannot be renamed."""
     source = tmp_path / "ext" / "in.onnx"
     _save_external("nchw_flatten_gemm", source)
     real_replace, renamed = os.replace, []
@@ -537,12 +537,12 @@ def test_disk_full_with_external_data_leaves_no_data_file(capsys, monkeypatch, t
         renamed.append(Path(dst).name)
         return real_replace(src, dst)
 
-    monkeypatch.setattr(onnx_fpgm.model.io.os, "replace", replace)
+    monkeypatch.setattr(onnx_fpgm.model.files.os, "replace", replace)
     code, _, stderr = run(capsys, source, out_dir / "out.onnx")
     monkeypatch.undo()
     assert code == 2
     assert_one_error(stderr, "No space left on device")
-    assert renamed == ["out.onnx.data"]
+    assert renamed == []  # the data file is created under its own name, never renamed
     assert tree(out_dir) == []
 
 
@@ -557,7 +557,7 @@ def test_report_disk_full_leaves_no_temp_file(capsys, monkeypatch, tmp_path, mod
             raise ENOSPC
         return real_replace(src, dst)
 
-    monkeypatch.setattr(onnx_fpgm.model.io.os, "replace", replace)
+    monkeypatch.setattr(onnx_fpgm.model.files.os, "replace", replace)
     code, _, stderr = run(capsys, model_file, out_dir / "out.onnx",
                           "--report", reports / "r.json")
     monkeypatch.undo()
@@ -580,7 +580,7 @@ def _raise(exc: BaseException):
     ("target", "exc", "code", "fragment"),
     [
         ("api.plan_pruning", KeyboardInterrupt(), 2, "interrupted"),
-        ("model.io.os.fsync", KeyboardInterrupt(), 2, "interrupted"),
+        ("model.files.os.fsync", KeyboardInterrupt(), 2, "interrupted"),
         ("api.plan_pruning", MemoryError(), 2, "out of memory"),
         ("api.apply_plan", RuntimeError("boom\nsecond line"), 3,
          "internal error (RuntimeError: boom)"),

@@ -1,12 +1,8 @@
 """What both commands (``onnx-fpgm IN OUT`` and ``onnx-fpgm sweep IN``) share: the parser's
-error form, ``--input-shape`` parsing, progress bars and the atomic write of a text output."""
+error form, ``--input-shape`` parsing and progress bars (files: ``model.files``)."""
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
-
-from ..errors import OutputError
 
 #: Exit code of our own failure (a bug), never blamed on the input.
 EXIT_INTERNAL = 3
@@ -30,23 +26,6 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     if not sep or not name or not shape or any(d < 1 for d in shape):
         raise argparse.ArgumentTypeError(f"expected NAME=D1,D2,..., got {text!r}")
     return name, shape
-
-
-def same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
-    return a.exists() and b.exists() and os.path.samefile(a, b)
-
-
-def write_text(path: str, text: str) -> None:
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, target)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)  # no partial temp file left behind (e.g. disk full)
-        raise OutputError(f"{path}: cannot write report ({err.strerror or err})") from err
 
 
 class ProgressBars:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-from pathlib import Path
 
 from rich.console import Console
 
 from ..config import ALLOCATIONS, COMPENSATIONS, CRITERIA, PruneConfig, check_sparsity, check_target
-from ..errors import ConfigError, OnnxFpgmError, OutputError
+from ..errors import ConfigError, OnnxFpgmError
 from ..measure.bench import benchmark
+from ..model import mapped
+from ..model.files import FilePlan, write_text
 from ..outcome.entry import prune
 from ..report import render
 from .common import (
@@ -21,8 +21,6 @@ from .common import (
     Parser,
     ProgressBars,
     parse_input_shape,
-    same_file,
-    write_text,
 )
 from .sweep import build_sweep_parser, run_sweep_command
 
@@ -153,32 +151,21 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
-def _check_paths(args) -> None:
-    inp = Path(args.input)
-    if args.report:  # checked on --dry-run too, and before anything is written
-        report = Path(args.report)
-        if same_file(report, inp):
-            raise OutputError("--report would overwrite IN")
-        if not report.parent.is_dir():
-            raise OutputError(f"{report.parent}: report directory does not exist")
-    if args.dry_run:
-        return
-    if not args.output:
-        raise ConfigError("OUT is required (or use --dry-run)")
-    out = Path(args.output)
-    if same_file(inp, out):
-        raise OutputError("OUT is the same file as IN; refusing to overwrite the input")
-    if args.report and same_file(Path(args.report), out):
-        raise OutputError("--report would overwrite OUT")
-    directory = out.parent if str(out.parent) else Path(".")
-    if not directory.is_dir():
-        raise OutputError(f"{directory}: output directory does not exist")
-    if not os.access(directory, os.W_OK):
-        raise OutputError(f"{directory}: output directory is not writable")
+def _file_plan(args) -> FilePlan:
+    """Every file the run reads and writes, checked before any work (``model.files``)."""
+    plan = FilePlan.of(reads=[("IN", args.input), ("--plan", args.plan),
+                              ("--calibration", args.calibration), ("--eval", args.evaluation)],
+                       writes=[("--report", args.report)])
+    if not args.dry_run:
+        if not args.output:
+            raise ConfigError("OUT is required (or use --dry-run)")
+        plan.add_model_output(args.output)
+    plan.check(complete=False)  # IN's data files are known once IN is read
+    return plan
 
 
 def _run(args) -> int:
-    _check_paths(args)
+    plan = _file_plan(args)
     targets = (args.target_macs, args.target_params, args.target_latency)
     if args.sparsity is not None and any(targets):
         raise ConfigError("give --sparsity or a target (--target-macs/--target-params), "
@@ -202,7 +189,10 @@ def _run(args) -> int:
         console = Console(quiet=args.quiet, width=PIPE_WIDTH)
     err_console = Console(stderr=True, quiet=args.quiet)
     with ProgressBars(err_console) as progress:
-        result = prune(args.input, config=config, progress=progress)
+        loaded = mapped.load_mapped(args.input)
+        plan.add_reads("IN's data file", loaded.files[1:])
+        plan.check()  # IN's data files are known now: none may be overwritten either
+        result = prune(loaded, config=config, progress=progress)
         if args.benchmark and not args.dry_run and result.report.latency is None:
             advance = progress("benchmark", 30)
             # a memory-mapped input's original references its data file: pass the path
@@ -210,12 +200,13 @@ def _run(args) -> int:
             result.report.latency = benchmark(original, result.model,
                                               input_shapes=result.input_sizes.primary,
                                               progress=advance)
+    # everything that can fail runs before the first write: the JSON, the table
+    report_json = result.report.to_json() if args.report else None
+    render(result.report, console, dry_run=args.dry_run)
     if not args.dry_run:
         result.save(args.output)
-
-    render(result.report, console, dry_run=args.dry_run)
-    if args.report:
-        write_text(args.report, result.report.to_json())
+    if report_json is not None:
+        write_text(args.report, report_json, "--report")
     if not args.dry_run:
         console.print(f"wrote {args.output}")
     return 0

@@ -12,9 +12,11 @@ from pathlib import Path
 from rich.console import Console
 
 from ..config import ALLOCATIONS, PruneConfig, check_target
-from ..errors import ConfigError, ModelLoadError, OutputError
+from ..errors import ConfigError, ModelLoadError
+from ..model import mapped
+from ..model.files import FilePlan, write_text
 from ..outcome.sweep import DEFAULT_TARGETS, plot_sweep, render_sweep, require_matplotlib, run_sweep
-from .common import Parser, ProgressBars, parse_input_shape, write_text
+from .common import Parser, ProgressBars, parse_input_shape
 
 SWEEP_ALLOCATIONS = tuple(a for a in ALLOCATIONS if a != "auto")
 
@@ -80,9 +82,10 @@ def run_sweep_command(args) -> int:
         hint = " (to prune a model file named 'sweep', write ./sweep)" \
             if Path("sweep").is_file() else ""
         raise ModelLoadError(f"{inp}: no such file{hint}")
-    for path in (args.plot, args.json):
-        if path and not Path(path).resolve().parent.is_dir():
-            raise OutputError(f"{Path(path).parent}: output directory does not exist")
+    plan = FilePlan.of(reads=[("IN", inp), ("--calibration", args.calibration),
+                              ("--eval", args.evaluation)],
+                       writes=[("--json", args.json), ("--plot", args.plot)])
+    plan.check(complete=False)  # IN's data files are known once IN is read
     if args.plot:
         require_matplotlib()  # fail before the work, with the extra's name
     if args.runs < 0:
@@ -97,12 +100,15 @@ def run_sweep_command(args) -> int:
     if not console.is_terminal:  # a pipe or file: the whole table, not 80 folded columns
         console = Console(quiet=args.quiet, width=140)
     with ProgressBars(Console(stderr=True, quiet=args.quiet)) as progress:
+        loaded = mapped.load_mapped(inp)
+        plan.add_reads("IN's data file", loaded.files[1:])
+        plan.check()  # IN's data files are known now: none may be overwritten either
         sweep = run_sweep(str(inp), args.targets, allocations, metric=args.metric,
                           compensations=compensations, base=base, latency_runs=args.runs,
-                          progress=progress)
+                          progress=progress, loaded=loaded)
     render_sweep(sweep, console)
     if args.json:
-        write_text(args.json, json.dumps(sweep.to_dict(), indent=2))
+        write_text(args.json, json.dumps(sweep.to_dict(), indent=2), "--json")
         console.print(f"wrote {args.json}")
     if args.plot:
         plot_sweep(sweep, args.plot)

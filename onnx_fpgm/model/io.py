@@ -12,7 +12,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import Message
 
-from ..errors import ExportError, ModelLoadError, OutputError
+from ..errors import ExportError, ModelLoadError
 from .light import _numel, check_light, light_copy  # noqa: F401  (io.light_copy for callers)
 
 #: Protobuf refuses to serialise a single message above 2 GiB.
@@ -50,6 +50,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, *,
         model, external = _read_file(path, parsed)
     if not model.HasField("graph") or not len(model.graph.node):
         raise ModelLoadError(f"{where}: not an ONNX model (no graph nodes)")
+    check_no_sparse(model, where)
     if not len(model.opset_import):
         raise ModelLoadError(f"{where}: model declares no opset")
     try:
@@ -61,6 +62,19 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, *,
         raise ModelLoadError(f"{where}: fails onnx.checker: {_first_line(err)}") from err
     release_free_memory()
     return model, external
+
+
+def check_no_sparse(model: onnx.ModelProto, where: str) -> None:
+    """Sparse initializers are refused: the analysis and the oracle read dense weights only.
+
+    Raises:
+        ModelLoadError: the graph holds a ``sparse_initializer``.
+    """
+    sparse = model.graph.sparse_initializer
+    if len(sparse):
+        names = ", ".join(s.values.name for s in sparse[:3])
+        raise ModelLoadError(f"{where}: {len(sparse)} sparse initializer(s) ({names}): onnx-fpgm "
+                             "reads dense weights only; store them as dense initializers")
 
 
 def _read_file(path: Path, parsed: onnx.ModelProto | None = None) -> tuple[onnx.ModelProto, bool]:
@@ -284,118 +298,6 @@ def passes_full_check(model: onnx.ModelProto) -> bool:
     except Exception:
         return False
     return True
-
-
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
-               external_data: bool = False) -> None:
-    """Write atomically: a temporary file in OUT's directory, then rename.
-
-    With ``external_data`` (or when the model is too large for one protobuf message),
-    initializers of ``EXTERNAL_THRESHOLD`` bytes or more go to ``OUT.data`` next to OUT (see
-    ``_write_external``; ``model`` itself is not modified).
-
-    Raises:
-        OutputError: the directory is missing or unwritable, or the disk is full.
-    """
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise OutputError(f"{directory}: output directory does not exist")
-    if path.is_dir():
-        raise OutputError(f"{path}: is a directory")
-    external_data = external_data or too_large(model)
-    try:
-        tmpdir = tempfile.mkdtemp(prefix=".onnx-fpgm-", dir=directory)
-    except OSError as err:
-        raise OutputError(f"{directory}: cannot write ({err.strerror})") from err
-    moved_data = None
-    try:
-        tmp_model = Path(tmpdir) / path.name
-        data_name = path.name + ".data"
-        if external_data:
-            tmp_data = Path(tmpdir) / data_name
-            if _write_external(model, tmp_model, tmp_data, data_name):
-                os.replace(tmp_data, directory / data_name)
-                moved_data = directory / data_name
-        else:
-            with open(tmp_model, "wb") as handle:
-                handle.write(model.SerializeToString())
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(tmp_model, path)
-    except OSError as err:
-        if moved_data is not None:  # no data file without its model
-            with contextlib.suppress(OSError):
-                moved_data.unlink()
-        raise OutputError(f"{path}: cannot write ({err.strerror or err})") from err
-    finally:
-        with contextlib.suppress(OSError):
-            for leftover in Path(tmpdir).iterdir():
-                leftover.unlink()
-            os.rmdir(tmpdir)
-
-
-def _write_external(model: onnx.ModelProto, model_file: Path, data_file: Path,
-                    location: str) -> bool:
-    """Write ``model`` as ``model_file`` plus its large initializers in ``data_file``.
-
-    ``onnx.save_model(save_as_external_data=True)`` is not used: it converts the caller's
-    tensors in place (afterwards they point at the file and hold no data, so the in-memory
-    model no longer runs and a second save references the first file), and it refuses when a
-    file named ``location`` exists in the *current* directory. Here a shell model is written
-    instead (every field copied, except that initializers of ``EXTERNAL_THRESHOLD`` bytes or
-    more become references into ``data_file``); ``model`` is never modified and the weights are
-    streamed one tensor at a time. Returns whether any tensor went to ``data_file`` (none when
-    every tensor is small; the caller then writes no data file).
-    """
-    shell = onnx.ModelProto()
-    copy_fields(model, shell, skip={"graph"})
-    copy_fields(model.graph, shell.graph, skip={"initializer"})
-    wrote = False
-    with open(data_file, "wb") as data:
-        for tensor in model.graph.initializer:
-            stub = shell.graph.initializer.add()
-            raw = _raw_bytes(tensor)
-            if raw is None or len(raw) < EXTERNAL_THRESHOLD:
-                stub.CopyFrom(tensor)
-                continue
-            offset = data.tell()
-            if len(raw) >= _ALIGN and offset % _ALIGN:  # aligned data can be memory-mapped
-                data.write(b"\0" * (_ALIGN - offset % _ALIGN))
-                offset = data.tell()
-            data.write(raw)
-            copy_fields(tensor, stub, skip=_TENSOR_DATA_FIELDS)
-            stub.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", location), ("offset", offset),
-                               ("length", len(raw))):
-                entry = stub.external_data.add()
-                entry.key, entry.value = key, str(value)
-            wrote = True
-        data.flush()
-        os.fsync(data.fileno())
-    with open(model_file, "wb") as handle:
-        handle.write(shell.SerializeToString())
-        handle.flush()
-        os.fsync(handle.fileno())
-    return wrote
-
-
-#: Initializers of at least this many bytes go to ``OUT.data`` (onnx's default threshold).
-EXTERNAL_THRESHOLD = 1024
-_ALIGN = 4096
-_TENSOR_DATA_FIELDS = frozenset({
-    "raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
-    "uint64_data", "external_data", "data_location"})
-
-
-def _raw_bytes(tensor: onnx.TensorProto) -> bytes | None:
-    """The tensor's little-endian data, or None when it cannot be stored externally."""
-    if tensor.data_location == onnx.TensorProto.EXTERNAL or \
-            tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
-        return None
-    if tensor.HasField("raw_data"):
-        return tensor.raw_data
-    return onnx.numpy_helper.to_array(tensor).tobytes()
 
 
 def copy_fields(source, target, skip: set[str] | frozenset[str]) -> None:

@@ -36,6 +36,7 @@ def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in graph.node:
         if node.op_type == "Constant":
             _as_value_tensor(node)
+    _stub_body_references(light)
     graph.input.extend(model.graph.input)
     graph.output.extend(model.graph.output)
     graph.value_info.extend(model.graph.value_info)
@@ -52,6 +53,19 @@ def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
             entry = stub.external_data.add()
             entry.key, entry.value = "location", STRIPPED
     return light
+
+
+def _stub_body_references(light: onnx.ModelProto) -> None:
+    """External data inside nodes (If/Loop bodies of a mapped input) point at the stub file:
+    the light copy is checked in another folder; that data is checked where it lies when read
+    (the checker on the input's path, ``external`` on save)."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    for tensor in _get_all_tensors(light):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            del tensor.external_data[:]
+            entry = tensor.external_data.add()
+            entry.key, entry.value = "location", STRIPPED
 
 
 def is_stripped(init: onnx.TensorProto) -> bool:

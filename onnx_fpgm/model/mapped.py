@@ -20,7 +20,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import ModelLoadError
-from .io import _first_line, _itemsize, _stored_tensors, load_model
+from . import external
+from .io import _first_line, _itemsize, _stored_tensors, check_no_sparse, load_model
 from .light import _numel, is_stripped
 
 #: Inputs whose external data reach this many bytes are memory-mapped, not read (``load_mapped``).
@@ -40,12 +41,19 @@ class Loaded:
         weights: initializer name -> read-only array, mapped from the external data file
             (with ``directory``) or viewing the protobuf's raw data.
         directory: where ``model``'s external data lives (set when mapped).
+        files: the model file and its external data files (the run's reads; none for a
+            ``ModelProto``).
     """
 
     model: onnx.ModelProto
     external: bool
     weights: dict[str, np.ndarray] = field(default_factory=dict)
     directory: Path | None = None
+    files: tuple[Path, ...] = ()
+
+    def read_files(self) -> list[tuple[str, Path]]:
+        """(role, path) of the files read, for ``files.FilePlan``."""
+        return [("IN" if i == 0 else "IN's data file", p) for i, p in enumerate(self.files)]
 
 
 @contextlib.contextmanager
@@ -91,18 +99,27 @@ def load_mapped(source: str | os.PathLike | onnx.ModelProto) -> Loaded:
         header = onnx.load(str(path), load_external_data=False)
     except Exception:
         return Loaded(*load_model(source))  # load_model words the error
-    external = [t for t in header.graph.initializer
-                if t.data_location == onnx.TensorProto.EXTERNAL]
-    if sum(_numel(t) * _itemsize(t.data_type) for t in external) < MAP_EXTERNAL_BYTES or any(
-            t.data_location == onnx.TensorProto.EXTERNAL for t in _stored_tensors(header)
-            if t not in external) or not len(header.graph.node) or not len(header.opset_import):
+    check_no_sparse(header, str(path))
+    data_files = tuple(path.parent / loc for loc in external.external_locations(header))
+    loaded = _load_header(path, header)
+    loaded.files = (path, *data_files)
+    return loaded
+
+
+def _load_header(path: Path, header: onnx.ModelProto) -> Loaded:
+    external_tensors = [t for t in header.graph.initializer
+                        if t.data_location == onnx.TensorProto.EXTERNAL]
+    if sum(_numel(t) * _itemsize(t.data_type) for t in external_tensors) < MAP_EXTERNAL_BYTES \
+            or any(t.data_location == onnx.TensorProto.EXTERNAL for t in _stored_tensors(header)
+                   if t not in external_tensors) \
+            or not len(header.graph.node) or not len(header.opset_import):
         return _embedded(path, header)
     try:
         onnx.checker.check_model(str(path))
-        weights = _map_external(external, path.parent)
     except (onnx.checker.ValidationError, OSError, ValueError) as err:
         raise ModelLoadError(f"{path}: fails onnx.checker: {_first_line(err)}") from err
-    for tensor in external:  # shapes, sizes, axes: inference and the folder read them inline
+    weights = _map_external(external_tensors, path.parent)
+    for tensor in external_tensors:  # shapes, sizes, axes: inference and the folder read them inline
         value = weights[tensor.name]
         if value.dtype.kind != "f" or value.nbytes < _MAPPED_MIN_BYTES:
             tensor.CopyFrom(onnx.numpy_helper.from_array(np.array(value), tensor.name))
@@ -168,20 +185,25 @@ _MAPPED_MIN_BYTES = 4096
 
 
 def _map_external(tensors: list[onnx.TensorProto], directory: Path) -> dict[str, np.ndarray]:
-    files: dict[str, np.ndarray] = {}
+    """Each data file opened once, by descriptor after onnx's checks, and mapped from it."""
+    maps: dict[str, object] = {}
     weights = {}
-    for tensor in tensors:
-        info = {e.key: e.value for e in tensor.external_data}
-        location = info["location"]
-        if location not in files:
-            files[location] = np.memmap(directory / location, dtype=np.uint8, mode="r")
-        offset = int(info.get("offset", 0))
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        length = int(info.get("length", _numel(tensor) * dtype.itemsize))
-        if length != _numel(tensor) * dtype.itemsize or offset + length > len(files[location]):
-            raise ValueError(f"external data of {tensor.name} does not match its shape")
-        weights[tensor.name] = np.asarray(files[location][offset:offset + length]).view(
-            dtype).reshape(tuple(tensor.dims))
+    try:
+        for tensor in tensors:
+            location = external.external_info(tensor).get("location", "")
+            if location not in maps:
+                data = external.open_data_file(directory, location, tensor.name)
+                try:
+                    maps[location] = (data, external.map_file(data))
+                finally:
+                    data.close()  # the map keeps its own reference to the file
+            data, view = maps[location]
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            offset, length = external.tensor_range(tensor, data, _numel(tensor) * dtype.itemsize)
+            weights[tensor.name] = np.frombuffer(view, np.uint8, length, offset).view(
+                dtype).reshape(tuple(tensor.dims))
+    except OSError as err:
+        raise ModelLoadError(f"external data in {directory}: cannot be mapped ({err})") from err
     return weights
 
 

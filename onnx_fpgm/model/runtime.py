@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from ..errors import ConfigError
-from . import io, mapped
+from . import io, mapped, save
 
 #: Symbols that name nothing: each occurrence is a dim of its own (Paddle writes ``?`` twice).
 ANONYMOUS = frozenset({"", "?", "-1", "None", "none", "unk", "unknown", "dynamic"})
@@ -73,7 +73,7 @@ def make_session(model: onnx.ModelProto | bytes, *, optimize: bool = False,
     if isinstance(model, onnx.ModelProto) and not header and io.too_large(model):
         with tempfile.TemporaryDirectory(prefix="onnx-fpgm-") as tmp:
             path = Path(tmp) / "model.onnx"
-            io.save_model(model, path, external_data=True)
+            save.save_model(model, path, external_data=True)
             return ort.InferenceSession(str(path), options, providers=[provider])
     if directory is not None and (header or isinstance(model, bytes)):
         # a mapped model's stubs name files relative to its directory

@@ -12,12 +12,14 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from ..api import prune
 from ..config import PruneConfig
 from ..errors import ConfigError, OnnxFpgmError
 from ..measure.bench import benchmark
 from ..model import mapped
+from ..model.files import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +67,14 @@ class Sweep:
 def run_sweep(model: str, targets: tuple[float, ...], allocations: tuple[str, ...], *,
               metric: str = "macs", compensations: tuple[str, ...] = ("none",),
               base: PruneConfig | None = None, latency_runs: int = 20,
-              progress: Callable[[str, int], Callable[[int], None]] | None = None) -> Sweep:
+              progress: Callable[[str, int], Callable[[int], None]] | None = None,
+              loaded: mapped.Loaded | None = None) -> Sweep:
     """Prune ``model`` at every (allocation, compensation, target) and measure each result."""
     base = base or PruneConfig()
     if "sensitivity" in allocations and not base.calibration:
         raise ConfigError("allocation sensitivity needs --calibration data")
-    loaded = mapped.load_mapped(model)  # once, weights mapped or viewed: not per point
+    if loaded is None:  # once, weights mapped or viewed: not per point
+        loaded = mapped.load_mapped(model)
     fidelity_on = "evaluation" if base.evaluation else "calibration" if base.calibration else ""
     sweep = Sweep(str(model), metric, fidelity_on)
     caches: dict[str, dict] = {}
@@ -214,5 +218,8 @@ def plot_sweep(sweep: Sweep, path: str) -> None:
         if ax.get_lines():
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with atomic_file(path, "--plot") as handle:  # exclusive temp file, then one rename
+            fig.savefig(handle, format=Path(path).suffix[1:].lower() or "png")
+    finally:
+        plt.close(fig)

@@ -1,0 +1,234 @@
+"""The tool's promise under hostile or careless use (issue 19): IN is never modified, OUT is
+written as a pair a reader sees whole or not at all, a bad input is exit 2 with one line, and
+nothing outside the intended paths is touched.
+
+Every case runs inside a sentinel folder whose every byte is compared before and after
+(``hostile_inputs.digest``); generators are in ``tests/hostile_inputs.py``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import onnx_fpgm.model.mapped
+from onnx_fpgm.cli import main as cli
+
+from .hostile_inputs import (
+    if_body_model,
+    conv_model,
+    digest,
+    one_error_line,
+    outputs,
+    run_cli,
+    save_external,
+    start_cli,
+)
+
+
+@pytest.fixture
+def ext(tmp_path: Path) -> Path:
+    """A model with external data: ``src/in.onnx`` + ``src/in.onnx.data``."""
+    return save_external(conv_model(), tmp_path / "src" / "in.onnx")
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_refused(capsys, root: Path, *args, fragments=()) -> str:
+    """Exit 2, one error line, every file under ``root`` exactly as before."""
+    before = digest(root)
+    code, _, stderr = run(capsys, *args)
+    assert code == 2, stderr
+    line = one_error_line(stderr, *fragments)
+    assert digest(root) == before
+    return line
+
+
+# --- 1. output collides with an input ---------------------------------------------------------
+
+
+def _collisions(root: Path, source: Path) -> dict[str, tuple[list, tuple[str, ...]]]:
+    data = source.with_name("in.onnx.data")
+    sibling_in = save_external(conv_model(), root / "odd" / "x.onnx", location="out.onnx.data")
+    model_named_data = save_external(conv_model(), root / "odd2" / "o.onnx.data",
+                                     location="weights.bin")
+    calib = root / "calib.npz"
+    np.savez(calib, input=np.zeros((2, 3, 8, 8), np.float32))
+    return {
+        "out_is_in_data": ([source, data], ("OUT", "IN's data file")),
+        "out_data_is_in_data": ([sibling_in, sibling_in.with_name("out.onnx")],
+                                ("OUT's data file", "IN's data file")),
+        "out_data_is_in": ([model_named_data, model_named_data.with_name("o.onnx")],
+                           ("OUT's data file", "IN")),
+        "report_is_in_data": ([source, root / "o.onnx", "--report", data], ("--report",)),
+        "dry_run_report_is_in_data": ([source, "--dry-run", "--report", data], ("--report",)),
+        "out_is_calibration": ([source, calib, "--calibration", calib], ("--calibration",)),
+        "report_is_out_data": ([source, root / "o.onnx", "--report", root / "o.onnx.data"],
+                               ("--report", "OUT's data file")),
+        "sweep_json_is_in_data": (["sweep", source, "--targets", "0.5", "--runs", "0",
+                                   "--json", data], ("--json",)),
+        "sweep_plot_is_in": (["sweep", source, "--targets", "0.5", "--runs", "0",
+                              "--plot", source], ("--plot", "IN")),
+    }
+
+
+COLLISIONS = ["out_is_in_data", "out_data_is_in_data", "out_data_is_in", "report_is_in_data",
+              "dry_run_report_is_in_data", "out_is_calibration", "report_is_out_data",
+              "sweep_json_is_in_data", "sweep_plot_is_in"]
+
+
+@pytest.mark.parametrize("case", COLLISIONS)
+def test_output_colliding_with_an_input_is_refused(capsys, tmp_path, ext, case):
+    args, fragments = _collisions(tmp_path, ext)[case]
+    line = assert_refused(capsys, tmp_path, *args, fragments=("same file as", *fragments))
+    assert "refusing to overwrite" in line
+
+
+def test_collision_through_a_symlink_is_refused(capsys, tmp_path, ext):
+    link = tmp_path / "report.json"
+    link.symlink_to(ext.with_name("in.onnx.data"))
+    assert_refused(capsys, tmp_path, ext, tmp_path / "o.onnx", "--report", link,
+                   fragments=("--report", "IN's data file"))
+
+
+def test_out_data_of_another_model_is_never_replaced(capsys, tmp_path, ext):
+    other = save_external(conv_model(seed=1), tmp_path / "out" / "other.onnx",
+                          location="out.onnx.data")
+    before = outputs(other)
+    assert_refused(capsys, tmp_path, ext, tmp_path / "out" / "out.onnx",
+                   fragments=("out.onnx.data", "another model"))
+    np.testing.assert_array_equal(outputs(other)["output"], before["output"])
+
+
+# --- odd files: FIFOs, directories ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["--plan", "--calibration", "--eval"])
+def test_fifo_input_is_refused_without_blocking(tmp_path, ext, option):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    before = digest(tmp_path)
+    done = run_cli(ext, tmp_path / "o.onnx", option, fifo, timeout=30)
+    assert done.returncode == 2, done.stderr
+    one_error_line(done.stderr, option, "FIFO")
+    assert digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("what", ["out_fifo", "report_dir"])
+def test_output_that_is_not_a_regular_file_is_refused(capsys, tmp_path, ext, what):
+    odd = tmp_path / "odd"
+    os.mkfifo(odd) if what == "out_fifo" else odd.mkdir()
+    args = [ext, odd] if what == "out_fifo" else [ext, tmp_path / "o.onnx", "--report", odd]
+    assert_refused(capsys, tmp_path, *args,
+                   fragments=("FIFO" if what == "out_fifo" else "a directory",))
+
+
+# --- 2. temp files and the atomic pair --------------------------------------------------------
+
+
+def test_planted_temp_symlink_is_not_followed(capsys, tmp_path, ext):
+    sentinel = tmp_path / "sentinel"
+    sentinel.mkdir()
+    (sentinel / "keep.txt").write_text("precious")
+    (tmp_path / ".r.json.tmp").symlink_to(sentinel / "keep.txt")
+    (tmp_path / ".o.onnx.tmp").symlink_to(sentinel / "keep.txt")
+    code, _, stderr = run(capsys, ext, tmp_path / "o.onnx", "--report", tmp_path / "r.json",
+                          "-q")
+    assert code == 0, stderr
+    assert (sentinel / "keep.txt").read_text() == "precious"
+    assert (tmp_path / ".r.json.tmp").is_symlink() and (tmp_path / ".o.onnx.tmp").is_symlink()
+    assert onnx.load(str(tmp_path / "o.onnx"))
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_second_run_replaces_the_pair_and_removes_only_its_own_old_data(capsys, tmp_path, ext):
+    out = tmp_path / "out" / "out.onnx"
+    out.parent.mkdir()
+    keep = out.parent / "out.onnx.notes"  # a stranger file named like ours: never touched
+    keep.write_text("mine")
+    assert run(capsys, ext, out, "--sparsity", "0.25", "-q")[0] == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out.onnx", "out.onnx.data",
+                                                           "out.onnx.notes"]
+    assert run(capsys, ext, out, "--sparsity", "0.125", "-q")[0] == 0
+    names = sorted(p.name for p in out.parent.iterdir())
+    assert len(names) == 3 and "out.onnx.data" not in names, names  # old data gone
+    assert keep.read_text() == "mine"
+    onnx.checker.check_model(str(out), full_check=True)
+    weights = {t.name: t for t in onnx.load(str(out)).graph.initializer}
+    assert weights["conv1.weight"].dims[0] == 14
+    assert run(capsys, ext, out, "--sparsity", "0.25", "-q")[0] == 0  # and back
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out.onnx", "out.onnx.data",
+                                                           "out.onnx.notes"]
+
+
+@pytest.mark.parametrize(("step", "new"), [("data-written", False), ("OUT-written", False),
+                                           ("OUT-renamed", True)])
+def test_killed_between_steps_a_reader_sees_one_whole_pair(capsys, tmp_path, ext, step, new):
+    """The process exits at once at ``step`` (test hook ``ONNX_FPGM_CRASH_AT``): OUT is the old
+    pair or the new one, whole, never the old OUT with new data."""
+    out = tmp_path / "out" / "out.onnx"
+    out.parent.mkdir()
+    reference = {}
+    for sparsity in ("0.125", "0.25"):
+        ref = tmp_path / f"ref{sparsity}" / "ref.onnx"
+        ref.parent.mkdir()
+        assert run(capsys, ext, ref, "--sparsity", sparsity, "-q", "--no-verify")[0] == 0
+        reference[sparsity] = outputs(ref)["output"]
+    assert run(capsys, ext, out, "--sparsity", "0.25", "-q", "--no-verify")[0] == 0
+    done = run_cli(ext, out, "--sparsity", "0.125", "-q", "--no-verify",
+                   env={"ONNX_FPGM_CRASH_AT": step})
+    assert done.returncode == 70, done.stderr  # it did crash there
+    onnx.checker.check_model(str(out), full_check=True)
+    np.testing.assert_array_equal(outputs(out)["output"], reference["0.125" if new else "0.25"])
+
+
+def test_two_runs_writing_one_out_leave_one_complete_pair(tmp_path, ext):
+    out = tmp_path / "out" / "out.onnx"
+    out.parent.mkdir()
+    runs = [start_cli(ext, out, "--sparsity", s, "-q", "--no-verify") for s in ("0.25", "0.125")]
+    for child in runs:
+        _, stderr = child.communicate(timeout=120)
+        assert child.returncode == 0, stderr
+    onnx.checker.check_model(str(out), full_check=True)
+    weights = {t.name: t for t in onnx.load(str(out)).graph.initializer}
+    assert weights["conv1.weight"].dims[0] in (12, 14)
+    assert np.isfinite(outputs(out)["output"]).all()
+    assert _leftovers(out.parent) == []
+
+
+# --- 3. OUT always carries its own data -------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["nothing_pruned", "weights_in_if_bodies"])
+def test_mapped_input_out_carries_its_own_data(capsys, monkeypatch, tmp_path, form):
+    """A memory-mapped input whose weights reach OUT unread (nothing pruned; If bodies): OUT
+    must not reference IN's data file name, which in OUT's folder is an unrelated file."""
+    model = conv_model(filters=64) if form == "nothing_pruned" else if_body_model()
+    source = save_external(model, tmp_path / "src" / "in.onnx")
+    options = ["--sparsity", "0"] if form == "nothing_pruned" else []
+    reference = tmp_path / "ref" / "ref.onnx"  # the same prune, weights read in (not mapped)
+    reference.parent.mkdir()
+    assert run(capsys, source, reference, *options, "-q")[0] == 0
+    out = tmp_path / "out" / "out.onnx"
+    out.parent.mkdir()
+    decoy = out.parent / "in.onnx.data"
+    decoy.write_bytes(np.random.default_rng(9).bytes(source.with_name("in.onnx.data")
+                                                     .stat().st_size))
+    monkeypatch.setattr(onnx_fpgm.model.mapped, "MAP_EXTERNAL_BYTES", 1)
+    code, _, stderr = run(capsys, source, out, *options, "-q")
+    assert code == 0, stderr
+    locations = {e.value for t in onnx.external_data_helper._get_all_tensors(
+        onnx.load(str(out), load_external_data=False)) for e in t.external_data
+        if e.key == "location"}
+    assert locations and all(loc.startswith("out.onnx") for loc in locations), locations
+    np.testing.assert_array_equal(outputs(out)["output"], outputs(reference)["output"])
