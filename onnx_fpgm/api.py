@@ -23,7 +23,7 @@ from .deps.rewrite import apply_plan
 from .errors import ConfigError, UnsupportedOpError, VerificationError
 from .measure.bench import MAC_OPS, ModelSize, count_macs, count_params
 from .measure.bench import benchmark as _benchmark
-from .measure.calibration import fidelity, load_calibration
+from .measure.calibration import fidelity, load_calibration, verification_feeds
 from .model import export, io, mapped
 from .model.outer_scope import layers_in_bodies
 from .oracle.input_sizes import InputSizes, choose_sizes, infer_shapes_at
@@ -120,8 +120,11 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
                   progress: Progress | None, cache: dict | None) -> PruneResult:
     original, external = loaded.model, loaded.external
     with _timed(report, "sizes"):
-        sizes = choose_sizes(original, dict(config.input_shapes), seed=config.seed)
+        sizes = choose_sizes(original, dict(config.input_shapes), seed=config.seed,
+                             must_run=config.verify)
     report.input_sizes = sizes.to_dict()
+    if sizes.note:
+        report.notes.append(sizes.note)
     with _timed(report, "analyse"):
         shapes = infer_shapes_at(original, sizes) if sizes.dims else \
             io.infer_shapes(io.light_copy(original))
@@ -171,12 +174,18 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
                                  io.weight_bytes(pruned))
     if report.target is not None:
         _check_target(report)
+    calibration = load_calibration(config.calibration, original) if config.calibration else None
+    if calibration is not None and calibration.drawn:
+        report.notes.append(f"{config.calibration} has no array for {', '.join(calibration.drawn)}:"
+                            " drawn as random inputs are (from what they index)")
     if config.verify:
         with _timed(report, "verify"):
             advance = progress("verifying", 1) if progress else None
+            samples = verification_feeds(calibration, original) if calibration else None
             result = _verify(original, pruned, analysis=analysis,
                              removed_classes=plan.removed_classes, opset=opset,
-                             seed=config.seed, size_sets=sizes.sets, weights=weights)
+                             seed=config.seed, size_sets=sizes.sets, weights=weights,
+                             extra_feeds=samples)
             if advance:
                 advance(1)
         report.verification = _verification_dict(result)
@@ -189,7 +198,7 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
             original = mapped.with_data(original)
         with _timed(report, "compensate"):
             pruned = _compensate_and_measure(original, pruned, analysis, plan, config, report,
-                                             sizes.primary)
+                                             sizes.primary, calibration)
     if quantized:
         report.notes.append(
             f"{len(quantized)} QOperator/integer layer(s) left unpruned ({', '.join(quantized[:6])}"
@@ -211,7 +220,7 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
                             "unchanged")
     elif not plan.n_removed:
         report.notes.append("nothing was pruned: no prunable group lost a channel "
-                            "(see the frozen reasons)")
+                            "(the frozen reasons are listed above)")
     return PruneResult(pruned, report, plan, original, analysis, external, sizes)
 
 
@@ -240,10 +249,8 @@ def benchmark(original: onnx.ModelProto | str, pruned: onnx.ModelProto | str, *,
 
 
 def _compensate_and_measure(original, pruned, analysis, plan, config, report,
-                            input_shapes) -> onnx.ModelProto:
+                            input_shapes, calibration) -> onnx.ModelProto:
     """Apply --compensate (choosing the best for ``auto``) and report fidelity on real data."""
-
-    calibration = load_calibration(config.calibration, original) if config.calibration else None
     if config.compensate == "auto" and calibration is None:
         raise ConfigError("--compensate auto needs --calibration data to choose")
     consumers = find_consumers(original, analysis, analysis.removed_atoms(plan.removed_classes))
