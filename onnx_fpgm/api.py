@@ -131,7 +131,8 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
         graph = io.import_graph(original, shapes)
         mapped.attach_weights(graph, loaded.weights)
         fold_constant_shapes(graph)
-        analysis = build_analysis(graph, opset, io.overridable_inputs(original))
+        overridable = io.overridable_inputs(original)
+        analysis = build_analysis(graph, opset, overridable)
         # the arrays the analysis read, before the rewrite replaces them: the oracle shares them
         weights = io.loaded_constants(graph) if config.verify else None
     if config.strict:
@@ -164,6 +165,12 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
         graph = None
         io.release_free_memory(collect=io.weight_bytes(pruned) >= COLLECT_ABOVE_BYTES)
     report.notes.extend(notes)
+    listed = io.initializer_inputs(original)
+    if listed and not overridable and plan.n_removed:
+        report.notes.append(
+            f"all {len(listed)} initializers are also listed as graph inputs (an old exporter's "
+            "form): they were taken as weights, as onnxsim takes them; the pruned ones stay "
+            "listed as inputs with their new shapes (a caller who feeds one feeds that shape)")
     _note_alignment(report, plan, config)
     _fill_decisions(report, analysis, plan)
     input_shapes = sizes.primary

@@ -91,9 +91,22 @@ def _itemsize(data_type: int) -> int:
 
 
 def overridable_inputs(model: onnx.ModelProto) -> frozenset[str]:
-    """Initializers that are also graph inputs: from IR 4 on, defaults a caller may override."""
-    if model.ir_version < 4:
-        return frozenset()  # before IR 4 every initializer had to be listed as an input
+    """Initializers that are also graph inputs and stand for defaults a caller may override.
+
+    Before IR 4 every initializer had to be listed as an input, and exporters of that time
+    kept doing so at IR 4 and later (PyTorch 1.2, ``keep_initializers_as_inputs``, CenterFace):
+    a model that lists *every* initializer among its inputs is that form, and its initializers
+    are weights, as onnxsim takes them (it drops them from the inputs): none is overridable.
+    Only a model that lists some of them chose those as overridable defaults.
+    """
+    listed = initializer_inputs(model)
+    if model.ir_version < 4 or len(listed) == len(model.graph.initializer):
+        return frozenset()
+    return listed
+
+
+def initializer_inputs(model: onnx.ModelProto) -> frozenset[str]:
+    """Initializers that are also listed among the graph inputs."""
     inputs = {v.name for v in model.graph.input}
     return frozenset(t.name for t in model.graph.initializer if t.name in inputs)
 
