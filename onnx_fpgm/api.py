@@ -123,6 +123,12 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
         sizes = choose_sizes(original, dict(config.input_shapes), seed=config.seed,
                              must_run=config.verify)
     report.input_sizes = sizes.to_dict()
+    runtime_ops = io.runtime_only_ops(original)
+    if runtime_ops:
+        report.notes.append(
+            f"onnx.checker does not know {', '.join(runtime_ops)} (default domain), which "
+            "onnxruntime registers (its tools write them there): loaded, and both the input and "
+            "the pruned model were checked with those nodes left to onnxruntime")
     if sizes.note:
         report.notes.append(sizes.note)
     with _timed(report, "analyse"):

@@ -20,7 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import ModelLoadError
-from .io import _first_line, _itemsize, _stored_tensors, load_model
+from .io import _first_line, _itemsize, _stored_tensors, check_runtime_ops, load_model
 from .light import _numel, is_stripped
 
 #: Inputs whose external data reach this many bytes are memory-mapped, not read (``load_mapped``).
@@ -98,7 +98,10 @@ def load_mapped(source: str | os.PathLike | onnx.ModelProto) -> Loaded:
             if t not in external) or not len(header.graph.node) or not len(header.opset_import):
         return _embedded(path, header)
     try:
-        onnx.checker.check_model(str(path))
+        try:
+            onnx.checker.check_model(str(path))
+        except onnx.checker.ValidationError as err:
+            check_runtime_ops(header, str(path), err)
         weights = _map_external(external, path.parent)
     except (onnx.checker.ValidationError, OSError, ValueError) as err:
         raise ModelLoadError(f"{path}: fails onnx.checker: {_first_line(err)}") from err
