@@ -23,7 +23,7 @@ from .deps.rewrite import apply_plan
 from .errors import ConfigError, UnsupportedOpError, VerificationError
 from .measure.bench import MAC_OPS, ModelSize, count_macs, count_params
 from .measure.bench import benchmark as _benchmark
-from .measure.calibration import fidelity, load_calibration
+from .measure.calibration import fidelity, load_calibration, verification_feeds
 from .model import export, io, mapped, save
 from .model.outer_scope import layers_in_bodies
 from .oracle.input_sizes import InputSizes, choose_sizes, infer_shapes_at
@@ -129,15 +129,25 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
                   progress: Progress | None, cache: dict | None) -> PruneResult:
     original, external = loaded.model, loaded.external
     with _timed(report, "sizes"):
-        sizes = choose_sizes(original, dict(config.input_shapes), seed=config.seed)
+        sizes = choose_sizes(original, dict(config.input_shapes), seed=config.seed,
+                             must_run=config.verify)
     report.input_sizes = sizes.to_dict()
+    runtime_ops = io.runtime_only_ops(original)
+    if runtime_ops:
+        report.notes.append(
+            f"onnx.checker does not know {', '.join(runtime_ops)} (default domain), which "
+            "onnxruntime registers (its tools write them there): loaded, and both the input and "
+            "the pruned model were checked with those nodes left to onnxruntime")
+    if sizes.note:
+        report.notes.append(sizes.note)
     with _timed(report, "analyse"):
         shapes = infer_shapes_at(original, sizes) if sizes.dims else \
             io.infer_shapes(io.light_copy(original))
         graph = io.import_graph(original, shapes)
         mapped.attach_weights(graph, loaded.weights)
         fold_constant_shapes(graph)
-        analysis = build_analysis(graph, opset, io.overridable_inputs(original))
+        overridable = io.overridable_inputs(original)
+        analysis = build_analysis(graph, opset, overridable)
         # the arrays the analysis read, before the rewrite replaces them: the oracle shares them
         weights = io.loaded_constants(graph) if config.verify else None
     if config.strict:
@@ -170,6 +180,12 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
         graph = None
         io.release_free_memory(collect=io.weight_bytes(pruned) >= COLLECT_ABOVE_BYTES)
     report.notes.extend(notes)
+    listed = io.initializer_inputs(original)
+    if listed and not overridable and plan.n_removed:
+        report.notes.append(
+            f"all {len(listed)} initializers are also listed as graph inputs (an old exporter's "
+            "form): they were taken as weights, as onnxsim takes them; the pruned ones stay "
+            "listed as inputs with their new shapes (a caller who feeds one feeds that shape)")
     _note_alignment(report, plan, config)
     _fill_decisions(report, analysis, plan)
     input_shapes = sizes.primary
@@ -180,12 +196,18 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
                                  io.weight_bytes(pruned))
     if report.target is not None:
         _check_target(report)
+    calibration = load_calibration(config.calibration, original) if config.calibration else None
+    if calibration is not None and calibration.drawn:
+        report.notes.append(f"{config.calibration} has no array for {', '.join(calibration.drawn)}:"
+                            " drawn as random inputs are (from what they index)")
     if config.verify:
         with _timed(report, "verify"):
             advance = progress("verifying", 1) if progress else None
+            samples = verification_feeds(calibration, original) if calibration else None
             result = _verify(original, pruned, analysis=analysis,
                              removed_classes=plan.removed_classes, opset=opset,
-                             seed=config.seed, size_sets=sizes.sets, weights=weights)
+                             seed=config.seed, size_sets=sizes.sets, weights=weights,
+                             extra_feeds=samples)
             if advance:
                 advance(1)
         report.verification = _verification_dict(result)
@@ -198,7 +220,7 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
             original = mapped.with_data(original)
         with _timed(report, "compensate"):
             pruned = _compensate_and_measure(original, pruned, analysis, plan, config, report,
-                                             sizes.primary)
+                                             sizes.primary, calibration)
     if quantized:
         report.notes.append(
             f"{len(quantized)} QOperator/integer layer(s) left unpruned ({', '.join(quantized[:6])}"
@@ -220,7 +242,7 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
                             "unchanged")
     elif not plan.n_removed:
         report.notes.append("nothing was pruned: no prunable group lost a channel "
-                            "(see the frozen reasons)")
+                            "(the frozen reasons are listed above)")
     source = mapped.Loaded(loaded.model, external, directory=loaded.directory, files=loaded.files)
     return PruneResult(pruned, report, plan, original, analysis, external, sizes, source)
 
@@ -250,10 +272,8 @@ def benchmark(original: onnx.ModelProto | str, pruned: onnx.ModelProto | str, *,
 
 
 def _compensate_and_measure(original, pruned, analysis, plan, config, report,
-                            input_shapes) -> onnx.ModelProto:
+                            input_shapes, calibration) -> onnx.ModelProto:
     """Apply --compensate (choosing the best for ``auto``) and report fidelity on real data."""
-
-    calibration = load_calibration(config.calibration, original) if config.calibration else None
     if config.compensate == "auto" and calibration is None:
         raise ConfigError("--compensate auto needs --calibration data to choose")
     consumers = find_consumers(original, analysis, analysis.removed_atoms(plan.removed_classes))

@@ -5,6 +5,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .deps.reasons import classify
 from .measure.bench import LatencyResult, ModelSize
 from .planning.allocate import TargetOutcome
 
@@ -101,6 +102,53 @@ def _sizes_line(sizes: dict[str, Any], verified: bool) -> str:
     return f"{text(sizes['primary'])} ({how}{extra})"
 
 
+#: The default output lists why channels stay when at most this fraction of them is prunable.
+MOSTLY_WHOLE = 0.5
+#: How many blocking reasons it lists (those that block the most channels).
+TOP_REASONS = 3
+
+
+@dataclass(frozen=True)
+class BlockingReason:
+    """One frozen reason and how much it blocks (``kind``: its category in ``deps.reasons``)."""
+
+    reason: str
+    channels: int
+    groups: int
+    kind: str | None
+
+
+def top_frozen_reasons(report: Report, n: int = TOP_REASONS) -> list[BlockingReason]:
+    """The ``n`` frozen reasons that block the most channels, most first."""
+    channels: dict[str, int] = {}
+    groups: dict[str, int] = {}
+    for g in report.groups:
+        if g.frozen:
+            channels[g.frozen] = channels.get(g.frozen, 0) + g.channels_before
+            groups[g.frozen] = groups.get(g.frozen, 0) + 1
+    ranked = sorted(channels, key=lambda r: (-channels[r], r))[:n]
+    return [BlockingReason(r, channels[r], groups[r],
+                           kind.title if (kind := classify(r)) else None) for r in ranked]
+
+
+def _render_blocking(report: Report, console) -> None:
+    """Why a model stays whole or mostly whole, without a second run under --dry-run."""
+    frozen = sum(g.channels_before for g in report.groups if g.frozen)
+    whole = not any(g.channels_after < g.channels_before for g in report.groups)
+    if not frozen or (report.coverage > MOSTLY_WHOLE and not whole):
+        return
+    reasons = top_frozen_reasons(report)
+    distinct = len({g.frozen for g in report.groups if g.frozen})
+    more = f" (the {len(reasons)} that block the most of {distinct} reasons; all with " \
+        "--dry-run)" if distinct > len(reasons) else ""
+    console.print(f"blocked: {frozen:,} channels in "
+                  f"{sum(1 for g in report.groups if g.frozen)} frozen group(s), by{more}:")
+    for r in reasons:
+        kind = f"[{r.kind}] " if r.kind else ""
+        console.print(f"  {r.channels:,} channels, {r.groups} group(s): {kind}{r.reason}",
+                      markup=False)
+
+
 def render(report: Report, console, dry_run: bool = False) -> None:
     """Print the per-layer (or per-group, for --dry-run) table and the totals with rich."""
     from rich.table import Table
@@ -133,6 +181,7 @@ def render(report: Report, console, dry_run: bool = False) -> None:
                           f"{layer.channels_before} -> {layer.channels_after}{mark}",
                           str(layer.group))
         console.print(table)
+        _render_blocking(report, console)
     console.print(f"coverage: {report.prunable_channels} / {report.total_channels} conv and MLP "
                   f"output channels are prunable ({100 * report.coverage:.1f}%)")
     if report.before and report.after:

@@ -95,17 +95,19 @@ def test_squeeze_without_axes_keeps_a_single_remaining_channel(opset: int, rng) 
 # ---- diagnosed, fix elsewhere ----
 
 def test_initializer_that_is_also_a_graph_input_stays_an_input(rng) -> None:
-    """conv1 -> Relu -> conv2 with both weights also declared as graph inputs.
+    """conv1 -> Relu -> conv2 with some weights also declared as graph inputs.
 
     Symptom: the pruned model's graph inputs are ['x'] instead of ['x', 'w1', 'w2'] (even at
     sparsity 0), and w1/w2 were sliced although a caller may feed other weights. Expected: the
     interface is kept and a layer whose weight is an overridable input is left unpruned (the
-    README: "a weight computed from graph inputs leaves its layer unpruned").
+    README: "a weight computed from graph inputs leaves its layer unpruned"). A model that
+    lists *every* initializer among its inputs is the old exporters' form instead (issue 20,
+    ``tests/test_initializer_inputs.py``): its weights are pruned.
     """
-    inits = _weights(rng, w1=(8, 3, 3, 3), w2=(4, 8, 1, 1))
+    inits = _weights(rng, w1=(8, 3, 3, 3), w2=(4, 8, 1, 1), b2=(4,))
     nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["a"], ["b"], name="relu"),
-             helper.make_node("Conv", ["b", "w2"], ["y"], name="conv2")]
+             helper.make_node("Conv", ["b", "w2", "b2"], ["y"], name="conv2")]
     model = _model(nodes, [("x", [1, 3, 8, 8]), ("w1", [8, 3, 3, 3]), ("w2", [4, 8, 1, 1])],
                    [("y", [1, 4, 8, 8])], inits, 13)
     result = onnx_fpgm.prune(model, 0.5, device="cpu")

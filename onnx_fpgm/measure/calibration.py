@@ -1,8 +1,9 @@
 """Calibration data (``--calibration data.npz``) and output fidelity on real inputs.
 
 The npz holds one array per graph input, keyed by the input's name, with a leading batch axis,
-and optionally ``labels`` (one integer class per sample). Random inputs prove the rewrite exact;
-real inputs tell how much the removed channels mattered.
+and optionally ``labels`` (one integer class per sample); inputs it has no array for are drawn
+as the oracle draws them (``runtime.random_inputs``). Random inputs prove the rewrite exact;
+real inputs tell how much the removed channels mattered, and a few of them are verified too.
 """
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import numpy as np
 import onnx
 
 from ..errors import ConfigError
-from ..model.runtime import make_session
+from ..model.runtime import make_session, random_inputs, real_inputs
 from .fidelity import output_parts
 
 LABELS_KEY = "labels"
+#: Calibration samples the oracle checks the pruned model on (besides its random inputs).
+VERIFY_SAMPLES = 4
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class Calibration:
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
+    drawn: tuple[str, ...] = ()  # inputs the file has no array for: drawn at random
 
     @property
     def n_samples(self) -> int:
@@ -36,8 +40,9 @@ def load_calibration(path: str | Path, model: onnx.ModelProto) -> Calibration:
     """Read and validate an npz against the model's graph inputs.
 
     Raises:
-        ConfigError: unreadable file, missing or unknown names, wrong rank, static dims, dtype,
-            batch sizes that differ, or labels that are not one integer per sample.
+        ConfigError: unreadable file, no array for any input, unknown names, wrong rank,
+            static dims, dtype, batch sizes that differ, or labels that are not one integer
+            per sample.
     """
     path = Path(path)
     try:
@@ -53,7 +58,7 @@ def load_calibration(path: str | Path, model: onnx.ModelProto) -> Calibration:
         raise ConfigError(f"{path}: arrays {unknown} are not graph inputs "
                           f"(inputs: {sorted(inputs)}; '{LABELS_KEY}' is also accepted)")
     missing = sorted(set(inputs) - set(arrays))
-    if missing:
+    if not arrays:
         raise ConfigError(f"{path}: no array for graph input(s) {missing}")
     sizes = set()
     for name, value in arrays.items():
@@ -74,23 +79,67 @@ def load_calibration(path: str | Path, model: onnx.ModelProto) -> Calibration:
     if len(sizes) != 1:
         raise ConfigError(f"{path}: inputs have different batch sizes {sorted(sizes)}")
     if labels is not None:
-        if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != sizes.pop():
+        if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != next(iter(sizes)):
             raise ConfigError(f"{path}: '{LABELS_KEY}' must be one integer class per sample")
-    return Calibration(arrays, labels)
+    if missing:  # the data is silent on these: drawn as verification draws them
+        filled = random_inputs(model, 0, _shapes_beside(model, arrays))
+        arrays = {value.name: arrays.get(value.name, filled[value.name])
+                  for value in inputs.values()}
+    return Calibration(arrays, labels, tuple(missing))
+
+
+def _shapes_beside(model: onnx.ModelProto,
+                   arrays: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """Shapes of every real input for samples ``arrays``: a symbolic dim takes the size the
+    arrays give the same symbol (the batch: their sample count), static dims their value."""
+    n = len(next(iter(arrays.values())))
+    by_symbol: dict[str, int] = {}
+    for value in real_inputs(model):
+        if value.name in arrays:
+            for dim, size in zip(value.type.tensor_type.shape.dim, arrays[value.name].shape):
+                if dim.dim_param:
+                    by_symbol.setdefault(dim.dim_param, int(size))
+    shapes = {}
+    for value in real_inputs(model):
+        if value.name in arrays:
+            shapes[value.name] = tuple(arrays[value.name].shape)
+            continue
+        dims = value.type.tensor_type.shape.dim
+        shapes[value.name] = tuple(
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else
+            by_symbol.get(d.dim_param, n if axis == 0 else 1) for axis, d in enumerate(dims))
+    return shapes
+
+
+def verification_feeds(calibration: Calibration, model: onnx.ModelProto,
+                       max_samples: int = VERIFY_SAMPLES) -> list[dict[str, np.ndarray]]:
+    """A few calibration samples as feeds for the oracle (one batch, or one per run where the
+    model's batch dim is static)."""
+    batch = _static_batch(model, calibration)
+    step = batch or min(calibration.n_samples, max_samples)
+    feeds = []
+    for start in range(0, min(calibration.n_samples, max(max_samples, step)), step):
+        chunk = {k: v[start:start + step] for k, v in calibration.inputs.items()}
+        if len(next(iter(chunk.values()))) == step:
+            feeds.append(chunk)
+    return feeds
+
+
+def _static_batch(model: onnx.ModelProto, calibration: Calibration) -> int | None:
+    for value in model.graph.input:
+        if value.name in calibration.inputs:
+            dim0 = value.type.tensor_type.shape.dim[0] if \
+                value.type.tensor_type.shape.dim else None
+            if dim0 is not None and dim0.HasField("dim_value") and dim0.dim_value > 0:
+                return dim0.dim_value
+            return None
+    return None
 
 
 def run_batched(session, model: onnx.ModelProto, calibration: Calibration,
                 outputs: list[str] | None = None) -> list[np.ndarray]:
     """Run ``session`` over all samples, in chunks the input's batch dim allows."""
-    first = model.graph.input[0] if len(model.graph.input) else None
-    batch = None
-    for value in model.graph.input:
-        if value.name in calibration.inputs:
-            first = value
-            break
-    dim0 = first.type.tensor_type.shape.dim[0] if first is not None else None
-    if dim0 is not None and dim0.HasField("dim_value"):
-        batch = dim0.dim_value
+    batch = _static_batch(model, calibration)
     n = calibration.n_samples
     step = batch or min(n, 64)
     chunks: list[list[np.ndarray]] = []

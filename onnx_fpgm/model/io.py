@@ -14,6 +14,7 @@ from google.protobuf.message import Message
 
 from ..errors import ExportError, ModelLoadError
 from .light import _numel, check_light, light_copy  # noqa: F401  (io.light_copy for callers)
+from .runtime_ops import runtime_only_ops
 
 #: Protobuf refuses to serialise a single message above 2 GiB.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -59,7 +60,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, *,
         elif not too_large(model):
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as err:
-        raise ModelLoadError(f"{where}: fails onnx.checker: {_first_line(err)}") from err
+        check_runtime_ops(model, where, err)
     release_free_memory()
     return model, external
 
@@ -75,6 +76,23 @@ def check_no_sparse(model: onnx.ModelProto, where: str) -> None:
         names = ", ".join(s.values.name for s in sparse[:3])
         raise ModelLoadError(f"{where}: {len(sparse)} sparse initializer(s) ({names}): onnx-fpgm "
                              "reads dense weights only; store them as dense initializers")
+
+
+def check_runtime_ops(model: onnx.ModelProto, where: str, err: Exception) -> None:
+    """After the checker refused ``model`` (``err``): accept it when the refusal is only about
+    ops onnxruntime registers (``runtime_ops``) and the rest passes.
+
+    Raises:
+        ModelLoadError: naming the checker's error (the first one when the rest fails too).
+    """
+    ops = runtime_only_ops(model)
+    if ops:
+        try:
+            check_light(model, runtime_ops=ops)
+            return
+        except onnx.checker.ValidationError as again:
+            err = again
+    raise ModelLoadError(f"{where}: fails onnx.checker: {_first_line(err)}") from err
 
 
 def _read_file(path: Path, parsed: onnx.ModelProto | None = None) -> tuple[onnx.ModelProto, bool]:
@@ -105,9 +123,22 @@ def _itemsize(data_type: int) -> int:
 
 
 def overridable_inputs(model: onnx.ModelProto) -> frozenset[str]:
-    """Initializers that are also graph inputs: from IR 4 on, defaults a caller may override."""
-    if model.ir_version < 4:
-        return frozenset()  # before IR 4 every initializer had to be listed as an input
+    """Initializers that are also graph inputs and stand for defaults a caller may override.
+
+    Before IR 4 every initializer had to be listed as an input, and exporters of that time
+    kept doing so at IR 4 and later (PyTorch 1.2, ``keep_initializers_as_inputs``, CenterFace):
+    a model that lists *every* initializer among its inputs is that form, and its initializers
+    are weights, as onnxsim takes them (it drops them from the inputs): none is overridable.
+    Only a model that lists some of them chose those as overridable defaults.
+    """
+    listed = initializer_inputs(model)
+    if model.ir_version < 4 or len(listed) == len(model.graph.initializer):
+        return frozenset()
+    return listed
+
+
+def initializer_inputs(model: onnx.ModelProto) -> frozenset[str]:
+    """Initializers that are also listed among the graph inputs."""
     inputs = {v.name for v in model.graph.input}
     return frozenset(t.name for t in model.graph.initializer if t.name in inputs)
 
@@ -274,15 +305,16 @@ def check_pruned(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
     Raises:
         ExportError: the pruned model fails a check the original passes (our bug: exit 3).
     """
+    ops = runtime_only_ops(original) or None  # checked as the input was at load
     try:
-        check_light(model, full_check=True)
+        check_light(model, full_check=True, runtime_ops=ops)
         return
     except Exception as err:
         full_error = err
-    if passes_full_check(original):
+    if passes_full_check(original, ops):
         raise ExportError(_internal(full_error)) from full_error
     try:
-        check_light(model)
+        check_light(model, runtime_ops=ops)
     except Exception as err:  # the input passed this check when it was loaded
         raise ExportError(_internal(err)) from err
 
@@ -292,9 +324,9 @@ def _internal(err: BaseException) -> str:
             f"it ({_first_line(err)}); please report it")
 
 
-def passes_full_check(model: onnx.ModelProto) -> bool:
+def passes_full_check(model: onnx.ModelProto, runtime_ops: list[str] | None = None) -> bool:
     try:
-        check_light(model, full_check=True)
+        check_light(model, full_check=True, runtime_ops=runtime_ops)
     except Exception:
         return False
     return True

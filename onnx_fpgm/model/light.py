@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .runtime_ops import move_to_private_domain
+
 #: External-data location of the stubs that stand for stripped weights.
 STRIPPED = "__stripped__"
 _KEPT_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.STRING,
@@ -92,29 +94,41 @@ def _numel(tensor: onnx.TensorProto) -> int:
     return numel
 
 
-def check_light(model: onnx.ModelProto, *, full_check: bool = False) -> None:
+def check_light(model: onnx.ModelProto, *, full_check: bool = False,
+                runtime_ops: list[str] | None = None) -> None:
     """``onnx.checker.check_model`` on the light copy, from a folder that holds its stub file.
 
     Everything but the stripped tensors' data is checked as on the full model; their data
     sizes are not (whoever reads that data checks it: ``mapped.embedded_arrays``). Without
     room for the light copy in the temporary folder, the model is checked in memory.
+    ``runtime_ops`` (ops onnxruntime registers in the default domain and onnx does not know:
+    ``runtime_ops.runtime_only_ops``) are checked as custom ops, i.e. not by onnx; external
+    tensors then count as stubs too (a header of memory-mapped data).
 
     Raises:
         onnx.checker.ValidationError: as the checker.
     """
+    light = light_copy(model)
+    if runtime_ops:
+        move_to_private_domain(light, runtime_ops)
+        for init in light.graph.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                del init.external_data[:]
+                entry = init.external_data.add()
+                entry.key, entry.value = "location", STRIPPED
     folder = None
     try:
         folder = Path(tempfile.mkdtemp(prefix="onnx-fpgm-check-"))
         (folder / STRIPPED).touch()
         path = folder / "model.onnx"
-        path.write_bytes(light_copy(model).SerializeToString())
+        path.write_bytes(light.SerializeToString())
     except OSError:
         path = None
     try:
         if path is not None:
             onnx.checker.check_model(str(path), full_check=full_check)
         elif model.ByteSize() < 2**31 - (1 << 24):
-            onnx.checker.check_model(model, full_check=full_check)
+            onnx.checker.check_model(light if runtime_ops else model, full_check=full_check)
     finally:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)

@@ -21,7 +21,8 @@ import onnx_graphsurgeon as gs
 
 from ..errors import ModelLoadError
 from . import external
-from .io import _first_line, _itemsize, _stored_tensors, check_no_sparse, load_model
+from .io import (_first_line, _itemsize, _stored_tensors, check_no_sparse, check_runtime_ops,
+                 load_model)
 from .light import _numel, is_stripped
 
 #: Inputs whose external data reach this many bytes are memory-mapped, not read (``load_mapped``).
@@ -115,7 +116,10 @@ def _load_header(path: Path, header: onnx.ModelProto) -> Loaded:
             or not len(header.graph.node) or not len(header.opset_import):
         return _embedded(path, header)
     try:
-        onnx.checker.check_model(str(path))
+        try:
+            onnx.checker.check_model(str(path))
+        except onnx.checker.ValidationError as err:
+            check_runtime_ops(header, str(path), err)
     except (onnx.checker.ValidationError, OSError, ValueError) as err:
         raise ModelLoadError(f"{path}: fails onnx.checker: {_first_line(err)}") from err
     weights = _map_external(external_tensors, path.parent)

@@ -13,6 +13,7 @@ import onnx
 
 from ..errors import ConfigError
 from . import io, mapped, save
+from .input_ranges import draw_integers, integer_ranges
 
 #: Symbols that name nothing: each occurrence is a dim of its own (Paddle writes ``?`` twice).
 ANONYMOUS = frozenset({"", "?", "-1", "None", "none", "unk", "unknown", "dynamic"})
@@ -84,12 +85,23 @@ def make_session(model: onnx.ModelProto | bytes, *, optimize: bool = False,
 
 
 def random_inputs(model: onnx.ModelProto, seed: int = 0,
-                  shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
-    """Seeded random feeds for every real graph input (symbolic dims from ``shapes`` or 1)."""
+                  shapes: dict[str, tuple[int, ...]] | None = None, *,
+                  positive_scalars: bool = False) -> dict[str, np.ndarray]:
+    """Seeded random feeds for every real graph input (symbolic dims from ``shapes`` or 1).
+
+    Floats are standard normal; integers are drawn from what they index (below the rows of the
+    table a token id, position or token type gathers from; 0/1 rows, ones first, for a mask:
+    see ``input_ranges``), so that the model runs on them. Every stage that runs a model
+    (size probing, verification, calibration fill-ins, timing) draws here.
+    ``positive_scalars`` draws one-element float inputs as magnitudes: scalars such as a
+    frequency range's bounds, where a negative value makes the model itself output NaN (the
+    oracle redraws with it).
+    """
     rng = np.random.default_rng(seed)
     shapes = shapes or {}
     initializers = {t.name for t in model.graph.initializer}
     check_given(model, shapes)
+    ranges = integer_ranges(model)
     feeds = {}
     for value in model.graph.input:
         if value.name in initializers:
@@ -113,9 +125,12 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0,
                                   f"{', '.join(missing)} (input_shapes= in Python)")
             shape = tuple(1 if is_unknown(d) else d.dim_value for d in dims)
         if is_float(dtype):
-            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[value.name] = rng.integers(0, 2, shape).astype(bool)
+            values = rng.standard_normal(shape)
+            if positive_scalars and values.size == 1:
+                values = np.abs(values) + 0.5
+            feeds[value.name] = np.asarray(values, dtype)
+        elif value.name in ranges:
+            feeds[value.name] = draw_integers(rng, shape, dtype, ranges[value.name])
         else:
             feeds[value.name] = rng.integers(0, 4, shape).astype(dtype)
     return feeds

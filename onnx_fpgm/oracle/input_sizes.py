@@ -86,6 +86,7 @@ class InputSizes:
         given: True when the caller gave ``input_shapes`` (the primary set is theirs).
         dims: the symbolic dims of the inputs.
         probes: onnxruntime runs spent on choosing.
+        note: why the sizes are unconfirmed, when the model ran at none (``must_run`` off).
     """
 
     primary: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -93,6 +94,7 @@ class InputSizes:
     given: bool = False
     dims: list[SymbolicDim] = field(default_factory=list)
     probes: int = 0
+    note: str | None = None  # the model ran at none of them (accepted when nothing must run)
 
     @property
     def sets(self) -> list[dict[str, tuple[int, ...]]]:
@@ -214,12 +216,15 @@ class _Prober:
 
 
 def choose_sizes(model: onnx.ModelProto, given: dict[str, tuple[int, ...]] | None = None, *,
-                 seed: int = 0) -> InputSizes:
+                 seed: int = 0, must_run: bool = True) -> InputSizes:
     """Sizes for every real input: ``given`` ones, else chosen by running the model.
+
+    Without ``must_run`` (nothing will be run: ``--dry-run``, ``--no-verify``) a model that
+    runs at no candidate gets the first one, with a note, instead of an error.
 
     Raises:
         ConfigError: the model has symbolic dims and runs at none of the candidate sizes
-            (naming the dims and ``--input-shape``).
+            (naming the dims and ``--input-shape``), under ``must_run``.
     """
     given = dict(given or {})
     check_given(model, given)
@@ -237,13 +242,16 @@ def choose_sizes(model: onnx.ModelProto, given: dict[str, tuple[int, ...]] | Non
             if prober.runs_at(_shapes(model, dims, candidate) | given):
                 assignment = candidate
                 break
+    note = None
     if assignment is None and prober.session is not None:
-        raise ConfigError(_no_size_message(model, dims, prober.error))
+        if must_run:
+            raise ConfigError(_no_size_message(model, dims, prober.error))
+        note = "sizes not confirmed: " + _no_size_message(model, dims, prober.error)
     if assignment is None:  # onnxruntime cannot run it at all; verification will say so
         assignment = candidates[0]
     primary = _shapes(model, dims, assignment) | given
-    secondary = _secondary(model, dims, assignment, prober, primary)
-    sizes = InputSizes(primary, secondary, bool(given), dims, prober.runs)
+    secondary = _secondary(model, dims, assignment, prober, primary) if note is None else None
+    sizes = InputSizes(primary, secondary, bool(given), dims, prober.runs, note)
     logger.info("input sizes: %s", sizes.to_dict())
     return sizes
 
@@ -258,7 +266,8 @@ def _secondary(model, dims, assignment, prober, primary):
 
     Other sizes alternate between larger and smaller than the primary's, larger first: a model
     with a minimum input length (an STFT front-end) refuses every smaller one, a fixed-height
-    text recogniser may refuse the larger ones.
+    text recogniser may refuse the larger ones. A set with 1 on a non-batch dim comes last: a
+    text model checked at sequence length 1 is a degenerate check.
     """
     if prober.session is None:
         return None
@@ -268,12 +277,20 @@ def _secondary(model, dims, assignment, prober, primary):
     smaller = [c for c in others if any(c[s] < assignment[s] for s in c if s not in batch)]
     larger = [c for c in others if c not in smaller]
     others = [c for pair in zip_longest(larger, smaller) for c in pair if c is not None]
-    others = others[:SECOND_TRIES]
+    lengths = {s for s in assignment if _role(dims, s) not in (Role.BATCH, Role.CHANNELS)}
+
+    def degenerate(trial: dict[str, int]) -> bool:
+        return any(trial[s] == 1 for s in lengths)
+
+    others = [c for c in others if not degenerate(c)][:SECOND_TRIES] + \
+        [c for c in others if degenerate(c)][:1]
     other_batch = {s: 2 if assignment[s] != 2 else 1 for s in batch}
     options = [{**c, **other_batch} for c in others]
     if batch:
         options.append({**assignment, **other_batch})
     options += [{**c, **{s: assignment[s] for s in batch}} for c in others]
+    # a size of 1 (a one-token sequence) checks little: tried last, after every other size
+    options = [t for t in options if not degenerate(t)] + [t for t in options if degenerate(t)]
     tried = []
     for trial in options:
         if trial in tried or trial == assignment:

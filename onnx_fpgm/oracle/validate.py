@@ -99,9 +99,13 @@ class CompareResult:
                              "quantization step(s)")
             return text + ")"
         o = bad[0]
+        if not o.shape_ok:
+            return f"output {o.name}: its shape differs from the masked original's"
+        if not o.finite:
+            return (f"output {o.name}: NaN or inf where the masked original has none (or a "
+                    f"different one); relative error elsewhere {o.max_rel_error:.2e}")
         return (f"output {o.name}: relative error {o.max_rel_error:.2e} "
-                f"(limit {o.tolerance:.0e}), "
-                f"finite={o.finite}, shape ok={o.shape_ok}")
+                f"(limit {o.tolerance:.0e})")
 
 
 def compare(original: onnx.ModelProto, pruned: onnx.ModelProto,
@@ -181,10 +185,17 @@ def _compare_output(name: str, want: np.ndarray, have: np.ndarray) -> OutputComp
     if is_float(want.dtype):
         tolerance = tolerance_for(want.dtype)
         w64, h64 = want.astype(np.float64), have.astype(np.float64)
-        finite = bool(np.isfinite(h64).all() or not np.isfinite(w64).all())
+        # NaN and inf where the masked original has them are matched, not measured: the same
+        # non-finite value at the same position passes, anything else fails as non-finite
+        nan_w, nan_h = np.isnan(w64), np.isnan(h64)
+        inf_w, inf_h = np.isinf(w64), np.isinf(h64)
+        finite = bool(np.array_equal(nan_w, nan_h) and np.array_equal(inf_w, inf_h) and
+                      np.array_equal(w64[inf_w], h64[inf_h]))
+        both = ~(nan_w | nan_h | inf_w | inf_h)
+        w64, h64 = w64[both], h64[both]
         diff = np.abs(w64 - h64)
-        max_abs = float(np.nanmax(diff)) if diff.size else 0.0
-        scale = float(np.nanmax(np.abs(w64))) if w64.size else 0.0
+        max_abs = float(diff.max()) if diff.size else 0.0
+        scale = float(np.abs(w64).max()) if w64.size else 0.0
         # allclose-style floor: an output that is zero up to round-off (|values| << 1) is
         # judged by an absolute error of ATOL, not relative to its own noise.
         rel = max_abs / max(scale, ATOL / RTOL)
@@ -212,7 +223,8 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, *, analysis: Anal
            input_shapes: dict[str, tuple[int, ...]] | None = None,
            size_sets: list[dict[str, tuple[int, ...]]] | None = None,
            raise_on_failure: bool = False,
-           weights: dict[str, np.ndarray] | None = None) -> CompareResult:
+           weights: dict[str, np.ndarray] | None = None,
+           extra_feeds: list[dict[str, np.ndarray]] | None = None) -> CompareResult:
     """Check the pruned model against the masked original (or against the original itself).
 
     Without ``analysis``, the pruned model is compared with ``original`` directly, which is the
@@ -220,7 +232,8 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, *, analysis: Anal
     ``size_sets`` (several input-size sets, see ``input_sizes``) verifies at each in turn: a
     pruned model that runs or matches at one size only fails; otherwise ``input_shapes``.
     ``weights`` (name -> array of ``original``'s initializers the caller already holds) are fed
-    to the reference as they are, instead of a copy read from the protobuf.
+    to the reference as they are, instead of a copy read from the protobuf. ``extra_feeds``
+    (calibration samples) are checked after the random inputs (float models).
 
     Raises:
         ConfigError: onnxruntime (CPU) cannot run ``original`` itself (a dtype or opset it has
@@ -238,17 +251,22 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, *, analysis: Anal
     else:
         reference = _reference_session(original, analysis, removed_classes, opset, weights) \
             if masked else WeightFedSession(*split_weights(original, weights))
-        runs = []  # (feeds, expected outputs) per size set, computed before the pruned session
+        cases = _cases(sets, extra_feeds)
+        runs = []  # (feeds, expected outputs) per case, computed before the pruned session
         result = None
-        for k, shapes in enumerate(sets):
-            feeds = random_inputs(original, seed + k, shapes)
+        for k, (label, shapes, given) in enumerate(cases):
             try:
-                runs.append((feeds, reference.run(feeds)))
+                if given is None:
+                    feeds, expected = finite_run(reference.run, original, seed + k, shapes)
+                else:
+                    feeds, expected = given, reference.run(given)
+                runs.append((feeds, expected))
             except Exception as err:
                 result = CompareResult(problem="onnxruntime cannot run the reference model: "
                                                f"{_first_line(err)}", reference_failed=True)
-                result.checked_at = [_sizes_text(s) for s in sets[:k + 1] if s]
+                result.checked_at = [c[0] for c in cases[:k + 1] if c[0]]
                 reference.close()
+                feeds = given if given is not None else random_inputs(original, seed + k, shapes)
                 _check_runnable(original, masked, feeds, result.problem, weights)
                 break
         reference.close()
@@ -257,16 +275,49 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, *, analysis: Anal
             names = [o.name for o in original.graph.output]
             for k, (feeds, expected) in enumerate(runs):
                 result = _compare_pruned(session, names, feeds, expected)
-                result.checked_at = [_sizes_text(s) for s in sets[:k + 1] if s]
+                result.checked_at = [c[0] for c in cases[:k + 1] if c[0]]
                 if not result:
-                    if len(sets) > 1:
-                        result.problem = (f"at input sizes {_sizes_text(sets[k])}: "
-                                          f"{result.summary()}")
+                    if len(cases) > 1:
+                        label, _, given = cases[k]
+                        where = f"input sizes {label}" if given is None and label else \
+                            label or "random inputs"
+                        result.problem = f"at {where}: {result.summary()}"
                     break
             session.close()
     if raise_on_failure and not result:
         raise VerificationError(f"verification failed: {result.summary()}")
     return result
+
+
+#: Redraws of random inputs on which the reference gives NaN or inf, before they count anyway.
+REDRAWS = 3
+
+
+def finite_run(run, original: onnx.ModelProto, seed: int,
+               shapes: dict[str, tuple[int, ...]] | None) -> tuple[dict[str, np.ndarray], list]:
+    """Random feeds and ``run(feeds)``, redrawn (``REDRAWS`` times, one-element float inputs
+    positive) while an output is not finite: a model may give NaN on inputs outside its domain
+    (a negative frequency bound), which checks nothing. The last draw counts if none is finite;
+    the comparison then matches NaN with NaN."""
+    for redraw in range(REDRAWS + 1):
+        feeds = random_inputs(original, seed + 7919 * redraw, shapes,
+                              positive_scalars=redraw > 0)
+        expected = run(feeds)
+        if all(_finite(np.asarray(v)) for v in expected):
+            break
+    return feeds, expected
+
+
+def _finite(value: np.ndarray) -> bool:
+    return not is_float(value.dtype) or bool(np.isfinite(value.astype(np.float64)).all())
+
+
+def _cases(sets: list, extra_feeds: list | None) -> list[tuple[str, dict | None, dict | None]]:
+    """(label, sizes, given feeds) of each verification run: random inputs at each size set,
+    then the given feeds (calibration samples)."""
+    cases = [(_sizes_text(s), s, None) for s in sets]
+    return cases + [(f"calibration samples (batch {len(next(iter(f.values())))})", None, f)
+                    for f in extra_feeds or ()]
 
 
 def _verify_quantized(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Analysis,

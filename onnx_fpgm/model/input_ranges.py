@@ -1,0 +1,242 @@
+"""Which values an integer graph input may take, read off what it indexes.
+
+Random integers in a fixed range index past a small table: a BERT's ``token_type_ids`` feed a
+2-row embedding, position ids a 512-row table, so onnxruntime refuses the run (or a Gather
+clamps silently) and nothing can be verified or timed. Each integer (or bool) input is followed
+forward through ops that carry its values (Cast, Unsqueeze, Reshape, Expand, Slice, Concat...,
+and Add/Sub of a constant, which shift them) to the ops that use them as indices:
+
+* ``Gather``/``GatherElements`` indices: below the data's size on the gather axis;
+* ``GatherND`` indices: below the smallest indexed dim of the data;
+* ``OneHot`` indices: below ``depth``;
+* com.microsoft ``EmbedLayerNormalization``: ids, segment ids and positions below the rows of
+  their embedding tables;
+* ``Range``: a scalar that bounds a range is drawn positive.
+
+An input named like a mask (``mask`` in its name), or one that only reaches a mask pattern
+(the condition of a ``Where``, ``1 - m``, a product after a cast to float), is drawn as 0/1
+with ones first along its last axis (at least one 1 per row), as attention masks are.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+#: Integers that reach no known index or mask use are drawn from [0, DEFAULT_HIGH).
+DEFAULT_HIGH = 4
+#: A scalar that bounds a ``Range`` is drawn from [1, RANGE_HIGH).
+RANGE_HIGH = 5
+#: Ops through which an input's values pass unchanged (positions may move, values do not).
+_CARRIERS = frozenset({"Cast", "CastLike", "Unsqueeze", "Squeeze", "Reshape", "Flatten",
+                       "Expand", "Slice", "Identity", "Transpose", "Tile", "Concat", "Split",
+                       "Gather", "GatherElements", "Max", "Min"})
+#: Inputs of carriers that hold the values carried (the others are shapes, axes, indices).
+_CARRIED_INPUT = {"Cast": {0}, "CastLike": {0}, "Unsqueeze": {0}, "Squeeze": {0},
+                  "Reshape": {0}, "Flatten": {0}, "Expand": {0}, "Slice": {0}, "Identity": {0},
+                  "Transpose": {0}, "Tile": {0}, "Split": {0}, "Gather": {0},
+                  "GatherElements": {0}}
+#: How far (in ops) an input is followed.
+_MAX_HOPS = 24
+#: com.microsoft EmbedLayerNormalization: index input -> its table input.
+_EMBED_TABLES = {0: 2, 1: 4, 8: 3}
+
+
+@dataclass(frozen=True)
+class IntegerRange:
+    """How to draw one integer/bool input: from [low, high), or as a 0/1 mask, ones first."""
+
+    low: int = 0
+    high: int = DEFAULT_HIGH
+    mask: bool = False
+    indexes: str | None = None  # what bounds it, for messages ("Gather emb (2 rows)")
+
+
+def integer_ranges(model: onnx.ModelProto) -> dict[str, IntegerRange]:
+    """An ``IntegerRange`` for every integer or bool real graph input of ``model``."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers and
+              _is_integer(v.type.tensor_type.elem_type)]
+    if not inputs:
+        return {}
+    walk = _Walk(graph, initializers)
+    return {v.name: walk.range_of(v.name) for v in inputs}
+
+
+def _is_integer(elem_type: int) -> bool:
+    if not elem_type:
+        return False
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+    return dtype.kind in "iub"
+
+
+class _Walk:
+    """Consumers, constants and static shapes of one graph, for following inputs."""
+
+    def __init__(self, graph: onnx.GraphProto, initializers: dict[str, onnx.TensorProto]):
+        self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        for node in graph.node:
+            for k, name in enumerate(node.input):
+                if name:
+                    self.consumers.setdefault(name, []).append((node, k))
+        self.constants: dict[str, onnx.TensorProto] = dict(initializers)
+        for node in graph.node:
+            if node.op_type == "Constant" and node.output:
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        self.constants[node.output[0]] = attr.t
+        self.shapes: dict[str, list[int | None]] = {}
+        for value in (*graph.input, *graph.value_info, *graph.output):
+            ttype = value.type.tensor_type
+            if ttype.HasField("shape"):
+                self.shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None
+                                           for d in ttype.shape.dim]
+        for name, tensor in self.constants.items():
+            self.shapes[name] = list(tensor.dims)
+
+    def range_of(self, name: str) -> IntegerRange:
+        low, high, bound_by = 0, None, None
+        mask_use = positive = False
+        seen = set()
+        frontier = [(name, 0, 0, False)]  # tensor, offset low, offset high, cast to float
+        hops = 0
+        while frontier and hops < _MAX_HOPS:
+            hops += 1
+            following = []
+            for tensor, olo, ohi, floated in frontier:
+                if (tensor, olo, ohi) in seen:
+                    continue
+                seen.add((tensor, olo, ohi))
+                for node, k in self.consumers.get(tensor, ()):
+                    bound = self._index_bound(node, k)
+                    if bound is not None:
+                        # value + offset in [0, bound): value in [-olo, bound - ohi)
+                        low = max(low, -olo)
+                        if high is None or bound - ohi < high:
+                            high, bound_by = bound - ohi, _describe(node, bound)
+                        continue
+                    if node.op_type == "Range":
+                        positive = True
+                        continue
+                    if _is_mask_use(node, k, floated, self.constants):
+                        mask_use = True
+                        continue
+                    shift = self._shift(node, k)
+                    if shift is not None:
+                        following += [(o, olo + shift[0], ohi + shift[1], floated)
+                                      for o in node.output if o]
+                    elif node.op_type in _CARRIERS and \
+                            k in _CARRIED_INPUT.get(node.op_type, {k}):
+                        now_float = floated or _casts_to_float(node)
+                        following += [(o, olo, ohi, now_float) for o in node.output if o]
+            frontier = following
+        if high is not None:
+            if high <= low:
+                return IntegerRange(0, max(1, high), indexes=bound_by)
+            return IntegerRange(low, high, indexes=bound_by)
+        if "mask" in name.lower() or mask_use:
+            return IntegerRange(0, 2, mask=True)
+        if positive:
+            return IntegerRange(1, RANGE_HIGH)
+        return IntegerRange()
+
+    def _index_bound(self, node: onnx.NodeProto, k: int) -> int | None:
+        """The exclusive bound of input ``k`` of ``node`` where it is an index, else None."""
+        op = node.op_type
+        if op in ("Gather", "GatherElements") and k == 1:
+            axis = _int_attr(node, "axis", 0)
+            dims = self.shapes.get(node.input[0])
+            if dims and -len(dims) <= axis < len(dims):
+                return dims[axis] or None
+            return None
+        if op == "GatherND" and k == 1:
+            dims = self.shapes.get(node.input[0])
+            batch = _int_attr(node, "batch_dims", 0)
+            known = [d for d in (dims or [])[batch:] if d]
+            return min(known) if known else None
+        if op == "OneHot" and k == 0 and len(node.input) > 1:
+            depth = self._value(node.input[1])
+            return int(depth.reshape(-1)[0]) if depth is not None and depth.size else None
+        if op == "EmbedLayerNormalization" and k in _EMBED_TABLES and \
+                len(node.input) > _EMBED_TABLES[k]:
+            dims = self.shapes.get(node.input[_EMBED_TABLES[k]])
+            return dims[0] if dims and dims[0] else None
+        return None
+
+    def _shift(self, node: onnx.NodeProto, k: int) -> tuple[int, int] | None:
+        """(low, high) added to the values by an Add/Sub of an integer constant, else None."""
+        if node.op_type not in ("Add", "Sub") or len(node.input) != 2:
+            return None
+        other = self._value(node.input[1 - k])
+        if other is None or other.dtype.kind not in "iu" or not other.size:
+            return None
+        if node.op_type == "Sub":
+            if k != 0:
+                return None  # c - x reverses the order: not followed
+            other = -other.astype(np.int64)
+        return int(other.min()), int(other.max())
+
+    def _value(self, name: str) -> np.ndarray | None:
+        tensor = self.constants.get(name)
+        if tensor is None or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            return None
+        try:
+            return numpy_helper.to_array(tensor)
+        except (ValueError, TypeError):
+            return None
+
+
+def _is_mask_use(node: onnx.NodeProto, k: int, floated: bool,
+                 constants: dict[str, onnx.TensorProto]) -> bool:
+    """``Where``'s condition, ``1 - m``, or a product of a value cast to float."""
+    if node.op_type == "Where":
+        return k == 0
+    if node.op_type == "Sub":
+        return k == 1 and node.input[0] in constants
+    if node.op_type == "Mul":
+        return floated
+    return False
+
+
+def _casts_to_float(node: onnx.NodeProto) -> bool:
+    if node.op_type != "Cast":
+        return False
+    to = _int_attr(node, "to", 0)
+    return bool(to) and onnx.helper.tensor_dtype_to_np_dtype(to).kind == "f"
+
+
+def _int_attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    for attr in node.attribute:
+        if attr.name == name:
+            return int(attr.i)
+    return default
+
+
+def _describe(node: onnx.NodeProto, bound: int) -> str:
+    return f"{node.op_type} {node.name or node.output[0]} ({bound} rows)"
+
+
+def draw_integers(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype,
+                  spec: IntegerRange) -> np.ndarray:
+    """Seeded values of one integer/bool input as ``spec`` says."""
+    dtype = np.dtype(dtype)
+    if spec.mask:
+        return _mask(rng, shape).astype(dtype)
+    if dtype == np.bool_:
+        return rng.integers(0, 2, shape).astype(bool)
+    info = np.iinfo(dtype)
+    low, high = max(spec.low, int(info.min)), min(spec.high, int(info.max) + 1)
+    return rng.integers(low, max(high, low + 1), shape).astype(dtype)
+
+
+def _mask(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """0/1 rows that start with ones (1 to all of the last axis), then zeros."""
+    if not shape:
+        return np.ones((), np.int64)
+    length = shape[-1]
+    rows = rng.integers(1, max(length, 0) + 1, shape[:-1]) if length else \
+        np.zeros(shape[:-1], np.int64)
+    return (np.arange(length) < rows[..., None]).astype(np.int64)
