@@ -232,3 +232,22 @@ def test_mapped_input_out_carries_its_own_data(capsys, monkeypatch, tmp_path, fo
         if e.key == "location"}
     assert locations and all(loc.startswith("out.onnx") for loc in locations), locations
     np.testing.assert_array_equal(outputs(out)["output"], outputs(reference)["output"])
+
+
+# --- 4. names are text: no markup, no raw control characters ----------------------------------
+
+
+@pytest.mark.parametrize("name", ["conv[/evil]1", "conv[bold]1[/bold]", "conv\x1b]0;pwned\x07",
+                                  "conv\x1b[31mred\nsecond"],
+                         ids=["closing_tag", "markup", "osc_title", "ansi_newline"])
+def test_crafted_node_names_print_as_text(capsys, tmp_path, name):
+    source = tmp_path / "in.onnx"
+    onnx.save(conv_model(name=name), source)
+    out = tmp_path / "out.onnx"
+    for args in ([source, out, "--report", tmp_path / "r.json"], [source, "--dry-run"]):
+        code, stdout, stderr = run(capsys, *args)
+        assert code == 0, stderr
+        assert "\x1b" not in stdout + stderr and "\x07" not in stdout + stderr
+        shown = name.encode("unicode_escape").decode("ascii")
+        assert shown in stdout, stdout
+    assert {n.name for n in onnx.load(str(out)).graph.node} >= {name}
