@@ -7,6 +7,7 @@ Every case runs inside a sentinel folder whose every byte is compared before and
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -14,17 +15,20 @@ import numpy as np
 import onnx
 import pytest
 
+import onnx_fpgm.measure.calibration
 import onnx_fpgm.model.mapped
 from onnx_fpgm.cli import main as cli
 
 from .hostile_inputs import (
     if_body_model,
+    nested_json,
     conv_model,
     digest,
     one_error_line,
     outputs,
     run_cli,
     save_external,
+    sparse_model,
     start_cli,
 )
 
@@ -251,3 +255,72 @@ def test_crafted_node_names_print_as_text(capsys, tmp_path, name):
         shown = name.encode("unicode_escape").decode("ascii")
         assert shown in stdout, stdout
     assert {n.name for n in onnx.load(str(out)).graph.node} >= {name}
+
+
+# --- 5. bad input is exit 2 with the reason, never exit 3 -------------------------------------
+
+
+def _plan(tmp_path: Path, kept) -> Path:
+    path = tmp_path / f"plan{len(list(tmp_path.glob('plan*')))}.json"
+    path.write_text(json.dumps({"layers": [{"name": "conv1", "channels_before": 16,
+                                            "kept": kept}]}))
+    return path
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, list, str]]:
+    good = tmp_path / "good.onnx"
+    onnx.save(conv_model(), good)
+    negative = tmp_path / "negative.onnx"
+    onnx.save(conv_model(dims=[-16, -3, 3, 3]), negative)
+    sparse = tmp_path / "sparse.onnx"
+    onnx.save(sparse_model(), sparse)
+    deep = tmp_path / "deep.json"
+    deep.write_text(nested_json(5_000_000))  # 10 MB
+    npy = tmp_path / "calib.npy"
+    np.save(npy, np.zeros((2, 3, 8, 8), np.float32))
+    return {
+        "negative_dims": (negative, [], "negative dims"),
+        "sparse_initializer": (sparse, [], "sparse initializer"),
+        "deep_json_plan": (good, ["--plan", deep], "nested too deeply"),
+        "npy_as_calibration": (good, ["--calibration", npy], "numpy.savez"),
+        "plan_bool_indices": (good, ["--plan", _plan(tmp_path, [True, False])], "integers"),
+        "plan_out_of_range": (good, ["--plan", _plan(tmp_path, [0, 16])], "0..15"),
+        "plan_duplicates": (good, ["--plan", _plan(tmp_path, [1, 1, 2])], "unique and sorted"),
+        "plan_unsorted": (good, ["--plan", _plan(tmp_path, [3, 1, 2])], "unique and sorted"),
+    }
+
+
+BAD_INPUTS = ["negative_dims", "sparse_initializer", "deep_json_plan", "npy_as_calibration",
+              "plan_bool_indices", "plan_out_of_range", "plan_duplicates", "plan_unsorted"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_exit_2_with_its_reason(capsys, tmp_path, case):
+    source, options, fragment = _bad_inputs(tmp_path)[case]
+    assert_refused(capsys, tmp_path, source, tmp_path / "out.onnx", *options,
+                   fragments=(fragment,))
+
+
+def test_zero_filters_are_refused_without_hanging(tmp_path):
+    source = tmp_path / "zero.onnx"
+    onnx.save(conv_model(filters=0), source)
+    before = digest(tmp_path)
+    done = run_cli(source, tmp_path / "out.onnx", timeout=30)
+    assert done.returncode == 2, done.stderr
+    one_error_line(done.stderr, "empty weight")
+    assert digest(tmp_path) == before
+
+
+def test_calibration_names_and_sizes_are_judged_before_decompressing(capsys, monkeypatch,
+                                                                     tmp_path):
+    source = tmp_path / "in.onnx"
+    onnx.save(conv_model(), source)
+    calib = tmp_path / "calib.npz"
+    np.savez_compressed(calib, input=np.zeros((64, 3, 8, 8), np.float32))
+    monkeypatch.setattr(onnx_fpgm.measure.calibration, "_budget_bytes", lambda: 1 << 12)
+    read = []
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__",
+                        lambda self, key: read.append(key))
+    assert_refused(capsys, tmp_path, source, tmp_path / "o.onnx", "--calibration", calib,
+                   fragments=("declare", "bytes decompressed"))
+    assert read == []

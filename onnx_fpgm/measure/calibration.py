@@ -6,6 +6,7 @@ real inputs tell how much the removed channels mattered.
 """
 from __future__ import annotations
 
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,21 +41,10 @@ def load_calibration(path: str | Path, model: onnx.ModelProto) -> Calibration:
             batch sizes that differ, or labels that are not one integer per sample.
     """
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise ConfigError(f"{path}: not a readable .npz file ({err})") from err
     initializers = {t.name for t in model.graph.initializer}
     inputs = {v.name: v for v in model.graph.input if v.name not in initializers}
+    arrays = _read_npz(path, inputs)
     labels = arrays.pop(LABELS_KEY, None)
-    unknown = sorted(set(arrays) - set(inputs))
-    if unknown:
-        raise ConfigError(f"{path}: arrays {unknown} are not graph inputs "
-                          f"(inputs: {sorted(inputs)}; '{LABELS_KEY}' is also accepted)")
-    missing = sorted(set(inputs) - set(arrays))
-    if missing:
-        raise ConfigError(f"{path}: no array for graph input(s) {missing}")
     sizes = set()
     for name, value in arrays.items():
         ttype = inputs[name].type.tensor_type
@@ -77,6 +67,50 @@ def load_calibration(path: str | Path, model: onnx.ModelProto) -> Calibration:
         if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != sizes.pop():
             raise ConfigError(f"{path}: '{LABELS_KEY}' must be one integer class per sample")
     return Calibration(arrays, labels)
+
+
+def _budget_bytes() -> int:
+    """Bytes the decompressed calibration arrays may take: half of the physical memory."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def _read_npz(path: Path, inputs: dict) -> dict[str, np.ndarray]:
+    """The arrays named after graph inputs (and ``labels``), read only after their names and
+    declared sizes were checked: no array is decompressed before the whole file is judged.
+
+    Raises:
+        ConfigError: not an npz archive (a ``.npy`` too), unknown or missing names, or arrays
+            whose declared sizes exceed the memory budget.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+    except (OSError, zipfile.BadZipFile, ValueError) as err:
+        raise ConfigError(f"{path}: not a readable .npz file ({err}); save the arrays with "
+                          "numpy.savez") from err
+    unknown = sorted(set(members) - set(inputs) - {LABELS_KEY})
+    if unknown:
+        raise ConfigError(f"{path}: arrays {unknown[:8]} are not graph inputs "
+                          f"(inputs: {sorted(inputs)}; '{LABELS_KEY}' is also accepted)")
+    missing = sorted(set(inputs) - set(members))
+    if missing:
+        raise ConfigError(f"{path}: no array for graph input(s) {missing}")
+    declared = sum(info.file_size for info in members.values())
+    if declared > _budget_bytes():
+        raise ConfigError(f"{path}: its arrays declare {declared:,} bytes decompressed, more "
+                          f"than the {_budget_bytes():,} bytes allowed (half the memory)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in members}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ConfigError(f"{path}: not a readable .npz file ({err})") from err
+    for key, value in arrays.items():
+        if not isinstance(value, np.ndarray):
+            raise ConfigError(f"{path}: member {key!r} is not a .npy array")
+    return arrays
 
 
 def run_batched(session, model: onnx.ModelProto, calibration: Calibration,

@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import ModelLoadError
 from . import external
-from .io import _first_line, _itemsize, _stored_tensors, check_no_sparse, load_model
+from .io import _first_line, _itemsize, _stored_tensors, check_tensors, load_model
 from .light import _numel, is_stripped
 
 #: Inputs whose external data reach this many bytes are memory-mapped, not read (``load_mapped``).
@@ -99,7 +99,7 @@ def load_mapped(source: str | os.PathLike | onnx.ModelProto) -> Loaded:
         header = onnx.load(str(path), load_external_data=False)
     except Exception:
         return Loaded(*load_model(source))  # load_model words the error
-    check_no_sparse(header, str(path))
+    check_tensors(header, str(path))
     data_files = tuple(path.parent / loc for loc in external.external_locations(header))
     loaded = _load_header(path, header)
     loaded.files = (path, *data_files)
