@@ -26,6 +26,7 @@ from .hostile_inputs import (
     digest,
     one_error_line,
     outputs,
+    retarget,
     run_cli,
     save_external,
     sparse_model,
@@ -324,3 +325,48 @@ def test_calibration_names_and_sizes_are_judged_before_decompressing(capsys, mon
     assert_refused(capsys, tmp_path, source, tmp_path / "o.onnx", "--calibration", calib,
                    fragments=("declare", "bytes decompressed"))
     assert read == []
+
+
+# --- 6. memory-mapped loading: one checked descriptor per data file ---------------------------
+
+
+@pytest.fixture
+def mapped_input(monkeypatch, tmp_path: Path) -> Path:
+    """``src/in.onnx`` whose conv1.weight (6912 bytes) is memory-mapped from ``in.onnx.data``."""
+    monkeypatch.setattr(onnx_fpgm.model.mapped, "MAP_EXTERNAL_BYTES", 1)
+    return save_external(conv_model(filters=64), tmp_path / "src" / "in.onnx")
+
+
+@pytest.mark.parametrize(("entries", "fragment"), [
+    ({"offset": "-6912"}, "negative offset"),
+    ({"offset": "100000"}, "beyond the end"),
+    ({"length": "-4"}, "negative"),
+    ({"location": "x" * 5000}, "too long"),
+    ({"offset": "abc"}, "conv1.weight"),
+], ids=["negative_offset", "offset_beyond_end", "negative_length", "location_too_long",
+        "offset_not_a_number"])
+def test_bad_external_data_of_a_mapped_input_is_exit_2(capsys, tmp_path, mapped_input,
+                                                       entries, fragment):
+    retarget(mapped_input, "conv1.weight", **entries)
+    assert_refused(capsys, tmp_path, mapped_input, tmp_path / "out.onnx", fragments=(fragment,))
+
+
+def test_data_file_swapped_for_a_link_after_the_check_is_not_read(capsys, monkeypatch, tmp_path,
+                                                                  mapped_input):
+    """The data file is replaced by a link to a file outside the model's folder right after
+    onnx's checker approved it: the mapping opens it once, by descriptor, with the checks."""
+    data = mapped_input.with_name("in.onnx.data")
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(np.random.default_rng(3).bytes(data.stat().st_size))
+    check = onnx.checker.check_model
+
+    def check_then_swap(*args, **kwargs):
+        check(*args, **kwargs)
+        data.rename(data.with_name("moved.bin"))
+        data.symlink_to(outside)
+
+    monkeypatch.setattr(onnx.checker, "check_model", check_then_swap)
+    code, _, stderr = run(capsys, mapped_input, tmp_path / "out.onnx")
+    assert code == 2, stderr
+    one_error_line(stderr, "symbolic link")
+    assert not (tmp_path / "out.onnx").exists()

@@ -116,8 +116,9 @@ def _load_header(path: Path, header: onnx.ModelProto) -> Loaded:
         return _embedded(path, header)
     try:
         onnx.checker.check_model(str(path))
-    except (onnx.checker.ValidationError, OSError, ValueError) as err:
-        raise ModelLoadError(f"{path}: fails onnx.checker: {_first_line(err)}") from err
+    except (onnx.checker.ValidationError, OSError, ValueError, RuntimeError) as err:
+        # RuntimeError: the checker's filesystem errors (a location too long for the OS)
+        raise ModelLoadError(f"{path}: fails onnx.checker: {_first_line(err)[:300]}") from err
     weights = _map_external(external_tensors, path.parent)
     for tensor in external_tensors:  # shapes, sizes, axes: inference and the folder read them inline
         value = weights[tensor.name]
