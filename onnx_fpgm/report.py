@@ -102,6 +102,29 @@ def _sizes_line(sizes: dict[str, Any], verified: bool) -> str:
     return f"{text(sizes['primary'])} ({how}{extra})"
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters (ANSI/OSC escapes, newlines) shown escaped: names come
+    from the model file and are never sent raw to the terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+def _plain(value: object):
+    """A rich ``Text`` (never parsed as markup: a node named ``conv[/evil]1`` prints as is)."""
+    from rich.text import Text
+
+    return Text(printable(str(value)))
+
+
+def say(console, text: str) -> None:
+    """Print one line of text (``printable``, never parsed as markup)."""
+    console.print(_plain(text))
+
+
+def _add_row(table, *cells: object) -> None:
+    table.add_row(*map(_plain, cells))
+
+
 #: The default output lists why channels stay when at most this fraction of them is prunable.
 MOSTLY_WHOLE = 0.5
 #: How many blocking reasons it lists (those that block the most channels).
@@ -141,12 +164,11 @@ def _render_blocking(report: Report, console) -> None:
     distinct = len({g.frozen for g in report.groups if g.frozen})
     more = f" (the {len(reasons)} that block the most of {distinct} reasons; all with " \
         "--dry-run)" if distinct > len(reasons) else ""
-    console.print(f"blocked: {frozen:,} channels in "
-                  f"{sum(1 for g in report.groups if g.frozen)} frozen group(s), by{more}:")
+    say(console, f"blocked: {frozen:,} channels in "
+                 f"{sum(1 for g in report.groups if g.frozen)} frozen group(s), by{more}:")
     for r in reasons:
         kind = f"[{r.kind}] " if r.kind else ""
-        console.print(f"  {r.channels:,} channels, {r.groups} group(s): {kind}{r.reason}",
-                      markup=False)
+        say(console, f"  {r.channels:,} channels, {r.groups} group(s): {kind}{r.reason}")
 
 
 def render(report: Report, console, dry_run: bool = False) -> None:
@@ -160,16 +182,15 @@ def render(report: Report, console, dry_run: bool = False) -> None:
         for g in report.groups:
             producers = ", ".join(g.producers[:4]) + (" ..." if len(g.producers) > 4 else "")
             unit = " heads" if g.heads else ""
-            table.add_row(str(g.id), producers, f"{g.channels_before}{unit}",
-                          f"{g.channels_after}{unit}",
-                          "frozen: " + g.frozen if g.frozen else "prunable")
+            _add_row(table, str(g.id), producers, f"{g.channels_before}{unit}",
+                     f"{g.channels_after}{unit}", "frozen: " + g.frozen if g.frozen else "prunable")
         console.print(table)
         if report.blocked_tensors:
             blocked = Table(title="Blocked tensors", title_justify="left")
             blocked.add_column("tensor", overflow="fold")
             blocked.add_column("reason", overflow="fold")
             for name, reason in report.blocked_tensors:
-                blocked.add_row(name, reason)
+                _add_row(blocked, name, reason)
             console.print(blocked)
     else:
         table = Table(title="Pruned layers", title_justify="left")
@@ -177,38 +198,39 @@ def render(report: Report, console, dry_run: bool = False) -> None:
             table.add_column(col, overflow="fold")
         for layer in report.layers:
             mark = "" if layer.channels_after < layer.channels_before else " (kept)"
-            table.add_row(layer.name, layer.op,
-                          f"{layer.channels_before} -> {layer.channels_after}{mark}",
-                          str(layer.group))
+            _add_row(table, layer.name, layer.op,
+                     f"{layer.channels_before} -> {layer.channels_after}{mark}", str(layer.group))
         console.print(table)
         _render_blocking(report, console)
-    console.print(f"coverage: {report.prunable_channels} / {report.total_channels} conv and MLP "
-                  f"output channels are prunable ({100 * report.coverage:.1f}%)")
+    say(console, f"coverage: {report.prunable_channels} / {report.total_channels} conv and "
+                 f"MLP output channels are prunable ({100 * report.coverage:.1f}%)")
     if report.before and report.after:
         b, a = report.before, report.after
-        console.print(f"params: {b.params:,} -> {a.params:,} ({_ratio(b.params, a.params)} smaller)")
-        console.print(f"MACs:   {b.macs:,} -> {a.macs:,} ({_ratio(b.macs, a.macs)} fewer)")
-        console.print(f"size:   {b.bytes:,} -> {a.bytes:,} bytes")
+        say(console,
+             f"params: {b.params:,} -> {a.params:,} ({_ratio(b.params, a.params)} smaller)")
+        say(console, f"MACs:   {b.macs:,} -> {a.macs:,} ({_ratio(b.macs, a.macs)} fewer)")
+        say(console, f"size:   {b.bytes:,} -> {a.bytes:,} bytes")
     if report.input_sizes.get("symbolic_dims"):
         verified = report.verification is not None
-        console.print(f"input sizes: {_sizes_line(report.input_sizes, verified)}")
+        say(console, f"input sizes: {_sizes_line(report.input_sizes, verified)}")
     if report.target is not None:
         render_target(report.target, console)
     if report.verification is not None:
         v = report.verification
-        console.print(f"verify: {'passed' if v['passed'] else 'FAILED'} - {v['summary']}")
+        say(console, f"verify: {'passed' if v['passed'] else 'FAILED'} - {v['summary']}")
     if report.compensation != "none":
-        console.print(f"compensation: {report.compensation}")
+        say(console, f"compensation: {report.compensation}")
     for line in report.fidelity:
-        console.print(f"fidelity on {report.fidelity_on} data: {line}")
+        say(console, f"fidelity on {report.fidelity_on} data: {line}")
     if report.latency is not None:
         lat = report.latency
-        console.print(
+        say(
+            console,
             f"latency ({lat.provider}, median of {lat.runs}): {lat.original_ms:.2f} ms "
             f"(IQR {lat.original_iqr_ms:.2f}) -> {lat.pruned_ms:.2f} ms "
             f"(IQR {lat.pruned_iqr_ms:.2f}), speedup {lat.speedup:.2f}x")
     for note in report.notes:
-        console.print(f"note: {note}")
+        say(console, f"note: {note}")
 
 
 def render_target(outcome: TargetOutcome, console) -> None:
@@ -221,7 +243,7 @@ def render_target(outcome: TargetOutcome, console) -> None:
         table.add_column(col, overflow="fold")
     for g in outcome.groups:
         producers = ", ".join(g["producers"][:3]) + (" ..." if len(g["producers"]) > 3 else "")
-        table.add_row(str(g["id"]), producers, str(g["channels"]), str(g["kept"]),
-                      f"{g['sparsity']:.3f}")
+        _add_row(table, str(g["id"]), producers, str(g["channels"]), str(g["kept"]),
+                 f"{g['sparsity']:.3f}")
     console.print(table)
-    console.print(outcome.summary())
+    say(console, outcome.summary())

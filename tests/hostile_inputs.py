@@ -137,3 +137,16 @@ def if_body_model() -> onnx.ModelProto:
     graph.node.append(helper.make_node("Add", ["head.out", "branch"], ["output"], name="add"))
     graph.output[0].name = "output"
     return model
+
+
+def retarget(path: Path, tensor: str, **entries: str) -> None:
+    """Rewrite ``tensor``'s external data entries (location, offset, length) in ``path``'s
+    header, written as bytes (``onnx.save`` would try to write the data)."""
+    header = onnx.load(str(path), load_external_data=False)
+    target = next(t for t in header.graph.initializer if t.name == tensor)
+    info = {e.key: e.value for e in target.external_data} | entries
+    del target.external_data[:]
+    for key, value in info.items():
+        entry = target.external_data.add()
+        entry.key, entry.value = key, value
+    path.write_bytes(header.SerializeToString())

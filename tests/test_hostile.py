@@ -7,6 +7,7 @@ Every case runs inside a sentinel folder whose every byte is compared before and
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -14,17 +15,21 @@ import numpy as np
 import onnx
 import pytest
 
+import onnx_fpgm.measure.calibration
 import onnx_fpgm.model.mapped
 from onnx_fpgm.cli import main as cli
 
 from .hostile_inputs import (
     if_body_model,
+    nested_json,
     conv_model,
     digest,
     one_error_line,
     outputs,
+    retarget,
     run_cli,
     save_external,
+    sparse_model,
     start_cli,
 )
 
@@ -232,3 +237,136 @@ def test_mapped_input_out_carries_its_own_data(capsys, monkeypatch, tmp_path, fo
         if e.key == "location"}
     assert locations and all(loc.startswith("out.onnx") for loc in locations), locations
     np.testing.assert_array_equal(outputs(out)["output"], outputs(reference)["output"])
+
+
+# --- 4. names are text: no markup, no raw control characters ----------------------------------
+
+
+@pytest.mark.parametrize("name", ["conv[/evil]1", "conv[bold]1[/bold]", "conv\x1b]0;pwned\x07",
+                                  "conv\x1b[31mred\nsecond"],
+                         ids=["closing_tag", "markup", "osc_title", "ansi_newline"])
+def test_crafted_node_names_print_as_text(capsys, tmp_path, name):
+    source = tmp_path / "in.onnx"
+    onnx.save(conv_model(name=name), source)
+    out = tmp_path / "out.onnx"
+    for args in ([source, out, "--report", tmp_path / "r.json"], [source, "--dry-run"]):
+        code, stdout, stderr = run(capsys, *args)
+        assert code == 0, stderr
+        assert "\x1b" not in stdout + stderr and "\x07" not in stdout + stderr
+        shown = name.encode("unicode_escape").decode("ascii")
+        assert shown in stdout, stdout
+    assert {n.name for n in onnx.load(str(out)).graph.node} >= {name}
+
+
+# --- 5. bad input is exit 2 with the reason, never exit 3 -------------------------------------
+
+
+def _plan(tmp_path: Path, kept) -> Path:
+    path = tmp_path / f"plan{len(list(tmp_path.glob('plan*')))}.json"
+    path.write_text(json.dumps({"layers": [{"name": "conv1", "channels_before": 16,
+                                            "kept": kept}]}))
+    return path
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, list, str]]:
+    good = tmp_path / "good.onnx"
+    onnx.save(conv_model(), good)
+    negative = tmp_path / "negative.onnx"
+    onnx.save(conv_model(dims=[-16, -3, 3, 3]), negative)
+    sparse = tmp_path / "sparse.onnx"
+    onnx.save(sparse_model(), sparse)
+    deep = tmp_path / "deep.json"
+    deep.write_text(nested_json(5_000_000))  # 10 MB
+    npy = tmp_path / "calib.npy"
+    np.save(npy, np.zeros((2, 3, 8, 8), np.float32))
+    return {
+        "negative_dims": (negative, [], "negative dims"),
+        "sparse_initializer": (sparse, [], "sparse initializer"),
+        "deep_json_plan": (good, ["--plan", deep], "nested too deeply"),
+        "npy_as_calibration": (good, ["--calibration", npy], "numpy.savez"),
+        "plan_bool_indices": (good, ["--plan", _plan(tmp_path, [True, False])], "integers"),
+        "plan_out_of_range": (good, ["--plan", _plan(tmp_path, [0, 16])], "0..15"),
+        "plan_duplicates": (good, ["--plan", _plan(tmp_path, [1, 1, 2])], "unique and sorted"),
+        "plan_unsorted": (good, ["--plan", _plan(tmp_path, [3, 1, 2])], "unique and sorted"),
+    }
+
+
+BAD_INPUTS = ["negative_dims", "sparse_initializer", "deep_json_plan", "npy_as_calibration",
+              "plan_bool_indices", "plan_out_of_range", "plan_duplicates", "plan_unsorted"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_exit_2_with_its_reason(capsys, tmp_path, case):
+    source, options, fragment = _bad_inputs(tmp_path)[case]
+    assert_refused(capsys, tmp_path, source, tmp_path / "out.onnx", *options,
+                   fragments=(fragment,))
+
+
+def test_zero_filters_are_refused_without_hanging(tmp_path):
+    source = tmp_path / "zero.onnx"
+    onnx.save(conv_model(filters=0), source)
+    before = digest(tmp_path)
+    done = run_cli(source, tmp_path / "out.onnx", timeout=30)
+    assert done.returncode == 2, done.stderr
+    one_error_line(done.stderr, "empty weight")
+    assert digest(tmp_path) == before
+
+
+def test_calibration_names_and_sizes_are_judged_before_decompressing(capsys, monkeypatch,
+                                                                     tmp_path):
+    source = tmp_path / "in.onnx"
+    onnx.save(conv_model(), source)
+    calib = tmp_path / "calib.npz"
+    np.savez_compressed(calib, input=np.zeros((64, 3, 8, 8), np.float32))
+    monkeypatch.setattr(onnx_fpgm.measure.calibration, "_budget_bytes", lambda: 1 << 12)
+    read = []
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__",
+                        lambda self, key: read.append(key))
+    assert_refused(capsys, tmp_path, source, tmp_path / "o.onnx", "--calibration", calib,
+                   fragments=("declare", "bytes decompressed"))
+    assert read == []
+
+
+# --- 6. memory-mapped loading: one checked descriptor per data file ---------------------------
+
+
+@pytest.fixture
+def mapped_input(monkeypatch, tmp_path: Path) -> Path:
+    """``src/in.onnx`` whose conv1.weight (6912 bytes) is memory-mapped from ``in.onnx.data``."""
+    monkeypatch.setattr(onnx_fpgm.model.mapped, "MAP_EXTERNAL_BYTES", 1)
+    return save_external(conv_model(filters=64), tmp_path / "src" / "in.onnx")
+
+
+@pytest.mark.parametrize(("entries", "fragment"), [
+    ({"offset": "-6912"}, "negative offset"),
+    ({"offset": "100000"}, "beyond the end"),
+    ({"length": "-4"}, "negative"),
+    ({"location": "x" * 5000}, "too long"),
+    ({"offset": "abc"}, "conv1.weight"),
+], ids=["negative_offset", "offset_beyond_end", "negative_length", "location_too_long",
+        "offset_not_a_number"])
+def test_bad_external_data_of_a_mapped_input_is_exit_2(capsys, tmp_path, mapped_input,
+                                                       entries, fragment):
+    retarget(mapped_input, "conv1.weight", **entries)
+    assert_refused(capsys, tmp_path, mapped_input, tmp_path / "out.onnx", fragments=(fragment,))
+
+
+def test_data_file_swapped_for_a_link_after_the_check_is_not_read(capsys, monkeypatch, tmp_path,
+                                                                  mapped_input):
+    """The data file is replaced by a link to a file outside the model's folder right after
+    onnx's checker approved it: the mapping opens it once, by descriptor, with the checks."""
+    data = mapped_input.with_name("in.onnx.data")
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(np.random.default_rng(3).bytes(data.stat().st_size))
+    check = onnx.checker.check_model
+
+    def check_then_swap(*args, **kwargs):
+        check(*args, **kwargs)
+        data.rename(data.with_name("moved.bin"))
+        data.symlink_to(outside)
+
+    monkeypatch.setattr(onnx.checker, "check_model", check_then_swap)
+    code, _, stderr = run(capsys, mapped_input, tmp_path / "out.onnx")
+    assert code == 2, stderr
+    one_error_line(stderr, "symbolic link")
+    assert not (tmp_path / "out.onnx").exists()

@@ -14,7 +14,7 @@ from ..measure.bench import benchmark
 from ..model import mapped
 from ..model.files import FilePlan, write_text
 from ..outcome.entry import prune
-from ..report import render
+from ..report import printable, render, say
 from .common import (
     EXIT_INTERNAL,
     PIPE_WIDTH,
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     except OnnxFpgmError as err:
         text = str(err) if err.exit_code != EXIT_INTERNAL or str(err).startswith(
             "internal error") else f"internal error: {err}; please report it"
-        print(f"onnx-fpgm: error: {text}", file=sys.stderr)
+        print(f"onnx-fpgm: error: {printable(text)}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("onnx-fpgm: error: interrupted; nothing was written", file=sys.stderr)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as err:  # a bug: one line, never a traceback
         line = str(err).splitlines()[0] if str(err) else ""
-        print(f"onnx-fpgm: error: internal error ({type(err).__name__}: {line}); "
+        print(f"onnx-fpgm: error: internal error ({type(err).__name__}: {printable(line)}); "
               "please report it",
               file=sys.stderr)
         return EXIT_INTERNAL
@@ -208,7 +208,7 @@ def _run(args) -> int:
     if report_json is not None:
         write_text(args.report, report_json, "--report")
     if not args.dry_run:
-        console.print(f"wrote {args.output}")
+        say(console, f"wrote {args.output}")
     return 0
 
 

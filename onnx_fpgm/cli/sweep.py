@@ -16,6 +16,7 @@ from ..errors import ConfigError, ModelLoadError
 from ..model import mapped
 from ..model.files import FilePlan, write_text
 from ..outcome.sweep import DEFAULT_TARGETS, plot_sweep, render_sweep, require_matplotlib, run_sweep
+from ..report import say
 from .common import Parser, ProgressBars, parse_input_shape
 
 SWEEP_ALLOCATIONS = tuple(a for a in ALLOCATIONS if a != "auto")
@@ -109,8 +110,8 @@ def run_sweep_command(args) -> int:
     render_sweep(sweep, console)
     if args.json:
         write_text(args.json, json.dumps(sweep.to_dict(), indent=2), "--json")
-        console.print(f"wrote {args.json}")
+        say(console, f"wrote {args.json}")
     if args.plot:
         plot_sweep(sweep, args.plot)
-        console.print(f"wrote {args.plot}")
+        say(console, f"wrote {args.plot}")
     return 0

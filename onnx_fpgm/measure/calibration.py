@@ -7,6 +7,7 @@ real inputs tell how much the removed channels mattered, and a few of them are v
 """
 from __future__ import annotations
 
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,18 +46,10 @@ def load_calibration(path: str | Path, model: onnx.ModelProto) -> Calibration:
             per sample.
     """
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise ConfigError(f"{path}: not a readable .npz file ({err})") from err
     initializers = {t.name for t in model.graph.initializer}
     inputs = {v.name: v for v in model.graph.input if v.name not in initializers}
+    arrays = _read_npz(path, inputs)
     labels = arrays.pop(LABELS_KEY, None)
-    unknown = sorted(set(arrays) - set(inputs))
-    if unknown:
-        raise ConfigError(f"{path}: arrays {unknown} are not graph inputs "
-                          f"(inputs: {sorted(inputs)}; '{LABELS_KEY}' is also accepted)")
     missing = sorted(set(inputs) - set(arrays))
     if not arrays:
         raise ConfigError(f"{path}: no array for graph input(s) {missing}")
@@ -134,6 +127,48 @@ def _static_batch(model: onnx.ModelProto, calibration: Calibration) -> int | Non
                 return dim0.dim_value
             return None
     return None
+
+
+def _budget_bytes() -> int:
+    """Bytes the decompressed calibration arrays may take: half of the physical memory."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def _read_npz(path: Path, inputs: dict) -> dict[str, np.ndarray]:
+    """The arrays named after graph inputs (and ``labels``), read only after their names and
+    declared sizes were checked: no array is decompressed before the whole file is judged.
+
+    Raises:
+        ConfigError: not an npz archive (a ``.npy`` too), unknown names, or arrays whose
+            declared sizes exceed the memory budget (inputs the file is silent on are drawn by
+            the caller).
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+    except (OSError, zipfile.BadZipFile, ValueError) as err:
+        raise ConfigError(f"{path}: not a readable .npz file ({err}); save the arrays with "
+                          "numpy.savez") from err
+    unknown = sorted(set(members) - set(inputs) - {LABELS_KEY})
+    if unknown:
+        raise ConfigError(f"{path}: arrays {unknown[:8]} are not graph inputs "
+                          f"(inputs: {sorted(inputs)}; '{LABELS_KEY}' is also accepted)")
+    declared = sum(info.file_size for info in members.values())
+    if declared > _budget_bytes():
+        raise ConfigError(f"{path}: its arrays declare {declared:,} bytes decompressed, more "
+                          f"than the {_budget_bytes():,} bytes allowed (half the memory)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in members}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ConfigError(f"{path}: not a readable .npz file ({err})") from err
+    for key, value in arrays.items():
+        if not isinstance(value, np.ndarray):
+            raise ConfigError(f"{path}: member {key!r} is not a .npy array")
+    return arrays
 
 
 def run_batched(session, model: onnx.ModelProto, calibration: Calibration,

@@ -51,7 +51,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, *,
         model, external = _read_file(path, parsed)
     if not model.HasField("graph") or not len(model.graph.node):
         raise ModelLoadError(f"{where}: not an ONNX model (no graph nodes)")
-    check_no_sparse(model, where)
+    check_tensors(model, where)
     if not len(model.opset_import):
         raise ModelLoadError(f"{where}: model declares no opset")
     try:
@@ -65,17 +65,38 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, *,
     return model, external
 
 
-def check_no_sparse(model: onnx.ModelProto, where: str) -> None:
-    """Sparse initializers are refused: the analysis and the oracle read dense weights only.
+def check_tensors(model: onnx.ModelProto, where: str) -> None:
+    """Refuse tensors the analysis and onnxruntime cannot take, before any work.
+
+    Sparse initializers (the analysis and the oracle read dense weights only), negative dims
+    (``[-8, -3, 3, 3]`` holds 72 values by its product, yet no array has that shape), and a
+    zero-sized weight of a Conv/Gemm/MatMul (an empty layer: onnxruntime's check of such a
+    model does not return).
 
     Raises:
-        ModelLoadError: the graph holds a ``sparse_initializer``.
+        ModelLoadError: naming the tensor and the reason.
     """
+    from onnx.external_data_helper import _get_all_tensors
+
     sparse = model.graph.sparse_initializer
     if len(sparse):
         names = ", ".join(s.values.name for s in sparse[:3])
         raise ModelLoadError(f"{where}: {len(sparse)} sparse initializer(s) ({names}): onnx-fpgm "
                              "reads dense weights only; store them as dense initializers")
+    for tensor in _get_all_tensors(model):
+        if any(d < 0 for d in tensor.dims):
+            raise ModelLoadError(f"{where}: tensor {tensor.name} has negative dims "
+                                 f"{list(tensor.dims)}")
+    weights = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in _WEIGHTED_OPS and len(node.input) > 1 and node.input[1] in weights:
+            dims = list(weights[node.input[1]].dims)
+            if 0 in dims:
+                raise ModelLoadError(f"{where}: {node.op_type} {node.name or node.output[0]} has "
+                                     f"an empty weight {node.input[1]} {dims}")
+
+
+_WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 def check_runtime_ops(model: onnx.ModelProto, where: str, err: Exception) -> None:

@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import ModelLoadError
 from . import external
-from .io import (_first_line, _itemsize, _stored_tensors, check_no_sparse, check_runtime_ops,
+from .io import (_first_line, _itemsize, _stored_tensors, check_runtime_ops, check_tensors,
                  load_model)
 from .light import _numel, is_stripped
 
@@ -100,7 +100,7 @@ def load_mapped(source: str | os.PathLike | onnx.ModelProto) -> Loaded:
         header = onnx.load(str(path), load_external_data=False)
     except Exception:
         return Loaded(*load_model(source))  # load_model words the error
-    check_no_sparse(header, str(path))
+    check_tensors(header, str(path))
     data_files = tuple(path.parent / loc for loc in external.external_locations(header))
     loaded = _load_header(path, header)
     loaded.files = (path, *data_files)
@@ -120,8 +120,9 @@ def _load_header(path: Path, header: onnx.ModelProto) -> Loaded:
             onnx.checker.check_model(str(path))
         except onnx.checker.ValidationError as err:
             check_runtime_ops(header, str(path), err)
-    except (onnx.checker.ValidationError, OSError, ValueError) as err:
-        raise ModelLoadError(f"{path}: fails onnx.checker: {_first_line(err)}") from err
+    except (onnx.checker.ValidationError, OSError, ValueError, RuntimeError) as err:
+        # RuntimeError: the checker's filesystem errors (a location too long for the OS)
+        raise ModelLoadError(f"{path}: fails onnx.checker: {_first_line(err)[:300]}") from err
     weights = _map_external(external_tensors, path.parent)
     for tensor in external_tensors:  # shapes, sizes, axes: inference and the folder read them inline
         value = weights[tensor.name]

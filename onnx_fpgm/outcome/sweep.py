@@ -20,6 +20,7 @@ from ..errors import ConfigError, OnnxFpgmError
 from ..measure.bench import benchmark
 from ..model import mapped
 from ..model.files import atomic_file
+from ..report import say
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def render_sweep(sweep: Sweep, console) -> None:
     console.print(table)
     for p in sweep.points:
         if p.error:
-            console.print(f"{p.allocation}/{p.compensation} at {p.target:g}: {p.error}")
+            say(console, f"{p.allocation}/{p.compensation} at {p.target:g}: {p.error}")
     if sweep.fidelity_on:
         console.print(f"fidelity and accuracy on the {sweep.fidelity_on} data; worst output")
     originals = [p.accuracy_original for p in sweep.points if p.accuracy_original is not None]

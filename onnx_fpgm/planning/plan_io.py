@@ -22,22 +22,58 @@ from .plan import GroupPlan, PrunePlan, emptied_groups
 _FAMILY = {"Gemm": "linear", "MatMul": "linear", "Conv": "conv", "ConvTranspose": "convT"}
 
 
+#: A saved plan larger than this is no report of ours (a report is a few KB per layer).
+PLAN_MAX_BYTES = 64 << 20
+
+
 def read_plan_layers(path: str | Path) -> list[dict]:
-    """The ``layers`` of a saved report, validated."""
+    """The ``layers`` of a saved report, validated strictly: every ``kept`` list holds
+    integers (not booleans) in range, unique and sorted, as ``--report`` writes them.
+
+    Raises:
+        PlanError: unreadable, too large, too deeply nested, or malformed.
+    """
     try:
-        data = json.loads(Path(path).read_text())
+        with open(path, "rb") as handle:
+            raw = handle.read(PLAN_MAX_BYTES + 1)
+        if len(raw) > PLAN_MAX_BYTES:
+            raise PlanError(f"{path}: over {PLAN_MAX_BYTES >> 20} MiB; not a saved report")
+        data = json.loads(raw)
+    except RecursionError as err:
+        raise PlanError(f"{path}: JSON nested too deeply; not a saved report") from err
     except (OSError, ValueError) as err:
         raise PlanError(f"{path}: not a readable JSON report ({err})") from err
     layers = data.get("layers") if isinstance(data, dict) else None
     if not isinstance(layers, list) or not layers:
         raise PlanError(f"{path}: no 'layers' list; write the plan with --report")
     for layer in layers:
-        ok = isinstance(layer, dict) and isinstance(layer.get("name"), str) and \
-            isinstance(layer.get("channels_before"), int) and isinstance(layer.get("kept"), list)
-        if not ok or any(not isinstance(k, int) or not 0 <= k < layer["channels_before"]
-                         for k in layer["kept"]) or not layer["kept"]:
-            raise PlanError(f"{path}: layer entry {str(layer)[:60]} is malformed")
+        reason = _check_layer(layer)
+        if reason:
+            raise PlanError(f"{path}: layer entry {str(layer)[:60]} is malformed ({reason})")
     return layers
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_layer(layer: object) -> str | None:
+    """Why a plan's layer entry is malformed, or None."""
+    if not isinstance(layer, dict) or not isinstance(layer.get("name"), str):
+        return "no name"
+    n, kept = layer.get("channels_before"), layer.get("kept")
+    if not _is_int(n) or n < 1 or not isinstance(kept, list) or not kept:
+        return "channels_before and a non-empty kept list are needed"
+    if not all(_is_int(k) for k in kept):
+        return "kept indices must be integers"
+    if not all(0 <= k < n for k in kept):
+        return f"kept indices must lie in 0..{n - 1}"
+    if any(a >= b for a, b in zip(kept, kept[1:])):
+        return "kept indices must be unique and sorted"
+    size = layer.get("filter_size")
+    if size is not None and (not _is_int(size) or size < 1):
+        return "filter_size must be a positive integer"
+    return None
 
 
 def plan_from_report(path: str | Path, analysis: Analysis) -> tuple[PrunePlan, str]:
