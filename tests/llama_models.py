@@ -156,14 +156,23 @@ def build_llama_like(seed: int = 0, **kwargs) -> LlamaLike:
     return module.eval()
 
 
-def export_llama(module: LlamaLike, dynamo: bool, seq: int = 8) -> onnx.ModelProto:
-    """Export with ``input_ids`` (and ``position_ids``) of shape (1, seq); output ``logits``."""
+def export_llama(module: LlamaLike, dynamo: bool, seq: int = 8,
+                 dynamic: bool = False) -> onnx.ModelProto:
+    """Export with ``input_ids`` (and ``position_ids``) of shape (1, seq); output ``logits``.
+
+    ``dynamic``: batch and sequence are symbolic (``batch``, ``sequence``), as optimum exports.
+    """
     ids = torch.zeros((1, seq), dtype=torch.int64)
     args: tuple = (ids, torch.arange(seq)[None]) if module.with_positions else (ids,)
     names = ["input_ids", "position_ids"][:len(args)]
     kwargs: dict = ({"dynamo": True, "opset_version": 18, "external_data": False,
                      "verbose": False} if dynamo else
                     {"dynamo": False, "opset_version": 17, "do_constant_folding": True})
+    if dynamic and dynamo:
+        dims = {0: torch.export.Dim("batch", max=8), 1: torch.export.Dim("sequence", max=seq)}
+        kwargs["dynamic_shapes"] = [dims] * len(args)
+    elif dynamic:
+        kwargs["dynamic_axes"] = {n: {0: "batch", 1: "sequence"} for n in names}
     with contextlib.ExitStack() as stack:
         path = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "m.onnx")
         with _quiet_exporter():

@@ -16,15 +16,22 @@ from tests.llama_models import build_llama_like, export_llama
 #: variant -> LlamaLike options: eager attention with constant cos/sin, cos/sin computed from a
 #: position_ids input, torch's scaled_dot_product_attention.
 VARIANTS = {"eager": {}, "positions": {"with_positions": True}, "sdpa": {"sdpa": True}}
-EXPORTERS = {"torchscript": False, "dynamo": True}
+#: exporter -> (dynamo, symbolic batch and sequence)
+EXPORTERS = {"torchscript": (False, False), "dynamo": (True, False),
+             "dynamo-dynamic": (True, True)}
 CASES = [(v, e) for v in VARIANTS for e in EXPORTERS]
+#: (variant, exporter) whose heads still block, with what the reason says. onnxscript's SDPA
+#: with a symbolic sequence flattens K to (-1, S, d) and back with the head count read by Shape
+#: from K itself: that count would follow the plan, but reading it keeps the level whole.
+HEADS_BLOCKED = {("sdpa", "dynamo-dynamic"): "computes its size"}
 HEAD_DIM, N_REP = 8, 2  # dim 32, 4 query heads, 2 KV heads
 
 
 @functools.cache
 def _export(variant: str, exporter: str) -> bytes:
     module = build_llama_like(**VARIANTS[variant])
-    return export_llama(module, EXPORTERS[exporter]).SerializeToString()
+    dynamo, dynamic = EXPORTERS[exporter]
+    return export_llama(module, dynamo, dynamic=dynamic).SerializeToString()
 
 
 def _model(variant: str, exporter: str) -> onnx.ModelProto:
@@ -48,6 +55,11 @@ def test_kv_groups_and_mlp_widths_prune(variant: str, exporter: str) -> None:
         [r for _, r in result.analysis.blocked_tensors]
     assert not any("could not analyse" in r for r in reasons), reasons
     heads = [g for g in result.analysis.groups if g.heads]
+    if (variant, exporter) in HEADS_BLOCKED:
+        assert heads and all(HEADS_BLOCKED[variant, exporter] in g.frozen for g in heads)
+        mlp = [g for g in result.analysis.groups if not g.frozen]
+        assert len(mlp) == 2 and all(g.n_channels == 64 for g in mlp)  # the MLP widths prune
+        return
     assert len(heads) == 2 and not any(g.frozen for g in heads)  # one per layer, all open
     analysis = result.analysis
     for group in heads:  # one class per KV group: its 2 query heads, its K and its V head

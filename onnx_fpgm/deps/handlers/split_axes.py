@@ -26,7 +26,13 @@ import numpy as np
 
 from ..blocks import SplitMap, drop_level, new_split, require_free, require_whole
 from ..channels import ChannelMap
-from ..shape_values import resolve_reshape_target, rewritable_source, shape_elements, symbolic_dims
+from ..shape_values import (
+    named_dims,
+    resolve_reshape_target,
+    rewritable_source,
+    shape_elements,
+    symbolic_dims,
+)
 from ._util import axes_from, normalize_axis, prod, transpose_perm
 
 
@@ -280,9 +286,18 @@ def reshape_splits(node, ctx, xmap: ChannelMap) -> bool:
 
 
 def _refine(node, out_shape: list[int], ctx) -> None:
-    """Give later handlers the output shape onnx's inference could not (a computed target)."""
-    if node.outputs[0].shape is None and all(d < 2**31 for d in out_shape):
-        node.outputs[0].shape = list(out_shape)
+    """Give later handlers the output shape (or the dims of it) onnx's inference could not
+    find (a computed target); symbols come back as their names."""
+    current = node.outputs[0].shape
+    if current is not None and None not in current:
+        return
+    in_dims = symbolic_dims(node.inputs[0])
+    names = named_dims(out_shape, in_dims, shape_elements(node, 1, ctx) or [])
+    names = [None if isinstance(d, str) and d.startswith("?") else d for d in names]
+    if current is not None and len(current) == len(names):
+        names = [d if d is not None else n for d, n in zip(current, names)]
+    if names != current:
+        node.outputs[0].shape = names
         ctx.refined.add(node.outputs[0].name)
 
 
