@@ -48,11 +48,15 @@ def check_pruned(original: onnx.ModelProto, result: onnx_fpgm.PruneResult) -> No
     assert list(pruned.opset_import) == list(original.opset_import)
     # Node names and order of everything that runs on data are preserved.
     assert runtime_nodes(pruned) == runtime_nodes(original)
-    # The oracle, rerun here (not only inside prune()).
+    # The oracle, rerun here (not only inside prune()), at the sizes prune() chose for
+    # symbolic dims (both sets).
+    sizes = result.report.input_sizes
+    sets = [{k: tuple(v) for k, v in sizes[key].items()} for key in ("primary", "secondary")
+            if sizes.get("symbolic_dims") and sizes.get(key)] or None
     check = onnx_fpgm.oracle.validate.verify(
         onnx_fpgm.model.io.infer_shapes(original), pruned, analysis=result.analysis,
         removed_classes=result.plan.removed_classes, opset=onnx_fpgm.model.io.default_opset(original),
-        seed=123)
+        seed=123, size_sets=sets)
     assert check, check.summary()
     assert check.max_rel_error <= 1e-4
     # Kept weights are copied, never recomputed: a stored weight (or its copy-on-write copy)

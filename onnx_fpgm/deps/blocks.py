@@ -49,6 +49,11 @@ class SplitMap:
     def moved(self, axes) -> SplitMap:
         return replace(self, axes=tuple(int(a) for a in axes))
 
+    def passed(self) -> SplitMap:
+        """The same split after an op that changes values (``ChannelMap.passed``: a split
+        has no fold target to lose)."""
+        return self
+
     def position(self, axis: int) -> int | None:
         """Which entry of ``axes`` is tensor axis ``axis`` (None: not a level)."""
         return self.axes.index(axis) if axis in self.axes else None

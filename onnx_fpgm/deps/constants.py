@@ -18,7 +18,7 @@ import logging
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import helper
+from onnx import helper, numpy_helper
 
 logger = logging.getLogger(__name__)
 
@@ -135,9 +135,11 @@ class ConstantFolder:
         outputs = [f"o{k}" for k in range(len(node.outputs))]
         attrs = {}
         for key, val in node.attrs.items():
-            if isinstance(val, (gs.Constant, gs.Graph)):
+            if isinstance(val, gs.Graph):
                 return None
-            attrs[key] = val
+            # a tensor attribute (ConstantOfShape's ``value``, as TorchScript writes it)
+            attrs[key] = numpy_helper.from_array(np.asarray(val.values)) \
+                if isinstance(val, gs.Constant) else val
         try:
             proto = helper.make_node(node.op, names, outputs, **attrs)
             model = helper.make_model(

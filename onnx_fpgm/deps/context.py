@@ -19,9 +19,9 @@ logger = logging.getLogger(__name__)
 
 #: (op, input index) whose shape parameter the op's handler rewrites from surviving channels.
 SHAPE_PARAMETER_INPUTS = frozenset({("Split", 1), ("Reshape", 1), ("Resize", 3), ("Slice", 1),
-                                    ("Slice", 2), ("SplitToSequence", 1)})
+                                    ("Slice", 2), ("SplitToSequence", 1), ("Expand", 1)})
 #: Shape parameters whose handler reads them element by element (``shape_values``).
-ELEMENTWISE_PARAMETER_INPUTS = frozenset({("Reshape", 1), ("Resize", 3)})
+ELEMENTWISE_PARAMETER_INPUTS = frozenset({("Reshape", 1), ("Resize", 3), ("Expand", 1)})
 #: Ops that may carry a channel count along in shape arithmetic.
 SHAPE_ARITHMETIC = FOLDABLE_OPS - {"Shape"}
 

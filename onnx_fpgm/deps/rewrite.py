@@ -43,9 +43,32 @@ def apply_plan(graph: gs.Graph, analysis: Analysis, removed_classes: np.ndarray,
     graph.outputs.extend(already_dead)
     graph.cleanup(remove_unused_graph_inputs=False)
     graph.outputs = outputs
-    if ctx.added_nodes:  # private quantizer copies were appended after their readers
-        graph.toposort()
+    if ctx.added_nodes:  # private copies (quantizers, shape paths) were appended at the end
+        _place_added(graph, ctx.added_nodes)
     return ctx.notes
+
+
+def _place_added(graph: gs.Graph, added: list[gs.Node]) -> None:
+    """Move every added node just before its first reader: the original nodes keep their order
+    (a full toposort would reorder them)."""
+    added_ids = {id(n) for n in added}
+    placed: set[int] = set()
+    order: list[gs.Node] = []
+
+    def place_producers(node: gs.Node) -> None:
+        for tensor in node.inputs:
+            for producer in getattr(tensor, "inputs", []) if tensor is not None else []:
+                if id(producer) in added_ids and id(producer) not in placed:
+                    placed.add(id(producer))
+                    place_producers(producer)
+                    order.append(producer)
+
+    for node in graph.nodes:
+        if id(node) not in added_ids:
+            place_producers(node)
+            order.append(node)
+    order += [n for n in graph.nodes if id(n) in added_ids and id(n) not in placed]
+    graph.nodes = order
 
 
 def _dead_outputs(graph: gs.Graph) -> list[gs.Tensor]:

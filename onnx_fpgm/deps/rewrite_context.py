@@ -12,6 +12,8 @@ A quantizer that other nodes also read is duplicated for the pruned node first.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import helper
@@ -198,6 +200,8 @@ class RewriteContext:
         """
         if source is None:
             raise RewriteError("a shape parameter to rewrite is computed at run time")
+        if not source.exclusive and source.target is not None:
+            source = self._private_path(source)
         tensor = source.node.inputs[source.index]
         stored = self.const(tensor)
         if stored is None and source.values is not None:  # computed from static dims
@@ -208,6 +212,31 @@ class RewriteContext:
         updated = np.array(stored, copy=True)
         updated.reshape(-1)[source.position] = value
         self.set_input_value(source.node, source.index, updated)
+
+    def _private_path(self, source: Source) -> Source:
+        """Copy the nodes between a shared stored element and its shape parameter for the
+        parameter's node alone, so that rewriting the element changes nothing else."""
+        reader, index = source.target
+        path = _path_between(source.node, reader.inputs[index], depth=0)
+        if path is None:
+            raise RewriteError(f"cannot follow the shape input {index} of {reader.name} back "
+                               f"to {source.node.name}")
+        copies: dict[int, gs.Tensor] = {}
+        copied_source = source.node
+        for node in path:
+            outputs = [gs.Variable(self._unique(f"{o.name}__{reader.name}"), dtype=o.dtype,
+                                   shape=o.shape) for o in node.outputs]
+            copy = gs.Node(node.op, self._unique(f"{node.name}__{reader.name}"),
+                           dict(node.attrs), [copies.get(id(t), t) for t in node.inputs],
+                           outputs, domain=node.domain)
+            copies.update({id(o): c for o, c in zip(node.outputs, outputs)})
+            self.graph.nodes.append(copy)
+            self.added_nodes.append(copy)
+            if node is source.node:
+                copied_source = copy
+        reader.inputs[index] = copies[id(reader.inputs[index])]
+        self.notes.append(f"{reader.name}: its shape input is shared; used a private copy")
+        return replace(source, node=copied_source, exclusive=True, target=None)
 
     def add_input_value(self, node: gs.Node, value: np.ndarray, name: str) -> None:
         """Append a constant input (e.g. explicit split sizes)."""
@@ -275,3 +304,17 @@ def _through_chain(value: np.ndarray, chain: list[gs.Node]) -> np.ndarray:
         if node.op == "Cast":
             value = value.astype(helper.tensor_dtype_to_np_dtype(int(node.attrs["to"])))
     return value
+
+
+def _path_between(start: gs.Node, tensor: gs.Tensor, depth: int) -> list[gs.Node] | None:
+    """The nodes from ``start`` to the producer of ``tensor``, in order (None: no such path)."""
+    if depth > 32 or not isinstance(tensor, gs.Variable) or len(tensor.inputs) != 1:
+        return None
+    producer = tensor.inputs[0]
+    if producer is start:
+        return [producer]
+    for inp in producer.inputs:
+        found = _path_between(start, inp, depth + 1)
+        if found is not None:
+            return [*found, producer]
+    return None

@@ -64,6 +64,9 @@ class Source:
     #: the whole tensor's values when they are known but not stored (computed from static
     #: dims): the rewrite then gives ``node`` a constant in place of the computation
     values: tuple[int, ...] | None = None
+    #: (node, input index) of the shape parameter the element ends in; when the path is not
+    #: exclusive, the rewrite gives that node a private copy of the path (``RewriteContext``)
+    target: tuple[gs.Node, int] | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,7 +113,11 @@ def shape_elements(node: gs.Node, index: int, ctx) -> list[Element] | None:
     ``ctx`` is an analysis or rewrite context (``const``, ``map``, ``graph``).
     """
     tensor = node.inputs[index] if index < len(node.inputs) else None
-    return _elements(tensor, ctx, (node, index), exclusive=True, depth=0)
+    elements = _elements(tensor, ctx, (node, index), exclusive=True, depth=0)
+    if elements is None:
+        return None
+    return [e if e.source is None or e.source.exclusive else
+            replace(e, source=replace(e.source, target=(node, index))) for e in elements]
 
 
 def tensor_elements(tensor: gs.Tensor, ctx) -> list[Element] | None:
@@ -304,14 +311,26 @@ def rewritable_source(node: gs.Node, index: int, position: int, elements: list[E
 
     The stored constant behind that one element when the path to ``node`` is exclusive;
     otherwise, when the whole vector is constant, the vector itself at ``node`` (replaced by a
-    rewritten copy); otherwise None.
+    rewritten copy); otherwise the stored constant behind a path other shape vectors share
+    (dynamo's ``Concat`` of one ``[2]`` for both repeat_kv Expands: the rewrite copies the path
+    for ``node``); None when the element is computed.
     """
     element = elements[position]
     if element.source is not None and element.source.exclusive:
         return element.source
     if ctx.const(node.inputs[index]) is not None:
         return Source(node, index, position, True)
+    if element.source is not None and element.source.target is not None:
+        return element.source
     return None
+
+
+def named_dims(numbers: list[int], in_dims: list, elements: list) -> list:
+    """Output sizes with the stand-in primes turned back into their symbols (else None)."""
+    symbols = [*in_dims, *(e.symbol for e in elements if e.symbol is not None)]
+    (numbered,), _ = resolve_symbols(symbols)
+    by_number = {n: s for n, s in zip(numbered, symbols) if isinstance(s, str)}
+    return [by_number.get(n, n if n < 2**31 else None) for n in numbers]
 
 
 def resolve_symbols(*dim_lists: list[int | str]) -> tuple[list[list[int]], list[set[int]]]:
@@ -377,7 +396,7 @@ def refine_shapes(node: gs.Node, ctx) -> None:
     the shapes of the nodes after it are inferred here, one node at a time.
     """
     if not any(t is not None and t.name in ctx.refined for t in node.inputs) or \
-            all(t.shape is not None for t in node.outputs):
+            all(t.shape is not None and None not in t.shape for t in node.outputs):
         return
     try:
         schema = onnx.defs.get_schema(node.op, ctx.opset, node.domain or "")
@@ -404,9 +423,13 @@ def refine_shapes(node: gs.Node, ctx) -> None:
         return
     for out in node.outputs:
         ttype = inferred.get(out.name)
-        if out.shape is None and ttype is not None and ttype.tensor_type.HasField("shape"):
-            out.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                         for d in ttype.tensor_type.shape.dim]
+        if (out.shape is None or None in out.shape) and ttype is not None and \
+                ttype.tensor_type.HasField("shape"):
+            found = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                     for d in ttype.tensor_type.shape.dim]
+            if out.shape is not None and len(out.shape) == len(found):  # fill unknown dims
+                found = [d if d is not None else f for d, f in zip(out.shape, found)]
+            out.shape = found
             if out.dtype is None and ttype.tensor_type.elem_type:
                 out.dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.tensor_type.elem_type)
             ctx.refined.add(out.name)

@@ -2,6 +2,7 @@
 from . import (  # noqa: F401
     conv,
     elementwise,
+    expand,
     fused_attention,
     linear,
     norm,

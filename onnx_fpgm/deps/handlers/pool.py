@@ -5,9 +5,12 @@
 * Reduce* over axes that exclude the channel axis pass channels through (moving the axis when
   ``keepdims=0``); reducing over the channel axis mixes channels: blocked.
 * Softmax/LogSoftmax/Hardmax over the channel axis mix channels: blocked; over other axes: pass.
+  Over a level of a split channel axis (``blocks.py``) the values of each entry of the other
+  levels are normalised apart: that level stays whole, the others may lose entries.
 """
 from __future__ import annotations
 
+from ..blocks import require_whole
 from ..registry import register
 from ._util import axes_from, mapped_input, normalize_axis
 
@@ -79,10 +82,13 @@ class SoftmaxHandler:
         if smap is not None:
             axis = None if shape is None or ctx.opset < 13 else normalize_axis(
                 int(node.attrs.get("axis", -1)), len(shape))
-            if axis is None or axis in smap.axes:
+            if axis is None:
                 ctx.block(smap, f"{node.op} {node.name} normalises over a split channel axis")
-            else:
-                ctx.set_map(node.outputs[0], smap)
+                return
+            if axis in smap.axes:  # within each entry of the other levels: this one stays whole
+                require_whole(ctx, smap, smap.position(axis),
+                              f"{node.op} {node.name} normalises over it")
+            ctx.set_map(node.outputs[0], smap)
             return
         found = mapped_input(node, ctx)
         if found is None:

@@ -20,8 +20,8 @@ import numpy as np
 from ..channels import ChannelMap
 from ..registry import register
 from ..shape_values import (
+    named_dims,
     resolve_reshape_target,
-    resolve_symbols,
     rewritable_source,
     shape_elements,
     symbolic_dims,
@@ -108,7 +108,7 @@ def reshape_target(node, ctx, xmap: ChannelMap) -> _ReshapeTarget:
                         rewritable_source(node, 1, result.axis, elements, ctx) is None):
         return _ReshapeTarget(None, f"the channel count in the target of {where} is computed "
                                     "(computed shape)")
-    return _ReshapeTarget(result, out_dims=_named_dims(out_numbers, in_dims, elements))
+    return _ReshapeTarget(result, out_dims=named_dims(out_numbers, in_dims, elements))
 
 
 def _counts_follow(element, labels: np.ndarray) -> bool:
@@ -118,14 +118,6 @@ def _counts_follow(element, labels: np.ndarray) -> bool:
         return np.array_equal(element.labels, labels)
     repeated = np.repeat(element.labels, element.factor)
     return len(repeated) == len(labels) and np.array_equal(np.sort(repeated), np.sort(labels))
-
-
-def _named_dims(numbers: list[int], in_dims: list, elements: list) -> list:
-    """Output sizes with the stand-in primes turned back into their symbols (else None)."""
-    symbols = [*in_dims, *(e.symbol for e in elements if e.symbol is not None)]
-    (numbered,), _ = resolve_symbols(symbols)
-    by_number = {n: s for n, s in zip(numbered, symbols) if isinstance(s, str)}
-    return [by_number.get(n, n if n < 2**31 else None) for n in numbers]
 
 
 @register("Reshape")

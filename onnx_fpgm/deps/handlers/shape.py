@@ -18,7 +18,7 @@ import numpy as np
 from ..channels import ChannelMap
 from ..registry import register
 from ..shape_values import rewritable_source, shape_elements
-from . import split_axes
+from . import split_axes, split_operands
 from ._util import (
     axes_from,
     has_input,
@@ -102,12 +102,17 @@ class SqueezeHandler:
 class ConcatHandler:
     """Joins channels on the channel axis, couples them on any other axis."""
 
+    accepts_split = True
+
     def data_inputs(self, node) -> list:
         """The tensors joined (com.microsoft QLinearConcat interleaves their parameters)."""
         return list(node.inputs)
 
     def propagate(self, node, ctx) -> None:
         inputs = self.data_inputs(node)
+        if any(ctx.split_map(t) is not None for t in inputs):
+            split_operands.concat(node, ctx, inputs)
+            return
         maps = [ctx.map(t) for t in inputs]
         if not any(m is not None for m in maps):
             return

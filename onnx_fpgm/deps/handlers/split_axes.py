@@ -26,7 +26,13 @@ import numpy as np
 
 from ..blocks import SplitMap, drop_level, new_split, require_free, require_whole
 from ..channels import ChannelMap
-from ..shape_values import resolve_reshape_target, rewritable_source, shape_elements, symbolic_dims
+from ..shape_values import (
+    named_dims,
+    resolve_reshape_target,
+    rewritable_source,
+    shape_elements,
+    symbolic_dims,
+)
 from ._util import axes_from, normalize_axis, prod, transpose_perm
 
 
@@ -280,9 +286,18 @@ def reshape_splits(node, ctx, xmap: ChannelMap) -> bool:
 
 
 def _refine(node, out_shape: list[int], ctx) -> None:
-    """Give later handlers the output shape onnx's inference could not (a computed target)."""
-    if node.outputs[0].shape is None and all(d < 2**31 for d in out_shape):
-        node.outputs[0].shape = list(out_shape)
+    """Give later handlers the output shape (or the dims of it) onnx's inference could not
+    find (a computed target); symbols come back as their names."""
+    current = node.outputs[0].shape
+    if current is not None and None not in current:
+        return
+    in_dims = symbolic_dims(node.inputs[0])
+    names = named_dims(out_shape, in_dims, shape_elements(node, 1, ctx) or [])
+    names = [None if isinstance(d, str) and d.startswith("?") else d for d in names]
+    if current is not None and len(current) == len(names):
+        names = [d if d is not None else n for d, n in zip(current, names)]
+    if names != current:
+        node.outputs[0].shape = names
         ctx.refined.add(node.outputs[0].name)
 
 
@@ -317,20 +332,43 @@ def reshape_split_input(node, ctx, smap: SplitMap) -> None:
             ctx.set_map(node.outputs[0], ChannelMap(big[0], labels, heads=heads))
             _refine(node, out_shape, ctx)
             return
-    moved = []
-    for axis in smap.axes:  # every level alone in its block: it only moves
-        found = _span(in_shape, axis, axis, out_shape)
-        big = [] if found is None else [j for j in range(*found) if out_shape[j] != 1]
-        if len(big) != 1:
+    moved, labels = [], smap.labels
+    for position, axis in enumerate(smap.axes):  # every level alone in its block: it moves
+        found = _level_block(smap, axis, in_shape, out_shape)
+        if found is None:
             ctx.block(smap, f"{where} regroups a split channel axis")
             return
-        moved.append(big[0])
+        out_axis, outer, inner = found
+        moved.append(out_axis)
+        labels = np.repeat(labels, inner, axis=position)
+        labels = np.concatenate([labels] * outer, axis=position) if outer > 1 else labels
     if _computed_from(elements, moved, smap.flat()):
         ctx.block(smap, f"{where} moves heads with a computed shape")
         return
     _keep_computed_whole(node, ctx, smap, elements, moved)
-    ctx.set_map(node.outputs[0], smap.moved(moved))
+    ctx.set_map(node.outputs[0], replace(smap.moved(moved), labels=labels))
     _refine(node, out_shape, ctx)
+
+
+def _level_block(smap: SplitMap, axis: int, in_shape, out_shape) -> tuple[int, int, int] | None:
+    """(output axis, outer, inner) when level ``axis`` lands on one output axis, alone or merged
+    with neighbouring axes that hold no level (repeat_kv's expanded ``n_rep`` axis: each entry
+    of the level is then repeated ``inner`` times and the whole level tiled ``outer`` times)."""
+    others = [a for a in smap.axes if a != axis]
+    for width in range(len(in_shape)):
+        for lo in range(max(0, axis - width), axis + 1):
+            hi = lo + width
+            if hi >= len(in_shape) or any(lo <= a <= hi for a in others):
+                continue
+            found = _span(in_shape, lo, hi, out_shape)
+            big = [] if found is None else [j for j in range(*found) if out_shape[j] != 1]
+            if len(big) != 1:
+                continue
+            outer, inner = prod(in_shape[lo:axis]), prod(in_shape[axis + 1:hi + 1])
+            if outer * inner >= 2**31:  # a symbolic dim (a stand-in prime) merged in
+                return None
+            return big[0], outer, inner
+    return None
 
 
 def reshape_apply(node, ctx) -> bool:

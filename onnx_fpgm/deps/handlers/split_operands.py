@@ -1,10 +1,23 @@
 """Split channel axes meeting other operands: element-wise ops (per-head constants, joins of
-two split tensors) and MatMul of two activations (attention); the algebra is ``split_axes``'s.
+two split tensors), Concat, and MatMul of two activations (attention); the algebra is
+``split_axes``'s.
+
+* An element-wise operand that is not ours (rotary's cos/sin, computed from position ids) is
+  read whole on every level it spans: such a level stays whole (``head_dim``), while a level it
+  broadcasts over (size 1: the heads) may still lose entries.
+* Concat on a level axis (rotate_half's ``cat(-x2, x1)`` on ``head_dim``) joins pieces of that
+  level, which stays whole; on another axis it joins split tensors position by position (they
+  are coupled), and an input that is not ours keeps the levels it spans whole (a cache).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
+
 from ..blocks import require_free, require_whole
 from ..channels import ChannelMap
+from ._util import normalize_axis
 
 # ---- element-wise -----------------------------------------------------------------------------
 
@@ -39,10 +52,11 @@ def broadcast(node, ctx) -> bool:
             ctx.block(ref, f"{where} joins a split channel axis with plain channels")
             ctx.block(ctx.map(tensor), f"{where} joins a split channel axis with plain channels")
             return True
-        wide = [axis for axis in ref_axes if axis - offset >= 0 and shape[axis - offset] != 1]
-        if wide and ctx.const(tensor) is None:
-            ctx.block(ref, f"{where} mixes a split channel axis with an activation not ours")
-            return True
+        if ctx.const(tensor) is None:  # not ours: the levels it spans stay whole
+            for position, axis in enumerate(ref_axes):
+                if axis - offset >= 0 and shape[axis - offset] != 1:
+                    require_whole(ctx, ref, position,
+                                  f"{where} mixes it with an activation not ours")
     ctx.set_map(node.outputs[0], ref.moved(ref_axes))
     return True
 
@@ -68,6 +82,43 @@ def broadcast_apply(node, ctx) -> bool:
         if local >= 0 and value.shape[local] == width and width > 1:
             ctx.slice_input(node, index, local, keep)
     return True
+
+
+def concat(node, ctx, inputs) -> None:
+    """Concat of split tensors (see the module docstring); ``inputs``: the tensors joined."""
+    where = f"{node.op} {node.name}"
+    splits = [ctx.split_map(t) for t in inputs]
+    ref = next(s for s in splits if s is not None)
+    shapes = [ctx.shape(t) for t in inputs]
+    if any(s is None for s in shapes) or len({len(s) for s in shapes}) != 1:
+        ctx.block(ref, f"input ranks of {where} are unknown or differ")
+        return
+    axis = normalize_axis(int(node.attrs["axis"]), len(shapes[0]))
+    for tensor, smap in zip(inputs, splits):
+        if ctx.map(tensor) is not None or (smap is not None and (
+                smap.record != ref.record if axis in ref.axes else
+                smap.axes != ref.axes or smap.labels.shape != ref.labels.shape)):
+            for m in (*splits, ctx.map(tensor)):
+                ctx.block(m, f"{where} joins a split channel axis with channels that do not "
+                             "line up")
+            return
+    position = ref.position(axis)
+    if position is not None:  # pieces of one level, put back together: that level stays whole
+        if any(s is None or s.axes != ref.axes or s.levels != ref.levels for s in splits):
+            ctx.block(ref, f"{where} joins a split channel axis with channels not ours")
+            return
+        require_whole(ctx, ref, position, f"{where} joins pieces of it")
+        labels = np.concatenate([s.labels for s in splits], axis=position)
+        ctx.set_map(node.outputs[0], replace(ref, labels=labels))
+        return
+    for smap, shape in zip(splits, shapes):
+        if smap is None:  # e.g. a past key/value cache: its heads cannot be removed
+            for k, level_axis in enumerate(ref.axes):
+                if shape[level_axis] != 1:
+                    require_whole(ctx, ref, k, f"{where} joins it with an input not ours")
+        elif smap is not ref:
+            ctx.couple(ref.flat(), smap.flat(), where)
+    ctx.set_map(node.outputs[0], ref)
 
 
 # ---- attention: MatMul of two activations -----------------------------------------------------

@@ -1,0 +1,181 @@
+"""Llama-like decoder blocks written as Hugging Face's modeling_llama writes them (issue 21).
+
+* RMSNorm: ``w * x * rsqrt(mean(x^2) + eps)`` (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul).
+* Attention: q/k/v/o projections without bias, ``num_heads`` query heads sharing
+  ``num_kv_heads`` key/value heads (grouped-query attention); rotary position embedding with
+  ``rotate_half`` (``cat(-x2, x1)``); ``repeat_kv`` as ``x[:, :, None].expand(...).reshape(...)``;
+  a causal mask; eager ``softmax(q k^T * scale + mask) v``, or ``scaled_dot_product_attention``.
+* MLP: SwiGLU ``down(silu(gate(x)) * up(x))``.
+
+The input is token ids (int64, vocabulary >= 8 so random ids are valid); ``with_positions`` adds
+``position_ids`` as a second input (then cos/sin are computed at run time, as in the exports of
+HF models; without it they are constants folded by the exporter).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+
+import onnx
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.torch_models import _quiet_exporter
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(dim) + 0.5)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + self.eps))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    batch, kv_heads, seq, head_dim = x.shape
+    if n_rep == 1:
+        return x
+    x = x[:, :, None, :, :].expand(batch, kv_heads, n_rep, seq, head_dim)
+    return x.reshape(batch, kv_heads * n_rep, seq, head_dim)
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv = self.inv_freq[None, :, None].expand(position_ids.shape[0], -1, 1)
+        freqs = (inv @ position_ids[:, None, :].float()).transpose(1, 2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, kv_heads: int, sdpa: bool = False) -> None:
+        super().__init__()
+        self.head_dim = dim // heads
+        self.groups = heads // kv_heads
+        self.sdpa = sdpa
+        self.q_proj = nn.Linear(dim, heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * self.head_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        shape = (*x.shape[:-1], -1, self.head_dim)
+        q = self.q_proj(x).view(shape).transpose(1, 2)
+        k = self.k_proj(x).view(shape).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k, v = repeat_kv(k, self.groups), repeat_kv(v, self.groups)
+        if self.sdpa:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            scores = torch.matmul(q, k.transpose(2, 3)) * self.head_dim ** -0.5 + mask
+            out = torch.matmul(scores.softmax(-1), v)
+        return self.o_proj(out.transpose(1, 2).reshape(*x.shape[:-1], -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, kv_heads: int, hidden: int, sdpa: bool) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(dim)
+        self.self_attn = LlamaAttention(dim, heads, kv_heads, sdpa)
+        self.post_attention_layernorm = RMSNorm(dim)
+        self.mlp = LlamaMLP(dim, hidden)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaLike(nn.Module):
+    """Embedding, decoder blocks, final RMSNorm, untied LM head."""
+
+    def __init__(self, vocab: int = 16, dim: int = 32, heads: int = 4, kv_heads: int = 2,
+                 hidden: int = 64, layers: int = 2, seq: int = 8, sdpa: bool = False,
+                 with_positions: bool = False) -> None:
+        super().__init__()
+        self.with_positions = with_positions
+        self.embed_tokens = nn.Embedding(vocab, dim)
+        self.rotary = Rotary(dim // heads)
+        self.layers = nn.ModuleList(LlamaBlock(dim, heads, kv_heads, hidden, sdpa)
+                                    for _ in range(layers))
+        self.norm = RMSNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.register_buffer("mask", torch.triu(torch.full((seq, seq), -1e4), 1)[None, None],
+                             persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None):
+        x = self.embed_tokens(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1])[None]
+        cos, sin = self.rotary(position_ids)
+        mask = self.mask[..., : input_ids.shape[1], : input_ids.shape[1]]
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return self.lm_head(self.norm(x))
+
+
+def build_llama_like(seed: int = 0, **kwargs) -> LlamaLike:
+    """A seeded LlamaLike (linear weights ~ 1/sqrt(fan_in), so activations stay O(1))."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = LlamaLike(**kwargs)
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                with torch.no_grad():
+                    m.weight.normal_(0, m.weight.shape[1] ** -0.5)
+    return module.eval()
+
+
+def export_llama(module: LlamaLike, dynamo: bool, seq: int = 8,
+                 dynamic: bool = False) -> onnx.ModelProto:
+    """Export with ``input_ids`` (and ``position_ids``) of shape (1, seq); output ``logits``.
+
+    ``dynamic``: batch and sequence are symbolic (``batch``, ``sequence``), as optimum exports.
+    """
+    ids = torch.zeros((1, seq), dtype=torch.int64)
+    args: tuple = (ids, torch.arange(seq)[None]) if module.with_positions else (ids,)
+    names = ["input_ids", "position_ids"][:len(args)]
+    kwargs: dict = ({"dynamo": True, "opset_version": 18, "external_data": False,
+                     "verbose": False} if dynamo else
+                    {"dynamo": False, "opset_version": 17, "do_constant_folding": True})
+    if dynamic and dynamo:
+        dims = {0: torch.export.Dim("batch", max=8), 1: torch.export.Dim("sequence", max=seq)}
+        kwargs["dynamic_shapes"] = [dims] * len(args)
+    elif dynamic:
+        kwargs["dynamic_axes"] = {n: {0: "batch", 1: "sequence"} for n in names}
+    with contextlib.ExitStack() as stack:
+        path = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "m.onnx")
+        with _quiet_exporter():
+            torch.onnx.export(module, args, path, input_names=names, output_names=["logits"],
+                              **kwargs)
+        return onnx.load(path)
