@@ -30,10 +30,11 @@ from .oracle.input_sizes import InputSizes, choose_sizes, infer_shapes_at
 from .oracle.validate import CompareResult, smoke_check
 from .oracle.validate import verify as _verify
 from .oracle.weight_feeds import COLLECT_ABOVE_BYTES
-from .planning.allocate import plan_to_target
+from .planning.allocate import channel_scorer, plan_to_target
 from .planning.plan import PrunePlan, plan_pruning
 from .planning.plan_io import plan_from_report
 from .recover.compensate import compensate, find_consumers
+from .recover.obs import ObsCriterion
 from .report import GroupReport, LayerReport, Report
 
 logger = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
     if config.strict:
         _check_strict(analysis)
     with _timed(report, "score"):
-        score = _scorer(config)
+        score = _scorer(config, original, analysis)
         if config.plan:
             plan, matched_by = plan_from_report(config.plan, analysis)
             report.notes.append(f"plan re-applied from {config.plan} (producers matched by "
@@ -166,6 +167,8 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
         else:
             advance = progress("scoring", len(analysis.groups)) if progress else None
             plan = plan_pruning(analysis, config, score, advance)
+    if isinstance(score, ObsCriterion):
+        report.notes.extend(score.notes)
     quantized = _quantized_layers(graph)
     with _timed(report, "rewrite"):
         if plan.n_removed:
@@ -330,8 +333,9 @@ def _check_target(report: Report) -> None:
                             f"{outcome.metric}, the rewritten model has {outcome.achieved:.4f}")
 
 
-def _scorer(config: PruneConfig):
-    """Selection of exactly ``n_prune`` channels of a group by the configured criterion."""
+def _scorer(config: PruneConfig, original: onnx.ModelProto, analysis: Analysis):
+    """Selection of exactly ``n_prune`` channels of a group by the configured criterion (for
+    ``obs``, an ``ObsCriterion``: FPGM serves the groups it cannot score)."""
     # importance imports torch: loaded on first use, off the start-up path
     from .importance.fpgm import fpgm_select, resolve_device
     from .importance.group import group_filters
@@ -351,6 +355,11 @@ def _scorer(config: PruneConfig):
         return fpgm_select(filters, n_prune / len(filters), dist=config.dist, device=device,
                            min_channels=1)
 
+    if config.criterion == "obs":
+        fpgm = replace(config, criterion="fpgm")
+        data = load_calibration(config.calibration, original)
+        return ObsCriterion(mapped.with_data(original), analysis, data, _scorer(fpgm, original,
+                            analysis), channel_scorer(analysis, fpgm))
     return select
 
 

@@ -11,10 +11,10 @@ from .errors import ConfigError
 
 DistSpec = Union[int, Callable]
 Device = Literal["auto", "cpu", "cuda"]
-Criterion = Literal["fpgm", "l1", "l2", "random"]
-Compensation = Literal["none", "bias", "lstsq", "auto"]
-CRITERIA = ("fpgm", "l1", "l2", "random")
-COMPENSATIONS = ("none", "bias", "lstsq", "auto")
+Criterion = Literal["fpgm", "l1", "l2", "random", "obs"]
+Compensation = Literal["none", "bias", "lstsq", "obs", "auto"]
+CRITERIA = ("fpgm", "l1", "l2", "random", "obs")
+COMPENSATIONS = ("none", "bias", "lstsq", "obs", "auto")
 Allocation = Literal["auto", "uniform", "global", "sensitivity"]
 ALLOCATIONS = ("auto", "uniform", "global", "sensitivity")
 
@@ -38,9 +38,12 @@ class PruneConfig:
         strict: raise UnsupportedOpError instead of leaving groups behind unknown ops unpruned.
         input_shapes: concrete shapes for graph inputs with symbolic dims (verification, MACs).
         seed: seed of the random verification inputs (and of the ``random`` criterion).
-        criterion: how channels are ranked: FPGM (default), filter L1/L2 norm, or random.
+        criterion: how channels are ranked: FPGM (default), filter L1/L2 norm, random, or obs
+            (the channels whose removal raises the consumers' reconstruction error on the
+            calibration data least; needs ``calibration``).
         calibration: path of an npz with real inputs (fidelity report, compensation).
-        compensate: recover the removed channels' contribution in the consumers.
+        compensate: recover the removed channels' contribution in the consumers (``auto``
+            chooses among none, bias and lstsq).
         evaluation: path of an npz of held-out data (same format) for the fidelity/accuracy
             report; without it the calibration data is used (optimistic under lstsq).
     """
@@ -85,6 +88,9 @@ class PruneConfig:
         if self.criterion not in CRITERIA:
             raise ConfigError(f"criterion must be one of {', '.join(CRITERIA)}, "
                               f"got {self.criterion!r}")
+        if self.criterion == "obs" and not self.calibration:
+            raise ConfigError("criterion obs needs --calibration data (the consumers' input "
+                              "statistics)")
         if self.compensate not in COMPENSATIONS:
             raise ConfigError(f"compensate must be one of {', '.join(COMPENSATIONS)}, "
                               f"got {self.compensate!r}")

@@ -107,15 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the verification inputs and of --criterion random")
     parser.add_argument("--criterion", choices=CRITERIA, default="fpgm",
-                        help="channel ranking: fpgm (default), l1/l2 filter norm, random")
+                        help="channel ranking: fpgm (default), l1/l2 filter norm, random, obs "
+                             "(least reconstruction error of the consumers; needs --calibration)")
     parser.add_argument("--calibration", metavar="DATA.npz",
                         help="real inputs (arrays named like the graph inputs, batch first; "
                              "optional 'labels'): fidelity/accuracy report and compensation")
     parser.add_argument("--eval", metavar="DATA.npz", dest="evaluation",
                         help="held-out data (same format) for the fidelity/accuracy report")
     parser.add_argument("--compensate", choices=COMPENSATIONS, default="none",
-                        help="recover removed channels in their consumers: bias, lstsq "
-                             "(needs --calibration), or auto (best on the calibration data)")
+                        help="recover removed channels in their consumers: bias, lstsq or obs "
+                             "(closed-form OBS update; both need --calibration), or auto (best "
+                             "of none/bias/lstsq on the calibration data)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     return parser
 

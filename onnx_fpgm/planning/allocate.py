@@ -31,6 +31,7 @@ from ..deps.channels import Analysis, Group
 from ..errors import ConfigError
 from ..measure.calibration import load_calibration
 from ..model import io, mapped
+from ..recover.obs import ObsCriterion
 from .costmodel import CostModel, build_cost_model
 from .plan import n_to_keep, plan_pruning
 from .sensitivity import measure_compensated_sensitivity, measure_sensitivity
@@ -326,7 +327,7 @@ def plan_to_target(analysis: Analysis, graph: gs.Graph, original: onnx.ModelProt
     calibration = load_calibration(config.calibration, original) \
         if how == "sensitivity" else None
     keep = allocator.allocate(target, how, select=select,
-                              channel_scores=channel_scorer(analysis, config),
+                              channel_scores=channel_scorer(analysis, config, select),
                               calibration=calibration, progress_factory=progress_factory)
     counts = {g.id: int(keep[g.id]) for g in analysis.groups}
     plan = plan_pruning(analysis, config, select, None, counts)
@@ -336,7 +337,7 @@ def plan_to_target(analysis: Analysis, graph: gs.Graph, original: onnx.ModelProt
         allocator.base[lost] = allocator.n[lost]
         allocator.units = [u for u in allocator.units if not set(u) & set(lost)]
         keep = allocator.allocate(target, how, select=select,
-                                  channel_scores=channel_scorer(analysis, config),
+                                  channel_scores=channel_scorer(analysis, config, select),
                                   calibration=calibration, progress_factory=progress_factory)
         counts = {g.id: int(keep[g.id]) for g in analysis.groups}
         plan = plan_pruning(analysis, config, select, None, counts)
@@ -344,8 +345,12 @@ def plan_to_target(analysis: Analysis, graph: gs.Graph, original: onnx.ModelProt
     return plan, allocator.outcome(target, how, keep)
 
 
-def channel_scorer(analysis: Analysis, config: PruneConfig) -> Callable[[Group], np.ndarray]:
-    """Per-channel score of a group by the configured criterion (smaller goes first)."""
+def channel_scorer(analysis: Analysis, config: PruneConfig,
+                   select=None) -> Callable[[Group], np.ndarray]:
+    """Per-channel score of a group by the configured criterion (smaller goes first); an
+    ``ObsCriterion`` selection brings its own (the greedy pass' costs)."""
+    if isinstance(select, ObsCriterion):
+        return select.scores
     # importance imports torch: loaded on first use, off the start-up path
     from ..importance.fpgm import fpgm_scores, resolve_device
     from ..importance.group import group_filters
