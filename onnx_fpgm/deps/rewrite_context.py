@@ -8,7 +8,9 @@ that another node also reads is never sliced in place: the pruned node gets its 
 A weight stored quantized (``DequantizeLinear(W_q, scale, zero_point)``, possibly over a
 ``QuantizeLinear`` of a float constant) is sliced through its quantizer: ``W_q`` along the pruned
 axis, and per-axis scale/zero point too when their axis is the pruned one (per-tensor ones stay).
-A quantizer that other nodes also read is duplicated for the pruned node first.
+A quantizer that other nodes also read is duplicated for the pruned node first. A weight
+dequantized by hand (``Mul(Cast(W_int8), scale)``, with a ``Sub`` of a zero point) is sliced the
+same way through its elementwise ops: the stored integers keep their dtype.
 """
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ from .channels import Analysis, ChannelMap
 from .constants import ConstantFolder, block_size, constant_node_value, quantizer_of, root_constant
 from .context import AnalysisContext
 from .shape_values import Source
+
+
+#: Elementwise ops whose constant operands a sliced weight is pushed through (a dequantization).
+_ELEMENTWISE = frozenset({"Mul", "Div", "Add", "Sub"})
 
 
 class RewriteContext:
@@ -124,17 +130,48 @@ class RewriteContext:
             self._attach_copy(node, index, value, "sliced copy")
             self._sliced_copies[key] = node.inputs[index]
             return
-        else:
-            value = self.const(tensor)
-            if value is None:
-                raise RewriteError(f"input {tensor.name} of {node.name} is not constant")
-            value = np.take(value, keep, axis=axis)
+        if self._slice_elementwise(node, index, axis, keep):
+            return
+        value = self.const(tensor)
+        if value is None:
+            raise RewriteError(f"input {tensor.name} of {node.name} is not constant")
+        value = np.take(value, keep, axis=axis)
         self._attach_copy(node, index, value, "sliced copy")
+
+    def _slice_elementwise(self, node: gs.Node, index: int, axis: int,
+                           keep: np.ndarray) -> bool:
+        """Slice a weight computed elementwise from stored constants where they are stored.
+
+        ``Mul(Cast(W_int8), scale)`` (a hand-dequantized weight), ``Mul(Sub(Cast(W_q), zp),
+        scale)``: each operand that is not broadcast along ``axis`` is sliced (its integers keep
+        their dtype, a per-channel scale is sliced with them), a broadcast one stays; the
+        computed float weight is never written, so the file does not grow. False when the
+        weight is not of that form (the caller writes a sliced copy of its folded value).
+        """
+        tensor = node.inputs[index]
+        if isinstance(tensor, gs.Constant) or len(tensor.inputs) != 1:
+            return False
+        producer = tensor.inputs[0]
+        if producer.op not in _ELEMENTWISE or producer.domain not in ("", "ai.onnx", None) or \
+                len(producer.inputs) != 2 or self.const(tensor) is None:
+            return False
+        values = [self.const(t) for t in producer.inputs]
+        if any(v is None for v in values):
+            return False
+        rank = max(v.ndim for v in values)
+        if axis >= rank:
+            return False
+        producer = self._private_producer(node, index, producer)
+        for k, value in enumerate(values):
+            own = axis - (rank - value.ndim)
+            if own >= 0 and value.shape[own] > 1:
+                self.slice_input(producer, k, own, keep)
+        return True
 
     def _slice_quantized(self, node: gs.Node, index: int, quantizer: gs.Node, axis: int,
                          keep: np.ndarray) -> None:
         """Slice a quantized constant: its integers (or float source) and per-axis parameters."""
-        quantizer = self._private_quantizer(node, index, quantizer)
+        quantizer = self._private_producer(node, index, quantizer)
         data = self.const(quantizer.inputs[0])
         scale = self.const(quantizer.inputs[1])
         if data is None or scale is None or block_size(quantizer):
@@ -157,15 +194,16 @@ class RewriteContext:
         if quantizer is None:
             self.set_input_value(node, index, transform(self.const(node.inputs[index])))
             return
-        quantizer = self._private_quantizer(node, index, quantizer)
+        quantizer = self._private_producer(node, index, quantizer)
         data, scale = self.const(quantizer.inputs[0]), self.const(quantizer.inputs[1])
         q_axis = int(quantizer.attrs.get("axis", 1))
         if data is None or scale is None or (scale.size > 1 and q_axis % data.ndim == axis):
             raise RewriteError(f"cannot rewrite the quantized input {index} of {node.name}")
         self.map_input(quantizer, 0, axis, transform)
 
-    def _private_quantizer(self, node: gs.Node, index: int, quantizer: gs.Node) -> gs.Node:
-        """``quantizer`` itself when only ``node`` reads its output, else a copy for ``node``."""
+    def _private_producer(self, node: gs.Node, index: int, quantizer: gs.Node) -> gs.Node:
+        """``quantizer`` (the producer of ``node.inputs[index]``: a quantizer, an elementwise
+        dequantization) itself when only ``node`` reads its output, else a copy for ``node``."""
         out = quantizer.outputs[0]
         graph_outputs = {t.name for t in self.graph.outputs}
         if out.name not in graph_outputs and len(out.outputs) == 1 and \
