@@ -91,6 +91,22 @@ def test_head_sparsity_counts_kv_groups(exporter: str) -> None:
                for g in result.analysis.groups if not g.heads)
 
 
+@pytest.mark.torch_export
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_four_query_heads_per_kv_group(exporter: str) -> None:
+    """8 query heads on 2 KV heads (repeat_kv by 4), a longer sequence: TorchScript leaves the
+    shapes after its Where-computed expand shapes unknown, the Expand handler finds them."""
+    module = build_llama_like(vocab=16, dim=64, heads=8, kv_heads=2, hidden=96, seq=16)
+    model = export_llama(module, exporter == "dynamo", seq=16)
+    result = onnx_fpgm.prune(model, 0.5)
+    check_pruned(model, result)
+    heads = [g for g in result.analysis.groups if g.heads]
+    assert len(heads) == 2 and not any(g.frozen for g in heads)
+    for group in heads:
+        atoms = [np.count_nonzero(result.analysis.class_of_atom == c) for c in group.classes]
+        assert atoms == [(4 + 2) * 8] * 2
+
+
 # --- RMSNorm as fused ops and as torch decomposes it, around an MLP -----------------------------
 
 NORMS = ["decomposed", "RMSNormalization", "SkipSimplifiedLayerNormalization",
