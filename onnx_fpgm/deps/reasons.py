@@ -54,7 +54,7 @@ REASONS: tuple[ReasonKind, ...] = (
                "whole: head_dim). Grouped-query heads (repeat_kv) go by KV groups. A product "
                "of two activations that contracts plain channels blocks them. Fused "
                "com.microsoft Attention/MultiHeadAttention lose whole heads (num_heads "
-               "rewritten) but block with a key/value cache, a computed attention bias, packed "
+               "rewritten), GroupQueryAttention whole KV groups, but block with a key/value cache, a computed attention bias, packed "
                "or 4-D q/k/v, or when their own input channels are ours; ONNX Attention "
                "(opset 23) likewise, and with grouped-query heads."),
     ReasonKind("grouped convolutions",

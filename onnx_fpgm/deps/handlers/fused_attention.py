@@ -9,6 +9,9 @@ Channel algebra (``num_heads = h``, hidden size ``H``, head size ``d = H / h``):
   head-major, to the output projection (whose input rows the oracle zeroes).
 * ``MultiHeadAttention(q, k, v, bias)``: q, k, v are projected activations (B, S, H) whose
   channels are split into (h, d); heads are paired across q, k and v, the output carries v's.
+* ``GroupQueryAttention(q, k, v, ...)``: as MultiHeadAttention with ``kv_num_heads`` K/V heads,
+  each shared by ``h / h_kv`` query heads: a KV group is one atom. ``RotaryEmbedding`` on
+  (B, S, h * d) rotates within heads: whole heads, ``num_heads`` rewritten.
 
 Rewrite: the kept heads' columns of W and b (``qkv_hidden_sizes`` too), ``num_heads``, and a
 constant ``attention_bias`` (B, h, S, T) sliced on its head axis. head_dim and ``scale`` stay.
@@ -130,6 +133,90 @@ class MicrosoftMultiHeadAttentionHandler:
             ctx.slice_input(node, 3, 0, columns)
         node.attrs["num_heads"] = len(kept_heads)
         _slice_attention_bias(node, ctx, kept_heads, heads)
+
+
+@register("GroupQueryAttention", domain="com.microsoft")
+class MicrosoftGroupQueryAttentionHandler:
+    """com.microsoft GroupQueryAttention on separate q (B, S, h * d), k and v (B, S, h_kv * d):
+    query head ``i`` reads KV head ``i // (h / h_kv)``, so a KV group (its K and V head and the
+    query heads sharing them) is one atom; ``num_heads`` and ``kv_num_heads`` are rewritten.
+    Its own rotary (``do_rotary``: cos/sin caches of head_dim / 2 columns) acts within a head.
+    Blocked: a key/value cache (past inputs, or present outputs that are read), packed QKV."""
+
+    def propagate(self, node, ctx) -> None:
+        where = f"fused attention {node.op} {node.name}"
+        heads, kv = int(node.attrs.get("num_heads", 0)), int(node.attrs.get("kv_num_heads", 0))
+        qkv = [ctx.map(t) if has_input(node, i) else None for i, t in enumerate(node.inputs[:3])]
+        shapes = [ctx.shape(t) if has_input(node, i) else None
+                  for i, t in enumerate(node.inputs[:3])]
+        reason = None
+        if any(has_input(node, i) for i in (3, 4)) or any(
+                out.outputs or out.name in {t.name for t in ctx.graph.outputs}
+                for out in node.outputs[1:] if out is not None and out.name):
+            reason = f"{where} reads or writes a key/value cache (heads are not rewritten there)"
+        elif any(has_input(node, i) for i in range(9, len(node.inputs))):
+            reason = f"{where} has position ids, an attention bias or head sinks"
+        elif heads < 1 or kv < 1 or heads % kv or any(s is None or len(s) != 3 for s in shapes):
+            reason = f"{where}: q, k and v are not three (B, S, H) tensors (packed QKV?)"
+        elif any(m is None or m.axis != 2 for m in qkv) or len(qkv[0].labels) % heads or \
+                len(qkv[1].labels) != len(qkv[2].labels) or \
+                len(qkv[1].labels) * heads != len(qkv[0].labels) * kv:
+            reason = f"{where}: q, k and v do not all carry our channels on their last axis"
+        if reason is not None:
+            for m in qkv:
+                ctx.block(m, reason)
+            return
+        q, k, v = (_heads(node, ctx, m.labels, 1, n, where)
+                   for m, n in zip(qkv, (heads, kv, kv)))
+        n_rep = heads // kv
+        ctx.couple(q.representative(1), np.repeat(k.representative(1), n_rep), where)
+        ctx.couple(k.representative(1), v.representative(1), where)
+        d = len(qkv[0].labels) // heads
+        out = np.repeat(qkv[2].labels.reshape(kv, d), n_rep, axis=0).reshape(-1)
+        if node.outputs[0].shape is None:  # onnx does not infer com.microsoft ops
+            node.outputs[0].shape = list(node.inputs[0].shape)
+            ctx.refined.add(node.outputs[0].name)
+        ctx.set_map(node.outputs[0], ChannelMap(2, out, heads=True))
+
+    def apply(self, node, ctx) -> None:
+        keep = ctx.keep(node.outputs[0])
+        if keep is None:
+            return
+        heads, kv = int(node.attrs["num_heads"]), int(node.attrs["kv_num_heads"])
+        kept_heads = len(np.unique(keep // (len(ctx.map(node.outputs[0]).labels) // heads)))
+        node.attrs["num_heads"] = kept_heads
+        node.attrs["kv_num_heads"] = kept_heads // (heads // kv)
+
+
+@register("RotaryEmbedding", domain="com.microsoft")
+class MicrosoftRotaryEmbeddingHandler:
+    """com.microsoft RotaryEmbedding on (B, S, h * d) with ``num_heads``: it rotates within each
+    head, so the channels go by whole heads (head_dim whole) and ``num_heads`` is rewritten.
+    The cos/sin caches are per position and rotary dimension, the same for every head."""
+
+    def propagate(self, node, ctx) -> None:
+        xmap, shape = ctx.map(node.inputs[0]), ctx.shape(node.inputs[0])
+        if xmap is None:
+            return
+        heads = int(node.attrs.get("num_heads", 0))
+        where = f"fused attention {node.op} {node.name}"
+        if shape is None or len(shape) != 3 or xmap.axis != 2 or heads < 1 or \
+                len(xmap.labels) % heads:
+            ctx.block(xmap, f"{where}: not a (B, S, num_heads * head_dim) input of ours")
+            return
+        smap = new_split(ctx, where, xmap.labels.reshape(heads, -1), [1, 2])
+        require_whole(ctx, smap, 1, f"{where} rotates within a head")
+        require_free(ctx, smap, 0, f"{where} keeps heads whole", heads=True)
+        if node.outputs[0].shape is None:  # onnx does not infer com.microsoft ops
+            node.outputs[0].shape = list(node.inputs[0].shape)
+            ctx.refined.add(node.outputs[0].name)
+        ctx.set_map(node.outputs[0], xmap.passed())
+
+    def apply(self, node, ctx) -> None:
+        keep = ctx.keep(node.inputs[0])
+        if keep is not None:
+            heads = int(node.attrs["num_heads"])
+            node.attrs["num_heads"] = len(keep) // (len(ctx.map(node.inputs[0]).labels) // heads)
 
 
 def _kept_heads(node, ctx, attr: str):

@@ -1,0 +1,94 @@
+"""onnxruntime's fused transformer ops as its model builder writes them (issue 21):
+com.microsoft GroupQueryAttention (KV groups, ``num_heads``/``kv_num_heads`` rewritten), with
+its own rotary or after com.microsoft RotaryEmbedding; a key/value cache blocks with a reason."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx_fpgm
+from tests.conftest import check_pruned, run_outputs
+
+DIM, HEADS, KV, SEQ = 32, 4, 2, 6
+
+
+def _gqa_model(rotary: str = "none", cache: bool = False) -> onnx.ModelProto:
+    """q/k/v projections -> [RotaryEmbedding] -> GroupQueryAttention -> output projection.
+
+    ``rotary``: "none", "fused" (``do_rotary=1``: GQA rotates q and k itself) or "op"
+    (com.microsoft RotaryEmbedding on q and k first). onnxruntime's rotary needs head_dim 16.
+    """
+    rng = np.random.default_rng(0)
+    hd = 8 if rotary == "none" else 16
+
+    def init(name, *shape):
+        return numpy_helper.from_array(
+            (rng.standard_normal(shape) * shape[0] ** -0.5).astype(np.float32), name)
+
+    angles = np.arange(16)[:, None] * 0.1 * np.arange(1, hd // 2 + 1)
+    inits = [init("w_q", DIM, HEADS * hd), init("w_k", DIM, KV * hd), init("w_v", DIM, KV * hd),
+             init("w_o", HEADS * hd, DIM),
+             numpy_helper.from_array(np.array([SEQ - 1], np.int32), "seqlens_k"),
+             numpy_helper.from_array(np.array(SEQ, np.int32), "total_len"),
+             numpy_helper.from_array(np.cos(angles).astype(np.float32), "cos"),
+             numpy_helper.from_array(np.sin(angles).astype(np.float32), "sin"),
+             numpy_helper.from_array(np.arange(SEQ)[None].astype(np.int64), "positions")]
+    nodes = [helper.make_node("MatMul", ["x", f"w_{p}"], [p], name=f"proj_{p}") for p in "qkv"]
+    q, k, extra, attrs = "q", "k", [], {}
+    if rotary == "op":
+        nodes += [helper.make_node("RotaryEmbedding", [p, "positions", "cos", "sin"], [f"{p}r"],
+                                   name=f"rotary_{p}", domain="com.microsoft", num_heads=n)
+                  for p, n in (("q", HEADS), ("k", KV))]
+        q, k = "qr", "kr"
+    elif rotary == "fused":
+        extra, attrs = ["cos", "sin"], {"do_rotary": 1}
+    past = ["past_k", "past_v"] if cache else ["", ""]
+    nodes += [helper.make_node("GroupQueryAttention",
+                               [q, k, "v", *past, "seqlens_k", "total_len", *extra],
+                               ["a", "present_k", "present_v"], name="attention",
+                               domain="com.microsoft", num_heads=HEADS, kv_num_heads=KV, **attrs),
+              helper.make_node("MatMul", ["a", "w_o"], ["y"], name="out_proj")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, SEQ, DIM])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, SEQ, DIM])]
+    if cache:
+        inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, KV, 0, hd])
+                   for n in past]
+        outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, KV, SEQ, hd])
+                    for n in ("present_k", "present_v")]
+    graph = helper.make_graph(nodes, "gqa", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                   helper.make_opsetid("com.microsoft", 1)],
+                             ir_version=8)
+
+
+def _attrs(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
+    return {n.name: {a.name: a.i for a in n.attribute if a.name.endswith("heads")}
+            for n in model.graph.node if n.domain == "com.microsoft"}
+
+
+@pytest.mark.parametrize("rotary", ["none", "fused", "op"])
+def test_group_query_attention_loses_whole_kv_groups(rotary: str) -> None:
+    model = _gqa_model(rotary)
+    result = onnx_fpgm.prune(model, 0.5)
+    check_pruned(model, result)
+    assert not np.allclose(run_outputs(model)[0], run_outputs(result.model)[0])
+    heads = [g for g in result.analysis.groups if g.heads]
+    assert len(heads) == 1 and heads[0].n_channels == 2 and not heads[0].frozen
+    attrs = _attrs(result.model)
+    assert attrs["attention"] == {"num_heads": 2, "kv_num_heads": 1}
+    if rotary == "op":
+        assert attrs["rotary_q"] == {"num_heads": 2} and attrs["rotary_k"] == {"num_heads": 1}
+    hd = 8 if rotary == "none" else 16
+    shapes = {t.name: list(t.dims) for t in result.model.graph.initializer}
+    assert shapes["w_q"] == [DIM, 2 * hd] and shapes["w_k"] == shapes["w_v"] == [DIM, hd]
+    assert shapes["w_o"] == [2 * hd, DIM]
+
+
+def test_group_query_attention_with_a_cache_keeps_its_heads() -> None:
+    model = _gqa_model(cache=True)
+    result = onnx_fpgm.prune(model, 0.5, verify=False)
+    assert not any(g.heads and not g.frozen for g in result.report.groups)
+    assert any(g.frozen and "key/value cache" in g.frozen for g in result.report.groups)
+    assert _attrs(result.model)["attention"] == {"num_heads": HEADS, "kv_num_heads": KV}
