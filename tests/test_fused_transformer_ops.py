@@ -92,3 +92,53 @@ def test_group_query_attention_with_a_cache_keeps_its_heads() -> None:
     assert not any(g.heads and not g.frozen for g in result.report.groups)
     assert any(g.frozen and "key/value cache" in g.frozen for g in result.report.groups)
     assert _attrs(result.model)["attention"] == {"num_heads": HEADS, "kv_num_heads": KV}
+
+
+def _onnx_attention_gqa(layout: str) -> onnx.ModelProto:
+    """ONNX Attention (opset 23) with 4 query heads on 2 KV heads: 3-D q/k/v with
+    ``q_num_heads``/``kv_num_heads``, or 4-D (B, h, S, d) q and (B, h_kv, S, d) k, v."""
+    rng = np.random.default_rng(1)
+    hd = 8
+
+    def init(name, *shape):
+        return numpy_helper.from_array(
+            (rng.standard_normal(shape) * shape[0] ** -0.5).astype(np.float32), name)
+
+    inits = [init("w_q", DIM, HEADS * hd), init("w_k", DIM, KV * hd), init("w_v", DIM, KV * hd),
+             init("w_o", HEADS * hd, DIM)]
+    nodes = [helper.make_node("MatMul", ["x", f"w_{p}"], [f"{p}3"], name=f"proj_{p}")
+             for p in "qkv"]
+    attrs, out = {"q_num_heads": HEADS, "kv_num_heads": KV}, "a"
+    inputs = ["q3", "k3", "v3"]
+    if layout == "4d":
+        attrs, out, inputs = {}, "a4", ["q", "k", "v"]
+        for p, n in (("q", HEADS), ("k", KV), ("v", KV)):
+            inits.append(numpy_helper.from_array(np.array([1, SEQ, n, hd], np.int64), f"{p}_shape"))
+            nodes += [helper.make_node("Reshape", [f"{p}3", f"{p}_shape"], [f"{p}r"],
+                                       name=f"split_{p}"),
+                      helper.make_node("Transpose", [f"{p}r"], [p], name=f"heads_{p}",
+                                       perm=[0, 2, 1, 3])]
+    nodes.append(helper.make_node("Attention", inputs, [out], name="attention", **attrs))
+    if layout == "4d":
+        inits.append(numpy_helper.from_array(np.array([1, SEQ, -1], np.int64), "merged"))
+        nodes += [helper.make_node("Transpose", ["a4"], ["a4t"], name="merge_t", perm=[0, 2, 1, 3]),
+                  helper.make_node("Reshape", ["a4t", "merged"], ["a"], name="merge")]
+    nodes.append(helper.make_node("MatMul", ["a", "w_o"], ["y"], name="out_proj"))
+    graph = helper.make_graph(
+        nodes, "onnx_gqa", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, SEQ, DIM])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, SEQ, DIM])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
+
+
+@pytest.mark.parametrize("layout", ["3d", "4d"])
+def test_onnx_attention_with_grouped_query_heads(layout: str) -> None:
+    model = _onnx_attention_gqa(layout)
+    result = onnx_fpgm.prune(model, 0.5)
+    check_pruned(model, result)
+    heads = [g for g in result.analysis.groups if g.heads]
+    assert len(heads) == 1 and heads[0].n_channels == KV and not heads[0].frozen
+    node = next(n for n in result.model.graph.node if n.name == "attention")
+    if layout == "3d":
+        assert {a.name: a.i for a in node.attribute} == {"q_num_heads": 2, "kv_num_heads": 1}
+    shapes = {t.name: list(t.dims) for t in result.model.graph.initializer}
+    assert shapes["w_q"] == [DIM, 16] and shapes["w_k"] == shapes["w_v"] == [DIM, 8]
