@@ -38,11 +38,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from end_to_end import format_table  # noqa: E402
+from end_to_end import format_table
 
-from tests.attention_models import _SeparateQKV, build_deit_like  # noqa: E402
-from tests.llama_models import build_llama_like, export_llama  # noqa: E402
-from tests.torch_models import _quiet_exporter, export_onnx  # noqa: E402
+from tests.attention_models import _SeparateQKV, build_deit_like
+from tests.llama_models import build_llama_like, export_llama
+from tests.torch_models import _quiet_exporter, export_onnx
 
 LLAMA = {"vocab": 512, "dim": 128, "heads": 8, "kv_heads": 2, "hidden": 344, "layers": 2,
          "seq": 32}

@@ -142,3 +142,28 @@ def test_onnx_attention_with_grouped_query_heads(layout: str) -> None:
         assert {a.name: a.i for a in node.attribute} == {"q_num_heads": 2, "kv_num_heads": 1}
     shapes = {t.name: list(t.dims) for t in result.model.graph.initializer}
     assert shapes["w_q"] == [DIM, 16] and shapes["w_k"] == shapes["w_v"] == [DIM, 8]
+
+
+@pytest.mark.parametrize("op", ["BiasGelu", "FastGelu"])
+def test_fused_gelu_with_bias_prunes_the_ffn_width(op: str) -> None:
+    """``MatMul -> BiasGelu(x, b) -> MatMul`` (onnxruntime's optimizer fuses BERT's FFN so):
+    the hidden width prunes with the bias sliced."""
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.3, n)
+             for n, s in (("w_in", (DIM, DIM)), ("w_up", (DIM, 64)), ("b_up", (64,)),
+                          ("w_down", (64, DIM)))]
+    nodes = [helper.make_node("MatMul", ["x", "w_in"], ["h"], name="embed"),
+             helper.make_node("MatMul", ["h", "w_up"], ["u"], name="up"),
+             helper.make_node(op, ["u", "b_up"], ["g"], name="gelu", domain="com.microsoft"),
+             helper.make_node("MatMul", ["g", "w_down"], ["d"], name="down"),
+             helper.make_node("Add", ["h", "d"], ["y"], name="residual")]
+    graph = helper.make_graph(
+        nodes, "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, SEQ, DIM])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, SEQ, DIM])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=8)
+    result = onnx_fpgm.prune(model, 0.5)
+    check_pruned(model, result)
+    shapes = {t.name: list(t.dims) for t in result.model.graph.initializer}
+    assert shapes["w_up"] == [DIM, 32] and shapes["b_up"] == [32] and shapes["w_down"] == [32, DIM]
