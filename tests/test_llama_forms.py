@@ -199,3 +199,30 @@ def test_default_domain_simplified_layer_norm_is_analysed_like_rms_norm() -> Non
     assert frozen[("gate", "up")] is None
     assert "SimplifiedLayerNormalization norm normalises over the channel axis" in \
         frozen[next(p for p in frozen if "embed" in p)]
+
+
+@pytest.mark.parametrize("width_element", ["same", "one"])
+def test_expand_of_plain_channels_over_a_new_axis(width_element: str) -> None:
+    """``Expand`` of channels (last axis) over a new axis: the shape's channel element (the
+    width, rewritten to the surviving count, or 1, which follows by itself) and the rest."""
+    rng = np.random.default_rng(3)
+    width = 16 if width_element == "same" else 1
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.3, n)
+             for n, s in (("w1", (8, 16)), ("w2", (16, 8)))]
+    inits += [numpy_helper.from_array(np.array(v, np.int64), n)
+              for n, v in (("axis1", [1]), ("target", [1, 3, 4, width]))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"),
+             helper.make_node("Relu", ["h"], ["r"], name="act"),
+             helper.make_node("Unsqueeze", ["r", "axis1"], ["u"], name="unsqueeze"),
+             helper.make_node("Expand", ["u", "target"], ["e"], name="expand"),
+             helper.make_node("ReduceSum", ["e", "axis1"], ["s"], name="sum", keepdims=0),
+             helper.make_node("MatMul", ["s", "w2"], ["y"], name="down")]
+    graph = helper.make_graph(
+        nodes, "expand", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    result = onnx_fpgm.prune(model, 0.5)
+    check_pruned(model, result)
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    assert list(stored["w1"].shape) == [8, 8] and list(stored["w2"].shape) == [8, 8]
+    assert stored["target"].tolist() == [1, 3, 4, 8 if width_element == "same" else 1]
