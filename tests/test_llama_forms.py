@@ -8,6 +8,7 @@ import functools
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 import onnx_fpgm
 from tests.conftest import check_pruned
@@ -88,3 +89,140 @@ def test_head_sparsity_counts_kv_groups(exporter: str) -> None:
     assert heads and all(plans[g.id].n_keep == 1 and g.n_channels == 2 for g in heads)
     assert all(plans[g.id].n_keep == g.n_channels
                for g in result.analysis.groups if not g.heads)
+
+
+@pytest.mark.torch_export
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_four_query_heads_per_kv_group(exporter: str) -> None:
+    """8 query heads on 2 KV heads (repeat_kv by 4), a longer sequence: TorchScript leaves the
+    shapes after its Where-computed expand shapes unknown, the Expand handler finds them."""
+    module = build_llama_like(vocab=16, dim=64, heads=8, kv_heads=2, hidden=96, seq=16)
+    model = export_llama(module, exporter == "dynamo", seq=16)
+    result = onnx_fpgm.prune(model, 0.5)
+    check_pruned(model, result)
+    heads = [g for g in result.analysis.groups if g.heads]
+    assert len(heads) == 2 and not any(g.frozen for g in heads)
+    for group in heads:
+        atoms = [np.count_nonzero(result.analysis.class_of_atom == c) for c in group.classes]
+        assert atoms == [(4 + 2) * 8] * 2
+
+
+# --- RMSNorm as fused ops and as torch decomposes it, around an MLP -----------------------------
+
+NORMS = ["decomposed", "RMSNormalization", "SkipSimplifiedLayerNormalization",
+         "SkipLayerNormalization"]
+
+
+def _norm_block(norm: str) -> onnx.ModelProto:
+    """``h = x @ W0`` (our residual), ``y = norm(h [+ r])``, SwiGLU MLP on y, ``out = h + mlp``.
+
+    The residual's channels are ours (a MatMul makes them), so only the norm keeps them whole."""
+    rng = np.random.default_rng(0)
+    dim, hidden, seq = 16, 32, 4
+
+    def init(name, *shape, scale=None):
+        scale = shape[0] ** -0.5 if scale is None else scale
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32),
+                                       name)
+
+    inits = [init("w0", dim, dim), init("gamma", dim, scale=1.0), init("beta", dim, scale=0.1),
+             init("w_gate", dim, hidden), init("w_up", dim, hidden), init("w_down", hidden, dim)]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="embed")]
+    residual, opset, domain = "h", 17, []
+    if norm == "decomposed":
+        inits += [numpy_helper.from_array(np.array(v, np.float32), n)
+                  for n, v in (("two", 2.0), ("eps", 1e-6), ("one", 1.0))]
+        nodes += [helper.make_node("Pow", ["h", "two"], ["sq"], name="pow"),
+                  helper.make_node("ReduceMean", ["sq"], ["ms"], name="mean", axes=[-1]),
+                  helper.make_node("Add", ["ms", "eps"], ["mse"], name="add_eps"),
+                  helper.make_node("Sqrt", ["mse"], ["rms"], name="sqrt"),
+                  helper.make_node("Div", ["one", "rms"], ["inv"], name="inv"),
+                  helper.make_node("Mul", ["h", "inv"], ["hn"], name="scale"),
+                  helper.make_node("Mul", ["hn", "gamma"], ["y"], name="weight")]
+    elif norm == "RMSNormalization":
+        opset = 23
+        nodes.append(helper.make_node(norm, ["h", "gamma"], ["y"], name="norm", epsilon=1e-6))
+    else:  # onnxruntime's fused residual + norm: output 3 is the residual sum
+        domain = [helper.make_opsetid("com.microsoft", 1)]
+        extra = ["beta"] if norm == "SkipLayerNormalization" else []
+        nodes += [helper.make_node("Relu", ["x"], ["r"], name="skip_branch"),
+                  helper.make_node(norm, ["h", "r", "gamma", *extra], ["y", "", "", "hs"],
+                                   name="norm", domain="com.microsoft", epsilon=1e-6)]
+        residual = "hs"
+    nodes += [helper.make_node("MatMul", ["y", "w_gate"], ["g"], name="gate"),
+              helper.make_node("Sigmoid", ["g"], ["gs"], name="sig"),
+              helper.make_node("Mul", ["g", "gs"], ["silu"], name="silu"),
+              helper.make_node("MatMul", ["y", "w_up"], ["u"], name="up"),
+              helper.make_node("Mul", ["silu", "u"], ["gu"], name="glu"),
+              helper.make_node("MatMul", ["gu", "w_down"], ["d"], name="down"),
+              helper.make_node("Add", [residual, "d"], ["out"], name="residual")]
+    graph = helper.make_graph(
+        nodes, "rms_block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, dim])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, seq, dim])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), *domain],
+                             ir_version=10 if opset >= 23 else 8)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_rms_norm_keeps_the_residual_whole_and_the_mlp_prunes(norm: str) -> None:
+    model = _norm_block(norm)
+    result = onnx_fpgm.prune(model, 0.5)
+    check_pruned(model, result)
+    groups = {tuple(g.producers): g for g in result.report.groups}
+    mlp = groups[("gate", "up")]
+    assert (mlp.frozen, mlp.channels_before, mlp.channels_after) == (None, 32, 16)
+    residual = next(g for g in result.report.groups if "embed" in g.producers)
+    assert residual.frozen and ("normalises over the channel axis" in residual.frozen or
+                                "reduces over the channel axis" in residual.frozen)
+    shapes = {t.name: list(t.dims) for t in result.model.graph.initializer}
+    assert shapes["w_gate"] == shapes["w_up"] == [16, 16] and shapes["w_down"] == [16, 16]
+    assert shapes["w0"] == [16, 16]
+
+
+def test_default_domain_simplified_layer_norm_is_analysed_like_rms_norm() -> None:
+    """onnxruntime's own tools write SimplifiedLayerNormalization in the default domain (which
+    onnx.checker does not know): the analysis treats it as RMSNorm over the last axis."""
+    import onnx_graphsurgeon as gs
+
+    from onnx_fpgm.deps.analysis import build_analysis
+
+    model = _norm_block("RMSNormalization")
+    for node in model.graph.node:
+        if node.op_type == "RMSNormalization":
+            node.op_type = "SimplifiedLayerNormalization"
+    model.opset_import[0].version = 17
+    model.graph.value_info.append(helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                [1, 4, 16]))  # as ORT infers
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
+    analysis = build_analysis(graph.toposort(), 17)
+    frozen = {tuple(g.producers): g.frozen for g in analysis.groups}
+    assert frozen[("gate", "up")] is None
+    assert "SimplifiedLayerNormalization norm normalises over the channel axis" in \
+        frozen[next(p for p in frozen if "embed" in p)]
+
+
+@pytest.mark.parametrize("width_element", ["same", "one"])
+def test_expand_of_plain_channels_over_a_new_axis(width_element: str) -> None:
+    """``Expand`` of channels (last axis) over a new axis: the shape's channel element (the
+    width, rewritten to the surviving count, or 1, which follows by itself) and the rest."""
+    rng = np.random.default_rng(3)
+    width = 16 if width_element == "same" else 1
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.3, n)
+             for n, s in (("w1", (8, 16)), ("w2", (16, 8)))]
+    inits += [numpy_helper.from_array(np.array(v, np.int64), n)
+              for n, v in (("axis1", [1]), ("target", [1, 3, 4, width]))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"),
+             helper.make_node("Relu", ["h"], ["r"], name="act"),
+             helper.make_node("Unsqueeze", ["r", "axis1"], ["u"], name="unsqueeze"),
+             helper.make_node("Expand", ["u", "target"], ["e"], name="expand"),
+             helper.make_node("ReduceSum", ["e", "axis1"], ["s"], name="sum", keepdims=0),
+             helper.make_node("MatMul", ["s", "w2"], ["y"], name="down")]
+    graph = helper.make_graph(
+        nodes, "expand", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    result = onnx_fpgm.prune(model, 0.5)
+    check_pruned(model, result)
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    assert list(stored["w1"].shape) == [8, 8] and list(stored["w2"].shape) == [8, 8]
+    assert stored["target"].tolist() == [1, 3, 4, 8 if width_element == "same" else 1]

@@ -38,9 +38,10 @@ REASONS: tuple[ReasonKind, ...] = (
                "the result could not equal the original."),
     ReasonKind("reshaping the channel axis",
                r"splits the channel axis|removes the channel axis|pads the channel axis|"
-               r"crops with a roi|channel-changing",
-               "Pad or Resize along the channel axis, or a Reshape that merges the channel axis "
-               "with a neighbour in a way no block rule covers."),
+               r"crops with a roi|channel-changing|broadcasts the channel axis",
+               "Pad or Resize along the channel axis, an Expand that broadcasts a one-channel "
+               "axis wider, or a Reshape that merges the channel axis with a neighbour in a way "
+               "no block rule covers."),
     ReasonKind("split channel axes and attention",
                r"split channel axis|split at|pairs heads|pairs head axes|contracts channels of "
                r"two activations|mixes channels of two operands|activations of unknown rank|"
@@ -48,12 +49,14 @@ REASONS: tuple[ReasonKind, ...] = (
                "A channel axis split into levels (attention heads, a channel shuffle) is pruned "
                "by whole heads or by the same offset in every block; it blocks when a consumer "
                "needs two levels pruned at once, reads a level with a computed index or shape, "
-               "regroups the levels, or mixes them with channels that are not ours. A product "
+               "regroups the levels, or mixes them with channels that are not ours (an operand "
+               "that is not ours, such as rotary's cos/sin, only keeps the levels it spans "
+               "whole: head_dim). Grouped-query heads (repeat_kv) go by KV groups. A product "
                "of two activations that contracts plain channels blocks them. Fused "
                "com.microsoft Attention/MultiHeadAttention lose whole heads (num_heads "
-               "rewritten) but block with a key/value cache, a computed attention bias, packed "
-               "or 4-D q/k/v, or when their own input channels are ours; ONNX Attention "
-               "(opset 23) likewise, and with grouped-query heads."),
+               "rewritten), GroupQueryAttention whole KV groups, but block with a key/value "
+               "cache, a computed attention bias, packed or 4-D q/k/v, or when their own input channels are ours; ONNX Attention "
+               "(opset 23) likewise (grouped-query heads go by KV groups)."),
     ReasonKind("grouped convolutions",
                r"grouped conv|grouped ConvTranspose|same channel count in every group",
                "Depthwise convs with a channel multiplier > 1 and grouped ConvTranspose; and a "
@@ -110,9 +113,9 @@ REASONS: tuple[ReasonKind, ...] = (
                r"on axis \d+, not 1|transposed|channel count read by",
                "Channels arriving on an axis an op does not expect (a Conv fed channels-last "
                "data, a Gemm with transA) or a channel count used as data."),
-    ReasonKind("used side outputs", r"training-mode outputs|mask output|indices output",
-               "Training-mode BatchNormalization statistics, Dropout masks or MaxPool indices "
-               "that something reads."),
+    ReasonKind("used side outputs", r"training-mode outputs|mask output|indices output|statistics outputs",
+               "Training-mode BatchNormalization statistics, Dropout masks, MaxPool indices "
+               "or a LayerNormalization's mean/inverse deviation that something reads."),
     ReasonKind("your options", r"excluded by --exclude",
                "Groups you excluded with --exclude."),
     ReasonKind("safety net", r"would empty tensor",

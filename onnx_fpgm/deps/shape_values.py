@@ -388,6 +388,12 @@ def _is_prime(n: int) -> bool:
     return True
 
 
+def unknown_dim(dim) -> bool:
+    """A dim nobody named: None, or one of onnx's own ``unk__N`` stand-ins for a dim its
+    inference could not find (never an input's symbol)."""
+    return dim is None or (isinstance(dim, str) and dim.startswith("unk__"))
+
+
 def refine_shapes(node: gs.Node, ctx) -> None:
     """Infer ``node``'s unknown output shapes with onnx when an input's shape was refined.
 
@@ -396,7 +402,8 @@ def refine_shapes(node: gs.Node, ctx) -> None:
     the shapes of the nodes after it are inferred here, one node at a time.
     """
     if not any(t is not None and t.name in ctx.refined for t in node.inputs) or \
-            all(t.shape is not None and None not in t.shape for t in node.outputs):
+            all(t.shape is not None and not any(map(unknown_dim, t.shape))
+                for t in node.outputs):
         return
     try:
         schema = onnx.defs.get_schema(node.op, ctx.opset, node.domain or "")
@@ -423,12 +430,13 @@ def refine_shapes(node: gs.Node, ctx) -> None:
         return
     for out in node.outputs:
         ttype = inferred.get(out.name)
-        if (out.shape is None or None in out.shape) and ttype is not None and \
+        if (out.shape is None or any(map(unknown_dim, out.shape))) and ttype is not None and \
                 ttype.tensor_type.HasField("shape"):
             found = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                      for d in ttype.tensor_type.shape.dim]
             if out.shape is not None and len(out.shape) == len(found):  # fill unknown dims
-                found = [d if d is not None else f for d, f in zip(out.shape, found)]
+                found = [f if unknown_dim(d) and f is not None else d
+                         for d, f in zip(out.shape, found)]
             out.shape = found
             if out.dtype is None and ttype.tensor_type.elem_type:
                 out.dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.tensor_type.elem_type)

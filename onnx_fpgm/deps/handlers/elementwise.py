@@ -7,6 +7,8 @@
   blocks them; a constant with the full width on the channel axis is per-channel and is sliced;
   width-1 (broadcast) inputs need nothing. ``Add``/``Sub``/``Mul``/``Div`` by a per-channel
   constant right after a producer keep it foldable (bias add, scale).
+* com.microsoft BiasGelu/FastGelu ``gelu(x + bias)``: unary, with a bias along the last axis
+  sliced like a per-channel constant.
 """
 from __future__ import annotations
 
@@ -180,3 +182,33 @@ class BroadcastHandler:
             axis = _aligned(value.ndim, rank_out, out_map.axis)
             if axis >= 0 and value.shape[axis] == width and width > 1:
                 ctx.slice_input(node, index, axis, keep)
+
+
+@register("BiasGelu", "FastGelu", domain="com.microsoft")
+class BiasGeluHandler:
+    """onnxruntime's fused ``gelu(x + bias)``: the bias runs along the last axis, so channels
+    there slice it; channels elsewhere pass (the bias is the same for each of them)."""
+
+    def propagate(self, node, ctx) -> None:
+        xmap, shape = ctx.map(node.inputs[0]), ctx.shape(node.inputs[0])
+        if xmap is None:
+            return
+        if shape is None:
+            ctx.block(xmap, f"rank of the input of {node.op} {node.name} is unknown")
+            return
+        if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].name and \
+                ctx.const(node.inputs[1]) is None:
+            ctx.block(xmap, f"bias of {node.op} {node.name} is not a stored constant")
+            return
+        if node.outputs[0].shape is None:  # onnx does not infer com.microsoft ops
+            node.outputs[0].shape = list(node.inputs[0].shape)
+            ctx.refined.add(node.outputs[0].name)
+        ctx.set_map(node.outputs[0], xmap.passed())
+
+    def apply(self, node, ctx) -> None:
+        keep = ctx.keep(node.inputs[0])
+        xmap = ctx.map(node.inputs[0])
+        if keep is None or len(node.inputs) < 2 or node.inputs[1] is None or \
+                not node.inputs[1].name or xmap.axis != len(ctx.shape(node.inputs[0])) - 1:
+            return
+        ctx.slice_input(node, 1, 0, keep)

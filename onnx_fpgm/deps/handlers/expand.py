@@ -21,7 +21,7 @@ import numpy as np
 
 from ..blocks import SplitMap, require_whole
 from ..registry import register
-from ..shape_values import rewritable_source, shape_elements
+from ..shape_values import rewritable_source, shape_elements, unknown_dim
 from ._util import rank_of
 
 
@@ -42,6 +42,25 @@ def _channel_elements(node, ctx, m):
     return shift, found
 
 
+def _refine_output(node, ctx, elements) -> None:
+    """Output dims onnx's inference left unknown (TorchScript computes the shape with Where),
+    from the input's dims and the shape's known elements: later Reshapes need them."""
+    out, dims = node.outputs[0], list(ctx.shape(node.inputs[0]) or ())
+    rank = max(len(dims), len(elements))
+    dims = [1] * (rank - len(dims)) + dims
+    elements = [None] * (rank - len(elements)) + list(elements)
+    found = [d if d != 1 or e is None else e.value for d, e in zip(dims, elements)]
+    current = out.shape
+    if current is None or len(current) != rank:
+        current = [None] * rank
+    unknown = [unknown_dim(c) for c in current]
+    merged = [f if u and isinstance(f, int) and f >= 0 else c
+              for c, f, u in zip(current, found, unknown)]
+    if merged != list(current) or out.shape is None:
+        out.shape = merged
+        ctx.refined.add(out.name)
+
+
 @register("Expand")
 class ExpandHandler:
     """Moves the channel axis (or the levels of a split one) by the rank the shape adds."""
@@ -52,6 +71,9 @@ class ExpandHandler:
         smap, cmap = ctx.split_map(node.inputs[0]), ctx.map(node.inputs[0])
         m = smap if smap is not None else cmap
         if m is None:
+            elements = shape_elements(node, 1, ctx)
+            if elements is not None and ctx.shape(node.inputs[0]) is not None:
+                _refine_output(node, ctx, elements)  # rotary's cos/sin pass through Expand
             return
         found = _channel_elements(node, ctx, m)
         if isinstance(found, str):
@@ -80,6 +102,7 @@ class ExpandHandler:
                                  "computed (computed shape)")
                     return
                 require_whole(ctx, smap, position, f"Expand {node.name} computes its size")
+        _refine_output(node, ctx, elements)
         if smap is not None:
             ctx.set_map(node.outputs[0], smap.moved(a + shift for a in smap.axes))
         else:

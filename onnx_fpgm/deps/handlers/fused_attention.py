@@ -9,6 +9,9 @@ Channel algebra (``num_heads = h``, hidden size ``H``, head size ``d = H / h``):
   head-major, to the output projection (whose input rows the oracle zeroes).
 * ``MultiHeadAttention(q, k, v, bias)``: q, k, v are projected activations (B, S, H) whose
   channels are split into (h, d); heads are paired across q, k and v, the output carries v's.
+* ``GroupQueryAttention(q, k, v, ...)``: as MultiHeadAttention with ``kv_num_heads`` K/V heads,
+  each shared by ``h / h_kv`` query heads: a KV group is one atom. ``RotaryEmbedding`` on
+  (B, S, h * d) rotates within heads: whole heads, ``num_heads`` rewritten.
 
 Rewrite: the kept heads' columns of W and b (``qkv_hidden_sizes`` too), ``num_heads``, and a
 constant ``attention_bias`` (B, h, S, T) sliced on its head axis. head_dim and ``scale`` stay.
@@ -16,6 +19,8 @@ Blocked: past/present key-value caches, packed or 4-D q/k/v layouts, a computed 
 an input whose own channels are ours (the input width of the fused projection is not rewritten).
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 
@@ -132,6 +137,95 @@ class MicrosoftMultiHeadAttentionHandler:
         _slice_attention_bias(node, ctx, kept_heads, heads)
 
 
+@register("GroupQueryAttention", domain="com.microsoft")
+class MicrosoftGroupQueryAttentionHandler:
+    """com.microsoft GroupQueryAttention on separate q (B, S, h * d), k and v (B, S, h_kv * d):
+    query head ``i`` reads KV head ``i // (h / h_kv)``, so a KV group (its K and V head and the
+    query heads sharing them) is one atom; ``num_heads`` and ``kv_num_heads`` are rewritten.
+    Its own rotary (``do_rotary``: cos/sin caches of head_dim / 2 columns) acts within a head.
+    Blocked: a key/value cache (past inputs, or present outputs that are read), packed QKV."""
+
+    def propagate(self, node, ctx) -> None:
+        where = f"fused attention {node.op} {node.name}"
+        heads, kv = int(node.attrs.get("num_heads", 0)), int(node.attrs.get("kv_num_heads", 0))
+        qkv = [ctx.map(t) if has_input(node, i) else None for i, t in enumerate(node.inputs[:3])]
+        shapes = [ctx.shape(t) if has_input(node, i) else None
+                  for i, t in enumerate(node.inputs[:3])]
+        reason = None
+        if any(has_input(node, i) for i in (3, 4)) or any(
+                out.outputs or out.name in {t.name for t in ctx.graph.outputs}
+                for out in node.outputs[1:] if out is not None and out.name):
+            reason = f"{where} reads or writes a key/value cache (heads are not rewritten there)"
+        elif any(has_input(node, i) for i in range(9, len(node.inputs))):
+            reason = f"{where} has position ids, an attention bias or head sinks"
+        elif heads < 1 or kv < 1 or heads % kv or any(s is None or len(s) != 3 for s in shapes):
+            reason = f"{where}: q, k and v are not three (B, S, H) tensors (packed QKV?)"
+        elif any(m is None or m.axis != 2 for m in qkv) or len(qkv[0].labels) % heads or \
+                len(qkv[1].labels) != len(qkv[2].labels) or \
+                len(qkv[1].labels) * heads != len(qkv[0].labels) * kv:
+            reason = f"{where}: q, k and v do not all carry our channels on their last axis"
+        if reason is not None:
+            for m in qkv:
+                ctx.block(m, reason)
+            return
+        q, k, v = (_heads(node, ctx, m.labels, 1, n, where)
+                   for m, n in zip(qkv, (heads, kv, kv)))
+        _pair_groups(ctx, q.representative(1), k.representative(1), v.representative(1), where)
+        out = np.repeat(qkv[2].labels.reshape(kv, -1), heads // kv, axis=0).reshape(-1)
+        if node.outputs[0].shape is None:  # onnx does not infer com.microsoft ops
+            node.outputs[0].shape = list(node.inputs[0].shape)
+            ctx.refined.add(node.outputs[0].name)
+        ctx.set_map(node.outputs[0], ChannelMap(2, out, heads=True))
+
+    def apply(self, node, ctx) -> None:
+        keep = ctx.keep(node.outputs[0])
+        if keep is None:
+            return
+        heads, kv = int(node.attrs["num_heads"]), int(node.attrs["kv_num_heads"])
+        kept_heads = len(np.unique(keep // (len(ctx.map(node.outputs[0]).labels) // heads)))
+        node.attrs["num_heads"] = kept_heads
+        node.attrs["kv_num_heads"] = kept_heads // (heads // kv)
+
+
+@register("RotaryEmbedding", domain="com.microsoft")
+class MicrosoftRotaryEmbeddingHandler:
+    """com.microsoft RotaryEmbedding on (B, S, h * d) with ``num_heads``: it rotates within each
+    head, so the channels go by whole heads (head_dim whole) and ``num_heads`` is rewritten.
+    The cos/sin caches are per position and rotary dimension, the same for every head."""
+
+    def propagate(self, node, ctx) -> None:
+        xmap, shape = ctx.map(node.inputs[0]), ctx.shape(node.inputs[0])
+        if xmap is None:
+            return
+        heads = int(node.attrs.get("num_heads", 0))
+        where = f"fused attention {node.op} {node.name}"
+        if shape is None or len(shape) != 3 or xmap.axis != 2 or heads < 1 or \
+                len(xmap.labels) % heads:
+            ctx.block(xmap, f"{where}: not a (B, S, num_heads * head_dim) input of ours")
+            return
+        smap = new_split(ctx, where, xmap.labels.reshape(heads, -1), [1, 2])
+        require_whole(ctx, smap, 1, f"{where} rotates within a head")
+        require_free(ctx, smap, 0, f"{where} keeps heads whole", heads=True)
+        if node.outputs[0].shape is None:  # onnx does not infer com.microsoft ops
+            node.outputs[0].shape = list(node.inputs[0].shape)
+            ctx.refined.add(node.outputs[0].name)
+        ctx.set_map(node.outputs[0], xmap.passed())
+
+    def apply(self, node, ctx) -> None:
+        keep = ctx.keep(node.inputs[0])
+        if keep is not None:
+            heads = int(node.attrs["num_heads"])
+            node.attrs["num_heads"] = len(keep) // (len(ctx.map(node.inputs[0]).labels) // heads)
+
+
+def _pair_groups(ctx, q_heads, k_heads, v_heads, where: str) -> None:
+    """Query head ``i`` reads KV head ``i // (h / h_kv)``: couple each KV head with its query
+    heads (one atom per KV group; plain multi-head attention when ``h == h_kv``)."""
+    n_rep = len(q_heads) // len(k_heads)
+    ctx.couple(q_heads, np.repeat(k_heads, n_rep), where)
+    ctx.couple(k_heads, v_heads, where)
+
+
 def _kept_heads(node, ctx, attr: str):
     """(kept output positions, kept packed Q/K/V columns, kept heads, heads) or None."""
     keep = ctx.keep(node.outputs[0])
@@ -155,8 +249,8 @@ def _slice_attention_bias(node, ctx, kept_heads: np.ndarray, heads: int) -> None
 @register("Attention")
 class OnnxAttentionHandler:
     """ONNX Attention (opset 23): q, k, v as (B, S, h * d) with ``q_num_heads``/``kv_num_heads``
-    or as (B, h, S, d); whole heads paired across q, k and v (grouped-query attention, where
-    k/v have fewer heads, blocks)."""
+    or as (B, h, S, d); whole heads paired across q, k and v; with grouped-query heads (k/v with
+    fewer heads) a KV group is one atom."""
 
     accepts_split = True
 
@@ -174,18 +268,21 @@ class OnnxAttentionHandler:
                 ctx.block_tensor(tensor, reason)
             return
         if len(shapes[0]) == 3:
-            heads = int(node.attrs["q_num_heads"])
-            splits = [_heads(node, ctx, m.labels, 1, heads, where) for m in qkv]
-            for other in splits[1:]:
-                ctx.couple(splits[0].representative(1), other.representative(1), where)
-            ctx.set_map(node.outputs[0], ChannelMap(2, qkv[2].labels, heads=True))
+            heads, kv = int(node.attrs["q_num_heads"]), int(node.attrs["kv_num_heads"])
+            q, k, v = (_heads(node, ctx, m.labels, 1, n, where)
+                       for m, n in zip(qkv, (heads, kv, kv)))
+            _pair_groups(ctx, q.representative(1), k.representative(1), v.representative(1),
+                         where)
+            labels = np.repeat(qkv[2].labels.reshape(kv, -1), heads // kv, axis=0)
+            ctx.set_map(node.outputs[0], ChannelMap(2, labels.reshape(-1), heads=True))
             return
         for m in qkv:  # (B, h, S, d): levels on axes 1 (heads) and 3 (head_dim)
             require_whole(ctx, m, 1, f"{where} keeps head_dim")
             require_free(ctx, m, 0, f"{where} pairs heads", heads=True)
-        for other in qkv[1:]:
-            ctx.couple(qkv[0].representative(0), other.representative(0), where)
-        ctx.set_map(node.outputs[0], qkv[2])
+        q, k, v = qkv
+        _pair_groups(ctx, q.representative(0), k.representative(0), v.representative(0), where)
+        n_rep = q.labels.shape[0] // v.labels.shape[0]
+        ctx.set_map(node.outputs[0], replace(v, labels=np.repeat(v.labels, n_rep, axis=0)))
 
     @staticmethod
     def _check(node, ctx, qkv, shapes, where) -> str | None:
@@ -198,14 +295,18 @@ class OnnxAttentionHandler:
                 len(shapes[0]) not in (3, 4):
             return f"{where}: q, k and v of unknown or different ranks"
         if len(shapes[0]) == 3:
-            heads = int(node.attrs.get("q_num_heads", 0))
-            if heads < 1 or int(node.attrs.get("kv_num_heads", 0)) != heads:
-                return f"{where}: grouped-query heads (kv_num_heads != q_num_heads)"
+            heads, kv = int(node.attrs.get("q_num_heads", 0)), int(node.attrs.get("kv_num_heads",
+                                                                                  0))
+            if heads < 1 or kv < 1 or heads % kv:
+                return f"{where}: q_num_heads is not a multiple of kv_num_heads"
             if any(m is None or not isinstance(m, ChannelMap) or m.axis != 2 for m in qkv) or \
-                    len({len(m.labels) for m in qkv}) != 1 or len(qkv[0].labels) % heads:
+                    len(qkv[0].labels) % heads or len(qkv[1].labels) != len(qkv[2].labels) or \
+                    len(qkv[1].labels) * heads != len(qkv[0].labels) * kv:
                 return f"{where}: q, k and v do not all carry our channels on their last axis"
         elif any(m is None or isinstance(m, ChannelMap) or m.axes != (1, 3) for m in qkv) or \
-                len({m.labels.shape for m in qkv}) != 1:
+                qkv[1].labels.shape != qkv[2].labels.shape or \
+                qkv[0].labels.shape[1] != qkv[1].labels.shape[1] or \
+                qkv[0].labels.shape[0] % qkv[1].labels.shape[0]:
             return f"{where}: q, k and v are not all split into (heads, head_dim) on axes 1, 3"
         if has_input(node, 3):
             mask, shape = ctx.const(node.inputs[3]), ctx.shape(node.inputs[3])
@@ -224,7 +325,9 @@ class OnnxAttentionHandler:
             if found is None:
                 return
             _, _, kept_heads, heads = found
-            node.attrs["q_num_heads"] = node.attrs["kv_num_heads"] = len(kept_heads)
+            n_rep = heads // int(node.attrs["kv_num_heads"])
+            node.attrs["q_num_heads"] = len(kept_heads)
+            node.attrs["kv_num_heads"] = len(kept_heads) // n_rep
         if has_input(node, 3):
             value = ctx.const(node.inputs[3])
             if value is not None and value.ndim == 4 and value.shape[1] == heads and heads > 1:

@@ -6,6 +6,10 @@
   virtually into the producing filters so that folded and unfolded exports score alike.
 * LayerNormalization normalises over the axes from ``axis`` on: channels on those axes are
   blocked (removing one changes the mean and variance of the rest); channels elsewhere pass.
+  RMSNorm alike: ONNX ``RMSNormalization`` (opset 23), onnxruntime's
+  ``SimplifiedLayerNormalization`` (default domain) and com.microsoft
+  ``SkipLayerNormalization``/``SkipSimplifiedLayerNormalization`` (the residual sum and its norm
+  in one op). The residual stays whole; the layers around it (heads, MLP widths) prune.
 * GroupNormalization, LpNormalization and LRN mix channels: blocked.
 """
 from __future__ import annotations
@@ -51,7 +55,7 @@ class PerChannelNormHandler:
             ctx.slice_input(node, index, 0, keep)
 
 
-@register("LayerNormalization")
+@register("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
 class LayerNormHandler:
     """Blocks channels on the normalised axes; passes the rest."""
 
@@ -62,9 +66,25 @@ class LayerNormHandler:
         xmap, shape = found
         axis = normalize_axis(int(node.attrs.get("axis", -1)), len(shape))
         if xmap.axis >= axis:
-            ctx.block(xmap, f"LayerNormalization {node.name} normalises over the channel axis")
+            ctx.block(xmap, f"{node.op} {node.name} normalises over the channel axis")
             return
+        for extra in node.outputs[1:]:  # mean / inverse std: one value per normalised row
+            if extra is not None and extra.outputs:
+                ctx.block(xmap, f"statistics outputs of {node.op} {node.name} are used")
+                return
         ctx.set_map(node.outputs[0], xmap.passed())
+
+    def apply(self, node, ctx) -> None:
+        pass
+
+
+@register("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain="com.microsoft")
+class SkipNormHandler:
+    """onnxruntime's fused residual + norm: ``s = input + skip (+ bias)`` (output 3, the next
+    residual) normalised over the hidden (last) axis: channels there are blocked."""
+
+    def propagate(self, node, ctx) -> None:
+        ctx.block_inputs(node, f"{node.op} {node.name} normalises over the channel axis")
 
     def apply(self, node, ctx) -> None:
         pass

@@ -1,0 +1,169 @@
+"""Transformer graphs as the torch exporters write them, pruned at defaults (issue 21).
+
+Usage: ``python benchmarks/transformers.py [--sparsity 0.5] [--runs 50] [--warmup 5]
+[--exporters torchscript dynamo]``
+
+Three tiny random-weight models built with torch (transformers/optimum are not needed):
+
+- **llama**: ``tests/llama_models.LlamaLike`` (no KV cache): vocabulary 512, width 128, 8 query
+  heads sharing 2 KV heads (grouped-query attention), rotary with rotate_half, repeat_kv,
+  SwiGLU MLP 344 wide, decomposed RMSNorm, 2 layers, untied LM head, sequence 32;
+- **bert**: word + position embeddings, LayerNorm, 2 post-norm encoder layers with separate
+  q/k/v Linears (``tests/attention_models._SeparateQKV``, 4 heads, width 64), GELU FFN 256 wide,
+  a Tanh pooler, sequence 16;
+- **vit**: ``tests/attention_models`` DeiT-like (fused qkv, class token, 4 heads, width 48).
+
+Each is exported with TorchScript (``dynamo=False``) and dynamo, pruned with
+``onnx_fpgm.prune(model, sparsity)`` (no other option; verification on), and reported:
+params after/before (all weights; without the embedding tables and LM head, which no
+structured pruner touches; and projected to a model whose embeddings are half its weights, as
+the Hugging Face configs of issue 21 are: ``0.5 + 0.5 * ratio without embeddings``), the head
+groups (KV groups for GQA) and widths before -> after,
+the oracle's verdict and max relative error, and onnxruntime CPU latency of the original and
+the pruned model side by side (``onnx_fpgm.measure.bench.benchmark``: one process, interleaved,
+after warm-up). The ONNX-native peer (onnxsim's structured pruning) is run when importable.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from end_to_end import format_table
+
+from tests.attention_models import _SeparateQKV, build_deit_like
+from tests.llama_models import build_llama_like, export_llama
+from tests.torch_models import _quiet_exporter, export_onnx
+
+LLAMA = {"vocab": 512, "dim": 128, "heads": 8, "kv_heads": 2, "hidden": 344, "layers": 2,
+         "seq": 32}
+
+
+class _BertLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, ffn: int) -> None:
+        super().__init__()
+        self.attention = _SeparateQKV(dim, heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.intermediate = nn.Linear(dim, ffn)
+        self.output = nn.Linear(ffn, dim)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x + self.attention(x))
+        return self.norm2(x + self.output(nn.functional.gelu(self.intermediate(x))))
+
+
+class _BertLike(nn.Module):
+    def __init__(self, vocab: int = 512, dim: int = 64, heads: int = 4, ffn: int = 256,
+                 seq: int = 16) -> None:
+        super().__init__()
+        self.word = nn.Embedding(vocab, dim)
+        self.position = nn.Parameter(torch.randn(1, seq, dim) * 0.02)
+        self.norm = nn.LayerNorm(dim)
+        self.layers = nn.Sequential(*(_BertLayer(dim, heads, ffn) for _ in range(2)))
+        self.pooler = nn.Linear(dim, dim)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.norm(self.word(input_ids) + self.position))
+        return torch.tanh(self.pooler(x[:, 0]))
+
+
+def _export_ids(module: nn.Module, seq: int, dynamo: bool) -> onnx.ModelProto:
+    """Export a module taking int64 ``input_ids`` of shape (1, seq)."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp, _quiet_exporter():
+        path = os.path.join(tmp, "m.onnx")
+        kwargs = ({"dynamo": True, "opset_version": 18, "external_data": False,
+                   "verbose": False} if dynamo else {"dynamo": False, "opset_version": 17})
+        torch.onnx.export(module.eval(), (torch.zeros((1, seq), dtype=torch.int64),), path,
+                          input_names=["input_ids"], output_names=["output"], **kwargs)
+        return onnx.load(path)
+
+
+def build(name: str, dynamo: bool) -> onnx.ModelProto:
+    if name == "llama":
+        return export_llama(build_llama_like(**LLAMA), dynamo, seq=LLAMA["seq"])
+    if name == "bert":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return _export_ids(_BertLike(), 16, dynamo)
+    module, shape = build_deit_like()
+    return export_onnx(module, shape, dynamo=dynamo, fold_bn=not dynamo)
+
+
+def _embedding_params(model: onnx.ModelProto) -> int:
+    """Weights of embedding tables (Gather on a stored 2-D table) and of the LM head."""
+    stored = {t.name: t for t in model.graph.initializer}
+    names = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and
+             n.input[0] in stored and len(stored[n.input[0]].dims) == 2}
+    outputs = {o.name for o in model.graph.output}
+    names |= {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and
+              n.output[0] in outputs and n.input[1] in stored}
+    return sum(int(np.prod(stored[n].dims)) for n in names)
+
+
+def _groups(result) -> tuple[str, str]:
+    heads, widths = [], []
+    for g in result.report.groups:
+        text = f"{g.channels_before}->{g.channels_after}" if not g.frozen else \
+            f"{g.channels_before} whole"
+        (heads if g.heads else widths).append(text)
+    return " ".join(heads) or "-", " ".join(w for w in widths if "whole" not in w) or "-"
+
+
+def run(name: str, exporter: str, sparsity: float, runs: int, warmup: int) -> dict:
+    import onnx_fpgm
+    from onnx_fpgm.measure.bench import benchmark
+
+    model = build(name, exporter == "dynamo")
+    start = time.perf_counter()
+    result = onnx_fpgm.prune(model, sparsity)
+    wall = time.perf_counter() - start
+    before, after = result.report.before.params, result.report.after.params
+    embed = _embedding_params(model)
+    heads, widths = _groups(result)
+    check = result.report.verification
+    latency = benchmark(model, result.model, runs=runs, warmup=warmup)
+    return {"model": name, "export": exporter, "params": after / before,
+            "params w/o embed": (after - embed) / (before - embed),
+            "embed share": embed / before,
+            "at embed 1/2": 0.5 + 0.5 * (after - embed) / (before - embed),
+            "heads (groups)": heads, "widths": widths, "verified": check.get("passed"),
+            "max rel err": f"{check.get('max_rel_error', float('nan')):.1e}",
+            "orig ms": latency.original_ms, "pruned ms": latency.pruned_ms,
+            "speedup": latency.original_ms / latency.pruned_ms, "prune s": wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--models", nargs="+", default=["llama", "bert", "vit"])
+    parser.add_argument("--exporters", nargs="+", default=["torchscript", "dynamo"])
+    args = parser.parse_args(argv)
+    rows = [run(m, e, args.sparsity, args.runs, args.warmup)
+            for m in args.models for e in args.exporters]
+    print(format_table(rows))
+    try:
+        import onnxsim.pruning  # noqa: F401
+    except ImportError:
+        print("peer (onnxsim structured pruning): peer not installed")
+    else:
+        print("peer (onnxsim) importable: run benchmarks/peers.py for its figures")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
