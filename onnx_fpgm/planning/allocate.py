@@ -9,8 +9,11 @@ Three ways to spread the budget (``--allocation``):
   score divided by the group's mean score) per MAC (or param) its removal saves; the cheapest
   prefix of that ranking that meets the target goes.
 * ``sensitivity``: each group alone is pruned at a few sparsities and the loss on calibration
-  data is measured (``sensitivity.py``; after the asked compensation, when there is one); then, greedily, the group with the least loss per
-  MAC (param) saved gives up its next step of channels until the target is met.
+  data is measured (``sensitivity.py``: one masked session, 32 samples per probe, harmful
+  groups' higher sparsities extrapolated; with lstsq/obs/auto compensation, after the
+  closed-form OBS update of the consumers; with bias, after a real rewrite and bias fold per
+  probe); then, greedily, the group with the least loss per MAC (param) saved gives up its
+  next step of channels until the target is met.
 
 Costs come from the analytic ``CostModel``; the search keeps the plan with the most channels
 whose cost is at most the target, so a target is met to within one channel's worth (one step of
@@ -234,16 +237,18 @@ class Allocator:
                 return [self.legal(g.id, n_to_keep(g.n_channels, s, 1, None)) for g in unit]
 
             mode = self.config.compensate
-            if mode == "none":
-                losses = measure_sensitivity(self._original, self.analysis, groups, levels,
-                                             select, calibration, counts, advance)
-            else:  # what compensation cannot recover; auto judges by lstsq, its best
-
+            if mode != "bias":  # with lstsq/obs/auto: what the OBS update cannot recover
+                original = mapped.with_data(self._original) if mode != "none" else \
+                    self._original  # the update reads the weights there
+                losses = measure_sensitivity(original, self.analysis, groups, levels,
+                                             select, calibration, counts, advance,
+                                             update=mode != "none")
+            else:  # what the bias fold cannot recover: one rewrite and fit per probe
                 original = mapped.with_data(self._original)  # compensation reads weights there
                 losses = measure_compensated_sensitivity(
                     original, io.infer_shapes(io.light_copy(original)),
                     io.default_opset(original), self.analysis, groups, levels, select,
-                    calibration, counts, "lstsq" if mode == "auto" else mode, advance)
+                    calibration, counts, mode, advance)
             for unit, row in zip(missing, np.maximum.accumulate(losses, axis=1)):
                 self.sensitivity[tuple(unit)] = row  # made monotone in sparsity
         curves = [self.sensitivity[tuple(unit)] for unit in self.units]

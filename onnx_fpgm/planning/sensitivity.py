@@ -11,7 +11,7 @@ that of the output part that suffers most (see ``fidelity.output_parts`` and ``o
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -27,9 +27,17 @@ from ..model import export, io
 from ..model.runtime import make_session
 from ..oracle.masking import consumer_axis
 from ..recover.compensate import compensate, find_consumers
+from ..recover.obs import gather_stats, updated_weights
 
-#: Calibration samples used per measurement (enough to rank groups, cheap enough for many).
+#: Calibration samples used per measurement on the exact path (and by the compensated one).
 MAX_SAMPLES = 256
+#: Samples per probe on the fast path: spread over the data, they rank groups as 256 do
+#: (tests/test_sensitivity_speed.py) at an eighth of the runs (benchmarks/sensitivity_speed.py).
+PROBE_SAMPLES = 32
+#: A loss past which a group is clearly harmful: its higher sparsities are not measured but
+#: extrapolated (the loss grows in proportion to the sparsity), so the allocation still avoids
+#: them and never sees them as free.
+HARMFUL_LOSS = 1.0
 
 
 @dataclass
@@ -38,16 +46,38 @@ class MaskedModel:
 
     proto: bytes
     masks: dict[str, tuple[np.ndarray, tuple[int, ...], np.dtype]]  # input -> labels, shape
+    #: consumer -> (weight input, bias input or None), for consumers whose weights are fed
+    weights: dict[str, tuple[str, str | None]] = field(default_factory=dict)
 
     def feeds(self, removed_atoms: np.ndarray) -> dict[str, np.ndarray]:
         return {name: (~removed_atoms[labels]).astype(dtype).reshape(shape)
                 for name, (labels, shape, dtype) in self.masks.items()}
 
 
-def build_masked_model(model: onnx.ModelProto, analysis: Analysis) -> MaskedModel:
-    """Insert ``x * mask`` on every consumer input whose channels the analysis maps."""
+def build_masked_model(model: onnx.ModelProto, analysis: Analysis,
+                       fed: dict[str, tuple[np.ndarray, np.ndarray | None]] | None = None
+                       ) -> MaskedModel:
+    """Insert ``x * mask`` on every consumer input whose channels the analysis maps; the
+    consumers named in ``fed`` (name -> weight, bias arrays) read their weight and bias from
+    graph inputs instead (a compensated probe feeds updated ones)."""
     graph = gs.import_onnx(model)
     masks: dict[str, tuple[np.ndarray, tuple[int, ...], np.dtype]] = {}
+    weights: dict[str, tuple[str, str | None]] = {}
+    for node in graph.nodes:
+        if fed and node.name in fed:
+            weight, bias = fed[node.name]
+            names = [f"{node.name}__sensitivity_weight", None]
+            node.inputs[1] = gs.Variable(names[0], dtype=weight.dtype, shape=weight.shape)
+            graph.inputs.append(node.inputs[1])
+            if bias is not None:
+                names[1] = f"{node.name}__sensitivity_bias"
+                value = gs.Variable(names[1], dtype=bias.dtype, shape=bias.shape)
+                graph.inputs.append(value)
+                if len(node.inputs) > 2:
+                    node.inputs[2] = value
+                else:
+                    node.inputs.append(value)
+            weights[node.name] = (names[0], names[1])
     masked: dict[str, gs.Variable] = {}
     for node in list(graph.nodes):
         found = consumer_axis(node, analysis)
@@ -81,7 +111,7 @@ def build_masked_model(model: onnx.ModelProto, analysis: Analysis) -> MaskedMode
     proto.ir_version = model.ir_version
     del proto.opset_import[:]
     proto.opset_import.extend(model.opset_import)
-    return MaskedModel(proto.SerializeToString(), masks)
+    return MaskedModel(proto.SerializeToString(), masks, weights)
 
 
 def output_loss(reference: list[np.ndarray], outputs: list[np.ndarray],
@@ -110,27 +140,83 @@ def measure_sensitivity(original: onnx.ModelProto, analysis: Analysis,
                         select: Callable[[Analysis, Group, int], np.ndarray],
                         calibration: Calibration,
                         counts: Callable[[list[Group], float], list[int]],
-                        progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Loss (units x levels) when each unit alone keeps ``counts(unit, level)`` channels."""
+                        progress: Callable[[int], None] | None = None, *,
+                        samples: int | None = PROBE_SAMPLES,
+                        harmful: float | None = HARMFUL_LOSS,
+                        update: bool = False) -> np.ndarray:
+    """Loss (units x levels) when each unit alone keeps ``counts(unit, level)`` channels.
+
+    Fast by default: ``samples`` calibration samples per probe (spread evenly over the first
+    ``MAX_SAMPLES``), levels measured in increasing sparsity until one reaches ``harmful``, and
+    a probe that removes the same channels as the level before reuses its loss. ``samples=None,
+    harmful=None`` is the exact path (every level on ``MAX_SAMPLES`` samples).
+
+    With ``update``, each probe is followed by the closed-form OBS update of the consumers it
+    touches (``recover.obs``: statistics gathered once, the updated weights fed to the same
+    session): what compensation cannot recover, without a rewrite, a fit or a session per
+    probe. The update stands in for lstsq (both are least squares; lstsq on the pruned model's
+    inputs, which for one group alone differ only downstream of its first consumer).
+    """
     calibration = _subset(calibration)
-    masked = build_masked_model(original, analysis)
+    stats, inputs, base = {}, {}, {}
+    if update:
+        everything = np.ones(analysis.n_atoms + 1, dtype=bool)
+        everything[-1] = False
+        consumers = find_consumers(original, analysis, everything)
+        stats, _ = gather_stats(original, consumers, calibration)
+        inputs = {c.node: c.input for c in consumers if c.node in stats}
+        base = {name: updated_weights(original, found, np.zeros(0, np.int64))
+                for name, found in stats.items()}
+    if samples is not None and samples < calibration.n_samples:
+        pick = np.unique(np.linspace(0, calibration.n_samples - 1, samples).round().astype(int))
+        calibration = Calibration({k: v[pick] for k, v in calibration.inputs.items()},
+                                  None if calibration.labels is None else calibration.labels[pick])
+    masked = build_masked_model(original, analysis, base)
     session = make_session(masked.proto, optimize=True)
     n_outputs = len(original.graph.output)
     names = [o.name for o in original.graph.output]
-    nothing = np.zeros(analysis.n_atoms + 1, dtype=bool)
+
+    def weight_feeds(removed_atoms: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = {}
+        for node, (w_name, b_name) in masked.weights.items():
+            gone = np.flatnonzero(removed_atoms[analysis.maps[inputs[node]].labels])
+            weight, bias = updated_weights(original, stats[node], gone) if len(gone) else \
+                base[node]
+            feeds[w_name] = weight
+            if b_name is not None:
+                feeds[b_name] = bias
+        return feeds
 
     def run(removed_atoms: np.ndarray) -> list[np.ndarray]:
-        feeds = masked.feeds(removed_atoms)
+        feeds = {**masked.feeds(removed_atoms), **weight_feeds(removed_atoms)}
         return _run_with_masks(session, original, calibration, feeds, names)[:n_outputs]
 
-    reference = run(nothing)
+    reference = run(np.zeros(analysis.n_atoms + 1, dtype=bool))
+
+    def probe(classes: np.ndarray) -> float:
+        return output_loss(reference, run(analysis.removed_atoms(classes)), calibration.labels)
+
+    return _probe_levels(analysis, units, levels, select, counts, probe, progress, harmful)
+
+
+def _probe_levels(analysis: Analysis, units: list[list[Group]], levels: tuple[float, ...],
+                  select, counts, probe: Callable[[np.ndarray], float], progress,
+                  harmful: float | None) -> np.ndarray:
+    """Loss per unit and level from ``probe(removed classes)``: levels in increasing sparsity,
+    past ``harmful`` extrapolated, a probe equal to the previous level's reused."""
     losses = np.zeros((len(units), len(levels)))
     for u, unit in enumerate(units):
+        previous = None
         for j, level in enumerate(levels):
-            classes = _removed_classes(analysis, unit, counts(unit, level), select)
-            if len(classes):
-                removed = analysis.removed_atoms(classes)
-                losses[u, j] = output_loss(reference, run(removed), calibration.labels)
+            if harmful is not None and j and losses[u, j - 1] >= harmful:
+                losses[u, j] = losses[u, j - 1] * level / levels[j - 1]
+            else:
+                classes = _removed_classes(analysis, unit, counts(unit, level), select)
+                if previous is not None and np.array_equal(classes, previous):
+                    losses[u, j] = losses[u, j - 1]
+                elif len(classes):
+                    losses[u, j] = probe(classes)
+                previous = classes
             if progress is not None:
                 progress(1)
     return losses

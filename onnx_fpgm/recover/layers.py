@@ -185,16 +185,22 @@ def bias_of(model: onnx.ModelProto, node: onnx.NodeProto, n_out: int) -> np.ndar
     return np.broadcast_to(bias.astype(np.float64).reshape(-1), (n_out,)) * scale
 
 
+def rows_to_weight(node: onnx.NodeProto, like: np.ndarray, rows: np.ndarray,
+                   bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Weight rows (out, D) and bias back in ``node``'s own layout and dtype (``like``)."""
+    if node.op_type == "Conv":
+        return rows.reshape(like.shape).astype(like.dtype), bias.astype(like.dtype)
+    if node.op_type == "Gemm":
+        alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
+        new_w = (rows if attr(node, "transB", 0) else rows.T) / alpha
+        return new_w.astype(like.dtype), (bias / beta).astype(like.dtype)
+    return rows.T.astype(like.dtype), None
+
+
 def write_weight_rows(model: onnx.ModelProto, node: onnx.NodeProto, like: np.ndarray,
                       rows: np.ndarray, bias: np.ndarray | None) -> None:
     """Give ``node`` new weights (out, D) and bias in its own layout and dtype (``like``)."""
-    if node.op_type == "Conv":
-        set_input(model, node, 1, rows.reshape(like.shape).astype(like.dtype), "_refit_weight")
-        set_input(model, node, 2, bias.astype(like.dtype), "_refit_bias")
-    elif node.op_type == "Gemm":
-        alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
-        new_w = (rows if attr(node, "transB", 0) else rows.T) / alpha
-        set_input(model, node, 1, new_w.astype(like.dtype), "_refit_weight")
-        set_input(model, node, 2, (bias / beta).astype(like.dtype), "_refit_bias")
-    else:
-        set_input(model, node, 1, rows.T.astype(like.dtype), "_refit_weight")
+    weight, bias = rows_to_weight(node, like, rows, bias)
+    set_input(model, node, 1, weight, "_refit_weight")
+    if bias is not None:
+        set_input(model, node, 2, bias, "_refit_bias")

@@ -43,6 +43,7 @@ from .layers import (
     first_samples,
     fits_conv,
     node_named,
+    rows_to_weight,
     weight_rows,
     write_weight_rows,
 )
@@ -266,3 +267,15 @@ def compensate_obs(original: onnx.ModelProto, model: onnx.ModelProto,
         pnode = node_named(model, consumer.node)
         write_weight_rows(model, pnode, constant(model, pnode.input[1]), rows, bias)
     return left
+
+
+def updated_weights(original: onnx.ModelProto, found: ConsumerStats,
+                    removed: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The consumer's weight and bias in its own layout and shape after the OBS update for
+    removing the input channel positions ``removed`` (their slices zero, nothing sliced off)."""
+    node = node_named(original, found.node)
+    gone = np.isin(found.channel, removed)
+    rows = obs_update(found.weight, found.hinv, np.flatnonzero(gone))
+    bias = rows[:, -1] if found.channel[-1] < 0 else None
+    return rows_to_weight(node, constant(original, node.input[1]), rows[:, found.channel >= 0],
+                          bias)
