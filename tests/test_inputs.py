@@ -246,3 +246,19 @@ def test_model_with_nan_outputs_prunes_and_verifies() -> None:
     from tests.test_forms import _check
 
     _check(model, result)
+
+
+
+def test_smoke_check_allows_the_originals_own_nan() -> None:
+    from onnx_fpgm.oracle.validate import smoke_check
+
+    model = _log_of_scale_model()  # z = Log(conv) is NaN wherever the conv is negative
+    assert smoke_check(model, model) is None
+    nan_elsewhere = onnx.ModelProto()
+    nan_elsewhere.CopyFrom(model)
+    nodes = list(nan_elsewhere.graph.node)
+    mul, log = nodes[4], nodes[5]
+    mul.input[0] = "z"  # y = Log(conv) * log(fmin): NaN where the original's y is finite
+    del nan_elsewhere.graph.node[:]
+    nan_elsewhere.graph.node.extend([*nodes[:4], log, mul])
+    assert smoke_check(model, nan_elsewhere) == "non-finite outputs"
