@@ -16,7 +16,8 @@ from tests.llama_models import build_llama_like, export_llama
 
 #: variant -> LlamaLike options: eager attention with constant cos/sin, cos/sin computed from a
 #: position_ids input, torch's scaled_dot_product_attention.
-VARIANTS = {"eager": {}, "positions": {"with_positions": True}, "sdpa": {"sdpa": True}}
+VARIANTS = {"eager": {}, "positions": {"with_positions": True}, "sdpa": {"sdpa": True},
+            "qk_norm": {"qk_norm": True}}
 #: exporter -> (dynamo, symbolic batch and sequence)
 EXPORTERS = {"torchscript": (False, False), "dynamo": (True, False),
              "dynamo-dynamic": (True, True)}
