@@ -6,6 +6,7 @@
   ``rotate_half`` (``cat(-x2, x1)``); ``repeat_kv`` as ``x[:, :, None].expand(...).reshape(...)``;
   a causal mask; eager ``softmax(q k^T * scale + mask) v``, or ``scaled_dot_product_attention``.
 * MLP: SwiGLU ``down(silu(gate(x)) * up(x))``.
+* ``qk_norm``: Qwen3's per-head RMSNorm over head_dim on q and k (before the transpose).
 
 The input is token ids (int64, vocabulary >= 8 so random ids are valid); ``with_positions`` adds
 ``position_ids`` as a second input (then cos/sin are computed at run time, as in the exports of
@@ -64,11 +65,15 @@ class Rotary(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, kv_heads: int, sdpa: bool = False) -> None:
+    def __init__(self, dim: int, heads: int, kv_heads: int, sdpa: bool = False,
+                 qk_norm: bool = False) -> None:
         super().__init__()
         self.head_dim = dim // heads
         self.groups = heads // kv_heads
         self.sdpa = sdpa
+        # Qwen3/OLMo2: an RMSNorm over head_dim on q and k, per head
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.q_proj = nn.Linear(dim, heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
@@ -77,8 +82,8 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
         shape = (*x.shape[:-1], -1, self.head_dim)
-        q = self.q_proj(x).view(shape).transpose(1, 2)
-        k = self.k_proj(x).view(shape).transpose(1, 2)
+        q = self.q_norm(self.q_proj(x).view(shape)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(shape)).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + rotate_half(q) * sin
@@ -104,10 +109,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, kv_heads: int, hidden: int, sdpa: bool) -> None:
+    def __init__(self, dim: int, heads: int, kv_heads: int, hidden: int, sdpa: bool,
+                 qk_norm: bool) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(dim)
-        self.self_attn = LlamaAttention(dim, heads, kv_heads, sdpa)
+        self.self_attn = LlamaAttention(dim, heads, kv_heads, sdpa, qk_norm)
         self.post_attention_layernorm = RMSNorm(dim)
         self.mlp = LlamaMLP(dim, hidden)
 
@@ -121,12 +127,12 @@ class LlamaLike(nn.Module):
 
     def __init__(self, vocab: int = 16, dim: int = 32, heads: int = 4, kv_heads: int = 2,
                  hidden: int = 64, layers: int = 2, seq: int = 8, sdpa: bool = False,
-                 with_positions: bool = False) -> None:
+                 with_positions: bool = False, qk_norm: bool = False) -> None:
         super().__init__()
         self.with_positions = with_positions
         self.embed_tokens = nn.Embedding(vocab, dim)
         self.rotary = Rotary(dim // heads)
-        self.layers = nn.ModuleList(LlamaBlock(dim, heads, kv_heads, hidden, sdpa)
+        self.layers = nn.ModuleList(LlamaBlock(dim, heads, kv_heads, hidden, sdpa, qk_norm)
                                     for _ in range(layers))
         self.norm = RMSNorm(dim)
         self.lm_head = nn.Linear(dim, vocab, bias=False)

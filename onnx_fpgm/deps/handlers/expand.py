@@ -93,10 +93,10 @@ class ExpandHandler:
             if smap is None and element.labels is not None and element.factor == 1 and \
                     np.array_equal(element.labels, cmap.labels):
                 continue  # the channel count read by Shape: it follows the plan by itself
-            if element.value != size or size == 1:
+            if element.value is not None and (element.value != size or size == 1):
                 ctx.block(m, f"Expand {node.name} broadcasts the channel axis")
                 return
-            if rewritable_source(node, 1, index, elements, ctx) is None:
+            if element.value is None or rewritable_source(node, 1, index, elements, ctx) is None:
                 if smap is None:
                     ctx.block(m, f"the channel count in the shape of Expand {node.name} is "
                                  "computed (computed shape)")

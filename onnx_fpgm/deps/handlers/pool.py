@@ -3,14 +3,17 @@
 * Pools (Max/Average/Lp, global or not) act per channel on NCHW: channels pass through.
   MaxPool's optional ``Indices`` output encodes the channel in a flat index: blocked if used.
 * Reduce* over axes that exclude the channel axis pass channels through (moving the axis when
-  ``keepdims=0``); reducing over the channel axis mixes channels: blocked.
+  ``keepdims=0``); reducing over the channel axis mixes channels: blocked. Over a level of a
+  split channel axis (head_dim: a per-head norm) the level stays whole.
 * Softmax/LogSoftmax/Hardmax over the channel axis mix channels: blocked; over other axes: pass.
   Over a level of a split channel axis (``blocks.py``) the values of each entry of the other
   levels are normalised apart: that level stays whole, the others may lose entries.
 """
 from __future__ import annotations
 
-from ..blocks import require_whole
+from dataclasses import replace
+
+from ..blocks import drop_level, require_whole
 from ..registry import register
 from ._util import axes_from, mapped_input, normalize_axis
 
@@ -44,7 +47,12 @@ class PoolHandler:
 class ReduceHandler:
     """Reductions over non-channel axes."""
 
+    accepts_split = True
+
     def propagate(self, node, ctx) -> None:
+        if ctx.split_map(node.inputs[0]) is not None:
+            _reduce_split(node, ctx)
+            return
         found = mapped_input(node, ctx)
         if found is None:
             return
@@ -68,6 +76,38 @@ class ReduceHandler:
 
     def apply(self, node, ctx) -> None:
         pass
+
+
+def _reduce_split(node, ctx) -> None:
+    """A reduction over levels of a split channel axis (a per-head RMSNorm over head_dim, as
+    Qwen3's q_norm/k_norm): within each entry of the other levels, so the reduced levels stay
+    whole; with keepdims they keep one entry, without it they go."""
+    smap, shape = ctx.split_map(node.inputs[0]), ctx.shape(node.inputs[0])
+    try:
+        axes = axes_from(node, ctx, 1)
+    except ValueError:
+        axes = None
+    if shape is None or not axes:
+        ctx.block(smap, f"{node.op} {node.name} reduces a split channel axis over unknown or "
+                        "all axes")
+        return
+    axes = sorted(normalize_axis(a, len(shape)) for a in axes)
+    keep = bool(int(node.attrs.get("keepdims", 1)))
+    for position in reversed(range(len(smap.axes))):
+        if smap.axes[position] not in axes:
+            continue
+        require_whole(ctx, smap, position, f"{node.op} {node.name} reduces over it")
+        if len(smap.axes) == 1:
+            return  # no level left: the result holds no channel of ours
+        if keep:
+            index = [slice(None)] * smap.labels.ndim
+            index[position] = slice(0, 1)
+            smap = replace(smap, labels=smap.labels[tuple(index)])
+        else:
+            smap = drop_level(smap, position, 0, lambda a: a)
+    if not keep:
+        smap = smap.moved(a - sum(1 for r in axes if r < a) for a in smap.axes)
+    ctx.set_map(node.outputs[0], smap)
 
 
 @register("Softmax", "LogSoftmax", "Hardmax")

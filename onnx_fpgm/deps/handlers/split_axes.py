@@ -6,7 +6,10 @@ Channel algebra, for a split tensor with levels ``(n_1, ..., n_k)`` on tensor ax
   creates the split: ``labels.reshape(n_1, ..., n_k)``. A Reshape that merges the level axes
   (adjacent, in any order) back into one axis ends it: the labels are read in the tensor's order,
   so ``(C/g, g)`` after a shuffle's Transpose gives the shuffled channel order. A Reshape that
-  leaves every level axis alone in its block only moves them (e.g. a leading batch axis).
+  leaves every level axis alone in its block only moves them (e.g. a leading batch axis); a
+  level merged with neighbouring axes that hold no level (repeat_kv's expanded ``n_rep`` axis:
+  ``(h_kv, n_rep) -> h``) repeats each of its entries over the merged positions, so query heads
+  pair with the KV head they read.
 * Transpose/Squeeze/Unsqueeze move the level axes; Gather with a constant scalar index on a level
   picks one entry of it (that level stays whole: ``qkv[0]``); Gather elsewhere moves them.
 * Element-wise ops pass the split through; a constant operand with a level's full extent is

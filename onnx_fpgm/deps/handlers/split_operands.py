@@ -30,7 +30,9 @@ def broadcast(node, ctx) -> bool:
         return False
     where = f"{node.op} {node.name}"
     shapes = [ctx.shape(t) for t in inputs]
-    ref_index = next(i for i, s in enumerate(splits) if s is not None)
+    # the widest split sets the output (a per-head statistic, one entry on head_dim, broadcasts)
+    ref_index = max((i for i, s in enumerate(splits) if s is not None),
+                    key=lambda i: splits[i].labels.size)
     ref = splits[ref_index]
     if any(s is None for s in shapes):
         ctx.block(ref, f"input rank of {where} is unknown")
@@ -41,12 +43,13 @@ def broadcast(node, ctx) -> bool:
         offset = rank_out - len(shape)
         if smap is not None:
             axes = [a + offset for a in smap.axes]
-            if smap is not ref and (axes != ref_axes or smap.labels.shape != ref.labels.shape):
+            if smap is not ref and (axes != ref_axes or not _lines_up(smap, ref)):
                 ctx.block(ref, f"{where} joins split channel axes that do not line up")
                 ctx.block(smap, f"{where} joins split channel axes that do not line up")
                 return True
             if smap is not ref:
-                ctx.couple(ref.flat(), smap.flat(), where)
+                ctx.couple(np.broadcast_to(smap.labels, ref.labels.shape).reshape(-1),
+                           ref.flat(), where)
             continue
         if ctx.map(tensor) is not None:
             ctx.block(ref, f"{where} joins a split channel axis with plain channels")
@@ -59,6 +62,15 @@ def broadcast(node, ctx) -> bool:
                                   f"{where} mixes it with an activation not ours")
     ctx.set_map(node.outputs[0], ref.moved(ref_axes))
     return True
+
+
+def _lines_up(smap, ref) -> bool:
+    """``smap`` has ref's levels, each with ref's entries or (a per-head statistic over a whole
+    level of the same split) one entry that broadcasts."""
+    if smap.labels.shape == ref.labels.shape:
+        return True
+    return smap.record == ref.record and smap.levels == ref.levels and all(
+        n in (m, 1) for n, m in zip(smap.labels.shape, ref.labels.shape))
 
 
 def broadcast_apply(node, ctx) -> bool:
