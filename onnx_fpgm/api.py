@@ -170,6 +170,12 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
         graph = None
         io.release_free_memory(collect=io.weight_bytes(pruned) >= COLLECT_ABOVE_BYTES)
     report.notes.extend(notes)
+    if pruned is not original and len(original.training_info):
+        report.notes.append(
+            f"training_info ({len(original.training_info)} entr"
+            f"{'y' if len(original.training_info) == 1 else 'ies'}) not written to OUT: its "
+            "training graphs and update bindings refer to the weights as they were before "
+            "pruning; re-create it for the pruned model")
     _note_alignment(report, plan, config)
     _fill_decisions(report, analysis, plan)
     input_shapes = sizes.primary

@@ -150,3 +150,14 @@ def retarget(path: Path, tensor: str, **entries: str) -> None:
         entry = target.external_data.add()
         entry.key, entry.value = key, value
     path.write_bytes(header.SerializeToString())
+
+
+def training_info_model() -> onnx.ModelProto:
+    """``conv_model`` with a training_info entry updating conv1.weight."""
+    model = conv_model()
+    info = model.training_info.add()
+    info.algorithm.CopyFrom(helper.make_graph(
+        [helper.make_node("Identity", ["conv1.weight"], ["conv1.weight.new"])], "step", [], []))
+    binding = info.update_binding.add()
+    binding.key, binding.value = "conv1.weight", "conv1.weight.new"
+    return model

@@ -31,6 +31,7 @@ from .hostile_inputs import (
     save_external,
     sparse_model,
     start_cli,
+    training_info_model,
 )
 
 
@@ -370,3 +371,21 @@ def test_data_file_swapped_for_a_link_after_the_check_is_not_read(capsys, monkey
     assert code == 2, stderr
     one_error_line(stderr, "symbolic link")
     assert not (tmp_path / "out.onnx").exists()
+
+
+# --- 7. what OUT does not keep is said ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("sparsity", ["0", "0.5"], ids=["nothing_pruned", "pruned"])
+def test_training_info_is_kept_or_its_loss_noted(capsys, tmp_path, sparsity):
+    source = tmp_path / "in.onnx"
+    onnx.save(training_info_model(), source)
+    out = tmp_path / "out.onnx"
+    code, stdout, stderr = run(capsys, source, out, "--sparsity", sparsity,
+                               "--report", tmp_path / "r.json")
+    assert code == 0, stderr
+    kept = len(onnx.load(str(out)).training_info)
+    noted = [n for n in json.loads((tmp_path / "r.json").read_text())["notes"]
+             if "training_info" in n]
+    assert (kept, len(noted)) == ((1, 0) if sparsity == "0" else (0, 1))
+    assert ("training_info (1 entry) not written" in stdout) == bool(noted)
