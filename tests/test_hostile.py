@@ -389,3 +389,15 @@ def test_training_info_is_kept_or_its_loss_noted(capsys, tmp_path, sparsity):
              if "training_info" in n]
     assert (kept, len(noted)) == ((1, 0) if sparsity == "0" else (0, 1))
     assert ("training_info (1 entry) not written" in stdout) == bool(noted)
+
+
+def test_a_session_over_its_time_limit_ends_the_run_with_one_line(tmp_path):
+    """onnxruntime's check of some models never returns: the CLI's watchdog ends the run
+    (here with the limit lowered so far that any model is over it)."""
+    source = tmp_path / "in.onnx"
+    onnx.save(conv_model(), source)
+    before = digest(tmp_path)
+    done = run_cli(source, tmp_path / "out.onnx", env={"ONNX_FPGM_SESSION_LIMIT_S": "0.000001"})
+    assert done.returncode == 2, done.stderr
+    one_error_line(done.stderr, "did not finish", "nothing was written")
+    assert digest(tmp_path) == before
