@@ -15,15 +15,16 @@ import numpy as np
 import onnx
 import pytest
 
+import onnx_fpgm
 import onnx_fpgm.measure.calibration
 import onnx_fpgm.model.mapped
 from onnx_fpgm.cli import main as cli
 
 from .hostile_inputs import (
-    if_body_model,
-    nested_json,
     conv_model,
     digest,
+    if_body_model,
+    nested_json,
     one_error_line,
     outputs,
     retarget,
@@ -400,4 +401,13 @@ def test_a_session_over_its_time_limit_ends_the_run_with_one_line(tmp_path):
     done = run_cli(source, tmp_path / "out.onnx", env={"ONNX_FPGM_SESSION_LIMIT_S": "0.000001"})
     assert done.returncode == 2, done.stderr
     one_error_line(done.stderr, "did not finish", "nothing was written")
+    assert digest(tmp_path) == before
+
+
+def test_api_save_refuses_to_overwrite_what_the_prune_read(tmp_path, ext):
+    result = onnx_fpgm.prune(ext, 0.5)
+    before = digest(tmp_path)
+    for target in (ext, ext.with_name("in.onnx.data")):
+        with pytest.raises(onnx_fpgm.OutputError, match="same file as IN"):
+            result.save(target)
     assert digest(tmp_path) == before
