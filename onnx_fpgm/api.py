@@ -189,6 +189,12 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
             f"all {len(listed)} initializers are also listed as graph inputs (an old exporter's "
             "form): they were taken as weights, as onnxsim takes them; the pruned ones stay "
             "listed as inputs with their new shapes (a caller who feeds one feeds that shape)")
+    if pruned is not original and len(original.training_info):
+        report.notes.append(
+            f"training_info ({len(original.training_info)} entr"
+            f"{'y' if len(original.training_info) == 1 else 'ies'}) not written to OUT: its "
+            "training graphs and update bindings refer to the weights as they were before "
+            "pruning; re-create it for the pruned model")
     _note_alignment(report, plan, config)
     _fill_decisions(report, analysis, plan)
     input_shapes = sizes.primary

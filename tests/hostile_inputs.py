@@ -76,7 +76,8 @@ def run_cli(*args: str | os.PathLike, env: dict[str, str] | None = None,
     """``python -m onnx_fpgm ARGS`` in a child (a FIFO or a crash must not stop the tests)."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "onnx_fpgm", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=environment)
+                          capture_output=True, text=True, timeout=timeout, env=environment,
+                          check=False)
 
 
 def start_cli(*args: str | os.PathLike, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -150,3 +151,14 @@ def retarget(path: Path, tensor: str, **entries: str) -> None:
         entry = target.external_data.add()
         entry.key, entry.value = key, value
     path.write_bytes(header.SerializeToString())
+
+
+def training_info_model() -> onnx.ModelProto:
+    """``conv_model`` with a training_info entry updating conv1.weight."""
+    model = conv_model()
+    info = model.training_info.add()
+    info.algorithm.CopyFrom(helper.make_graph(
+        [helper.make_node("Identity", ["conv1.weight"], ["conv1.weight.new"])], "step", [], []))
+    binding = info.update_binding.add()
+    binding.key, binding.value = "conv1.weight", "conv1.weight.new"
+    return model

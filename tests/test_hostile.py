@@ -15,15 +15,16 @@ import numpy as np
 import onnx
 import pytest
 
+import onnx_fpgm
 import onnx_fpgm.measure.calibration
 import onnx_fpgm.model.mapped
 from onnx_fpgm.cli import main as cli
 
 from .hostile_inputs import (
-    if_body_model,
-    nested_json,
     conv_model,
     digest,
+    if_body_model,
+    nested_json,
     one_error_line,
     outputs,
     retarget,
@@ -31,6 +32,7 @@ from .hostile_inputs import (
     save_external,
     sparse_model,
     start_cli,
+    training_info_model,
 )
 
 
@@ -370,3 +372,42 @@ def test_data_file_swapped_for_a_link_after_the_check_is_not_read(capsys, monkey
     assert code == 2, stderr
     one_error_line(stderr, "symbolic link")
     assert not (tmp_path / "out.onnx").exists()
+
+
+# --- 7. what OUT does not keep is said ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("sparsity", ["0", "0.5"], ids=["nothing_pruned", "pruned"])
+def test_training_info_is_kept_or_its_loss_noted(capsys, tmp_path, sparsity):
+    source = tmp_path / "in.onnx"
+    onnx.save(training_info_model(), source)
+    out = tmp_path / "out.onnx"
+    code, stdout, stderr = run(capsys, source, out, "--sparsity", sparsity,
+                               "--report", tmp_path / "r.json")
+    assert code == 0, stderr
+    kept = len(onnx.load(str(out)).training_info)
+    noted = [n for n in json.loads((tmp_path / "r.json").read_text())["notes"]
+             if "training_info" in n]
+    assert (kept, len(noted)) == ((1, 0) if sparsity == "0" else (0, 1))
+    assert ("training_info (1 entry) not written" in stdout) == bool(noted)
+
+
+def test_a_session_over_its_time_limit_ends_the_run_with_one_line(tmp_path):
+    """onnxruntime's check of some models never returns: the CLI's watchdog ends the run
+    (here with the limit lowered so far that any model is over it)."""
+    source = tmp_path / "in.onnx"
+    onnx.save(conv_model(), source)
+    before = digest(tmp_path)
+    done = run_cli(source, tmp_path / "out.onnx", env={"ONNX_FPGM_SESSION_LIMIT_S": "0.000001"})
+    assert done.returncode == 2, done.stderr
+    one_error_line(done.stderr, "did not finish", "nothing was written")
+    assert digest(tmp_path) == before
+
+
+def test_api_save_refuses_to_overwrite_what_the_prune_read(tmp_path, ext):
+    result = onnx_fpgm.prune(ext, 0.5)
+    before = digest(tmp_path)
+    for target in (ext, ext.with_name("in.onnx.data")):
+        with pytest.raises(onnx_fpgm.OutputError, match="same file as IN"):
+            result.save(target)
+    assert digest(tmp_path) == before

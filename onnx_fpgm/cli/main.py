@@ -13,6 +13,7 @@ from ..errors import ConfigError, OnnxFpgmError
 from ..measure.bench import benchmark
 from ..model import mapped
 from ..model.files import FilePlan, write_text
+from ..model.runtime import limit_sessions
 from ..outcome.entry import prune
 from ..report import printable, render, say
 from .common import (
@@ -168,6 +169,7 @@ def _file_plan(args) -> FilePlan:
 
 def _run(args) -> int:
     plan = _file_plan(args)
+    limit_sessions()
     targets = (args.target_macs, args.target_params, args.target_latency)
     if args.sparsity is not None and any(targets):
         raise ConfigError("give --sparsity or a target (--target-macs/--target-params), "

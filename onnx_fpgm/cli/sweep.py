@@ -15,6 +15,7 @@ from ..config import ALLOCATIONS, PruneConfig, check_target
 from ..errors import ConfigError, ModelLoadError
 from ..model import mapped
 from ..model.files import FilePlan, write_text
+from ..model.runtime import limit_sessions
 from ..outcome.sweep import DEFAULT_TARGETS, plot_sweep, render_sweep, require_matplotlib, run_sweep
 from ..report import say
 from .common import Parser, ProgressBars, parse_input_shape
@@ -87,6 +88,7 @@ def run_sweep_command(args) -> int:
                               ("--eval", args.evaluation)],
                        writes=[("--json", args.json), ("--plot", args.plot)])
     plan.check(complete=False)  # IN's data files are known once IN is read
+    limit_sessions()
     if args.plot:
         require_matplotlib()  # fail before the work, with the extra's name
     if args.runs < 0:

@@ -5,7 +5,11 @@ needs these, so they sit at the bottom with the model's load and save.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -75,13 +79,56 @@ def make_session(model: onnx.ModelProto | bytes, *, optimize: bool = False,
         with tempfile.TemporaryDirectory(prefix="onnx-fpgm-") as tmp:
             path = Path(tmp) / "model.onnx"
             save.save_model(model, path, external_data=True)
-            return ort.InferenceSession(str(path), options, providers=[provider])
+            with _time_limit():
+                return ort.InferenceSession(str(path), options, providers=[provider])
     if directory is not None and (header or isinstance(model, bytes)):
         # a mapped model's stubs name files relative to its directory
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(directory))
     data = model if isinstance(model, bytes) else model.SerializeToString()
-    return ort.InferenceSession(data, options, providers=[provider])
+    with _time_limit():
+        return ort.InferenceSession(data, options, providers=[provider])
+
+
+#: Seconds one onnxruntime session may take to load a model before the process gives up
+#: (``None``: no limit, the API's default; the CLI sets one: ``limit_sessions``).
+SESSION_TIME_LIMIT_S: float | None = None
+#: Environment variable overriding the CLI's limit (seconds).
+SESSION_LIMIT_ENV = "ONNX_FPGM_SESSION_LIMIT_S"
+
+
+def limit_sessions(default_s: float = 900.0) -> None:
+    """From now on a session that takes longer than the limit to load ends the process with
+    exit 2 and one line (onnxruntime's check of some crafted models never returns, and a
+    thread inside it cannot be stopped). For the command line only: it runs before OUT is
+    written, so nothing is left behind."""
+    global SESSION_TIME_LIMIT_S
+    try:
+        SESSION_TIME_LIMIT_S = float(os.environ.get(SESSION_LIMIT_ENV, default_s))
+    except ValueError:
+        SESSION_TIME_LIMIT_S = default_s
+
+
+@contextlib.contextmanager
+def _time_limit():
+    limit = SESSION_TIME_LIMIT_S
+    if limit is None:
+        yield
+        return
+
+    def give_up() -> None:
+        sys.stderr.write(f"onnx-fpgm: error: onnxruntime did not finish loading the model "
+                         f"within {limit:g} s (a model it cannot check?); nothing was written\n")
+        sys.stderr.flush()
+        os._exit(2)
+
+    watchdog = threading.Timer(limit, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        yield
+    finally:
+        watchdog.cancel()
 
 
 def random_inputs(model: onnx.ModelProto, seed: int = 0,
