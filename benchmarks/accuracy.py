@@ -6,6 +6,11 @@ bias, lstsq): prune ``models/mnist_resnet.onnx`` (compensation fitted on
 ``models/mnist_eval.npz`` and the MACs ratio. Prints one table.
 
     python benchmarks/accuracy.py [--sparsities 0.1,0.3,0.5,0.7]
+
+``--grid`` instead compares criterion x allocation x recovery at MACs targets (held-out top-1):
+
+    python benchmarks/accuracy.py --grid [--targets 0.5,0.3] [--criteria fpgm,l1,obs]
+        [--allocations uniform,global,sensitivity] [--recoveries none,lstsq,obs]
 """
 from __future__ import annotations
 
@@ -35,7 +40,16 @@ def accuracy(model, data) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsities", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7")
+    parser.add_argument("--grid", action="store_true",
+                        help="criterion x allocation x recovery at MACs targets")
+    parser.add_argument("--targets", default="0.5,0.3")
+    parser.add_argument("--criteria", default="fpgm,l1,obs")
+    parser.add_argument("--allocations", default="uniform,global,sensitivity")
+    parser.add_argument("--recoveries", default="none,lstsq,obs")
     args = parser.parse_args()
+    if args.grid:
+        grid(args)
+        return
     sparsities = [float(s) for s in args.sparsities.split(",")]
     original, _ = onnx_fpgm.model.io.load_model(MODEL)
     evaluation = load_calibration(EVAL, original)
@@ -63,6 +77,35 @@ def main() -> None:
             print(f"{sparsity:8.2f} {macs:6.2f}x {criterion:>9} " + " ".join(cells), flush=True)
     print("\nmean top-1 over the sparsities without compensation: " + ", ".join(
         f"{c} {100 * np.mean(v):.2f}%" for c, v in averages.items()))
+    print(f"({time.perf_counter() - started:.0f} s)")
+
+
+def grid(args) -> None:
+    """One row per (target, criterion, allocation), one column per recovery."""
+    original, _ = onnx_fpgm.model.io.load_model(MODEL)
+    evaluation = load_calibration(EVAL, original)
+    print(f"original top-1 on {evaluation.n_samples} held-out images: "
+          f"{100 * accuracy(original, evaluation):.2f}%")
+    recoveries = args.recoveries.split(",")
+    header = f"{'target':>6} {'criterion':>9} {'allocation':>11} " + " ".join(
+        f"{r:>8}" for r in recoveries) + "  seconds"
+    print(header)
+    print("-" * len(header))
+    started = time.perf_counter()
+    for target in [float(t) for t in args.targets.split(",")]:
+        for criterion in args.criteria.split(","):
+            for allocation in args.allocations.split(","):
+                cells, row_started = [], time.perf_counter()
+                cache: dict = {}  # sensitivities measured once per row and recovery
+                for mode in recoveries:
+                    result = onnx_fpgm.prune(original, criterion=criterion, target_macs=target,
+                                             allocation=allocation, compensate=mode,
+                                             calibration=str(CALIB), verify=False,
+                                             input_shapes=(("input", (1, 1, 28, 28)),),
+                                             cache=cache)
+                    cells.append(f"{100 * accuracy(result.model, evaluation):7.2f}%")
+                print(f"{target:6.2f} {criterion:>9} {allocation:>11} " + " ".join(cells)
+                      + f"  {time.perf_counter() - row_started:7.0f}", flush=True)
     print(f"({time.perf_counter() - started:.0f} s)")
 
 

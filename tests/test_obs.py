@@ -152,7 +152,7 @@ def test_allocations_rank_by_obs(tmp_path, allocation: str) -> None:
 
 def test_mnist_obs_is_not_worse_than_fpgm_lstsq() -> None:
     """The shipped trained model at half its MACs (uniform): OBS choice + OBS update on held-out
-    data is at least FPGM + lstsq (measured 99.6 % vs 99.2 %; original 99.8 %)."""
+    data is at least FPGM + lstsq (measured 99.4 % vs 99.2 %; original 99.8 %)."""
     common = dict(target_macs=0.5, allocation="uniform", verify=False,
                   calibration=str(MODELS / "mnist_calib.npz"),
                   evaluation=str(MODELS / "mnist_eval.npz"))

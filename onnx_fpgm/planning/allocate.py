@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 #: Sparsities at which each group's sensitivity is measured.
 SENSITIVITY_LEVELS = (0.2, 0.4, 0.6, 0.8)
+#: Loss assumed when a group keeps nothing (its output is gone: relative error 1), the end
+#: point of the extrapolation past the last measured level.
+FULL_REMOVAL_LOSS = 1.0
 #: Steps per group in the greedy sensitivity allocation (refined to one channel at the end).
 GREEDY_STEPS = 16
 
@@ -263,7 +266,13 @@ class Allocator:
             if s <= xs[-1]:
                 return float(np.interp(s, xs, ys))
             slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
-            return float(ys[-1] + max(slope, 0.0) * (s - xs[-1]))
+            linear = ys[-1] + max(slope, 0.0) * (s - xs[-1])
+            # towards no channel left (relative error 1): a group that was cheap up to the last
+            # level is not assumed cheap down to one channel (measured: MNIST, obs + lstsq at
+            # 0.3 MACs emptied the last stage to 1 of 128 channels, 24 % top-1)
+            whole = ys[-1] + (max(ys[-1], FULL_REMOVAL_LOSS) - ys[-1]) * (s - xs[-1]) / (
+                1.0 - xs[-1])
+            return float(max(linear, whole))
 
         def next_step(i: int) -> int:
             gid = self.units[i][0]

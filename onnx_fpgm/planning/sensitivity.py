@@ -152,25 +152,29 @@ def measure_sensitivity(original: onnx.ModelProto, analysis: Analysis,
     harmful=None`` is the exact path (every level on ``MAX_SAMPLES`` samples).
 
     With ``update``, each probe is followed by the closed-form OBS update of the consumers it
-    touches (``recover.obs``: statistics gathered once, the updated weights fed to the same
-    session): what compensation cannot recover, without a rewrite, a fit or a session per
+    touches (``recover.obs``: statistics gathered once, on other samples than the probes', so
+    an update that only fits the probe samples is not judged cheap; the updated weights fed to
+    the same session): what compensation cannot recover, without a rewrite, a fit or a session per
     probe. The update stands in for lstsq (both are least squares; lstsq on the pruned model's
     inputs, which for one group alone differ only downstream of its first consumer).
     """
     calibration = _subset(calibration)
+    fit_on = calibration
+    if samples is not None and samples < calibration.n_samples:
+        pick = np.unique(np.linspace(0, calibration.n_samples - 1, samples).round().astype(int))
+        rest = np.setdiff1d(np.arange(calibration.n_samples), pick)
+        if len(rest) >= len(pick):  # the update is fitted on other samples than it is judged on
+            fit_on = _take(calibration, rest)
+        calibration = _take(calibration, pick)
     stats, inputs, base = {}, {}, {}
     if update:
         everything = np.ones(analysis.n_atoms + 1, dtype=bool)
         everything[-1] = False
         consumers = find_consumers(original, analysis, everything)
-        stats, _ = gather_stats(original, consumers, calibration)
+        stats, _ = gather_stats(original, consumers, fit_on)
         inputs = {c.node: c.input for c in consumers if c.node in stats}
         base = {name: updated_weights(original, found, np.zeros(0, np.int64))
                 for name, found in stats.items()}
-    if samples is not None and samples < calibration.n_samples:
-        pick = np.unique(np.linspace(0, calibration.n_samples - 1, samples).round().astype(int))
-        calibration = Calibration({k: v[pick] for k, v in calibration.inputs.items()},
-                                  None if calibration.labels is None else calibration.labels[pick])
     masked = build_masked_model(original, analysis, base)
     session = make_session(masked.proto, optimize=True)
     n_outputs = len(original.graph.output)
@@ -220,6 +224,11 @@ def _probe_levels(analysis: Analysis, units: list[list[Group]], levels: tuple[fl
             if progress is not None:
                 progress(1)
     return losses
+
+
+def _take(calibration: Calibration, pick: np.ndarray) -> Calibration:
+    return Calibration({k: v[pick] for k, v in calibration.inputs.items()},
+                       None if calibration.labels is None else calibration.labels[pick])
 
 
 def _subset(calibration: Calibration) -> Calibration:
