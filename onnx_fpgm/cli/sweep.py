@@ -61,7 +61,7 @@ def build_sweep_parser() -> argparse.ArgumentParser:
                         help="real inputs: sensitivity allocation, compensation, fidelity")
     parser.add_argument("--eval", metavar="DATA.npz", dest="evaluation",
                         help="held-out data (optional labels) for the fidelity/accuracy columns")
-    parser.add_argument("--compensate", choices=("none", "bias", "lstsq"), default="none",
+    parser.add_argument("--compensate", choices=("none", "bias", "lstsq", "obs"), default="none",
                         help="also measure every point with this compensation")
     parser.add_argument("--input-shape", metavar="NAME=D1,D2,...", action="append", default=[],
                         type=parse_input_shape,

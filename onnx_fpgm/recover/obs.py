@@ -164,6 +164,7 @@ class ObsCriterion:
         self._fallback = fallback
         self._fallback_scores = fallback_scores
         self._stats: dict[str, ConsumerStats] | None = None
+        self._skipped: dict[str, str] = {}
         self._consumers: list[Consumer] = []
         self._orders: dict[bytes, ObsOrder] = {}
         self._fell_back: dict[int, str] = {}
