@@ -1,5 +1,5 @@
 """``prune()``: load -> analyse -> score (or allocate a target, or read a saved plan) -> plan ->
-rewrite -> verify -> measure."""
+rewrite -> verify -> compensate / recover -> measure."""
 from __future__ import annotations
 
 import logging
@@ -185,11 +185,11 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
     weights = None
     io.release_free_memory()
     if config.calibration or config.evaluation or config.compensate != "none":
-        if config.compensate != "none":  # it reads the data from the protobuf
-            original = mapped.with_data(original)
+        if config.compensate != "none" or config.recover != "none":  # they read the data
+            original = mapped.with_data(original)  # from the protobuf
         with _timed(report, "compensate"):
             pruned = _compensate_and_measure(original, pruned, analysis, plan, config, report,
-                                             sizes.primary)
+                                             sizes.primary, progress)
     if quantized:
         report.notes.append(
             f"{len(quantized)} QOperator/integer layer(s) left unpruned ({', '.join(quantized[:6])}"
@@ -240,8 +240,9 @@ def benchmark(original: onnx.ModelProto | str, pruned: onnx.ModelProto | str, *,
 
 
 def _compensate_and_measure(original, pruned, analysis, plan, config, report,
-                            input_shapes) -> onnx.ModelProto:
-    """Apply --compensate (choosing the best for ``auto``) and report fidelity on real data."""
+                            input_shapes, progress=None) -> onnx.ModelProto:
+    """Apply --compensate (choosing the best for ``auto``), then --recover, and report fidelity
+    on real data."""
 
     calibration = load_calibration(config.calibration, original) if config.calibration else None
     if config.compensate == "auto" and calibration is None:
@@ -269,16 +270,24 @@ def _compensate_and_measure(original, pruned, analysis, plan, config, report,
         report.notes.append("compensate auto: " + ", ".join(
             f"{m}: " + "; ".join(f.summary() for f in (sc or [])) for m, _, _, sc in candidates)
             + f" -> chose {mode}")
-    if config.evaluation:
-        evaluation = load_calibration(config.evaluation, original)
+    evaluation = load_calibration(config.evaluation, original) if config.evaluation else None
+    if config.recover == "distill":
+        model = _recover(original, model, analysis, plan, config, calibration,
+                         evaluation or calibration, report, input_shapes, progress)
+    if evaluation is not None:
         scores = fidelity(original, model, original, evaluation)
         report.fidelity_on = "evaluation"
+    elif config.recover != "none":
+        scores = fidelity(original, model, original, calibration)
+        report.fidelity_on = "calibration"
     elif scores:
         report.fidelity_on = "calibration"
     if scores:
         report.fidelity = [f.summary() for f in scores]
         report.fidelity_data = [dict(vars(f)) for f in scores]
-    if mode != "none":
+    if report.recovery is not None:
+        report.recovery.fidelity_after = [f.summary() for f in scores]
+    if mode != "none" or config.recover != "none":
         problem = smoke_check(original, model, seed=config.seed, input_shapes=input_shapes)
         if problem:
             raise VerificationError(f"compensated model fails: {problem}")
@@ -286,6 +295,33 @@ def _compensate_and_measure(original, pruned, analysis, plan, config, report,
                                  count_macs(model, input_shapes),
                                  io.weight_bytes(model))
     return model
+
+
+def _recover(original, model, analysis, plan, config, calibration, data, report,
+             input_shapes, progress) -> onnx.ModelProto:
+    """--recover distill from ``model`` (the plain or compensated rewrite); the trained model
+    must run in onnxruntime with ``model``'s interface."""
+    # torch (the trainer and the device choice): loaded on first use, off the start-up path
+    from .importance.fpgm import resolve_device
+    from .recover.distill import distill
+
+    before = fidelity(original, model, original, data)
+    trained, recovery = distill(
+        original, model, analysis, analysis.removed_atoms(plan.removed_classes), calibration,
+        steps=config.recover_steps, time_limit=config.recover_time,
+        device=resolve_device(config.device), seed=config.seed, progress=progress)
+    recovery.fidelity_before = [f.summary() for f in before]
+    report.recovery = recovery
+
+    def interface(m: onnx.ModelProto) -> list[bytes]:
+        return [v.SerializeToString() for v in (*m.graph.input, *m.graph.output)]
+
+    if interface(trained) != interface(model):
+        raise VerificationError("distilled model's inputs/outputs differ from the pruned model's")
+    problem = smoke_check(model, trained, seed=config.seed, input_shapes=input_shapes)
+    if problem:
+        raise VerificationError(f"distilled model fails: {problem}")
+    return trained
 
 
 def _check_target(report: Report) -> None:

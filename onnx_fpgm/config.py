@@ -17,6 +17,10 @@ CRITERIA = ("fpgm", "l1", "l2", "random")
 COMPENSATIONS = ("none", "bias", "lstsq", "auto")
 Allocation = Literal["auto", "uniform", "global", "sensitivity"]
 ALLOCATIONS = ("auto", "uniform", "global", "sensitivity")
+Recovery = Literal["none", "distill"]
+RECOVERIES = ("none", "distill")
+#: Default training budget of ``recover="distill"`` (optimiser steps).
+RECOVER_STEPS = 300
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,10 @@ class PruneConfig:
         compensate: recover the removed channels' contribution in the consumers.
         evaluation: path of an npz of held-out data (same format) for the fidelity/accuracy
             report; without it the calibration data is used (optimistic under lstsq).
+        recover: ``distill`` trains the pruned model's weights to reproduce the original on
+            the calibration data (after any ``compensate``, which gives it its start).
+        recover_steps: most optimiser steps of ``distill``; recover_time: most seconds (None:
+            no time limit). Training also stops early on its held-out slice.
     """
 
     sparsity: float = 0.5
@@ -66,6 +74,9 @@ class PruneConfig:
     target_latency: float | None = None
     allocation: Allocation = "auto"
     plan: str | None = None
+    recover: Recovery = "none"
+    recover_steps: int = RECOVER_STEPS
+    recover_time: float | None = None
     _compiled: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -102,9 +113,26 @@ class PruneConfig:
         if self.allocation == "sensitivity" and not self.calibration:
             raise ConfigError("allocation sensitivity needs --calibration data to measure "
                               "each group's loss")
+        self._check_recovery()
         compiled_exclude = tuple(_compile(p) for p in self.exclude)
         compiled_layers = tuple((_compile(p), s) for p, s in self.layer_sparsity)
         object.__setattr__(self, "_compiled", (compiled_exclude, compiled_layers))
+
+    def _check_recovery(self) -> None:
+        if self.recover not in RECOVERIES:
+            raise ConfigError(f"recover must be one of {', '.join(RECOVERIES)}, "
+                              f"got {self.recover!r}")
+        if not isinstance(self.recover_steps, int) or isinstance(self.recover_steps, bool) \
+                or self.recover_steps < 1:
+            raise ConfigError(f"recover_steps must be an integer >= 1, got {self.recover_steps!r}")
+        if self.recover_time is not None and not (
+                isinstance(self.recover_time, (int, float)) and self.recover_time > 0
+                and math.isfinite(self.recover_time)):
+            raise ConfigError(f"recover_time must be a positive number of seconds, "
+                              f"got {self.recover_time!r}")
+        if self.recover != "none" and not self.calibration:
+            raise ConfigError(f"recover {self.recover} needs --calibration data (the inputs the "
+                              "original teaches the pruned model on)")
 
     @property
     def target(self) -> tuple[str, float] | None:
@@ -160,6 +188,9 @@ class PruneConfig:
             "round_to": str(self.round_to or ""),
             "criterion": self.criterion,
             "compensate": self.compensate,
+            # only when set: without --recover the output's bits stay as before
+            **({"recover": f"{self.recover}(steps={self.recover_steps}, "
+                           f"time={self.recover_time})"} if self.recover != "none" else {}),
             **({"target": f"{self.target[0]}={self.target[1]!r}",
                 "allocation": self.resolved_allocation} if self.target else {}),
         }

@@ -7,6 +7,7 @@ from typing import Any
 
 from .measure.bench import LatencyResult, ModelSize
 from .planning.allocate import TargetOutcome
+from .recover.recovery_report import RecoveryReport
 
 
 @dataclass
@@ -61,6 +62,8 @@ class Report:
     #: Input sizes used for verification, MACs and shape inference (see ``input_sizes``).
     input_sizes: dict[str, Any] = field(default_factory=dict)
     target: TargetOutcome | None = None
+    #: What ``--recover`` did (None without it).
+    recovery: RecoveryReport | None = None
 
     @property
     def coverage(self) -> float:
@@ -150,6 +153,10 @@ def render(report: Report, console, dry_run: bool = False) -> None:
         console.print(f"verify: {'passed' if v['passed'] else 'FAILED'} - {v['summary']}")
     if report.compensation != "none":
         console.print(f"compensation: {report.compensation}")
+    if report.recovery is not None:
+        console.print(report.recovery.summary())
+        for line in report.recovery.fidelity_before:
+            console.print(f"before recovery, on {report.fidelity_on} data: {line}")
     for line in report.fidelity:
         console.print(f"fidelity on {report.fidelity_on} data: {line}")
     if report.latency is not None:

@@ -10,7 +10,16 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ..config import ALLOCATIONS, COMPENSATIONS, CRITERIA, PruneConfig, check_sparsity, check_target
+from ..config import (
+    ALLOCATIONS,
+    COMPENSATIONS,
+    CRITERIA,
+    RECOVER_STEPS,
+    RECOVERIES,
+    PruneConfig,
+    check_sparsity,
+    check_target,
+)
 from ..errors import ConfigError, OnnxFpgmError, OutputError
 from ..measure.bench import benchmark
 from ..outcome.entry import prune
@@ -49,6 +58,26 @@ def _parse_sparsity(text: str) -> float:
         return check_sparsity(text)
     except ConfigError as err:
         raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _parse_positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _parse_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compensate", choices=COMPENSATIONS, default="none",
                         help="recover removed channels in their consumers: bias, lstsq "
                              "(needs --calibration), or auto (best on the calibration data)")
+    parser.add_argument("--recover", choices=RECOVERIES, default="none",
+                        help="distill: train the pruned model's weights to reproduce the "
+                             "original on --calibration data (after any --compensate)")
+    parser.add_argument("--recover-steps", type=_parse_positive_int, default=RECOVER_STEPS,
+                        metavar="N", help=f"most training steps of --recover (default "
+                                          f"{RECOVER_STEPS}; stops early on held-out data)")
+    parser.add_argument("--recover-time", type=_parse_seconds, default=None, metavar="SECONDS",
+                        help="most seconds of --recover training (default: no limit)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     return parser
 
@@ -196,7 +233,8 @@ def _run(args) -> int:
         round_to=args.round_to, verify=not args.no_verify and not args.dry_run,
         strict=args.strict, input_shapes=tuple(args.input_shape), seed=args.seed,
         criterion=args.criterion, calibration=args.calibration, compensate=args.compensate,
-        evaluation=args.evaluation)
+        evaluation=args.evaluation, recover=args.recover, recover_steps=args.recover_steps,
+        recover_time=args.recover_time)
     console = Console(quiet=args.quiet)
     if not console.is_terminal:  # a pipe or a file: full node names, never wrapped mid-name
         console = Console(quiet=args.quiet, width=PIPE_WIDTH)
