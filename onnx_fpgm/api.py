@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -244,7 +245,10 @@ def _compensate_and_measure(original, pruned, analysis, plan, config, report,
     """Apply --compensate (choosing the best for ``auto``), then --recover, and report fidelity
     on real data."""
 
-    calibration = load_calibration(config.calibration, original) if config.calibration else None
+    # a folder of images is sized like the rest of the run (symbolic dims: the chosen sizes)
+    config = replace(config, input_shapes=tuple(input_shapes.items()))
+    calibration = load_calibration(config.calibration, original, config) \
+        if config.calibration else None
     if config.compensate == "auto" and calibration is None:
         raise ConfigError("--compensate auto needs --calibration data to choose")
     consumers = find_consumers(original, analysis, analysis.removed_atoms(plan.removed_classes))
@@ -270,7 +274,8 @@ def _compensate_and_measure(original, pruned, analysis, plan, config, report,
         report.notes.append("compensate auto: " + ", ".join(
             f"{m}: " + "; ".join(f.summary() for f in (sc or [])) for m, _, _, sc in candidates)
             + f" -> chose {mode}")
-    evaluation = load_calibration(config.evaluation, original) if config.evaluation else None
+    evaluation = load_calibration(config.evaluation, original, config) \
+        if config.evaluation else None
     if config.recover == "distill":
         model = _recover(original, model, analysis, plan, config, calibration,
                          evaluation or calibration, report, input_shapes, progress)
@@ -287,6 +292,8 @@ def _compensate_and_measure(original, pruned, analysis, plan, config, report,
         report.fidelity_data = [dict(vars(f)) for f in scores]
     if report.recovery is not None:
         report.recovery.fidelity_after = [f.summary() for f in scores]
+    if any(Path(p).is_dir() for p in (config.calibration, config.evaluation) if p):
+        report.notes.append(f"images read as {config.image_scaling.describe()}")
     if mode != "none" or config.recover != "none":
         problem = smoke_check(original, model, seed=config.seed, input_shapes=input_shapes)
         if problem:

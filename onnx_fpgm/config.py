@@ -24,6 +24,22 @@ RECOVER_STEPS = 300
 
 
 @dataclass(frozen=True)
+class ImageScaling:
+    """How pixels become input values for ``--calibration DIR`` (see ``measure/images.py``)."""
+
+    pixel_scale: float = 1 / 255
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    bgr: bool = False
+    letterbox: bool = False
+
+    def describe(self) -> str:
+        return (f"pixels x {self.pixel_scale:.6g}, {'BGR' if self.bgr else 'RGB'}, mean "
+                f"{list(self.mean)}, std {list(self.std)}, "
+                f"{'letterboxed' if self.letterbox else 'resized'}")
+
+
+@dataclass(frozen=True)
 class PruneConfig:
     """Settings of one run.
 
@@ -51,6 +67,8 @@ class PruneConfig:
             the calibration data (after any ``compensate``, which gives it its start).
         recover_steps: most optimiser steps of ``distill``; recover_time: most seconds (None:
             no time limit). Training also stops early on its held-out slice.
+        image_scaling: how a folder of images given as ``calibration``/``evaluation`` becomes
+            input values.
     """
 
     sparsity: float = 0.5
@@ -77,6 +95,7 @@ class PruneConfig:
     recover: Recovery = "none"
     recover_steps: int = RECOVER_STEPS
     recover_time: float | None = None
+    image_scaling: ImageScaling = ImageScaling()
     _compiled: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

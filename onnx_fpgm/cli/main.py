@@ -14,6 +14,7 @@ from ..config import (
     ALLOCATIONS,
     COMPENSATIONS,
     CRITERIA,
+    ImageScaling,
     RECOVER_STEPS,
     RECOVERIES,
     PruneConfig,
@@ -80,6 +81,14 @@ def _parse_seconds(text: str) -> float:
     return value
 
 
+def _parse_floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}"
+                                         ) from err
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="onnx-fpgm",
@@ -139,10 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seed of the verification inputs and of --criterion random")
     parser.add_argument("--criterion", choices=CRITERIA, default="fpgm",
                         help="channel ranking: fpgm (default), l1/l2 filter norm, random")
-    parser.add_argument("--calibration", metavar="DATA.npz",
+    parser.add_argument("--calibration", metavar="DATA.npz|DIR",
                         help="real inputs (arrays named like the graph inputs, batch first; "
-                             "optional 'labels'): fidelity/accuracy report and compensation")
-    parser.add_argument("--eval", metavar="DATA.npz", dest="evaluation",
+                             "optional 'labels'; or a folder of JPEG/PNG images): "
+                             "fidelity/accuracy report, compensation, --recover")
+    parser.add_argument("--eval", metavar="DATA.npz|DIR", dest="evaluation",
                         help="held-out data (same format) for the fidelity/accuracy report")
     parser.add_argument("--compensate", choices=COMPENSATIONS, default="none",
                         help="recover removed channels in their consumers: bias, lstsq "
@@ -155,6 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
                                           f"{RECOVER_STEPS}; stops early on held-out data)")
     parser.add_argument("--recover-time", type=_parse_seconds, default=None, metavar="SECONDS",
                         help="most seconds of --recover training (default: no limit)")
+    parser.add_argument("--pixel-scale", type=float, default=1 / 255, metavar="S",
+                        help="images (--calibration DIR): pixel values 0..255 times S "
+                             "(default 1/255)")
+    parser.add_argument("--mean", type=_parse_floats, default=(0.0,), metavar="M[,M,M]",
+                        help="images: subtracted per channel after --pixel-scale (default 0)")
+    parser.add_argument("--std", type=_parse_floats, default=(1.0,), metavar="S[,S,S]",
+                        help="images: divided per channel after --mean (default 1)")
+    parser.add_argument("--bgr", action="store_true", help="images: channels in BGR order")
+    parser.add_argument("--letterbox", action="store_true",
+                        help="images: fit inside the input size, padded with grey, instead "
+                             "of resizing to it")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     return parser
 
@@ -234,7 +255,9 @@ def _run(args) -> int:
         strict=args.strict, input_shapes=tuple(args.input_shape), seed=args.seed,
         criterion=args.criterion, calibration=args.calibration, compensate=args.compensate,
         evaluation=args.evaluation, recover=args.recover, recover_steps=args.recover_steps,
-        recover_time=args.recover_time)
+        recover_time=args.recover_time,
+        image_scaling=ImageScaling(args.pixel_scale, args.mean, args.std, args.bgr,
+                                   args.letterbox))
     console = Console(quiet=args.quiet)
     if not console.is_terminal:  # a pipe or a file: full node names, never wrapped mid-name
         console = Console(quiet=args.quiet, width=PIPE_WIDTH)

@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ..config import PruneConfig
 from ..errors import ConfigError
 from ..model.runtime import make_session
 from .fidelity import output_parts
+from .images import load_image_folder
 
 LABELS_KEY = "labels"
 
@@ -32,14 +34,20 @@ class Calibration:
         return len(next(iter(self.inputs.values())))
 
 
-def load_calibration(path: str | Path, model: onnx.ModelProto) -> Calibration:
-    """Read and validate an npz against the model's graph inputs.
+def load_calibration(path: str | Path, model: onnx.ModelProto,
+                     config: PruneConfig | None = None) -> Calibration:
+    """Read and validate an npz against the model's graph inputs, or read a folder of images
+    (``images.load_image_folder``, scaled and sized by ``config``).
 
     Raises:
         ConfigError: unreadable file, missing or unknown names, wrong rank, static dims, dtype,
             batch sizes that differ, or labels that are not one integer per sample.
     """
     path = Path(path)
+    if path.is_dir():
+        config = config or PruneConfig()
+        return Calibration(load_image_folder(path, model, dict(config.input_shapes),
+                                             config.image_scaling))
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
