@@ -103,3 +103,15 @@ def test_without_recover_the_output_is_unchanged(tmp_path) -> None:
 def test_bad_recover_options_are_refused(options, message) -> None:
     with pytest.raises(onnx_fpgm.ConfigError, match=message):
         onnx_fpgm.PruneConfig(**options)
+
+
+def test_sweep_recovers_every_point(tmp_path) -> None:
+    out = tmp_path / "sweep.json"
+    assert main(["sweep", MODEL, "--targets", "0.5", "--allocations", "uniform", "--runs", "0",
+                 "--calibration", CALIB, "--recover", "distill", "--recover-steps", "3",
+                 "--json", str(out), "--quiet"]) == 0
+    import json
+
+    points = json.loads(out.read_text())["points"]
+    assert [p["compensation"] for p in points] == ["none+distill"]
+    assert points[0]["error"] is None
