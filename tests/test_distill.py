@@ -1,6 +1,7 @@
 """Recovery by distillation (--recover distill) on the shipped trained MNIST model."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -110,8 +111,6 @@ def test_sweep_recovers_every_point(tmp_path) -> None:
     assert main(["sweep", MODEL, "--targets", "0.5", "--allocations", "uniform", "--runs", "0",
                  "--calibration", CALIB, "--recover", "distill", "--recover-steps", "3",
                  "--json", str(out), "--quiet"]) == 0
-    import json
-
     points = json.loads(out.read_text())["points"]
     assert [p["compensation"] for p in points] == ["none+distill"]
     assert points[0]["error"] is None
