@@ -1,10 +1,11 @@
 """``prune()``: load -> analyse -> score (or allocate a target, or read a saved plan) -> plan ->
-rewrite -> verify -> measure."""
+rewrite -> verify -> compensate / recover -> measure."""
 from __future__ import annotations
 
 import logging
 import os
 import time
+from pathlib import Path
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -205,7 +206,10 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
                                  io.weight_bytes(pruned))
     if report.target is not None:
         _check_target(report)
-    calibration = load_calibration(config.calibration, original) if config.calibration else None
+    # a folder of images is sized like the rest of the run (symbolic dims: the chosen sizes)
+    sized = replace(config, input_shapes=tuple(sizes.primary.items()))
+    calibration = load_calibration(config.calibration, original, sized) \
+        if config.calibration else None
     if calibration is not None and calibration.drawn:
         report.notes.append(f"{config.calibration} has no array for {', '.join(calibration.drawn)}:"
                             " drawn as random inputs are (from what they index)")
@@ -225,11 +229,11 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
     weights = None
     io.release_free_memory()
     if config.calibration or config.evaluation or config.compensate != "none":
-        if config.compensate != "none":  # it reads the data from the protobuf
-            original = mapped.with_data(original)
+        if config.compensate != "none" or config.recover != "none":  # they read the data
+            original = mapped.with_data(original)  # from the protobuf
         with _timed(report, "compensate"):
             pruned = _compensate_and_measure(original, pruned, analysis, plan, config, report,
-                                             sizes.primary, calibration)
+                                             sizes.primary, calibration, progress)
     if quantized:
         report.notes.append(
             f"{len(quantized)} QOperator/integer layer(s) left unpruned ({', '.join(quantized[:6])}"
@@ -281,8 +285,10 @@ def benchmark(original: onnx.ModelProto | str, pruned: onnx.ModelProto | str, *,
 
 
 def _compensate_and_measure(original, pruned, analysis, plan, config, report,
-                            input_shapes, calibration) -> onnx.ModelProto:
-    """Apply --compensate (choosing the best for ``auto``) and report fidelity on real data."""
+                            input_shapes, calibration, progress=None) -> onnx.ModelProto:
+    """Apply --compensate (choosing the best for ``auto``), then --recover, and report fidelity
+    on real data (``calibration``: loaded once by the run, sized like it)."""
+    config = replace(config, input_shapes=tuple(input_shapes.items()))
     if config.compensate == "auto" and calibration is None:
         raise ConfigError("--compensate auto needs --calibration data to choose")
     consumers = find_consumers(original, analysis, analysis.removed_atoms(plan.removed_classes))
@@ -308,16 +314,27 @@ def _compensate_and_measure(original, pruned, analysis, plan, config, report,
         report.notes.append("compensate auto: " + ", ".join(
             f"{m}: " + "; ".join(f.summary() for f in (sc or [])) for m, _, _, sc in candidates)
             + f" -> chose {mode}")
-    if config.evaluation:
-        evaluation = load_calibration(config.evaluation, original)
+    evaluation = load_calibration(config.evaluation, original, config) \
+        if config.evaluation else None
+    if config.recover == "distill":
+        model = _recover(original, model, analysis, plan, config, calibration,
+                         evaluation or calibration, report, input_shapes, progress)
+    if evaluation is not None:
         scores = fidelity(original, model, original, evaluation)
         report.fidelity_on = "evaluation"
+    elif config.recover != "none":
+        scores = fidelity(original, model, original, calibration)
+        report.fidelity_on = "calibration"
     elif scores:
         report.fidelity_on = "calibration"
     if scores:
         report.fidelity = [f.summary() for f in scores]
         report.fidelity_data = [dict(vars(f)) for f in scores]
-    if mode != "none":
+    if report.recovery is not None:
+        report.recovery.fidelity_after = [f.summary() for f in scores]
+    if any(Path(p).is_dir() for p in (config.calibration, config.evaluation) if p):
+        report.notes.append(f"images read as {config.image_scaling.describe()}")
+    if mode != "none" or config.recover != "none":
         problem = smoke_check(original, model, seed=config.seed, input_shapes=input_shapes)
         if problem:
             raise VerificationError(f"compensated model fails: {problem}")
@@ -325,6 +342,33 @@ def _compensate_and_measure(original, pruned, analysis, plan, config, report,
                                  count_macs(model, input_shapes),
                                  io.weight_bytes(model))
     return model
+
+
+def _recover(original, model, analysis, plan, config, calibration, data, report,
+             input_shapes, progress) -> onnx.ModelProto:
+    """--recover distill from ``model`` (the plain or compensated rewrite); the trained model
+    must run in onnxruntime with ``model``'s interface."""
+    # torch (the trainer and the device choice): loaded on first use, off the start-up path
+    from .importance.fpgm import resolve_device
+    from .recover.distill import distill
+
+    before = fidelity(original, model, original, data)
+    trained, recovery = distill(
+        original, model, analysis, analysis.removed_atoms(plan.removed_classes), calibration,
+        steps=config.recover_steps, time_limit=config.recover_time,
+        device=resolve_device(config.device), seed=config.seed, progress=progress)
+    recovery.fidelity_before = [f.summary() for f in before]
+    report.recovery = recovery
+
+    def interface(m: onnx.ModelProto) -> list[bytes]:
+        return [v.SerializeToString() for v in (*m.graph.input, *m.graph.output)]
+
+    if interface(trained) != interface(model):
+        raise VerificationError("distilled model's inputs/outputs differ from the pruned model's")
+    problem = smoke_check(model, trained, seed=config.seed, input_shapes=input_shapes)
+    if problem:
+        raise VerificationError(f"distilled model fails: {problem}")
+    return trained
 
 
 def _check_target(report: Report) -> None:
@@ -363,7 +407,7 @@ def _scorer(config: PruneConfig, original: onnx.ModelProto, analysis: Analysis):
 
     if config.criterion == "obs":
         fpgm = replace(config, criterion="fpgm")
-        data = load_calibration(config.calibration, original)
+        data = load_calibration(config.calibration, original, config)
         return ObsCriterion(mapped.with_data(original), analysis, data, _scorer(fpgm, original,
                             analysis), channel_scorer(analysis, fpgm))
     return select

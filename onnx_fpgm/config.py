@@ -17,6 +17,26 @@ CRITERIA = ("fpgm", "l1", "l2", "random", "obs")
 COMPENSATIONS = ("none", "bias", "lstsq", "obs", "auto")
 Allocation = Literal["auto", "uniform", "global", "sensitivity"]
 ALLOCATIONS = ("auto", "uniform", "global", "sensitivity")
+Recovery = Literal["none", "distill"]
+RECOVERIES = ("none", "distill")
+#: Default training budget of ``recover="distill"`` (optimiser steps).
+RECOVER_STEPS = 300
+
+
+@dataclass(frozen=True)
+class ImageScaling:
+    """How pixels become input values for ``--calibration DIR`` (see ``measure/images.py``)."""
+
+    pixel_scale: float = 1 / 255
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    bgr: bool = False
+    letterbox: bool = False
+
+    def describe(self) -> str:
+        return (f"pixels x {self.pixel_scale:.6g}, {'BGR' if self.bgr else 'RGB'}, mean "
+                f"{list(self.mean)}, std {list(self.std)}, "
+                f"{'letterboxed' if self.letterbox else 'resized'}")
 
 
 @dataclass(frozen=True)
@@ -46,6 +66,12 @@ class PruneConfig:
             chooses among none, bias and lstsq).
         evaluation: path of an npz of held-out data (same format) for the fidelity/accuracy
             report; without it the calibration data is used (optimistic under lstsq).
+        recover: ``distill`` trains the pruned model's weights to reproduce the original on
+            the calibration data (after any ``compensate``, which gives it its start).
+        recover_steps: most optimiser steps of ``distill``; recover_time: most seconds (None:
+            no time limit). Training also stops early on its held-out slice.
+        image_scaling: how a folder of images given as ``calibration``/``evaluation`` becomes
+            input values.
     """
 
     sparsity: float = 0.5
@@ -69,6 +95,10 @@ class PruneConfig:
     target_latency: float | None = None
     allocation: Allocation = "auto"
     plan: str | None = None
+    recover: Recovery = "none"
+    recover_steps: int = RECOVER_STEPS
+    recover_time: float | None = None
+    image_scaling: ImageScaling = ImageScaling()
     _compiled: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -108,9 +138,26 @@ class PruneConfig:
         if self.allocation == "sensitivity" and not self.calibration:
             raise ConfigError("allocation sensitivity needs --calibration data to measure "
                               "each group's loss")
+        self._check_recovery()
         compiled_exclude = tuple(_compile(p) for p in self.exclude)
         compiled_layers = tuple((_compile(p), s) for p, s in self.layer_sparsity)
         object.__setattr__(self, "_compiled", (compiled_exclude, compiled_layers))
+
+    def _check_recovery(self) -> None:
+        if self.recover not in RECOVERIES:
+            raise ConfigError(f"recover must be one of {', '.join(RECOVERIES)}, "
+                              f"got {self.recover!r}")
+        if not isinstance(self.recover_steps, int) or isinstance(self.recover_steps, bool) \
+                or self.recover_steps < 1:
+            raise ConfigError(f"recover_steps must be an integer >= 1, got {self.recover_steps!r}")
+        if self.recover_time is not None and not (
+                isinstance(self.recover_time, (int, float)) and self.recover_time > 0
+                and math.isfinite(self.recover_time)):
+            raise ConfigError(f"recover_time must be a positive number of seconds, "
+                              f"got {self.recover_time!r}")
+        if self.recover != "none" and not self.calibration:
+            raise ConfigError(f"recover {self.recover} needs --calibration data (the inputs the "
+                              "original teaches the pruned model on)")
 
     @property
     def target(self) -> tuple[str, float] | None:
@@ -166,6 +213,9 @@ class PruneConfig:
             "round_to": str(self.round_to or ""),
             "criterion": self.criterion,
             "compensate": self.compensate,
+            # only when set: without --recover the output's bits stay as before
+            **({"recover": f"{self.recover}(steps={self.recover_steps}, "
+                           f"time={self.recover_time})"} if self.recover != "none" else {}),
             **({"target": f"{self.target[0]}={self.target[1]!r}",
                 "allocation": self.resolved_allocation} if self.target else {}),
         }

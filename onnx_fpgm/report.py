@@ -8,6 +8,7 @@ from typing import Any
 from .deps.reasons import classify
 from .measure.bench import LatencyResult, ModelSize
 from .planning.allocate import TargetOutcome
+from .recover.recovery_report import RecoveryReport
 
 
 @dataclass
@@ -62,6 +63,8 @@ class Report:
     #: Input sizes used for verification, MACs and shape inference (see ``input_sizes``).
     input_sizes: dict[str, Any] = field(default_factory=dict)
     target: TargetOutcome | None = None
+    #: What ``--recover`` did (None without it).
+    recovery: RecoveryReport | None = None
 
     @property
     def coverage(self) -> float:
@@ -220,6 +223,10 @@ def render(report: Report, console, dry_run: bool = False) -> None:
         say(console, f"verify: {'passed' if v['passed'] else 'FAILED'} - {v['summary']}")
     if report.compensation != "none":
         say(console, f"compensation: {report.compensation}")
+    if report.recovery is not None:
+        say(console, report.recovery.summary())
+        for line in report.recovery.fidelity_before:
+            say(console, f"before recovery, on {report.fidelity_on} data: {line}")
     for line in report.fidelity:
         say(console, f"fidelity on {report.fidelity_on} data: {line}")
     if report.latency is not None:

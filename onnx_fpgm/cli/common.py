@@ -49,6 +49,11 @@ class ProgressBars:
 
     def __call__(self, phase: str, total: int):
         if self._bar is None:
-            return lambda n=1: None
+            return lambda n=1, note=None: None
         task = self._bar.add_task(phase, total=total)
-        return lambda n=1: self._bar.advance(task, n)
+
+        def advance(n: int = 1, note: str | None = None) -> None:  # note: e.g. the loss
+            self._bar.update(task, advance=n,
+                             **({"description": f"{phase} ({note})"} if note else {}))
+
+        return advance

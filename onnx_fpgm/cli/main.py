@@ -8,7 +8,17 @@ import sys
 
 from rich.console import Console
 
-from ..config import ALLOCATIONS, COMPENSATIONS, CRITERIA, PruneConfig, check_sparsity, check_target
+from ..config import (
+    ALLOCATIONS,
+    COMPENSATIONS,
+    CRITERIA,
+    RECOVER_STEPS,
+    RECOVERIES,
+    ImageScaling,
+    PruneConfig,
+    check_sparsity,
+    check_target,
+)
 from ..errors import ConfigError, OnnxFpgmError
 from ..measure.bench import benchmark
 from ..model import mapped
@@ -48,6 +58,34 @@ def _parse_sparsity(text: str) -> float:
         return check_sparsity(text)
     except ConfigError as err:
         raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _parse_positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _parse_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _parse_floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}"
+                                         ) from err
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,15 +148,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--criterion", choices=CRITERIA, default="fpgm",
                         help="channel ranking: fpgm (default), l1/l2 filter norm, random, obs "
                              "(least reconstruction error of the consumers; needs --calibration)")
-    parser.add_argument("--calibration", metavar="DATA.npz",
+    parser.add_argument("--calibration", metavar="DATA.npz|DIR",
                         help="real inputs (arrays named like the graph inputs, batch first; "
-                             "optional 'labels'): fidelity/accuracy report and compensation")
-    parser.add_argument("--eval", metavar="DATA.npz", dest="evaluation",
+                             "optional 'labels'; or a folder of JPEG/PNG images): "
+                             "fidelity/accuracy report, compensation, --recover")
+    parser.add_argument("--eval", metavar="DATA.npz|DIR", dest="evaluation",
                         help="held-out data (same format) for the fidelity/accuracy report")
     parser.add_argument("--compensate", choices=COMPENSATIONS, default="none",
                         help="recover removed channels in their consumers: bias, lstsq or obs "
                              "(closed-form OBS update; both need --calibration), or auto (best "
                              "of none/bias/lstsq on the calibration data)")
+    parser.add_argument("--recover", choices=RECOVERIES, default="none",
+                        help="distill: train the pruned model's weights to reproduce the "
+                             "original on --calibration data (after any --compensate)")
+    parser.add_argument("--recover-steps", type=_parse_positive_int, default=RECOVER_STEPS,
+                        metavar="N", help=f"most training steps of --recover (default "
+                                          f"{RECOVER_STEPS}; stops early on held-out data)")
+    parser.add_argument("--recover-time", type=_parse_seconds, default=None, metavar="SECONDS",
+                        help="most seconds of --recover training (default: no limit)")
+    parser.add_argument("--pixel-scale", type=float, default=1 / 255, metavar="S",
+                        help="images (--calibration DIR): pixel values 0..255 times S "
+                             "(default 1/255)")
+    parser.add_argument("--mean", type=_parse_floats, default=(0.0,), metavar="M[,M,M]",
+                        help="images: subtracted per channel after --pixel-scale (default 0)")
+    parser.add_argument("--std", type=_parse_floats, default=(1.0,), metavar="S[,S,S]",
+                        help="images: divided per channel after --mean (default 1)")
+    parser.add_argument("--bgr", action="store_true", help="images: channels in BGR order")
+    parser.add_argument("--letterbox", action="store_true",
+                        help="images: fit inside the input size, padded with grey, instead "
+                             "of resizing to it")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     return parser
 
@@ -187,7 +245,10 @@ def _run(args) -> int:
         round_to=args.round_to, verify=not args.no_verify and not args.dry_run,
         strict=args.strict, input_shapes=tuple(args.input_shape), seed=args.seed,
         criterion=args.criterion, calibration=args.calibration, compensate=args.compensate,
-        evaluation=args.evaluation)
+        evaluation=args.evaluation, recover=args.recover, recover_steps=args.recover_steps,
+        recover_time=args.recover_time,
+        image_scaling=ImageScaling(args.pixel_scale, args.mean, args.std, args.bgr,
+                                   args.letterbox))
     console = Console(quiet=args.quiet)
     if not console.is_terminal:  # a pipe or a file: full node names, never wrapped mid-name
         console = Console(quiet=args.quiet, width=PIPE_WIDTH)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ..config import ALLOCATIONS, PruneConfig, check_target
+from ..config import ALLOCATIONS, RECOVER_STEPS, RECOVERIES, PruneConfig, check_target
 from ..errors import ConfigError, ModelLoadError
 from ..model import mapped
 from ..model.files import FilePlan, write_text
@@ -63,6 +63,12 @@ def build_sweep_parser() -> argparse.ArgumentParser:
                         help="held-out data (optional labels) for the fidelity/accuracy columns")
     parser.add_argument("--compensate", choices=("none", "bias", "lstsq", "obs"), default="none",
                         help="also measure every point with this compensation")
+    parser.add_argument("--recover", choices=RECOVERIES, default="none",
+                        help="distill every point after its compensation (needs --calibration)")
+    parser.add_argument("--recover-steps", type=int, default=RECOVER_STEPS, metavar="N",
+                        help=f"most training steps per point (default {RECOVER_STEPS})")
+    parser.add_argument("--recover-time", type=float, default=None, metavar="SECONDS",
+                        help="most training seconds per point (default: no limit)")
     parser.add_argument("--input-shape", metavar="NAME=D1,D2,...", action="append", default=[],
                         type=parse_input_shape,
                         help="concrete shape for an input with symbolic dims")
@@ -98,7 +104,8 @@ def run_sweep_command(args) -> int:
     compensations = ("none",) if args.compensate == "none" else ("none", args.compensate)
     base = PruneConfig(calibration=args.calibration, evaluation=args.evaluation,
                        input_shapes=tuple(args.input_shape), min_channels=args.min_channels,
-                       round_to=args.round_to)
+                       round_to=args.round_to, recover=args.recover,
+                       recover_steps=args.recover_steps, recover_time=args.recover_time)
     console = Console(quiet=args.quiet)
     if not console.is_terminal:  # a pipe or file: the whole table, not 80 folded columns
         console = Console(quiet=args.quiet, width=140)

@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ..config import PruneConfig
 from ..errors import ConfigError
 from ..model.runtime import make_session, random_inputs, real_inputs
 from .fidelity import output_parts
+from .images import load_image_folder
 
 LABELS_KEY = "labels"
 #: Calibration samples the oracle checks the pruned model on (besides its random inputs).
@@ -37,8 +39,10 @@ class Calibration:
         return len(next(iter(self.inputs.values())))
 
 
-def load_calibration(path: str | Path, model: onnx.ModelProto) -> Calibration:
-    """Read and validate an npz against the model's graph inputs.
+def load_calibration(path: str | Path, model: onnx.ModelProto,
+                     config: PruneConfig | None = None) -> Calibration:
+    """Read and validate an npz against the model's graph inputs, or read a folder of images
+    (``images.load_image_folder``, scaled and sized by ``config``).
 
     Raises:
         ConfigError: unreadable file, no array for any input, unknown names, wrong rank,
@@ -46,6 +50,10 @@ def load_calibration(path: str | Path, model: onnx.ModelProto) -> Calibration:
             per sample.
     """
     path = Path(path)
+    if path.is_dir():
+        config = config or PruneConfig()
+        return Calibration(load_image_folder(path, model, dict(config.input_shapes),
+                                             config.image_scaling))
     initializers = {t.name for t in model.graph.initializer}
     inputs = {v.name: v for v in model.graph.input if v.name not in initializers}
     arrays = _read_npz(path, inputs)

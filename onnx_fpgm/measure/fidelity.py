@@ -41,19 +41,28 @@ class Part:
 
 def output_parts(want: np.ndarray, have: np.ndarray, name: str = "") -> list[Part]:
     """Compare ``want`` and ``have`` part by part (see the module docstring)."""
-    if want.ndim <= 2 or want.shape[0] == 0:
+    axis, blocks = part_layout(want, name)
+    if axis is None:
         scores = want.ndim == 2 and want.shape[1] > 1
         return [_compare(name, want, have, scores)]
-    axis = want.ndim - 1 if want.shape[-1] < want.shape[1] else 1
     w = np.moveaxis(want, axis, 1)
     h = np.moveaxis(have, axis, 1)
-    flat = w.reshape(w.shape[0], w.shape[1], -1)
+    return [_block(part, w[:, a:b], h[:, a:b], unit) for part, a, b, unit in blocks]
+
+
+def part_layout(want: np.ndarray, name: str = "") -> tuple[int | None, list[tuple]]:
+    """How ``output_parts`` splits an output: ``(None, [])`` for one whole part, else the
+    channel axis and ``(part name, start, stop, all values in [0, 1])`` per block."""
+    if want.ndim <= 2 or want.shape[0] == 0:
+        return None, []
+    axis = want.ndim - 1 if want.shape[-1] < want.shape[1] else 1
+    flat = np.moveaxis(want, axis, 1).reshape(want.shape[0], want.shape[axis], -1)
     unit = ((flat >= 0) & (flat <= 1)).all(axis=(0, 2))
     bounds = [0, *(np.flatnonzero(unit[1:] != unit[:-1]) + 1).tolist(), len(unit)]
     if len(bounds) == 2:
-        return [_block(name, w, h, bool(unit[0]))]
-    return [_block(f"{name}[{a}:{b}]", w[:, a:b], h[:, a:b], bool(unit[a]))
-            for a, b in zip(bounds[:-1], bounds[1:])]
+        return axis, [(name, 0, len(unit), bool(unit[0]))]
+    return axis, [(f"{name}[{a}:{b}]", a, b, bool(unit[a]))
+                  for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _block(name: str, want: np.ndarray, have: np.ndarray, scores: bool) -> Part:

@@ -93,8 +93,9 @@ class FilePlan:
             _check_readable(use)
         for use in self.writes:
             _check_writable(use)
+        reads = [*self.reads, *_folder_files(self.reads)]
         for i, written in enumerate(self.writes):
-            for read in self.reads:
+            for read in reads:
                 if same_file(written.path, read.path):
                     raise OutputError(_collision(written, read))
             for other in self.writes[i + 1:]:
@@ -129,11 +130,26 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
+#: Reads that may be a folder (of calibration images): its files are reads too.
+FOLDER_READS = frozenset({"--calibration", "--eval"})
+
+
+def _folder_files(reads: list[FileUse]) -> list[FileUse]:
+    """The regular files inside the folders given as ``FOLDER_READS`` (each a read)."""
+    found = []
+    for use in reads:
+        if use.role in FOLDER_READS and use.path.is_dir():
+            found += [FileUse(use.role, f) for f in sorted(use.path.iterdir()) if f.is_file()]
+    return found
+
+
 def _check_readable(use: FileUse) -> None:
     try:
         mode = os.stat(use.path).st_mode
     except OSError:
         return  # missing: the reader words it
+    if stat.S_ISDIR(mode) and use.role in FOLDER_READS:
+        return  # a folder of images: its files are compared as reads (``_folder_files``)
     if not stat.S_ISREG(mode):
         error = ModelLoadError if use.role.startswith("IN") else ConfigError
         raise error(f"{use}: is {_kind(mode)}, not a regular file")

@@ -84,7 +84,9 @@ def run_sweep(model: str, targets: tuple[float, ...], allocations: tuple[str, ..
     with mapped.reading_from(loaded):
         for allocation, compensation, target in itertools.product(allocations, compensations,
                                                                   targets):
-            point = SweepPoint(allocation, compensation, target)
+            label = compensation if base.recover == "none" else \
+                f"{compensation}+{base.recover}"  # every point is recovered after compensation
+            point = SweepPoint(allocation, label, target)
             sweep.points.append(point)
             _measure_point(point, loaded, _config(base, metric, target, allocation, compensation),
                            caches.setdefault(allocation, {}), latency_runs)

@@ -338,7 +338,7 @@ def plan_to_target(analysis: Analysis, graph: gs.Graph, original: onnx.ModelProt
     measured = f"sensitivity/{config.compensate}"  # compensation changes what is measured
     allocator.sensitivity = cache.setdefault(measured, {})  # filled in place
     allocator.scores = cache.setdefault("scores", {})
-    calibration = load_calibration(config.calibration, original) \
+    calibration = load_calibration(config.calibration, original, config) \
         if how == "sensitivity" else None
     keep = allocator.allocate(target, how, select=select,
                               channel_scores=channel_scorer(analysis, config, select),
