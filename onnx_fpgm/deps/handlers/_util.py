@@ -94,3 +94,12 @@ def rank_of(ctx, tensor) -> int | None:
 def kept_count(ctx, cmap: ChannelMap, start: int, stop: int) -> int:
     """How many of the map's positions ``start .. stop`` the plan keeps."""
     return int(np.count_nonzero(ctx.kept_mask(cmap.labels[start:stop])))
+
+
+def pass_like_input(node, ctx, xmap) -> None:
+    """Output 0 carries input 0's channels (``xmap``) and its shape: onnx does not infer
+    com.microsoft ops, so the shape is recorded here for the analysis to infer onward."""
+    if node.outputs[0].shape is None:
+        node.outputs[0].shape = list(node.inputs[0].shape)
+        ctx.refined.add(node.outputs[0].name)
+    ctx.set_map(node.outputs[0], xmap.passed())

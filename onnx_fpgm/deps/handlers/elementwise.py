@@ -17,6 +17,7 @@ import numpy as np
 from ..channels import ChannelMap
 from ..registry import register
 from . import split_operands
+from ._util import pass_like_input
 
 UNARY_OPS = (
     "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu",
@@ -200,10 +201,7 @@ class BiasGeluHandler:
                 ctx.const(node.inputs[1]) is None:
             ctx.block(xmap, f"bias of {node.op} {node.name} is not a stored constant")
             return
-        if node.outputs[0].shape is None:  # onnx does not infer com.microsoft ops
-            node.outputs[0].shape = list(node.inputs[0].shape)
-            ctx.refined.add(node.outputs[0].name)
-        ctx.set_map(node.outputs[0], xmap.passed())
+        pass_like_input(node, ctx, xmap)
 
     def apply(self, node, ctx) -> None:
         keep = ctx.keep(node.inputs[0])

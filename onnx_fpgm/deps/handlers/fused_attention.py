@@ -27,7 +27,7 @@ import numpy as np
 from ..blocks import new_split, require_free, require_whole
 from ..channels import ChannelMap
 from ..registry import register
-from ._util import has_input
+from ._util import has_input, pass_like_input
 
 _BIAS_INPUT = {"Attention": 5, "MultiHeadAttention": 5}
 
@@ -206,10 +206,7 @@ class MicrosoftRotaryEmbeddingHandler:
         smap = new_split(ctx, where, xmap.labels.reshape(heads, -1), [1, 2])
         require_whole(ctx, smap, 1, f"{where} rotates within a head")
         require_free(ctx, smap, 0, f"{where} keeps heads whole", heads=True)
-        if node.outputs[0].shape is None:  # onnx does not infer com.microsoft ops
-            node.outputs[0].shape = list(node.inputs[0].shape)
-            ctx.refined.add(node.outputs[0].name)
-        ctx.set_map(node.outputs[0], xmap.passed())
+        pass_like_input(node, ctx, xmap)
 
     def apply(self, node, ctx) -> None:
         keep = ctx.keep(node.inputs[0])
