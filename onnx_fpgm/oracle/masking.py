@@ -79,7 +79,7 @@ def _weight_targets(nodes, analysis: Analysis):
         if target is not None:
             yield node, None, *target
         if node.op in RECURRENT_OPS:
-            hidden = hidden_output_map(node, analysis.maps)
+            hidden = hidden_output_map(node.outputs, analysis.maps)
             if hidden is not None:
                 yield node, RECURRENCE, hidden, 2
 
@@ -142,7 +142,7 @@ def mask_consumer_inputs(light: onnx.ModelProto, analysis: Analysis,
     for position, node in enumerate(light.graph.node):
         if node.op_type not in RECURRENT_OPS or node.domain not in ("", "ai.onnx"):
             continue
-        hidden = _hidden_map(node, analysis)
+        hidden = hidden_output_map(node.output, analysis.maps)
         if hidden is None or not removed[hidden.labels].any():
             continue
         dtype = float_inputs.get(node.input[RECURRENCE])
@@ -163,11 +163,6 @@ def mask_consumer_inputs(light: onnx.ModelProto, analysis: Analysis,
     del light.graph.node[:]
     light.graph.node.extend(nodes)
     return True
-
-
-def _hidden_map(node: onnx.NodeProto, analysis: Analysis):
-    """The hidden-unit map of a recurrent NodeProto (its first mapped output)."""
-    return next((analysis.maps[name] for name in node.output if name in analysis.maps), None)
 
 
 def consumer_axis(node: gs.Node, analysis: Analysis):

@@ -214,7 +214,7 @@ def _mac_maps(node: gs.Node, analysis: Analysis) -> tuple[ChannelMap | None, Cha
 def _recurrent_macs(builder: _Builder, node: gs.Node, macs: int, analysis: Analysis) -> None:
     """A recurrent layer's MACs, (seq * batch) * (|W| + |R|): the W part scales with its hidden
     units and input features, the R part with its hidden units on both axes."""
-    hidden = hidden_output_map(node, analysis.maps)
+    hidden = hidden_output_map(node.outputs, analysis.maps)
     features = _map(analysis, node.inputs[0], FEATURE_AXIS)
     shapes = [node.inputs[i].shape for i in (recurrent.W, recurrent.R)]
     if any(shape is None or None in shape or isinstance(shape, str) for shape in shapes):
@@ -301,13 +301,13 @@ def _param_maps(node: gs.Node, index: int, shape: tuple[int, ...], analysis: Ana
     if node.op in _NORM_1D and len(shape) == 1 and index > 0:
         return _map(analysis, x, 1), None
     if node.op in RECURRENT_OPS:  # W: hidden rows, input columns; R: hidden both ways
-        hidden = hidden_output_map(node, analysis.maps)
+        hidden = hidden_output_map(node.outputs, analysis.maps)
         if index == recurrent.W:
             return hidden, _map(analysis, x, FEATURE_AXIS)
         if index == recurrent.R:
             return (hidden, hidden, True) if hidden is not None else None
-        sliced = (recurrent.B, recurrent.INITIAL_H, recurrent.INITIAL_C, recurrent.PEEPHOLES)
-        return (hidden, None) if index in sliced and hidden is not None else None
+        return (hidden, None) if index in recurrent.SLICED_WITH_UNITS and hidden is not None \
+            else None
     for tensor in [*node.inputs, *node.outputs]:
         if tensor is None or tensor is node.inputs[index]:
             continue

@@ -34,18 +34,22 @@ W, R, B, INITIAL_H, INITIAL_C, PEEPHOLES = 1, 2, 3, 5, 6, 7
 #: Axis of the hidden units in Y (seq, dirs, batch, hidden), Y_h and Y_c (dirs, batch, hidden);
 #: layout 1 moves batch first and keeps hidden last: the same axes.
 HIDDEN_AXES = (3, 2, 2)
+#: Inputs besides W and R that lose the removed units' entries (and must be stored for that).
+SLICED_WITH_UNITS = (B, INITIAL_H, INITIAL_C, PEEPHOLES)
 
 
 def _input(node, index: int):
     return node.inputs[index] if len(node.inputs) > index and node.inputs[index].name else None
 
 
-def hidden_output_map(node, maps) -> ChannelMap | None:
-    """The hidden-unit map of a recurrent node, read off its first mapped output (``maps``:
-    tensor name -> channel map, as the analysis records them)."""
-    for tensor in node.outputs:
-        if tensor is not None and tensor.name and tensor.name in maps:
-            return maps[tensor.name]
+def hidden_output_map(outputs, maps) -> ChannelMap | None:
+    """The hidden-unit map of a recurrent node, read off its first mapped output: ``outputs``
+    are its output names (a NodeProto's) or tensors (a graph-surgeon node's); ``maps`` is tensor
+    name -> channel map, as the analysis records them."""
+    for output in outputs:
+        name = getattr(output, "name", output)
+        if name and name in maps:
+            return maps[name]
     return None
 
 
@@ -120,8 +124,7 @@ class RecurrentHandler:
         gates, hidden = RECURRENT_GATES[node.op], recurrence.shape[2]
         if weight.shape[1] != gates * hidden or recurrence.shape[1] != gates * hidden:
             return
-        sliced = {B: 2 * gates * hidden, INITIAL_H: None, INITIAL_C: None, PEEPHOLES: 3 * hidden}
-        for index in sliced:
+        for index in SLICED_WITH_UNITS:
             tensor = _input(node, index)
             stored = tensor is None or (ctx.const(tensor) is not None and ctx.map(tensor) is None)
             zeros = index in (INITIAL_H, INITIAL_C) and tensor is not None and \
