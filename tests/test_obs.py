@@ -181,3 +181,16 @@ def test_obs_compensation_runs_on_patterns(tmp_path) -> None:
                                  calibration=str(path))
         onnx.checker.check_model(result.model, full_check=True)
         assert all(np.isfinite(v).all() for v in run_outputs(result.model))
+
+
+def test_obs_statistics_respect_a_fixed_batch(tmp_path) -> None:
+    """A model exported with batch 16 and 100 calibration samples: the statistics run whole
+    batches (the 4 samples left over are not a batch the model takes)."""
+    model = _redundant_channel_model("zero", "conv3x3")
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = 16
+    result = onnx_fpgm.prune(model, 0.2, criterion="obs", compensate="obs",
+                             calibration=_calibration(tmp_path, n=100))
+    kept = result.plan.groups[0].keep_idxs
+    assert REDUNDANT not in kept
+    check_pruned(model, result)

@@ -107,7 +107,8 @@ def obs_update(weight: np.ndarray, hinv: np.ndarray, removed: np.ndarray) -> np.
     """``weight`` (out, D) after removing columns ``removed``, the rest refitted in closed form
     (the removed columns come back zero)."""
     w = weight.astype(np.float64, copy=True)
-    _remove(removed, w, hinv.astype(np.float64, copy=True))
+    if len(removed):
+        _update_weight(removed, w, hinv)  # the inverse Hessian is only read: no copy, no update
     return w
 
 
@@ -135,14 +136,22 @@ def _remove(q: np.ndarray, w: np.ndarray, g: np.ndarray) -> None:
     """Apply the OBS update for removing columns ``q`` to ``w`` and ``g`` in place."""
     if not len(q):
         return
+    inv, rows = _update_weight(q, w, g)
+    g -= rows.T @ (inv @ rows)
+    g[q, :] = 0.0
+    g[:, q] = 0.0
+
+
+def _update_weight(q: np.ndarray, w: np.ndarray, g: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The OBS update of ``w`` alone for removing columns ``q`` (``g`` read, not written);
+    returns ``(H^-1_QQ)^-1`` and ``H^-1_{Q,:}`` for the caller that updates ``g`` too."""
     block = g[np.ix_(q, q)]
     try:
         inv = np.linalg.inv(block)
     except np.linalg.LinAlgError:
         inv = np.linalg.pinv(block)
-    rows = g[q, :]  # (q, D)
+    rows = g[q, :]  # (q, D), a copy
     w -= (w[:, q] @ inv) @ rows
-    g -= rows.T @ (inv @ rows)
     w[:, q] = 0.0
-    g[q, :] = 0.0
-    g[:, q] = 0.0
+    return inv, rows

@@ -116,7 +116,7 @@ def verification_feeds(calibration: Calibration, model: onnx.ModelProto,
                        max_samples: int = VERIFY_SAMPLES) -> list[dict[str, np.ndarray]]:
     """A few calibration samples as feeds for the oracle (one batch, or one per run where the
     model's batch dim is static)."""
-    batch = _static_batch(model, calibration)
+    batch = static_batch(model, calibration)
     step = batch or min(calibration.n_samples, max_samples)
     feeds = []
     for start in range(0, min(calibration.n_samples, max(max_samples, step)), step):
@@ -126,7 +126,8 @@ def verification_feeds(calibration: Calibration, model: onnx.ModelProto,
     return feeds
 
 
-def _static_batch(model: onnx.ModelProto, calibration: Calibration) -> int | None:
+def static_batch(model: onnx.ModelProto, calibration: Calibration) -> int | None:
+    """The fixed batch size of the model's first calibrated input, or None when it is free."""
     for value in model.graph.input:
         if value.name in calibration.inputs:
             dim0 = value.type.tensor_type.shape.dim[0] if \
@@ -182,7 +183,7 @@ def _read_npz(path: Path, inputs: dict) -> dict[str, np.ndarray]:
 def run_batched(session, model: onnx.ModelProto, calibration: Calibration,
                 outputs: list[str] | None = None) -> list[np.ndarray]:
     """Run ``session`` over all samples, in chunks the input's batch dim allows."""
-    batch = _static_batch(model, calibration)
+    batch = static_batch(model, calibration)
     n = calibration.n_samples
     step = batch or min(n, 64)
     chunks: list[list[np.ndarray]] = []

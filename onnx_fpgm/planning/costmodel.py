@@ -217,7 +217,7 @@ def _recurrent_macs(builder: _Builder, node: gs.Node, macs: int, analysis: Analy
     hidden = hidden_output_map(node.outputs, analysis.maps)
     features = _map(analysis, node.inputs[0], FEATURE_AXIS)
     shapes = [node.inputs[i].shape for i in (recurrent.W, recurrent.R)]
-    if any(shape is None or None in shape or isinstance(shape, str) for shape in shapes):
+    if any(shape is None or any(not isinstance(d, int) for d in shape) for shape in shapes):
         builder.add(macs, hidden, features)  # weights of unknown size: split unknown
         return
     sizes = [int(np.prod(shape)) for shape in shapes]

@@ -193,7 +193,9 @@ def rows_to_weight(node: onnx.NodeProto, like: np.ndarray, rows: np.ndarray,
     if node.op_type == "Gemm":
         alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
         new_w = (rows if attr(node, "transB", 0) else rows.T) / alpha
-        return new_w.astype(like.dtype), (bias / beta).astype(like.dtype)
+        # beta 0: the op ignores its bias (the fit's bias column was zero): store zeros
+        stored = bias / beta if beta else np.zeros_like(bias)
+        return new_w.astype(like.dtype), stored.astype(like.dtype)
     return rows.T.astype(like.dtype), None
 
 

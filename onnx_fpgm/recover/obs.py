@@ -30,7 +30,7 @@ import onnx
 
 from ..deps.channels import Analysis, Group
 from ..importance.obs import ObsLayer, ObsOrder, greedy_obs_order, inverse_hessian, obs_update
-from ..measure.calibration import Calibration, run_batched
+from ..measure.calibration import Calibration, run_batched, static_batch
 from ..model.runtime import make_session
 from .layers import (
     Consumer,
@@ -97,13 +97,20 @@ def gather_stats(original: onnx.ModelProto, consumers: list[Consumer],
     if not wanted:
         return {}, skipped
     data = first_samples(calibration, MAX_SAMPLES)
+    batch = static_batch(original, data) or 1
+    if data.n_samples < batch:
+        return {}, {name: f"fewer calibration samples than the model's fixed batch {batch}"
+                    for name in wanted} | skipped
+    step = max(CHUNK // batch, 1) * batch  # whole batches: run_batched steps by a fixed one
+    usable = data.n_samples // batch * batch
     names = list(dict.fromkeys(node.input[0] for node, _, _, _ in wanted.values()))
     session = make_session(expose(original, names), optimize=True)
     grams: dict[str, np.ndarray] = {}
-    quota = math.ceil(MAX_ROWS / math.ceil(data.n_samples / CHUNK))  # rows per chunk
+    quota = math.ceil(MAX_ROWS / math.ceil(usable / step))  # rows per chunk
     rng = np.random.default_rng(0)
-    for start in range(0, data.n_samples, CHUNK):
-        chunk = Calibration({k: v[start:start + CHUNK] for k, v in data.inputs.items()})
+    for start in range(0, usable, step):
+        chunk = Calibration({k: v[start:min(start + step, usable)]
+                             for k, v in data.inputs.items()})
         values = dict(zip(names, run_batched(session, original, chunk, names)))
         for name, (node, weight, _, channel) in wanted.items():
             x = values[node.input[0]]

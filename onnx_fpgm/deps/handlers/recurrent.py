@@ -28,6 +28,7 @@ from ..constants import weight_reason
 from ..op_families import FEATURE_AXIS, RECURRENT_GATES, RECURRENT_OPS
 from ..registry import register
 from ..shape_values import rewritable_source, shape_elements
+from ._util import has_input
 
 #: Input positions: W, R, B, sequence_lens, initial_h, initial_c, P (LSTM's peepholes).
 W, R, B, INITIAL_H, INITIAL_C, PEEPHOLES = 1, 2, 3, 5, 6, 7
@@ -39,7 +40,7 @@ SLICED_WITH_UNITS = (B, INITIAL_H, INITIAL_C, PEEPHOLES)
 
 
 def _input(node, index: int):
-    return node.inputs[index] if len(node.inputs) > index and node.inputs[index].name else None
+    return node.inputs[index] if has_input(node, index) else None
 
 
 def hidden_output_map(outputs, maps) -> ChannelMap | None:
