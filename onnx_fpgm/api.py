@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -155,14 +155,15 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
     if config.strict:
         _check_strict(analysis)
     with _timed(report, "score"):
-        score = _scorer(config, original, analysis)
+        # sizes chosen for symbolic dims: the cost model counts at them, and a folder of
+        # calibration images is read at them (the OBS statistics, the allocation's sensitivity)
+        sized = replace(config, input_shapes=tuple(sizes.primary.items()))
+        score = _scorer(sized, original, analysis)
         if config.plan:
             plan, matched_by = plan_from_report(config.plan, analysis)
             report.notes.append(f"plan re-applied from {config.plan} (producers matched by "
                                 f"{matched_by})")
         elif config.target:
-            # the cost model counts MACs at the sizes chosen for symbolic dims, as the report
-            sized = replace(config, input_shapes=tuple(sizes.primary.items()))
             plan, report.target = plan_to_target(analysis, graph, original, sized, score,
                                                  progress, cache)
         else:
@@ -206,8 +207,6 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
                                  io.weight_bytes(pruned))
     if report.target is not None:
         _check_target(report)
-    # a folder of images is sized like the rest of the run (symbolic dims: the chosen sizes)
-    sized = replace(config, input_shapes=tuple(sizes.primary.items()))
     calibration = load_calibration(config.calibration, original, sized) \
         if config.calibration else None
     if calibration is not None and calibration.drawn:

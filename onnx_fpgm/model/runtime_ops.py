@@ -9,6 +9,8 @@ skips: everything else is checked as usual, and the export must pass what the in
 """
 from __future__ import annotations
 
+import functools
+
 import onnx
 
 #: The domain the checker's copy moves onnxruntime-only nodes to (declared, never written out).
@@ -37,6 +39,7 @@ def runtime_only_ops(model: onnx.ModelProto) -> list[str]:
     return sorted(op for op, _ in unknown)
 
 
+@functools.cache  # onnxruntime's schema list does not change within a process
 def _onnxruntime_default_domain_ops() -> frozenset[str]:
     # imported on first use: keeps onnxruntime off the CLI's start-up path
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
