@@ -21,8 +21,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import ModelLoadError
 from . import external
-from .io import (_first_line, _itemsize, _stored_tensors, check_runtime_ops, check_tensors,
-                 load_model)
+from .io import _first_line, _itemsize, check_runtime_ops, check_tensors, load_model
 from .light import _numel, is_stripped
 
 #: Inputs whose external data reach this many bytes are memory-mapped, not read (``load_mapped``).
@@ -110,9 +109,10 @@ def load_mapped(source: str | os.PathLike | onnx.ModelProto) -> Loaded:
 def _load_header(path: Path, header: onnx.ModelProto) -> Loaded:
     external_tensors = [t for t in header.graph.initializer
                         if t.data_location == onnx.TensorProto.EXTERNAL]
+    constants = (attr.t for node in header.graph.node for attr in node.attribute
+                 if attr.type == onnx.AttributeProto.TENSOR)
     if sum(_numel(t) * _itemsize(t.data_type) for t in external_tensors) < MAP_EXTERNAL_BYTES \
-            or any(t.data_location == onnx.TensorProto.EXTERNAL for t in _stored_tensors(header)
-                   if t not in external_tensors) \
+            or any(t.data_location == onnx.TensorProto.EXTERNAL for t in constants) \
             or not len(header.graph.node) or not len(header.opset_import):
         return _embedded(path, header)
     try:
