@@ -120,7 +120,7 @@ REASONS: tuple[ReasonKind, ...] = (
                "Groups you excluded with --exclude."),
     ReasonKind("scoring cost", r"scoring by FPGM would (take|need)",
                "A group so wide that comparing every filter with every other (FPGM is "
-               "O(N^2 D)) would overrun the scoring budget (a 1M-output Gemm: hours) or half "
+               "O(N^2 D)) would overrun the scoring budget (a 1M-output Gemm: about an hour) or half "
                "the free memory; the reason names the estimate. --criterion l2 or l1 ranks "
                "such a group by norm in O(N D); max_scoring_work (Python) raises the budget."),
     ReasonKind("safety net", r"would empty tensor",
