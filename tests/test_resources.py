@@ -128,6 +128,9 @@ def test_scoring_cost_lets_real_layers_through():
         assert fpgm_cost(n, d).over(budget, 64 * GIB) is None
     for n, d in ((300_000, 4), (1_000_000, 4)):
         assert fpgm_cost(n, d).over(budget, 64 * GIB)
+    # a callable distance gets the whole N x N matrix: 65536 filters need ~96 GiB of it
+    assert "would need" in fpgm_cost(65536, 64, dist=lambda x: x).over(None, 64 * GIB)
+    assert fpgm_cost(65536, 64).over(None, 64 * GIB) is None  # blocks of ~1M elements
 
 
 def test_group_width_is_the_scored_matrix_width():

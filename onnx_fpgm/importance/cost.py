@@ -12,8 +12,8 @@ Work units are multiply-add equivalents of the Euclidean Gram pass, measured wit
 pair, plus ~128 per filter pair for the elementwise passes (``N^2`` adds, square roots, bound
 sums; they dominate for short filters: 16384 x 4 took 0.45 s), and ~64 per weight pair for the
 Manhattan distance (``cdist(p=1)`` is no GEMM: 4096 x 512 took 21.5 s, against 0.37 s for L2).
-Those machines do ~3e10 units per second, so the default budget (``PruneConfig.max_scoring_work``,
-1e13) is some minutes there (seconds on a GPU).
+Those machines did 2e10-6e10 units per second (load 8 and 2), so the default budget
+(``PruneConfig.max_scoring_work``, 1e13) is some minutes there (seconds on a GPU).
 """
 from __future__ import annotations
 
