@@ -22,12 +22,15 @@ from .deps.op_families import QUANTIZED_LAYERS, RECURRENT_OPS
 from .deps.registry import handler_for
 from .deps.rewrite import apply_plan
 from .errors import ConfigError, UnsupportedOpError, VerificationError
+from .importance.cost import freeze_costly_groups
 from .measure.bench import MAC_OPS, ModelSize, count_macs, count_params
 from .measure.bench import benchmark as _benchmark
 from .measure.calibration import fidelity, load_calibration, verification_feeds
 from .model import export, io, mapped, save
 from .model.outer_scope import layers_in_bodies
-from .oracle.input_sizes import InputSizes, choose_sizes, infer_shapes_at
+from .oracle.input_sizes import choose_sizes
+from .oracle.sized_shapes import infer_shapes_at
+from .oracle.symbolic_dims import InputSizes
 from .oracle.validate import CompareResult, smoke_check
 from .oracle.validate import verify as _verify
 from .oracle.weight_feeds import COLLECT_ABOVE_BYTES
@@ -140,8 +143,7 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
             f"onnx.checker does not know {', '.join(runtime_ops)} (default domain), which "
             "onnxruntime registers (its tools write them there): loaded, and both the input and "
             "the pruned model were checked with those nodes left to onnxruntime")
-    if sizes.note:
-        report.notes.append(sizes.note)
+    report.notes.extend(n for n in (sizes.budget_note, sizes.note) if n)
     with _timed(report, "analyse"):
         shapes = infer_shapes_at(original, sizes) if sizes.dims else \
             io.infer_shapes(io.light_copy(original))
@@ -158,6 +160,8 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
         # sizes chosen for symbolic dims: the cost model counts at them, and a folder of
         # calibration images is read at them (the OBS statistics, the allocation's sensitivity)
         sized = replace(config, input_shapes=tuple(sizes.primary.items()))
+        if not config.plan and config.criterion in ("fpgm", "obs"):  # obs falls back to FPGM
+            freeze_costly_groups(analysis, config.dist, config.max_scoring_work)
         score = _scorer(sized, original, analysis)
         if config.plan:
             plan, matched_by = plan_from_report(config.plan, analysis)

@@ -118,6 +118,11 @@ REASONS: tuple[ReasonKind, ...] = (
                "or a LayerNormalization's mean/inverse deviation that something reads."),
     ReasonKind("your options", r"excluded by --exclude",
                "Groups you excluded with --exclude."),
+    ReasonKind("scoring cost", r"scoring by FPGM would (take|need)",
+               "A group so wide that comparing every filter with every other (FPGM is "
+               "O(N^2 D)) would overrun the scoring budget (a 1M-output Gemm: about an hour) or half "
+               "the free memory; the reason names the estimate. --criterion l2 or l1 ranks "
+               "such a group by norm in O(N D); max_scoring_work (Python) raises the budget."),
     ReasonKind("safety net", r"would empty tensor",
                "A plan that would leave some tensor with no channel at all, even after the "
                "group was selected part by part (the same fraction inside and outside that "

@@ -61,6 +61,20 @@ def group_filters(analysis: Analysis, group: Group) -> np.ndarray:
     return joint
 
 
+def group_width(analysis: Analysis, group: Group) -> int:
+    """D of ``group_filters(analysis, group)``, from the members' shapes alone (nothing built):
+    a member's rows, times the most rows it gives one channel (a head's ``head_dim``)."""
+    position = np.full(len(analysis.class_blocked), -1, dtype=np.int64)
+    position[group.classes] = np.arange(group.n_channels)
+    width = 0
+    for member_id in group.members:
+        member = analysis.members[member_id]
+        pos = position[analysis.class_of_atom[member.atoms]]
+        pos = pos[pos >= 0]
+        width += (int(np.bincount(pos).max()) if pos.size else 1) * member.rows.shape[1]
+    return width
+
+
 def _occurrence(pos: np.ndarray) -> np.ndarray:
     """For each entry, how many earlier entries hold the same value (0 for the first)."""
     order = np.argsort(pos, kind="stable")

@@ -13,28 +13,26 @@ Two sets are chosen: the primary (batch 1) for MACs and the first verification, 
 one in which every symbol takes another value where the model allows it (batch 2, another
 spatial size): a pruned model whose Reshape or Resize constant was rewritten at one size would
 run at that size only, and the second verification catches it. Shape inference reads both sets
-too: a dim that differs between them depends on the inputs and is treated as unknown.
+too: a dim that differs between them depends on the inputs and is treated as unknown
+(``sized_shapes.infer_shapes_at``).
+
+Before a candidate is run, the activation memory it needs is estimated from the shapes onnx
+infers at it (``sized_shapes.ActivationBudget``); one over the budget is skipped with a note
+(the smaller candidates after it are tried), and when every candidate is over it the run stops
+with exit 2 asking for ``--input-shape``: attention over the H*W tokens of an image grows with
+(H*W)^2, and a few-kB model reached 9 GB at the second size.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from enum import Enum
 from itertools import zip_longest
 
-import numpy as np
 import onnx
 
 from ..errors import ConfigError
-from ..model.io import light_copy
-from ..model.runtime import (
-    ANONYMOUS,
-    check_given,
-    is_unknown,
-    make_session,
-    random_inputs,
-    real_inputs,
-)
+from ..model.runtime import check_given, is_unknown, make_session, random_inputs, real_inputs
+from .sized_shapes import ActivationBudget
+from .symbolic_dims import InputSizes, Role, SymbolicDim, symbolic_dims
 
 logger = logging.getLogger(__name__)
 
@@ -53,96 +51,6 @@ CHANNELS = (3, 1, 4)
 MAX_PROBES = 32
 #: Other sizes tried for the secondary set (with batch 2, then with the primary batch).
 SECOND_TRIES = 4
-
-
-class Role(Enum):
-    """What a symbolic dim stands for; decides its candidate values."""
-
-    BATCH = "batch"
-    HEIGHT = "height"
-    WIDTH = "width"
-    CHANNELS = "channels"
-    SEQUENCE = "sequence"
-
-
-@dataclass(frozen=True)
-class SymbolicDim:
-    """One symbolic dim of a graph input: where it is, its symbol key and its role."""
-
-    input: str
-    axis: int
-    symbol: str  # dim_param, or "input:axis" for an anonymous dim
-    role: Role
-
-
-@dataclass
-class InputSizes:
-    """The sizes used for verification, MACs and shape inference.
-
-    Attributes:
-        primary: shape of every real graph input (batch 1): MACs, first verification.
-        secondary: another set the original model runs at (other batch/spatial sizes), or None
-            when the model has no symbolic dims or accepts no second size.
-        given: True when the caller gave ``input_shapes`` (the primary set is theirs).
-        dims: the symbolic dims of the inputs.
-        probes: onnxruntime runs spent on choosing.
-        note: why the sizes are unconfirmed, when the model ran at none (``must_run`` off).
-    """
-
-    primary: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    secondary: dict[str, tuple[int, ...]] | None = None
-    given: bool = False
-    dims: list[SymbolicDim] = field(default_factory=list)
-    probes: int = 0
-    note: str | None = None  # the model ran at none of them (accepted when nothing must run)
-
-    @property
-    def sets(self) -> list[dict[str, tuple[int, ...]]]:
-        """The size sets to verify at (one or two)."""
-        return [self.primary] + ([self.secondary] if self.secondary else [])
-
-    def to_dict(self) -> dict:
-        return {"primary": {k: list(v) for k, v in self.primary.items()},
-                "secondary": None if self.secondary is None else
-                {k: list(v) for k, v in self.secondary.items()},
-                "given": self.given,
-                "symbolic_dims": [f"{d.input}[{d.axis}]={d.symbol}" for d in self.dims]}
-
-
-def symbolic_dims(model: onnx.ModelProto) -> list[SymbolicDim]:
-    """Every symbolic or unknown dim of the real graph inputs, with its role."""
-    found = []
-    for value in real_inputs(model):
-        ttype = value.type.tensor_type
-        if not ttype.HasField("shape"):
-            continue
-        dims = list(ttype.shape.dim)
-        roles = _roles(dims, ttype.elem_type)
-        for axis, dim in enumerate(dims):
-            if is_unknown(dim):
-                name = dim.dim_param.strip()
-                symbol = name if name not in ANONYMOUS else f"{value.name}:{axis}"
-                found.append(SymbolicDim(value.name, axis, symbol, roles[axis]))
-    return found
-
-
-def _roles(dims, elem_type: int) -> list[Role]:
-    """Roles by rank and layout: NCHW/NHWC images, [B, T(, F)] sequences, else sequence-like."""
-    rank = len(dims)
-    roles = [Role.BATCH] + [Role.SEQUENCE] * (rank - 1)
-    is_float = onnx.helper.tensor_dtype_to_np_dtype(elem_type).kind == "f" if elem_type else True
-    if rank == 4 and is_float:
-        def small(d):
-            return not is_unknown(d) and d.dim_value <= 4
-
-        nhwc = small(dims[3]) and not small(dims[1])
-        roles[1:] = ([Role.HEIGHT, Role.WIDTH, Role.CHANNELS] if nhwc else
-                     [Role.CHANNELS, Role.HEIGHT, Role.WIDTH])
-    elif rank == 5 and is_float:
-        roles[1:] = [Role.CHANNELS, Role.SEQUENCE, Role.HEIGHT, Role.WIDTH]
-    return roles
-
-
 def _candidates(dims: list[SymbolicDim]) -> list[dict[str, int]]:
     """Symbol -> value assignments to try, in order (batch 1)."""
     roles: dict[str, Role] = {}
@@ -192,16 +100,22 @@ class _Prober:
         self.seed = seed
         self.runs = 0
         self.error: str | None = None
+        self.budget = ActivationBudget(model)
         try:
             self.session = make_session(model, quiet=True)
         except Exception as err:  # onnxruntime refuses the model whatever the size
             self.session = None
             self.error = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
 
+    @property
+    def exhausted(self) -> bool:
+        """No further run will be made (no session, or every probe spent)."""
+        return self.session is None or self.runs >= MAX_PROBES
+
     def runs_at(self, shapes: dict[str, tuple[int, ...]]) -> bool:
         import onnxruntime as ort  # on first use: keeps it off the CLI's start-up path
 
-        if self.session is None or self.runs >= MAX_PROBES:
+        if self.exhausted:
             return False
         self.runs += 1
         options = ort.RunOptions()
@@ -220,11 +134,13 @@ def choose_sizes(model: onnx.ModelProto, given: dict[str, tuple[int, ...]] | Non
     """Sizes for every real input: ``given`` ones, else chosen by running the model.
 
     Without ``must_run`` (nothing will be run: ``--dry-run``, ``--no-verify``) a model that
-    runs at no candidate gets the first one, with a note, instead of an error.
+    runs at no candidate gets the first one within the memory budget, with a note, instead of
+    an error. Candidates over the budget are skipped (a note in ``InputSizes.budget_note``).
 
     Raises:
         ConfigError: the model has symbolic dims and runs at none of the candidate sizes
-            (naming the dims and ``--input-shape``), under ``must_run``.
+            (naming the dims and ``--input-shape``), under ``must_run``; or every candidate
+            is over the memory budget.
     """
     given = dict(given or {})
     check_given(model, given)
@@ -233,27 +149,47 @@ def choose_sizes(model: onnx.ModelProto, given: dict[str, tuple[int, ...]] | Non
         return InputSizes(_shapes(model, [], {}) | given, given=bool(given))
     prober = _Prober(model, seed)
     fixed = _assignment_of(dims, given)
-    candidates = [{**c, **fixed} for c in _candidates(dims)]
-    assignment = None
     if all(d.symbol in fixed for d in dims):
-        assignment = fixed  # the caller's sizes, whether or not they run (verification says)
+        # the caller's sizes, whether or not they run (verification says)
+        assignment, fitting = fixed, fixed
     else:
-        for candidate in candidates:
-            if prober.runs_at(_shapes(model, dims, candidate) | given):
-                assignment = candidate
-                break
+        candidates = [{**c, **fixed} for c in _candidates(dims)]
+        assignment, fitting = _first_run(model, dims, candidates, given, prober)
     note = None
     if assignment is None and prober.session is not None:
         if must_run:
             raise ConfigError(_no_size_message(model, dims, prober.error))
         note = "sizes not confirmed: " + _no_size_message(model, dims, prober.error)
     if assignment is None:  # onnxruntime cannot run it at all; verification will say so
-        assignment = candidates[0]
+        assignment = fitting
     primary = _shapes(model, dims, assignment) | given
     secondary = _secondary(model, dims, assignment, prober, primary) if note is None else None
-    sizes = InputSizes(primary, secondary, bool(given), dims, prober.runs, note)
+    sizes = InputSizes(primary, secondary, bool(given), dims, prober.runs, note,
+                       prober.budget.note())
     logger.info("input sizes: %s", sizes.to_dict())
     return sizes
+
+
+def _first_run(model, dims, candidates, given, prober) -> tuple[dict | None, dict]:
+    """The first candidate within the memory budget that the model runs at (None when none),
+    and the first within the budget.
+
+    Raises:
+        ConfigError: every candidate is over the memory budget.
+    """
+    fitting = None
+    for candidate in candidates:
+        shapes = _shapes(model, dims, candidate) | given
+        if not prober.budget.fits(shapes):
+            continue
+        fitting = fitting or candidate
+        if prober.runs_at(shapes):
+            return candidate, fitting
+        if prober.exhausted:
+            break
+    if fitting is None:
+        raise ConfigError(prober.budget.refusal())
+    return None, fitting
 
 
 def _assignment_of(dims: list[SymbolicDim], shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
@@ -298,7 +234,7 @@ def _secondary(model, dims, assignment, prober, primary):
         tried.append(trial)
         shapes = _shapes(model, dims, trial) | {
             n: s for n, s in primary.items() if n not in {d.input for d in dims}}
-        if prober.runs_at(shapes):
+        if prober.budget.fits(shapes) and prober.runs_at(shapes):
             return shapes
     return None
 
@@ -323,161 +259,3 @@ def _no_size_message(model, dims: list[SymbolicDim], error: str | None) -> str:
     reason = f" (last error: {error})" if error else ""
     return ("onnxruntime runs the model at none of the sizes tried for its symbolic dims; "
             + "; ".join(parts) + " (input_shapes= in Python)" + reason)
-
-
-# --- shape inference at concrete sizes -----------------------------------------------------
-
-
-def infer_shapes_at(model: onnx.ModelProto, sizes: InputSizes) -> onnx.ModelProto:
-    """Shapes of every tensor of ``model`` (light copy, value_info) for the analysis.
-
-    onnx's inference (data propagation on) runs on copies whose inputs are concrete, once per
-    size set: with numbers it resolves what it cannot with symbols, in milliseconds, where
-    onnxruntime's symbolic engine took seconds (sympy). Tensors it still leaves unknown are read
-    off one onnxruntime run of the original at that size. A dim that differs between the two
-    sets depends on the input sizes and becomes unknown, so nothing downstream mistakes it for a
-    constant (a Shape read of it is not folded, a Reshape computed from it is not rewritten).
-    Symbols the secondary set leaves unchanged (the model ran at no other value) are doubled in
-    a third, inference-only set, so dims that depend on them stay unknown as well (conservative:
-    a dim onnx cannot infer there is treated as unknown).
-    """
-    light = light_copy(model)
-    del light.graph.value_info[:]
-    sets = [(sizes.primary, True)]
-    if sizes.secondary:
-        sets.append((sizes.secondary, True))
-    varied = _varied(sizes)
-    if varied:
-        sets.append((varied, False))
-    per_set = [_shapes_at(light, s) for s, _ in sets]
-    missing = list(dict.fromkeys(name for (_, run), shapes in zip(sets, per_set) if run
-                                 for name in _unknown(light, shapes)))
-    if missing:  # one session, one run per set that the original runs at
-        ran = _run_for_shapes(model, missing, [s for s, run in sets if run])
-        for shapes, found in zip(per_set, ran):
-            shapes.update(found)
-    symbol_of = _symbols_by_values(model, sizes, [s for s, _ in sets])
-    first, *others = per_set
-    for name, (elem_type, dims) in first.items():
-        value = light.graph.value_info.add()
-        value.name = name
-        value.type.tensor_type.elem_type = elem_type
-        if dims is None:
-            continue
-        theirs = [o[name][1] if name in o else None for o in others]
-        shape = value.type.tensor_type.shape
-        shape.SetInParent()
-        for k, d in enumerate(dims):
-            dim = shape.dim.add()
-            values = (d, *(t[k] if t is not None and len(t) == len(dims) else None
-                           for t in theirs))
-            if d is not None and all(v == d for v in values):
-                dim.dim_value = d
-            elif values in symbol_of:
-                dim.dim_param = symbol_of[values]
-    return light
-
-
-def _symbols_by_values(model: onnx.ModelProto, sizes: InputSizes,
-                       size_sets: list[dict[str, tuple[int, ...]]]) -> dict[tuple, str]:
-    """Input symbols by the values they take across ``size_sets``, where that is unambiguous.
-
-    A varying dim whose values equal exactly one input symbol's in every set (a batch carried
-    through the graph) keeps that symbol, as onnx's symbolic inference would name it, so a
-    Reshape target assembled from ``Shape(x)[0]`` is seen to match its input's batch. Other
-    varying dims stay unnamed: unknown, and never equal to anything.
-    """
-    by_values: dict[tuple, set[str]] = {}
-    for d in sizes.dims:
-        values = tuple(s[d.input][d.axis] for s in size_sets)
-        by_values.setdefault(values, set()).add(_dim_symbol(model, d))
-    return {v: next(iter(s)) for v, s in by_values.items() if len(s) == 1}
-
-
-def _dim_symbol(model: onnx.ModelProto, d: SymbolicDim) -> str:
-    """The name the analysis reads for the input dim ``d`` (its dim_param, or a token of its
-    own for an anonymous dim, as ``deps.shape_values.symbolic_dims`` writes it)."""
-    if d.symbol != f"{d.input}:{d.axis}":
-        return d.symbol
-    return f"?{d.input}#{d.axis}"
-
-
-def _varied(sizes: InputSizes) -> dict[str, tuple[int, ...]] | None:
-    """For inference only: the symbols the secondary set leaves unchanged (all, without one),
-    doubled, so that no dim that depends on them passes for a constant. None if not needed."""
-    base = sizes.secondary or sizes.primary
-    varied = {n: list(s) for n, s in base.items()}
-    changed = False
-    for d in sizes.dims:
-        if base[d.input][d.axis] == sizes.primary[d.input][d.axis]:
-            varied[d.input][d.axis] *= 2
-            changed = True
-    return {n: tuple(s) for n, s in varied.items()} if changed else None
-
-
-Shapes = dict[str, tuple[int, "list[int | None] | None"]]
-
-
-def _shapes_at(light: onnx.ModelProto, sizes: dict[str, tuple[int, ...]]) -> Shapes:
-    """name -> (elem_type, dims or None) of the tensors onnx infers at ``sizes``."""
-    concrete = onnx.ModelProto()
-    concrete.CopyFrom(light)
-    for value in concrete.graph.input:
-        if value.name in sizes:
-            for dim, size in zip(value.type.tensor_type.shape.dim, sizes[value.name]):
-                dim.ClearField("dim_param")
-                dim.dim_value = int(size)
-    for value in concrete.graph.output:  # declared symbolic output dims would be merged in
-        value.type.tensor_type.ClearField("shape")
-    try:
-        inferred = onnx.shape_inference.infer_shapes(concrete, data_prop=True)
-    except Exception as err:  # inconsistent at this size: whatever stays unknown is blocked
-        logger.debug("onnx shape inference failed at %s: %s", sizes, err)
-        inferred = concrete
-    shapes: Shapes = {}
-    for value in (*inferred.graph.value_info, *inferred.graph.output):
-        ttype = value.type.tensor_type
-        dims = None
-        if ttype.HasField("shape"):
-            dims = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
-                    for d in ttype.shape.dim]
-        shapes[value.name] = (ttype.elem_type, dims)
-    return shapes
-
-
-def _unknown(light: onnx.ModelProto, shapes: Shapes) -> list[str]:
-    """Node outputs whose shape (or some dim of it) onnx left unknown."""
-    return [o for n in light.graph.node for o in n.output
-            if o and (shapes.get(o, (0, None))[1] is None or None in shapes[o][1])]
-
-
-def _run_for_shapes(model: onnx.ModelProto, names: list[str],
-                    size_sets: list[dict[str, tuple[int, ...]]]) -> list[Shapes]:
-    """Shapes of ``names`` from onnxruntime runs of ``model``, one per size set, in one session
-    (empty where it cannot run)."""
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    present = {o.name for o in exposed.graph.output}
-    wanted = list(names)
-    for name in wanted:
-        if name not in present:
-            exposed.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    try:
-        session = make_session(exposed, quiet=True)
-    except Exception as err:  # they stay unknown (and block whatever channels reach them)
-        logger.debug("onnxruntime cannot load the model for shapes: %s", err)
-        return [{} for _ in size_sets]
-    found: list[Shapes] = []
-    for sizes in size_sets:
-        shapes: Shapes = {}
-        try:
-            values = session.run(wanted, random_inputs(model, 0, sizes))
-        except Exception as err:  # as above: unknown
-            logger.debug("onnxruntime could not run the model for shapes: %s", err)
-            values = []
-        for name, value in zip(wanted, values):
-            if isinstance(value, np.ndarray):  # a sequence or map has no tensor shape
-                shapes[name] = (onnx.helper.np_dtype_to_tensor_dtype(value.dtype),
-                                list(value.shape))
-        found.append(shapes)
-    return found
