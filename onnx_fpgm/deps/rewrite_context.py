@@ -161,7 +161,7 @@ class RewriteContext:
         rank = max(v.ndim for v in values)
         if axis >= rank:
             return False
-        producer = self._private_producer(node, index, producer)
+        producer = self.private_producer(node, index, producer)
         for k, value in enumerate(values):
             own = axis - (rank - value.ndim)
             if own >= 0 and value.shape[own] > 1:
@@ -171,7 +171,7 @@ class RewriteContext:
     def _slice_quantized(self, node: gs.Node, index: int, quantizer: gs.Node, axis: int,
                          keep: np.ndarray) -> None:
         """Slice a quantized constant: its integers (or float source) and per-axis parameters."""
-        quantizer = self._private_producer(node, index, quantizer)
+        quantizer = self.private_producer(node, index, quantizer)
         data = self.const(quantizer.inputs[0])
         scale = self.const(quantizer.inputs[1])
         if data is None or scale is None or block_size(quantizer):
@@ -194,16 +194,16 @@ class RewriteContext:
         if quantizer is None:
             self.set_input_value(node, index, transform(self.const(node.inputs[index])))
             return
-        quantizer = self._private_producer(node, index, quantizer)
+        quantizer = self.private_producer(node, index, quantizer)
         data, scale = self.const(quantizer.inputs[0]), self.const(quantizer.inputs[1])
         q_axis = int(quantizer.attrs.get("axis", 1))
         if data is None or scale is None or (scale.size > 1 and q_axis % data.ndim == axis):
             raise RewriteError(f"cannot rewrite the quantized input {index} of {node.name}")
         self.map_input(quantizer, 0, axis, transform)
 
-    def _private_producer(self, node: gs.Node, index: int, quantizer: gs.Node) -> gs.Node:
+    def private_producer(self, node: gs.Node, index: int, quantizer: gs.Node) -> gs.Node:
         """``quantizer`` (the producer of ``node.inputs[index]``: a quantizer, an elementwise
-        dequantization) itself when only ``node`` reads its output, else a copy for ``node``."""
+        dequantization, a ``ConstantOfShape`` of padding) itself when only ``node`` reads its output, else a copy for ``node``."""
         out = quantizer.outputs[0]
         graph_outputs = {t.name for t in self.graph.outputs}
         if out.name not in graph_outputs and len(out.outputs) == 1 and \
