@@ -161,3 +161,56 @@ def test_plan_keeps_part_of_the_padding(form: str, tmp_path) -> None:
     assert layers["proj"].kept == kept["proj"] and layers["stem"].kept == kept["stem"]
     check_pruned(model, result)
     assert _padding_width(result.model, form, form == "pad") == 2
+
+
+def _two_blocks(form: str) -> onnx.ModelProto:
+    """Two stride-1 blocks widening 8 -> 12 -> 16 that share one zeros tensor (tf2onnx writes
+    one constant for equal ones): ``y = relu(proj(dw(x)) + Concat(x, zeros))``, twice."""
+    net = _Block(form, nhwc=False, symbolic=False)
+    if form == "initializer":
+        zeros = net.const("zeros", np.zeros((1, PAD, 16, 16), np.float32))
+    else:
+        zeros = net.node("ConstantOfShape", [net.const("zeros_shape", np.array(
+            [1, PAD, 16, 16], np.int64))], "zeros",
+            value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+    x = net.node("Relu", [net.conv("stem", "input", C_IN, C_MID, 3, pads=[1, 1, 1, 1])], "r0")
+    for k, width in ((1, C_MID), (2, C_MID + PAD)):
+        main = net.conv(f"dw{k}", x, width, width, 3, group=width, pads=[1, 1, 1, 1])
+        main = net.conv(f"proj{k}", main, width, width + PAD, 1)
+        short = net.node("Concat", [x, zeros], f"pad{k}", axis=1)
+        x = net.node("Relu", [net.node("Add", [main, short], f"add{k}")], f"act{k}")
+    net.conv("head", x, C_MID + 2 * PAD, 4, 1)
+    net.nodes[-1].output[0] = "output"
+    graph = helper.make_graph(
+        net.nodes, "two_blocks",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, C_IN, 16, 16])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 16, 16])], net.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("form", ["constant_of_shape", "initializer"])
+def test_shared_zeros_narrowed_per_block(form: str, tmp_path) -> None:
+    """The blocks keep different padding widths (1 and 3): each gets its own zeros, the
+    shared ones are copied for the block that reads them first (copy on write)."""
+    model = _two_blocks(form)
+    first = json.loads(onnx_fpgm.prune(model, 0.5).report.to_json())
+    stem = [0, 1, 2, 4, 5, 6]
+    proj1 = [*stem, 10]  # one of block 1's four padding channels
+    kept = {"stem": stem, "proj1": proj1, "proj2": [*proj1, 12, 14, 15]}
+    for layer in first["layers"]:
+        layer["kept"] = kept.get(layer["name"], layer["kept"])
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(first))
+    result = onnx_fpgm.prune(model, plan=str(plan))
+    layers = {layer.name: layer for layer in result.report.layers}
+    assert {name: layers[name].kept for name in kept} == kept
+    check_pruned(model, result)
+    widths = {}
+    stored = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    producers = {out: n for n in result.model.graph.node for out in n.output}
+    for k in (1, 2):
+        concat = next(n for n in result.model.graph.node if n.name == f"pad{k}")
+        zeros = concat.input[1]
+        widths[k] = int(stored[zeros].shape[1] if zeros in stored else
+                        stored[producers[zeros].input[0]][1])
+    assert widths == {1: 1, 2: 3}

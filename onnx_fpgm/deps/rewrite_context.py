@@ -3,14 +3,17 @@
 Constants are sliced where they are stored (the initializer, or the ``Constant`` node behind an
 ``Identity``/``Cast`` chain), keeping their names, dtype and bytes of the kept entries. A constant
 that another node also reads is never sliced in place: the pruned node gets its own copy
-(copy-on-write), and the event is noted for the report.
+(copy-on-write), and the event is noted for the report. A copy of a constant read through a
+``Cast`` is made in the stored dtype, with its own copy of the chain (an int8 or fp16 weight
+never becomes a float32 copy), named with the original's name as prefix.
 
 A weight stored quantized (``DequantizeLinear(W_q, scale, zero_point)``, possibly over a
 ``QuantizeLinear`` of a float constant) is sliced through its quantizer: ``W_q`` along the pruned
 axis, and per-axis scale/zero point too when their axis is the pruned one (per-tensor ones stay).
 A quantizer that other nodes also read is duplicated for the pruned node first. A weight
 dequantized by hand (``Mul(Cast(W_int8), scale)``, with a ``Sub`` of a zero point) is sliced the
-same way through its elementwise ops: the stored integers keep their dtype.
+same way through its elementwise ops (and so are a grouped conv's per-group input slices):
+the stored integers keep their dtype.
 """
 from __future__ import annotations
 
