@@ -570,8 +570,10 @@ def _pad_spatial(n: _Net) -> onnx.ModelProto:
 
 @_pattern(
     "pad_channel",
-    frozen=["conv1", "head"],
-    note="Pad adds 2 channels in front of conv1's 8: channel positions shift; blocked.",
+    ["conv1"],
+    frozen=["head"],
+    note="Pad adds 2 zero channels in front of conv1's 8: constant channels of their own "
+    "(they meet no filters, so they stay); conv1's channels prune behind them.",
 )
 def _pad_channel(n: _Net) -> onnx.ModelProto:
     x = n.relu("relu1", n.conv("conv1", "input", 3, 8))

@@ -40,6 +40,8 @@ class AnalysisContext:
         self._pairs: list[tuple[np.ndarray, np.ndarray]] = []
         self._cuts: list[tuple[np.ndarray, np.ndarray]] = []
         self._blocked: list[tuple[np.ndarray, str]] = []
+        #: Atoms of constant channels (zero padding joined on the channel axis) and where.
+        self._constant_runs: list[tuple[np.ndarray, str]] = []
         self.blocked_tensors: list[tuple[str, str]] = []
         self.balanced: list[tuple[str, list[np.ndarray]]] = []
         self.consts = ConstantFolder(opset, overridable)
@@ -95,6 +97,16 @@ class AnalysisContext:
         member = self.add_member(node, atoms, rows, creates=True)
         self.sources.append(Source(node.name, node.op, self.n_atoms, n, member))
         self.n_atoms += n
+        return atoms
+
+    def new_constant_atoms(self, n: int, where: str) -> np.ndarray:
+        """Atoms for ``n`` constant channels (padding appended by ``where``): they hold no
+        filters and constrain nothing, so a channel they meet (the main branch of a residual
+        Add) stays free, and removing it removes the constant channel too. A class of constant
+        atoms that meets no filters is blocked in ``finish`` (nothing would score it)."""
+        atoms = np.arange(self.n_atoms, self.n_atoms + n, dtype=np.int64)
+        self.n_atoms += n
+        self._constant_runs.append((atoms, where))
         return atoms
 
     def add_member(self, node: gs.Node, atoms: np.ndarray, rows: np.ndarray, creates: bool) -> int:
@@ -229,6 +241,7 @@ class AnalysisContext:
                 if class_blocked[c] is None:
                     class_blocked[c] = reason
 
+        self._block_unscored(class_of_atom, n_classes, class_blocked)
         groups = self._build_groups(class_of_atom, n_classes, class_blocked)
         if head_atoms:
             head_class = np.zeros(n_classes, dtype=bool)
@@ -249,6 +262,19 @@ class AnalysisContext:
             split_free=[r.free_level for r in self.split_records],
             shape_maps=self.shape_maps,
         )
+
+    def _block_unscored(self, class_of_atom: np.ndarray, n_classes: int,
+                        class_blocked: list[str | None]) -> None:
+        """Classes of constant channels alone (no member holds a filter of them) stay."""
+        if not self._constant_runs:
+            return
+        scored = np.zeros(n_classes, dtype=bool)
+        for member in self.members:
+            scored[class_of_atom[member.atoms]] = True
+        for atoms, where in self._constant_runs:
+            for c in np.unique(class_of_atom[atoms]).tolist():
+                if not scored[c] and class_blocked[c] is None:
+                    class_blocked[c] = f"constant channels of {where} meet no filters"
 
     def _ranks(self) -> dict[str, int]:
         tensors = self.graph.tensors()
@@ -271,10 +297,10 @@ class AnalysisContext:
             return x
 
         cut_pairs = {(int(a[0]), int(b[0])) for a, b in self._cuts}
-        for src in self.sources:
-            atoms = np.arange(src.start, src.start + src.n)
+        runs = [np.arange(src.start, src.start + src.n) for src in self.sources]
+        for atoms in [*runs, *(atoms for atoms, _ in self._constant_runs)]:
             cls = class_of_atom[atoms]
-            for i in range(src.n - 1):
+            for i in range(len(atoms) - 1):
                 if (int(atoms[i]), int(atoms[i + 1])) in cut_pairs:
                     continue
                 ra, rb = gfind(int(cls[i])), gfind(int(cls[i + 1]))

@@ -39,7 +39,8 @@ REASONS: tuple[ReasonKind, ...] = (
     ReasonKind("reshaping the channel axis",
                r"splits the channel axis|removes the channel axis|pads the channel axis|"
                r"crops with a roi|channel-changing|broadcasts the channel axis",
-               "Pad or Resize along the channel axis, an Expand that broadcasts a one-channel "
+               "Pad along the channel axis with reflect/edge modes or computed pads, Resize "
+               "along the channel axis, an Expand that broadcasts a one-channel "
                "axis wider, or a Reshape that merges the channel axis with a neighbour in a way "
                "no block rule covers."),
     ReasonKind("split channel axes and attention",
@@ -99,6 +100,11 @@ REASONS: tuple[ReasonKind, ...] = (
                r"different axes|joins different channel counts",
                "Channels tied by a residual Add, a Mul or a Concat on another axis to channels "
                "that cannot be pruned, such as a graph input or a blocked branch."),
+    ReasonKind("constant channels alone", r"constant channels of .* meet no filters",
+               "Constant channels a Concat or a constant-mode Pad adds on the channel axis "
+               "(zero padding of a short cut, coordinate channels) that meet no layer's "
+               "filters: nothing scores them, so they stay. Where they meet a branch's "
+               "channels at an Add, those channels prune and the padding shrinks with them."),
     ReasonKind("recurrent layers", r"recurrent layer",
                "LSTM/GRU/RNN consume pruned channels on the input features of their sequence "
                "(axis 2 of X; W sliced on its input axis) and lose hidden units (W, R, B, "

@@ -3,14 +3,17 @@
 Constants are sliced where they are stored (the initializer, or the ``Constant`` node behind an
 ``Identity``/``Cast`` chain), keeping their names, dtype and bytes of the kept entries. A constant
 that another node also reads is never sliced in place: the pruned node gets its own copy
-(copy-on-write), and the event is noted for the report.
+(copy-on-write), and the event is noted for the report. A copy of a constant read through a
+``Cast`` is made in the stored dtype, with its own copy of the chain (an int8 or fp16 weight
+never becomes a float32 copy), named with the original's name as prefix.
 
 A weight stored quantized (``DequantizeLinear(W_q, scale, zero_point)``, possibly over a
 ``QuantizeLinear`` of a float constant) is sliced through its quantizer: ``W_q`` along the pruned
 axis, and per-axis scale/zero point too when their axis is the pruned one (per-tensor ones stay).
 A quantizer that other nodes also read is duplicated for the pruned node first. A weight
 dequantized by hand (``Mul(Cast(W_int8), scale)``, with a ``Sub`` of a zero point) is sliced the
-same way through its elementwise ops: the stored integers keep their dtype.
+same way through its elementwise ops (and so are a grouped conv's per-group input slices):
+the stored integers keep their dtype.
 """
 from __future__ import annotations
 
@@ -126,8 +129,10 @@ class RewriteContext:
             if key in self._sliced_copies:  # sliced alike by another reader (a Q/DQ pair's scale)
                 node.inputs[index] = self._sliced_copies[key]
                 return
-            value = _through_chain(sliced, chain)
-            self._attach_copy(node, index, value, "sliced copy")
+            if any(c.op == "Cast" for c in chain):
+                self._attach_chain_copy(node, index, root, chain, sliced)
+            else:
+                self._attach_copy(node, index, _through_chain(sliced, chain), "sliced copy")
             self._sliced_copies[key] = node.inputs[index]
             return
         if self._slice_elementwise(node, index, axis, keep):
@@ -148,30 +153,41 @@ class RewriteContext:
         computed float weight is never written, so the file does not grow. False when the
         weight is not of that form (the caller writes a sliced copy of its folded value).
         """
+        found = self._dequantization(node, index, axis)
+        if found is None:
+            return False
+        producer, operands, _ = found
+        producer = self.private_producer(node, index, producer)
+        for k, own in operands:
+            self.slice_input(producer, k, own, keep)
+        return True
+
+    def _dequantization(self, node: gs.Node, index: int, axis: int):
+        """(elementwise producer of ``node.inputs[index]``, its operands that are not broadcast
+        along ``axis`` as (input index, own axis), the weight's shape) when the weight is
+        computed elementwise from two constants; else None."""
         tensor = node.inputs[index]
         if isinstance(tensor, gs.Constant) or len(tensor.inputs) != 1:
-            return False
+            return None
         producer = tensor.inputs[0]
+        weight = self.const(tensor)
         if producer.op not in _ELEMENTWISE or producer.domain not in ("", "ai.onnx", None) or \
-                len(producer.inputs) != 2 or self.const(tensor) is None:
-            return False
+                len(producer.inputs) != 2 or weight is None:
+            return None
         values = [self.const(t) for t in producer.inputs]
         if any(v is None for v in values):
-            return False
+            return None
         rank = max(v.ndim for v in values)
         if axis >= rank:
-            return False
-        producer = self._private_producer(node, index, producer)
-        for k, value in enumerate(values):
-            own = axis - (rank - value.ndim)
-            if own >= 0 and value.shape[own] > 1:
-                self.slice_input(producer, k, own, keep)
-        return True
+            return None
+        operands = [(k, axis - (rank - v.ndim)) for k, v in enumerate(values)]
+        operands = [(k, own) for k, own in operands if own >= 0 and values[k].shape[own] > 1]
+        return producer, operands, weight.shape
 
     def _slice_quantized(self, node: gs.Node, index: int, quantizer: gs.Node, axis: int,
                          keep: np.ndarray) -> None:
         """Slice a quantized constant: its integers (or float source) and per-axis parameters."""
-        quantizer = self._private_producer(node, index, quantizer)
+        quantizer = self.private_producer(node, index, quantizer)
         data = self.const(quantizer.inputs[0])
         scale = self.const(quantizer.inputs[1])
         if data is None or scale is None or block_size(quantizer):
@@ -192,18 +208,49 @@ class RewriteContext:
         are transformed in their stored integers, per-axis parameters on other axes stay."""
         quantizer = quantizer_of(node.inputs[index])
         if quantizer is None:
-            self.set_input_value(node, index, transform(self.const(node.inputs[index])))
+            if not self._map_elementwise(node, index, axis, transform):
+                self._map_stored(node, index, transform)
             return
-        quantizer = self._private_producer(node, index, quantizer)
+        quantizer = self.private_producer(node, index, quantizer)
         data, scale = self.const(quantizer.inputs[0]), self.const(quantizer.inputs[1])
         q_axis = int(quantizer.attrs.get("axis", 1))
         if data is None or scale is None or (scale.size > 1 and q_axis % data.ndim == axis):
             raise RewriteError(f"cannot rewrite the quantized input {index} of {node.name}")
         self.map_input(quantizer, 0, axis, transform)
 
-    def _private_producer(self, node: gs.Node, index: int, quantizer: gs.Node) -> gs.Node:
+    def _map_elementwise(self, node: gs.Node, index: int, axis: int, transform) -> bool:
+        """``map_input`` through a hand dequantization (see ``_slice_elementwise``): operands of
+        the weight's full shape are transformed where stored, broadcast ones stay."""
+        found = self._dequantization(node, index, axis)
+        if found is None:
+            return False
+        producer, operands, shape = found
+        if any(self.const(producer.inputs[k]).shape != shape for k, _ in operands):
+            return False
+        producer = self.private_producer(node, index, producer)
+        for k, own in operands:
+            self.map_input(producer, k, own, transform)
+        return True
+
+    def _map_stored(self, node: gs.Node, index: int, transform) -> None:
+        """``transform`` a stored constant; behind a ``Cast`` it is transformed in its stored
+        dtype (a private copy when shared), else ``set_input_value`` writes it."""
+        found = root_constant(node.inputs[index])
+        if found is None or not any(c.op == "Cast" for c in found[1]):
+            self.set_input_value(node, index, transform(self.const(node.inputs[index])))
+            return
+        root, chain = found
+        value = transform(_stored_value(root))
+        if self._exclusive(root, chain, node):
+            self._sliced_copies = {k: v for k, v in self._sliced_copies.items() if v is not root}
+            _store_value(root, value)
+            self._edited()
+        else:
+            self._attach_chain_copy(node, index, root, chain, value)
+
+    def private_producer(self, node: gs.Node, index: int, quantizer: gs.Node) -> gs.Node:
         """``quantizer`` (the producer of ``node.inputs[index]``: a quantizer, an elementwise
-        dequantization) itself when only ``node`` reads its output, else a copy for ``node``."""
+        dequantization, a ``ConstantOfShape`` of padding) itself when only ``node`` reads its output, else a copy for ``node``."""
         out = quantizer.outputs[0]
         graph_outputs = {t.name for t in self.graph.outputs}
         if out.name not in graph_outputs and len(out.outputs) == 1 and \
@@ -287,6 +334,27 @@ class RewriteContext:
         node.inputs[index] = copy
         self._edited()
         self.notes.append(f"{node.name}: {old.name} is shared or computed; used a {what}")
+
+    def _attach_chain_copy(self, node: gs.Node, index: int, root, chain: list[gs.Node],
+                           sliced: np.ndarray) -> None:
+        """Give ``node`` a private copy of a shared constant read through a ``Cast`` chain:
+        the sliced value in its stored dtype (int8 stays int8, fp16 stays fp16) and copies of
+        the chain's nodes, so that the copy is no larger than the slice it stands for."""
+        name = root.name if isinstance(root, gs.Constant) else root.outputs[0].name
+        current: gs.Tensor = gs.Constant(self._unique(f"{name}__{node.name}"), _contiguous(sliced))
+        for link in chain:
+            out = link.outputs[0]
+            copy_out = gs.Variable(self._unique(f"{out.name}__{node.name}"), dtype=out.dtype)
+            copy = gs.Node(link.op, self._unique(f"{link.name}__{node.name}"), dict(link.attrs),
+                           [current], [copy_out], domain=link.domain)
+            self.graph.nodes.append(copy)
+            self.added_nodes.append(copy)
+            current = copy_out
+        old = node.inputs[index]
+        node.inputs[index] = current
+        self._edited()
+        self.notes.append(f"{node.name}: {old.name} is shared; used a sliced copy of {name} "
+                          "in its stored dtype")
 
     def unique_name(self, name: str) -> str:
         """A tensor name not yet used in the graph, based on ``name``."""

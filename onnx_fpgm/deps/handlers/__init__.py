@@ -6,6 +6,7 @@ from . import (  # noqa: F401
     fused_attention,
     linear,
     norm,
+    padding,
     pool,
     qoperator,
     quantize,

@@ -6,8 +6,9 @@
 * Split/Slice on the channel axis: see ``split_slice.py``.
 * Flatten/Reshape: see ``reshape.py``. Tensors whose channel axis a Reshape split into levels
   (heads, shuffle groups) are handled by ``split_axes`` in every handler here.
-* Resize/Upsample/Pad act on other axes (a ``sizes`` entry for the channel axis is rewritten);
-  scaling or padding the channel axis is blocked.
+* Resize/Upsample act on other axes (a ``sizes`` entry for the channel axis is rewritten);
+  scaling the channel axis is blocked. Pad, and constants a Concat joins on the channel axis
+  (zero padding of a short cut): see ``padding.py``.
 * Shape of a mapped tensor is tracked so that reading the batch size does not block the channels,
   while reading the channel count does.
 """
@@ -18,7 +19,7 @@ import numpy as np
 from ..channels import ChannelMap
 from ..registry import register
 from ..shape_values import rewritable_source, shape_elements
-from . import split_axes, split_operands
+from . import padding, split_axes, split_operands
 from ._util import (
     axes_from,
     has_input,
@@ -131,10 +132,13 @@ class ConcatHandler:
             return
         channel_axis = channel_axes.pop()
         if channel_axis == axis:
+            constants = padding.concat_constants(node, ctx, maps, shapes, axis)
             parts = []
-            for cmap, shape in zip(maps, shapes):
+            for i, (cmap, shape) in enumerate(zip(maps, shapes)):
                 if cmap is not None:
                     parts.append(cmap.labels)
+                elif i in constants:
+                    parts.append(ctx.new_constant_atoms(shape[axis], where))
                 elif shape[axis] is None:
                     for m in maps:
                         ctx.block(m, f"an input of {where} has an unknown channel count")
@@ -156,7 +160,11 @@ class ConcatHandler:
         ctx.set_map(node.outputs[0], ref.passed())
 
     def apply(self, node, ctx) -> None:
-        pass
+        out, rank = ctx.map(node.outputs[0]), rank_of(ctx, node.outputs[0])
+        if node.op == "Concat" and out is not None and rank is not None and \
+                out.axis == normalize_axis(int(node.attrs["axis"]), rank) and \
+                ctx.keep(node.outputs[0]) is not None:
+            padding.narrow_concat(node, ctx, out.axis)
 
 
 @register("Resize", "Upsample")
@@ -243,38 +251,6 @@ def _sizes_entry(node, ctx, xmap: ChannelMap, position: int | None):
             rewritable_source(node, 3, position, elements, ctx) is None:
         return None
     return ("sizes", position)
-
-
-@register("Pad")
-class PadHandler:
-    """Padding of non-channel axes passes channels through; padding channels is blocked."""
-
-    def propagate(self, node, ctx) -> None:
-        xmap = ctx.map(node.inputs[0])
-        if xmap is None:
-            return
-        rank = rank_of(ctx, node.inputs[0])
-        pads = node.attrs.get("pads") if ctx.opset < 11 else (
-            ctx.const(node.inputs[1]) if has_input(node, 1) else None)
-        if pads is None or rank is None:
-            ctx.block(xmap, f"pads of Pad {node.name} are not constant")
-            return
-        pads = [int(p) for p in np.asarray(pads).reshape(-1)]
-        try:
-            axes = axes_from(node, ctx, 3) or list(range(rank))
-        except ValueError:
-            ctx.block(xmap, f"axes of Pad {node.name} are not constant")
-            return
-        axes = [normalize_axis(a, rank) for a in axes]
-        if xmap.axis in axes:
-            k = axes.index(xmap.axis)
-            if pads[k] != 0 or pads[k + len(axes)] != 0:
-                ctx.block(xmap, f"Pad {node.name} pads the channel axis")
-                return
-        ctx.set_map(node.outputs[0], xmap.passed())
-
-    def apply(self, node, ctx) -> None:
-        pass
 
 
 @register("Shape")
