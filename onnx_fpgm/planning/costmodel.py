@@ -200,6 +200,8 @@ def _mac_maps(node: gs.Node, analysis: Analysis) -> tuple[ChannelMap | None, Cha
     x = node.inputs[0] if node.inputs else None
     w = node.inputs[w_index] if len(node.inputs) > w_index else None
     out = _map(analysis, node.outputs[0])
+    if kind == "attention":  # projection, scores and context all scale with the kept heads
+        return out, None
     if kind == "conv":
         return out, _map(analysis, x, 1)  # depthwise: the same map twice, counted once
     if kind == "convtranspose":  # MACs = |input| * |W[1:]|; W[1] = output channels / group
@@ -298,6 +300,9 @@ def _param_maps(node: gs.Node, index: int, shape: tuple[int, ...], analysis: Ana
         if per_output:
             return _aligned(out, node.outputs[0], shape, analysis), None
         return out, _map(analysis, x, -1)
+    if kind == "attention" and node.domain == "com.microsoft" and node.op == "Attention" and \
+            index in (1, 2):  # packed QKV weight and bias: whole heads' columns of each part
+        return (out, None) if out is not None else None
     if node.op in _NORM_1D and len(shape) == 1 and index > 0:
         return _map(analysis, x, 1), None
     if node.op in RECURRENT_OPS:  # W: hidden rows, input columns; R: hidden both ways
