@@ -1,6 +1,6 @@
 """BERT after onnxruntime's transformer optimizer (issue 21): com.microsoft
 EmbedLayerNormalization, Attention (packed QKV weight and bias), SkipLayerNormalization and
-BiasGelu. Whole heads and the FFN width prune; the residual width stays whole; the fused ops'
+BiasGelu or FastGelu. Whole heads and the FFN width prune; the residual width stays whole; the fused ops'
 MACs are counted; a MatMul the analysis cannot place is still counted and named."""
 from __future__ import annotations
 
@@ -172,24 +172,36 @@ def test_a_matmul_of_unknown_input_rank_is_counted_and_named() -> None:
 
 
 @pytest.fixture(scope="module")
-def optimized_bert(tmp_path_factory) -> onnx.ModelProto:
+def exported_bert(tmp_path_factory) -> str:
     """tests/text_models.TinyBert (2 layers, 4 heads, width 64, FFN 256) exported by
-    TorchScript and fused by onnxruntime's transformer optimizer (model_type='bert')."""
-    from onnxruntime.transformers import optimizer
-
+    TorchScript, as a file (onnxruntime's optimizer reads a path)."""
     from tests.text_models import export_bert
 
     path = tmp_path_factory.mktemp("bert") / "bert.onnx"
     onnx.save(export_bert(False, hidden=64, heads=4, ffn=256, layers=2), str(path))
-    fused = optimizer.optimize_model(str(path), model_type="bert", num_heads=4, hidden_size=64)
-    return fused.model
+    return str(path)
+
+
+@pytest.fixture(scope="module", params=["BiasGelu", "FastGelu"])
+def optimized_bert(request, exported_bert: str) -> onnx.ModelProto:
+    """The export fused by onnxruntime's transformer optimizer (model_type='bert'); FastGelu
+    where the optimizer is asked for its gelu approximation."""
+    from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    options = FusionOptions("bert")
+    options.enable_gelu_approximation = request.param == "FastGelu"
+    return optimizer.optimize_model(exported_bert, model_type="bert", num_heads=4,
+                                    hidden_size=64, optimization_options=options).model
 
 
 @pytest.mark.torch_export
 def test_optimized_bert_prunes_heads_and_ffn(optimized_bert: onnx.ModelProto) -> None:
     model = optimized_bert
     ops = {n.op_type for n in model.graph.node if n.domain == "com.microsoft"}
-    assert ops == {"EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu"}
+    assert ops - {"BiasGelu", "FastGelu"} == {"EmbedLayerNormalization", "Attention",
+                                               "SkipLayerNormalization"}
+    assert len(ops) == 4
     result = onnx_fpgm.prune(model, 0.5)
     check_pruned(model, result)
     report = result.report
@@ -198,7 +210,7 @@ def test_optimized_bert_prunes_heads_and_ffn(optimized_bert: onnx.ModelProto) ->
     assert [helper.get_attribute_value(a) for n in attention for a in n.attribute
             if a.name == "num_heads"] == [2, 2]
     widths = sorted(g.channels_after for g in report.groups if not g.frozen and not g.heads)
-    assert widths[-2:] == [128, 128]  # both FFN widths, after BiasGelu
+    assert widths[-2:] == [128, 128]  # both FFN widths, after BiasGelu/FastGelu
     # every MatMul/Gemm is a counted layer; the fused attention's MACs are in the total
     layers = {layer.name for layer in report.layers}
     assert {n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")} <= layers
