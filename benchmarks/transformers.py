@@ -1,9 +1,9 @@
 """Transformer graphs as the torch exporters write them, pruned at defaults (issue 21).
 
 Usage: ``python benchmarks/transformers.py [--sparsity 0.5] [--runs 50] [--warmup 5]
-[--exporters torchscript dynamo]``
+[--models llama bert vit bert-hf] [--exporters torchscript dynamo optimized]``
 
-Three tiny random-weight models built with torch (transformers/optimum are not needed):
+Four tiny random-weight models built with torch (transformers/optimum are not needed):
 
 - **llama**: ``tests/llama_models.LlamaLike`` (no KV cache): vocabulary 512, width 128, 8 query
   heads sharing 2 KV heads (grouped-query attention), rotary with rotate_half, repeat_kv,
@@ -11,7 +11,13 @@ Three tiny random-weight models built with torch (transformers/optimum are not n
 - **bert**: word + position embeddings, LayerNorm, 2 post-norm encoder layers with separate
   q/k/v Linears (``tests/attention_models._SeparateQKV``, 4 heads, width 64), GELU FFN 256 wide,
   a Tanh pooler, sequence 16;
-- **vit**: ``tests/attention_models`` DeiT-like (fused qkv, class token, 4 heads, width 48).
+- **vit**: ``tests/attention_models`` DeiT-like (fused qkv, class token, 4 heads, width 48);
+- **bert-hf**: ``tests/text_models.TinyBert`` laid out as Hugging Face's BertModel (word,
+  position and token-type tables, ``attention_mask`` as an additive mask), vocabulary 512,
+  2 layers, 4 heads, width 64, FFN 256, symbolic batch and sequence: the pattern onnxruntime's
+  transformer optimizer fuses. Exporter ``optimized``: TorchScript, then
+  ``onnxruntime.transformers.optimizer.optimize_model(model_type='bert')`` (EmbedLayerNormalization,
+  Attention with packed QKV, SkipLayerNormalization, BiasGelu); only this model takes it.
 
 Each is exported with TorchScript (``dynamo=False``) and dynamo, pruned with
 ``onnx_fpgm.prune(model, sparsity)`` (no other option; verification on), and reported:
@@ -46,6 +52,7 @@ from tests.torch_models import _quiet_exporter, export_onnx
 
 LLAMA = {"vocab": 512, "dim": 128, "heads": 8, "kv_heads": 2, "hidden": 344, "layers": 2,
          "seq": 32}
+BERT_HF = {"vocab": 512, "hidden": 64, "heads": 4, "ffn": 256, "layers": 2, "positions": 32}
 
 
 class _BertLayer(nn.Module):
@@ -91,7 +98,28 @@ def _export_ids(module: nn.Module, seq: int, dynamo: bool) -> onnx.ModelProto:
         return onnx.load(path)
 
 
-def build(name: str, dynamo: bool) -> onnx.ModelProto:
+def _optimized_bert() -> onnx.ModelProto:
+    """TinyBert exported by TorchScript and fused by onnxruntime's transformer optimizer."""
+    import os
+    import tempfile
+
+    from onnxruntime.transformers import optimizer
+
+    from tests.text_models import export_bert
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "bert.onnx")
+        onnx.save(export_bert(False, **BERT_HF), path)
+        return optimizer.optimize_model(path, model_type="bert", num_heads=BERT_HF["heads"],
+                                        hidden_size=BERT_HF["hidden"]).model
+
+
+def build(name: str, exporter: str) -> onnx.ModelProto:
+    dynamo = exporter == "dynamo"
+    if name == "bert-hf":
+        from tests.text_models import export_bert
+
+        return _optimized_bert() if exporter == "optimized" else export_bert(dynamo, **BERT_HF)
     if name == "llama":
         return export_llama(build_llama_like(**LLAMA), dynamo, seq=LLAMA["seq"])
     if name == "bert":
@@ -103,10 +131,13 @@ def build(name: str, dynamo: bool) -> onnx.ModelProto:
 
 
 def _embedding_params(model: onnx.ModelProto) -> int:
-    """Weights of embedding tables (Gather on a stored 2-D table) and of the LM head."""
+    """Weights of embedding tables (Gather on a stored 2-D table, the tables of a fused
+    EmbedLayerNormalization) and of the LM head."""
     stored = {t.name: t for t in model.graph.initializer}
     names = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and
              n.input[0] in stored and len(stored[n.input[0]].dims) == 2}
+    names |= {name for n in model.graph.node if n.op_type == "EmbedLayerNormalization"
+              for name in n.input[2:5] if name in stored}
     outputs = {o.name for o in model.graph.output}
     names |= {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and
               n.output[0] in outputs and n.input[1] in stored}
@@ -126,7 +157,7 @@ def run(name: str, exporter: str, sparsity: float, runs: int, warmup: int) -> di
     import onnx_fpgm
     from onnx_fpgm.measure.bench import benchmark
 
-    model = build(name, exporter == "dynamo")
+    model = build(name, exporter)
     start = time.perf_counter()
     result = onnx_fpgm.prune(model, sparsity)
     wall = time.perf_counter() - start
@@ -134,7 +165,9 @@ def run(name: str, exporter: str, sparsity: float, runs: int, warmup: int) -> di
     embed = _embedding_params(model)
     heads, widths = _groups(result)
     check = result.report.verification
-    latency = benchmark(model, result.model, runs=runs, warmup=warmup)
+    sizes = {k: tuple(v) for k, v in (result.report.input_sizes.get("primary") or {}).items()}
+    latency = benchmark(model, result.model, runs=runs, warmup=warmup,
+                        input_shapes=sizes or None)  # symbolic dims: the sizes prune chose
     return {"model": name, "export": exporter, "params": after / before,
             "params w/o embed": (after - embed) / (before - embed),
             "embed share": embed / before,
@@ -150,11 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--models", nargs="+", default=["llama", "bert", "vit"])
-    parser.add_argument("--exporters", nargs="+", default=["torchscript", "dynamo"])
+    parser.add_argument("--models", nargs="+", default=["llama", "bert", "vit", "bert-hf"])
+    parser.add_argument("--exporters", nargs="+", default=["torchscript", "dynamo", "optimized"])
     args = parser.parse_args(argv)
     rows = [run(m, e, args.sparsity, args.runs, args.warmup)
-            for m in args.models for e in args.exporters]
+            for m in args.models for e in args.exporters
+            if e != "optimized" or m == "bert-hf"]  # the optimizer's fusions are BERT's
     print(format_table(rows))
     try:
         import onnxsim.pruning  # noqa: F401

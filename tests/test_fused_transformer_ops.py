@@ -1,6 +1,7 @@
 """onnxruntime's fused transformer ops as its model builder writes them (issue 21):
 com.microsoft GroupQueryAttention (KV groups, ``num_heads``/``kv_num_heads`` rewritten), with
-its own rotary or after com.microsoft RotaryEmbedding; a key/value cache blocks with a reason."""
+its own rotary or after com.microsoft RotaryEmbedding, on separate or packed q|k|v; a key/value
+cache blocks with a reason."""
 from __future__ import annotations
 
 import numpy as np
@@ -63,6 +64,15 @@ def _gqa_model(rotary: str = "none", cache: bool = False) -> onnx.ModelProto:
                              ir_version=8)
 
 
+def _pruned_to_one_kv_group(model: onnx.ModelProto) -> onnx_fpgm.PruneResult:
+    """Pruned at 0.5 and oracle-checked: one head group of the KV heads, open."""
+    result = onnx_fpgm.prune(model, 0.5)
+    check_pruned(model, result)
+    heads = [g for g in result.analysis.groups if g.heads]
+    assert len(heads) == 1 and heads[0].n_channels == KV and not heads[0].frozen
+    return result
+
+
 def _attrs(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
     return {n.name: {a.name: a.i for a in n.attribute if a.name.endswith("heads")}
             for n in model.graph.node if n.domain == "com.microsoft"}
@@ -71,11 +81,8 @@ def _attrs(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
 @pytest.mark.parametrize("rotary", ["none", "fused", "op"])
 def test_group_query_attention_loses_whole_kv_groups(rotary: str) -> None:
     model = _gqa_model(rotary)
-    result = onnx_fpgm.prune(model, 0.5)
-    check_pruned(model, result)
+    result = _pruned_to_one_kv_group(model)
     assert not np.allclose(run_outputs(model)[0], run_outputs(result.model)[0])
-    heads = [g for g in result.analysis.groups if g.heads]
-    assert len(heads) == 1 and heads[0].n_channels == 2 and not heads[0].frozen
     attrs = _attrs(result.model)
     assert attrs["attention"] == {"num_heads": 2, "kv_num_heads": 1}
     if rotary == "op":
@@ -84,6 +91,43 @@ def test_group_query_attention_loses_whole_kv_groups(rotary: str) -> None:
     shapes = {t.name: list(t.dims) for t in result.model.graph.initializer}
     assert shapes["w_q"] == [DIM, 2 * hd] and shapes["w_k"] == shapes["w_v"] == [DIM, hd]
     assert shapes["w_o"] == [2 * hd, DIM]
+
+
+def _packed_gqa_model(rotary: bool) -> onnx.ModelProto:
+    """One projection writes q|k|v packed, (B, S, (h + 2 h_kv) * d), into GroupQueryAttention's
+    ``query`` with key and value empty, as onnxruntime's model builder packs them."""
+    model = _gqa_model("fused" if rotary else "none")
+    graph = model.graph
+    stored = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    packed = np.concatenate([stored["w_q"], stored["w_k"], stored["w_v"]], axis=1)
+    keep = [t for t in graph.initializer if t.name not in ("w_q", "w_k", "w_v")]
+    del graph.initializer[:]
+    graph.initializer.extend([*keep, numpy_helper.from_array(packed, "w_qkv")])
+    nodes = [n for n in graph.node if n.op_type != "MatMul" or n.name == "out_proj"]
+    gqa = next(n for n in nodes if n.op_type == "GroupQueryAttention")
+    gqa.input[0], gqa.input[1], gqa.input[2] = "qkv", "", ""
+    del graph.node[:]
+    graph.node.extend([helper.make_node("MatMul", ["x", "w_qkv"], ["qkv"], name="proj_qkv"),
+                       *nodes])
+    return model
+
+
+@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "do_rotary"])
+def test_packed_group_query_attention_loses_whole_kv_groups(rotary: bool) -> None:
+    model = _packed_gqa_model(rotary)
+    result = _pruned_to_one_kv_group(model)
+    assert _attrs(result.model)["attention"] == {"num_heads": 2, "kv_num_heads": 1}
+    hd = 16 if rotary else 8
+    shapes = {t.name: list(t.dims) for t in result.model.graph.initializer}
+    assert shapes["w_qkv"] == [DIM, (2 + 2) * hd] and shapes["w_o"] == [2 * hd, DIM]
+    kept = next(layer for layer in result.report.layers if layer.name == "proj_qkv").kept
+    group = (HEADS // KV + 2) * hd  # the kept group's query heads, K head and V head
+    assert len(kept) == group and {k < HEADS * hd for k in kept} == {True, False}
+    from onnx_fpgm.measure.bench import macs_by_node
+
+    unpacked = macs_by_node(_gqa_model("fused" if rotary else "none"))["a"]
+    assert macs_by_node(model)["a"] == unpacked == SEQ * SEQ * 2 * HEADS * hd
+    assert macs_by_node(result.model)["a"] == unpacked // 2
 
 
 def test_group_query_attention_with_a_cache_keeps_its_heads() -> None:
@@ -133,10 +177,7 @@ def _onnx_attention_gqa(layout: str) -> onnx.ModelProto:
 @pytest.mark.parametrize("layout", ["3d", "4d"])
 def test_onnx_attention_with_grouped_query_heads(layout: str) -> None:
     model = _onnx_attention_gqa(layout)
-    result = onnx_fpgm.prune(model, 0.5)
-    check_pruned(model, result)
-    heads = [g for g in result.analysis.groups if g.heads]
-    assert len(heads) == 1 and heads[0].n_channels == KV and not heads[0].frozen
+    result = _pruned_to_one_kv_group(model)
     node = next(n for n in result.model.graph.node if n.name == "attention")
     if layout == "3d":
         assert {a.name: a.i for a in node.attribute} == {"q_num_heads": 2, "kv_num_heads": 1}

@@ -55,8 +55,10 @@ REASONS: tuple[ReasonKind, ...] = (
                "whole: head_dim). Grouped-query heads (repeat_kv) go by KV groups. A product "
                "of two activations that contracts plain channels blocks them. Fused "
                "com.microsoft Attention/MultiHeadAttention lose whole heads (num_heads "
-               "rewritten), GroupQueryAttention whole KV groups, but block with a key/value "
-               "cache, a computed attention bias, packed or 4-D q/k/v, or when their own input channels are ours; ONNX Attention "
+               "rewritten), GroupQueryAttention whole KV groups (q|k|v separate or packed), "
+               "but block with a key/value cache, a computed attention bias, "
+               "MultiHeadAttention's packed or 4-D q/k/v, or when their own input channels "
+               "are ours; ONNX Attention "
                "(opset 23) likewise (grouped-query heads go by KV groups)."),
     ReasonKind("grouped convolutions",
                r"grouped conv|grouped ConvTranspose|same channel count in every group",

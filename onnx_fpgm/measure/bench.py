@@ -40,8 +40,9 @@ def count_params(model: onnx.ModelProto) -> int:
 
 def count_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
                inferred: onnx.ModelProto | None = None) -> int:
-    """MACs of Conv, ConvTranspose, Gemm and MatMul and their quantized forms (``MAC_OPS``) and
-    of LSTM/GRU/RNN, from inferred shapes (unknown dims = 1)."""
+    """MACs of Conv, ConvTranspose, Gemm and MatMul and their quantized forms (``MAC_OPS``), of
+    fused attention (``attention_macs``) and of LSTM/GRU/RNN, from inferred shapes (unknown
+    dims = 1)."""
     return sum(macs_by_node(model, input_shapes, inferred).values())
 
 
@@ -77,6 +78,8 @@ def macs_by_node(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
         elif kind in ("gemm", "matmul") and out and get[0]:
             k = get[0][-1] if kind == "matmul" or not _attr(node, "transA") else get[0][0]
             macs = int(np.prod(out)) * int(k)
+        elif kind == "attention":
+            macs = attention_macs(node, get, out)
         if node.op_type in RECURRENT_OPS and get[0] and len(get) > 2 and get[1] and get[2]:
             # every step of every sequence runs X_t @ W^T and H_t-1 @ R^T for each direction
             # and gate: (seq * batch) * (|W| + |R|), in either layout
@@ -99,7 +102,43 @@ MAC_OPS: dict[str, tuple[str, int]] = {
     "Conv": ("conv", 1), "ConvInteger": ("conv", 1), "QLinearConv": ("conv", 3),
     "ConvTranspose": ("convtranspose", 1), "Gemm": ("gemm", 1), "QGemm": ("gemm", 3),
     "MatMul": ("matmul", 1), "MatMulInteger": ("matmul", 1), "QLinearMatMul": ("matmul", 3),
+    "Attention": ("attention", 1), "MultiHeadAttention": ("attention", 1),
+    "GroupQueryAttention": ("attention", 1),
 }
+
+
+def attention_macs(node: onnx.NodeProto, get: list, out: list | None) -> int | None:
+    """A fused attention op's MACs: ``B * S * T * (Hq + Hv)`` for the score (QK^T) and context
+    (AV) products, where Hq and Hv are the query and value widths over all query heads (a
+    grouped-query KV head counts once per query head it serves), plus com.microsoft
+    Attention's packed QKV projection ``B * S * H_in * (Hq + Hk + Hv)``. T is the key length
+    of this call (a past cache's length is not counted); None when the shapes are not there."""
+    q = get[0] if get else None
+    if not q or len(q) not in (3, 4):
+        return None
+    if node.domain == "com.microsoft" and node.op_type == "Attention":
+        w = get[1] if len(get) > 1 else None
+        if not w or len(w) != 2 or len(q) != 3:
+            return None
+        sizes = _attr(node, "qkv_hidden_sizes", None) or [w[1] // 3] * 3
+        rows = int(np.prod(q[:2]))
+        return rows * int(q[2]) * int(w[1]) + rows * int(q[1]) * (int(sizes[0]) + int(sizes[2]))
+    k = get[1] if len(get) > 1 else None
+    v = get[2] if len(get) > 2 else None
+    if len(q) == 4:  # ONNX Attention (B, h, S, d) with k/v (B, h_kv, T, d)
+        if not k or not v or len(k) != 4 or len(v) != 4:
+            return None
+        return int(np.prod(q[:3])) * int(k[2]) * (int(q[3]) + int(v[3]))
+    heads = _attr(node, "q_num_heads") or _attr(node, "num_heads")
+    kv_heads = _attr(node, "kv_num_heads") or heads
+    if not k and node.op_type == "GroupQueryAttention" and heads and kv_heads:
+        head_dim = int(q[2]) // (heads + 2 * kv_heads)  # q|k|v packed on query's last axis
+        return int(np.prod(q[:2])) * int(q[1]) * 2 * heads * head_dim
+    if not k or len(k) != 3:
+        return None
+    share = heads // kv_heads if heads and kv_heads else 1
+    width_v = int(v[2]) * share if v and len(v) == 3 else int(q[2])
+    return int(np.prod(q[:2])) * int(k[1]) * (int(q[2]) + width_v)
 
 
 def _fill_unknown_shapes(model, inferred, shapes, input_shapes) -> None:
@@ -108,7 +147,9 @@ def _fill_unknown_shapes(model, inferred, shapes, input_shapes) -> None:
     missing = []
     for node in inferred.graph.node:
         if node.op_type in MAC_OPS or node.op_type in RECURRENT_OPS:
-            for name in (node.input[0], first_output(node.output)):
+            names = [*node.input[:3]] if MAC_OPS.get(node.op_type, ("",))[0] == "attention" \
+                else [node.input[0]]
+            for name in (*names, first_output(node.output)):
                 if not name:
                     continue
                 info = static.get(name)

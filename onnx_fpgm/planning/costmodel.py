@@ -200,6 +200,8 @@ def _mac_maps(node: gs.Node, analysis: Analysis) -> tuple[ChannelMap | None, Cha
     x = node.inputs[0] if node.inputs else None
     w = node.inputs[w_index] if len(node.inputs) > w_index else None
     out = _map(analysis, node.outputs[0])
+    if kind == "attention":  # projection, scores and context all scale with the kept heads
+        return out, None
     if kind == "conv":
         return out, _map(analysis, x, 1)  # depthwise: the same map twice, counted once
     if kind == "convtranspose":  # MACs = |input| * |W[1:]|; W[1] = output channels / group
@@ -298,6 +300,8 @@ def _param_maps(node: gs.Node, index: int, shape: tuple[int, ...], analysis: Ana
         if per_output:
             return _aligned(out, node.outputs[0], shape, analysis), None
         return out, _map(analysis, x, -1)
+    if kind == "attention":
+        return _attention_param_maps(node, index, shape, out, analysis)
     if node.op in _NORM_1D and len(shape) == 1 and index > 0:
         return _map(analysis, x, 1), None
     if node.op in RECURRENT_OPS:  # W: hidden rows, input columns; R: hidden both ways
@@ -314,6 +318,31 @@ def _param_maps(node: gs.Node, index: int, shape: tuple[int, ...], analysis: Ana
         found = _aligned(_map(analysis, tensor), tensor, shape, analysis)
         if found is not None:
             return found, None
+    return None
+
+
+#: Fused attention: inputs sliced by whole heads (packed QKV weight and bias, MultiHeadAttention's
+#: packed bias) and the input of a constant per-head attention bias (B, h, S, T).
+_ATTENTION_BY_HEADS = {("com.microsoft", "Attention"): (1, 2),
+                       ("com.microsoft", "MultiHeadAttention"): (3,)}
+_ATTENTION_BIAS = {("com.microsoft", "Attention"): 5, ("com.microsoft", "MultiHeadAttention"): 5,
+                   ("", "Attention"): 3}
+
+
+def _attention_param_maps(node: gs.Node, index: int, shape: tuple[int, ...],
+                          out: ChannelMap | None, analysis: Analysis) -> tuple | None:
+    """A fused attention op's constants that its handler slices by whole heads scale with the
+    kept share of its output (the heads kept); the rest (rotary caches) stay."""
+    if out is None:
+        return None
+    key = (node.domain or "", node.op)
+    if index in _ATTENTION_BY_HEADS.get(key, ()):
+        return out, None
+    split = analysis.split_maps.get(node.outputs[0].name)
+    heads = _attr(node, "num_heads") or _attr(node, "q_num_heads") or (
+        split.labels.shape[0] if split is not None else 0)
+    if index == _ATTENTION_BIAS.get(key) and len(shape) == 4 and shape[1] == heads > 1:
+        return out, None
     return None
 
 

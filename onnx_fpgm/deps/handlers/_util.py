@@ -99,7 +99,18 @@ def kept_count(ctx, cmap: ChannelMap, start: int, stop: int) -> int:
 def pass_like_input(node, ctx, xmap) -> None:
     """Output 0 carries input 0's channels (``xmap``) and its shape: onnx does not infer
     com.microsoft ops, so the shape is recorded here for the analysis to infer onward."""
-    if node.outputs[0].shape is None:
-        node.outputs[0].shape = list(node.inputs[0].shape)
-        ctx.refined.add(node.outputs[0].name)
+    record_shape(ctx, node.outputs[0], node.inputs[0].shape, node.inputs[0].dtype)
     ctx.set_map(node.outputs[0], xmap.passed())
+
+
+def record_shape(ctx, tensor: gs.Tensor | None, shape, dtype=None) -> None:
+    """Give ``tensor`` the ``shape`` (and element type) its handler knows where inference left
+    it unknown (onnx does not infer com.microsoft ops; onnxruntime's run may not have reached
+    it), so the layers after a fused op still see their input's rank."""
+    if tensor is None or not tensor.name or shape is None:
+        return
+    if tensor.shape is None:
+        tensor.shape = list(shape)
+        ctx.refined.add(tensor.name)
+    if tensor.dtype is None and dtype is not None:
+        tensor.dtype = dtype

@@ -10,13 +10,16 @@ Channel algebra (``num_heads = h``, hidden size ``H``, head size ``d = H / h``):
 * ``MultiHeadAttention(q, k, v, bias)``: q, k, v are projected activations (B, S, H) whose
   channels are split into (h, d); heads are paired across q, k and v, the output carries v's.
 * ``GroupQueryAttention(q, k, v, ...)``: as MultiHeadAttention with ``kv_num_heads`` K/V heads,
-  each shared by ``h / h_kv`` query heads: a KV group is one atom. ``RotaryEmbedding`` on
-  (B, S, h * d) rotates within heads: whole heads, ``num_heads`` rewritten.
+  each shared by ``h / h_kv`` query heads: a KV group is one atom; with q|k|v packed in
+  ``query`` (key, value empty) the groups are cut out of its one channel axis.
+  ``RotaryEmbedding`` on (B, S, h * d) rotates within heads: whole heads, ``num_heads``
+  rewritten.
 
 Rewrite: the kept heads' columns of W and b (``qkv_hidden_sizes`` too), ``num_heads``, and a
 constant ``attention_bias`` (B, h, S, T) sliced on its head axis. head_dim and ``scale`` stay.
-Blocked: past/present key-value caches, packed or 4-D q/k/v layouts, a computed attention bias,
-an input whose own channels are ours (the input width of the fused projection is not rewritten).
+Blocked: past/present key-value caches, MultiHeadAttention's packed or 4-D q/k/v layouts, a
+computed attention bias, an input whose own channels are ours (the input width of the fused
+projection is not rewritten). Output shapes onnx cannot infer are recorded from the inputs.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import numpy as np
 from ..blocks import new_split, require_free, require_whole
 from ..channels import ChannelMap
 from ..registry import register
-from ._util import has_input, pass_like_input
+from ._util import has_input, pass_like_input, record_shape
 
 _BIAS_INPUT = {"Attention": 5, "MultiHeadAttention": 5}
 
@@ -82,6 +85,9 @@ class MicrosoftAttentionHandler:
                 ctx.block(atoms, reason)
             return
         smap = _heads(node, ctx, atoms, 3, heads, where)
+        if ctx.shape(node.inputs[0]) is not None and len(ctx.shape(node.inputs[0])) == 3:
+            record_shape(ctx, node.outputs[0], [*node.inputs[0].shape[:2], len(atoms) // 3],
+                         node.inputs[0].dtype)
         ctx.set_map(node.outputs[0], ChannelMap(2, smap.labels[2].reshape(-1), heads=True))
 
     def apply(self, node, ctx) -> None:
@@ -139,15 +145,17 @@ class MicrosoftMultiHeadAttentionHandler:
 
 @register("GroupQueryAttention", domain="com.microsoft")
 class MicrosoftGroupQueryAttentionHandler:
-    """com.microsoft GroupQueryAttention on separate q (B, S, h * d), k and v (B, S, h_kv * d):
+    """com.microsoft GroupQueryAttention on separate q (B, S, h * d), k and v (B, S, h_kv * d),
+    or on q|k|v packed in ``query`` (B, S, (h + 2 h_kv) * d) with key and value empty:
     query head ``i`` reads KV head ``i // (h / h_kv)``, so a KV group (its K and V head and the
     query heads sharing them) is one atom; ``num_heads`` and ``kv_num_heads`` are rewritten.
     Its own rotary (``do_rotary``: cos/sin caches of head_dim / 2 columns) acts within a head.
-    Blocked: a key/value cache (past inputs, or present outputs that are read), packed QKV."""
+    Blocked: a key/value cache (past inputs, or present outputs that are read)."""
 
     def propagate(self, node, ctx) -> None:
         where = f"fused attention {node.op} {node.name}"
         heads, kv = int(node.attrs.get("num_heads", 0)), int(node.attrs.get("kv_num_heads", 0))
+        packed = not has_input(node, 1) and not has_input(node, 2)
         qkv = [ctx.map(t) if has_input(node, i) else None for i, t in enumerate(node.inputs[:3])]
         shapes = [ctx.shape(t) if has_input(node, i) else None
                   for i, t in enumerate(node.inputs[:3])]
@@ -158,23 +166,33 @@ class MicrosoftGroupQueryAttentionHandler:
             reason = f"{where} reads or writes a key/value cache (heads are not rewritten there)"
         elif any(has_input(node, i) for i in range(9, len(node.inputs))):
             reason = f"{where} has position ids, an attention bias or head sinks"
-        elif heads < 1 or kv < 1 or heads % kv or any(s is None or len(s) != 3 for s in shapes):
-            reason = f"{where}: q, k and v are not three (B, S, H) tensors (packed QKV?)"
-        elif any(m is None or m.axis != 2 for m in qkv) or len(qkv[0].labels) % heads or \
-                len(qkv[1].labels) != len(qkv[2].labels) or \
-                len(qkv[1].labels) * heads != len(qkv[0].labels) * kv:
+        elif heads < 1 or kv < 1 or heads % kv or any(
+                s is None or len(s) != 3 for s in (shapes[:1] if packed else shapes)):
+            reason = f"{where}: q, k and v are not (B, S, H) tensors"
+        elif packed and (qkv[0] is None or qkv[0].axis != 2 or
+                         len(qkv[0].labels) % (heads + 2 * kv)):
+            reason = f"{where}: the packed q|k|v does not carry our channels on its last axis"
+        elif not packed and (
+                any(m is None or m.axis != 2 for m in qkv) or len(qkv[0].labels) % heads or
+                len(qkv[1].labels) != len(qkv[2].labels) or
+                len(qkv[1].labels) * heads != len(qkv[0].labels) * kv):
             reason = f"{where}: q, k and v do not all carry our channels on their last axis"
         if reason is not None:
             for m in qkv:
                 ctx.block(m, reason)
             return
-        q, k, v = (_heads(node, ctx, m.labels, 1, n, where)
-                   for m, n in zip(qkv, (heads, kv, kv)))
-        _pair_groups(ctx, q.representative(1), k.representative(1), v.representative(1), where)
-        out = np.repeat(qkv[2].labels.reshape(kv, -1), heads // kv, axis=0).reshape(-1)
-        if node.outputs[0].shape is None:  # onnx does not infer com.microsoft ops
-            node.outputs[0].shape = list(node.inputs[0].shape)
-            ctx.refined.add(node.outputs[0].name)
+        if packed:
+            v_labels = _packed_groups(ctx, qkv[0].labels, heads, kv, where)
+        else:
+            q, k, v = (_heads(node, ctx, m.labels, 1, n, where)
+                       for m, n in zip(qkv, (heads, kv, kv)))
+            _pair_groups(ctx, q.representative(1), k.representative(1), v.representative(1),
+                         where)
+            v_labels = qkv[2].labels
+        out = np.repeat(v_labels.reshape(kv, -1), heads // kv, axis=0).reshape(-1)
+        head_dim = len(v_labels) // kv
+        record_shape(ctx, node.outputs[0], [*node.inputs[0].shape[:2], heads * head_dim],
+                     node.inputs[0].dtype)
         ctx.set_map(node.outputs[0], ChannelMap(2, out, heads=True))
 
     def apply(self, node, ctx) -> None:
@@ -213,6 +231,19 @@ class MicrosoftRotaryEmbeddingHandler:
         if keep is not None:
             heads = int(node.attrs["num_heads"])
             node.attrs["num_heads"] = len(keep) // (len(ctx.map(node.inputs[0]).labels) // heads)
+
+
+def _packed_groups(ctx, labels: np.ndarray, heads: int, kv: int, where: str) -> np.ndarray:
+    """q|k|v packed on one axis, (h + 2 h_kv) * d: KV group ``g`` is query heads
+    ``g * r .. g * r + r - 1`` (r = h / h_kv), K head ``g`` and V head ``g``. One split whose
+    rows are the groups, (h_kv, (r + 2) * d), the group level free; returns V's labels."""
+    d = len(labels) // (heads + 2 * kv)
+    q, k, v = np.split(labels, [heads * d, (heads + kv) * d])
+    grid = np.concatenate([q.reshape(kv, -1), k.reshape(kv, d), v.reshape(kv, d)], axis=1)
+    smap = new_split(ctx, where, grid, [0, 1])
+    require_whole(ctx, smap, 1, f"{where} keeps head_dim and a group's heads together")
+    require_free(ctx, smap, 0, f"{where} pairs query heads with their KV head", heads=True)
+    return v
 
 
 def _pair_groups(ctx, q_heads, k_heads, v_heads, where: str) -> None:

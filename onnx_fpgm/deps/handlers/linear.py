@@ -10,6 +10,8 @@ Channel algebra:
   an earlier axis they pass through unchanged (the product acts on the last axis only).
 * An output projection reading merged attention heads also scores them: its input rows join
   the heads' joint space (a member that creates nothing).
+* A MatMul with a stored weight whose input rank is unknown is still a layer: its output
+  features are counted (coverage) and blocked with that reason.
 * MatMul of two activations (attention): see ``split_operands.matmul_activations`` (heads paired on
   batch axes, head_dim contracted whole; plain channels contracted between activations block).
 """
@@ -96,8 +98,13 @@ class MatMulHandler:
         weight = ctx.const(b) if bmap is None else None
         a_rank = len(ctx.shape(a)) if ctx.shape(a) is not None else None
         if weight is None or weight.ndim != 2 or a_rank is None or a_rank < 2:
-            ctx.block_inputs(node, f"MatMul {node.name} has no constant 2-D weight "
-                                   f"(or an input of unknown rank){weight_reason(b)}")
+            reason = f"MatMul {node.name} has no constant 2-D weight{weight_reason(b)}" \
+                if weight is None or weight.ndim != 2 else \
+                f"MatMul {node.name}: the rank of its input {a.name} is unknown"
+            ctx.block_inputs(node, reason)
+            if weight is not None and weight.ndim == 2:  # a layer all the same: counted, named
+                ctx.block(ctx.new_source(node, weight.T), reason)
+                ctx.blocked_tensors.append((node.outputs[0].name, reason))
             return
         y = node.outputs[0]
         if amap is not None and amap.axis < a_rank - 1:

@@ -10,6 +10,8 @@
   ``SimplifiedLayerNormalization`` (default domain) and com.microsoft
   ``SkipLayerNormalization``/``SkipSimplifiedLayerNormalization`` (the residual sum and its norm
   in one op). The residual stays whole; the layers around it (heads, MLP widths) prune.
+  com.microsoft ``EmbedLayerNormalization`` (BERT's embeddings, summed and normalised) writes
+  that residual: nothing of ours passes it.
 * GroupNormalization, LpNormalization and LRN mix channels: blocked.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..registry import register
-from ._util import mapped_input, normalize_axis
+from ._util import mapped_input, normalize_axis, record_shape
 
 
 @register("BatchNormalization", "InstanceNormalization")
@@ -85,6 +87,33 @@ class SkipNormHandler:
 
     def propagate(self, node, ctx) -> None:
         ctx.block_inputs(node, f"{node.op} {node.name} normalises over the channel axis")
+        for index in (0, 3):  # the normalised output and the residual sum: the input's shape
+            if len(node.outputs) > index:
+                record_shape(ctx, node.outputs[index], node.inputs[0].shape,
+                             node.inputs[0].dtype)
+
+    def apply(self, node, ctx) -> None:
+        pass
+
+
+@register("EmbedLayerNormalization", domain="com.microsoft")
+class EmbedNormHandler:
+    """onnxruntime's fused BERT embedding: word, position and segment rows gathered by integer
+    ids, summed and layer-normalised. Its output (B, S, H) is the residual width, which stays
+    whole; the tables are read by rows (ids), never sliced; ``mask_index`` (B,) is one value per
+    sequence. Nothing of ours passes; the outputs' shapes are recorded for the layers after."""
+
+    def propagate(self, node, ctx) -> None:
+        ctx.block_inputs(node, f"{node.op} {node.name} normalises over the channel axis")
+        ids, table = ctx.shape(node.inputs[0]), ctx.shape(node.inputs[2])
+        if ids is None or table is None or len(table) != 2:
+            return
+        rows, dtype = list(node.inputs[0].shape), node.inputs[2].dtype
+        record_shape(ctx, node.outputs[0], [*rows, table[1]], dtype)
+        if len(node.outputs) > 1:
+            record_shape(ctx, node.outputs[1], rows[:1], np.dtype(np.int32))
+        if len(node.outputs) > 2:  # embedding_sum, before the norm
+            record_shape(ctx, node.outputs[2], [*rows, table[1]], dtype)
 
     def apply(self, node, ctx) -> None:
         pass
