@@ -1,0 +1,151 @@
+"""int4 weights (issue 21): com.microsoft MatMulNBits from onnxruntime's own quantizer.
+
+Output rows slice with their scales, zero points and bias; input columns go in whole blocks
+(one scale per block), the kept blocks' codes, scales and zero points bit for bit; the oracle's
+masked original puts the removed columns' codes at the zero point; MACs and params follow.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import onnx_fpgm
+from onnx_fpgm.deps.handlers.nbits import NBitsLayout, pack, unpack
+from onnx_fpgm.measure.bench import count_macs, count_params
+from onnx_fpgm.model.runtime import make_session, random_inputs
+from onnx_fpgm.oracle.masking import masked_original
+from tests import nbits_models
+from tests.conftest import check_pruned
+
+#: (block size, symmetric, hidden width): hidden 72 leaves down's last block of 16 half full.
+CASES = [(16, False, 64), (16, True, 64), (32, False, 64), (32, True, 96), (16, False, 72),
+         (128, True, 256)]
+
+
+def _nodes(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {n.name: n for n in model.graph.node if n.op_type == "MatMulNBits"}
+
+
+def _stored(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _layout(node: onnx.NodeProto) -> NBitsLayout:
+    attrs = _attrs(node)
+    return NBitsLayout(attrs["K"], attrs["N"], attrs.get("bits", 4), attrs["block_size"])
+
+
+def _run(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
+    return make_session(model).run(None, feeds)[0]
+
+
+def _check_kept_blocks(original: onnx.ModelProto, result: onnx_fpgm.PruneResult) -> None:
+    """Every MatMulNBits keeps its kept rows and blocks bit for bit, K and N rewritten."""
+    before, after = _stored(original), _stored(result.model)
+    kept_rows = {lay.name: lay.kept for lay in result.report.layers}
+    for name, node in _nodes(result.model).items():
+        old, new = _layout(_nodes(original)[name]), _layout(node)
+        rows = kept_rows.get(name, list(range(old.n)))
+        assert new.n == len(rows)
+        b_old, b_new = before[node.input[1]], after[node.input[1]]
+        # the kept blocks: those whose codes appear in the new B, in order
+        blocks = [b for b in range(old.k_blocks) if any(
+            np.array_equal(b_old[rows, b], b_new[:, j]) for j in range(new.k_blocks))]
+        assert len(blocks) == new.k_blocks, name
+        assert np.array_equal(b_new, b_old[np.ix_(rows, blocks)]), name
+        s_old = before[node.input[2]].reshape(old.n, -1)
+        assert np.array_equal(after[node.input[2]].reshape(new.n, -1),
+                              s_old[np.ix_(rows, blocks)]), name
+        if len(node.input) > 3 and node.input[3]:
+            z_old = unpack(before[node.input[3]].reshape(old.n, -1), 4, old.k_blocks)
+            z_new = unpack(after[node.input[3]].reshape(new.n, -1), 4, new.k_blocks)
+            assert np.array_equal(z_new, z_old[np.ix_(rows, blocks)]), name
+        full = [min(old.block_size, old.k - b * old.block_size) for b in blocks]
+        assert new.k == sum(full), name
+
+
+@pytest.mark.parametrize("block_size,symmetric,hidden", CASES,
+                         ids=[f"b{b}-{'sym' if s else 'asym'}-h{h}" for b, s, h in CASES])
+def test_int4_mlp_prunes_rows_and_whole_blocks(block_size: int, symmetric: bool,
+                                               hidden: int) -> None:
+    dim = max(nbits_models.DIM, block_size)
+    model = nbits_models.quantize(
+        nbits_models.mlp("Gelu" if symmetric else "Relu", hidden, dim), block_size, symmetric)
+    result = onnx_fpgm.prune(model, 0.5)
+    assert result.plan.n_removed and result.report.verification["passed"]
+    check_pruned(model, result)
+    _check_kept_blocks(model, result)
+    up, down = (_nodes(result.model)[n] for n in ("up_Q4", "down_Q4"))
+    assert _attrs(up)["N"] == _attrs(down)["K"] < hidden
+    assert count_macs(result.model) < count_macs(model)
+    assert count_params(result.model) < count_params(model)
+    feeds = random_inputs(model, 3)
+    assert not np.allclose(_run(model, feeds), _run(result.model, feeds))  # a real change
+
+
+def test_int4_swiglu_prunes_one_width_and_counts_macs() -> None:
+    model = nbits_models.quantize(nbits_models.swiglu(hidden=128), 32, False)
+    result = onnx_fpgm.prune(model, 0.5)
+    check_pruned(model, result)
+    _check_kept_blocks(model, result)
+    nodes = _nodes(result.model)
+    assert _attrs(nodes["gate_Q4"])["N"] == _attrs(nodes["up_Q4"])["N"] == \
+        _attrs(nodes["down_Q4"])["K"] == 64
+    tokens, dim = 16, nbits_models.DIM
+    assert count_macs(model) == 3 * tokens * dim * 128
+    assert count_macs(result.model) == 3 * tokens * dim * 64
+    # params count the codes of a packed weight (N x K), then the scales and zero points:
+    # gate/up (128 rows, 1 block: 1 zero-point byte a row), down (32 rows, 4 blocks: 2 bytes)
+    assert count_params(model) == 3 * dim * 128 + 2 * (128 + 128) + (32 * 4 + 32 * 2)
+    assert count_params(result.model) == count_params(model) // 2
+
+
+def test_masked_original_zeroes_the_removed_columns() -> None:
+    """The oracle's masking of a MatMulNBits (codes at the zero point) equals its input with
+    those columns zeroed, for asymmetric and symmetric weights."""
+    for symmetric in (False, True):
+        model = nbits_models.quantize(nbits_models.mlp(hidden=64), 16, symmetric)
+        result = onnx_fpgm.prune(model, 0.5, verify=False)
+        masked = masked_original(model, result.analysis, result.plan.removed_classes, 20)
+        kept = result.report.layers[[lay.name for lay in result.report.layers]
+                                    .index("up_Q4")].kept
+        gate = np.zeros(64, np.float32)
+        gate[kept] = 1.0
+        by_hand = onnx.ModelProto()
+        by_hand.CopyFrom(model)
+        down = _nodes(by_hand)["down_Q4"]
+        by_hand.graph.initializer.append(numpy_helper.from_array(gate, "gate"))
+        by_hand.graph.node.insert(list(by_hand.graph.node).index(down), helper.make_node(
+            "Mul", [down.input[0], "gate"], ["gated"], name="gate_mul"))
+        down.input[0] = "gated"
+        feeds = random_inputs(model, 5)
+        np.testing.assert_allclose(_run(masked, feeds), _run(by_hand, feeds), rtol=1e-5,
+                                   atol=1e-6)
+        assert not np.allclose(_run(masked, feeds), _run(model, feeds))
+
+
+def test_pack_inverts_unpack() -> None:
+    rng = np.random.default_rng(0)
+    for bits in (2, 4, 8):
+        packed = rng.integers(0, 256, (3, 5, 4)).astype(np.uint8)
+        codes = unpack(packed, bits, 4 * 8 // bits)
+        assert codes.max() < 1 << bits
+        assert np.array_equal(pack(codes, bits, 4), packed)
+
+
+def test_int4_llama_prunes_mlp_widths_in_blocks() -> None:
+    float_model = nbits_models.llama()
+    model = nbits_models.quantize(float_model, 16, False)
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) >= 14
+    result = onnx_fpgm.prune(model, 0.5)
+    check_pruned(model, result)
+    _check_kept_blocks(model, result)
+    downs = [n for name, n in _nodes(result.model).items() if "down_proj" in name]
+    assert downs and all(_attrs(n)["K"] == 32 for n in downs)
+    assert count_macs(result.model) < count_macs(model)
