@@ -139,6 +139,7 @@ def test_pack_inverts_unpack() -> None:
         assert np.array_equal(pack(codes, bits, 4), packed)
 
 
+@pytest.mark.torch_export
 def test_int4_llama_prunes_mlp_widths_in_blocks() -> None:
     float_model = nbits_models.llama()
     model = nbits_models.quantize(float_model, 16, False)
@@ -149,3 +150,45 @@ def test_int4_llama_prunes_mlp_widths_in_blocks() -> None:
     downs = [n for name, n in _nodes(result.model).items() if "down_proj" in name]
     assert downs and all(_attrs(n)["K"] == 32 for n in downs)
     assert count_macs(result.model) < count_macs(model)
+
+
+def _float_zero_points(model: onnx.ModelProto, offset: float) -> onnx.ModelProto:
+    """``model`` with each packed zero point stored unpacked as a float (HQQ's form), plus
+    ``offset`` (a fractional zero point is no code: the oracle masks whole blocks by scale)."""
+    stored = {t.name: t for t in model.graph.initializer}
+    for node in _nodes(model).values():
+        blocks = _layout(node).k_blocks
+        codes = unpack(numpy_helper.to_array(stored[node.input[3]]), 4, blocks)
+        stored[node.input[3]].CopyFrom(numpy_helper.from_array(
+            codes.astype(np.float32) + offset, node.input[3]))
+    return model
+
+
+@pytest.mark.parametrize("form", ["bits2", "bits8", "accuracy_level4", "float_zero_point",
+                                  "fractional_zero_point"])
+def test_other_nbits_forms_prune_exactly(form: str) -> None:
+    bits = {"bits2": 2, "bits8": 8}.get(form, 4)
+    model = nbits_models.quantize(nbits_models.mlp(hidden=64), 16, False, bits=bits)
+    if form == "accuracy_level4":  # A quantized to int8 per block inside the kernel
+        for node in _nodes(model).values():
+            node.attribute.append(helper.make_attribute("accuracy_level", 4))
+    elif form.endswith("zero_point"):
+        model = _float_zero_points(model, 0.25 if form.startswith("fractional") else 0.0)
+    result = onnx_fpgm.prune(model, 0.5)
+    assert result.plan.n_removed
+    check_pruned(model, result)
+    up, down = (_nodes(result.model)[f"{n}_Q{bits}"] for n in ("up", "down"))
+    assert _attrs(up)["N"] == _attrs(down)["K"] == 32
+    stored = _stored(result.model)
+    assert stored[down.input[1]].shape == (nbits_models.DIM, 2, 16 * bits // 8)
+
+
+def test_g_idx_leaves_the_layer_whole_with_a_reason() -> None:
+    model = nbits_models.quantize(nbits_models.mlp(hidden=64), 16, False)
+    down = _nodes(model)["down_Q4"]
+    model.graph.initializer.append(numpy_helper.from_array(
+        (np.arange(64) // 16).astype(np.int32), "g_idx"))
+    down.input.append("g_idx")
+    result = onnx_fpgm.prune(model, 0.5)
+    assert not result.plan.n_removed
+    assert any("g_idx" in (g.frozen or "") for g in result.report.groups)
