@@ -35,6 +35,7 @@ from .planning.allocate import channel_scorer, plan_to_target
 from .planning.plan import PrunePlan, plan_pruning
 from .planning.plan_io import plan_from_report
 from .recover.compensate import compensate, find_consumers
+from .recover.layers import uncompensated
 from .recover.obs import ObsCriterion
 from .report import GroupReport, LayerReport, Report
 
@@ -290,7 +291,11 @@ def _compensate_and_measure(original, pruned, analysis, plan, config, report,
     config = replace(config, input_shapes=tuple(input_shapes.items()))
     if config.compensate == "auto" and calibration is None:
         raise ConfigError("--compensate auto needs --calibration data to choose")
-    consumers = find_consumers(original, analysis, analysis.removed_atoms(plan.removed_classes))
+    removed_atoms = analysis.removed_atoms(plan.removed_classes)
+    consumers = find_consumers(original, analysis, removed_atoms)
+    if config.compensate != "none":
+        report.notes.extend(f"{name}: quantized codes (MatMulNBits); not compensated"
+                            for name in uncompensated(original, analysis, removed_atoms))
     modes = ("none", "bias", "lstsq") if config.compensate == "auto" else (config.compensate,)
     candidates = []
     for mode in modes:

@@ -192,3 +192,14 @@ def test_g_idx_leaves_the_layer_whole_with_a_reason() -> None:
     result = onnx_fpgm.prune(model, 0.5)
     assert not result.plan.n_removed
     assert any("g_idx" in (g.frozen or "") for g in result.report.groups)
+
+
+def test_compensation_leaves_quantized_codes_and_says_so(tmp_path) -> None:
+    model = nbits_models.quantize(nbits_models.mlp(hidden=64), 16, False)
+    path = tmp_path / "calibration.npz"
+    np.savez(path, x=np.random.default_rng(0).standard_normal((4, 8, nbits_models.DIM))
+             .astype(np.float32))
+    result = onnx_fpgm.prune(model, 0.5, compensate="lstsq", calibration=str(path))
+    assert result.report.verification["passed"]
+    assert any("down_Q4: quantized codes" in note for note in result.report.notes)
+    _check_kept_blocks(model, result)
