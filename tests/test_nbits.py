@@ -6,6 +6,8 @@ masked original puts the removed columns' codes at the zero point; MACs and para
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import onnx
 import pytest
@@ -128,6 +130,34 @@ def test_masked_original_zeroes_the_removed_columns() -> None:
         np.testing.assert_allclose(_run(masked, feeds), _run(by_hand, feeds), rtol=1e-5,
                                    atol=1e-6)
         assert not np.allclose(_run(masked, feeds), _run(model, feeds))
+
+
+@pytest.mark.parametrize("bits,symmetric", [(2, False), (4, False), (4, True), (8, False)])
+def test_scored_rows_are_what_onnxruntime_multiplies(bits: int, symmetric: bool) -> None:
+    """The rows FPGM scores, dequantized by the handler, equal onnxruntime's weight (A = I)."""
+    import onnx_graphsurgeon as gs
+
+    from onnx_fpgm.deps.handlers.nbits import dequantized_rows
+
+    model = nbits_models.quantize(nbits_models.mlp(hidden=72), 16, symmetric, bits=bits)
+    node = next(n for n in gs.import_onnx(model).nodes if n.name == f"down_Q{bits}")
+    layout = NBitsLayout.of(node)
+
+    stored = SimpleNamespace(const=lambda tensor: getattr(tensor, "values", None))  # as ctx
+    rows = dequantized_rows(stored, node, layout)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulNBits", ["a", *_node_inputs(model, node.name)[1:]], ["w"],
+                          domain="com.microsoft", **dict(node.attrs))], "eye",
+        [helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [layout.k, layout.k])],
+        [helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, None)],
+        list(model.graph.initializer))
+    eye = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=9)
+    weight = _run(eye, {"a": np.eye(layout.k, dtype=np.float32)})
+    np.testing.assert_array_equal(rows, weight.T)
+
+
+def _node_inputs(model: onnx.ModelProto, name: str) -> list[str]:
+    return list(next(n for n in model.graph.node if n.name == name).input)
 
 
 def test_pack_inverts_unpack() -> None:
