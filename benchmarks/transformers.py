@@ -1,7 +1,7 @@
 """Transformer graphs as the torch exporters write them, pruned at defaults (issue 21).
 
 Usage: ``python benchmarks/transformers.py [--sparsity 0.5] [--runs 50] [--warmup 5]
-[--models llama bert vit bert-hf] [--exporters torchscript dynamo optimized]``
+[--models llama bert vit bert-hf] [--exporters torchscript dynamo optimized int4]``
 
 Four tiny random-weight models built with torch (transformers/optimum are not needed):
 
@@ -19,7 +19,10 @@ Four tiny random-weight models built with torch (transformers/optimum are not ne
   ``onnxruntime.transformers.optimizer.optimize_model(model_type='bert')`` (EmbedLayerNormalization,
   Attention with packed QKV, SkipLayerNormalization, BiasGelu); only this model takes it.
 
-Each is exported with TorchScript (``dynamo=False``) and dynamo, pruned with
+Each is exported with TorchScript (``dynamo=False``) and dynamo (and, for ``int4``, the
+TorchScript export with every constant-weight MatMul made a com.microsoft ``MatMulNBits`` by
+onnxruntime's ``MatMulNBitsQuantizer``: 4 bits, blocks of 32 as the onnxruntime-genai builder
+writes them, with zero points; params count a packed weight's codes), pruned with
 ``onnx_fpgm.prune(model, sparsity)`` (no other option; verification on), and reported:
 params after/before (all weights; without the embedding tables and LM head, which no
 structured pruner touches; and projected to a model whose embeddings are half its weights, as
@@ -114,12 +117,33 @@ def _optimized_bert() -> onnx.ModelProto:
                                         hidden_size=BERT_HF["hidden"]).model
 
 
+#: int4 exports: MatMulNBitsQuantizer's options (onnxruntime-genai's default block size).
+INT4 = {"bits": 4, "block_size": 32, "is_symmetric": False}
+
+
 def build(name: str, exporter: str) -> onnx.ModelProto:
-    dynamo = exporter == "dynamo"
+    """``name`` exported by ``exporter`` (torchscript, dynamo, optimized: onnxruntime's
+    transformer optimizer on BERT, or int4: TorchScript quantized)."""
+    if exporter == "optimized":
+        return _optimized_bert()
+    model = _build_float(name, exporter == "dynamo")
+    if exporter != "int4":
+        return model
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    quantizer = MatMulNBitsQuantizer(model, **INT4)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _build_float(name: str, dynamo: bool) -> onnx.ModelProto:
     if name == "bert-hf":
         from tests.text_models import export_bert
 
-        return _optimized_bert() if exporter == "optimized" else export_bert(dynamo, **BERT_HF)
+        return export_bert(dynamo, **BERT_HF)
     if name == "llama":
         return export_llama(build_llama_like(**LLAMA), dynamo, seq=LLAMA["seq"])
     if name == "bert":
@@ -132,16 +156,20 @@ def build(name: str, exporter: str) -> onnx.ModelProto:
 
 def _embedding_params(model: onnx.ModelProto) -> int:
     """Weights of embedding tables (Gather on a stored 2-D table, the tables of a fused
-    EmbedLayerNormalization) and of the LM head."""
+    EmbedLayerNormalization) and of the LM head (an int4 one: its codes, scales and zero points,
+    as ``count_params`` counts them)."""
+    from onnx_fpgm.measure.bench import packed_weights
+
     stored = {t.name: t for t in model.graph.initializer}
     names = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and
              n.input[0] in stored and len(stored[n.input[0]].dims) == 2}
     names |= {name for n in model.graph.node if n.op_type == "EmbedLayerNormalization"
               for name in n.input[2:5] if name in stored}
     outputs = {o.name for o in model.graph.output}
-    names |= {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and
-              n.output[0] in outputs and n.input[1] in stored}
-    return sum(int(np.prod(stored[n].dims)) for n in names)
+    names |= {name for n in model.graph.node if n.op_type in ("MatMul", "MatMulNBits") and
+              n.output[0] in outputs for name in n.input[1:] if name in stored}
+    codes = packed_weights(model.graph.node)
+    return sum(int(np.prod(stored[n].dims)) * codes.get(n, 1) for n in names)
 
 
 def _groups(result) -> tuple[str, str]:
@@ -184,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--models", nargs="+", default=["llama", "bert", "vit", "bert-hf"])
-    parser.add_argument("--exporters", nargs="+", default=["torchscript", "dynamo", "optimized"])
+    exporters = ["torchscript", "dynamo", "optimized", "int4"]
+    parser.add_argument("--exporters", nargs="+", default=exporters, choices=exporters)
     args = parser.parse_args(argv)
     rows = [run(m, e, args.sparsity, args.runs, args.warmup)
             for m in args.models for e in args.exporters

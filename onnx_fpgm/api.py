@@ -38,6 +38,7 @@ from .planning.allocate import channel_scorer, plan_to_target
 from .planning.plan import PrunePlan, plan_pruning
 from .planning.plan_io import plan_from_report
 from .recover.compensate import compensate, find_consumers
+from .recover.layers import uncompensated
 from .recover.obs import ObsCriterion
 from .report import GroupReport, LayerReport, Report
 
@@ -201,7 +202,7 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
             f"{'y' if len(original.training_info) == 1 else 'ies'}) not written to OUT: its "
             "training graphs and update bindings refer to the weights as they were before "
             "pruning; re-create it for the pruned model")
-    _note_alignment(report, plan, config)
+    _note_alignment(report, analysis, plan, config)
     _fill_decisions(report, analysis, plan)
     input_shapes = sizes.primary
     with _timed(report, "measure"):
@@ -294,7 +295,11 @@ def _compensate_and_measure(original, pruned, analysis, plan, config, report,
     config = replace(config, input_shapes=tuple(input_shapes.items()))
     if config.compensate == "auto" and calibration is None:
         raise ConfigError("--compensate auto needs --calibration data to choose")
-    consumers = find_consumers(original, analysis, analysis.removed_atoms(plan.removed_classes))
+    removed_atoms = analysis.removed_atoms(plan.removed_classes)
+    consumers = find_consumers(original, analysis, removed_atoms)
+    if config.compensate != "none":
+        report.notes.extend(f"{name}: quantized codes (MatMulNBits); not compensated"
+                            for name in uncompensated(original, analysis, removed_atoms))
     modes = ("none", "bias", "lstsq") if config.compensate == "auto" else (config.compensate,)
     candidates = []
     for mode in modes:
@@ -416,14 +421,20 @@ def _scorer(config: PruneConfig, original: onnx.ModelProto, analysis: Analysis):
     return select
 
 
-def _note_alignment(report: Report, plan: PrunePlan, config: PruneConfig) -> None:
+def _note_alignment(report: Report, analysis: Analysis, plan: PrunePlan,
+                    config: PruneConfig) -> None:
     """Warn when pruning breaks multiples of 8: onnxruntime's CPU NCHWc kernels (and GPU tensor
     cores) then fall back to slower paths; measured: MobileNetV2 at 0.3 ran 0.78x as fast as the
-    original without --round-to and 1.40x with --round-to 8 (benchmarks/RESULTS.md)."""
+    original without --round-to and 1.40x with --round-to 8 (benchmarks/RESULTS.md). Widths are
+    counted per producing layer, in channels: a group's unit may hold several (a head, a block
+    of int4 input columns), and what the kernels see is the layer's width."""
     if config.round_to:
         return
-    broken = [g for g in plan.groups if g.n_keep < g.n_channels and g.n_channels % 8 == 0
-              and g.n_keep % 8]
+    removed = analysis.removed_atoms(plan.removed_classes)
+    broken = {int(analysis.group_of_class[analysis.class_of_atom[src.start]])
+              for src in analysis.sources if src.n % 8 == 0 and 0 < np.count_nonzero(
+                  removed[src.start:src.start + src.n]) and np.count_nonzero(
+                  ~removed[src.start:src.start + src.n]) % 8}
     if broken:
         report.notes.append(
             f"{len(broken)} group(s) now keep a channel count that is not a multiple of 8; "

@@ -69,17 +69,20 @@ REASONS: tuple[ReasonKind, ...] = (
     ReasonKind("quantized layers",
                r"quantized layers|computed by (DequantizeLinear|QuantizeLinear)|blocked "
                r"quantization|quantization parameter|scale or zero point of|per-channel "
-               r"parameters of|computes one scale from all channels",
+               r"parameters of|computes one scale from all channels|N-bit layer",
                "QDQ models are pruned like float ones (weights through DequantizeLinear are "
                "scored dequantized; W_q, per-axis scales and zero points and int32 biases are "
                "sliced; activation Q/DQ pairs pass channels), and so are QLinearConv and "
                "com.microsoft QGemm, QLinearAdd/QLinearMul, QLinearConcat, QLinearAveragePool, "
-               "QLinearGlobalAveragePool, QLinearSigmoid/QLinearLeakyRelu. Left whole: QOperator "
+               "QLinearGlobalAveragePool, QLinearSigmoid/QLinearLeakyRelu, and com.microsoft "
+               "MatMulNBits (int2/int4/int8 block-quantized weights: output rows with their "
+               "scales and zero points, input columns in whole blocks). Left whole: QOperator "
                "and integer layers without a handler yet (QLinearMatMul, ConvInteger, "
                "MatMulInteger, onnxruntime's DynamicQuantizeLSTM/DynamicQuantizeMatMul: named "
                "in the report, a model with nothing else is written unchanged, exit 0), "
                "blocked quantization (opset 21 block_size: one scale per block of rows), "
-               "float8/int4 weights, quantization parameters computed at run time or carrying "
+               "float8/int4 tensors of opset 21, a MatMulNBits with a g_idx, a prepacked B or "
+               "weights not stored, quantization parameters computed at run time or carrying "
                "channels, blocked activation parameters along the channel axis, and channels "
                "read by DynamicQuantizeLinear (one scale from the min/max of all channels: "
                "removing one would change the quantization of the others)."),

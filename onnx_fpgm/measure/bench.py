@@ -28,14 +28,32 @@ class ModelSize:
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Elements of every stored constant: initializers and Constant node values."""
-    total = sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer)
+    """Elements of every stored constant: initializers and Constant node values. A packed
+    weight of com.microsoft ``MatMulNBits`` counts its codes, ``8 // bits`` a byte (N x K
+    weights when K is a multiple of the block size), so an int4 model counts like its float
+    twin and the scales and zero points come on top."""
+    codes_per_byte = packed_weights(model.graph.node)
+    total = sum(int(np.prod(t.dims, dtype=np.int64)) * codes_per_byte.get(t.name, 1)
+                for t in model.graph.initializer)
     for node in model.graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:
                 if attr.name == "value":
                     total += int(np.prod(attr.t.dims, dtype=np.int64))
     return total
+
+
+def packed_weights(nodes) -> dict[str, int]:
+    """Name -> codes per byte (``8 // bits``) of every packed N-bit weight: input 1 of a
+    ``MatMulNBits`` NodeProto."""
+    found = {}
+    for node in nodes:
+        if node.op_type != "MatMulNBits" or len(node.input) < 2:
+            continue
+        bits = next((int(a.i) for a in node.attribute if a.name == "bits"), 4)
+        if bits and 8 % bits == 0:
+            found[node.input[1]] = 8 // bits
+    return found
 
 
 def count_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
@@ -97,13 +115,15 @@ def first_output(names) -> str:
 
 
 #: Ops whose multiply-accumulates are counted: op -> (kind, index of the weight input). The
-#: quantized ones (QOperator, com.microsoft QGemm, integer ops) count like their float forms.
+#: quantized ones (QOperator, com.microsoft QGemm and MatMulNBits, integer ops) count like their
+#: float forms (MatMulNBits: A's last axis is K).
 MAC_OPS: dict[str, tuple[str, int]] = {
     "Conv": ("conv", 1), "ConvInteger": ("conv", 1), "QLinearConv": ("conv", 3),
     "ConvTranspose": ("convtranspose", 1), "Gemm": ("gemm", 1), "QGemm": ("gemm", 3),
     "MatMul": ("matmul", 1), "MatMulInteger": ("matmul", 1), "QLinearMatMul": ("matmul", 3),
     "Attention": ("attention", 1), "MultiHeadAttention": ("attention", 1),
     "GroupQueryAttention": ("attention", 1),
+    "MatMulNBits": ("matmul", 1),
 }
 
 

@@ -6,7 +6,8 @@ consumer's input and shares every weight with the original (big models: no secon
 weights). ``masked_original`` zeroes the consumer weight slices in a copy, and sets a quantized
 weight to its zero point (QDQ weights through ``DequantizeLinear``, QOperator integer weights);
 it serves every consumer the first cannot mask (non-fp32/64 inputs, unknown ranks, quantized
-graphs).
+graphs). A com.microsoft ``MatMulNBits`` gets the zero point as the code of every removed input
+column (``mask_nbits``): those columns dequantize to exactly 0.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import onnx_graphsurgeon as gs
 
 from ..deps.channels import Analysis
 from ..deps.constants import ConstantFolder
+from ..deps.handlers import nbits
 from ..deps.handlers.recurrent import R as RECURRENCE
 from ..deps.handlers.recurrent import hidden_output_map
 from ..deps.op_families import FEATURE_AXIS, RECURRENT_OPS
@@ -33,6 +35,10 @@ def masked_original(model: onnx.ModelProto, analysis: Analysis,
     for node, w_index_of, cmap, weight_axis in _weight_targets(graph.nodes, analysis):
         gone = removed[cmap.labels]
         if not gone.any():
+            continue
+        counter += 1
+        if node.op == "MatMulNBits":
+            mask_nbits(node, gone, consts, counter)
             continue
         conv_group = int(node.attrs.get("group", 1)) if node.op in ("Conv", "QLinearConv") else 1
         w_index, zero = _integer_weight(node, consts)
@@ -55,7 +61,6 @@ def masked_original(model: onnx.ModelProto, analysis: Analysis,
                 masked[tuple(index)] = fill[tuple(index)]
             return masked
 
-        counter += 1
         if qdq.mask_input(graph, node, w_index, mask, consts,
                           f"{node.inputs[w_index].name}__masked{counter}", zero):
             added = added or bool(node.inputs[1].inputs)  # a masked copy of a quantizer chain
@@ -68,6 +73,31 @@ def masked_original(model: onnx.ModelProto, analysis: Analysis,
     del out.opset_import[:]
     out.opset_import.extend(model.opset_import)
     return out
+
+
+def mask_nbits(node: gs.Node, gone: np.ndarray, consts: ConstantFolder, counter: int) -> None:
+    """A MatMulNBits whose input columns ``gone`` read the zero point (exactly 0 once
+    dequantized): their codes in ``B`` are set to it. A float zero point that is not a whole
+    code cannot be a code: a block whose columns are all gone gets scale 0 instead."""
+    layout = nbits.NBitsLayout.of(node)
+    stored = consts.value(node.inputs[nbits.B])
+    codes = nbits.unpack(stored, layout.bits, layout.block_size).reshape(layout.n, -1).copy()
+    zero = nbits.zero_points(consts.value, node, layout)
+    fill = np.clip(np.rint(zero.astype(np.float64)), 0, (1 << layout.bits) - 1)
+    columns = np.flatnonzero(gone)
+    codes[:, columns] = fill[:, columns // layout.block_size].astype(np.uint8)
+    packed = nbits.pack(codes.reshape(layout.n, layout.k_blocks, -1), layout.bits,
+                        layout.blob_size)
+    name = f"{node.inputs[nbits.B].name}__masked{counter}"
+    node.inputs[nbits.B] = gs.Constant(name, packed)
+    if np.array_equal(fill, zero):
+        return
+    whole = np.flatnonzero(np.bincount(columns // layout.block_size, minlength=layout.k_blocks)
+                           == np.minimum(layout.block_size,
+                                         layout.k - np.arange(layout.k_blocks) * layout.block_size))
+    scales = np.array(consts.value(node.inputs[nbits.SCALES]), copy=True)
+    scales.reshape(layout.n, -1)[:, whole] = 0
+    node.inputs[nbits.SCALES] = gs.Constant(f"{name}_scales", scales)
 
 
 def _weight_targets(nodes, analysis: Analysis):
@@ -118,6 +148,9 @@ def mask_consumer_inputs(light: onnx.ModelProto, analysis: Analysis,
     rank); the caller then zeroes weight slices with ``masked_original``.
     """
     removed = analysis.removed_atoms(removed_classes)
+    if any(node.op_type == "MatMulNBits" and (cmap := analysis.maps.get(node.input[0]))
+           is not None and removed[cmap.labels].any() for node in light.graph.node):
+        return False  # its packed codes are masked in a copy (mask_nbits)
     float_inputs = {t.name: t.data_type for t in light.graph.initializer}
     float_inputs.update({v.name: v.type.tensor_type.elem_type for v in light.graph.input})
     plan = []
@@ -187,7 +220,7 @@ def _contracted_axis(op: str, input_name: str, output_name: str | None, attrs: d
         return cmap, 1
     if op == "Gemm" and not int(attrs.get("transA", 0)):
         return cmap, 1 if int(attrs.get("transB", 0)) else 0
-    if op == "MatMul":
+    if op in ("MatMul", "MatMulNBits"):  # MatMulNBits: masked by mask_nbits, not on an axis
         rank = analysis.ranks.get(input_name)
         if rank is not None and cmap.axis == rank - 1:
             return cmap, 0

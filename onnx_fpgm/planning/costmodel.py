@@ -32,10 +32,10 @@ _NORM_1D = frozenset({"BatchNormalization", "InstanceNormalization", "GroupNorma
 #: scale and zero point, the integer bias).
 _PER_OUTPUT = {"Conv": (2,), "ConvTranspose": (2,), "Gemm": (2,), "QLinearConv": (4, 5, 8),
                "ConvInteger": (3,), "QGemm": (4, 5, 6), "QLinearMatMul": (4, 5),
-               "MatMulInteger": (3,)}
+               "MatMulInteger": (3,), "MatMulNBits": (5,)}
 #: Consumers whose integer constants are quantized weights and biases (counted as params).
 _INTEGER_WEIGHTS = frozenset({"DequantizeLinear", "QLinearConv", "ConvInteger", "QGemm",
-                              "QLinearMatMul", "MatMulInteger"})
+                              "QLinearMatMul", "MatMulInteger", "MatMulNBits"})
 
 
 @dataclass
@@ -135,6 +135,8 @@ def build_cost_model(analysis: Analysis, graph: gs.Graph, original: onnx.ModelPr
                 size, key = _stored_size(tensor, integer=node.op in _INTEGER_WEIGHTS)
                 if key is None or key in seen:
                     continue
+                if node.op == "MatMulNBits" and index == 1:  # codes, as count_params counts
+                    size = (size[0] * (8 // int(node.attrs.get("bits", 4))), size[1])
                 axes = _dequantized_maps(node, index, size[1], analysis) \
                     if node.op == "DequantizeLinear" else \
                     _param_maps(node, index, size[1], analysis)
@@ -296,6 +298,8 @@ def _param_maps(node: gs.Node, index: int, shape: tuple[int, ...], analysis: Ana
         if per_output:
             return _aligned(out, node.outputs[0], shape, analysis), None
         return out, _map(analysis, x, 0 if _attr(node, "transA") else 1)
+    if node.op == "MatMulNBits" and index in (2, 3):  # scales, zero points: (N, k_blocks)
+        return out, _map(analysis, x, -1)
     if kind == "matmul" and (index == w_index or per_output):
         if per_output:
             return _aligned(out, node.outputs[0], shape, analysis), None

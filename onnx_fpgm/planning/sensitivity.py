@@ -85,7 +85,7 @@ def build_masked_model(model: onnx.ModelProto, analysis: Analysis,
             continue
         cmap = found[0]
         tensor = node.inputs[0]
-        if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulNBits"):
             # A QOperator layer reads integers: a removed channel is its zero point, which a
             # multiplicative mask cannot express.
             raise ConfigError(f"sensitivity allocation cannot mask the integer input of "

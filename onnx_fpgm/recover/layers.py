@@ -63,6 +63,19 @@ def find_consumers(original: onnx.ModelProto, analysis: Analysis,
     return result
 
 
+#: Consumers whose weights are quantized codes: a refit or a bias fold would requantize them.
+UNCOMPENSATED_OPS = frozenset({"MatMulNBits"})
+
+
+def uncompensated(original: onnx.ModelProto, analysis: Analysis,
+                  removed_atoms: np.ndarray) -> list[str]:
+    """Names of the consumers of removed channels that compensation leaves as they are."""
+    return [node.name for node in original.graph.node
+            if node.op_type in UNCOMPENSATED_OPS and node.input and
+            (cmap := analysis.maps.get(node.input[0])) is not None and
+            removed_atoms[cmap.labels].any()]
+
+
 def attr(node: onnx.NodeProto, name: str, default):
     """Attribute ``name`` of ``node``, else ``default``."""
     for attribute in node.attribute:

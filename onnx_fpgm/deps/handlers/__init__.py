@@ -5,6 +5,7 @@ from . import (  # noqa: F401
     expand,
     fused_attention,
     linear,
+    nbits,
     norm,
     padding,
     pool,

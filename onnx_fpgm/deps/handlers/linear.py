@@ -26,7 +26,7 @@ from . import split_operands
 from ._util import has_input
 
 
-def _score_heads_with(node, ctx, amap, kn: np.ndarray) -> None:
+def score_heads_with(node, ctx, amap, kn: np.ndarray) -> None:
     """An output projection reading attention heads: its input rows (one per head channel)
     join the heads' joint FPGM space, as a member that creates no channel."""
     if amap is not None and amap.heads and len(amap.labels) == kn.shape[0]:
@@ -57,7 +57,7 @@ class GemmHandler:
         if amap is not None and (int(node.attrs.get("transA", 0)) or amap.axis != 1):
             ctx.block(amap, f"features reach {node.op} {node.name} transposed")
         kn = weight.T if int(node.attrs.get("transB", 0)) else weight
-        _score_heads_with(node, ctx, amap, kn)
+        score_heads_with(node, ctx, amap, kn)
         atoms = ctx.new_source(node, kn.T)
         ctx.set_map(node.outputs[0], ChannelMap(1, atoms, fold_member=len(ctx.members) - 1))
 
@@ -110,7 +110,7 @@ class MatMulHandler:
         if amap is not None and amap.axis < a_rank - 1:
             ctx.set_map(y, amap.passed())  # channels ride along; our output features stay fixed
             return
-        _score_heads_with(node, ctx, amap, weight)
+        score_heads_with(node, ctx, amap, weight)
         atoms = ctx.new_source(node, weight.T)
         ctx.set_map(y, ChannelMap(a_rank - 1, atoms, fold_member=len(ctx.members) - 1))
 
