@@ -27,7 +27,8 @@ from .measure.bench import benchmark as _benchmark
 from .measure.calibration import fidelity, load_calibration, verification_feeds
 from .model import export, io, mapped, save
 from .model.outer_scope import layers_in_bodies
-from .oracle.input_sizes import InputSizes, choose_sizes, infer_shapes_at
+from .oracle.input_sizes import InputSizes, choose_sizes
+from .oracle.shapes_at import infer_shapes_at
 from .oracle.validate import CompareResult, smoke_check
 from .oracle.validate import verify as _verify
 from .oracle.weight_feeds import COLLECT_ABOVE_BYTES
@@ -240,13 +241,18 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
             "their integer weights, scales and zero points stay whole; QDQ models (weights "
             "through DequantizeLinear) are pruned: quantize with the QDQ format, or prune the "
             "float model before quantizing")
-    in_bodies = layers_in_bodies(original, (*MAC_OPS, *RECURRENT_OPS))
+    removed = analysis.removed_atoms(plan.removed_classes)
+    changed = {m.node for m in analysis.members if removed[m.atoms].any()}
+    in_bodies = [layer for layer in layers_in_bodies(original, (*MAC_OPS, *RECURRENT_OPS))
+                 if layer.split(" ", 1)[1] not in changed]
     if in_bodies:
         report.notes.append(
             f"{len(in_bodies)} layer(s) inside If/Loop/Scan bodies left untouched "
             f"({', '.join(in_bodies[:4])}{', ...' if len(in_bodies) > 4 else ''}): onnx-fpgm "
-            "does not prune control-flow bodies; an export without control flow (e.g. one "
-            "traced at a fixed sample rate or sequence length) can be pruned there")
+            "prunes inside an If's branches only channels that stay inside the branch (not "
+            "those reaching the If's outputs or read from outside), and no Loop/Scan body; an "
+            "export without control flow (e.g. one traced at a fixed sample rate or sequence "
+            "length) can be pruned there")
     if not analysis.sources:
         report.notes.append("no prunable layer: the model has no Conv, ConvTranspose, Gemm or "
                             "MatMul with constant weights (stored, or dequantized from stored "

@@ -24,6 +24,7 @@ import logging
 
 import onnx_graphsurgeon as gs
 
+from ..model.outer_scope import if_branches
 from .blocks import block_split_readers
 from .channels import Analysis
 from .context import AnalysisContext
@@ -39,12 +40,26 @@ def build_analysis(graph: gs.Graph, opset: int,
     """Propagate channel maps through ``graph`` (topologically ordered) and build the groups.
 
     ``overridable`` names initializers that are also graph inputs: not treated as constants.
+    The branches of an If are walked in place (``_walk_branches``); Loop/Scan bodies are not.
     """
     ctx = AnalysisContext(graph, opset, overridable)
-    for node in graph.nodes:
+    _walk(graph.nodes, ctx)
+    for out in graph.outputs:
+        ctx.block_tensor(out, f"reaches graph output {out.name}")
+        if out.name in ctx.shape_maps:
+            ctx.block(ctx.shape_maps[out.name], f"channel count reaches graph output {out.name}")
+    return ctx.finish()
+
+
+def _walk(nodes: list[gs.Node], ctx: AnalysisContext) -> None:
+    """Propagate through ``nodes`` in order; an If's branches are walked in place (below)."""
+    for node in nodes:
         if ctx.refined:
             refine_shapes(node, ctx)
         ctx.check_shape_taint(node)
+        if if_branches(node):
+            _walk_branches(node, ctx)
+            continue
         subgraph_reason = _subgraph_reason(node)
         handler = handler_for(node.op, node.domain or "")
         if subgraph_reason:
@@ -67,11 +82,28 @@ def build_analysis(graph: gs.Graph, opset: int,
             for out in node.outputs:
                 ctx.maps.pop(out.name, None)
                 ctx.split_maps.pop(out.name, None)
-    for out in graph.outputs:
-        ctx.block_tensor(out, f"reaches graph output {out.name}")
-        if out.name in ctx.shape_maps:
-            ctx.block(ctx.shape_maps[out.name], f"channel count reaches graph output {out.name}")
-    return ctx.finish()
+
+
+def _walk_branches(node: gs.Node, ctx: AnalysisContext) -> None:
+    """An If's branches are part of the channel analysis: a layer inside one (its weights
+    stored in the branch, or outer constants) creates atoms like any other, and a group that
+    stays inside the branch is pruned there. The If's outputs carry no map, so channels that
+    reach a branch's outputs are blocked (kept whole in both branches), and so are the outer
+    tensors with channels that a branch reads (the rewrite does not follow them in)."""
+    reason = f"consumed by control-flow op If ({node.name}), left untouched"
+    ctx.block_inputs(node, reason)
+    _block_outer_references(node, ctx, reason)
+    outer = ctx.graph
+    for branch in if_branches(node):
+        ctx.graph = branch  # a handler asking for "the graph's outputs" means the branch's
+        _walk(branch.nodes, ctx)
+        ctx.graph = outer
+        for out in branch.outputs:
+            ctx.block_tensor(out, f"reaches the outputs of If {node.name} (branch {branch.name}),"
+                                  " which stay whole")
+            if out.name in ctx.shape_maps:
+                ctx.block(ctx.shape_maps[out.name],
+                          f"channel count reaches the outputs of If {node.name}")
 
 
 def _subgraph_reason(node: gs.Node) -> str | None:

@@ -1,17 +1,51 @@
-"""Control-flow bodies (If/Loop/Scan subgraphs), which pruning leaves untouched.
+"""Control-flow bodies (If/Loop/Scan subgraphs): the If branches pruning walks, and the bodies
+it leaves untouched (Loop/Scan).
+
+The branches of an If are part of the channel analysis and the rewrite (``if_branches``,
+``with_branches``): a layer inside one is pruned when its channels stay inside the branch.
 
 Constants that bodies read from the outer graph stay in the outer graph. graph-surgeon exports a
 constant that only bodies read as an initializer of every body that reads it (silero VAD's LSTM
 weights, read by both branches of an ``If``: the pruned file came out larger than the input, and
 counting the outer graph reported the weights as removed). After the export, each such copy goes
 back to the outer graph once, where the input had it; subgraphs see outer names, so the model
-computes the same. The layers inside bodies are listed for the report.
+computes the same. The layers left whole inside bodies are listed for the report.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
 import onnx
+import onnx_graphsurgeon as gs
+
+#: The attributes of an If that hold its branches.
+IF_BRANCHES = ("then_branch", "else_branch")
+
+
+def if_branches(node: gs.Node) -> list[gs.Graph]:
+    """The branches of an If node (graph-surgeon), else nothing."""
+    if node.op != "If":
+        return []
+    return [node.attrs[k] for k in IF_BRANCHES if isinstance(node.attrs.get(k), gs.Graph)]
+
+
+def with_branches(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """``graph``, then every If branch below it (nested ones too, through If branches only):
+    the graphs whose nodes the analysis and the rewrite visit."""
+    yield graph
+    for node in graph.nodes:
+        for branch in if_branches(node):
+            yield from with_branches(branch)
+
+
+def proto_with_branches(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``with_branches`` for a ``GraphProto``."""
+    yield graph
+    for node in graph.node:
+        if node.op_type == "If":
+            for attr in node.attribute:
+                if attr.name in IF_BRANCHES and attr.type == onnx.AttributeProto.GRAPH:
+                    yield from proto_with_branches(attr.g)
 
 
 def hoist_outer_constants(model: onnx.ModelProto, like: onnx.ModelProto) -> int:
@@ -53,6 +87,12 @@ def layers_in_bodies(model: onnx.ModelProto, ops: Iterable[str]) -> list[str]:
     wanted = set(ops)
     return [f"{node.op_type} {node.name}" for body in _bodies(model.graph) for node in body.node
             if node.op_type in wanted]
+
+
+def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph below it: where stored constants lie."""
+    yield graph
+    yield from _bodies(graph)
 
 
 def _bodies(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:

@@ -14,19 +14,23 @@ one in which every symbol takes another value where the model allows it (batch 2
 spatial size): a pruned model whose Reshape or Resize constant was rewritten at one size would
 run at that size only, and the second verification catches it. Shape inference reads both sets
 too: a dim that differs between them depends on the inputs and is treated as unknown.
+
+Anonymous dims (``?``) name nothing, so a recurrent state's batch ``(2, ?, 128)`` is not known
+to be the waveform's ``(?, samples)`` batch: such a dim is also tried at the batch's value
+(``_batch_like``). Integer inputs that pick a branch (``input_ranges`` choices) are drawn at
+each value: a size counts only when every branch runs at it.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from itertools import zip_longest
 
-import numpy as np
 import onnx
 
 from ..errors import ConfigError
-from ..model.io import light_copy
+from ..model.input_ranges import integer_ranges, variant_count
 from ..model.runtime import (
     ANONYMOUS,
     check_given,
@@ -192,6 +196,8 @@ class _Prober:
         self.seed = seed
         self.runs = 0
         self.error: str | None = None
+        #: every branch an integer input picks must run (an If on the sample rate)
+        self.variants = variant_count(integer_ranges(model))
         try:
             self.session = make_session(model, quiet=True)
         except Exception as err:  # onnxruntime refuses the model whatever the size
@@ -207,7 +213,9 @@ class _Prober:
         options = ort.RunOptions()
         options.log_severity_level = 4
         try:
-            self.session.run(None, random_inputs(self.model, self.seed, shapes), options)
+            for variant in range(self.variants) if self.variants > 1 else (None,):
+                feeds = random_inputs(self.model, self.seed, shapes, variant=variant)
+                self.session.run(None, feeds, options)
         except Exception as err:  # this size is refused: try the next
             logger.debug("original model refuses %s: %s", shapes, err)
             self.error = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
@@ -233,7 +241,12 @@ def choose_sizes(model: onnx.ModelProto, given: dict[str, tuple[int, ...]] | Non
         return InputSizes(_shapes(model, [], {}) | given, given=bool(given))
     prober = _Prober(model, seed)
     fixed = _assignment_of(dims, given)
-    candidates = [{**c, **fixed} for c in _candidates(dims)]
+    tied = _batch_like(dims) - set(fixed)
+    candidates = []
+    for plain in _candidates(dims):
+        for candidate in ({**plain, **fixed}, {**plain, **{s: 1 for s in tied}, **fixed}):
+            if candidate not in candidates:
+                candidates.append(candidate)
     assignment = None
     if all(d.symbol in fixed for d in dims):
         assignment = fixed  # the caller's sizes, whether or not they run (verification says)
@@ -242,6 +255,8 @@ def choose_sizes(model: onnx.ModelProto, given: dict[str, tuple[int, ...]] | Non
             if prober.runs_at(_shapes(model, dims, candidate) | given):
                 assignment = candidate
                 break
+    if assignment is not None and tied and all(assignment[s] == 1 for s in tied):
+        dims = [replace(d, role=Role.BATCH) if d.symbol in tied else d for d in dims]
     note = None
     if assignment is None and prober.session is not None:
         if must_run:
@@ -254,6 +269,21 @@ def choose_sizes(model: onnx.ModelProto, given: dict[str, tuple[int, ...]] | Non
     sizes = InputSizes(primary, secondary, bool(given), dims, prober.runs, note)
     logger.info("input sizes: %s", sizes.to_dict())
     return sizes
+
+
+def _batch_like(dims: list[SymbolicDim]) -> set[str]:
+    """Anonymous dims that may be the batch of another input: the one unknown dim of an input
+    whose first dim is fixed, while another input has an unknown batch (a recurrent state,
+    ``(layers, ?, hidden)`` next to ``(?, samples)``). Nothing names them alike, so the probe
+    also tries them at the batch's value, and they follow the batch when it changes."""
+    if not any(d.role is Role.BATCH for d in dims):
+        return set()
+    per_input: dict[str, list[SymbolicDim]] = {}
+    for d in dims:
+        per_input.setdefault(d.input, []).append(d)
+    return {mine[0].symbol for mine in per_input.values()
+            if len(mine) == 1 and mine[0].axis > 0 and mine[0].symbol == f"{mine[0].input}:"
+            f"{mine[0].axis}"}
 
 
 def _assignment_of(dims: list[SymbolicDim], shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
@@ -325,159 +355,4 @@ def _no_size_message(model, dims: list[SymbolicDim], error: str | None) -> str:
             + "; ".join(parts) + " (input_shapes= in Python)" + reason)
 
 
-# --- shape inference at concrete sizes -----------------------------------------------------
-
-
-def infer_shapes_at(model: onnx.ModelProto, sizes: InputSizes) -> onnx.ModelProto:
-    """Shapes of every tensor of ``model`` (light copy, value_info) for the analysis.
-
-    onnx's inference (data propagation on) runs on copies whose inputs are concrete, once per
-    size set: with numbers it resolves what it cannot with symbols, in milliseconds, where
-    onnxruntime's symbolic engine took seconds (sympy). Tensors it still leaves unknown are read
-    off one onnxruntime run of the original at that size. A dim that differs between the two
-    sets depends on the input sizes and becomes unknown, so nothing downstream mistakes it for a
-    constant (a Shape read of it is not folded, a Reshape computed from it is not rewritten).
-    Symbols the secondary set leaves unchanged (the model ran at no other value) are doubled in
-    a third, inference-only set, so dims that depend on them stay unknown as well (conservative:
-    a dim onnx cannot infer there is treated as unknown).
-    """
-    light = light_copy(model)
-    del light.graph.value_info[:]
-    sets = [(sizes.primary, True)]
-    if sizes.secondary:
-        sets.append((sizes.secondary, True))
-    varied = _varied(sizes)
-    if varied:
-        sets.append((varied, False))
-    per_set = [_shapes_at(light, s) for s, _ in sets]
-    missing = list(dict.fromkeys(name for (_, run), shapes in zip(sets, per_set) if run
-                                 for name in _unknown(light, shapes)))
-    if missing:  # one session, one run per set that the original runs at
-        ran = _run_for_shapes(model, missing, [s for s, run in sets if run])
-        for shapes, found in zip(per_set, ran):
-            shapes.update(found)
-    symbol_of = _symbols_by_values(model, sizes, [s for s, _ in sets])
-    first, *others = per_set
-    for name, (elem_type, dims) in first.items():
-        value = light.graph.value_info.add()
-        value.name = name
-        value.type.tensor_type.elem_type = elem_type
-        if dims is None:
-            continue
-        theirs = [o[name][1] if name in o else None for o in others]
-        shape = value.type.tensor_type.shape
-        shape.SetInParent()
-        for k, d in enumerate(dims):
-            dim = shape.dim.add()
-            values = (d, *(t[k] if t is not None and len(t) == len(dims) else None
-                           for t in theirs))
-            if d is not None and all(v == d for v in values):
-                dim.dim_value = d
-            elif values in symbol_of:
-                dim.dim_param = symbol_of[values]
-    return light
-
-
-def _symbols_by_values(model: onnx.ModelProto, sizes: InputSizes,
-                       size_sets: list[dict[str, tuple[int, ...]]]) -> dict[tuple, str]:
-    """Input symbols by the values they take across ``size_sets``, where that is unambiguous.
-
-    A varying dim whose values equal exactly one input symbol's in every set (a batch carried
-    through the graph) keeps that symbol, as onnx's symbolic inference would name it, so a
-    Reshape target assembled from ``Shape(x)[0]`` is seen to match its input's batch. Other
-    varying dims stay unnamed: unknown, and never equal to anything.
-    """
-    by_values: dict[tuple, set[str]] = {}
-    for d in sizes.dims:
-        values = tuple(s[d.input][d.axis] for s in size_sets)
-        by_values.setdefault(values, set()).add(_dim_symbol(model, d))
-    return {v: next(iter(s)) for v, s in by_values.items() if len(s) == 1}
-
-
-def _dim_symbol(model: onnx.ModelProto, d: SymbolicDim) -> str:
-    """The name the analysis reads for the input dim ``d`` (its dim_param, or a token of its
-    own for an anonymous dim, as ``deps.shape_values.symbolic_dims`` writes it)."""
-    if d.symbol != f"{d.input}:{d.axis}":
-        return d.symbol
-    return f"?{d.input}#{d.axis}"
-
-
-def _varied(sizes: InputSizes) -> dict[str, tuple[int, ...]] | None:
-    """For inference only: the symbols the secondary set leaves unchanged (all, without one),
-    doubled, so that no dim that depends on them passes for a constant. None if not needed."""
-    base = sizes.secondary or sizes.primary
-    varied = {n: list(s) for n, s in base.items()}
-    changed = False
-    for d in sizes.dims:
-        if base[d.input][d.axis] == sizes.primary[d.input][d.axis]:
-            varied[d.input][d.axis] *= 2
-            changed = True
-    return {n: tuple(s) for n, s in varied.items()} if changed else None
-
-
-Shapes = dict[str, tuple[int, "list[int | None] | None"]]
-
-
-def _shapes_at(light: onnx.ModelProto, sizes: dict[str, tuple[int, ...]]) -> Shapes:
-    """name -> (elem_type, dims or None) of the tensors onnx infers at ``sizes``."""
-    concrete = onnx.ModelProto()
-    concrete.CopyFrom(light)
-    for value in concrete.graph.input:
-        if value.name in sizes:
-            for dim, size in zip(value.type.tensor_type.shape.dim, sizes[value.name]):
-                dim.ClearField("dim_param")
-                dim.dim_value = int(size)
-    for value in concrete.graph.output:  # declared symbolic output dims would be merged in
-        value.type.tensor_type.ClearField("shape")
-    try:
-        inferred = onnx.shape_inference.infer_shapes(concrete, data_prop=True)
-    except Exception as err:  # inconsistent at this size: whatever stays unknown is blocked
-        logger.debug("onnx shape inference failed at %s: %s", sizes, err)
-        inferred = concrete
-    shapes: Shapes = {}
-    for value in (*inferred.graph.value_info, *inferred.graph.output):
-        ttype = value.type.tensor_type
-        dims = None
-        if ttype.HasField("shape"):
-            dims = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
-                    for d in ttype.shape.dim]
-        shapes[value.name] = (ttype.elem_type, dims)
-    return shapes
-
-
-def _unknown(light: onnx.ModelProto, shapes: Shapes) -> list[str]:
-    """Node outputs whose shape (or some dim of it) onnx left unknown."""
-    return [o for n in light.graph.node for o in n.output
-            if o and (shapes.get(o, (0, None))[1] is None or None in shapes[o][1])]
-
-
-def _run_for_shapes(model: onnx.ModelProto, names: list[str],
-                    size_sets: list[dict[str, tuple[int, ...]]]) -> list[Shapes]:
-    """Shapes of ``names`` from onnxruntime runs of ``model``, one per size set, in one session
-    (empty where it cannot run)."""
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    present = {o.name for o in exposed.graph.output}
-    wanted = list(names)
-    for name in wanted:
-        if name not in present:
-            exposed.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    try:
-        session = make_session(exposed, quiet=True)
-    except Exception as err:  # they stay unknown (and block whatever channels reach them)
-        logger.debug("onnxruntime cannot load the model for shapes: %s", err)
-        return [{} for _ in size_sets]
-    found: list[Shapes] = []
-    for sizes in size_sets:
-        shapes: Shapes = {}
-        try:
-            values = session.run(wanted, random_inputs(model, 0, sizes))
-        except Exception as err:  # as above: unknown
-            logger.debug("onnxruntime could not run the model for shapes: %s", err)
-            values = []
-        for name, value in zip(wanted, values):
-            if isinstance(value, np.ndarray):  # a sequence or map has no tensor shape
-                shapes[name] = (onnx.helper.np_dtype_to_tensor_dtype(value.dtype),
-                                list(value.shape))
-        found.append(shapes)
-    return found
+# shape inference at these sizes: ``shapes_at.infer_shapes_at``
