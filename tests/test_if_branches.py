@@ -29,13 +29,14 @@ def _weight(rng: np.random.Generator, name: str, shape: list[int]) -> onnx.Tenso
 
 
 def _branch(tag: str, rng: np.random.Generator, outer: list[onnx.TensorProto], *,
-            constant_node: bool, batch) -> onnx.GraphProto:
-    """``{tag}_conv1`` (3 -> 8, weight in the branch) -> Relu -> ``{tag}_conv2`` (8 -> 4,
-    weight at the top level) -> the branch output."""
-    w1, b1 = _weight(rng, f"{tag}.w1", [8, 3, 3, 3]), _weight(rng, f"{tag}.b1", [8])
+            constant_node: bool, batch, source: str = "x") -> onnx.GraphProto:
+    """``{tag}_conv1`` (reads ``source``: 3 -> 8, or 8 -> 8 from the outer ``h``; weight in
+    the branch) -> Relu -> ``{tag}_conv2`` (8 -> 4, weight at the top level) -> the output."""
+    width = 3 if source == "x" else 8
+    w1, b1 = _weight(rng, f"{tag}.w1", [8, width, 3, 3]), _weight(rng, f"{tag}.b1", [8])
     outer.append(_weight(rng, f"{tag}.w2", [4, 8, 1, 1]))
-    nodes = [helper.make_node("Conv", ["x", w1.name, b1.name], [f"{tag}_c1"], name=f"{tag}_conv1",
-                              pads=[1, 1, 1, 1]),
+    nodes = [helper.make_node("Conv", [source, w1.name, b1.name], [f"{tag}_c1"],
+                              name=f"{tag}_conv1", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", [f"{tag}_c1"], [f"{tag}_r1"], name=f"{tag}_relu"),
              helper.make_node("Conv", [f"{tag}_r1", f"{tag}.w2"], [f"{tag}_y"],
                               name=f"{tag}_conv2")]
@@ -48,15 +49,22 @@ def _branch(tag: str, rng: np.random.Generator, outer: list[onnx.TensorProto], *
         initializers)
 
 
-def if_model(batch=1, inferred: bool = False) -> onnx.ModelProto:
+def if_model(batch=1, inferred: bool = False, reads_outer: bool = False) -> onnx.ModelProto:
     """y = If(sr == 16000, then: conv chain, else: another conv chain)(x); ``inferred``: with
-    the branches' value_info written (as exporters do), so the oracle masks their inputs."""
+    the branches' value_info written (as exporters do), so the oracle masks their inputs;
+    ``reads_outer``: both branches read ``h = Relu(conv0(x))``, computed outside the If."""
     rng = np.random.default_rng(20)
     outer: list[onnx.TensorProto] = [numpy_helper.from_array(np.array(RATE, np.int64), "rate")]
-    then_branch = _branch("then", rng, outer, constant_node=False, batch=batch)
-    else_branch = _branch("else", rng, outer, constant_node=True, batch=batch)
+    source = "h" if reads_outer else "x"
+    then_branch = _branch("then", rng, outer, constant_node=False, batch=batch, source=source)
+    else_branch = _branch("else", rng, outer, constant_node=True, batch=batch, source=source)
+    before = []
+    if reads_outer:
+        outer.append(_weight(rng, "w0", [8, 3, 1, 1]))
+        before = [helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0"),
+                  helper.make_node("Relu", ["c0"], ["h"], name="relu0")]
     graph = helper.make_graph(
-        [helper.make_node("Equal", ["sr", "rate"], ["is_rate"], name="is_rate"),
+        [*before, helper.make_node("Equal", ["sr", "rate"], ["is_rate"], name="is_rate"),
          helper.make_node("If", ["is_rate"], ["y"], name="by_rate", then_branch=then_branch,
                           else_branch=else_branch)],
         "if_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8]),
@@ -95,12 +103,18 @@ def test_the_branch_value_of_an_integer_input_is_drawn() -> None:
     assert RATE in drawn and len(drawn) == 2
 
 
-@pytest.mark.parametrize("batch, inferred", [(1, False), ("batch", False), (1, True)])
-def test_layers_inside_if_branches_are_pruned_and_both_branches_verified(batch, inferred
-                                                                         ) -> None:
-    model = if_model(batch, inferred)
+@pytest.mark.parametrize("batch, inferred, reads_outer", [
+    (1, False, False), ("batch", False, False), (1, True, False), (1, True, True),
+    (1, False, True)])
+def test_layers_inside_if_branches_are_pruned_and_both_branches_verified(
+        batch, inferred, reads_outer) -> None:
+    model = if_model(batch, inferred, reads_outer)
     result = onnx_fpgm.prune(model, 0.5)
     assert {"then_conv1", "else_conv1"} <= pruned_layers(result)
+    if reads_outer:  # the outer layer both branches read is pruned, its readers sliced alike
+        assert "conv0" in pruned_layers(result)
+        for attr, tag in (("then_branch", "then"), ("else_branch", "else")):
+            assert _dims(_branch_graph(result.model, attr), f"{tag}.w1")[1] == 4
     assert not {"then_conv2", "else_conv2"} & pruned_layers(result)  # they reach If's outputs
     pruned = result.model
     then_g, else_g = _branch_graph(pruned, "then_branch"), _branch_graph(pruned, "else_branch")

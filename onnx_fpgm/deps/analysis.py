@@ -88,11 +88,10 @@ def _walk_branches(node: gs.Node, ctx: AnalysisContext) -> None:
     """An If's branches are part of the channel analysis: a layer inside one (its weights
     stored in the branch, or outer constants) creates atoms like any other, and a group that
     stays inside the branch is pruned there. The If's outputs carry no map, so channels that
-    reach a branch's outputs are blocked (kept whole in both branches), and so are the outer
-    tensors with channels that a branch reads (the rewrite does not follow them in)."""
-    reason = f"consumed by control-flow op If ({node.name}), left untouched"
-    ctx.block_inputs(node, reason)
-    _block_outer_references(node, ctx, reason)
+    reach a branch's outputs are blocked (kept whole in both branches). An outer tensor with
+    channels that a branch reads is followed in by the branch's handlers like any other input,
+    so its readers in both branches are rewritten (and masked by the oracle) alike."""
+    ctx.block_inputs(node, f"consumed by control-flow op If ({node.name}) as its condition")
     outer = ctx.graph
     for branch in if_branches(node):
         ctx.graph = branch  # a handler asking for "the graph's outputs" means the branch's
