@@ -171,3 +171,42 @@ def test_an_anonymous_state_batch_is_probed_at_the_batch_size() -> None:
     assert sizes.primary == {"x": (1, 16), "state": (2, 1, 4)}
     assert sizes.secondary is not None and sizes.secondary["state"][1] == \
         sizes.secondary["x"][0] == 2
+
+
+def _scripted_branches() -> onnx.ModelProto:
+    """A torch module with data-dependent control flow (``if sr == 16000``), scripted and
+    exported (dynamo=False): an If whose branches hold their Conv1d weights."""
+    import io
+
+    import torch
+    from torch import nn
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a1, self.a2 = nn.Conv1d(2, 8, 3, padding=1), nn.Conv1d(8, 4, 1)
+            self.b1, self.b2 = nn.Conv1d(2, 8, 3, padding=1), nn.Conv1d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor, sr: torch.Tensor) -> torch.Tensor:
+            if bool(sr == 16000):  # RATE (a global: script cannot read it)
+                return self.a2(torch.relu(self.a1(x)))
+            return self.b2(torch.relu(self.b1(x)))
+
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.onnx.export(torch.jit.script(Branchy().eval()),
+                      (torch.randn(1, 2, 16), torch.tensor(RATE)), buffer, dynamo=False,
+                      input_names=["x", "sr"], output_names=["y"], opset_version=17)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+@pytest.mark.torch_export
+def test_a_scripted_torch_if_is_pruned_in_both_branches() -> None:
+    model = _scripted_branches()
+    assert [n.op_type for n in model.graph.node if n.op_type == "If"] == ["If"]
+    result = onnx_fpgm.prune(model, 0.5)
+    pruned = pruned_layers(result)
+    assert sum(1 for name in pruned if "Conv" in name) == 2, pruned  # a1 and b1
+    checked = result.report.verification["checked_at"]
+    assert len(checked) == 2 and any(f"sr={RATE}" in c for c in checked), checked
+    assert result.report.after.params < result.report.before.params
