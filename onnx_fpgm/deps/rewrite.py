@@ -31,7 +31,7 @@ def apply_plan(graph: gs.Graph, analysis: Analysis, removed_classes: np.ndarray,
     for part in graphs:
         ctx.graph, ctx.added_nodes = part, []  # copies a handler adds go into this graph
         for node in list(part.nodes):
-            if node.name not in touched and id(node) not in touched:
+            if id(node) not in touched:
                 continue
             handler = handler_for(node.op, node.domain or "")
             if handler is None:
@@ -97,5 +97,5 @@ def _touched_nodes(graphs: list[gs.Graph], analysis: Analysis, removed: np.ndarr
     for node in (n for g in graphs for n in g.nodes):
         names = [t.name for t in node.inputs if t is not None] + [t.name for t in node.outputs]
         if any(n in shrinking for n in names):
-            touched.add(node.name or id(node))
+            touched.add(id(node))  # names may repeat across an If's branches
     return touched
