@@ -210,3 +210,15 @@ def test_a_scripted_torch_if_is_pruned_in_both_branches() -> None:
     checked = result.report.verification["checked_at"]
     assert len(checked) == 2 and any(f"sr={RATE}" in c for c in checked), checked
     assert result.report.after.params < result.report.before.params
+
+
+def test_a_params_target_counts_the_layers_in_branches() -> None:
+    """The cost model counted the top graph's constants only: the branches' layers were no
+    saving, and 0.7 of the params was out of reach (best 0.98)."""
+    model = if_model(1, True, True)
+    result = onnx_fpgm.prune(model, target_params=0.7)
+    target = result.report.target
+    assert target.achieved <= 0.7
+    assert target.estimated == pytest.approx(target.achieved)
+    assert result.report.after.params / result.report.before.params == \
+        pytest.approx(target.achieved)
