@@ -249,10 +249,9 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
         report.notes.append(
             f"{len(in_bodies)} layer(s) inside If/Loop/Scan bodies left untouched "
             f"({', '.join(in_bodies[:4])}{', ...' if len(in_bodies) > 4 else ''}): onnx-fpgm "
-            "prunes inside an If's branches only channels that stay inside the branch (not "
-            "those reaching the If's outputs or read from outside), and no Loop/Scan body; an "
-            "export without control flow (e.g. one traced at a fixed sample rate or sequence "
-            "length) can be pruned there")
+            "prunes inside If/Loop/Scan bodies only channels that stay inside the body (not "
+            "those reaching its outputs); an export without control flow (e.g. one traced at "
+            "a fixed sample rate or sequence length) can be pruned there")
     if not analysis.sources:
         report.notes.append("no prunable layer: the model has no Conv, ConvTranspose, Gemm or "
                             "MatMul with constant weights (stored, or dequantized from stored "

@@ -24,7 +24,7 @@ import logging
 
 import onnx_graphsurgeon as gs
 
-from ..model.outer_scope import if_branches
+from ..model.outer_scope import walked_bodies
 from .blocks import block_split_readers
 from .channels import Analysis
 from .context import AnalysisContext
@@ -40,7 +40,7 @@ def build_analysis(graph: gs.Graph, opset: int,
     """Propagate channel maps through ``graph`` (topologically ordered) and build the groups.
 
     ``overridable`` names initializers that are also graph inputs: not treated as constants.
-    The branches of an If are walked in place (``_walk_branches``); Loop/Scan bodies are not.
+    The bodies of If/Loop/Scan nodes are walked in place (``_walk_bodies``).
     """
     ctx = AnalysisContext(graph, opset, overridable)
     _walk(graph.nodes, ctx)
@@ -52,13 +52,13 @@ def build_analysis(graph: gs.Graph, opset: int,
 
 
 def _walk(nodes: list[gs.Node], ctx: AnalysisContext) -> None:
-    """Propagate through ``nodes`` in order; an If's branches are walked in place (below)."""
+    """Propagate through ``nodes`` in order; If/Loop/Scan bodies are walked in place."""
     for node in nodes:
         if ctx.refined:
             refine_shapes(node, ctx)
         ctx.check_shape_taint(node)
-        if if_branches(node):
-            _walk_branches(node, ctx)
+        if walked_bodies(node):
+            _walk_bodies(node, ctx)
             continue
         subgraph_reason = _subgraph_reason(node)
         handler = handler_for(node.op, node.domain or "")
@@ -84,25 +84,26 @@ def _walk(nodes: list[gs.Node], ctx: AnalysisContext) -> None:
                 ctx.split_maps.pop(out.name, None)
 
 
-def _walk_branches(node: gs.Node, ctx: AnalysisContext) -> None:
-    """An If's branches are part of the channel analysis: a layer inside one (its weights
-    stored in the branch, or outer constants) creates atoms like any other, and a group that
-    stays inside the branch is pruned there. The If's outputs carry no map, so channels that
-    reach a branch's outputs are blocked (kept whole in both branches). An outer tensor with
-    channels that a branch reads is followed in by the branch's handlers like any other input,
-    so its readers in both branches are rewritten (and masked by the oracle) alike."""
-    ctx.block_inputs(node, f"consumed by control-flow op If ({node.name}) as its condition")
+def _walk_bodies(node: gs.Node, ctx: AnalysisContext) -> None:
+    """The bodies of an If/Loop/Scan are part of the channel analysis: a layer inside one (its
+    weights stored in the body, or outer constants) creates atoms like any other, and a group
+    that stays inside the body is pruned there. The node's inputs (an If's condition, a Loop's
+    trip count and initial values, a Scan's sequences) and outputs carry no map, so channels
+    that reach them, or a body's outputs, are blocked (kept whole in every branch). An outer
+    tensor with channels that a body reads is followed in by the body's handlers like any other
+    input, so its readers in every body are rewritten (and masked by the oracle) alike."""
+    ctx.block_inputs(node, f"consumed by control-flow op {node.op} ({node.name}) as an input")
     outer = ctx.graph
-    for branch in if_branches(node):
-        ctx.graph = branch  # a handler asking for "the graph's outputs" means the branch's
-        _walk(branch.nodes, ctx)
+    for body in walked_bodies(node):
+        ctx.graph = body  # a handler asking for "the graph's outputs" means the body's
+        _walk(body.nodes, ctx)
         ctx.graph = outer
-        for out in branch.outputs:
-            ctx.block_tensor(out, f"reaches the outputs of If {node.name} (branch {branch.name}),"
-                                  " which stay whole")
+        for out in body.outputs:
+            ctx.block_tensor(out, f"reaches the outputs of {node.op} {node.name} (body "
+                                  f"{body.name}), which stay whole")
             if out.name in ctx.shape_maps:
                 ctx.block(ctx.shape_maps[out.name],
-                          f"channel count reaches the outputs of If {node.name}")
+                          f"channel count reaches the outputs of {node.op} {node.name}")
 
 
 def _subgraph_reason(node: gs.Node) -> str | None:

@@ -1,8 +1,8 @@
 """Apply a plan to the graph: every handler slices its node's constants and fixes attributes.
 
 Graph inputs/outputs never change (channels reaching them are blocked), node names are kept, and
-kept weights are copied bit-exactly with ``np.take`` in their original order. The branches of an
-If are rewritten like the top graph (their outputs never change either).
+kept weights are copied bit-exactly with ``np.take`` in their original order. The bodies of
+If/Loop/Scan are rewritten like the top graph (their outputs never change either).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import RewriteError
-from ..model.outer_scope import with_branches
+from ..model.outer_scope import with_bodies
 from .channels import Analysis
 from .registry import handler_for
 from .rewrite_context import RewriteContext
@@ -24,7 +24,7 @@ def apply_plan(graph: gs.Graph, analysis: Analysis, removed_classes: np.ndarray,
     if not len(removed_classes):
         return []
     removed = analysis.removed_atoms(removed_classes)
-    graphs = list(with_branches(graph))  # an If's branches are rewritten like the top graph
+    graphs = list(with_bodies(graph))  # bodies are rewritten like the top graph
     already_dead = [_dead_outputs(g) for g in graphs]
     ctx = RewriteContext(graph, analysis, removed, opset)
     touched = _touched_nodes(graphs, analysis, removed)
@@ -97,5 +97,5 @@ def _touched_nodes(graphs: list[gs.Graph], analysis: Analysis, removed: np.ndarr
     for node in (n for g in graphs for n in g.nodes):
         names = [t.name for t in node.inputs if t is not None] + [t.name for t in node.outputs]
         if any(n in shrinking for n in names):
-            touched.add(id(node))  # names may repeat across an If's branches
+            touched.add(id(node))  # names may repeat across bodies
     return touched

@@ -13,16 +13,16 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from ..errors import RewriteError
 from .io import _first_line, light_copy
-from .outer_scope import hoist_outer_constants, with_branches
+from .outer_scope import hoist_outer_constants, with_bodies
 
 
 def export_graph(graph: gs.Graph, like: onnx.ModelProto,
                  metadata: dict[str, str] | None = None) -> onnx.ModelProto:
     """Export ``graph`` with the IR version, opsets and metadata of ``like``; infer shapes.
 
-    Inner shapes of the graph and of its If branches (which the rewrite may have changed) are
-    dropped and inferred anew; the interfaces, a branch's too, keep theirs."""
-    parts = list(with_branches(graph))
+    Inner shapes of the graph and of its If/Loop/Scan bodies (which the rewrite may have
+    changed) are dropped and inferred anew; the interfaces, a body's too, keep theirs."""
+    parts = list(with_bodies(graph))
     io_names = {t.name for part in parts for t in (*part.inputs, *part.outputs)}
     for part in parts:
         for tensor in part.tensors().values():

@@ -14,7 +14,7 @@ from google.protobuf.message import Message
 
 from ..errors import ExportError, ModelLoadError
 from .light import _numel, check_light, light_copy  # noqa: F401  (io.light_copy for callers)
-from .outer_scope import all_graphs, proto_with_branches, with_branches
+from .outer_scope import all_graphs, proto_with_bodies, with_bodies
 from .runtime_ops import runtime_only_ops
 
 #: Protobuf refuses to serialise a single message above 2 GiB.
@@ -278,15 +278,15 @@ def _has_unknown_dims(model: onnx.ModelProto) -> bool:
 
 def import_graph(model: onnx.ModelProto, shapes: onnx.ModelProto | None = None) -> gs.Graph:
     """graph-surgeon graph of ``model``; tensor shapes/dtypes taken from ``shapes``' value_info
-    (its If branches' too, for the tensors inside them).
+    (its If/Loop/Scan bodies' too, for the tensors inside them).
 
     Passing the light inferred model keeps one copy of the weights in memory.
     """
     graph = gs.import_onnx(model)
     if shapes is None:
         return graph
-    infos = {v.name: v for g in proto_with_branches(shapes.graph) for v in g.value_info}
-    tensors = {name: t for g in with_branches(graph) for name, t in g.tensors().items()}
+    infos = {v.name: v for g in proto_with_bodies(shapes.graph) for v in g.value_info}
+    tensors = {name: t for g in with_bodies(graph) for name, t in g.tensors().items()}
     for name, tensor in tensors.items():
         info = infos.get(name)
         if info is None or not isinstance(tensor, gs.Variable) or tensor.shape is not None:

@@ -1,8 +1,8 @@
-"""Control-flow bodies (If/Loop/Scan subgraphs): the If branches pruning walks, and the bodies
-it leaves untouched (Loop/Scan).
+"""Control-flow bodies (If branches, Loop/Scan bodies): the graphs pruning walks with the top one.
 
-The branches of an If are part of the channel analysis and the rewrite (``if_branches``,
-``with_branches``): a layer inside one is pruned when its channels stay inside the branch.
+The bodies are part of the channel analysis and the rewrite (``walked_bodies``,
+``with_bodies``): a layer inside one is pruned when its channels stay inside the body (they do
+not reach its outputs, which carry values out of it or into the next iteration).
 
 Constants that bodies read from the outer graph stay in the outer graph. graph-surgeon exports a
 constant that only bodies read as an initializer of every body that reads it (silero VAD's LSTM
@@ -18,34 +18,34 @@ from collections.abc import Iterable, Iterator
 import onnx
 import onnx_graphsurgeon as gs
 
-#: The attributes of an If that hold its branches.
-IF_BRANCHES = ("then_branch", "else_branch")
+#: The attributes that hold the bodies the analysis walks, by op.
+WALKED = {"If": ("then_branch", "else_branch"), "Loop": ("body",), "Scan": ("body",)}
 
 
-def if_branches(node: gs.Node) -> list[gs.Graph]:
-    """The branches of an If node (graph-surgeon), else nothing."""
-    if node.op != "If":
-        return []
-    return [node.attrs[k] for k in IF_BRANCHES if isinstance(node.attrs.get(k), gs.Graph)]
+def walked_bodies(node: gs.Node) -> list[gs.Graph]:
+    """The bodies of an If/Loop/Scan node (graph-surgeon), else nothing."""
+    names = WALKED.get(node.op, ()) if (node.domain or "") in ("", "ai.onnx") else ()
+    return [node.attrs[k] for k in names if isinstance(node.attrs.get(k), gs.Graph)]
 
 
-def with_branches(graph: gs.Graph) -> Iterator[gs.Graph]:
-    """``graph``, then every If branch below it (nested ones too, through If branches only):
-    the graphs whose nodes the analysis and the rewrite visit."""
+def with_bodies(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """``graph``, then every walked body below it (nested ones too): the graphs whose nodes
+    the analysis and the rewrite visit."""
     yield graph
     for node in graph.nodes:
-        for branch in if_branches(node):
-            yield from with_branches(branch)
+        for body in walked_bodies(node):
+            yield from with_bodies(body)
 
 
-def proto_with_branches(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """``with_branches`` for a ``GraphProto``."""
+def proto_with_bodies(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``with_bodies`` for a ``GraphProto``."""
     yield graph
     for node in graph.node:
-        if node.op_type == "If":
+        if node.domain in ("", "ai.onnx"):
             for attr in node.attribute:
-                if attr.name in IF_BRANCHES and attr.type == onnx.AttributeProto.GRAPH:
-                    yield from proto_with_branches(attr.g)
+                if attr.name in WALKED.get(node.op_type, ()) and \
+                        attr.type == onnx.AttributeProto.GRAPH:
+                    yield from proto_with_bodies(attr.g)
 
 
 def hoist_outer_constants(model: onnx.ModelProto, like: onnx.ModelProto) -> int:

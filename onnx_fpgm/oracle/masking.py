@@ -6,7 +6,7 @@ consumer's input and shares every weight with the original (big models: no secon
 weights). ``masked_original`` zeroes the consumer weight slices in a copy, and sets a quantized
 weight to its zero point (QDQ weights through ``DequantizeLinear``, QOperator integer weights);
 it serves every consumer the first cannot mask (non-fp32/64 inputs, unknown ranks, quantized
-graphs). Both construct the consumers inside an If's branches too.
+graphs). Both construct the consumers inside If/Loop/Scan bodies too.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from ..deps.handlers.recurrent import R as RECURRENCE
 from ..deps.handlers.recurrent import hidden_output_map
 from ..deps.op_families import FEATURE_AXIS, RECURRENT_OPS
 from ..model import export
-from ..model.outer_scope import proto_with_branches, with_branches
+from ..model.outer_scope import proto_with_bodies, with_bodies
 from . import qdq
 
 
@@ -31,7 +31,7 @@ def masked_original(model: onnx.ModelProto, analysis: Analysis,
     graph = gs.import_onnx(model)
     consts = ConstantFolder(opset)
     counter, added = 0, False
-    nodes = [n for g in with_branches(graph) for n in g.nodes]
+    nodes = [n for g in with_bodies(graph) for n in g.nodes]
     for node, w_index_of, cmap, weight_axis in _weight_targets(nodes, analysis):
         gone = removed[cmap.labels]
         if not gone.any():
@@ -120,7 +120,7 @@ def mask_consumer_inputs(light: onnx.ModelProto, analysis: Analysis,
     rank); the caller then zeroes weight slices with ``masked_original``.
     """
     removed = analysis.removed_atoms(removed_classes)
-    graphs = list(proto_with_branches(light.graph))  # an If's branches are masked in place
+    graphs = list(proto_with_bodies(light.graph))  # bodies are masked in place
     float_inputs = {v.name: v.type.tensor_type.elem_type for v in light.graph.input}
     for graph in graphs:
         float_inputs.update({t.name: t.data_type for t in graph.initializer})

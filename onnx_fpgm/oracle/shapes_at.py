@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from ..model.io import light_copy
-from ..model.outer_scope import proto_with_branches
+from ..model.outer_scope import proto_with_bodies
 from ..model.runtime import make_session, random_inputs
 from .input_sizes import InputSizes, SymbolicDim
 
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 def infer_shapes_at(model: onnx.ModelProto, sizes: InputSizes) -> onnx.ModelProto:
     """Shapes of every tensor of ``model`` (light copy, value_info) for the analysis; the
-    tensors inside If branches are listed there too (their names are unique model-wide).
+    tensors inside If/Loop/Scan bodies are listed there too (their names are unique model-wide).
 
     onnx's inference (data propagation on) runs on copies whose inputs are concrete, once per
     size set: with numbers it resolves what it cannot with symbols, in milliseconds, where
@@ -127,7 +127,7 @@ def _shapes_at(light: onnx.ModelProto, sizes: dict[str, tuple[int, ...]]) -> Sha
         logger.debug("onnx shape inference failed at %s: %s", sizes, err)
         inferred = concrete
     shapes: Shapes = {}
-    branches = list(proto_with_branches(inferred.graph))[1:]  # names are unique model-wide
+    branches = list(proto_with_bodies(inferred.graph))[1:]  # names are unique model-wide
     for value in (*inferred.graph.value_info, *inferred.graph.output,
                   *(v for b in branches for v in b.value_info)):
         ttype = value.type.tensor_type
