@@ -268,3 +268,27 @@ def test_layers_inside_a_loop_body_are_pruned(inferred: bool) -> None:
     check = verify(model, result.model, analysis=result.analysis,
                    removed_classes=result.plan.removed_classes, opset=17, seed=11)
     assert check, check.summary()
+
+
+def test_an_integer_compared_inside_a_branch_has_choices() -> None:
+    """``sr`` is compared only inside an If branch (a nested choice): the walk over its
+    readers enters the branches, so 8000 is drawn as well."""
+    scalar = helper.make_tensor_value_info
+    then_branch = helper.make_graph(
+        [helper.make_node("Constant", [], ["rate8k"], value=numpy_helper.from_array(
+            np.array(8000, np.int64), "rate8k")),
+         helper.make_node("Equal", ["sr", "rate8k"], ["is8k"]),
+         helper.make_node("Cast", ["is8k"], ["then_y"], to=TensorProto.FLOAT)],
+        "then", [], [scalar("then_y", TensorProto.FLOAT, [])])
+    else_branch = helper.make_graph(
+        [helper.make_node("Constant", [], ["else_y"], value=numpy_helper.from_array(
+            np.array(0.5, np.float32), "half"))],
+        "else", [], [scalar("else_y", TensorProto.FLOAT, [])])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["y"], then_branch=then_branch,
+                          else_branch=else_branch)],
+        "nested", [scalar("flag", TensorProto.BOOL, []), scalar("sr", TensorProto.INT64, [])],
+        [scalar("y", TensorProto.FLOAT, [])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    assert integer_ranges(model)["sr"].choices == (8000,)

@@ -29,6 +29,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .outer_scope import all_graphs
+
 #: Integers that reach no known index or mask use are drawn from [0, DEFAULT_HIGH).
 DEFAULT_HIGH = 4
 #: A scalar that bounds a ``Range`` is drawn from [1, RANGE_HIGH).
@@ -85,19 +87,24 @@ class _Walk:
     """Consumers, constants and static shapes of one graph, for following inputs."""
 
     def __init__(self, graph: onnx.GraphProto, initializers: dict[str, onnx.TensorProto]):
+        # readers inside control-flow bodies count too (an If branch comparing the input)
+        graphs = list(all_graphs(graph))
+        nodes = [node for g in graphs for node in g.node]
         self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-        for node in graph.node:
+        for node in nodes:
             for k, name in enumerate(node.input):
                 if name:
                     self.consumers.setdefault(name, []).append((node, k))
         self.constants: dict[str, onnx.TensorProto] = dict(initializers)
-        for node in graph.node:
+        for body in graphs[1:]:
+            self.constants.update({t.name: t for t in body.initializer})
+        for node in nodes:
             if node.op_type == "Constant" and node.output:
                 for attr in node.attribute:
                     if attr.name == "value":
                         self.constants[node.output[0]] = attr.t
         self.shapes: dict[str, list[int | None]] = {}
-        for value in (*graph.input, *graph.value_info, *graph.output):
+        for value in (*graph.input, *(v for g in graphs for v in g.value_info), *graph.output):
             ttype = value.type.tensor_type
             if ttype.HasField("shape"):
                 self.shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None
