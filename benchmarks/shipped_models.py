@@ -128,7 +128,8 @@ def symbolic_engine_s(model) -> float:
 def measure(path: Path, sparsity: float, rounds: int) -> tuple[dict, dict]:
     import onnx_fpgm
     from onnx_fpgm.model import io
-    from onnx_fpgm.oracle.input_sizes import choose_sizes, infer_shapes_at
+    from onnx_fpgm.oracle.input_sizes import choose_sizes
+    from onnx_fpgm.oracle.sized_shapes import infer_shapes_at
 
     onnx_fpgm.prune(path, sparsity)  # warm-up: torch import, first sessions
     result = onnx_fpgm.prune(path, sparsity)

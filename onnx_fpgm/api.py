@@ -245,13 +245,17 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
             "their integer weights, scales and zero points stay whole; QDQ models (weights "
             "through DequantizeLinear) are pruned: quantize with the QDQ format, or prune the "
             "float model before quantizing")
-    in_bodies = layers_in_bodies(original, (*MAC_OPS, *RECURRENT_OPS))
+    removed = analysis.removed_atoms(plan.removed_classes)
+    changed = {m.node for m in analysis.members if removed[m.atoms].any()}
+    in_bodies = [layer for layer in layers_in_bodies(original, (*MAC_OPS, *RECURRENT_OPS))
+                 if layer.split(" ", 1)[1] not in changed]
     if in_bodies:
         report.notes.append(
             f"{len(in_bodies)} layer(s) inside If/Loop/Scan bodies left untouched "
             f"({', '.join(in_bodies[:4])}{', ...' if len(in_bodies) > 4 else ''}): onnx-fpgm "
-            "does not prune control-flow bodies; an export without control flow (e.g. one "
-            "traced at a fixed sample rate or sequence length) can be pruned there")
+            "prunes inside If/Loop/Scan bodies only channels that stay inside the body (not "
+            "those reaching its outputs); an export without control flow (e.g. one traced at "
+            "a fixed sample rate or sequence length) can be pruned there")
     if not analysis.sources:
         report.notes.append("no prunable layer: the model has no Conv, ConvTranspose, Gemm or "
                             "MatMul with constant weights (stored, or dequantized from stored "

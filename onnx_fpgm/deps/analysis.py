@@ -24,6 +24,7 @@ import logging
 
 import onnx_graphsurgeon as gs
 
+from ..model.outer_scope import walked_bodies
 from .blocks import block_split_readers
 from .channels import Analysis
 from .context import AnalysisContext
@@ -39,12 +40,26 @@ def build_analysis(graph: gs.Graph, opset: int,
     """Propagate channel maps through ``graph`` (topologically ordered) and build the groups.
 
     ``overridable`` names initializers that are also graph inputs: not treated as constants.
+    The bodies of If/Loop/Scan nodes are walked in place (``_walk_bodies``).
     """
     ctx = AnalysisContext(graph, opset, overridable)
-    for node in graph.nodes:
+    _walk(graph.nodes, ctx)
+    for out in graph.outputs:
+        ctx.block_tensor(out, f"reaches graph output {out.name}")
+        if out.name in ctx.shape_maps:
+            ctx.block(ctx.shape_maps[out.name], f"channel count reaches graph output {out.name}")
+    return ctx.finish()
+
+
+def _walk(nodes: list[gs.Node], ctx: AnalysisContext) -> None:
+    """Propagate through ``nodes`` in order; If/Loop/Scan bodies are walked in place."""
+    for node in nodes:
         if ctx.refined:
             refine_shapes(node, ctx)
         ctx.check_shape_taint(node)
+        if walked_bodies(node):
+            _walk_bodies(node, ctx)
+            continue
         subgraph_reason = _subgraph_reason(node)
         handler = handler_for(node.op, node.domain or "")
         if subgraph_reason:
@@ -67,11 +82,28 @@ def build_analysis(graph: gs.Graph, opset: int,
             for out in node.outputs:
                 ctx.maps.pop(out.name, None)
                 ctx.split_maps.pop(out.name, None)
-    for out in graph.outputs:
-        ctx.block_tensor(out, f"reaches graph output {out.name}")
-        if out.name in ctx.shape_maps:
-            ctx.block(ctx.shape_maps[out.name], f"channel count reaches graph output {out.name}")
-    return ctx.finish()
+
+
+def _walk_bodies(node: gs.Node, ctx: AnalysisContext) -> None:
+    """The bodies of an If/Loop/Scan are part of the channel analysis: a layer inside one (its
+    weights stored in the body, or outer constants) creates atoms like any other, and a group
+    that stays inside the body is pruned there. The node's inputs (an If's condition, a Loop's
+    trip count and initial values, a Scan's sequences) and outputs carry no map, so channels
+    that reach them, or a body's outputs, are blocked (kept whole in every branch). An outer
+    tensor with channels that a body reads is followed in by the body's handlers like any other
+    input, so its readers in every body are rewritten (and masked by the oracle) alike."""
+    ctx.block_inputs(node, f"consumed by control-flow op {node.op} ({node.name}) as an input")
+    outer = ctx.graph
+    for body in walked_bodies(node):
+        ctx.graph = body  # a handler asking for "the graph's outputs" means the body's
+        _walk(body.nodes, ctx)
+        ctx.graph = outer
+        for out in body.outputs:
+            ctx.block_tensor(out, f"reaches the outputs of {node.op} {node.name} (body "
+                                  f"{body.name}), which stay whole")
+            if out.name in ctx.shape_maps:
+                ctx.block(ctx.shape_maps[out.name],
+                          f"channel count reaches the outputs of {node.op} {node.name}")
 
 
 def _subgraph_reason(node: gs.Node) -> str | None:

@@ -10,6 +10,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..model.outer_scope import with_bodies
 from .blocks import SplitMap, SplitRecord, resolve_splits
 from .channels import Analysis, ChannelMap, Group, Member, Source
 from .constants import FOLDABLE_OPS, ConstantFolder
@@ -277,7 +278,7 @@ class AnalysisContext:
                     class_blocked[c] = f"constant channels of {where} meet no filters"
 
     def _ranks(self) -> dict[str, int]:
-        tensors = self.graph.tensors()
+        tensors = {name: t for g in with_bodies(self.graph) for name, t in g.tensors().items()}
         ranks = {}
         for name in [*self.maps, *self.split_maps]:
             shape = tensors[name].shape if name in tensors else None

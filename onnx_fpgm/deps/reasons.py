@@ -26,9 +26,10 @@ REASONS: tuple[ReasonKind, ...] = (
     ReasonKind("ops without a handler", r"unsupported op|could not analyse",
                "Channels consumed by an op the engine has no handler for (TopK, "
                "QOperator ops such as QLinearConv, custom domains, ...). Unknown ops are never assumed to be element-wise."),
-    ReasonKind("control flow", r"control-flow op",
-               "Channels read by If/Loop/Scan or inside their subgraphs, which are left "
-               "untouched."),
+    ReasonKind("control flow", r"control-flow op|outputs of (If|Loop|Scan)",
+               "Channels that are an input of If/Loop/Scan, or reach the outputs of one of "
+               "their bodies (kept whole in every branch). Layers inside the bodies are pruned "
+               "where their channels stay in the body."),
     ReasonKind("ops that mix channels",
                r"normalises (over the channel axis|across channels)|reduces over (the channel "
                r"axis|all axes)|indexes channels|steps over channels",

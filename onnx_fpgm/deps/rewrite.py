@@ -1,7 +1,8 @@
 """Apply a plan to the graph: every handler slices its node's constants and fixes attributes.
 
 Graph inputs/outputs never change (channels reaching them are blocked), node names are kept, and
-kept weights are copied bit-exactly with ``np.take`` in their original order.
+kept weights are copied bit-exactly with ``np.take`` in their original order. The bodies of
+If/Loop/Scan are rewritten like the top graph (their outputs never change either).
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import RewriteError
+from ..model.outer_scope import with_bodies
 from .channels import Analysis
 from .registry import handler_for
 from .rewrite_context import RewriteContext
@@ -22,29 +24,34 @@ def apply_plan(graph: gs.Graph, analysis: Analysis, removed_classes: np.ndarray,
     if not len(removed_classes):
         return []
     removed = analysis.removed_atoms(removed_classes)
-    already_dead = _dead_outputs(graph)
+    graphs = list(with_bodies(graph))  # bodies are rewritten like the top graph
+    already_dead = [_dead_outputs(g) for g in graphs]
     ctx = RewriteContext(graph, analysis, removed, opset)
-    touched = _touched_nodes(graph, analysis, removed)
-    for node in graph.nodes:
-        if node.name not in touched and id(node) not in touched:
-            continue
-        handler = handler_for(node.op, node.domain or "")
-        if handler is None:
-            raise RewriteError(f"{node.op} {node.name} touches pruned channels but has no handler")
-        try:
-            handler.apply(node, ctx)
-        except RewriteError:
-            raise
-        except Exception as err:
-            raise RewriteError(f"rewriting {node.op} {node.name} failed: {err}") from err
+    touched = _touched_nodes(graphs, analysis, removed)
+    for part in graphs:
+        ctx.graph, ctx.added_nodes = part, []  # copies a handler adds go into this graph
+        for node in list(part.nodes):
+            if id(node) not in touched:
+                continue
+            handler = handler_for(node.op, node.domain or "")
+            if handler is None:
+                raise RewriteError(f"{node.op} {node.name} touches pruned channels but has no "
+                                   "handler")
+            try:
+                handler.apply(node, ctx)
+            except RewriteError:
+                raise
+            except Exception as err:
+                raise RewriteError(f"rewriting {node.op} {node.name} failed: {err}") from err
+        if ctx.added_nodes:  # private copies (quantizers, shape paths) were appended at the end
+            _place_added(part, ctx.added_nodes)
     # Remove what our copies made unused (constant chains we replaced), not branches that fed
     # no output before: those are the user's and stay, like every other node.
-    outputs = list(graph.outputs)
-    graph.outputs.extend(already_dead)
-    graph.cleanup(remove_unused_graph_inputs=False)
-    graph.outputs = outputs
-    if ctx.added_nodes:  # private copies (quantizers, shape paths) were appended at the end
-        _place_added(graph, ctx.added_nodes)
+    for part, dead in zip(graphs, already_dead):
+        outputs = list(part.outputs)
+        part.outputs.extend(dead)
+        part.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
+        part.outputs = outputs
     return ctx.notes
 
 
@@ -83,12 +90,12 @@ def _dead_outputs(graph: gs.Graph) -> list[gs.Tensor]:
     return dead
 
 
-def _touched_nodes(graph: gs.Graph, analysis: Analysis, removed: np.ndarray) -> set:
+def _touched_nodes(graphs: list[gs.Graph], analysis: Analysis, removed: np.ndarray) -> set:
     """Nodes reading or writing a tensor that loses channels."""
     shrinking = {name for name, labels in analysis.all_labels() if removed[labels].any()}
     touched: set = set()
-    for node in graph.nodes:
+    for node in (n for g in graphs for n in g.nodes):
         names = [t.name for t in node.inputs if t is not None] + [t.name for t in node.outputs]
         if any(n in shrinking for n in names):
-            touched.add(node.name or id(node))
+            touched.add(id(node))  # names may repeat across bodies
     return touched

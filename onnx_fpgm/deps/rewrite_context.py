@@ -24,6 +24,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from ..errors import RewriteError
+from ..model.outer_scope import with_bodies
 from .blocks import SplitMap, split_keep
 from .channels import Analysis, ChannelMap
 from .constants import ConstantFolder, block_size, constant_node_value, quantizer_of, root_constant
@@ -49,7 +50,8 @@ class RewriteContext:
         self._sources = {s.node for s in analysis.sources}
         self.consts = ConstantFolder(opset)
         self.notes: list[str] = []
-        self._names = {t for t in graph.tensors()} | {n.name for n in graph.nodes}
+        self._names = {t for g in with_bodies(graph) for t in g.tensors()} | \
+            {n.name for g in with_bodies(graph) for n in g.nodes}
         #: Nodes added by the rewrite (private quantizer copies): the graph needs a toposort.
         self.added_nodes: list[gs.Node] = []
         #: Sliced copies of shared constants, by (root, chain, axis, kept): readers slicing a

@@ -15,6 +15,7 @@ import onnx
 
 from ..deps.op_families import RECURRENT_OPS
 from ..model.io import light_copy
+from ..model.outer_scope import all_graphs
 from ..model.runtime import make_session, random_inputs
 
 
@@ -28,18 +29,21 @@ class ModelSize:
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Elements of every stored constant: initializers and Constant node values. A packed
-    weight of com.microsoft ``MatMulNBits`` counts its codes, ``8 // bits`` a byte (N x K
-    weights when K is a multiple of the block size), so an int4 model counts like its float
-    twin and the scales and zero points come on top."""
-    codes_per_byte = packed_weights(model.graph.node)
-    total = sum(int(np.prod(t.dims, dtype=np.int64)) * codes_per_byte.get(t.name, 1)
-                for t in model.graph.initializer)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    total += int(np.prod(attr.t.dims, dtype=np.int64))
+    """Elements of every stored constant: initializers and Constant node values, of the graph
+    and of its subgraphs (the layers in an If's branches). A packed weight of com.microsoft
+    ``MatMulNBits`` counts its codes, ``8 // bits`` a byte (N x K weights when K is a multiple
+    of the block size), so an int4 model counts like its float twin and the scales and zero
+    points come on top."""
+    total = 0
+    for graph in all_graphs(model.graph):
+        codes_per_byte = packed_weights(graph.node)
+        total += sum(int(np.prod(t.dims, dtype=np.int64)) * codes_per_byte.get(t.name, 1)
+                     for t in graph.initializer)
+        for node in graph.node:
+            if node.op_type == "Constant":
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        total += int(np.prod(attr.t.dims, dtype=np.int64))
     return total
 
 

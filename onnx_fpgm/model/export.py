@@ -13,17 +13,22 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from ..errors import RewriteError
 from .io import _first_line, light_copy
-from .outer_scope import hoist_outer_constants
+from .outer_scope import hoist_outer_constants, with_bodies
 
 
 def export_graph(graph: gs.Graph, like: onnx.ModelProto,
                  metadata: dict[str, str] | None = None) -> onnx.ModelProto:
-    """Export ``graph`` with the IR version, opsets and metadata of ``like``; infer shapes."""
-    io_names = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
-    for tensor in graph.tensors().values():
-        if isinstance(tensor, gs.Variable) and tensor.name not in io_names:
-            tensor.shape = None
-            tensor.dtype = None
+    """Export ``graph`` with the IR version, opsets and metadata of ``like``; infer shapes.
+
+    Inner shapes of the graph and of its If/Loop/Scan bodies (which the rewrite may have
+    changed) are dropped and inferred anew; the interfaces, a body's too, keep theirs."""
+    parts = list(with_bodies(graph))
+    io_names = {t.name for part in parts for t in (*part.inputs, *part.outputs)}
+    for part in parts:
+        for tensor in part.tensors().values():
+            if isinstance(tensor, gs.Variable) and tensor.name not in io_names:
+                tensor.shape = None
+                tensor.dtype = None
     model = export_onnx(graph)
     hoist_outer_constants(model, like)
     restore_interface_types(model, like)

@@ -13,6 +13,10 @@ and Add/Sub of a constant, which shift them) to the ops that use them as indices
   their embedding tables;
 * ``Range``: a scalar that bounds a range is drawn positive.
 
+An integer compared with constants (``Equal``; silero VAD's sample rate picks an If's branch
+with ``sr == 16000``) keeps those values as *choices*: the oracle draws each of them, then a
+value equal to none, one variant each (``variant_count``), so that every branch runs.
+
 An input named like a mask (``mask`` in its name), or one that only reaches a mask pattern
 (the condition of a ``Where``, ``1 - m``, a product after a cast to float), is drawn as 0/1
 with ones first along its last axis (at least one 1 per row), as attention masks are.
@@ -24,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from .outer_scope import all_graphs
 
 #: Integers that reach no known index or mask use are drawn from [0, DEFAULT_HIGH).
 DEFAULT_HIGH = 4
@@ -38,6 +44,8 @@ _CARRIED_INPUT = {"Cast": {0}, "CastLike": {0}, "Unsqueeze": {0}, "Squeeze": {0}
                   "Reshape": {0}, "Flatten": {0}, "Expand": {0}, "Slice": {0}, "Identity": {0},
                   "Transpose": {0}, "Tile": {0}, "Split": {0}, "Gather": {0},
                   "GatherElements": {0}}
+#: At most this many compared values of one input are drawn as choices.
+MAX_CHOICES = 4
 #: How far (in ops) an input is followed.
 _MAX_HOPS = 24
 #: com.microsoft EmbedLayerNormalization: index input -> its table input.
@@ -52,6 +60,8 @@ class IntegerRange:
     high: int = DEFAULT_HIGH
     mask: bool = False
     indexes: str | None = None  # what bounds it, for messages ("Gather emb (2 rows)")
+    #: Constants it is compared with (Equal): variant k < len draws choices[k] everywhere.
+    choices: tuple[int, ...] = ()
 
 
 def integer_ranges(model: onnx.ModelProto) -> dict[str, IntegerRange]:
@@ -77,19 +87,24 @@ class _Walk:
     """Consumers, constants and static shapes of one graph, for following inputs."""
 
     def __init__(self, graph: onnx.GraphProto, initializers: dict[str, onnx.TensorProto]):
+        # readers inside control-flow bodies count too (an If branch comparing the input)
+        graphs = list(all_graphs(graph))
+        nodes = [node for g in graphs for node in g.node]
         self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-        for node in graph.node:
+        for node in nodes:
             for k, name in enumerate(node.input):
                 if name:
                     self.consumers.setdefault(name, []).append((node, k))
         self.constants: dict[str, onnx.TensorProto] = dict(initializers)
-        for node in graph.node:
+        for body in graphs[1:]:
+            self.constants.update({t.name: t for t in body.initializer})
+        for node in nodes:
             if node.op_type == "Constant" and node.output:
                 for attr in node.attribute:
                     if attr.name == "value":
                         self.constants[node.output[0]] = attr.t
         self.shapes: dict[str, list[int | None]] = {}
-        for value in (*graph.input, *graph.value_info, *graph.output):
+        for value in (*graph.input, *(v for g in graphs for v in g.value_info), *graph.output):
             ttype = value.type.tensor_type
             if ttype.HasField("shape"):
                 self.shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None
@@ -100,6 +115,7 @@ class _Walk:
     def range_of(self, name: str) -> IntegerRange:
         low, high, bound_by = 0, None, None
         mask_use = positive = False
+        compared: set[int] = set()
         seen = set()
         frontier = [(name, 0, 0, False)]  # tensor, offset low, offset high, cast to float
         hops = 0
@@ -121,6 +137,9 @@ class _Walk:
                     if node.op_type == "Range":
                         positive = True
                         continue
+                    if node.op_type == "Equal" and olo == ohi == 0:
+                        compared |= self._compared_with(node, k)
+                        continue
                     if _is_mask_use(node, k, floated, self.constants):
                         mask_use = True
                         continue
@@ -136,12 +155,23 @@ class _Walk:
         if high is not None:
             if high <= low:
                 return IntegerRange(0, max(1, high), indexes=bound_by)
-            return IntegerRange(low, high, indexes=bound_by)
+            return IntegerRange(low, high, indexes=bound_by,
+                                choices=tuple(sorted(v for v in compared if low <= v < high)))
         if "mask" in name.lower() or mask_use:
             return IntegerRange(0, 2, mask=True)
         if positive:
-            return IntegerRange(1, RANGE_HIGH)
-        return IntegerRange()
+            return IntegerRange(1, RANGE_HIGH, choices=tuple(sorted(v for v in compared
+                                                                     if v >= 1)))
+        return IntegerRange(choices=tuple(sorted(compared)))
+
+    def _compared_with(self, node: onnx.NodeProto, k: int) -> set[int]:
+        """The values of the constant ``node`` (an Equal) compares input ``k`` with (a few)."""
+        if len(node.input) != 2:
+            return set()
+        other = self._value(node.input[1 - k])
+        if other is None or other.dtype.kind not in "iub" or not 0 < other.size <= MAX_CHOICES:
+            return set()
+        return {int(v) for v in other.reshape(-1)}
 
     def _index_bound(self, node: onnx.NodeProto, k: int) -> int | None:
         """The exclusive bound of input ``k`` of ``node`` where it is an index, else None."""
@@ -219,9 +249,17 @@ def _describe(node: onnx.NodeProto, bound: int) -> str:
     return f"{node.op_type} {node.name or node.output[0]} ({bound} rows)"
 
 
+def variant_count(ranges: dict[str, IntegerRange]) -> int:
+    """How many variants of random inputs run every value the integer inputs are compared with
+    (each choice, then one equal to none); 1 when no input has choices."""
+    return 1 + max((len(r.choices) for r in ranges.values()), default=0)
+
+
 def draw_integers(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype,
-                  spec: IntegerRange) -> np.ndarray:
-    """Seeded values of one integer/bool input as ``spec`` says."""
+                  spec: IntegerRange, variant: int | None = None) -> np.ndarray:
+    """Seeded values of one integer/bool input as ``spec`` says. With ``variant`` and choices,
+    variant k draws ``choices[k]`` everywhere, a later variant only values that are none of
+    them (so that each branch an Equal picks runs once)."""
     dtype = np.dtype(dtype)
     if spec.mask:
         return _mask(rng, shape).astype(dtype)
@@ -229,6 +267,13 @@ def draw_integers(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dt
         return rng.integers(0, 2, shape).astype(bool)
     info = np.iinfo(dtype)
     low, high = max(spec.low, int(info.min)), min(spec.high, int(info.max) + 1)
+    if variant is not None and spec.choices:
+        if variant < len(spec.choices):
+            return np.full(shape, spec.choices[variant], dtype)
+        others = [v for v in range(low, max(high, low + 1))[:len(spec.choices) + DEFAULT_HIGH]
+                  if v not in spec.choices]
+        if others:
+            return rng.choice(np.array(others), shape).astype(dtype)
     return rng.integers(low, max(high, low + 1), shape).astype(dtype)
 
 

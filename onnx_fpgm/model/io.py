@@ -14,6 +14,7 @@ from google.protobuf.message import Message
 
 from ..errors import ExportError, ModelLoadError
 from .light import _numel, check_light, light_copy  # noqa: F401  (io.light_copy for callers)
+from .outer_scope import all_graphs, proto_with_bodies, with_bodies
 from .runtime_ops import runtime_only_ops
 
 #: Protobuf refuses to serialise a single message above 2 GiB.
@@ -172,12 +173,14 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of stored tensors (initializers, Constant values), from their shapes and types.
+    """Bytes of stored tensors (initializers, Constant values; bodies' too), from their shapes
+    and types.
 
     Reading ``raw_data`` (or ``ByteSize()``) would copy the data: 0.45 s on a 531 MB model.
     External tensors that were not loaded (``load_mapped``) count with their size too.
     """
-    return sum(_numel(t) * _itemsize(t.data_type) for t in _stored_tensors(model))
+    return sum(_numel(t) * _itemsize(t.data_type)
+               for t in _stored_tensors(model, subgraphs=True))
 
 
 def too_large(model: onnx.ModelProto) -> bool:
@@ -185,12 +188,15 @@ def too_large(model: onnx.ModelProto) -> bool:
     return weight_bytes(model) + (1 << 24) >= PROTOBUF_LIMIT
 
 
-def _stored_tensors(model: onnx.ModelProto):
-    yield from model.graph.initializer
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
+def _stored_tensors(model: onnx.ModelProto, *, subgraphs: bool = False):
+    """Initializers and tensor attributes of the top graph (``subgraphs``: of its bodies too,
+    the weights of the layers in an If's branches)."""
+    for graph in all_graphs(model.graph) if subgraphs else (model.graph,):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -200,7 +206,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     with static inputs, which it does behind shape arithmetic such as TorchScript's ``chunk``
     (Shape -> Gather -> Div -> Slice), onnxruntime's symbolic shape inference is tried as well.
     Models with symbolic input dims are inferred at concrete sizes instead
-    (``input_sizes.infer_shapes_at``): the symbolic engine takes seconds on them (sympy), so it
+    (``sized_shapes.infer_shapes_at``): the symbolic engine takes seconds on them (sympy), so it
     is not tried here. Best effort: handlers block whatever stays unknown.
     """
     try:
@@ -271,15 +277,17 @@ def _has_unknown_dims(model: onnx.ModelProto) -> bool:
 
 
 def import_graph(model: onnx.ModelProto, shapes: onnx.ModelProto | None = None) -> gs.Graph:
-    """graph-surgeon graph of ``model``; tensor shapes/dtypes taken from ``shapes``' value_info.
+    """graph-surgeon graph of ``model``; tensor shapes/dtypes taken from ``shapes``' value_info
+    (its If/Loop/Scan bodies' too, for the tensors inside them).
 
     Passing the light inferred model keeps one copy of the weights in memory.
     """
     graph = gs.import_onnx(model)
     if shapes is None:
         return graph
-    infos = {v.name: v for v in shapes.graph.value_info}
-    for name, tensor in graph.tensors().items():
+    infos = {v.name: v for g in proto_with_bodies(shapes.graph) for v in g.value_info}
+    tensors = {name: t for g in with_bodies(graph) for name, t in g.tensors().items()}
+    for name, tensor in tensors.items():
         info = infos.get(name)
         if info is None or not isinstance(tensor, gs.Variable) or tensor.shape is not None:
             continue

@@ -133,7 +133,8 @@ def _time_limit():
 
 def random_inputs(model: onnx.ModelProto, seed: int = 0,
                   shapes: dict[str, tuple[int, ...]] | None = None, *,
-                  positive_scalars: bool = False) -> dict[str, np.ndarray]:
+                  positive_scalars: bool = False,
+                  variant: int | None = None) -> dict[str, np.ndarray]:
     """Seeded random feeds for every real graph input (symbolic dims from ``shapes`` or 1).
 
     Floats are standard normal; integers are drawn from what they index (below the rows of the
@@ -142,7 +143,8 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0,
     (size probing, verification, calibration fill-ins, timing) draws here.
     ``positive_scalars`` draws one-element float inputs as magnitudes: scalars such as a
     frequency range's bounds, where a negative value makes the model itself output NaN (the
-    oracle redraws with it).
+    oracle redraws with it). ``variant`` k draws the k-th value integer inputs are compared
+    with (an If's branch: ``input_ranges.variant_count``), the last variant none of them.
     """
     rng = np.random.default_rng(seed)
     shapes = shapes or {}
@@ -177,7 +179,8 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0,
                 values = np.abs(values) + 0.5
             feeds[value.name] = np.asarray(values, dtype)
         elif value.name in ranges:
-            feeds[value.name] = draw_integers(rng, shape, dtype, ranges[value.name])
+            feeds[value.name] = draw_integers(rng, shape, dtype, ranges[value.name],
+                                               variant)
         else:
             feeds[value.name] = rng.integers(0, 4, shape).astype(dtype)
     return feeds

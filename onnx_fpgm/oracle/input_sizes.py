@@ -21,15 +21,22 @@ infers at it (``sized_shapes.ActivationBudget``); one over the budget is skipped
 (the smaller candidates after it are tried), and when every candidate is over it the run stops
 with exit 2 asking for ``--input-shape``: attention over the H*W tokens of an image grows with
 (H*W)^2, and a few-kB model reached 9 GB at the second size.
+
+Anonymous dims (``?``) name nothing, so a recurrent state's batch ``(2, ?, 128)`` is not known
+to be the waveform's ``(?, samples)`` batch: such a dim is also tried at the batch's value
+(``_batch_like``). Integer inputs that pick a branch (``input_ranges`` choices) are drawn at
+each value: a size counts only when every branch runs at it.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from itertools import zip_longest
 
 import onnx
 
 from ..errors import ConfigError
+from ..model.input_ranges import integer_ranges, variant_count
 from ..model.runtime import check_given, is_unknown, make_session, random_inputs, real_inputs
 from .sized_shapes import ActivationBudget
 from .symbolic_dims import InputSizes, Role, SymbolicDim, symbolic_dims
@@ -101,6 +108,8 @@ class _Prober:
         self.runs = 0
         self.error: str | None = None
         self.budget = ActivationBudget(model)
+        #: every branch an integer input picks must run (an If on the sample rate)
+        self.variants = variant_count(integer_ranges(model))
         try:
             self.session = make_session(model, quiet=True)
         except Exception as err:  # onnxruntime refuses the model whatever the size
@@ -121,7 +130,9 @@ class _Prober:
         options = ort.RunOptions()
         options.log_severity_level = 4
         try:
-            self.session.run(None, random_inputs(self.model, self.seed, shapes), options)
+            for variant in range(self.variants) if self.variants > 1 else (None,):
+                feeds = random_inputs(self.model, self.seed, shapes, variant=variant)
+                self.session.run(None, feeds, options)
         except Exception as err:  # this size is refused: try the next
             logger.debug("original model refuses %s: %s", shapes, err)
             self.error = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
@@ -149,12 +160,19 @@ def choose_sizes(model: onnx.ModelProto, given: dict[str, tuple[int, ...]] | Non
         return InputSizes(_shapes(model, [], {}) | given, given=bool(given))
     prober = _Prober(model, seed)
     fixed = _assignment_of(dims, given)
+    tied = _batch_like(dims) - set(fixed)
+    candidates = []
+    for plain in _candidates(dims):
+        for candidate in ({**plain, **fixed}, {**plain, **{s: 1 for s in tied}, **fixed}):
+            if candidate not in candidates:
+                candidates.append(candidate)
     if all(d.symbol in fixed for d in dims):
         # the caller's sizes, whether or not they run (verification says)
         assignment, fitting = fixed, fixed
     else:
-        candidates = [{**c, **fixed} for c in _candidates(dims)]
         assignment, fitting = _first_run(model, dims, candidates, given, prober)
+    if assignment is not None and tied and all(assignment[s] == 1 for s in tied):
+        dims = [replace(d, role=Role.BATCH) if d.symbol in tied else d for d in dims]
     note = None
     if assignment is None and prober.session is not None:
         if must_run:
@@ -190,6 +208,21 @@ def _first_run(model, dims, candidates, given, prober) -> tuple[dict | None, dic
     if fitting is None:
         raise ConfigError(prober.budget.refusal())
     return None, fitting
+
+
+def _batch_like(dims: list[SymbolicDim]) -> set[str]:
+    """Anonymous dims that may be the batch of another input: the one unknown dim of an input
+    whose first dim is fixed, while another input has an unknown batch (a recurrent state,
+    ``(layers, ?, hidden)`` next to ``(?, samples)``). Nothing names them alike, so the probe
+    also tries them at the batch's value, and they follow the batch when it changes."""
+    if not any(d.role is Role.BATCH for d in dims):
+        return set()
+    per_input: dict[str, list[SymbolicDim]] = {}
+    for d in dims:
+        per_input.setdefault(d.input, []).append(d)
+    return {mine[0].symbol for mine in per_input.values()
+            if len(mine) == 1 and mine[0].axis > 0 and mine[0].symbol == f"{mine[0].input}:"
+            f"{mine[0].axis}"}
 
 
 def _assignment_of(dims: list[SymbolicDim], shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:

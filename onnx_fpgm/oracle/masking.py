@@ -8,6 +8,7 @@ weight to its zero point (QDQ weights through ``DequantizeLinear``, QOperator in
 it serves every consumer the first cannot mask (non-fp32/64 inputs, unknown ranks, quantized
 graphs). A com.microsoft ``MatMulNBits`` gets the zero point as the code of every removed input
 column (``mask_nbits``): those columns dequantize to exactly 0.
+Both construct the consumers inside If/Loop/Scan bodies too.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from ..deps.handlers.recurrent import R as RECURRENCE
 from ..deps.handlers.recurrent import hidden_output_map
 from ..deps.op_families import FEATURE_AXIS, RECURRENT_OPS
 from ..model import export
+from ..model.outer_scope import proto_with_bodies, with_bodies
 from . import qdq
 
 
@@ -32,7 +34,8 @@ def masked_original(model: onnx.ModelProto, analysis: Analysis,
     graph = gs.import_onnx(model)
     consts = ConstantFolder(opset)
     counter, added = 0, False
-    for node, w_index_of, cmap, weight_axis in _weight_targets(graph.nodes, analysis):
+    nodes = [n for g in with_bodies(graph) for n in g.nodes]
+    for node, w_index_of, cmap, weight_axis in _weight_targets(nodes, analysis):
         gone = removed[cmap.labels]
         if not gone.any():
             continue
@@ -151,10 +154,33 @@ def mask_consumer_inputs(light: onnx.ModelProto, analysis: Analysis,
     if any(node.op_type == "MatMulNBits" and (cmap := analysis.maps.get(node.input[0]))
            is not None and removed[cmap.labels].any() for node in light.graph.node):
         return False  # its packed codes are masked in a copy (mask_nbits)
-    float_inputs = {t.name: t.data_type for t in light.graph.initializer}
-    float_inputs.update({v.name: v.type.tensor_type.elem_type for v in light.graph.input})
+    graphs = list(proto_with_bodies(light.graph))  # bodies are masked in place
+    float_inputs = {v.name: v.type.tensor_type.elem_type for v in light.graph.input}
+    for graph in graphs:
+        float_inputs.update({t.name: t.data_type for t in graph.initializer})
+        float_inputs.update({n.output[0]: n.attribute[0].t.data_type for n in graph.node
+                             if n.op_type == "Constant" and n.output and n.attribute and
+                             n.attribute[0].name == "value"})
+    plans = []
+    for graph in graphs:
+        plan = _mask_plan(graph, analysis, removed, float_inputs)
+        if plan is None:
+            return False
+        plans.append((graph, plan))
+    # branches first: rebuilding a graph's node list copies its If nodes, and with them the
+    # branches (held here by reference) as they are by then
+    for graph, plan in reversed(plans):
+        if plan:
+            _insert_masks(graph, plan)
+    return True
+
+
+def _mask_plan(graph: onnx.GraphProto, analysis: Analysis, removed: np.ndarray,
+               float_inputs: dict[str, int]) -> list | None:
+    """(position, node, input index, axis, rank, removed positions, dtype) of every input of
+    ``graph``'s nodes to mask; None when one cannot be masked so."""
     plan = []
-    for position, node in enumerate(light.graph.node):
+    for position, node in enumerate(graph.node):
         if len(node.input) < 2 or not node.input[0] or node.domain not in ("", "ai.onnx"):
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute
@@ -170,9 +196,9 @@ def mask_consumer_inputs(light: onnx.ModelProto, analysis: Analysis,
         rank = analysis.ranks.get(node.input[0])
         dtype = float_inputs.get(node.input[1])
         if rank is None or dtype not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
-            return False
+            return None
         plan.append((position, node, 0, cmap.axis, rank, gone, dtype))
-    for position, node in enumerate(light.graph.node):
+    for position, node in enumerate(graph.node):
         if node.op_type not in RECURRENT_OPS or node.domain not in ("", "ai.onnx"):
             continue
         hidden = hidden_output_map(node.output, analysis.maps)
@@ -180,22 +206,27 @@ def mask_consumer_inputs(light: onnx.ModelProto, analysis: Analysis,
             continue
         dtype = float_inputs.get(node.input[RECURRENCE])
         if dtype not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
-            return False
+            return None
         # R (directions, gates * hidden, hidden) read through a mask over its last axis
         plan.append((position, node, RECURRENCE, 2, 3, removed[hidden.labels], dtype))
     plan.sort(key=lambda entry: entry[0])
-    nodes = list(light.graph.node)
+    return plan
+
+
+def _insert_masks(graph: onnx.GraphProto, plan: list) -> None:
+    """A ``Mul`` by each planned 0/1 mask just before its consumer (mask values stored in the
+    graph that holds the consumer: a branch reads its own)."""
+    nodes = list(graph.node)
     for k, (position, node, index, axis, rank, gone, dtype) in enumerate(reversed(plan)):
         mask = (~gone).astype(onnx.helper.tensor_dtype_to_np_dtype(dtype))
         mask = mask.reshape((len(mask),) + (1,) * (rank - 1 - axis))
         name = f"{node.input[index]}__oracle_mask{len(plan) - k}"
-        light.graph.initializer.append(onnx.numpy_helper.from_array(mask, name + "_value"))
+        graph.initializer.append(onnx.numpy_helper.from_array(mask, name + "_value"))
         nodes.insert(position, onnx.helper.make_node("Mul", [node.input[index], name + "_value"],
                                                      [name], name=name))
         node.input[index] = name
-    del light.graph.node[:]
-    light.graph.node.extend(nodes)
-    return True
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def consumer_axis(node: gs.Node, analysis: Analysis):

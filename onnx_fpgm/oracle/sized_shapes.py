@@ -12,6 +12,7 @@ import onnx
 
 from ..model.io import light_copy
 from ..model.memory import available_bytes
+from ..model.outer_scope import proto_with_bodies
 from ..model.runtime import make_session, random_inputs
 from .symbolic_dims import InputSizes, SymbolicDim
 
@@ -101,7 +102,8 @@ def _sizes_text(shapes: dict[str, tuple[int, ...]]) -> str:
 
 
 def infer_shapes_at(model: onnx.ModelProto, sizes: InputSizes) -> onnx.ModelProto:
-    """Shapes of every tensor of ``model`` (light copy, value_info) for the analysis.
+    """Shapes of every tensor of ``model`` (light copy, value_info) for the analysis; the
+    tensors inside If/Loop/Scan bodies are listed there too (their names are unique model-wide).
 
     onnx's inference (data propagation on) runs on copies whose inputs are concrete, once per
     size set: with numbers it resolves what it cannot with symbols, in milliseconds, where
@@ -207,7 +209,9 @@ def _shapes_at(light: onnx.ModelProto, sizes: dict[str, tuple[int, ...]]) -> Sha
         logger.debug("onnx shape inference failed at %s: %s", sizes, err)
         inferred = concrete
     shapes: Shapes = {}
-    for value in (*inferred.graph.value_info, *inferred.graph.output):
+    branches = list(proto_with_bodies(inferred.graph))[1:]  # names are unique model-wide
+    for value in (*inferred.graph.value_info, *inferred.graph.output,
+                  *(v for b in branches for v in b.value_info)):
         ttype = value.type.tensor_type
         dims = None
         if ttype.HasField("shape"):

@@ -21,6 +21,7 @@ import onnx
 
 from ..deps.channels import Analysis
 from ..errors import ConfigError, VerificationError
+from ..model.input_ranges import integer_ranges, variant_count
 from ..model.runtime import is_float, make_session, random_inputs
 from . import qdq
 from .masking import QOPERATOR_AS, mask_consumer_inputs, masked_original
@@ -251,13 +252,14 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, *, analysis: Anal
     else:
         reference = _reference_session(original, analysis, removed_classes, opset, weights) \
             if masked else WeightFedSession(*split_weights(original, weights))
-        cases = _cases(sets, extra_feeds)
+        cases = _cases(sets, extra_feeds, original)
         runs = []  # (feeds, expected outputs) per case, computed before the pruned session
         result = None
-        for k, (label, shapes, given) in enumerate(cases):
+        for k, (label, shapes, given, variant) in enumerate(cases):
             try:
                 if given is None:
-                    feeds, expected = finite_run(reference.run, original, seed + k, shapes)
+                    feeds, expected = finite_run(reference.run, original, seed + k, shapes,
+                                                 variant)
                 else:
                     feeds, expected = given, reference.run(given)
                 runs.append((feeds, expected))
@@ -266,7 +268,8 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, *, analysis: Anal
                                                f"{_first_line(err)}", reference_failed=True)
                 result.checked_at = [c[0] for c in cases[:k + 1] if c[0]]
                 reference.close()
-                feeds = given if given is not None else random_inputs(original, seed + k, shapes)
+                feeds = given if given is not None else \
+                    random_inputs(original, seed + k, shapes, variant=variant)
                 _check_runnable(original, masked, feeds, result.problem, weights)
                 break
         reference.close()
@@ -278,7 +281,7 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, *, analysis: Anal
                 result.checked_at = [c[0] for c in cases[:k + 1] if c[0]]
                 if not result:
                     if len(cases) > 1:
-                        label, _, given = cases[k]
+                        label, _, given, _ = cases[k]
                         where = f"input sizes {label}" if given is None and label else \
                             label or "random inputs"
                         result.problem = f"at {where}: {result.summary()}"
@@ -294,14 +297,15 @@ REDRAWS = 3
 
 
 def finite_run(run, original: onnx.ModelProto, seed: int,
-               shapes: dict[str, tuple[int, ...]] | None) -> tuple[dict[str, np.ndarray], list]:
+               shapes: dict[str, tuple[int, ...]] | None,
+               variant: int | None = None) -> tuple[dict[str, np.ndarray], list]:
     """Random feeds and ``run(feeds)``, redrawn (``REDRAWS`` times, one-element float inputs
     positive) while an output is not finite: a model may give NaN on inputs outside its domain
     (a negative frequency bound), which checks nothing. The last draw counts if none is finite;
     the comparison then matches NaN with NaN."""
     for redraw in range(REDRAWS + 1):
         feeds = random_inputs(original, seed + 7919 * redraw, shapes,
-                              positive_scalars=redraw > 0)
+                              positive_scalars=redraw > 0, variant=variant)
         expected = run(feeds)
         if all(_finite(np.asarray(v)) for v in expected):
             break
@@ -312,12 +316,29 @@ def _finite(value: np.ndarray) -> bool:
     return not is_float(value.dtype) or bool(np.isfinite(value.astype(np.float64)).all())
 
 
-def _cases(sets: list, extra_feeds: list | None) -> list[tuple[str, dict | None, dict | None]]:
-    """(label, sizes, given feeds) of each verification run: random inputs at each size set,
-    then the given feeds (calibration samples)."""
-    cases = [(_sizes_text(s), s, None) for s in sets]
-    return cases + [(f"calibration samples (batch {len(next(iter(f.values())))})", None, f)
+def _cases(sets: list, extra_feeds: list | None, original: onnx.ModelProto
+           ) -> list[tuple[str, dict | None, dict | None, int | None]]:
+    """(label, sizes, given feeds, variant) of each verification run: random inputs at each
+    size set (once per value an integer input is compared with, and once with none of them:
+    each branch of an If on it runs), then the given feeds (calibration samples)."""
+    ranges = integer_ranges(original)
+    count = variant_count(ranges)
+    cases = []
+    for s in sets:
+        for variant in range(count) if count > 1 else (None,):
+            label = (_sizes_text(s) + _variant_text(ranges, variant)).strip()
+            cases.append((label, s, None, variant))
+    return cases + [(f"calibration samples (batch {len(next(iter(f.values())))})", None, f, None)
                     for f in extra_feeds or ()]
+
+
+def _variant_text(ranges: dict, variant: int | None) -> str:
+    """`` sr=16000`` (or ``sr=other``) for the integer inputs a variant fixes."""
+    if variant is None:
+        return ""
+    parts = [f"{name}={r.choices[variant] if variant < len(r.choices) else 'other'}"
+             for name, r in ranges.items() if r.choices]
+    return " (" + " ".join(parts) + ")" if parts else ""
 
 
 def _verify_quantized(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Analysis,
@@ -386,7 +407,7 @@ def _quantized_steps(reference: onnx.ModelProto, pruned: onnx.ModelProto,
 
 
 def _sizes_text(shapes: dict[str, tuple[int, ...]] | None) -> str:
-    return " ".join(f"{n}={','.join(map(str, s))}" for n, s in (shapes or {}).items())
+    return " ".join(f"{n}={','.join(map(str, s))}" for n, s in (shapes or {}).items() if s)
 
 
 def smoke_check(original: onnx.ModelProto, model: onnx.ModelProto, *, seed: int = 0,

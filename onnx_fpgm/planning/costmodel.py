@@ -24,6 +24,7 @@ from ..deps.handlers import recurrent
 from ..deps.handlers.recurrent import hidden_output_map
 from ..deps.op_families import FEATURE_AXIS, RECURRENT_OPS
 from ..measure.bench import MAC_OPS, count_params, first_output, macs_by_node
+from ..model.outer_scope import with_bodies
 
 Metric = Literal["macs", "params"]
 #: Ops whose 1-D parameters (scale, bias, mean, var) follow their input's channel axis 1.
@@ -128,9 +129,9 @@ def build_cost_model(analysis: Analysis, graph: gs.Graph, original: onnx.ModelPr
                 out, contracted = _mac_maps(node, analysis)
                 builder.add(per_node[key], out, contracted)
     else:
-        total = count_params(original)
+        total = count_params(original)  # the constants inside bodies count too
         seen: set[str] = set()
-        for node in graph.nodes:
+        for node in (n for part in with_bodies(graph) for n in part.nodes):
             for index, tensor in enumerate(node.inputs):
                 size, key = _stored_size(tensor, integer=node.op in _INTEGER_WEIGHTS)
                 if key is None or key in seen:
