@@ -13,6 +13,7 @@ import onnx_graphsurgeon as gs
 from .blocks import SplitMap, SplitRecord, resolve_splits
 from .channels import Analysis, ChannelMap, Group, Member, Source
 from .constants import FOLDABLE_OPS, ConstantFolder
+from .repeats import RepeatCopies, resolve_repeats
 from .shape_values import ELEMENT_MOVING_OPS, channel_labels, tensor_elements
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class AnalysisContext:
         #: Tensors whose shape a handler found where onnx's inference could not (a computed
         #: Reshape target); shapes are inferred onward from them, node by node.
         self.refined: set[str] = set()
+        #: Heads repeated for their readers (repeat_kv), coupled when the analysis finishes.
+        self.repeats: list[RepeatCopies] = []
 
     # ---- reading the graph ----
     def map(self, tensor: gs.Tensor | None) -> ChannelMap | None:
@@ -94,6 +97,13 @@ class AnalysisContext:
         atoms = np.arange(self.n_atoms, self.n_atoms + n, dtype=np.int64)
         member = self.add_member(node, atoms, rows, creates=True)
         self.sources.append(Source(node.name, node.op, self.n_atoms, n, member))
+        self.n_atoms += n
+        return atoms
+
+    def new_virtual(self, n: int) -> np.ndarray:
+        """``n`` atoms of no producer (copies of channels, see ``repeats``): they join the
+        classes of what they are coupled with and carry no filters."""
+        atoms = np.arange(self.n_atoms, self.n_atoms + n, dtype=np.int64)
         self.n_atoms += n
         return atoms
 
@@ -203,6 +213,9 @@ class AnalysisContext:
     # ---- finishing ----
     def finish(self) -> Analysis:
         head_atoms = resolve_splits(self)
+        blocked = np.concatenate([labels for labels, _ in self._blocked] or
+                                 [np.zeros(0, np.int64)])
+        slot_repeats = resolve_repeats(self.repeats, self.split_records, blocked, self.couple)
         n = self.n_atoms
         parent = np.arange(n, dtype=np.int64)
 
@@ -248,6 +261,7 @@ class AnalysisContext:
             split_maps=self.split_maps,
             split_free=[r.free_level for r in self.split_records],
             shape_maps=self.shape_maps,
+            slot_repeats=slot_repeats,
         )
 
     def _ranks(self) -> dict[str, int]:

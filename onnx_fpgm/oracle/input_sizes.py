@@ -13,7 +13,8 @@ Two sets are chosen: the primary (batch 1) for MACs and the first verification, 
 one in which every symbol takes another value where the model allows it (batch 2, another
 spatial size): a pruned model whose Reshape or Resize constant was rewritten at one size would
 run at that size only, and the second verification catches it. Shape inference reads both sets
-too: a dim that differs between them depends on the inputs and is treated as unknown.
+too: a dim that differs between them depends on the inputs and is treated as unknown. A KV
+cache's past length is 0 in the primary set and non-empty in the secondary (``cache_inputs``).
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ from ..model.runtime import (
     random_inputs,
     real_inputs,
 )
+from .cache_inputs import past_axes, with_past
+from .size_probe import Prober
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +52,6 @@ SPATIAL = ((64, 64), (96, 96), (32, 32), (128, 128), (48, 320), (32, 320), (48, 
 SEQUENCE = (16, 32, 8, 64, 128, 1, 256, 512, 1024)
 #: Channel counts tried for an all-symbolic image input (NCHW, then NHWC).
 CHANNELS = (3, 1, 4)
-#: Probing stops after this many onnxruntime runs.
-MAX_PROBES = 32
 #: Other sizes tried for the secondary set (with batch 2, then with the primary batch).
 SECOND_TRIES = 4
 
@@ -63,6 +64,7 @@ class Role(Enum):
     WIDTH = "width"
     CHANNELS = "channels"
     SEQUENCE = "sequence"
+    PAST = "past sequence"  # a KV cache's past length (``cache_inputs``)
 
 
 @dataclass(frozen=True)
@@ -112,12 +114,14 @@ class InputSizes:
 def symbolic_dims(model: onnx.ModelProto) -> list[SymbolicDim]:
     """Every symbolic or unknown dim of the real graph inputs, with its role."""
     found = []
+    cache = past_axes(model)
     for value in real_inputs(model):
         ttype = value.type.tensor_type
         if not ttype.HasField("shape"):
             continue
         dims = list(ttype.shape.dim)
-        roles = _roles(dims, ttype.elem_type)
+        roles = [Role.PAST if (value.name, axis) in cache else role
+                 for axis, role in enumerate(_roles(dims, ttype.elem_type))]
         for axis, dim in enumerate(dims):
             if is_unknown(dim):
                 name = dim.dim_param.strip()
@@ -155,7 +159,8 @@ def _candidates(dims: list[SymbolicDim]) -> list[dict[str, int]]:
         for channels in channel_options:
             height, width = SPATIAL[min(k, len(SPATIAL) - 1)]
             sizes = {Role.BATCH: 1, Role.HEIGHT: height, Role.WIDTH: width,
-                     Role.CHANNELS: channels, Role.SEQUENCE: SEQUENCE[min(k, len(SEQUENCE) - 1)]}
+                     Role.CHANNELS: channels, Role.SEQUENCE: SEQUENCE[min(k, len(SEQUENCE) - 1)],
+                     Role.PAST: 0}
             assignment = {s: sizes[r] for s, r in roles.items()}
             if square and height != width:
                 continue
@@ -184,37 +189,6 @@ def _shapes(model: onnx.ModelProto, dims: list[SymbolicDim],
     return shapes
 
 
-class _Prober:
-    """Runs the original model at candidate sizes in one onnxruntime session."""
-
-    def __init__(self, model: onnx.ModelProto, seed: int) -> None:
-        self.model = model
-        self.seed = seed
-        self.runs = 0
-        self.error: str | None = None
-        try:
-            self.session = make_session(model, quiet=True)
-        except Exception as err:  # onnxruntime refuses the model whatever the size
-            self.session = None
-            self.error = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
-
-    def runs_at(self, shapes: dict[str, tuple[int, ...]]) -> bool:
-        import onnxruntime as ort  # on first use: keeps it off the CLI's start-up path
-
-        if self.session is None or self.runs >= MAX_PROBES:
-            return False
-        self.runs += 1
-        options = ort.RunOptions()
-        options.log_severity_level = 4
-        try:
-            self.session.run(None, random_inputs(self.model, self.seed, shapes), options)
-        except Exception as err:  # this size is refused: try the next
-            logger.debug("original model refuses %s: %s", shapes, err)
-            self.error = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
-            return False
-        return True
-
-
 def choose_sizes(model: onnx.ModelProto, given: dict[str, tuple[int, ...]] | None = None, *,
                  seed: int = 0, must_run: bool = True) -> InputSizes:
     """Sizes for every real input: ``given`` ones, else chosen by running the model.
@@ -231,7 +205,7 @@ def choose_sizes(model: onnx.ModelProto, given: dict[str, tuple[int, ...]] | Non
     dims = symbolic_dims(model)
     if not dims:
         return InputSizes(_shapes(model, [], {}) | given, given=bool(given))
-    prober = _Prober(model, seed)
+    prober = Prober(model, seed)
     fixed = _assignment_of(dims, given)
     candidates = [{**c, **fixed} for c in _candidates(dims)]
     assignment = None
@@ -291,6 +265,9 @@ def _secondary(model, dims, assignment, prober, primary):
     options += [{**c, **{s: assignment[s] for s in batch}} for c in others]
     # a size of 1 (a one-token sequence) checks little: tried last, after every other size
     options = [t for t in options if not degenerate(t)] + [t for t in options if degenerate(t)]
+    past = {s for s in assignment if _role(dims, s) is Role.PAST}
+    if past:  # a KV cache: the secondary set has a non-empty past
+        options = with_past(options, past, {s for s in lengths if s not in past})
     tried = []
     for trial in options:
         if trial in tried or trial == assignment:

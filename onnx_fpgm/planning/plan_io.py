@@ -116,7 +116,10 @@ def plan_from_report(path: str | Path, analysis: Analysis) -> tuple[PrunePlan, s
 def _to_plan(analysis: Analysis, removed: np.ndarray) -> PrunePlan:
     classes = np.unique(analysis.class_of_atom[np.flatnonzero(removed[:-1])])
     whole = analysis.removed_atoms(classes)
-    disagree = np.flatnonzero(whole[:-1] & ~removed[:-1])
+    produced = np.zeros(analysis.n_atoms, dtype=bool)  # not the copies of repeat_kv
+    for s in analysis.sources:
+        produced[s.start:s.start + s.n] = True
+    disagree = np.flatnonzero(whole[:-1] & ~removed[:-1] & produced)
     if len(disagree):
         atom = int(disagree[0])
         source = next(s for s in analysis.sources if s.start <= atom < s.start + s.n)
