@@ -215,7 +215,8 @@ class AnalysisContext:
         head_atoms = resolve_splits(self)
         blocked = np.concatenate([labels for labels, _ in self._blocked] or
                                  [np.zeros(0, np.int64)])
-        slot_repeats = resolve_repeats(self.repeats, self.split_records, blocked, self.couple)
+        slot_repeats = resolve_repeats(self.repeats, self.split_records, blocked, self.couple,
+                                       self.block)
         n = self.n_atoms
         parent = np.arange(n, dtype=np.int64)
 

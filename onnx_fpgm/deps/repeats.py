@@ -50,9 +50,12 @@ class RepeatCopies:
 
 
 def resolve_repeats(repeats: list[RepeatCopies], records: list[SplitRecord],
-                    blocked: np.ndarray, couple) -> dict[str, RepeatCopies]:
+                    blocked: np.ndarray, couple, block) -> dict[str, RepeatCopies]:
     """Couple every repeat's copies (see the module docstring); returns, by Reshape name, the
-    repeats whose KV heads stay whole and whose query slots prune (their Expand is rewritten)."""
+    repeats whose KV heads stay whole and whose query slots prune (their Expand is rewritten).
+
+    The KV heads of such a repeat are blocked, every one: a KV head removed under query slots
+    that stay would leave the Expand's ``n_rep`` pairing query heads with the wrong KV head."""
     slot_mode: dict[str, RepeatCopies] = {}
     for rep in repeats:
         p = rep.position
@@ -60,6 +63,8 @@ def resolve_repeats(repeats: list[RepeatCopies], records: list[SplitRecord],
             bool(np.isin(rep.source[rep.source >= 0], blocked).any())
         if tied and rep.element is not None:
             slot_mode[rep.reshape] = rep
+            block(rep.source, f"split at {rep.reshape}: its KV heads stay whole, the query "
+                              "slots within each group prune")
             first = np.take(rep.copies, 0, axis=p)
             for g in range(1, rep.copies.shape[p]):
                 couple(first.reshape(-1), np.take(rep.copies, g, axis=p).reshape(-1),
