@@ -62,3 +62,28 @@ def test_torchscript_cache_export_prunes_the_mlp() -> None:
     check_pruned(model, result)
     widths = [g for g in result.report.groups if not g.heads and not g.frozen]
     assert [(g.channels_before, g.channels_after) for g in widths] == [(48, 24)] * 2
+
+
+def test_only_a_join_into_a_graph_output_is_a_past_length() -> None:
+    """``present = Concat(past, new)`` marks the past's axis; an input joined elsewhere (two
+    images on a symbolic axis) keeps its size role: it must never be sized 0."""
+    from onnx import TensorProto, helper
+
+    from onnx_fpgm.oracle.cache_inputs import past_axes
+    from onnx_fpgm.oracle.input_sizes import Role, symbolic_dims
+
+    def value(name, dims):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+
+    nodes = [helper.make_node("Concat", ["past", "new"], ["present"], axis=2),
+             helper.make_node("Concat", ["a", "b"], ["ab"], axis=2),
+             helper.make_node("Relu", ["ab"], ["out"])]
+    graph = helper.make_graph(
+        nodes, "g", [value("past", [1, 2, "past_sequence", 4]), value("new", [1, 2, 3, 4]),
+                     value("a", [1, 3, "h", 8]), value("b", [1, 3, "h", 8])],
+        [value("present", [1, 2, None, 4]), value("out", [1, 3, None, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    axes = past_axes(model)
+    assert ("past", 2) in axes and ("a", 2) not in axes
+    roles = {(d.input, d.axis): d.role for d in symbolic_dims(model)}
+    assert roles[("past", 2)] is Role.PAST and roles[("a", 2)] is Role.HEIGHT
