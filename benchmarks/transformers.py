@@ -8,6 +8,11 @@ Four tiny random-weight models built with torch (transformers/optimum are not ne
 - **llama**: ``tests/llama_models.LlamaLike`` (no KV cache): vocabulary 512, width 128, 8 query
   heads sharing 2 KV heads (grouped-query attention), rotary with rotate_half, repeat_kv,
   SwiGLU MLP 344 wide, decomposed RMSNorm, 2 layers, untied LM head, sequence 32;
+- **llama-cache**: the same llama exported with a KV cache as optimum's
+  ``text-generation-with-past`` writes it (``tests/llama_models.LlamaWithPast``: input_ids,
+  attention_mask, position_ids, past_key_values.* in; logits, present.* out; symbolic batch,
+  sequence and past length): the KV heads stay (the cache interface), the query heads within each
+  KV group and the MLP prune; verified at an empty and a non-empty past;
 - **bert**: word + position embeddings, LayerNorm, 2 post-norm encoder layers with separate
   q/k/v Linears (``tests/attention_models._SeparateQKV``, 4 heads, width 64), GELU FFN 256 wide,
   a Tanh pooler, sequence 16;
@@ -29,7 +34,8 @@ structured pruner touches; and projected to a model whose embeddings are half it
 the Hugging Face configs of issue 21 are: ``0.5 + 0.5 * ratio without embeddings``), the head
 groups (KV groups for GQA) and widths before -> after,
 the oracle's verdict and max relative error, and onnxruntime CPU latency of the original and
-the pruned model side by side (``onnx_fpgm.measure.bench.benchmark``: one process, interleaved,
+the pruned model side by side (at the secondary verification sizes where there are symbolic dims:
+llama-cache at batch 2, 32 new tokens on a past of 3) (``onnx_fpgm.measure.bench.benchmark``: one process, interleaved,
 after warm-up). The ONNX-native peer (onnxsim's structured pruning) is run when importable.
 """
 from __future__ import annotations
@@ -50,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from end_to_end import format_table
 
 from tests.attention_models import _SeparateQKV, build_deit_like
-from tests.llama_models import build_llama_like, export_llama
+from tests.llama_models import build_llama_like, export_llama, export_llama_with_past
 from tests.torch_models import _quiet_exporter, export_onnx
 
 LLAMA = {"vocab": 512, "dim": 128, "heads": 8, "kv_heads": 2, "hidden": 344, "layers": 2,
@@ -146,6 +152,8 @@ def _build_float(name: str, dynamo: bool) -> onnx.ModelProto:
         return export_bert(dynamo, **BERT_HF)
     if name == "llama":
         return export_llama(build_llama_like(**LLAMA), dynamo, seq=LLAMA["seq"])
+    if name == "llama-cache":
+        return export_llama_with_past(build_llama_like(**LLAMA, with_positions=True), dynamo)
     if name == "bert":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -193,9 +201,9 @@ def run(name: str, exporter: str, sparsity: float, runs: int, warmup: int) -> di
     embed = _embedding_params(model)
     heads, widths = _groups(result)
     check = result.report.verification
-    sizes = {k: tuple(v) for k, v in (result.report.input_sizes.get("primary") or {}).items()}
+    sizes = result.report.input_sizes.get("secondary") or result.report.input_sizes["primary"]
     latency = benchmark(model, result.model, runs=runs, warmup=warmup,
-                        input_shapes=sizes or None)  # symbolic dims: the sizes prune chose
+                        input_shapes={k: tuple(v) for k, v in sizes.items()})  # the sizes prune chose
     return {"model": name, "export": exporter, "params": after / before,
             "params w/o embed": (after - embed) / (before - embed),
             "embed share": embed / before,
@@ -211,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--models", nargs="+", default=["llama", "bert", "vit", "bert-hf"])
+    parser.add_argument("--models", nargs="+", default=["llama", "llama-cache", "bert", "vit",
+                                                              "bert-hf"])
     exporters = ["torchscript", "dynamo", "optimized", "int4"]
     parser.add_argument("--exporters", nargs="+", default=exporters, choices=exporters)
     args = parser.parse_args(argv)

@@ -81,13 +81,19 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
+        return self.attend(x, *self.project(x, cos, sin), mask)
+
+    def project(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as (batch, heads, seq, head_dim), rotary applied to q and k."""
         shape = (*x.shape[:-1], -1, self.head_dim)
         q = self.q_norm(self.q_proj(x).view(shape)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(shape)).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def attend(self, x, q, k, v, mask) -> torch.Tensor:
+        """repeat_kv, attention and the output projection (``x``: the block input)."""
         k, v = repeat_kv(k, self.groups), repeat_kv(v, self.groups)
         if self.sdpa:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -184,4 +190,77 @@ def export_llama(module: LlamaLike, dynamo: bool, seq: int = 8,
         with _quiet_exporter():
             torch.onnx.export(module, args, path, input_names=names, output_names=["logits"],
                               **kwargs)
+        return onnx.load(path)
+
+
+class LlamaWithPast(nn.Module):
+    """LlamaLike with a KV cache, as optimum's ``text-generation-with-past`` exports it.
+
+    Inputs ``input_ids`` (batch, seq), ``attention_mask`` (batch, past + seq), ``position_ids``
+    (batch, seq) and, per layer, ``past_key_values.{i}.key``/``.value`` (batch, kv_heads, past,
+    head_dim); outputs ``logits`` and ``present.{i}.key``/``.value``: the past concatenated with
+    the new keys/values on the sequence axis (before repeat_kv). The mask is causal over the
+    past and the new tokens, with the attention mask's padding added.
+    """
+
+    def __init__(self, base: LlamaLike) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        base = self.base
+        x = base.embed_tokens(input_ids)
+        cos, sin = base.rotary(position_ids)
+        seq, total = input_ids.shape[1], attention_mask.shape[1]
+        query_pos = torch.arange(seq)[:, None] + (total - seq)
+        causal = (torch.arange(total)[None, :] > query_pos).float() * -1e4
+        padding = (1.0 - attention_mask[:, None, None, :].float()) * -1e4
+        mask = causal[None, None] + padding
+        presents = []
+        for i, layer in enumerate(base.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q, k, v = attn.project(h, cos, sin)
+            k = torch.cat((past[2 * i], k), dim=2)
+            v = torch.cat((past[2 * i + 1], v), dim=2)
+            presents += [k, v]
+            x = x + attn.attend(h, q, k, v, mask)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return (base.lm_head(base.norm(x)), *presents)
+
+
+def export_llama_with_past(module: LlamaLike, dynamo: bool, seq: int = 4,
+                           past: int = 3) -> onnx.ModelProto:
+    """Export :class:`LlamaWithPast` with symbolic ``batch``, ``sequence``, ``past_sequence``
+    (and the mask's ``past_sequence + sequence``), as optimum does."""
+    attn = module.layers[0].self_attn
+    kv_heads = attn.k_proj.out_features // attn.head_dim
+    n_layers = len(module.layers)
+    past_names = [f"past_key_values.{i}.{kind}" for i in range(n_layers)
+                  for kind in ("key", "value")]
+    present_names = [f"present.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
+    names = ["input_ids", "attention_mask", "position_ids", *past_names]
+    args = (torch.zeros((1, seq), dtype=torch.int64), torch.ones((1, past + seq), dtype=torch.int64),
+            torch.arange(past, past + seq)[None],
+            *(torch.randn(1, kv_heads, past, attn.head_dim) for _ in past_names))
+    axes = {"input_ids": {0: "batch", 1: "sequence"},
+            "attention_mask": {0: "batch", 1: "total_sequence"},
+            "position_ids": {0: "batch", 1: "sequence"},
+            **{n: {0: "batch", 2: "past_sequence"} for n in past_names}}
+    kwargs: dict = ({"dynamo": True, "opset_version": 18, "external_data": False,
+                     "verbose": False} if dynamo else
+                    {"dynamo": False, "opset_version": 17, "do_constant_folding": True})
+    if dynamo:
+        auto = torch.export.Dim.AUTO
+        kwargs["dynamic_shapes"] = (*({a: auto for a in axes[n]} for n in names[:3]),
+                                    tuple({a: auto for a in axes[n]} for n in past_names))
+    else:
+        kwargs["dynamic_axes"] = {**axes, "logits": {0: "batch", 1: "sequence"},
+                                  **{n: {0: "batch", 2: "total_sequence"}
+                                     for n in present_names}}
+    with contextlib.ExitStack() as stack:
+        path = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "m.onnx")
+        with _quiet_exporter():
+            torch.onnx.export(LlamaWithPast(module).eval(), args, path, input_names=names,
+                              output_names=["logits", *present_names], **kwargs)
         return onnx.load(path)

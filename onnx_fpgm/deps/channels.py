@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .blocks import SplitMap
+from .repeats import RepeatCopies
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,8 @@ class Analysis:
     split_free: list[int | None] = field(default_factory=list)
     #: Values computed from a mapped tensor's shape (see AnalysisContext.shape_maps).
     shape_maps: dict[str, ChannelMap] = field(default_factory=dict)
+    #: repeat_kv Reshapes (by name) whose KV heads stay whole and whose query slots prune.
+    slot_repeats: dict[str, RepeatCopies] = field(default_factory=dict)
 
     def all_labels(self):
         """(tensor name, flat labels) of every mapped tensor, split or not."""

@@ -14,6 +14,7 @@ from ..model.outer_scope import with_bodies
 from .blocks import SplitMap, SplitRecord, resolve_splits
 from .channels import Analysis, ChannelMap, Group, Member, Source
 from .constants import FOLDABLE_OPS, ConstantFolder
+from .repeats import RepeatCopies, resolve_repeats
 from .shape_values import ELEMENT_MOVING_OPS, channel_labels, tensor_elements
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class AnalysisContext:
         #: Tensors whose shape a handler found where onnx's inference could not (a computed
         #: Reshape target); shapes are inferred onward from them, node by node.
         self.refined: set[str] = set()
+        #: Heads repeated for their readers (repeat_kv), coupled when the analysis finishes.
+        self.repeats: list[RepeatCopies] = []
 
     # ---- reading the graph ----
     def map(self, tensor: gs.Tensor | None) -> ChannelMap | None:
@@ -108,6 +111,13 @@ class AnalysisContext:
         atoms = np.arange(self.n_atoms, self.n_atoms + n, dtype=np.int64)
         self.n_atoms += n
         self._constant_runs.append((atoms, where))
+        return atoms
+
+    def new_virtual(self, n: int) -> np.ndarray:
+        """``n`` atoms of no producer (copies of channels, see ``repeats``): they join the
+        classes of what they are coupled with and carry no filters."""
+        atoms = np.arange(self.n_atoms, self.n_atoms + n, dtype=np.int64)
+        self.n_atoms += n
         return atoms
 
     def add_member(self, node: gs.Node, atoms: np.ndarray, rows: np.ndarray, creates: bool) -> int:
@@ -216,6 +226,10 @@ class AnalysisContext:
     # ---- finishing ----
     def finish(self) -> Analysis:
         head_atoms = resolve_splits(self)
+        blocked = np.concatenate([labels for labels, _ in self._blocked] or
+                                 [np.zeros(0, np.int64)])
+        slot_repeats = resolve_repeats(self.repeats, self.split_records, blocked, self.couple,
+                                       self.block)
         n = self.n_atoms
         parent = np.arange(n, dtype=np.int64)
 
@@ -262,6 +276,7 @@ class AnalysisContext:
             split_maps=self.split_maps,
             split_free=[r.free_level for r in self.split_records],
             shape_maps=self.shape_maps,
+            slot_repeats=slot_repeats,
         )
 
     def _block_unscored(self, class_of_atom: np.ndarray, n_classes: int,

@@ -25,7 +25,8 @@ with exit 2 asking for ``--input-shape``: attention over the H*W tokens of an im
 Anonymous dims (``?``) name nothing, so a recurrent state's batch ``(2, ?, 128)`` is not known
 to be the waveform's ``(?, samples)`` batch: such a dim is also tried at the batch's value
 (``_batch_like``). Integer inputs that pick a branch (``input_ranges`` choices) are drawn at
-each value: a size counts only when every branch runs at it.
+each value: a size counts only when every branch runs at it. A KV cache's past length is 0
+in the primary set and non-empty in the secondary (``cache_inputs``).
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from ..model.input_ranges import integer_ranges, variant_count
 from ..model.runtime import check_given, is_unknown, make_session, random_inputs, real_inputs
 from .sized_shapes import ActivationBudget
 from .symbolic_dims import InputSizes, Role, SymbolicDim, symbolic_dims
+from .cache_inputs import with_past
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +72,8 @@ def _candidates(dims: list[SymbolicDim]) -> list[dict[str, int]]:
         for channels in channel_options:
             height, width = SPATIAL[min(k, len(SPATIAL) - 1)]
             sizes = {Role.BATCH: 1, Role.HEIGHT: height, Role.WIDTH: width,
-                     Role.CHANNELS: channels, Role.SEQUENCE: SEQUENCE[min(k, len(SEQUENCE) - 1)]}
+                     Role.CHANNELS: channels, Role.SEQUENCE: SEQUENCE[min(k, len(SEQUENCE) - 1)],
+                     Role.PAST: 0}
             assignment = {s: sizes[r] for s, r in roles.items()}
             if square and height != width:
                 continue
@@ -260,6 +263,9 @@ def _secondary(model, dims, assignment, prober, primary):
     options += [{**c, **{s: assignment[s] for s in batch}} for c in others]
     # a size of 1 (a one-token sequence) checks little: tried last, after every other size
     options = [t for t in options if not degenerate(t)] + [t for t in options if degenerate(t)]
+    past = {s for s in assignment if _role(dims, s) is Role.PAST}
+    if past:  # a KV cache: the secondary set has a non-empty past
+        options = with_past(options, past, {s for s in lengths if s not in past})
     tried = []
     for trial in options:
         if trial in tried or trial == assignment:

@@ -8,6 +8,7 @@ from enum import Enum
 import onnx
 
 from ..model.runtime import ANONYMOUS, is_unknown, real_inputs
+from .cache_inputs import past_axes
 
 
 class Role(Enum):
@@ -18,6 +19,7 @@ class Role(Enum):
     WIDTH = "width"
     CHANNELS = "channels"
     SEQUENCE = "sequence"
+    PAST = "past sequence"  # a KV cache's past length (``cache_inputs``)
 
 
 @dataclass(frozen=True)
@@ -69,12 +71,14 @@ class InputSizes:
 def symbolic_dims(model: onnx.ModelProto) -> list[SymbolicDim]:
     """Every symbolic or unknown dim of the real graph inputs, with its role."""
     found = []
+    cache = past_axes(model)
     for value in real_inputs(model):
         ttype = value.type.tensor_type
         if not ttype.HasField("shape"):
             continue
         dims = list(ttype.shape.dim)
-        roles = _roles(dims, ttype.elem_type)
+        roles = [Role.PAST if (value.name, axis) in cache else role
+                 for axis, role in enumerate(_roles(dims, ttype.elem_type))]
         for axis, dim in enumerate(dims):
             if is_unknown(dim):
                 name = dim.dim_param.strip()

@@ -116,7 +116,8 @@ def plan_from_report(path: str | Path, analysis: Analysis) -> tuple[PrunePlan, s
 def _to_plan(analysis: Analysis, removed: np.ndarray) -> PrunePlan:
     classes = np.unique(analysis.class_of_atom[np.flatnonzero(removed[:-1])])
     whole = analysis.removed_atoms(classes)
-    # only producers' channels are in a plan: constant channels (padding) follow their class
+    # only producers' channels are in a plan: constant channels (padding)
+    # and repeat_kv's copies follow their class
     produced = np.zeros(analysis.n_atoms, dtype=bool)
     for source in analysis.sources:
         produced[source.start:source.start + source.n] = True

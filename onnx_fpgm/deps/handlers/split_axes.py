@@ -27,8 +27,10 @@ from dataclasses import replace
 
 import numpy as np
 
+from ...errors import RewriteError
 from ..blocks import SplitMap, drop_level, new_split, require_free, require_whole
 from ..channels import ChannelMap
+from ..repeats import repeat_copies
 from ..shape_values import (
     named_dims,
     resolve_reshape_target,
@@ -335,7 +337,7 @@ def reshape_split_input(node, ctx, smap: SplitMap) -> None:
             ctx.set_map(node.outputs[0], ChannelMap(big[0], labels, heads=heads))
             _refine(node, out_shape, ctx)
             return
-    moved, labels = [], smap.labels
+    moved, labels, repeated = [], smap.labels, None
     for position, axis in enumerate(smap.axes):  # every level alone in its block: it moves
         found = _level_block(smap, axis, in_shape, out_shape)
         if found is None:
@@ -343,13 +345,17 @@ def reshape_split_input(node, ctx, smap: SplitMap) -> None:
             return
         out_axis, outer, inner = found
         moved.append(out_axis)
+        if inner > 1 and outer == 1 and repeated is None:
+            repeated = (position, axis, inner)
         labels = np.repeat(labels, inner, axis=position)
         labels = np.concatenate([labels] * outer, axis=position) if outer > 1 else labels
     if _computed_from(elements, moved, smap.flat()):
         ctx.block(smap, f"{where} moves heads with a computed shape")
         return
-    _keep_computed_whole(node, ctx, smap, elements, moved)
-    ctx.set_map(node.outputs[0], replace(smap.moved(moved), labels=labels))
+    copies = None if repeated is None else repeat_copies(node, ctx, smap, *repeated, moved)
+    out = replace(smap.moved(moved), labels=labels) if copies is None else copies
+    _keep_computed_whole(node, ctx, out, elements, moved)
+    ctx.set_map(node.outputs[0], out)
     _refine(node, out_shape, ctx)
 
 
@@ -393,4 +399,21 @@ def reshape_apply(node, ctx) -> bool:
     elements = shape_elements(node, 1, ctx)
     if elements[axis].value != -1:
         ctx.set_shape_element(rewritable_source(node, 1, axis, elements, ctx), len(keep))
+    repeat = ctx.analysis.slot_repeats.get(node.name)
+    if repeat is not None:
+        _rewrite_slots(node, ctx, repeat, len(keep))
     return True
+
+
+def _rewrite_slots(node, ctx, repeat, kept_copies: int) -> None:
+    """repeat_kv with whole KV heads: its Expand's ``n_rep`` becomes the query slots kept."""
+    expand = node.inputs[0].inputs[0]
+    found = ctx.split_keep(node.inputs[0])
+    kv = repeat.copies.shape[repeat.position] if found is None else len(found[1])
+    if kept_copies % kv:
+        raise RewriteError(f"{node.name}: {kept_copies} heads kept over {kv} KV heads")
+    if kept_copies // kv == repeat.n_rep:
+        return
+    elements = shape_elements(expand, 1, ctx)
+    ctx.set_shape_element(rewritable_source(expand, 1, repeat.element, elements, ctx),
+                          kept_copies // kv)

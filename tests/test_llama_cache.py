@@ -1,0 +1,89 @@
+"""Llama-like decoders exported with a KV cache (optimum's ``text-generation-with-past`` form,
+issue 21): the past/present interface keeps the KV heads whole, the query heads within each KV
+group (the same slots from every group: repeat_kv's ``n_rep`` shrinks) and the MLP widths prune;
+the oracle checks at an empty past and a non-empty one."""
+from __future__ import annotations
+
+import functools
+
+import onnx
+import pytest
+
+import onnx_fpgm
+from tests.conftest import check_pruned
+from tests.llama_models import build_llama_like, export_llama_with_past
+
+#: 8 query heads on 2 KV heads (n_rep 4), head_dim 4, as the issue's config in miniature
+CONFIG = {"vocab": 16, "dim": 32, "heads": 8, "kv_heads": 2, "hidden": 48, "layers": 2,
+          "with_positions": True}
+
+
+@functools.cache
+def _export(dynamo: bool) -> bytes:
+    return export_llama_with_past(build_llama_like(**CONFIG), dynamo).SerializeToString()
+
+
+def _weights(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """(K, N) of every MatMul weight, by the node's name."""
+    stored = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    return {n.name: stored[n.input[1]] for n in model.graph.node
+            if n.op_type == "MatMul" and n.input[1] in stored}
+
+
+@pytest.mark.torch_export
+def test_query_slots_and_mlp_prune_kv_heads_stay() -> None:
+    model = onnx.load_from_string(_export(True))
+    result = onnx_fpgm.prune(model, 0.5)
+    check_pruned(model, result)
+    sizes = result.report.input_sizes
+    pasts = {sizes[key]["past_key_values.0.key"][2] for key in ("primary", "secondary")}
+    assert 0 in pasts and max(pasts) > 0  # an empty and a non-empty cache were checked
+    heads = [g for g in result.report.groups if g.heads]
+    # per layer: 4 query slots (each the same slot of both KV groups) -> 2
+    assert [(g.channels_before, g.channels_after, g.frozen) for g in heads] == [(4, 2, None)] * 2
+    kv = [g for g in result.report.groups if g.frozen and "present." in g.frozen]
+    assert len(kv) == 4 and all("reaches graph output" in g.frozen for g in kv)
+    shapes = sorted(_weights(result.model).values())
+    # per layer q keeps 4 of 8 heads (32 -> 16), k and v stay (8), o reads 16 rows,
+    # gate/up/down keep half the MLP; the LM head stays
+    layer = [(32, 16), (32, 8), (32, 8), (16, 32), (32, 24), (32, 24), (24, 32)]
+    assert shapes == sorted([*layer, *layer, (32, 16)])
+    for out in result.model.graph.output:  # present.* keep their 2 KV heads
+        if out.name.startswith("present."):
+            assert out.type.tensor_type.shape.dim[1].dim_value == 2
+
+
+@pytest.mark.torch_export
+def test_torchscript_cache_export_prunes_the_mlp() -> None:
+    """TorchScript reads the KV head count back by Shape for repeat_kv's Expand (through
+    Where) and multiplies it by n_rep at run time: the heads stay, the MLP widths prune."""
+    model = onnx.load_from_string(_export(False))
+    result = onnx_fpgm.prune(model, 0.5)
+    check_pruned(model, result)
+    widths = [g for g in result.report.groups if not g.heads and not g.frozen]
+    assert [(g.channels_before, g.channels_after) for g in widths] == [(48, 24)] * 2
+
+
+def test_only_a_join_into_a_graph_output_is_a_past_length() -> None:
+    """``present = Concat(past, new)`` marks the past's axis; an input joined elsewhere (two
+    images on a symbolic axis) keeps its size role: it must never be sized 0."""
+    from onnx import TensorProto, helper
+
+    from onnx_fpgm.oracle.cache_inputs import past_axes
+    from onnx_fpgm.oracle.input_sizes import Role, symbolic_dims
+
+    def value(name, dims):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+
+    nodes = [helper.make_node("Concat", ["past", "new"], ["present"], axis=2),
+             helper.make_node("Concat", ["a", "b"], ["ab"], axis=2),
+             helper.make_node("Relu", ["ab"], ["out"])]
+    graph = helper.make_graph(
+        nodes, "g", [value("past", [1, 2, "past_sequence", 4]), value("new", [1, 2, 3, 4]),
+                     value("a", [1, 3, "h", 8]), value("b", [1, 3, "h", 8])],
+        [value("present", [1, 2, None, 4]), value("out", [1, 3, None, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    axes = past_axes(model)
+    assert ("past", 2) in axes and ("a", 2) not in axes
+    roles = {(d.input, d.axis): d.role for d in symbolic_dims(model)}
+    assert roles[("past", 2)] is Role.PAST and roles[("a", 2)] is Role.HEIGHT
