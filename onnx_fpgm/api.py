@@ -18,6 +18,7 @@ from .deps import handlers  # noqa: F401  (registers every op handler)
 from .deps.analysis import build_analysis
 from .deps.channels import Analysis
 from .deps.constants import fold_constant_shapes
+from .deps.interface import interface_changes, resized
 from .deps.op_families import QUANTIZED_LAYERS, RECURRENT_OPS
 from .deps.registry import handler_for
 from .deps.rewrite import apply_plan
@@ -152,7 +153,7 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
         mapped.attach_weights(graph, loaded.weights)
         fold_constant_shapes(graph)
         overridable = io.overridable_inputs(original)
-        analysis = build_analysis(graph, opset, overridable)
+        analysis = build_analysis(graph, opset, overridable, config.allow_interface_change)
         # the arrays the analysis read, before the rewrite replaces them: the oracle shares them
         weights = io.loaded_constants(graph) if config.verify else None
     if config.strict:
@@ -178,10 +179,12 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
         report.notes.extend(score.notes)
     quantized = _quantized_layers(graph)
     with _timed(report, "rewrite"):
+        changes = interface_changes(analysis, plan.removed_classes, original)
+        report.interface_changes = [c.to_dict() for c in changes]
         if plan.n_removed:
             notes = apply_plan(graph, analysis, plan.removed_classes, opset)
             metadata = {f"onnx_fpgm.{k}": v for k, v in config.to_metadata().items()}
-            pruned = export.export_graph(graph, original, metadata)
+            pruned = export.export_graph(graph, original, metadata, resized(changes))
             io.check_pruned(pruned, original)
         else:  # nothing to remove: the input as it is (value_info, IR version, every opset)
             notes, pruned = [], original
@@ -224,7 +227,7 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
             result = _verify(original, pruned, analysis=analysis,
                              removed_classes=plan.removed_classes, opset=opset,
                              seed=config.seed, size_sets=sizes.sets, weights=weights,
-                             extra_feeds=samples)
+                             extra_feeds=samples, interface_changes=changes)
             if advance:
                 advance(1)
         report.verification = _verification_dict(result)

@@ -78,6 +78,8 @@ class PruneConfig:
         max_scoring_work: most work units (multiply-add equivalents, ``N^2 (D + 128)`` for
             ``N`` filters of ``D`` weights) FPGM may spend on one group; a group over it is left
             whole with a reason (None: no limit). Norm criteria cost ``O(N D)`` and need none.
+        allow_interface_change: KV-cache inputs/outputs (``present = Concat(past, new)``) may
+            shrink along their head axis, so whole KV groups prune; off, the KV heads stay.
     """
 
     sparsity: float = 0.5
@@ -106,6 +108,7 @@ class PruneConfig:
     recover_time: float | None = None
     image_scaling: ImageScaling = ImageScaling()
     max_scoring_work: float | None = MAX_SCORING_WORK
+    allow_interface_change: bool = False
     _compiled: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -229,6 +232,7 @@ class PruneConfig:
             # only when set: without --recover the output's bits stay as before
             **({"recover": f"{self.recover}(steps={self.recover_steps}, "
                            f"time={self.recover_time})"} if self.recover != "none" else {}),
+            **({"allow_interface_change": "true"} if self.allow_interface_change else {}),
             **({"target": f"{self.target[0]}={self.target[1]!r}",
                 "allocation": self.resolved_allocation} if self.target else {}),
         }

@@ -65,6 +65,9 @@ class Report:
     target: TargetOutcome | None = None
     #: What ``--recover`` did (None without it).
     recovery: RecoveryReport | None = None
+    #: Graph inputs/outputs that shrank (``--allow-interface-change``: KV caches with their
+    #: heads): name, kind, axis, declared shape before and after.
+    interface_changes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def coverage(self) -> float:
@@ -236,8 +239,15 @@ def render(report: Report, console, dry_run: bool = False) -> None:
             f"latency ({lat.provider}, median of {lat.runs}): {lat.original_ms:.2f} ms "
             f"(IQR {lat.original_iqr_ms:.2f}) -> {lat.pruned_ms:.2f} ms "
             f"(IQR {lat.pruned_iqr_ms:.2f}), speedup {lat.speedup:.2f}x")
+    for change in report.interface_changes:
+        say(console, f"interface change: {change['kind']} {change['name']}: "
+                     f"{_dims(change['before'])} -> {_dims(change['after'])}")
     for note in report.notes:
         say(console, f"note: {note}")
+
+
+def _dims(dims: list) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
 
 
 def render_target(outcome: TargetOutcome, console) -> None:

@@ -8,6 +8,8 @@ import onnx
 import pytest
 
 import onnx_fpgm
+from onnx_fpgm.deps.interface import interface_changes
+from onnx_fpgm.oracle.resized_interface import declared_after
 
 
 @pytest.fixture
@@ -42,8 +44,12 @@ def check_pruned(original: onnx.ModelProto, result: onnx_fpgm.PruneResult) -> No
         if group.frozen:
             assert classify(group.frozen), f"undocumented blocking reason: {group.frozen}"
     assert [i.name for i in pruned.graph.input] == [i.name for i in original.graph.input]
+    # only KV caches shrink, and only under --allow-interface-change
+    changes = interface_changes(result.analysis, result.plan.removed_classes, original)
+    assert not changes or result.report.settings.get("allow_interface_change") == "true"
+    declared = declared_after(original, changes)
     assert [(o.name, o.type) for o in pruned.graph.output] == \
-        [(o.name, o.type) for o in original.graph.output]
+        [(o.name, o.type) for o in declared.graph.output]
     assert pruned.ir_version == original.ir_version
     assert list(pruned.opset_import) == list(original.opset_import)
     # Node names and order of everything that runs on data are preserved.
@@ -56,7 +62,7 @@ def check_pruned(original: onnx.ModelProto, result: onnx_fpgm.PruneResult) -> No
     check = onnx_fpgm.oracle.validate.verify(
         onnx_fpgm.model.io.infer_shapes(original), pruned, analysis=result.analysis,
         removed_classes=result.plan.removed_classes, opset=onnx_fpgm.model.io.default_opset(original),
-        seed=123, size_sets=sets)
+        seed=123, size_sets=sets, interface_changes=changes)
     assert check, check.summary()
     assert check.max_rel_error <= 1e-4
     # Kept weights are copied, never recomputed: a stored weight (or its copy-on-write copy)

@@ -1,15 +1,19 @@
 """Llama-like decoders exported with a KV cache (optimum's ``text-generation-with-past`` form,
 issue 21): the past/present interface keeps the KV heads whole, the query heads within each KV
 group (the same slots from every group: repeat_kv's ``n_rep`` shrinks) and the MLP widths prune;
-the oracle checks at an empty past and a non-empty one."""
+the oracle checks at an empty past and a non-empty one. With ``--allow-interface-change`` whole
+KV groups prune and the past/present caches shrink with them (a genai_config.json follows)."""
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 
 import onnx
 import pytest
 
 import onnx_fpgm
+from onnx_fpgm.cli import main as cli
 from tests.conftest import check_pruned
 from tests.llama_models import build_llama_like, export_llama_with_past
 
@@ -87,3 +91,81 @@ def test_only_a_join_into_a_graph_output_is_a_past_length() -> None:
     assert ("past", 2) in axes and ("a", 2) not in axes
     roles = {(d.input, d.axis): d.role for d in symbolic_dims(model)}
     assert roles[("past", 2)] is Role.PAST and roles[("a", 2)] is Role.HEIGHT
+
+
+def _heads(values) -> dict[str, int]:
+    return {v.name: v.type.tensor_type.shape.dim[1].dim_value for v in values
+            if v.name.startswith(("past_key_values.", "present."))}
+
+
+@pytest.mark.torch_export
+def test_interface_change_prunes_whole_kv_groups() -> None:
+    """The flag lets the caches shrink: KV groups (K and V head, their 4 query heads) 2 -> 1,
+    past_key_values.* and present.* declare 1 head; checked at past 0 and 3, the pruned model
+    fed the original's past without the removed head."""
+    model = onnx.load_from_string(_export(True))
+    result = onnx_fpgm.prune(model, 0.5, allow_interface_change=True)
+    check_pruned(model, result)  # the oracle across the recorded interface changes
+    checked = result.report.verification["checked_at"]
+    assert len(checked) == 2 and "past_key_values.0.key=1,2,0,4" in checked[0]
+    heads = [g for g in result.report.groups if g.heads]
+    assert [(g.channels_before, g.channels_after, g.frozen) for g in heads] == [(2, 1, None)] * 2
+    assert _heads(model.graph.input) == dict.fromkeys(_heads(result.model.graph.input), 2)
+    assert set(_heads(result.model.graph.input).values()) == {1}
+    assert set(_heads(result.model.graph.output).values()) == {1}
+    changes = result.report.interface_changes
+    assert len(changes) == 8 and {(c["before"][1], c["after"][1], c["axis"]) for c in changes} \
+        == {(2, 1, 1)}
+    layer = [(32, 16), (32, 4), (32, 4), (16, 32), (32, 24), (32, 24), (24, 32)]
+    assert sorted(_weights(result.model).values()) == sorted([*layer, *layer, (32, 16)])
+    assert result.model.metadata_props and any(
+        p.key == "onnx_fpgm.allow_interface_change" for p in result.model.metadata_props)
+
+
+GENAI = {"model": {"decoder": {"head_size": 4, "hidden_size": 32, "num_attention_heads": 8,
+                               "num_key_value_heads": 2, "num_hidden_layers": 2},
+                   "type": "llama"}, "search": {"max_length": 64}}
+
+
+def _model_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(_export(True))
+    (folder / "genai_config.json").write_text(json.dumps(GENAI))
+    return folder
+
+
+@pytest.mark.torch_export
+def test_cli_prints_reports_and_writes_genai_config(tmp_path, capsys) -> None:
+    folder, out = _model_folder(tmp_path), tmp_path / "out"
+    out.mkdir()
+    report = tmp_path / "report.json"
+    code = cli.main([str(folder / "model.onnx"), str(out / "model.onnx"), "--sparsity", "0.5",
+                     "--allow-interface-change", "--report", str(report)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "interface change: input past_key_values.0.key: (" in printed
+    assert printed.count("interface change:") == 8 and ", 2, " in printed and ", 1, " in printed
+    written = json.loads((out / "genai_config.json").read_text())
+    assert written["model"]["decoder"] == {**GENAI["model"]["decoder"],
+                                           "num_attention_heads": 4, "num_key_value_heads": 1}
+    assert written["search"] == GENAI["search"]
+    assert json.loads((folder / "genai_config.json").read_text()) == GENAI  # IN's untouched
+    assert len(json.loads(report.read_text())["interface_changes"]) == 8
+
+
+@pytest.mark.torch_export
+def test_genai_config_collision_and_no_flag(tmp_path, capsys) -> None:
+    """OUT beside IN would overwrite IN's genai_config.json: refused before any work; without
+    the flag nothing but OUT is written and the caches keep their heads."""
+    folder = _model_folder(tmp_path)
+    code = cli.main([str(folder / "model.onnx"), str(folder / "pruned.onnx"),
+                     "--allow-interface-change"])
+    err = capsys.readouterr().err
+    assert code == 2 and "genai_config.json" in err and "same file" in err
+    assert not (folder / "pruned.onnx").exists()
+    out = tmp_path / "out"
+    out.mkdir()
+    assert cli.main([str(folder / "model.onnx"), str(out / "model.onnx"), "-q"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]
+    assert set(_heads(onnx.load(out / "model.onnx").graph.output).values()) == {2}

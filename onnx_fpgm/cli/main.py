@@ -23,6 +23,7 @@ from ..errors import ConfigError, OnnxFpgmError
 from ..measure.bench import benchmark
 from ..model import mapped
 from ..model.files import FilePlan, write_text
+from ..model.genai_config import GENAI_CONFIG, updated_genai_config
 from ..model.runtime import limit_sessions
 from ..outcome.entry import prune
 from ..report import printable, render, say
@@ -102,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--head-sparsity", type=_parse_sparsity, default=None, metavar="S",
                         help="fraction of attention heads to remove per layer (default: "
                              "--sparsity); at least one head stays")
+    parser.add_argument("--allow-interface-change", action="store_true",
+                        help="let KV-cache inputs/outputs (past_key_values.*, present.*) "
+                             "shrink with their heads, so whole KV groups prune (default: the "
+                             "KV heads stay); the changed shapes are printed and reported")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--target-macs", type=_parse_target, metavar="R",
                         help="prune to this fraction of the original MACs (per-group "
@@ -221,6 +226,8 @@ def _file_plan(args) -> FilePlan:
         if not args.output:
             raise ConfigError("OUT is required (or use --dry-run)")
         plan.add_model_output(args.output)
+        if args.allow_interface_change:
+            args.genai_config = plan.add_genai_config(args.input, args.output)
     plan.check(complete=False)  # IN's data files are known once IN is read
     return plan
 
@@ -236,7 +243,7 @@ def _run(args) -> int:
         raise ConfigError("--plan fixes every group's channels: drop --sparsity and targets")
     config = PruneConfig(
         sparsity=0.5 if args.sparsity is None else args.sparsity,
-        head_sparsity=args.head_sparsity,
+        head_sparsity=args.head_sparsity, allow_interface_change=args.allow_interface_change,
         target_macs=args.target_macs, target_params=args.target_params,
         target_latency=args.target_latency,
         allocation=args.allocation, plan=args.plan, dist=args.dist, device=args.device,
@@ -265,11 +272,19 @@ def _run(args) -> int:
             result.report.latency = benchmark(original, result.model,
                                               input_shapes=result.input_sizes.primary,
                                               progress=advance)
+    genai = getattr(args, "genai_config", None)
+    genai_text = None
+    if genai is not None:
+        genai_text, note = updated_genai_config(genai[0].read_text(),
+                                                result.report.interface_changes)
+        result.report.notes.append(note)
     # everything that can fail runs before the first write: the JSON, the table
     report_json = result.report.to_json() if args.report else None
     render(result.report, console, dry_run=args.dry_run)
     if not args.dry_run:
         result.save(args.output)
+    if genai_text is not None:
+        write_text(genai[1], genai_text, f"OUT's {GENAI_CONFIG}")
     if report_json is not None:
         write_text(args.report, report_json, "--report")
     if not args.dry_run:

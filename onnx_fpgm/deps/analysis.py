@@ -28,6 +28,7 @@ from ..model.outer_scope import walked_bodies
 from .blocks import block_split_readers
 from .channels import Analysis
 from .context import AnalysisContext
+from .interface import cache_inputs
 from .op_families import QUANTIZED_LAYERS
 from .registry import handler_for
 from .shape_values import refine_shapes
@@ -35,17 +36,21 @@ from .shape_values import refine_shapes
 logger = logging.getLogger(__name__)
 
 
-def build_analysis(graph: gs.Graph, opset: int,
-                   overridable: frozenset[str] = frozenset()) -> Analysis:
+def build_analysis(graph: gs.Graph, opset: int, overridable: frozenset[str] = frozenset(),
+                   allow_interface_change: bool = False) -> Analysis:
     """Propagate channel maps through ``graph`` (topologically ordered) and build the groups.
 
     ``overridable`` names initializers that are also graph inputs: not treated as constants.
     The bodies of If/Loop/Scan nodes are walked in place (``_walk_bodies``).
+    ``allow_interface_change``: KV-cache inputs/outputs may shrink with their heads
+    (``interface.py``); every other graph output still blocks the channels reaching it.
     """
-    ctx = AnalysisContext(graph, opset, overridable)
+    ctx = AnalysisContext(graph, opset, overridable,
+                          cache_inputs(graph) if allow_interface_change else frozenset())
     _walk(graph.nodes, ctx)
     for out in graph.outputs:
-        ctx.block_tensor(out, f"reaches graph output {out.name}")
+        if out.name not in ctx.changeable_outputs:
+            ctx.block_tensor(out, f"reaches graph output {out.name}")
         if out.name in ctx.shape_maps:
             ctx.block(ctx.shape_maps[out.name], f"channel count reaches graph output {out.name}")
     return ctx.finish()

@@ -32,8 +32,14 @@ class AnalysisContext:
     """State shared by the handlers while channel maps are propagated."""
 
     def __init__(self, graph: gs.Graph, opset: int,
-                 overridable: frozenset[str] = frozenset()) -> None:
+                 overridable: frozenset[str] = frozenset(),
+                 cache_inputs: frozenset[str] = frozenset()) -> None:
         self.graph = graph
+        #: KV-cache inputs whose head axis may shrink (``--allow-interface-change``), see
+        #: ``interface.cache_inputs``; a Concat joining one gives it the channels it joins.
+        self.cache_inputs = cache_inputs
+        #: Graph outputs whose channels may be removed (present.* of such a cache input).
+        self.changeable_outputs: set[str] = set()
         self.opset = opset
         self.maps: dict[str, ChannelMap] = {}
         self.sources: list[Source] = []

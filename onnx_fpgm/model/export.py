@@ -17,11 +17,13 @@ from .outer_scope import hoist_outer_constants, with_bodies
 
 
 def export_graph(graph: gs.Graph, like: onnx.ModelProto,
-                 metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+                 metadata: dict[str, str] | None = None,
+                 resized: dict[str, tuple[int, int]] | None = None) -> onnx.ModelProto:
     """Export ``graph`` with the IR version, opsets and metadata of ``like``; infer shapes.
 
     Inner shapes of the graph and of its If/Loop/Scan bodies (which the rewrite may have
-    changed) are dropped and inferred anew; the interfaces, a body's too, keep theirs."""
+    changed) are dropped and inferred anew; the interfaces, a body's too, keep theirs, but for
+    ``resized`` (see ``restore_interface_types``)."""
     parts = list(with_bodies(graph))
     io_names = {t.name for part in parts for t in (*part.inputs, *part.outputs)}
     for part in parts:
@@ -31,7 +33,7 @@ def export_graph(graph: gs.Graph, like: onnx.ModelProto,
                 tensor.dtype = None
     model = export_onnx(graph)
     hoist_outer_constants(model, like)
-    restore_interface_types(model, like)
+    restore_interface_types(model, like, resized)
     _restore_initializer_inputs(model, like)
     model.ir_version = like.ir_version
     del model.opset_import[:]
@@ -103,8 +105,10 @@ def _exported_as_is(tensor: gs.Constant, dtype: np.dtype) -> bool:
         return False
 
 
-def restore_interface_types(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
-    """Graph inputs and outputs exactly as ``like`` declares them (the interface never changes).
+def restore_interface_types(model: onnx.ModelProto, like: onnx.ModelProto,
+                            resized: dict[str, tuple[int, int]] | None = None) -> None:
+    """Graph inputs and outputs exactly as ``like`` declares them, but for ``resized``: name ->
+    (axis, new size) of a KV cache that shrank with its heads (``--allow-interface-change``).
 
     graph-surgeon takes a tensor's type from ``value_info`` when the name is listed there too,
     and IR < 7 models (onnxruntime's quantize_dynamic output) may list graph outputs in
@@ -114,6 +118,12 @@ def restore_interface_types(model: onnx.ModelProto, like: onnx.ModelProto) -> No
     for value in (*model.graph.input, *model.graph.output):
         if value.name in declared:
             value.CopyFrom(declared[value.name])
+        if resized and value.name in resized:
+            axis, size = resized[value.name]
+            dims = value.type.tensor_type.shape.dim
+            if axis < len(dims):
+                dims[axis].ClearField("dim_param")
+                dims[axis].dim_value = size
 
 
 def _restore_initializer_inputs(model: onnx.ModelProto, like: onnx.ModelProto) -> None:

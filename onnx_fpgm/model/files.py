@@ -2,7 +2,8 @@
 only way files are written.
 
 A run reads IN, IN's external data files and the ``--plan``/``--calibration``/``--eval`` files,
-and writes OUT, OUT's data file, ``--report`` and the sweep's ``--json``/``--plot``. Before any
+and writes OUT, OUT's data file, ``--report`` and the sweep's ``--json``/``--plot`` (and, with
+``--allow-interface-change``, a ``genai_config.json`` beside IN is read and rewritten beside OUT). Before any
 work (``FilePlan.check``) every written path is compared with every read path and with the
 other written paths after resolving links (``os.path.samefile``/``realpath``): a collision is
 an ``OutputError`` naming both. A path that exists but is not a regular file (a FIFO, a device,
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import ConfigError, ModelLoadError, OutputError
+from .genai_config import GENAI_CONFIG
 
 #: Environment variable naming the step at which the process exits at once (tests only).
 CRASH_ENV = "ONNX_FPGM_CRASH_AT"
@@ -72,6 +74,18 @@ class FilePlan:
         """OUT and the data file next to it."""
         self.writes.append(FileUse("OUT", Path(out)))
         self.writes.append(FileUse("OUT's data file", data_sibling(out)))
+
+    def add_genai_config(self, inp: str | os.PathLike, out: str | os.PathLike
+                         ) -> tuple[Path, Path] | None:
+        """onnxruntime-genai's config beside IN (a regular file), read, and its copy beside
+        OUT, written (``genai_config``); returns (read, written) or None when IN has none."""
+        source = regular_file_in(Path(inp).parent, GENAI_CONFIG)
+        if source is None:
+            return None
+        written = Path(out).parent / GENAI_CONFIG
+        self.reads.append(FileUse(f"IN's {GENAI_CONFIG}", source))
+        self.writes.append(FileUse(f"OUT's {GENAI_CONFIG}", written))
+        return source, written
 
     def add_reads(self, role: str, paths: Iterable[str | os.PathLike]) -> None:
         self.reads.extend(FileUse(role, Path(p)) for p in paths)

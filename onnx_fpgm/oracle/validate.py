@@ -20,11 +20,13 @@ import numpy as np
 import onnx
 
 from ..deps.channels import Analysis
+from ..deps.interface import InterfaceChange
 from ..errors import ConfigError, VerificationError
 from ..model.input_ranges import integer_ranges, variant_count
 from ..model.runtime import is_float, make_session, random_inputs
 from . import qdq
 from .masking import QOPERATOR_AS, mask_consumer_inputs, masked_original
+from .resized_interface import declared_after, kept_expected, pruned_feeds
 from .weight_feeds import WeightFedSession, split_weights
 
 #: Oracle tolerance of a float32/float64 output: max |pruned - masked| / max |masked|.
@@ -225,7 +227,8 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, *, analysis: Anal
            size_sets: list[dict[str, tuple[int, ...]]] | None = None,
            raise_on_failure: bool = False,
            weights: dict[str, np.ndarray] | None = None,
-           extra_feeds: list[dict[str, np.ndarray]] | None = None) -> CompareResult:
+           extra_feeds: list[dict[str, np.ndarray]] | None = None,
+           interface_changes: list[InterfaceChange] | None = None) -> CompareResult:
     """Check the pruned model against the masked original (or against the original itself).
 
     Without ``analysis``, the pruned model is compared with ``original`` directly, which is the
@@ -235,6 +238,7 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, *, analysis: Anal
     ``weights`` (name -> array of ``original``'s initializers the caller already holds) are fed
     to the reference as they are, instead of a copy read from the protobuf. ``extra_feeds``
     (calibration samples) are checked after the random inputs (float models).
+    ``interface_changes``: KV caches that shrank with their heads (``resized_interface``).
 
     Raises:
         ConfigError: onnxruntime (CPU) cannot run ``original`` itself (a dtype or opset it has
@@ -242,11 +246,12 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, *, analysis: Anal
         VerificationError: with ``raise_on_failure``, when the check fails.
     """
     sets = size_sets or [input_shapes]
+    changes = interface_changes or []
     masked = analysis is not None and removed_classes is not None and len(removed_classes) > 0
     if masked and (qdq.activation_pairs(original) or
                    any(node.op_type in QOPERATOR_AS for node in original.graph.node)):
         result = _verify_quantized(original, pruned, analysis, removed_classes, opset, seed, sets)
-    elif _interface(original) != _interface(pruned):
+    elif _interface(declared_after(original, changes)) != _interface(pruned):
         result = CompareResult(interface_ok=False,
                                problem="graph inputs/outputs differ from the original")
     else:
@@ -277,7 +282,8 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, *, analysis: Anal
             session = WeightFedSession.of(pruned)
             names = [o.name for o in original.graph.output]
             for k, (feeds, expected) in enumerate(runs):
-                result = _compare_pruned(session, names, feeds, expected)
+                result = _compare_pruned(session, names, pruned_feeds(feeds, changes),
+                                         kept_expected(names, expected, changes))
                 result.checked_at = [c[0] for c in cases[:k + 1] if c[0]]
                 if not result:
                     if len(cases) > 1:

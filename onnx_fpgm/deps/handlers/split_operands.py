@@ -7,7 +7,8 @@ two split tensors), Concat, and MatMul of two activations (attention); the algeb
   broadcasts over (size 1: the heads) may still lose entries.
 * Concat on a level axis (rotate_half's ``cat(-x2, x1)`` on ``head_dim``) joins pieces of that
   level, which stays whole; on another axis it joins split tensors position by position (they
-  are coupled), and an input that is not ours keeps the levels it spans whole (a cache).
+  are coupled), and an input that is not ours keeps the levels it spans whole (a cache), unless
+  it is a cache input whose interface may change (``interface.py``): it takes their channels.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from ..blocks import require_free, require_whole
 from ..channels import ChannelMap
+from ..interface import joins_cache
 from ._util import normalize_axis
 
 # ---- element-wise -----------------------------------------------------------------------------
@@ -123,8 +125,11 @@ def concat(node, ctx, inputs) -> None:
         labels = np.concatenate([s.labels for s in splits], axis=position)
         ctx.set_map(node.outputs[0], replace(ref, labels=labels))
         return
-    for smap, shape in zip(splits, shapes):
-        if smap is None:  # e.g. a past key/value cache: its heads cannot be removed
+    for tensor, smap, shape in zip(inputs, splits, shapes):
+        if smap is None and joins_cache(node, tensor, ref.axes, ctx):
+            ctx.set_map(tensor, ref)  # a past cache holds the channels it is joined with
+            ctx.changeable_outputs.add(node.outputs[0].name)
+        elif smap is None:  # e.g. a past key/value cache: its heads cannot be removed
             for k, level_axis in enumerate(ref.axes):
                 if shape[level_axis] != 1:
                     require_whole(ctx, ref, k, f"{where} joins it with an input not ours")

@@ -1,0 +1,52 @@
+"""The oracle across an allowed interface change (``--allow-interface-change``, issue 21).
+
+A KV cache that shrank with its heads is checked on what both models share: the pruned model
+is fed the original's past with the removed heads dropped, and its present outputs are compared
+with the masked original's restricted to the kept heads. Every other input and output must be
+exactly as before.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ..deps.interface import InterfaceChange
+
+
+def declared_after(model: onnx.ModelProto, changes: list[InterfaceChange]) -> onnx.ModelProto:
+    """A light copy of ``model``'s interface (no nodes, no weights) with ``changes`` applied."""
+    graph = onnx.GraphProto()
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.initializer.extend(onnx.TensorProto(name=t.name) for t in model.graph.initializer)
+    by_name = {c.name: c for c in changes}
+    for value in (*graph.input, *graph.output):
+        change = by_name.get(value.name)
+        if change is not None:
+            dim = value.type.tensor_type.shape.dim[change.axis]
+            dim.ClearField("dim_param")
+            dim.dim_value = len(change.kept)
+    copy = onnx.ModelProto()
+    copy.graph.CopyFrom(graph)
+    return copy
+
+
+def pruned_feeds(feeds: dict[str, np.ndarray], changes: list[InterfaceChange]
+                 ) -> dict[str, np.ndarray]:
+    """``feeds`` with each shrunk input restricted to its kept heads."""
+    if not changes:
+        return feeds
+    out = dict(feeds)
+    for change in changes:
+        if change.is_input and change.name in out:
+            out[change.name] = np.take(out[change.name], change.kept, axis=change.axis)
+    return out
+
+
+def kept_expected(names: list[str], expected: list, changes: list[InterfaceChange]) -> list:
+    """The reference's outputs, each shrunk output restricted to its kept heads."""
+    outputs = {c.name: c for c in changes if not c.is_input}
+    if not outputs:
+        return expected
+    return [np.take(np.asarray(value), outputs[name].kept, axis=outputs[name].axis)
+            if name in outputs else value for name, value in zip(names, expected)]
