@@ -18,7 +18,7 @@ from .deps import handlers  # noqa: F401  (registers every op handler)
 from .deps.analysis import build_analysis
 from .deps.channels import Analysis
 from .deps.constants import fold_constant_shapes
-from .deps.interface import interface_changes, resized
+from .deps.interface import interface_changes, refuse_data_options, resized
 from .deps.op_families import QUANTIZED_LAYERS, RECURRENT_OPS
 from .deps.registry import handler_for
 from .deps.rewrite import apply_plan
@@ -180,6 +180,7 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
     quantized = _quantized_layers(graph)
     with _timed(report, "rewrite"):
         changes = interface_changes(analysis, plan.removed_classes, original)
+        refuse_data_options(changes, config)
         report.interface_changes = [c.to_dict() for c in changes]
         if plan.n_removed:
             notes = apply_plan(graph, analysis, plan.removed_classes, opset)

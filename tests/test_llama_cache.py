@@ -137,15 +137,18 @@ def _model_folder(tmp_path: Path) -> Path:
 
 @pytest.mark.torch_export
 def test_cli_prints_reports_and_writes_genai_config(tmp_path, capsys) -> None:
+    """The changes printed and in the report JSON; the genai config rewritten beside OUT;
+    --benchmark feeds the pruned model caches of its own head count."""
     folder, out = _model_folder(tmp_path), tmp_path / "out"
     out.mkdir()
     report = tmp_path / "report.json"
     code = cli.main([str(folder / "model.onnx"), str(out / "model.onnx"), "--sparsity", "0.5",
-                     "--allow-interface-change", "--report", str(report)])
+                     "--allow-interface-change", "--report", str(report), "--benchmark"])
     printed = capsys.readouterr().out
     assert code == 0
     assert "interface change: input past_key_values.0.key: (" in printed
     assert printed.count("interface change:") == 8 and ", 2, " in printed and ", 1, " in printed
+    assert "latency (" in printed  # the pruned model timed on its own (smaller) past
     written = json.loads((out / "genai_config.json").read_text())
     assert written["model"]["decoder"] == {**GENAI["model"]["decoder"],
                                            "num_attention_heads": 4, "num_key_value_heads": 1}
@@ -169,3 +172,34 @@ def test_genai_config_collision_and_no_flag(tmp_path, capsys) -> None:
     assert cli.main([str(folder / "model.onnx"), str(out / "model.onnx"), "-q"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]
     assert set(_heads(onnx.load(out / "model.onnx").graph.output).values()) == {2}
+
+
+def test_genai_config_counts() -> None:
+    """The counts follow the caches (KV heads and query heads by the same factor); a config
+    that does not match the caches, or layers that kept different counts, are not written."""
+    from onnx_fpgm.model.genai_config import updated_genai_config
+
+    def change(before, after):
+        return {"name": "present.0.key", "kind": "output", "axis": 1,
+                "before": ["b", before, "s", 4], "after": ["b", after, "s", 4]}
+
+    text = json.dumps(GENAI)
+    written, note = updated_genai_config(text, [change(2, 1), change(2, 1)])
+    assert json.loads(written)["model"]["decoder"]["num_attention_heads"] == 4 and "2 -> 1" in note
+    assert updated_genai_config(text, [change(2, 1), change(2, 2)])[0] is None
+    assert updated_genai_config(text, [change(4, 2)])[0] is None  # declares 2, caches 4
+    assert updated_genai_config(text, [])[0] == text
+    assert updated_genai_config("{}", [change(2, 1)])[0] is None
+
+
+@pytest.mark.torch_export
+def test_interface_change_refuses_data_paths(tmp_path) -> None:
+    """Calibration data would feed the pruned model the original's past: refused (exit 2)."""
+    import numpy as np
+
+    model = onnx.load_from_string(_export(True))
+    data = tmp_path / "calib.npz"
+    np.savez(data, input_ids=np.zeros((1, 4), np.int64))
+    with pytest.raises(onnx_fpgm.errors.ConfigError, match="allow-interface-change"):
+        onnx_fpgm.prune(model, 0.5, allow_interface_change=True, calibration=str(data),
+                        verify=False)

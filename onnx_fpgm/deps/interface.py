@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ..config import PruneConfig
+from ..errors import ConfigError
 from .blocks import split_keep
 from .channels import Analysis
 
@@ -96,3 +98,20 @@ def interface_changes(analysis: Analysis, removed_classes: np.ndarray,
 def resized(changes: list[InterfaceChange]) -> dict[str, tuple[int, int]]:
     """name -> (axis, new size), as the export declares them."""
     return {c.name: (c.axis, len(c.kept)) for c in changes}
+
+
+def refuse_data_options(changes: list[InterfaceChange], config: PruneConfig) -> None:
+    """Calibration/evaluation data (fidelity, compensation, recovery) feed the pruned model the
+    original's inputs: not with caches that shrank (not built yet).
+
+    Raises:
+        ConfigError: ``changes`` and such an option.
+    """
+    used = [flag for flag, on in (("--calibration", config.calibration),
+                                  ("--eval", config.evaluation),
+                                  ("--compensate", config.compensate != "none"),
+                                  ("--recover", config.recover != "none")) if on]
+    if changes and used:
+        raise ConfigError(f"{', '.join(used)} with --allow-interface-change: the KV caches "
+                          f"shrank ({changes[0].name} and {len(changes) - 1} more), and the "
+                          "data paths feed the original's inputs; not supported together yet")
