@@ -1,7 +1,8 @@
 """Transformer graphs as the torch exporters write them, pruned at defaults (issue 21).
 
 Usage: ``python benchmarks/transformers.py [--sparsity 0.5] [--runs 50] [--warmup 5]
-[--models llama bert vit bert-hf] [--exporters torchscript dynamo optimized int4]``
+[--models llama bert vit bert-hf] [--exporters torchscript dynamo optimized int4]
+[--allow-interface-change]``
 
 Four tiny random-weight models built with torch (transformers/optimum are not needed):
 
@@ -12,7 +13,9 @@ Four tiny random-weight models built with torch (transformers/optimum are not ne
   ``text-generation-with-past`` writes it (``tests/llama_models.LlamaWithPast``: input_ids,
   attention_mask, position_ids, past_key_values.* in; logits, present.* out; symbolic batch,
   sequence and past length): the KV heads stay (the cache interface), the query heads within each
-  KV group and the MLP prune; verified at an empty and a non-empty past;
+  KV group and the MLP prune; verified at an empty and a non-empty past (with
+  ``--allow-interface-change``, passed to every prune, whole KV groups prune and the caches
+  shrink with them; the pruned model is timed on caches of its own head count);
 - **bert**: word + position embeddings, LayerNorm, 2 post-norm encoder layers with separate
   q/k/v Linears (``tests/attention_models._SeparateQKV``, 4 heads, width 64), GELU FFN 256 wide,
   a Tanh pooler, sequence 16;
@@ -189,13 +192,14 @@ def _groups(result) -> tuple[str, str]:
     return " ".join(heads) or "-", " ".join(w for w in widths if "whole" not in w) or "-"
 
 
-def run(name: str, exporter: str, sparsity: float, runs: int, warmup: int) -> dict:
+def run(name: str, exporter: str, sparsity: float, runs: int, warmup: int,
+        allow_interface_change: bool = False) -> dict:
     import onnx_fpgm
     from onnx_fpgm.measure.bench import benchmark
 
     model = build(name, exporter)
     start = time.perf_counter()
-    result = onnx_fpgm.prune(model, sparsity)
+    result = onnx_fpgm.prune(model, sparsity, allow_interface_change=allow_interface_change)
     wall = time.perf_counter() - start
     before, after = result.report.before.params, result.report.after.params
     embed = _embedding_params(model)
@@ -223,8 +227,10 @@ def main(argv: list[str] | None = None) -> int:
                                                               "bert-hf"])
     exporters = ["torchscript", "dynamo", "optimized", "int4"]
     parser.add_argument("--exporters", nargs="+", default=exporters, choices=exporters)
+    parser.add_argument("--allow-interface-change", action="store_true",
+                        help="prune whole KV groups with the cache (the caches shrink)")
     args = parser.parse_args(argv)
-    rows = [run(m, e, args.sparsity, args.runs, args.warmup)
+    rows = [run(m, e, args.sparsity, args.runs, args.warmup, args.allow_interface_change)
             for m in args.models for e in args.exporters
             if e != "optimized" or m == "bert-hf"]  # the optimizer's fusions are BERT's
     print(format_table(rows))
