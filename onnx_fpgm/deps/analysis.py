@@ -29,7 +29,7 @@ from .channels import Analysis
 from .context import AnalysisContext
 from .op_families import QUANTIZED_LAYERS
 from .registry import handler_for
-from .shape_values import refine_shapes
+from .shape_inference import refine_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,7 @@ def build_analysis(graph: gs.Graph, opset: int,
     """
     ctx = AnalysisContext(graph, opset, overridable)
     for node in graph.nodes:
-        if ctx.refined:
-            refine_shapes(node, ctx)
+        refine_shapes(node, ctx)
         ctx.check_shape_taint(node)
         subgraph_reason = _subgraph_reason(node)
         handler = handler_for(node.op, node.domain or "")

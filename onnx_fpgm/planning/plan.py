@@ -76,16 +76,25 @@ def plan_pruning(analysis: Analysis, config: PruneConfig, score: SelectFn,
     ``keep_counts`` (group id -> channels kept) overrides the configured sparsity of those
     groups (a target's allocation); frozen and excluded groups stay whole regardless.
 
-    A group whose selection would empty a tensor it shares with other channels (one half of a
-    shuffled, then chunked, width) is selected again part by part, the same fraction from the
-    channels in that tensor and from the rest; only if that fails too is it frozen.
+    A group whose channels are not all owned by the same members (a ShuffleNet stage: each
+    unit's branch owns fewer of the stage's shuffled channels than the one before) is selected
+    part by part, one part per set of owners, the same fraction from each: FPGM compares channels
+    in one joint filter space, which such channels do not share, and each layer then loses its
+    share of the channels. A group whose selection would empty a tensor it shares with other
+    channels (one half of a shuffled, then chunked, width) is selected again with that tensor's
+    channels as a further cut; only if that fails too is it frozen.
     """
     extra_frozen: dict[int, str] = {}
-    strata: dict[int, list[np.ndarray]] = {}
+    owners = {group.id: owner_signature(analysis, group) for group in analysis.groups
+              if not group.frozen and len(group.members) > 1}
+    strata: dict[int, list[np.ndarray]] = {
+        gid: parts for gid, sig in owners.items()
+        if len(parts := _by_owners(sig)) > 1}
+    by_owner = set(strata)  # groups cut by owners only: parts ordered by owners, may empty
     cutting: dict[int, list[str]] = {}  # group -> tensors whose parts it keeps proportionally
     for _ in range(16):
         plan = _plan_once(analysis, config, score, extra_frozen, progress, keep_counts or {},
-                          strata)
+                          strata, by_owner)
         emptied = emptied_groups(analysis, plan)
         if not emptied:
             return plan
@@ -94,18 +103,19 @@ def plan_pruning(analysis: Analysis, config: PruneConfig, score: SelectFn,
             name = reason[len(prefix):] if reason.startswith(prefix) else None
             parts = None
             if name is not None and name not in cutting.get(gid, []):
-                parts = _strata(analysis, gid, [*cutting.get(gid, []), name])
+                parts = _strata(analysis, gid, [*cutting.get(gid, []), name], owners.get(gid))
             if parts is None:
                 extra_frozen[gid] = reason
             else:
                 cutting.setdefault(gid, []).append(name)
                 strata[gid] = parts
+                by_owner.discard(gid)
         progress = None
     raise RuntimeError("could not find a plan that empties no tensor")
 
 
 def _plan_once(analysis, config, score, extra_frozen, progress, keep_counts,
-               strata) -> PrunePlan:
+               strata, by_owner) -> PrunePlan:
     plans: list[GroupPlan] = []
     removed: list[np.ndarray] = []
     for group in analysis.groups:
@@ -127,11 +137,16 @@ def _plan_once(analysis, config, score, extra_frozen, progress, keep_counts,
         else:
             gone = np.zeros(n, dtype=bool)
             parts = strata.get(group.id, [np.arange(n)])
-            shares = _share(n - keep_n, [len(p) for p in parts])
+            sizes = [len(p) for p in parts]
+            shares = _nested_share(n - keep_n, sizes) if group.id in by_owner else \
+                _share(n - keep_n, sizes)
             if shares is None:  # the parts cannot each keep one: select as one (then frozen)
                 parts, shares = [np.arange(n)], [n - keep_n]
             for part, n_prune in zip(parts, shares):
                 if not n_prune:
+                    continue
+                if n_prune == len(part):  # a part owned by few members goes whole
+                    gone[part] = True
                     continue
                 whole = len(part) == n
                 chosen = score(analysis, group if whole else Group(
@@ -162,8 +177,44 @@ def _share(total: int, sizes: list[int]) -> list[int] | None:
     return counts
 
 
-def _strata(analysis: Analysis, gid: int, names: list[str]) -> list[np.ndarray] | None:
-    """The group's channel positions split by which of the tensors ``names`` hold them."""
+def _by_owners(signature: np.ndarray) -> list[np.ndarray]:
+    """Channel positions per owner signature, the most owned first (``owner_signature``)."""
+    ids = np.unique(signature)
+    return [np.flatnonzero(signature == v) for v in ids[np.argsort(-(ids >> 32), kind="stable")]]
+
+
+def owner_signature(analysis: Analysis, group: Group) -> np.ndarray:
+    """One id per channel of ``group``: channels with the same id are owned (have filter rows)
+    in exactly the same members; ids are dense from 0 plus (bits 32 up) the number of owners."""
+    position = np.full(len(analysis.class_blocked), -1, dtype=np.int64)
+    position[group.classes] = np.arange(group.n_channels)
+    owned = np.zeros((group.n_channels, len(group.members)), dtype=bool)
+    for column, member_id in enumerate(group.members):
+        pos = position[analysis.class_of_atom[analysis.members[member_id].atoms]]
+        owned[pos[pos >= 0], column] = True
+    ids = np.unique(owned, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+    return ids | (owned.sum(axis=1).astype(np.int64) << 32)
+
+
+def _nested_share(total: int, sizes: list[int]) -> list[int]:
+    """Split ``total`` removals over parts ordered from the most to the least owned so that
+    every prefix (the channels of a member owning exactly those parts, in a nested family such
+    as a ShuffleNet stage) loses its rounded share, keeping at least one; a part may empty."""
+    n = sum(sizes)
+    counts, before, prefix = [], 0, 0
+    for size in sizes:
+        prefix += size
+        target = total if prefix == n else min((2 * total * prefix + n) // (2 * n), prefix - 1)
+        target = max(target, before)
+        counts.append(target - before)
+        before = target
+    return counts
+
+
+def _strata(analysis: Analysis, gid: int, names: list[str],
+            owners: np.ndarray | None = None) -> list[np.ndarray] | None:
+    """The group's channel positions split by which of the tensors ``names`` hold them (and,
+    given ``owners``, by their owner signature too)."""
     labels_of = dict(analysis.all_labels())
     group = analysis.groups[gid]
     signature = np.zeros(group.n_channels, dtype=np.int64)
@@ -175,6 +226,8 @@ def _strata(analysis: Analysis, gid: int, names: list[str]) -> list[np.ndarray] 
         if inside.all() or not inside.any():
             return None
         signature |= inside.astype(np.int64) << bit
+    if owners is not None:
+        signature |= owners << len(names)
     return [np.flatnonzero(signature == v) for v in np.unique(signature)]
 
 
