@@ -14,10 +14,10 @@ so the parts that shape the exported graph are written out here as torchvision w
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import nn
 
-from tests.torch_models import _build
+from tests.torch_models import _build, _channel_shuffle
 
 
 def _shifted_window_attention(x, qkv_weight, proj_weight, bias, window, heads, shift,
@@ -146,13 +146,6 @@ class _SwinT(nn.Module):
 def build_swin_t_like(seed: int = 0):
     """torchvision's Swin, small: 24x24 input, so windows are padded and shifted."""
     return _build(_SwinT, (1, 3, 24, 24), seed)
-
-
-def _channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-    b, c, h, w = x.size()
-    x = x.view(b, groups, c // groups, h, w)
-    x = torch.transpose(x, 1, 2).contiguous()
-    return x.view(b, -1, h, w)
 
 
 def _conv_bn(cin: int, cout: int, k: int, s: int = 1, groups: int = 1, relu: bool = True):

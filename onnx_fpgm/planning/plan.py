@@ -90,32 +90,36 @@ def plan_pruning(analysis: Analysis, config: PruneConfig, score: SelectFn,
     strata: dict[int, list[np.ndarray]] = {
         gid: parts for gid, sig in owners.items()
         if len(parts := _by_owners(sig)) > 1}
-    by_owner = set(strata)  # groups cut by owners only: parts ordered by owners, may empty
+    #: groups cut by owners: parts ordered from the most owned, and the most each may lose
+    caps = {gid: [len(p) for p in parts] for gid, parts in strata.items()}
     cutting: dict[int, list[str]] = {}  # group -> tensors whose parts it keeps proportionally
     for _ in range(16):
         plan = _plan_once(analysis, config, score, extra_frozen, progress, keep_counts or {},
-                          strata, by_owner)
+                          strata, caps)
         emptied = emptied_groups(analysis, plan)
         if not emptied:
             return plan
         for gid, reason in emptied.items():
             prefix = "pruning would empty tensor "
             name = reason[len(prefix):] if reason.startswith(prefix) else None
-            parts = None
+            parts, part_caps = None, None
             if name is not None and name not in cutting.get(gid, []):
-                parts = _strata(analysis, gid, [*cutting.get(gid, []), name], owners.get(gid))
+                parts, part_caps = _strata(analysis, gid, [*cutting.get(gid, []), name],
+                                           owners.get(gid))
             if parts is None:
                 extra_frozen[gid] = reason
             else:
                 cutting.setdefault(gid, []).append(name)
                 strata[gid] = parts
-                by_owner.discard(gid)
+                caps.pop(gid, None)
+                if part_caps is not None:
+                    caps[gid] = part_caps
         progress = None
     raise RuntimeError("could not find a plan that empties no tensor")
 
 
 def _plan_once(analysis, config, score, extra_frozen, progress, keep_counts,
-               strata, by_owner) -> PrunePlan:
+               strata, caps) -> PrunePlan:
     plans: list[GroupPlan] = []
     removed: list[np.ndarray] = []
     for group in analysis.groups:
@@ -138,8 +142,8 @@ def _plan_once(analysis, config, score, extra_frozen, progress, keep_counts,
             gone = np.zeros(n, dtype=bool)
             parts = strata.get(group.id, [np.arange(n)])
             sizes = [len(p) for p in parts]
-            shares = _nested_share(n - keep_n, sizes) if group.id in by_owner else \
-                _share(n - keep_n, sizes)
+            shares = _nested_share(n - keep_n, sizes, caps[group.id]) if group.id in caps \
+                else _share(n - keep_n, sizes)
             if shares is None:  # the parts cannot each keep one: select as one (then frozen)
                 parts, shares = [np.arange(n)], [n - keep_n]
             for part, n_prune in zip(parts, shares):
@@ -196,39 +200,52 @@ def owner_signature(analysis: Analysis, group: Group) -> np.ndarray:
     return ids | (owned.sum(axis=1).astype(np.int64) << 32)
 
 
-def _nested_share(total: int, sizes: list[int]) -> list[int]:
+def _nested_share(total: int, sizes: list[int], caps: list[int]) -> list[int] | None:
     """Split ``total`` removals over parts ordered from the most to the least owned so that
     every prefix (the channels of a member owning exactly those parts, in a nested family such
-    as a ShuffleNet stage) loses its rounded share, keeping at least one; a part may empty."""
+    as a ShuffleNet stage) loses its rounded share, keeping at least one; part ``i`` loses at
+    most ``caps[i]`` (its size, or one less where a cut tensor keeps a channel of it), the
+    rest going to the last parts with room. None when the caps cannot take ``total``."""
     n = sum(sizes)
     counts, before, prefix = [], 0, 0
-    for size in sizes:
+    for size, cap in zip(sizes, caps):
         prefix += size
         target = total if prefix == n else min((2 * total * prefix + n) // (2 * n), prefix - 1)
-        target = max(target, before)
-        counts.append(target - before)
-        before = target
-    return counts
+        counts.append(min(max(target - before, 0), cap))
+        before += counts[-1]
+    for i in reversed(range(len(sizes))):
+        extra = min(total - before, caps[i] - counts[i])
+        counts[i] += extra
+        before += extra
+    return counts if before == total else None
 
 
-def _strata(analysis: Analysis, gid: int, names: list[str],
-            owners: np.ndarray | None = None) -> list[np.ndarray] | None:
-    """The group's channel positions split by which of the tensors ``names`` hold them (and,
-    given ``owners``, by their owner signature too)."""
+def _strata(analysis: Analysis, gid: int, names: list[str], owners: np.ndarray | None = None
+            ) -> tuple[list[np.ndarray] | None, list[int] | None]:
+    """The group's channel positions split by which of the tensors ``names`` hold them; given
+    ``owners``, by their owner signature too, the most owned first, with the most each part may
+    lose (each named tensor keeps one channel of its least owned part)."""
     labels_of = dict(analysis.all_labels())
     group = analysis.groups[gid]
     signature = np.zeros(group.n_channels, dtype=np.int64)
     for bit, name in enumerate(names):
         labels = labels_of.get(name)
         if labels is None:
-            return None
+            return None, None
         inside = np.isin(group.classes, analysis.class_of_atom[labels[labels >= 0]])
         if inside.all() or not inside.any():
-            return None
+            return None, None
         signature |= inside.astype(np.int64) << bit
-    if owners is not None:
-        signature |= owners << len(names)
-    return [np.flatnonzero(signature == v) for v in np.unique(signature)]
+    if owners is None:
+        return [np.flatnonzero(signature == v) for v in np.unique(signature)], None
+    ids = np.unique(signature | owners << len(names))
+    ids = ids[np.argsort(-(ids >> (32 + len(names))), kind="stable")]
+    parts = [np.flatnonzero((signature | owners << len(names)) == v) for v in ids]
+    caps = [len(p) for p in parts]
+    for bit in range(len(names)):  # the tensor keeps a channel of its least owned part
+        inside = [k for k, v in enumerate(ids) if v >> bit & 1]
+        caps[inside[-1]] = len(parts[inside[-1]]) - 1
+    return parts, caps
 
 
 def emptied_groups(analysis: Analysis, plan: PrunePlan) -> dict[int, str]:
