@@ -31,7 +31,7 @@ from .context import AnalysisContext
 from .interface import cache_inputs
 from .op_families import QUANTIZED_LAYERS
 from .registry import handler_for
-from .shape_values import refine_shapes
+from .shape_inference import refine_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +59,7 @@ def build_analysis(graph: gs.Graph, opset: int, overridable: frozenset[str] = fr
 def _walk(nodes: list[gs.Node], ctx: AnalysisContext) -> None:
     """Propagate through ``nodes`` in order; If/Loop/Scan bodies are walked in place."""
     for node in nodes:
-        if ctx.refined:
-            refine_shapes(node, ctx)
+        refine_shapes(node, ctx)
         ctx.check_shape_taint(node)
         if walked_bodies(node):
             _walk_bodies(node, ctx)

@@ -27,17 +27,13 @@ keeps the labels it came from in ``derived``, so that it is never mistaken for a
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, replace
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from ..model.runtime import ANONYMOUS
-
-logger = logging.getLogger(__name__)
 
 #: Ops whose output elements are followed one by one from their inputs' elements: moved
 #: without computing on them, or (``Mul``) scaled, so ``c * h * w`` still names its channels.
@@ -386,61 +382,6 @@ def _is_prime(n: int) -> bool:
         else:
             return False
     return True
-
-
-def unknown_dim(dim) -> bool:
-    """A dim nobody named: None, or one of onnx's own ``unk__N`` stand-ins for a dim its
-    inference could not find (never an input's symbol)."""
-    return dim is None or (isinstance(dim, str) and dim.startswith("unk__"))
-
-
-def refine_shapes(node: gs.Node, ctx) -> None:
-    """Infer ``node``'s unknown output shapes with onnx when an input's shape was refined.
-
-    onnx's inference stops at a Reshape whose target it cannot fold (tf2onnx's computed
-    Flatten); the Reshape handler knows the output shape and marks it in ``ctx.refined``, and
-    the shapes of the nodes after it are inferred here, one node at a time.
-    """
-    if not any(t is not None and t.name in ctx.refined for t in node.inputs) or \
-            all(t.shape is not None and not any(map(unknown_dim, t.shape))
-                for t in node.outputs):
-        return
-    try:
-        schema = onnx.defs.get_schema(node.op, ctx.opset, node.domain or "")
-        proto = onnx.helper.make_node(node.op, [t.name if t is not None else "" for t in
-                                                node.inputs],
-                                      [t.name for t in node.outputs], **{
-                                          k: v for k, v in node.attrs.items()
-                                          if not isinstance(v, (gs.Constant, gs.Graph))})
-        types, data = {}, {}
-        for tensor in node.inputs:
-            if tensor is None or not tensor.name or tensor.dtype is None:
-                continue
-            dtype = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(tensor.dtype))
-            types[tensor.name] = onnx.helper.make_tensor_type_proto(dtype, tensor.shape)
-            value = ctx.const(tensor) if tensor.shape is not None and len(tensor.shape) <= 1 \
-                else None
-            if value is not None:
-                data[tensor.name] = onnx.numpy_helper.from_array(np.asarray(value), tensor.name)
-        inferred = onnx.shape_inference.infer_node_outputs(
-            schema, proto, types, data,
-            opset_imports=[onnx.helper.make_opsetid(node.domain or "", ctx.opset)])
-    except Exception as err:  # best effort: handlers block what stays unknown
-        logger.debug("no shape inference for %s (%s): %s", node.name, node.op, err)
-        return
-    for out in node.outputs:
-        ttype = inferred.get(out.name)
-        if (out.shape is None or any(map(unknown_dim, out.shape))) and ttype is not None and \
-                ttype.tensor_type.HasField("shape"):
-            found = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                     for d in ttype.tensor_type.shape.dim]
-            if out.shape is not None and len(out.shape) == len(found):  # fill unknown dims
-                found = [f if unknown_dim(d) and f is not None else d
-                         for d, f in zip(out.shape, found)]
-            out.shape = found
-            if out.dtype is None and ttype.tensor_type.elem_type:
-                out.dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.tensor_type.elem_type)
-            ctx.refined.add(out.name)
 
 
 def resolve_reshape_target(in_dims: list, elements: list, allowzero: bool):

@@ -76,36 +76,50 @@ def plan_pruning(analysis: Analysis, config: PruneConfig, score: SelectFn,
     ``keep_counts`` (group id -> channels kept) overrides the configured sparsity of those
     groups (a target's allocation); frozen and excluded groups stay whole regardless.
 
-    A group whose selection would empty a tensor it shares with other channels (one half of a
-    shuffled, then chunked, width) is selected again part by part, the same fraction from the
-    channels in that tensor and from the rest; only if that fails too is it frozen.
+    A group whose channels are not all owned by the same members (a ShuffleNet stage: each
+    unit's branch owns fewer of the stage's shuffled channels than the one before) is selected
+    part by part, one part per set of owners, the same fraction from each: FPGM compares channels
+    in one joint filter space, which such channels do not share, and each layer then loses its
+    share of the channels. A group whose selection would empty a tensor it shares with other
+    channels (one half of a shuffled, then chunked, width) is selected again with that tensor's
+    channels as a further cut; only if that fails too is it frozen.
     """
     extra_frozen: dict[int, str] = {}
-    strata: dict[int, list[np.ndarray]] = {}
+    owners = {group.id: owner_signature(analysis, group) for group in analysis.groups
+              if not group.frozen and len(group.members) > 1}
+    strata: dict[int, list[np.ndarray]] = {
+        gid: parts for gid, sig in owners.items()
+        if len(parts := _by_owners(sig)) > 1}
+    #: groups cut by owners: parts ordered from the most owned, and the most each may lose
+    caps = {gid: [len(p) for p in parts] for gid, parts in strata.items()}
     cutting: dict[int, list[str]] = {}  # group -> tensors whose parts it keeps proportionally
     for _ in range(16):
         plan = _plan_once(analysis, config, score, extra_frozen, progress, keep_counts or {},
-                          strata)
+                          strata, caps)
         emptied = emptied_groups(analysis, plan)
         if not emptied:
             return plan
         for gid, reason in emptied.items():
             prefix = "pruning would empty tensor "
             name = reason[len(prefix):] if reason.startswith(prefix) else None
-            parts = None
+            parts, part_caps = None, None
             if name is not None and name not in cutting.get(gid, []):
-                parts = _strata(analysis, gid, [*cutting.get(gid, []), name])
+                parts, part_caps = _strata(analysis, gid, [*cutting.get(gid, []), name],
+                                           owners.get(gid))
             if parts is None:
                 extra_frozen[gid] = reason
             else:
                 cutting.setdefault(gid, []).append(name)
                 strata[gid] = parts
+                caps.pop(gid, None)
+                if part_caps is not None:
+                    caps[gid] = part_caps
         progress = None
     raise RuntimeError("could not find a plan that empties no tensor")
 
 
 def _plan_once(analysis, config, score, extra_frozen, progress, keep_counts,
-               strata) -> PrunePlan:
+               strata, caps) -> PrunePlan:
     plans: list[GroupPlan] = []
     removed: list[np.ndarray] = []
     for group in analysis.groups:
@@ -127,11 +141,16 @@ def _plan_once(analysis, config, score, extra_frozen, progress, keep_counts,
         else:
             gone = np.zeros(n, dtype=bool)
             parts = strata.get(group.id, [np.arange(n)])
-            shares = _share(n - keep_n, [len(p) for p in parts])
+            sizes = [len(p) for p in parts]
+            shares = _nested_share(n - keep_n, sizes, caps[group.id]) if group.id in caps \
+                else _share(n - keep_n, sizes)
             if shares is None:  # the parts cannot each keep one: select as one (then frozen)
                 parts, shares = [np.arange(n)], [n - keep_n]
             for part, n_prune in zip(parts, shares):
                 if not n_prune:
+                    continue
+                if n_prune == len(part):  # a part owned by few members goes whole
+                    gone[part] = True
                     continue
                 whole = len(part) == n
                 chosen = score(analysis, group if whole else Group(
@@ -162,20 +181,71 @@ def _share(total: int, sizes: list[int]) -> list[int] | None:
     return counts
 
 
-def _strata(analysis: Analysis, gid: int, names: list[str]) -> list[np.ndarray] | None:
-    """The group's channel positions split by which of the tensors ``names`` hold them."""
+def _by_owners(signature: np.ndarray) -> list[np.ndarray]:
+    """Channel positions per owner signature, the most owned first (``owner_signature``)."""
+    ids = np.unique(signature)
+    return [np.flatnonzero(signature == v) for v in ids[np.argsort(-(ids >> 32), kind="stable")]]
+
+
+def owner_signature(analysis: Analysis, group: Group) -> np.ndarray:
+    """One id per channel of ``group``: channels with the same id are owned (have filter rows)
+    in exactly the same members; ids are dense from 0 plus (bits 32 up) the number of owners."""
+    position = np.full(len(analysis.class_blocked), -1, dtype=np.int64)
+    position[group.classes] = np.arange(group.n_channels)
+    owned = np.zeros((group.n_channels, len(group.members)), dtype=bool)
+    for column, member_id in enumerate(group.members):
+        pos = position[analysis.class_of_atom[analysis.members[member_id].atoms]]
+        owned[pos[pos >= 0], column] = True
+    ids = np.unique(owned, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+    return ids | (owned.sum(axis=1).astype(np.int64) << 32)
+
+
+def _nested_share(total: int, sizes: list[int], caps: list[int]) -> list[int] | None:
+    """Split ``total`` removals over parts ordered from the most to the least owned so that
+    every prefix (the channels of a member owning exactly those parts, in a nested family such
+    as a ShuffleNet stage) loses its rounded share, keeping at least one; part ``i`` loses at
+    most ``caps[i]`` (its size, or one less where a cut tensor keeps a channel of it), the
+    rest going to the last parts with room. None when the caps cannot take ``total``."""
+    n = sum(sizes)
+    counts, before, prefix = [], 0, 0
+    for size, cap in zip(sizes, caps):
+        prefix += size
+        target = total if prefix == n else min((2 * total * prefix + n) // (2 * n), prefix - 1)
+        counts.append(min(max(target - before, 0), cap))
+        before += counts[-1]
+    for i in reversed(range(len(sizes))):
+        extra = min(total - before, caps[i] - counts[i])
+        counts[i] += extra
+        before += extra
+    return counts if before == total else None
+
+
+def _strata(analysis: Analysis, gid: int, names: list[str], owners: np.ndarray | None = None
+            ) -> tuple[list[np.ndarray] | None, list[int] | None]:
+    """The group's channel positions split by which of the tensors ``names`` hold them; given
+    ``owners``, by their owner signature too, the most owned first, with the most each part may
+    lose (each named tensor keeps one channel of its least owned part)."""
     labels_of = dict(analysis.all_labels())
     group = analysis.groups[gid]
     signature = np.zeros(group.n_channels, dtype=np.int64)
     for bit, name in enumerate(names):
         labels = labels_of.get(name)
         if labels is None:
-            return None
+            return None, None
         inside = np.isin(group.classes, analysis.class_of_atom[labels[labels >= 0]])
         if inside.all() or not inside.any():
-            return None
+            return None, None
         signature |= inside.astype(np.int64) << bit
-    return [np.flatnonzero(signature == v) for v in np.unique(signature)]
+    if owners is None:
+        return [np.flatnonzero(signature == v) for v in np.unique(signature)], None
+    ids = np.unique(signature | owners << len(names))
+    ids = ids[np.argsort(-(ids >> (32 + len(names))), kind="stable")]
+    parts = [np.flatnonzero((signature | owners << len(names)) == v) for v in ids]
+    caps = [len(p) for p in parts]
+    for bit in range(len(names)):  # the tensor keeps a channel of its least owned part
+        inside = [k for k, v in enumerate(ids) if v >> bit & 1]
+        caps[inside[-1]] = len(parts[inside[-1]]) - 1
+    return parts, caps
 
 
 def emptied_groups(analysis: Analysis, plan: PrunePlan) -> dict[int, str]:

@@ -21,7 +21,8 @@ import numpy as np
 
 from ..blocks import SplitMap, require_whole
 from ..registry import register
-from ..shape_values import rewritable_source, shape_elements, unknown_dim
+from ..shape_inference import unknown_dim
+from ..shape_values import rewritable_source, shape_elements
 from ._util import rank_of
 
 
