@@ -129,7 +129,7 @@ def _detection_head(box_offset: np.ndarray) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 6, 8])],
         [numpy_helper.from_array(np.array([4, 2], np.int64), "split"),
          numpy_helper.from_array(box_offset.astype(np.float32), "offset")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def test_box_errors_count_where_the_teacher_is_confident() -> None:
