@@ -151,3 +151,12 @@ def test_box_errors_count_where_the_teacher_is_confident() -> None:
         feeds = float_feeds(calibration.inputs, student, torch.device("cpu"))
         losses.append(float(distill._loss(student.run(feeds), teacher.run(feeds), targets)))
     assert losses[0] < 1e-6 and losses[1] > 0.05
+
+
+def test_a_time_budget_before_the_first_evaluation_keeps_the_trained_weights(plain) -> None:
+    result = onnx_fpgm.prune(MODEL, recover="distill", recover_steps=10000, recover_time=8.0,
+                             **CUT)
+    recovery = result.report.recovery
+    assert recovery.stopped.startswith("time budget") and recovery.steps < 500
+    assert recovery.loss_after < recovery.loss_before
+    assert _error(result) < _error(plain)

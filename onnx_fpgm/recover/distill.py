@@ -121,10 +121,14 @@ def distill(original: onnx.ModelProto, student_model: onnx.ModelProto, analysis:
     generator = torch.Generator().manual_seed(seed)
     order = np.random.default_rng(seed)
     pool: list[int] = []
-    stale, report.stopped = 0, "step budget"
+    stale, report.stopped, evaluated = 0, "step budget", 0
     for step in range(steps):
         if time_limit is not None and time.perf_counter() - started > time_limit:
             report.stopped = "time budget"
+            if report.steps > evaluated:  # the steps since the last evaluation count too
+                current = held_out_loss()
+                if current < best_loss:
+                    best_loss, best = current, student.trained_values()
             break
         if len(pool) < batch:
             pool.extend(order.permutation(train).tolist())
@@ -141,7 +145,7 @@ def distill(original: onnx.ModelProto, student_model: onnx.ModelProto, analysis:
         report.steps = step + 1
         note = None
         if report.steps % evaluate_every == 0 or report.steps == steps:
-            current = held_out_loss()
+            current, evaluated = held_out_loss(), report.steps
             note = f"held-out loss {current:.4g}"
             if current < best_loss:
                 best_loss, best, stale = current, student.trained_values(), 0
