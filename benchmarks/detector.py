@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.667, help="MACs kept")
     parser.add_argument("--runs", default=DEFAULT_RUNS)
     parser.add_argument("--recover-time", type=float, default=300.0)
-    parser.add_argument("--recover-steps", type=int, default=100000)
+    parser.add_argument("--recover-steps", type=int, default=300)
     parser.add_argument("--cache", default="/tmp/onnx-fpgm-cache")
     parser.add_argument("--save", default=None, help="folder for the pruned models")
     args = parser.parse_args()

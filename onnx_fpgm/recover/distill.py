@@ -17,10 +17,11 @@ parts (values in [0, 1]: scores) and other parts (boxes, coordinates) weights th
 errors at each position by the teacher's highest confidence there: a YOLO head's box at an
 anchor that detects nothing is never drawn, and unweighted its error swamps the boxes that are.
 Image inputs (rank-4 float) are augmented (horizontal flips, small shifts, brightness/contrast
-jitter); other inputs are not.
-A held-out slice of the calibration data (``HELD_OUT_FRACTION``) decides early stopping and
-which weights are kept (the best seen on it, which may be the untrained ones). The trained
-values are written back into the same initializers: same nodes, names, shapes and dtypes.
+jitter); other inputs are not. A held-out slice of the calibration data
+(``HELD_OUT_FRACTION``) decides early stopping and which weights are kept (the best seen on it,
+which may be the untrained ones; the last weights are judged too when the time budget ends
+between evaluations). The trained values are written back into the same initializers: same
+nodes, names, shapes and dtypes.
 """
 from __future__ import annotations
 
