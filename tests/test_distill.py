@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 
 import onnx_fpgm
 from onnx_fpgm.cli.main import main
@@ -114,3 +115,50 @@ def test_sweep_recovers_every_point(tmp_path) -> None:
     points = json.loads(out.read_text())["points"]
     assert [p["compensation"] for p in points] == ["none+distill"]
     assert points[0]["error"] is None
+
+
+def _detection_head(box_offset: np.ndarray) -> onnx.ModelProto:
+    """``(N, 4 + 2, anchors)``: boxes ``x[:, :4] + box_offset``, scores ``Sigmoid(x[:, 4:])``."""
+    from onnx import TensorProto, helper, numpy_helper
+    nodes = [helper.make_node("Split", ["x", "split"], ["box", "logit"], axis=1),
+             helper.make_node("Add", ["box", "offset"], ["moved"]),
+             helper.make_node("Sigmoid", ["logit"], ["score"]),
+             helper.make_node("Concat", ["moved", "score"], ["y"], axis=1)]
+    graph = helper.make_graph(
+        nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 6, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 6, 8])],
+        [numpy_helper.from_array(np.array([4, 2], np.int64), "split"),
+         numpy_helper.from_array(box_offset.astype(np.float32), "offset")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_box_errors_count_where_the_teacher_is_confident() -> None:
+    from onnx_fpgm.measure.calibration import Calibration
+    from onnx_fpgm.recover import distill
+    from onnx_fpgm.recover.torch_graph import TorchGraph, float_feeds
+    x = np.random.default_rng(0).uniform(1, 2, (4, 6, 8)).astype(np.float32)
+    x[:, 4:, :4] = -30.0  # anchors 0-3 detect nothing, 4-7 are confident
+    teacher_model = _detection_head(np.zeros((1, 4, 8)))
+    losses = []
+    for anchors in (slice(0, 4), slice(4, 8)):  # boxes off: undetected, detected
+        offset = np.zeros((1, 4, 8))
+        offset[..., anchors] = 1.0
+        teacher, student = TorchGraph(teacher_model), TorchGraph(_detection_head(offset))
+        calibration = Calibration({"x": x})
+        targets = [t for t in distill._targets(teacher, student, teacher_model, None, None,
+                                               calibration, np.arange(4), torch.device("cpu"))
+                   if t.blocks]
+        feeds = float_feeds(calibration.inputs, student, torch.device("cpu"))
+        losses.append(float(distill._loss(student.run(feeds), teacher.run(feeds), targets)))
+    assert losses[0] < 1e-6 and losses[1] > 0.05
+
+
+def test_a_time_budget_before_the_first_evaluation_keeps_the_trained_weights(plain) -> None:
+    result = onnx_fpgm.prune(MODEL, recover="distill", recover_steps=10000, recover_time=10.0,
+                             **CUT)
+    recovery = result.report.recovery
+    if recovery.steps == 0:  # the setup alone spent the budget (a loaded machine)
+        pytest.skip("no training step within the 10 s budget")
+    assert recovery.stopped.startswith("time budget") and recovery.steps < 500
+    assert recovery.loss_after < recovery.loss_before
+    assert _error(result) < _error(plain)

@@ -84,3 +84,18 @@ def test_write_back_keeps_names_shapes_and_dtypes() -> None:
         else:
             np.testing.assert_array_equal(stored, onnx.numpy_helper.to_array(before[init.name]))
     assert [n.name for n in written.graph.node] == [n.name for n in model.graph.node]
+
+
+def test_scalar_gather_of_a_shape() -> None:
+    """YOLOv8's head reads one dim of a Shape with a scalar index (a 0-d result)."""
+    from onnx import TensorProto, helper, numpy_helper
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Gather", ["shape", "two"], ["height"], axis=0),
+             helper.make_node("Cast", ["height"], ["scale"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["x", "scale"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "scalar_gather", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 3])],
+        [numpy_helper.from_array(np.array(2, np.int64), "two")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    _assert_matches_onnxruntime(model)

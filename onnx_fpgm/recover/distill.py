@@ -12,11 +12,16 @@ BatchNormalization scale/bias) are trained in torch so that, on the calibration 
   part of the original, instead of one gradient from the end through a damaged network.
 
 Each tensor's loss is its normalised MSE ``|s - t|^2 / |t|^2``; the loss is the mean over the
-intermediate tensors plus the mean over the output parts. Image inputs (rank-4 float) are
-augmented (horizontal flips, small shifts, brightness/contrast jitter); other inputs are not.
-A held-out slice of the calibration data (``HELD_OUT_FRACTION``) decides early stopping and
-which weights are kept (the best seen on it, which may be the untrained ones). The trained
-values are written back into the same initializers: same nodes, names, shapes and dtypes.
+intermediate tensors plus the mean over the output parts. An output split into confidence
+parts (values in [0, 1]: scores) and other parts (boxes, coordinates) weights the other parts'
+errors at each position by the teacher's highest confidence there: a YOLO head's box at an
+anchor that detects nothing is never drawn, and unweighted its error swamps the boxes that are.
+Image inputs (rank-4 float) are augmented (horizontal flips, small shifts, brightness/contrast
+jitter); other inputs are not. A held-out slice of the calibration data
+(``HELD_OUT_FRACTION``) decides early stopping and which weights are kept (the best seen on it,
+which may be the untrained ones; the last weights are judged too when the time budget ends
+between evaluations). The trained values are written back into the same initializers: same
+nodes, names, shapes and dtypes.
 """
 from __future__ import annotations
 
@@ -66,7 +71,7 @@ class _Target:
     name: str
     axis: int | None = None
     keep: torch.Tensor | None = None
-    blocks: tuple = ()  # output parts: (axis, start, stop) per part; () for the whole tensor
+    blocks: tuple = ()  # output parts: (axis, start, stop, confidence) per part; () for whole
 
 
 def distill(original: onnx.ModelProto, student_model: onnx.ModelProto, analysis: Analysis,
@@ -117,10 +122,14 @@ def distill(original: onnx.ModelProto, student_model: onnx.ModelProto, analysis:
     generator = torch.Generator().manual_seed(seed)
     order = np.random.default_rng(seed)
     pool: list[int] = []
-    stale, report.stopped = 0, "step budget"
+    stale, report.stopped, evaluated = 0, "step budget", 0
     for step in range(steps):
         if time_limit is not None and time.perf_counter() - started > time_limit:
             report.stopped = "time budget"
+            if report.steps > evaluated:  # the steps since the last evaluation count too
+                current = held_out_loss()
+                if current < best_loss:
+                    best_loss, best = current, student.trained_values()
             break
         if len(pool) < batch:
             pool.extend(order.permutation(train).tolist())
@@ -137,7 +146,7 @@ def distill(original: onnx.ModelProto, student_model: onnx.ModelProto, analysis:
         report.steps = step + 1
         note = None
         if report.steps % evaluate_every == 0 or report.steps == steps:
-            current = held_out_loss()
+            current, evaluated = held_out_loss(), report.steps
             note = f"held-out loss {current:.4g}"
             if current < best_loss:
                 best_loss, best, stale = current, student.trained_values(), 0
@@ -176,7 +185,8 @@ def _targets(teacher: TorchGraph, student: TorchGraph, original: onnx.ModelProto
         if target is None:
             continue
         axis, blocks = part_layout(want[name].cpu().numpy(), name)
-        target.blocks = tuple((axis, a, b) for _, a, b, _ in blocks) or ((None, 0, 0),)
+        target.blocks = tuple((axis, a, b, unit) for _, a, b, unit in blocks) or \
+            ((None, 0, 0, False),)
         targets.append(target)
     return targets
 
@@ -211,8 +221,22 @@ def _logits_of(model: onnx.ModelProto, output: str) -> str:
     return output
 
 
-def _nmse(have: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
-    return (have - want).square().mean() / (want.square().mean() + _EPS)
+def _nmse(have: torch.Tensor, want: torch.Tensor,
+          weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``|have - want|^2 / |want|^2``, each element weighted by ``weight`` (broadcast)."""
+    if weight is None:
+        return (have - want).square().mean() / (want.square().mean() + _EPS)
+    return (weight * (have - want).square()).sum() / ((weight * want.square()).sum() + _EPS)
+
+
+def _confidence(teacher: torch.Tensor, blocks: tuple) -> torch.Tensor | None:
+    """The teacher's highest confidence per position (the channel axis kept, of size 1), when
+    the output has both confidence parts and others; else None (every position counts)."""
+    scores = [teacher.narrow(axis, a, b - a) for axis, a, b, unit in blocks if unit]
+    if not scores or len(scores) == len(blocks):
+        return None
+    axis = blocks[0][0]
+    return torch.cat(scores, axis).amax(axis, keepdim=True)
 
 
 def _loss(have: dict, want: dict, targets: list[_Target]) -> torch.Tensor:
@@ -225,11 +249,13 @@ def _loss(have: dict, want: dict, targets: list[_Target]) -> torch.Tensor:
         if not target.blocks:
             inner.append(_nmse(student, teacher))
             continue
-        for axis, a, b in target.blocks:
+        weight = _confidence(teacher, target.blocks)
+        for axis, a, b, unit in target.blocks:
             if axis is None:
                 outer.append(_nmse(student, teacher))
             else:
-                outer.append(_nmse(student.narrow(axis, a, b - a), teacher.narrow(axis, a, b - a)))
+                outer.append(_nmse(student.narrow(axis, a, b - a), teacher.narrow(axis, a, b - a),
+                                   None if unit else weight))
     loss = torch.stack(outer).mean() if outer else torch.zeros(())
     return loss + torch.stack(inner).mean() if inner else loss
 

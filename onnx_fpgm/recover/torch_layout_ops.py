@@ -199,8 +199,8 @@ def _gather(inputs, attrs):
     x, index = inputs
     axis = axis_index(attrs.get("axis", 0), x.dim())
     index = torch.where(index < 0, index + x.shape[axis], index)
-    return x.index_select(axis, index.reshape(-1)).reshape(
-        *x.shape[:axis], *index.shape, *x.shape[axis + 1:])
+    return x.index_select(axis, index.reshape(-1)).reshape(  # a tuple: () for a scalar
+        (*x.shape[:axis], *index.shape, *x.shape[axis + 1:]))
 
 
 @op("Cast")
