@@ -65,7 +65,8 @@ def test_our_export_failing_the_checker_is_exit_3(tmp_path: Path, capsys, monkey
     """Without restoring the declared output types, graph-surgeon writes the output without a
     shape (taken from the shape-less value_info): our bug, so exit 3, not 2."""
     source = _save(shipped_forms.quantized_dynamic_by_hand(float_stem=True), tmp_path / "q.onnx")
-    monkeypatch.setattr(onnx_fpgm.model.export, "restore_interface_types", lambda model, like: None)
+    monkeypatch.setattr(onnx_fpgm.model.export, "restore_interface_types",
+                        lambda model, like, resized=None: None)
     out = tmp_path / "out.onnx"
     assert cli.main([str(source), str(out)]) == 3
     stderr = capsys.readouterr().err

@@ -120,8 +120,8 @@ def test_prune_catches_a_rewrite_that_bakes_a_size(monkeypatch) -> None:
     export = onnx_fpgm.model.export.export_graph
     primary = onnx_fpgm.prune(model, 0.5).input_sizes.primary
 
-    def baking_export(graph, like, metadata=None):
-        return shipped_forms.size_baked(export(graph, like, metadata), primary)
+    def baking_export(graph, like, metadata=None, resized=None):
+        return shipped_forms.size_baked(export(graph, like, metadata, resized), primary)
 
     monkeypatch.setattr(onnx_fpgm.model.export, "export_graph", baking_export)
     with pytest.raises(onnx_fpgm.VerificationError, match=r"at input sizes input=2,"):

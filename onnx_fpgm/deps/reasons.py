@@ -22,7 +22,8 @@ class ReasonKind:
 REASONS: tuple[ReasonKind, ...] = (
     ReasonKind("graph outputs", r"reaches graph output",
                "Channels that reach a graph output: removing them would change the model's "
-               "interface (inputs and outputs never change)."),
+               "interface (inputs and outputs never change, but for KV caches under "
+               "`--allow-interface-change`)."),
     ReasonKind("ops without a handler", r"unsupported op|could not analyse",
                "Channels consumed by an op the engine has no handler for (TopK, "
                "QOperator ops such as QLinearConv, custom domains, ...). Unknown ops are never assumed to be element-wise."),
