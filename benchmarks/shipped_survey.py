@@ -5,7 +5,7 @@ process (from another checkout with ``source``: its directory first on ``PYTHONP
 a temporary directory), timed by wall clock; the table is read from the exit code, the error
 line and the JSON report (and what ``-q`` printed all the same). Groups left unpruned are counted by category of
 ``onnx_fpgm.deps.reasons`` (this checkout's categories), with their first reasons listed below
-the table.
+the table. "bytes out/in": the files written (OUT and its data) against the input's.
 """
 from __future__ import annotations
 
@@ -43,10 +43,13 @@ def run_cli(path: Path, sparsity: float, source: Path | None, work: Path) -> dic
     wall = time.perf_counter() - start
     errors = [line for line in stderr.splitlines() if line.startswith("onnx-fpgm: error")]
     data = json.loads(report.read_text()) if report.exists() else None
-    for leftover in (out, report):
+    # bytes written (OUT and its external data, if any) against the input's
+    written = sum(f.stat().st_size for f in work.glob(f"{out.name}*") if f.is_file())
+    for leftover in (*work.glob(f"{out.name}*"), report):
         leftover.unlink(missing_ok=True)
+    read = sum(f.stat().st_size for f in path.parent.glob(f"{path.name}*") if f.is_file())
     return {"exit": code, "error": errors[-1] if errors else "", "wall": wall, "report": data,
-            "printed": len(printed.encode())}
+            "printed": len(printed.encode()), "size": (read, written)}
 
 
 def row(package: str, path: Path, found: dict) -> tuple[dict, list[str]]:
@@ -70,6 +73,7 @@ def row(package: str, path: Path, found: dict) -> tuple[dict, list[str]]:
         "MACs": f"{before['macs'] / after['macs']:.2f}x" if after["macs"] else "-",
         "verify": (f"passed {check['max_rel_error']:.1e}" if check.get("passed") else
                    "FAILED" if check else "skipped"),
+        "bytes out/in": f"{found['size'][1] / found['size'][0]:.2f}" if found["size"][1] else "-",
         "unpruned groups": "; ".join(f"{k} {n}" for k, n in kinds.most_common()) or "-",
     })
     if found["printed"]:  # -q prints nothing but errors
