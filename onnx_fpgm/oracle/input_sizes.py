@@ -39,9 +39,9 @@ import onnx
 from ..errors import ConfigError
 from ..model.input_ranges import integer_ranges, variant_count
 from ..model.runtime import check_given, is_unknown, make_session, random_inputs, real_inputs
+from .cache_inputs import with_past
 from .sized_shapes import ActivationBudget
 from .symbolic_dims import InputSizes, Role, SymbolicDim, symbolic_dims
-from .cache_inputs import with_past
 
 logger = logging.getLogger(__name__)
 
