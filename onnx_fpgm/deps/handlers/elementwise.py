@@ -17,7 +17,7 @@ import numpy as np
 from ..channels import ChannelMap
 from ..registry import register
 from . import split_operands
-from ._util import pass_like_input
+from ._util import mapped_input, pass_like_input
 
 UNARY_OPS = (
     "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu",
@@ -191,12 +191,10 @@ class BiasGeluHandler:
     there slice it; channels elsewhere pass (the bias is the same for each of them)."""
 
     def propagate(self, node, ctx) -> None:
-        xmap, shape = ctx.map(node.inputs[0]), ctx.shape(node.inputs[0])
-        if xmap is None:
+        found = mapped_input(node, ctx)
+        if found is None:
             return
-        if shape is None:
-            ctx.block(xmap, f"rank of the input of {node.op} {node.name} is unknown")
-            return
+        xmap, _ = found
         if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].name and \
                 ctx.const(node.inputs[1]) is None:
             ctx.block(xmap, f"bias of {node.op} {node.name} is not a stored constant")
