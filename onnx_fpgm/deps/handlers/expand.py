@@ -26,11 +26,11 @@ from ..shape_values import rewritable_source, shape_elements
 from ._util import rank_of
 
 
-def _channel_elements(node, ctx, m):
+def _channel_elements(node, ctx, m, elements):
     """(shift, [(level position, element index or None when absent, size)]) for the input's
-    channel-carrying axes, or why the expansion cannot be followed."""
+    channel-carrying axes given the target's ``elements`` (``shape_elements``), or why the
+    expansion cannot be followed."""
     rank = rank_of(ctx, node.inputs[0])
-    elements = shape_elements(node, 1, ctx)
     if rank is None or elements is None:
         return f"Expand {node.name}: unknown input rank or a target shape that is not a vector"
     shift = max(0, len(elements) - rank)
@@ -71,17 +71,16 @@ class ExpandHandler:
     def propagate(self, node, ctx) -> None:
         smap, cmap = ctx.split_map(node.inputs[0]), ctx.map(node.inputs[0])
         m = smap if smap is not None else cmap
+        elements = shape_elements(node, 1, ctx)
         if m is None:
-            elements = shape_elements(node, 1, ctx)
             if elements is not None and ctx.shape(node.inputs[0]) is not None:
                 _refine_output(node, ctx, elements)  # rotary's cos/sin pass through Expand
             return
-        found = _channel_elements(node, ctx, m)
+        found = _channel_elements(node, ctx, m, elements)
         if isinstance(found, str):
             ctx.block(m, found)
             return
         shift, axes = found
-        elements = shape_elements(node, 1, ctx)
         channel_indices = {index for _, index, _ in axes}
         if any(e.channels is not None and i not in channel_indices
                for i, e in enumerate(elements)):
@@ -115,7 +114,7 @@ class ExpandHandler:
         if m is None:
             return
         elements = shape_elements(node, 1, ctx)
-        for position, index, size in _channel_elements(node, ctx, m)[1]:
+        for position, index, size in _channel_elements(node, ctx, m, elements)[1]:
             if index is None or elements[index].value != size or size == 1:
                 continue
             kept = self._kept_count(node, ctx, smap, cmap, position)
