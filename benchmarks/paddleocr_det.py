@@ -38,13 +38,21 @@ MEAN, STD = 0.5, 0.5
 SCALES = (736 / 191, 2.9, 2.2)
 
 
-def fetch(cache: Path) -> tuple[Path, dict[str, np.ndarray]]:
+def cached_wheels(cache: Path, specs) -> dict[str, Path]:
+    """Wheel by distribution name (``scikit_image``) of every ``specs`` entry
+    (``scikit-image==0.26.0``), fetched into ``cache`` with ``pip download --no-deps`` once."""
     cache.mkdir(parents=True, exist_ok=True)
     wheels = {w.name.split("-")[0]: w for w in cache.glob("*.whl")}
-    if "rapidocr_onnxruntime" not in wheels or "scikit_image" not in wheels:
+    missing = [s for s in specs if s.split("==")[0].replace("-", "_") not in wheels]
+    if missing:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
-                        str(cache), RAPIDOCR, SKIMAGE], check=True)
+                        str(cache), *missing], check=True)
         wheels = {w.name.split("-")[0]: w for w in cache.glob("*.whl")}
+    return wheels
+
+
+def fetch(cache: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    wheels = cached_wheels(cache, (RAPIDOCR, SKIMAGE))
     model = cache / "ch_PP-OCRv4_det_infer.onnx"
     if not model.exists():
         with zipfile.ZipFile(wheels["rapidocr_onnxruntime"]) as z:

@@ -150,18 +150,24 @@ def test_plan_keeps_part_of_the_padding(form: str, tmp_path) -> None:
     """A saved plan that keeps two of the four padding channels: the padding shrinks to two,
     at the positions the plan keeps (the first test's plans drop all of it)."""
     model = _Block(form, form == "pad", symbolic=form == "computed").model()
-    first = json.loads(onnx_fpgm.prune(model, 0.5).report.to_json())
     kept = {"stem": [0, 1, 2, 3, 5, 6, 7], "proj": [0, 1, 2, 3, 5, 6, 7, 9, 11]}
-    for layer in first["layers"]:
-        layer["kept"] = kept.get(layer["name"], layer["kept"])
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps(first))
-    result = onnx_fpgm.prune(model, plan=str(plan))
+    result = _pruned_keeping(model, kept, tmp_path)
     layers = {layer.name: layer for layer in result.report.layers}
     assert layers["proj"].kept == kept["proj"] and layers["stem"].kept == kept["stem"]
     check_pruned(model, result)
     assert _padding_width(result.model, form, form == "pad") == 2
 
+
+
+def _pruned_keeping(model: onnx.ModelProto, kept: dict[str, list[int]], tmp_path):
+    """``model`` pruned by a saved plan: the sparsity-0.5 plan with ``kept`` (layer name ->
+    kept channels) written over it."""
+    plan = json.loads(onnx_fpgm.prune(model, 0.5).report.to_json())
+    for layer in plan["layers"]:
+        layer["kept"] = kept.get(layer["name"], layer["kept"])
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    return onnx_fpgm.prune(model, plan=str(path))
 
 def _two_blocks(form: str) -> onnx.ModelProto:
     """Two stride-1 blocks widening 8 -> 12 -> 16 that share one zeros tensor (tf2onnx writes
@@ -193,15 +199,10 @@ def test_shared_zeros_narrowed_per_block(form: str, tmp_path) -> None:
     """The blocks keep different padding widths (1 and 3): each gets its own zeros, the
     shared ones are copied for the block that reads them first (copy on write)."""
     model = _two_blocks(form)
-    first = json.loads(onnx_fpgm.prune(model, 0.5).report.to_json())
     stem = [0, 1, 2, 4, 5, 6]
     proj1 = [*stem, 10]  # one of block 1's four padding channels
     kept = {"stem": stem, "proj1": proj1, "proj2": [*proj1, 12, 14, 15]}
-    for layer in first["layers"]:
-        layer["kept"] = kept.get(layer["name"], layer["kept"])
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps(first))
-    result = onnx_fpgm.prune(model, plan=str(plan))
+    result = _pruned_keeping(model, kept, tmp_path)
     layers = {layer.name: layer for layer in result.report.layers}
     assert {name: layers[name].kept for name in kept} == kept
     check_pruned(model, result)
