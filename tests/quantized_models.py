@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.torch_models import ZOO, export_onnx
+from tests.torch_models import ZOO, export_built
 
 #: Zoo models quantized in the tests and the benchmark.
 STATIC_MODELS = ("resnet18_like", "mobilenetv2_like")
@@ -38,8 +38,8 @@ class _RandomBatches:
 def _static_bytes(name: str, fmt: str, per_channel: bool) -> bytes:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    module, shape = ZOO[name]()
-    model = export_onnx(module, shape, dynamo=False, fold_bn=True)
+    model = export_built(ZOO[name], dynamo=False, fold_bn=True)
+    shape = tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim)
     with tempfile.TemporaryDirectory() as tmp:
         source, target = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         onnx.save(model, str(source))

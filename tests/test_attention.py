@@ -2,8 +2,6 @@
 three sparsities, heads and MLP widths pruned together, and the forms that still block."""
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import onnx
 import pytest
@@ -12,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnx_fpgm
 from tests.attention_models import ATTENTION_ZOO
 from tests.conftest import check_pruned, run_outputs
-from tests.torch_models import ZOO, export_onnx
+from tests.torch_models import ZOO, export_built
 
 EXPORTERS = {"torchscript": dict(dynamo=False, fold_bn=True),
              "dynamo": dict(dynamo=True, fold_bn=False)}
@@ -22,14 +20,8 @@ HEADS_BLOCKED: dict[tuple[str, str], str] = {}
 CASES = [(n, e) for n in MODELS for e in EXPORTERS]
 
 
-@functools.lru_cache(maxsize=None)
-def _export(name: str, exporter: str) -> bytes:
-    module, shape = MODELS[name]()
-    return export_onnx(module, shape, **EXPORTERS[exporter]).SerializeToString()
-
-
 def _model(name: str, exporter: str) -> onnx.ModelProto:
-    return onnx.load_from_string(_export(name, exporter))
+    return export_built(MODELS[name], **EXPORTERS[exporter])
 
 
 def _head_groups(result) -> list:

@@ -15,14 +15,14 @@ import pytest
 
 import onnx_fpgm
 from onnx_fpgm.cli import main as cli
-from onnx_fpgm.model import io
-from onnx_fpgm.planning.costmodel import build_cost_model
 from onnx_fpgm.deps.analysis import build_analysis
 from onnx_fpgm.deps.constants import fold_constant_shapes
+from onnx_fpgm.model import io
+from onnx_fpgm.planning.costmodel import build_cost_model
 
 from .conftest import check_pruned
 from .onnx_patterns import PATTERNS
-from .torch_models import ZOO, export_onnx
+from .torch_models import ZOO, export_built
 
 ARCHITECTURES = ["resnet18_like", "mobilenetv2_like", "resnext_like", "densenet_like",
                  "vit_like", "conv_flatten_gemm"]
@@ -30,14 +30,8 @@ ARCHITECTURES = ["resnet18_like", "mobilenetv2_like", "resnext_like", "densenet_
 
 @pytest.fixture(scope="module")
 def exported() -> dict[tuple[str, bool], onnx.ModelProto]:
-    cache: dict[tuple[str, bool], onnx.ModelProto] = {}
-
     def get(name: str, dynamo: bool = False, fold_bn: bool = True) -> onnx.ModelProto:
-        key = (name, dynamo, fold_bn)
-        if key not in cache:
-            module, shape = ZOO[name]()
-            cache[key] = export_onnx(module, shape, dynamo=dynamo, fold_bn=fold_bn)
-        return cache[key]
+        return export_built(ZOO[name], dynamo=dynamo, fold_bn=fold_bn)
 
     return get
 

@@ -47,8 +47,7 @@ def test_executor_equals_onnxruntime_on_patterns(name: str) -> None:
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 @pytest.mark.parametrize("name", TORCH_MODELS)
 def test_executor_equals_onnxruntime_on_torch_exports(name: str, dynamo: bool) -> None:
-    module, shape = getattr(torch_models, f"build_{name}")()
-    _assert_matches_onnxruntime(torch_models.export_onnx(module, shape, dynamo=dynamo))
+    _assert_matches_onnxruntime(torch_models.export_built(torch_models.ZOO[name], dynamo=dynamo))
 
 
 def test_gradients_reach_every_trainable_weight() -> None:

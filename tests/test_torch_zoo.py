@@ -24,7 +24,7 @@ from tests.torch_models import (
     FIRST_SCOPE,
     ZOO,
     build_conv_bn_relu_conv,
-    export_onnx,
+    export_built,
     output_names_for,
 )
 
@@ -74,9 +74,8 @@ def _built(name: str) -> tuple[nn.Module, tuple[int, ...]]:
 @functools.cache
 def _exported(name: str, mode: str) -> onnx.ModelProto:
     """Export once per (model, mode): the faithfulness and structure tests share the file."""
-    module, shape = _built(name)
     m = MODES[mode]
-    return export_onnx(module, shape, dynamo=m.dynamo, fold_bn=m.fold_bn)
+    return export_built(ZOO[name], dynamo=m.dynamo, fold_bn=m.fold_bn)
 
 
 def _run_ort(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:

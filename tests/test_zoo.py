@@ -2,14 +2,12 @@
 checked with the oracle; coverage asserted per model."""
 from __future__ import annotations
 
-import functools
-
 import onnx
 import pytest
 
 import onnx_fpgm
 from tests.conftest import check_pruned, run_outputs
-from tests.torch_models import ZOO, export_onnx
+from tests.torch_models import ZOO, export_built
 
 EXPORTERS = {
     "torchscript": dict(dynamo=False, fold_bn=True),   # BN folded into Conv
@@ -25,14 +23,8 @@ ALLOWED_FROZEN = {
 DYNAMO_ALLOWED: dict[str, tuple[str, ...]] = {}
 
 
-@functools.lru_cache(maxsize=None)
-def _export(name: str, exporter: str) -> bytes:
-    module, shape = ZOO[name]()
-    return export_onnx(module, shape, **EXPORTERS[exporter]).SerializeToString()
-
-
 def _model(name: str, exporter: str) -> onnx.ModelProto:
-    return onnx.load_from_string(_export(name, exporter))
+    return export_built(ZOO[name], **EXPORTERS[exporter])
 
 
 CASES = [(n, e) for n in ZOO for e in EXPORTERS]

@@ -43,6 +43,7 @@ Softplus         Softplus                        Softplus + Greater + Where (thr
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import math
@@ -59,6 +60,7 @@ from torch import nn
 __all__ = [
     "FIRST_SCOPE",
     "ZOO",
+    "export_built",
     "export_onnx",
     "output_names_for",
 ]
@@ -168,6 +170,24 @@ def export_onnx(
                 raise
         return onnx.load(os.fspath(path))
 
+
+
+@functools.cache
+def _built_export_bytes(builder: Callable[[], tuple[nn.Module, tuple[int, ...]]], dynamo: bool,
+                        fold_bn: bool, opset: int) -> bytes:
+    module, shape = builder()
+    return export_onnx(module, shape, dynamo=dynamo, fold_bn=fold_bn,
+                       opset=opset).SerializeToString()
+
+
+def export_built(builder: Callable[[], tuple[nn.Module, tuple[int, ...]]], *,
+                 dynamo: bool = False, fold_bn: bool = True, opset: int = 17) -> onnx.ModelProto:
+    """Export ``builder()``'s module once per test process and return a fresh copy.
+
+    The builders are seeded, so the zoo, exporter, executor and cost-model tests that export the
+    same model in the same mode share one export (a dynamo export costs seconds).
+    """
+    return onnx.load_from_string(_built_export_bytes(builder, dynamo, fold_bn, opset))
 
 # --------------------------------------------------------------------------------------------
 # Initialisation: seeded, well-scaled, BN not identity
