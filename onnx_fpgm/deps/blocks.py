@@ -78,6 +78,9 @@ class SplitRecord:
     free: dict[int, str] = field(default_factory=dict)
     heads: bool = False
     free_level: int | None = None
+    #: Levels whose entries may not go within the kept heads (``head_dims``): every ``whole``
+    #: reason but a contraction with another split (``q @ k^T``), which pairs entries instead.
+    dims_whole: dict[int, str] = field(default_factory=dict)
 
 
 class SplitContext(Protocol):
@@ -85,6 +88,8 @@ class SplitContext(Protocol):
     declared here so this module needs nothing above it."""
 
     split_records: list[SplitRecord]
+    #: (atoms of one operand, atoms of the other) at each index of a contracted level pair.
+    contracted: list[tuple[np.ndarray, np.ndarray]]
 
     def split_map(self, tensor) -> SplitMap | None: ...
 
@@ -103,7 +108,20 @@ def new_split(ctx: SplitContext, where: str, labels: np.ndarray,
 
 
 def require_whole(ctx: SplitContext, smap: SplitMap, position: int, why: str) -> None:
-    ctx.split_records[smap.record].whole.setdefault(smap.levels[position], why)
+    record = ctx.split_records[smap.record]
+    record.whole.setdefault(smap.levels[position], why)
+    record.dims_whole.setdefault(smap.levels[position], why)
+
+
+def require_contracted(ctx: SplitContext, a: SplitMap, position_a: int, b: SplitMap,
+                       position_b: int, why: str) -> None:
+    """Level ``position_a`` of ``a`` is contracted with level ``position_b`` of ``b``
+    (``q @ k^T`` over ``head_dim``): neither holds the heads, but entry ``j`` of one may go
+    with entry ``j`` of the other (``head_dims`` pairs them)."""
+    for smap, position in ((a, position_a), (b, position_b)):
+        ctx.split_records[smap.record].whole.setdefault(smap.levels[position], why)
+    ka, kb = a.representative(position_a), b.representative(position_b)
+    ctx.contracted.append((ka, kb))
 
 
 def require_free(ctx: SplitContext, smap: SplitMap, position: int, why: str,
@@ -130,9 +148,12 @@ def block_split_readers(node, handler, ctx: SplitContext) -> None:
             ctx.block_tensor(tensor, f"{node.op} {node.name} reads a split channel axis")
 
 
-def resolve_splits(ctx: SplitContext) -> list[np.ndarray]:
-    """Pick every record's free level and couple its slabs; returns the head atoms per head."""
+def resolve_splits(ctx: SplitContext) -> tuple[list[np.ndarray], list[tuple[np.ndarray, str]]]:
+    """Pick every record's free level and couple its slabs; returns the head atoms per head,
+    and the slabs of head records (not coupled here: ``head_dims`` reads the couplings without
+    them, then the caller couples each slab into one head)."""
     heads: list[np.ndarray] = []
+    head_slabs: list[np.ndarray] = []
     for record in ctx.split_records:
         sizes = record.labels.shape
         candidates = [lv for lv in range(len(sizes)) if lv not in record.whole and sizes[lv] > 1]
@@ -156,10 +177,31 @@ def resolve_splits(ctx: SplitContext) -> list[np.ndarray]:
         record.free_level = level
         for i in range(sizes[level]):
             slab = np.take(record.labels, i, axis=level).reshape(-1)
-            ctx.couple(np.full_like(slab, slab[0]), slab, f"split at {record.where}")
             if record.heads:
                 heads.append(slab[slab >= 0])
-    return heads
+                head_slabs.append((slab, f"split at {record.where}"))
+            else:
+                ctx.couple(np.full_like(slab, slab[0]), slab, f"split at {record.where}")
+    return heads, head_slabs
+
+
+def split_keeps(removed: np.ndarray, smap: SplitMap) -> list[tuple[int, np.ndarray]]:
+    """(position, kept indices) of every level of ``smap`` that loses entries: whole heads on
+    the free level, head dimensions (``head_dims``) on another. The kept positions must form
+    a grid (their product); anything else is a bug of the plan, raised."""
+    gone = removed[smap.labels]
+    found, kept_grid = [], np.ones(smap.labels.shape, dtype=bool)
+    for position in range(smap.labels.ndim):
+        lines = np.moveaxis(gone, position, 0).reshape(smap.labels.shape[position], -1)
+        kept = ~lines.all(axis=1)
+        shape = [1] * smap.labels.ndim
+        shape[position] = len(kept)
+        kept_grid = kept_grid & kept.reshape(shape)
+        if not kept.all():
+            found.append((position, np.flatnonzero(kept).astype(np.int64)))
+    if not np.array_equal(kept_grid, ~gone):
+        raise ValueError(f"the channels kept of split {smap.record} do not form a grid")
+    return found
 
 
 def split_keep(removed: np.ndarray, smap: SplitMap, free_level: int | None):

@@ -63,6 +63,15 @@ REASONS: tuple[ReasonKind, ...] = (
                "MultiHeadAttention's packed or 4-D q/k/v, or when their own input channels "
                "are ours; ONNX Attention "
                "(opset 23) likewise (grouped-query heads go by KV groups)."),
+    ReasonKind("head dimensions", r"head_dim at|head dims",
+               "Within each kept head, `--sparsity` of its head_dim goes too (the same "
+               "dimensions from every head of a layer, so the Reshape to (heads, head_dim) "
+               "stays exact; q and k lose the same ones, v loses them with the output "
+               "projection's rows; `--keep-head-dims` keeps them). They stay whole where "
+               "something else needs all of them: the softmax scale computed from a Shape of q "
+               "at run time, rotary embedding (its cos/sin tables and rotate_half's halves), a "
+               "computed Reshape or Expand size, a KV cache (head_dim is its interface) and "
+               "fused attention ops."),
     ReasonKind("grouped convolutions",
                r"grouped conv|grouped ConvTranspose|same channel count in every group",
                "Depthwise convs with a channel multiplier > 1 and grouped ConvTranspose; and a "

@@ -25,7 +25,7 @@ from onnx import helper
 
 from ..errors import RewriteError
 from ..model.outer_scope import with_bodies
-from .blocks import SplitMap, split_keep
+from .blocks import SplitMap, split_keep, split_keeps
 from .channels import Analysis, ChannelMap
 from .constants import ConstantFolder, block_size, constant_node_value, quantizer_of, root_constant
 from .context import AnalysisContext
@@ -76,6 +76,18 @@ class RewriteContext:
             return None
         found = split_keep(self._removed, smap, self.analysis.split_free[smap.record])
         return None if found is None else (smap.axes[found[0]], found[1])
+
+    def split_keeps(self, tensor: gs.Tensor | None) -> list[tuple[int, np.ndarray]]:
+        """(tensor axis, kept indices) of every level of a split tensor that shrinks: the
+        heads, and the head dims within them (``head_dims``)."""
+        smap = self.split_map(tensor)
+        if smap is None:
+            return []
+        try:
+            found = split_keeps(self._removed, smap)
+        except ValueError as err:
+            raise RewriteError(f"{tensor.name}: {err}") from err
+        return [(smap.axes[position], keep) for position, keep in found]
 
     def kept_mask(self, labels: np.ndarray) -> np.ndarray:
         return ~self._removed[labels]

@@ -127,7 +127,7 @@ class ExpandHandler:
         if smap is None:
             keep = ctx.keep(node.inputs[0])
             return None if keep is None else len(keep)
-        found = ctx.split_keep(node.inputs[0])
-        if found is None or found[0] != smap.axes[position]:
-            return None
-        return len(found[1])
+        for axis, keep in ctx.split_keeps(node.inputs[0]):  # heads, or head dims
+            if axis == smap.axes[position]:
+                return len(keep)
+        return None

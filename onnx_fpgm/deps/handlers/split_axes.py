@@ -14,12 +14,13 @@ Channel algebra, for a split tensor with levels ``(n_1, ..., n_k)`` on tensor ax
   picks one entry of it (that level stays whole: ``qkv[0]``); Gather elsewhere moves them.
 * Element-wise ops pass the split through; a constant operand with a level's full extent is
   sliced on the free level (per-head biases). Softmax over a non-level axis passes.
-* MatMul of two activations ``A @ B`` (attention): a level on a contracted axis must stay whole
-  (``head_dim``); levels on broadcast batch axes are paired between A and B and must be the free
+* MatMul of two activations ``A @ B`` (attention): a level on a contracted axis is not the
+  heads (``head_dim``: its entries pair between A and B, see ``head_dims``); levels on broadcast batch axes are paired between A and B and must be the free
   level (heads); levels on A's rows or B's columns pass to the product.
 
-Rewrites: Reshape targets get the free level's surviving count (``-1`` entries are left to
-infer it), constants are sliced; nothing else changes (head_dim and the scale stay).
+Rewrites: Reshape targets get each level's surviving count (the heads, and ``head_dim`` when
+head dims go, see ``head_dims``; ``-1`` entries are left to infer it), constants are sliced;
+nothing else changes (the softmax scale stays the original ``1/sqrt(head_dim)``).
 """
 from __future__ import annotations
 
@@ -131,10 +132,13 @@ def _clamp(index: int, dim: int) -> int:
 
 
 def shape(node, ctx) -> None:
-    """Sizes of levels read by a Shape (head_dim for the scale): those levels stay whole."""
+    """Sizes of levels read by a Shape (head_dim for the scale): those levels stay whole,
+    unless the sizes only reach reshape targets (``_sizes_follow``)."""
     smap, rank = ctx.split_map(node.inputs[0]), _rank(ctx, node.inputs[0])
     if rank is None:
         ctx.block(smap, f"rank of the input of Shape {node.name} is unknown")
+        return
+    if _sizes_follow(node):
         return
     read = shape_read_axes(node, ctx, rank)
     for k, axis in enumerate(smap.axes):
@@ -165,6 +169,31 @@ def gather(node, ctx) -> None:
     ctx.set_map(node.outputs[0], out)
 
 
+#: Ops that only move the elements of a shape vector.
+_MOVING = frozenset({"Slice", "Gather", "Concat", "Unsqueeze", "Squeeze", "Cast", "Identity"})
+
+
+def _sizes_follow(node) -> bool:
+    """The sizes a Shape reads only reach Reshape/Expand targets (SDPA's reshapes of k), moved
+    element by element: read again from the pruned tensor at run time, they follow the plan."""
+    pending, seen = list(node.outputs), set()
+    while pending:
+        tensor = pending.pop()
+        if tensor.name in seen:
+            continue
+        seen.add(tensor.name)
+        if not tensor.outputs:
+            return False  # a graph output
+        for reader in tensor.outputs:
+            if reader.op in ("Reshape", "Expand") and reader.inputs[0] is not tensor:
+                continue
+            if reader.op not in _MOVING or (reader.op != "Concat" and reader.inputs[0] is not
+                                           tensor):
+                return False
+            pending.extend(reader.outputs)
+    return True
+
+
 def shape_read_axes(node, ctx, rank: int) -> set[int]:
     """Axes whose sizes a Shape's readers pick (constant Gather/Slice), else every axis."""
     start = normalize_axis(int(node.attrs.get("start", 0)), rank)
@@ -180,10 +209,8 @@ def shape_read_axes(node, ctx, rank: int) -> set[int]:
                 and all(v is None or np.all(np.asarray(v) == w) for v, w in
                         zip(values[2:4], (0, 1))):
             n = end - start
-            lo = max(0, min(n, int(np.asarray(values[0]).reshape(-1)[0]) % (n + 1)
-                         if int(np.asarray(values[0]).reshape(-1)[0]) < 0 else
-                         int(np.asarray(values[0]).reshape(-1)[0])))
-            hi_raw = int(np.asarray(values[1]).reshape(-1)[0])
+            lo_raw, hi_raw = (int(np.asarray(v).reshape(-1)[0]) for v in values[:2])
+            lo = max(0, min(n, lo_raw + n if lo_raw < 0 else lo_raw))  # -1: the last axis
             hi = max(0, min(n, hi_raw + n if hi_raw < 0 else hi_raw))
             picked |= {start + i for i in range(lo, hi)}
         else:
@@ -386,22 +413,22 @@ def reshape_apply(node, ctx) -> bool:
     if in_split is None and out_split is None:
         return False
     if out_split is not None:
-        found = ctx.split_keep(node.outputs[0])
-        if found is None:
-            return True
-        axis, keep = found
+        found = ctx.split_keeps(node.outputs[0])
+        free = ctx.split_keep(node.outputs[0])
     else:
         out_map = ctx.map(node.outputs[0])
         keep = ctx.keep(node.outputs[0])
-        if out_map is None or keep is None:
-            return True
-        axis = out_map.axis
+        found = [] if out_map is None or keep is None else [(out_map.axis, keep)]
+        free = found[0] if found else None
+    if not found:
+        return True
     elements = shape_elements(node, 1, ctx)
-    if elements[axis].value != -1:
-        ctx.set_shape_element(rewritable_source(node, 1, axis, elements, ctx), len(keep))
+    for axis, keep in found:  # the heads kept, and the head dims kept within them
+        if elements[axis].value != -1:
+            ctx.set_shape_element(rewritable_source(node, 1, axis, elements, ctx), len(keep))
     repeat = ctx.analysis.slot_repeats.get(node.name)
-    if repeat is not None:
-        _rewrite_slots(node, ctx, repeat, len(keep))
+    if repeat is not None and free is not None:
+        _rewrite_slots(node, ctx, repeat, len(free[1]))
     return True
 
 
