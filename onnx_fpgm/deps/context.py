@@ -13,8 +13,8 @@ import onnx_graphsurgeon as gs
 from ..model.outer_scope import with_bodies
 from .blocks import SplitMap, SplitRecord, resolve_splits
 from .channels import Analysis, ChannelMap, Group, Member, Source
-from .head_dims import HeadDims, resolve_head_dims
 from .constants import FOLDABLE_OPS, ConstantFolder
+from .head_dims import HeadDims, resolve_head_dims
 from .repeats import RepeatCopies, resolve_repeats
 from .shape_values import ELEMENT_MOVING_OPS, channel_labels, tensor_elements
 

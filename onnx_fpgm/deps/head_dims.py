@@ -21,9 +21,10 @@ and from the output projection's input rows (``o_proj`` reads V's dims; the soft
 group, scored by FPGM over the members' rows of its atoms (q and k rows of all heads as one
 vector per unit; v rows). A unit stays whole, with a reason, when a level of a record in it
 must keep its entries for another reason (``dims_whole``: rotary's cos/sin tables and
-rotate_half's halves, a size read by Shape, a computed Reshape element, a KV cache), when its
-atoms are coupled with channels outside every head grid, when a head of it is blocked, or when
-one unit holds two entries of one record or pairs entries out of order.
+a size read by Shape, a computed Reshape element or Slice bound, a KV cache), when its atoms are
+coupled with channels outside every head grid, when a head of it is blocked, or when its
+records do not hold the same entries of it. Constant operands (rotary's cos/sin tables when
+stored) are sliced on the dims kept; rotate_half's Slice bounds move to the kept counts.
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ class HeadDims:
 
 
 def dim_level(record: SplitRecord) -> tuple[int | None, str | None]:
-    """(the record's dim level, None) or (None, why it has none)."""
+    """(the record's dim level, None when it may lose entries, else why not); the level is
+    None when the record has none (not heads, or no level within a head)."""
     if not record.heads or record.free_level is None:
         return None, "not attention heads"
     sizes = record.labels.shape
@@ -64,7 +66,7 @@ def dim_level(record: SplitRecord) -> tuple[int | None, str | None]:
         return None, f"split at {record.where} has several levels within a head"
     if not others:
         return None, f"split at {record.where} has no head_dim level"
-    return None, f"head_dim at {record.where}: {record.dims_whole[others[-1]]}"
+    return others[-1], f"head_dim at {record.where}: {record.dims_whole[others[-1]]}"
 
 
 class _Keys:
@@ -96,25 +98,24 @@ def resolve_head_dims(records: list[SplitRecord], fine_roots: np.ndarray,
     """The units (see the module docstring). ``fine_roots``: per atom, its class under every
     coupling but the coupling of a head's atoms into one head."""
     n_atoms = len(fine_roots)
-    base, slabs, key_record, key_index = [], [], [], []
+    slabs, key_record, key_index, key_why = [], [], [], []
     atom_key = np.full(n_atoms, -1, dtype=np.int64)
     extra_keys: list[tuple[int, int]] = []  # (atom, key) of atoms in a second record
     atom_why: dict[int, str] = {}
     for r, record in enumerate(records):
-        level, why = dim_level(record)
+        level, why = dim_level(record)  # a level that must stay: keys blocked, for the report
         if level is None:
             if record.heads:
                 for atom in record.labels[record.labels >= 0].tolist():
                     atom_why.setdefault(atom, why)
-            base.append(-1)
             continue
-        base.append(len(key_record))
         for j in range(record.labels.shape[level]):
             slab = np.take(record.labels, j, axis=level).reshape(-1)
             key = len(key_record)
             key_record.append(r)
             key_index.append(j)
             slabs.append(slab)
+            key_why.append(why)
             for atom in slab[slab >= 0].tolist():
                 if atom_key[atom] < 0:
                     atom_key[atom] = key
@@ -124,6 +125,9 @@ def resolve_head_dims(records: list[SplitRecord], fine_roots: np.ndarray,
     if not key_record:
         return result
     keys = _Keys(len(key_record))
+    for key, why in enumerate(key_why):
+        if why is not None:
+            keys.block(key, why)
     for key, slab in enumerate(slabs):
         if np.any(slab < 0):
             keys.block(key, f"head_dim at {records[key_record[key]].where} holds channels not "
@@ -192,18 +196,13 @@ def _collect(result: HeadDims, keys: _Keys, slabs, key_record, key_index, record
 
 
 def _check_group(units: list[list[int]], key_record, key_index, records) -> str | None:
-    """Each unit holds one entry of each record, in one order in every record."""
-    where = records[key_record[units[0][0]]].where
+    """Every record of a unit holds the same entries of it (``j`` in q is ``j`` in k; with
+    rotary, the pair ``j, j + d/2`` in both): the kept entries then line up in every record."""
     for members in units:
-        seen = [key_record[k] for k in members]
-        if len(seen) != len(set(seen)):
-            return (f"head_dim at {where}: an entry is tied to two entries of one head "
-                    "(rotary's rotate_half pairs)")
-    index = [{key_record[k]: key_index[k] for k in members} for members in units]
-    first = min(index[0])
-    order = sorted(range(len(units)), key=lambda u: index[u][first])
-    for r in index[0]:
-        column = [index[u][r] for u in order]
-        if any(b <= a for a, b in zip(column, column[1:])):
+        held: dict[int, set[int]] = {}
+        for k in members:
+            held.setdefault(key_record[k], set()).add(key_index[k])
+        if len({frozenset(v) for v in held.values()}) > 1:
+            where = records[key_record[members[0]]].where
             return f"head_dim at {where}: entries are paired out of order"
     return None

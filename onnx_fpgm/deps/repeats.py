@@ -117,7 +117,7 @@ def repeat_copies(node, ctx, smap: SplitMap, position: int, axis: int, n_rep: in
             ctx.contracted.append((smap.representative(k), copies[tuple(index)]))
     why = f"Reshape {node.name} repeats its heads"
     record.free[position] = why
-    require_free(ctx, smap, position, why)
+    require_free(ctx, smap, position, why, heads=True)  # KV heads: heads of their readers
     ctx.repeats.append(RepeatCopies(node.name, expand.name, element, copies, smap.labels,
                                     smap.record, smap.levels[position], position))
     return out

@@ -280,6 +280,18 @@ class RewriteContext:
         self.notes.append(f"{node.name}: {quantizer.name} is shared; used a private copy")
         return copy
 
+    def gather_input(self, node: gs.Node, index: int, axis: int, keep: np.ndarray) -> None:
+        """``node`` reads ``keep`` along ``axis`` of its computed input ``index`` (rotary's
+        cos/sin, computed at run time, on the head dims kept) through a Gather of its own."""
+        tensor = node.inputs[index]
+        name = self._unique(f"{tensor.name}__{node.name}")
+        out = gs.Variable(name, dtype=tensor.dtype)
+        gather = gs.Node("Gather", self._unique(f"{node.name}__head_dims_{index}"),
+                         {"axis": axis}, [tensor, gs.Constant(name + "_kept", keep)], [out])
+        self.graph.nodes.append(gather)
+        self.added_nodes.append(gather)
+        node.inputs[index] = out
+
     def set_input_value(self, node: gs.Node, index: int, value: np.ndarray) -> None:
         """Replace the constant at ``node.inputs[index]`` by ``value`` (same dtype)."""
         tensor = node.inputs[index]

@@ -104,8 +104,10 @@ def split(node, ctx, sizes_of) -> None:
     cut_level(node, ctx, smap, axis, list(zip(starts[:-1], starts[1:])))
 
 
-def slice_(node, ctx, params) -> None:
-    """Slice of a split tensor with ``params`` = (starts, ends, axes, steps) or None."""
+def slice_(node, ctx, params, movable=None) -> None:
+    """Slice of a split tensor with ``params`` = (starts, ends, axes, steps) or None;
+    ``movable(k, dim)``: the bounds of entry ``k`` are stored constants the rewrite may move
+    (then head dims may go from the level it cuts: rotate_half's halves)."""
     smap, rank = ctx.split_map(node.inputs[0]), _rank(ctx, node.inputs[0])
     if params is None or rank is None:
         ctx.block(smap, f"bounds of Slice {node.name} are not constant")
@@ -123,7 +125,8 @@ def slice_(node, ctx, params) -> None:
         return
     dim = smap.labels.shape[smap.axes.index(axes[k])]
     start = _clamp(starts[k], dim)
-    cut_level(node, ctx, smap, axes[k], [(start, max(start, _clamp(ends[k], dim)))])
+    cut_level(node, ctx, smap, axes[k], [(start, max(start, _clamp(ends[k], dim)))],
+              dims_may_go=movable is not None and movable(k, dim))
 
 
 def _clamp(index: int, dim: int) -> int:
@@ -218,10 +221,17 @@ def shape_read_axes(node, ctx, rank: int) -> set[int]:
     return picked
 
 
-def cut_level(node, ctx, smap: SplitMap, axis: int, bounds: list[tuple[int, int]]) -> None:
-    """Split/Slice on a level axis: each output keeps ``[start, stop)`` of it, the level whole."""
+def cut_level(node, ctx, smap: SplitMap, axis: int, bounds: list[tuple[int, int]],
+              dims_may_go: bool = False) -> None:
+    """Split/Slice on a level axis: each output keeps ``[start, stop)`` of it, the level whole
+    (not the heads); with ``dims_may_go`` its entries may still go as head dims (the rewrite
+    moves the bounds to the kept counts below them)."""
     position = smap.position(axis)
-    require_whole(ctx, smap, position, f"{node.op} {node.name} cuts it at fixed bounds")
+    why = f"{node.op} {node.name} cuts it at fixed bounds"
+    if dims_may_go:
+        ctx.split_records[smap.record].whole.setdefault(smap.levels[position], why)
+    else:
+        require_whole(ctx, smap, position, why)
     for out, (start, stop) in zip(node.outputs, bounds):
         index = [slice(None)] * smap.labels.ndim
         index[position] = slice(start, stop)

@@ -2,11 +2,12 @@
 two split tensors), Concat, and MatMul of two activations (attention); the algebra is
 ``split_axes``'s.
 
-* An element-wise operand that is not ours (rotary's cos/sin, computed from position ids) is
-  read whole on every level it spans: such a level stays whole (``head_dim``), while a level it
-  broadcasts over (size 1: the heads) may still lose entries.
+* An element-wise operand that is not ours (rotary's cos/sin, computed from position ids)
+  spans levels that hold no heads (``head_dim``): a level it broadcasts over (size 1: the
+  heads) may lose entries; on a level it spans, head dims may go, and the rewrite reads it
+  through a Gather of the dims kept.
 * Concat on a level axis (rotate_half's ``cat(-x2, x1)`` on ``head_dim``) joins pieces of that
-  level, which stays whole; on another axis it joins split tensors position by position (they
+  level, which holds no heads (each piece may lose head dims of its own); on another axis it joins split tensors position by position (they
   are coupled), and an input that is not ours keeps the levels it spans whole (a cache), unless
   it is a cache input whose interface may change (``interface.py``): it takes their channels.
 """
@@ -57,11 +58,11 @@ def broadcast(node, ctx) -> bool:
             ctx.block(ref, f"{where} joins a split channel axis with plain channels")
             ctx.block(ctx.map(tensor), f"{where} joins a split channel axis with plain channels")
             return True
-        if ctx.const(tensor) is None:  # not ours: the levels it spans stay whole
-            for position, axis in enumerate(ref_axes):
+        if ctx.const(tensor) is None:  # not ours: the levels it spans hold no heads; it is
+            for position, axis in enumerate(ref_axes):  # gathered on the head dims kept
                 if axis - offset >= 0 and shape[axis - offset] != 1:
-                    require_whole(ctx, ref, position,
-                                  f"{where} mixes it with an activation not ours")
+                    ctx.split_records[ref.record].whole.setdefault(
+                        ref.levels[position], f"{where} mixes it with an activation not ours")
     ctx.set_map(node.outputs[0], ref.moved(ref_axes))
     return True
 
@@ -88,11 +89,14 @@ def broadcast_apply(node, ctx) -> bool:
             if tensor is None or not tensor.name or ctx.split_map(tensor) is not None:
                 continue
             value = ctx.const(tensor)
-            if value is None:
+            shape = value.shape if value is not None else ctx.shape(tensor)
+            local = axis - (rank_out - len(shape))
+            if local < 0 or shape[local] != width or width < 2:
                 continue
-            local = axis - (rank_out - value.ndim)
-            if local >= 0 and value.shape[local] == width and width > 1:
+            if value is not None:
                 ctx.slice_input(node, index, local, keep)
+            else:  # computed (rotary's cos/sin): read on the head dims kept
+                ctx.gather_input(node, index, local, keep)
     return True
 
 
@@ -119,7 +123,9 @@ def concat(node, ctx, inputs) -> None:
         if any(s is None or s.axes != ref.axes or s.levels != ref.levels for s in splits):
             ctx.block(ref, f"{where} joins a split channel axis with channels not ours")
             return
-        require_whole(ctx, ref, position, f"{where} joins pieces of it")
+        # not the heads; its entries may go as head dims (each piece loses its own)
+        ctx.split_records[ref.record].whole.setdefault(ref.levels[position],
+                                                       f"{where} joins pieces of it")
         labels = np.concatenate([s.labels for s in splits], axis=position)
         ctx.set_map(node.outputs[0], replace(ref, labels=labels))
         return
