@@ -55,8 +55,10 @@ class HeadDims:
 def dim_level(record: SplitRecord) -> tuple[int | None, str | None]:
     """(the record's dim level, None when it may lose entries, else why not); the level is
     None when the record has none (not heads, or no level within a head)."""
-    if not record.heads or record.free_level is None:
+    if not record.heads:
         return None, "not attention heads"
+    if record.free_level is None:
+        return None, f"head_dim at {record.where}: its heads stay whole"
     sizes = record.labels.shape
     others = [lv for lv in range(len(sizes)) if lv != record.free_level and sizes[lv] > 1]
     open_ = [lv for lv in others if lv not in record.dims_whole]

@@ -119,7 +119,8 @@ class ExpandHandler:
                 continue
             kept = self._kept_count(node, ctx, smap, cmap, position)
             if kept is not None and kept != size:
-                ctx.set_shape_element(rewritable_source(node, 1, index, elements, ctx), kept)
+                current = shape_elements(node, 1, ctx)  # an earlier element may have copied
+                ctx.set_shape_element(rewritable_source(node, 1, index, current, ctx), kept)
 
     @staticmethod
     def _kept_count(node, ctx, smap, cmap, position: int) -> int | None:

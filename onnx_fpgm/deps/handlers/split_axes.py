@@ -432,8 +432,8 @@ def reshape_apply(node, ctx) -> bool:
         free = found[0] if found else None
     if not found:
         return True
-    elements = shape_elements(node, 1, ctx)
     for axis, keep in found:  # the heads kept, and the head dims kept within them
+        elements = shape_elements(node, 1, ctx)  # an earlier element may have copied the path
         if elements[axis].value != -1:
             ctx.set_shape_element(rewritable_source(node, 1, axis, elements, ctx), len(keep))
     repeat = ctx.analysis.slot_repeats.get(node.name)
