@@ -66,9 +66,6 @@ class SplitHandler:
             ctx.set_map(out, part)
 
     def apply(self, node, ctx) -> None:
-        if ctx.split_map(node.inputs[0]) is not None:
-            _apply_split(node, ctx)
-            return
         xmap = ctx.map(node.inputs[0])
         if xmap is None or ctx.keep(node.inputs[0]) is None:
             return
@@ -184,7 +181,7 @@ class SliceHandler:
 
     def apply(self, node, ctx) -> None:
         if ctx.split_map(node.inputs[0]) is not None:
-            _apply_split(node, ctx)
+            _apply_slice_of_split(node, ctx)
             return
         xmap = ctx.map(node.inputs[0])
         if xmap is None or ctx.keep(node.inputs[0]) is None:
@@ -219,7 +216,7 @@ class SliceHandler:
             ctx.set_shape_element(rewritable_source(node, 2, k, elements[2], ctx), new_stop)
 
 
-def _apply_split(node, ctx) -> None:
+def _apply_slice_of_split(node, ctx) -> None:
     """A Slice of a split tensor's level that lost head dims (rotate_half's halves): its
     bounds become the kept counts below them."""
     found = ctx.split_keeps(node.inputs[0])
