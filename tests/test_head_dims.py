@@ -119,20 +119,23 @@ def test_gqa_query_heads_keep_the_dims_of_their_kv_head() -> None:
 
 
 @pytest.mark.torch_export
-@pytest.mark.parametrize("dynamo", [False, True], ids=["ts", "dynamo"])
-def test_rotary_llama_keeps_qk_dims_and_prunes_v_dims(dynamo: bool) -> None:
-    """Rotary's cos/sin tables and rotate_half's halves act on head_dim: q/k dims stay (with
-    the reason); v's dims go with o_proj's rows, through repeat_kv."""
-    model = export_llama(build_llama_like(), dynamo)
+@pytest.mark.parametrize("dynamo,positions", [(False, False), (True, False), (False, True)],
+                         ids=["ts", "dynamo", "ts-positions"])
+def test_rotary_llama_prunes_qk_dims_in_pairs(dynamo: bool, positions: bool) -> None:
+    """Rotary ties dim j of q/k with j + d/2 (``q * cos + rotate_half(q) * sin``): q/k dims go
+    in pairs, cos/sin are read on the kept dims (a Gather where they are computed, from
+    position ids or not), rotate_half's Slice bounds move; v's dims go with o_proj's rows."""
+    model = export_llama(build_llama_like(with_positions=positions), dynamo)
     result = onnx_fpgm.prune(model, 0.5)
     check_pruned(model, result)
     groups = _dim_groups(result)
-    qk = [g for g in groups if any("q_proj" in p for p in g.producers)]
-    v = [g for g in groups if any("v_proj" in p for p in g.producers)]
-    assert qk and all(g.frozen and "head_dim at" in g.frozen for g in qk)
-    assert v and all(g.frozen is None for g in v)
+    qk = [g for g in groups if all(result.analysis.members[m].creates for m in g.members)]
+    v = [g for g in groups if g not in qk]
+    assert len(qk) == len(v) == 2 and not any(g.frozen for g in groups)
     plans = {p.group_id: p for p in result.plan.groups}
-    assert all(plans[g.id].n_keep == 4 for g in v)  # head_dim 8
+    assert all(g.n_channels == 4 and plans[g.id].n_keep == 2 for g in qk)  # 4 pairs of 8
+    assert all(g.n_channels == 8 and plans[g.id].n_keep == 4 for g in v)
+    assert _head_dims_after(result.model) == [4]
 
 
 @pytest.mark.torch_export
@@ -193,6 +196,6 @@ def test_helper_attention_head_dims(heads: int, head_dim: int, sparsity: float) 
     keep = max(1, head_dim - round(sparsity * head_dim))
     assert all(plans[g.id].n_keep == keep for g in dims)
     heads_kept = max(1, heads - round(sparsity * heads))
-    split = [numpy_helper.to_array(t) for t in result.model.graph.initializer
-             if t.name == "split"][0]
+    split = next(numpy_helper.to_array(t) for t in result.model.graph.initializer
+                 if t.name == "split")
     assert split.tolist() == [1, 5, heads_kept, keep]
