@@ -199,3 +199,35 @@ def test_helper_attention_head_dims(heads: int, head_dim: int, sparsity: float) 
     split = next(numpy_helper.to_array(t) for t in result.model.graph.initializer
                  if t.name == "split")
     assert split.tolist() == [1, 5, heads_kept, keep]
+
+
+def test_saved_plan_reapplies_head_dims(tmp_path) -> None:
+    """A report's kept channels hold head dims too: re-applied as a plan (``--plan``), they
+    give the same model (whole heads and head dims told apart from the channels kept)."""
+    model = _helper_attention(4, 6)
+    first = onnx_fpgm.prune(model, 0.5)
+    path = tmp_path / "plan.json"
+    path.write_text(first.report.to_json())
+    again = onnx_fpgm.prune(model, plan=str(path))
+    check_pruned(model, again)
+    assert np.array_equal(again.plan.removed_classes, first.plan.removed_classes)
+    weights = [{t.name: numpy_helper.to_array(t) for t in r.model.graph.initializer}
+               for r in (first, again)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(np.array_equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_cli_keep_head_dims(tmp_path, capsys) -> None:
+    from onnx_fpgm.cli import main as cli
+
+    path = tmp_path / "in.onnx"
+    onnx.save(_helper_attention(2, 8), path)
+    sizes = {}
+    for flags in ([], ["--keep-head-dims"]):
+        out = tmp_path / f"out{len(flags)}.onnx"
+        assert cli.main([str(path), str(out), "-q", *flags]) == 0
+        split = next(numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer
+                     if t.name == "split")
+        sizes[bool(flags)] = int(split[-1])
+    capsys.readouterr()
+    assert sizes == {False: 4, True: 8}
