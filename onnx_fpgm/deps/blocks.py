@@ -6,21 +6,26 @@ or a shuffle's ``C`` channels into ``(groups, C / groups)``. Such a tensor is a
 :class:`SplitMap`: one atom label per element of the level grid (``labels[i_1, ..., i_k]`` is the
 channel ``((i_1 * n_2) + i_2) * ... + i_k`` of the tensor that was split).
 
-Removing channels from a split tensor is exact only when the kept positions still form a grid:
-exactly one level (the *free* level) loses entries and every other level keeps all of its own.
-Removing whole heads frees the head level (all ``head_dim`` channels of a head, in Q, K and V,
-go together); a channel shuffle frees the inner level (the same offset goes from every block, so
-the shuffled branches stay balanced). Every tensor derived from one split shares a
-:class:`SplitRecord`; consumers state what they need of its levels:
+Removing channels from a split tensor is exact only when the kept positions still form a grid
+(the product of the entries kept on each level). One level, the *free* level, loses whole
+entries as classes: whole heads (all ``head_dim`` channels of a head, in Q, K and V, go
+together), or for a channel shuffle the inner level (the same offset goes from every block, so
+the shuffled branches stay balanced). A head record may also lose entries of its ``head_dim``
+level, the same ones from every head (``head_dims.py``). Every tensor derived from one split
+shares a :class:`SplitRecord`; consumers state what they need of its levels:
 
-* ``require_whole``: a level is contracted (``q @ k^T`` over ``head_dim``), indexed by a constant
-  (``qkv[0]``) or read as a size: it keeps all its entries;
+* ``require_whole``: a level is indexed by a constant (``qkv[0]``), read as a size, or otherwise
+  needed whole: it holds no heads and loses no head dims;
+* ``require_contracted``: a level is contracted (``q @ k^T`` over ``head_dim``): no heads, but
+  entry ``j`` of both operands may go together as a head dim;
 * ``require_free``: a level is a batch axis of an attention MatMul: it holds the heads.
 
 When the analysis finishes (:func:`resolve_splits`), each record picks its free level (the one
 asked for, else the innermost level that may lose entries) and couples, for every index ``i`` of
-that level, all labels with that index into one class: a head, or one offset of a shuffle. A
-record that cannot pick a level blocks its channels.
+that level, all labels with that index into one class: a head (its slab is handed back and
+coupled after ``head_dims`` has read the couplings without it), or one offset of a shuffle. A
+record that cannot pick a level blocks its channels. :func:`split_keeps` reads every level
+that lost entries, for the rewrite.
 """
 from __future__ import annotations
 
