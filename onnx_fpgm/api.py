@@ -468,9 +468,9 @@ def _fill_decisions(report: Report, analysis: Analysis, plan: PrunePlan) -> None
     group_of_class = analysis.group_of_class
     frozen_group = {g.group_id for g in plan.groups if g.frozen}
     for gp in plan.groups:
+        group = analysis.groups[gp.group_id]
         report.groups.append(GroupReport(gp.group_id, gp.producers, gp.n_channels, gp.n_keep,
-                                         gp.sparsity, gp.frozen,
-                                         analysis.groups[gp.group_id].heads))
+                                         gp.sparsity, gp.frozen, group.heads, group.dims))
     for src in analysis.sources:
         atoms = np.arange(src.start, src.start + src.n)
         kept = np.flatnonzero(~removed[atoms])

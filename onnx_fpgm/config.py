@@ -50,6 +50,10 @@ class PruneConfig:
         sparsity: fraction of each group's channels to remove, in [0, 1].
         head_sparsity: fraction of each attention layer's heads to remove (None: ``sparsity``);
             at least one head stays.
+        keep_head_dims: keep every kept head's ``head_dim`` whole. Off (default), each kept
+            head also loses ``sparsity`` of its dimensions (the same ones in every head of a
+            layer; at least one stays), so attention keeps ``(1 - head_sparsity) *
+            (1 - sparsity)`` of its channels: a quarter at 0.5.
         dist: 1 (L1), 2 (L2, default) or a callable mapping an (N, D) tensor to (N, N) distances.
         device: where FPGM scores are computed.
         exclude: regexes; a group any of whose producer node names matches is left unpruned.
@@ -84,6 +88,7 @@ class PruneConfig:
 
     sparsity: float = 0.5
     head_sparsity: float | None = None
+    keep_head_dims: bool = False
     dist: DistSpec = 2
     device: Device = "auto"
     exclude: tuple[str, ...] = ()
@@ -233,6 +238,7 @@ class PruneConfig:
             **({"recover": f"{self.recover}(steps={self.recover_steps}, "
                            f"time={self.recover_time})"} if self.recover != "none" else {}),
             **({"allow_interface_change": "true"} if self.allow_interface_change else {}),
+            **({"keep_head_dims": "true"} if self.keep_head_dims else {}),
             **({"target": f"{self.target[0]}={self.target[1]!r}",
                 "allocation": self.resolved_allocation} if self.target else {}),
         }

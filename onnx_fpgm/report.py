@@ -29,7 +29,8 @@ class LayerReport:
 
 @dataclass
 class GroupReport:
-    """One group of coupled channels (``heads``: its units are whole attention heads)."""
+    """One group of coupled channels (``heads``: its units are whole attention heads;
+    ``head_dims``: entries of ``head_dim`` within the kept heads)."""
 
     id: int
     producers: list[str]
@@ -38,6 +39,7 @@ class GroupReport:
     sparsity: float
     frozen: str | None
     heads: bool = False
+    head_dims: bool = False
 
 
 @dataclass
@@ -187,7 +189,7 @@ def render(report: Report, console, dry_run: bool = False) -> None:
             table.add_column(col, overflow="fold")
         for g in report.groups:
             producers = ", ".join(g.producers[:4]) + (" ..." if len(g.producers) > 4 else "")
-            unit = " heads" if g.heads else ""
+            unit = " heads" if g.heads else " head dims" if g.head_dims else ""
             _add_row(table, str(g.id), producers, f"{g.channels_before}{unit}",
                      f"{g.channels_after}{unit}", "frozen: " + g.frozen if g.frozen else "prunable")
         console.print(table)

@@ -64,13 +64,16 @@ def test_head_sparsity_sets_heads_apart_from_widths() -> None:
     check_pruned(model, result)
     plans = {p.group_id: p for p in result.plan.groups}
     heads = [g for g in result.analysis.groups if g.heads and not g.frozen]
-    widths = [g for g in result.analysis.groups if not g.heads and not g.frozen]
+    widths = [g for g in result.analysis.groups if not g.heads and not g.frozen]  # + head dims
     assert heads and widths
     assert all(plans[g.id].n_keep == 3 for g in heads)  # 4 heads, one goes
     assert all(plans[g.id].n_keep == g.n_channels // 2 for g in widths)
     # every head group is the qkv producer's 4 heads, each head one class of 3 * head_dim atoms
-    for group in heads:
-        atoms = [np.count_nonzero(result.analysis.class_of_atom == c) for c in group.classes]
+    produced = np.concatenate([np.arange(s.start, s.start + s.n)
+                               for s in result.analysis.sources])
+    for group in heads:  # (the score tensors' head atoms, virtual, join their heads too)
+        atoms = [np.count_nonzero(result.analysis.class_of_atom[produced] == c)
+                 for c in group.classes]
         assert atoms == [3 * 12] * 4
         # the output projection's input rows score the heads too (a member creating nothing)
         assert [p.rsplit("/", 2)[-2] for p in group.producers] == ["qkv", "proj"]

@@ -83,8 +83,13 @@ def test_kv_groups_and_mlp_widths_prune(variant: str, exporter: str) -> None:
     plans = {p.group_id: p for p in result.plan.groups}
     assert all(plans[g.id].n_keep == 1 for g in heads)
     # per layer q, k, v keep one KV group (16, 8, 8 columns), o reads 16 rows, gate/up/down
-    # keep half the MLP width; the LM head stays
-    layer = [(32, 16), (32, 8), (32, 8), (16, 32), (32, 32), (32, 32), (32, 32)]
+    # keep half the MLP width; the LM head stays. Each kept head also loses half its head_dim
+    # (tests/test_head_dims.py) where every form lets it: q, k, v and o halve again.
+    dims = [g for g in analysis.groups if g.dims and not g.frozen]
+    creating = [all(analysis.members[m].creates for m in g.members) for g in dims]
+    qk, vo = 2 if any(creating) else 1, 2 if not all(creating) else 1  # q/k: two producers
+    layer = [(32, 16 // qk), (32, 8 // qk), (32, 8 // vo), (16 // vo, 32), (32, 32), (32, 32),
+             (32, 32)]
     assert _weight_shapes(result.model) == sorted([*layer, *layer, (32, 16)])
     before = result.report.before.params
     assert result.report.after.params < 0.6 * before

@@ -59,7 +59,7 @@ def test_zoo_coverage(name: str, exporter: str) -> None:
     report = result.report
     assert report.prunable_channels > 0.25 * report.total_channels
     if name == "vit_like":  # MLP hidden widths and heads are groups of their own, prunable
-        mlp = [g for g in report.groups if not g.frozen and not g.heads]
+        mlp = [g for g in report.groups if not g.frozen and not g.heads and not g.head_dims]
         heads = [g for g in report.groups if not g.frozen and g.heads]
         assert len(mlp) >= 2 and all(len(g.producers) == 1 for g in mlp)
         assert len(heads) == 2 and all(g.channels_before == 4 for g in heads)

@@ -102,7 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fraction of each group's channels to remove (default 0.5)")
     parser.add_argument("--head-sparsity", type=_parse_sparsity, default=None, metavar="S",
                         help="fraction of attention heads to remove per layer (default: "
-                             "--sparsity); at least one head stays")
+                             "--sparsity); at least one head stays. Each kept head also loses "
+                             "--sparsity of its head_dim (so at 0.5 attention keeps a quarter "
+                             "of its channels) unless --keep-head-dims")
+    parser.add_argument("--keep-head-dims", action="store_true",
+                        help="keep the head_dim of every kept attention head whole (prune "
+                             "whole heads only)")
     parser.add_argument("--allow-interface-change", action="store_true",
                         help="let KV-cache inputs/outputs (past_key_values.*, present.*) "
                              "shrink with their heads, so whole KV groups prune (default: the "
@@ -243,7 +248,8 @@ def _run(args) -> int:
         raise ConfigError("--plan fixes every group's channels: drop --sparsity and targets")
     config = PruneConfig(
         sparsity=0.5 if args.sparsity is None else args.sparsity,
-        head_sparsity=args.head_sparsity, allow_interface_change=args.allow_interface_change,
+        head_sparsity=args.head_sparsity, keep_head_dims=args.keep_head_dims,
+        allow_interface_change=args.allow_interface_change,
         target_macs=args.target_macs, target_params=args.target_params,
         target_latency=args.target_latency,
         allocation=args.allocation, plan=args.plan, dist=args.dist, device=args.device,

@@ -84,6 +84,7 @@ class Group:
     producers: list[str]
     frozen: str | None = None
     heads: bool = False  # the channels are attention heads (--head-sparsity applies)
+    dims: bool = False  # the channels are head dimensions within the heads (``head_dims``)
 
     @property
     def n_channels(self) -> int:
@@ -111,6 +112,21 @@ class Analysis:
     shape_maps: dict[str, ChannelMap] = field(default_factory=dict)
     #: repeat_kv Reshapes (by name) whose KV heads stay whole and whose query slots prune.
     slot_repeats: dict[str, RepeatCopies] = field(default_factory=dict)
+    #: Head dims (``head_dims``): the atoms of class ``n_base_classes + u`` for each unit u,
+    #: classes of their own beside the heads they cut across; each atom's unit class or -1.
+    dim_atoms: list[np.ndarray] = field(default_factory=list)
+    dim_class_of_atom: np.ndarray | None = None
+
+    @property
+    def n_base_classes(self) -> int:
+        """Classes of ``class_of_atom`` (the head dims' units come after them)."""
+        return len(self.class_blocked) - len(self.dim_atoms)
+
+    def class_of(self, group: Group) -> np.ndarray:
+        """Each atom's class in ``group``'s terms: its unit for head dims, else its class."""
+        if group.dims and self.dim_class_of_atom is not None:
+            return self.dim_class_of_atom
+        return self.class_of_atom
 
     def all_labels(self):
         """(tensor name, flat labels) of every mapped tensor, split or not."""
@@ -141,4 +157,7 @@ class Analysis:
             is_removed_class = np.zeros(len(self.class_blocked), dtype=bool)
             is_removed_class[removed_classes] = True
             mask[:-1] = is_removed_class[self.class_of_atom]
+            first = self.n_base_classes
+            for c in np.asarray(removed_classes)[np.asarray(removed_classes) >= first].tolist():
+                mask[self.dim_atoms[c - first]] = True
         return mask

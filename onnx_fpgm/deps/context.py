@@ -14,6 +14,7 @@ from ..model.outer_scope import with_bodies
 from .blocks import SplitMap, SplitRecord, resolve_splits
 from .channels import Analysis, ChannelMap, Group, Member, Source
 from .constants import FOLDABLE_OPS, ConstantFolder
+from .head_dims import HeadDims, resolve_head_dims
 from .repeats import RepeatCopies, resolve_repeats
 from .shape_values import ELEMENT_MOVING_OPS, channel_labels, tensor_elements
 
@@ -46,6 +47,8 @@ class AnalysisContext:
         self.members: list[Member] = []
         self.n_atoms = 0
         self._pairs: list[tuple[np.ndarray, np.ndarray]] = []
+        #: Couplings of whole heads (``couple_heads``): not couplings of their dims.
+        self._head_pairs: list[tuple[np.ndarray, np.ndarray]] = []
         self._cuts: list[tuple[np.ndarray, np.ndarray]] = []
         self._blocked: list[tuple[np.ndarray, str]] = []
         #: Atoms of constant channels (zero padding joined on the channel axis) and where.
@@ -65,6 +68,8 @@ class AnalysisContext:
         self.refined: set[str] = set()
         #: Heads repeated for their readers (repeat_kv), coupled when the analysis finishes.
         self.repeats: list[RepeatCopies] = []
+        #: Atoms whose head dims go together: contracted (``q @ k^T``) or copied (repeat_kv).
+        self.contracted: list[tuple[np.ndarray, np.ndarray]] = []
 
     # ---- reading the graph ----
     def map(self, tensor: gs.Tensor | None) -> ChannelMap | None:
@@ -157,6 +162,23 @@ class AnalysisContext:
         if len(lone):
             self._blocked.append((lone, f"coupled with channels that cannot be pruned at {where}"))
 
+    def couple_heads(self, a: np.ndarray, b: np.ndarray, where: str) -> None:
+        """``couple`` for heads named by one atom each (a split level's representative): the
+        heads are the same, but not their dims (``head_dims``)."""
+        n = len(self._pairs)
+        self.couple(a, b, where)
+        self._head_pairs.extend(self._pairs[n:])
+        del self._pairs[n:]
+
+    def head_labels(self, smap: SplitMap, position: int, where: str) -> np.ndarray:
+        """Atoms of their own for the entries of level ``position`` (the heads of a score
+        tensor), each coupled with its head as a whole (``couple_heads``)."""
+        atoms = self.new_virtual(smap.labels.shape[position])
+        representative = smap.representative(position)
+        atoms[representative < 0] = -1
+        self.couple_heads(atoms, representative, where)
+        return atoms
+
     def balance(self, blocks: list[np.ndarray], what: str) -> None:
         """These blocks of channels must keep equal counts (the groups of a grouped conv)."""
         self.balanced.append((what, blocks))
@@ -231,7 +253,12 @@ class AnalysisContext:
 
     # ---- finishing ----
     def finish(self) -> Analysis:
-        head_atoms = resolve_splits(self)
+        head_atoms, head_slabs = resolve_splits(self)
+        slabs_from = len(self._pairs)  # a head's atoms into one head: not a coupling of dims
+        for slab, where in head_slabs:
+            self.couple(np.full_like(slab, slab[0]), slab, where)
+        self._pairs.extend(self._head_pairs)
+        slabs_to = len(self._pairs)
         blocked = np.concatenate([labels for labels, _ in self._blocked] or
                                  [np.zeros(0, np.int64)])
         slot_repeats = resolve_repeats(self.repeats, self.split_records, blocked, self.couple,
@@ -247,11 +274,18 @@ class AnalysisContext:
                 parent[x], x = root, parent[x]
             return root
 
-        for a_arr, b_arr in self._pairs:
-            for a, b in zip(a_arr.tolist(), b_arr.tolist()):
-                ra, rb = find(a), find(b)
-                if ra != rb:
-                    parent[max(ra, rb)] = min(ra, rb)
+        def union(pairs) -> None:
+            for a_arr, b_arr in pairs:
+                for a, b in zip(a_arr.tolist(), b_arr.tolist()):
+                    ra, rb = find(a), find(b)
+                    if ra != rb:
+                        parent[max(ra, rb)] = min(ra, rb)
+
+        union(self._pairs[:slabs_from])
+        union(self._pairs[slabs_to:])
+        fine_roots = np.array([find(i) for i in range(n)], dtype=np.int64) if head_slabs \
+            else None
+        union(self._pairs[slabs_from:slabs_to])
         roots = np.array([find(i) for i in range(n)], dtype=np.int64)
         unique_roots, class_of_atom = np.unique(roots, return_inverse=True)
         n_classes = len(unique_roots)
@@ -269,6 +303,10 @@ class AnalysisContext:
             head_class[class_of_atom[np.concatenate(head_atoms)]] = True
             for group in groups:
                 group.heads = bool(head_class[group.classes].any())
+        dims = resolve_head_dims(self.split_records, fine_roots, self.contracted,
+                                 class_of_atom, class_blocked) if fine_roots is not None \
+            else HeadDims()
+        dim_class_of_atom = self._add_dim_groups(dims, groups, class_blocked)
         return Analysis(
             maps=self.maps,
             sources=self.sources,
@@ -283,7 +321,32 @@ class AnalysisContext:
             split_free=[r.free_level for r in self.split_records],
             shape_maps=self.shape_maps,
             slot_repeats=slot_repeats,
+            dim_atoms=dims.atoms,
+            dim_class_of_atom=dim_class_of_atom,
         )
+
+    def _add_dim_groups(self, dims: HeadDims, groups: list[Group],
+                        class_blocked: list[str | None]) -> np.ndarray:
+        """The head dims' units as classes after the others (``Analysis.dim_atoms``), one
+        group per set of units over the same records; returns each atom's unit class."""
+        first = len(class_blocked)
+        class_blocked.extend(dims.blocked)
+        dim_class = np.full(self.n_atoms, -1, dtype=np.int64)
+        for unit, atoms in enumerate(dims.atoms):
+            dim_class[atoms] = first + unit
+        for units in dims.groups:
+            classes = np.array([first + u for u in units], dtype=np.int64)
+            atoms = np.concatenate([dims.atoms[u] for u in units])
+            inside = np.zeros(self.n_atoms, dtype=bool)
+            inside[atoms] = True
+            members = [i for i, m in enumerate(self.members) if inside[m.atoms].any()]
+            members.sort(key=lambda i: (not self.members[i].creates, i))
+            producers = list(dict.fromkeys(self.members[i].node for i in members))
+            frozen = next((class_blocked[c] for c in classes if class_blocked[c]), None)
+            if not members:
+                frozen = frozen or "head dims meet no filters"
+            groups.append(Group(len(groups), classes, members, producers, frozen, dims=True))
+        return dim_class
 
     def _block_unscored(self, class_of_atom: np.ndarray, n_classes: int,
                         class_blocked: list[str | None]) -> None:

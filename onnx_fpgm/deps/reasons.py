@@ -53,8 +53,8 @@ REASONS: tuple[ReasonKind, ...] = (
                "by whole heads or by the same offset in every block; it blocks when a consumer "
                "needs two levels pruned at once, reads a level with a computed index or shape, "
                "regroups the levels, or mixes them with channels that are not ours (an operand "
-               "that is not ours, such as rotary's cos/sin, only keeps the levels it spans "
-               "whole: head_dim). Grouped-query heads (repeat_kv) go by KV groups; where the KV heads stay "
+               "that is not ours, such as rotary's cos/sin, only keeps the heads out of the "
+               "levels it spans). Grouped-query heads (repeat_kv) go by KV groups; where the KV heads stay "
                "(a KV cache), by query slots, the same in every group. A product "
                "of two activations that contracts plain channels blocks them. Fused "
                "com.microsoft Attention/MultiHeadAttention lose whole heads (num_heads "
@@ -63,6 +63,16 @@ REASONS: tuple[ReasonKind, ...] = (
                "MultiHeadAttention's packed or 4-D q/k/v, or when their own input channels "
                "are ours; ONNX Attention "
                "(opset 23) likewise (grouped-query heads go by KV groups)."),
+    ReasonKind("head dimensions", r"head_dim at|head dims",
+               "Within each kept head, `--sparsity` of its head_dim goes too (the same "
+               "dimensions from every head of a layer, so the Reshape to (heads, head_dim) "
+               "stays exact; q and k lose the same ones, with rotary in pairs (i, i + d/2: "
+               "cos/sin read on the kept dims, rotate_half's bounds moved), v loses them with "
+               "the output projection's rows; `--keep-head-dims` keeps them). They stay whole "
+               "where something else needs all of them: the softmax scale computed from a "
+               "Shape of q at run time, a per-head norm over head_dim, a computed Reshape, "
+               "Expand or Slice size, a KV cache (head_dim is its interface), fused attention "
+               "ops, and a record whose heads stay whole."),
     ReasonKind("grouped convolutions",
                r"grouped conv|grouped ConvTranspose|same channel count in every group",
                "Depthwise convs with a channel multiplier > 1 and grouped ConvTranspose; and a "

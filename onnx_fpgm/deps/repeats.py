@@ -107,9 +107,17 @@ def repeat_copies(node, ctx, smap: SplitMap, position: int, axis: int, n_rep: in
     record.whole = {lv: why for lv, why in ((smap.levels.index(k), w) for k, w in
                                              source.whole.items() if k in smap.levels)
                     if lv != position}
+    record.dims_whole = {lv: why for lv, why in ((smap.levels.index(k), w) for k, w in
+                                                  source.dims_whole.items() if k in smap.levels)
+                         if lv != position}
+    for k in range(len(shape)):  # a copy keeps the head dims of the KV head it copies
+        if k != position:
+            index = [0] * len(grid)
+            index[k + (k > position)] = slice(None)
+            ctx.contracted.append((smap.representative(k), copies[tuple(index)]))
     why = f"Reshape {node.name} repeats its heads"
     record.free[position] = why
-    require_free(ctx, smap, position, why)
+    require_free(ctx, smap, position, why, heads=True)  # KV heads: heads of their readers
     ctx.repeats.append(RepeatCopies(node.name, expand.name, element, copies, smap.labels,
                                     smap.record, smap.levels[position], position))
     return out

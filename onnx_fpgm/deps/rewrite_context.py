@@ -25,7 +25,7 @@ from onnx import helper
 
 from ..errors import RewriteError
 from ..model.outer_scope import with_bodies
-from .blocks import SplitMap, split_keep
+from .blocks import SplitMap, split_keep, split_keeps
 from .channels import Analysis, ChannelMap
 from .constants import ConstantFolder, block_size, constant_node_value, quantizer_of, root_constant
 from .context import AnalysisContext
@@ -76,6 +76,18 @@ class RewriteContext:
             return None
         found = split_keep(self._removed, smap, self.analysis.split_free[smap.record])
         return None if found is None else (smap.axes[found[0]], found[1])
+
+    def split_keeps(self, tensor: gs.Tensor | None) -> list[tuple[int, np.ndarray]]:
+        """(tensor axis, kept indices) of every level of a split tensor that shrinks: the
+        heads, and the head dims within them (``head_dims``)."""
+        smap = self.split_map(tensor)
+        if smap is None:
+            return []
+        try:
+            found = split_keeps(self._removed, smap)
+        except ValueError as err:
+            raise RewriteError(f"{tensor.name}: {err}") from err
+        return [(smap.axes[position], keep) for position, keep in found]
 
     def kept_mask(self, labels: np.ndarray) -> np.ndarray:
         return ~self._removed[labels]
@@ -267,6 +279,18 @@ class RewriteContext:
         node.inputs[index] = copy_out
         self.notes.append(f"{node.name}: {quantizer.name} is shared; used a private copy")
         return copy
+
+    def gather_input(self, node: gs.Node, index: int, axis: int, keep: np.ndarray) -> None:
+        """``node`` reads ``keep`` along ``axis`` of its computed input ``index`` (rotary's
+        cos/sin, computed at run time, on the head dims kept) through a Gather of its own."""
+        tensor = node.inputs[index]
+        name = self._unique(f"{tensor.name}__{node.name}")
+        out = gs.Variable(name, dtype=tensor.dtype)
+        gather = gs.Node("Gather", self._unique(f"{node.name}__head_dims_{index}"),
+                         {"axis": axis}, [tensor, gs.Constant(name + "_kept", keep)], [out])
+        self.graph.nodes.append(gather)
+        self.added_nodes.append(gather)
+        node.inputs[index] = out
 
     def set_input_value(self, node: gs.Node, index: int, value: np.ndarray) -> None:
         """Replace the constant at ``node.inputs[index]`` by ``value`` (same dtype)."""

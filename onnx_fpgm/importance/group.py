@@ -20,12 +20,12 @@ from ..deps.channels import Analysis, Group
 
 def group_filters(analysis: Analysis, group: Group) -> np.ndarray:
     """The (n_channels, D) joint filter matrix of ``group`` (float64 for small groups)."""
-    position = np.full(len(analysis.class_blocked), -1, dtype=np.int64)
+    position = np.full(len(analysis.class_blocked) + 1, -1, dtype=np.int64)  # -1: no class
     position[group.classes] = np.arange(group.n_channels)
     blocks = []
     for member_id in group.members:
         member = analysis.members[member_id]
-        rows_pos = position[analysis.class_of_atom[member.atoms]]
+        rows_pos = position[analysis.class_of(group)[member.atoms]]
         inside = rows_pos >= 0
         rows = member.rows if inside.all() else member.rows[inside]
         scale = member.scale if inside.all() else member.scale[inside]
@@ -64,12 +64,12 @@ def group_filters(analysis: Analysis, group: Group) -> np.ndarray:
 def group_width(analysis: Analysis, group: Group) -> int:
     """D of ``group_filters(analysis, group)``, from the members' shapes alone (nothing built):
     a member's rows, times the most rows it gives one channel (a head's ``head_dim``)."""
-    position = np.full(len(analysis.class_blocked), -1, dtype=np.int64)
+    position = np.full(len(analysis.class_blocked) + 1, -1, dtype=np.int64)  # -1: no class
     position[group.classes] = np.arange(group.n_channels)
     width = 0
     for member_id in group.members:
         member = analysis.members[member_id]
-        pos = position[analysis.class_of_atom[member.atoms]]
+        pos = position[analysis.class_of(group)[member.atoms]]
         pos = pos[pos >= 0]
         width += (int(np.bincount(pos).max()) if pos.size else 1) * member.rows.shape[1]
     return width

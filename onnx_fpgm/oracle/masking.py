@@ -67,6 +67,17 @@ def masked_original(model: onnx.ModelProto, analysis: Analysis,
         if qdq.mask_input(graph, node, w_index, mask, consts,
                           f"{node.inputs[w_index].name}__masked{counter}", zero):
             added = added or bool(node.inputs[1].inputs)  # a masked copy of a quantizer chain
+    for g in with_bodies(graph):
+        for node, index, keep in list(_activation_masks(g.nodes, analysis, removed)):
+            tensor = node.inputs[index]
+            dtype = np.float64 if tensor.dtype == np.float64 else np.float32
+            counter += 1
+            name = f"{tensor.name}__oracle_mask{counter}"
+            out = gs.Variable(name, dtype=tensor.dtype, shape=tensor.shape)
+            g.nodes.append(gs.Node("Mul", name, inputs=[
+                tensor, gs.Constant(name + "_value", keep.astype(dtype))], outputs=[out]))
+            node.inputs[index] = out
+            added = True
     graph.cleanup(remove_unused_graph_inputs=False)
     if added:
         graph.toposort()
@@ -101,6 +112,25 @@ def mask_nbits(node: gs.Node, gone: np.ndarray, consts: ConstantFolder, counter:
     scales = np.array(consts.value(node.inputs[nbits.SCALES]), copy=True)
     scales.reshape(layout.n, -1)[:, whole] = 0
     node.inputs[nbits.SCALES] = gs.Constant(f"{name}_scales", scales)
+
+
+def _activation_masks(nodes, analysis: Analysis, removed: np.ndarray):
+    """(node, input index, 0/1 keep mask broadcastable to that input) of every MatMul of two
+    activations reading removed channels of a split (attention: the head dims of q and k meet
+    in ``q @ k^T``, where no weight slice can be zeroed)."""
+    for node in nodes:
+        if node.op != "MatMul" or len(node.inputs) != 2:
+            continue
+        for index, tensor in enumerate(node.inputs):
+            smap = analysis.split_maps.get(tensor.name) if tensor is not None else None
+            rank = analysis.ranks.get(tensor.name) if smap is not None else None
+            if rank is None or not removed[smap.labels].any():
+                continue
+            order = np.argsort(smap.axes)
+            shape = [1] * rank
+            for position in order.tolist():
+                shape[smap.axes[position]] = smap.labels.shape[position]
+            yield node, index, np.transpose(~removed[smap.labels], order).reshape(shape)
 
 
 def _weight_targets(nodes, analysis: Analysis):
@@ -177,8 +207,8 @@ def mask_consumer_inputs(light: onnx.ModelProto, analysis: Analysis,
 
 def _mask_plan(graph: onnx.GraphProto, analysis: Analysis, removed: np.ndarray,
                float_inputs: dict[str, int]) -> list | None:
-    """(position, node, input index, axis, rank, removed positions, dtype) of every input of
-    ``graph``'s nodes to mask; None when one cannot be masked so."""
+    """(position, node, input index, 0/1 keep mask broadcastable to the input, dtype) of every
+    input of ``graph``'s nodes to mask; None when one cannot be masked so."""
     plan = []
     for position, node in enumerate(graph.node):
         if len(node.input) < 2 or not node.input[0] or node.domain not in ("", "ai.onnx"):
@@ -197,7 +227,20 @@ def _mask_plan(graph: onnx.GraphProto, analysis: Analysis, removed: np.ndarray,
         dtype = float_inputs.get(node.input[1])
         if rank is None or dtype not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
             return None
-        plan.append((position, node, 0, cmap.axis, rank, gone, dtype))
+        plan.append((position, node, 0, _along(~gone, cmap.axis, rank), dtype))
+    kinds = set(float_inputs.values())  # an activation's type: the weights' float type
+    default_float = onnx.TensorProto.DOUBLE if onnx.TensorProto.DOUBLE in kinds and \
+        onnx.TensorProto.FLOAT not in kinds else onnx.TensorProto.FLOAT
+    stand_ins = [gs.Node(n.op_type, str(position), inputs=[gs.Variable(i) for i in n.input])
+                 for position, n in enumerate(graph.node)
+                 if n.op_type == "MatMul" and len(n.input) == 2]  # named by their position
+    for stand_in, index, keep in _activation_masks(stand_ins, analysis, removed):
+        position = int(stand_in.name)
+        node = graph.node[position]
+        dtype = float_inputs.get(node.input[index], default_float)
+        if dtype not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+            return None
+        plan.append((position, node, index, keep, dtype))
     for position, node in enumerate(graph.node):
         if node.op_type not in RECURRENT_OPS or node.domain not in ("", "ai.onnx"):
             continue
@@ -208,18 +251,22 @@ def _mask_plan(graph: onnx.GraphProto, analysis: Analysis, removed: np.ndarray,
         if dtype not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
             return None
         # R (directions, gates * hidden, hidden) read through a mask over its last axis
-        plan.append((position, node, RECURRENCE, 2, 3, removed[hidden.labels], dtype))
+        plan.append((position, node, RECURRENCE, _along(~removed[hidden.labels], 2, 3), dtype))
     plan.sort(key=lambda entry: entry[0])
     return plan
+
+
+def _along(keep: np.ndarray, axis: int, rank: int) -> np.ndarray:
+    """A 0/1 mask over ``axis`` of a rank-``rank`` input, broadcastable to it."""
+    return keep.reshape((len(keep),) + (1,) * (rank - 1 - axis))
 
 
 def _insert_masks(graph: onnx.GraphProto, plan: list) -> None:
     """A ``Mul`` by each planned 0/1 mask just before its consumer (mask values stored in the
     graph that holds the consumer: a branch reads its own)."""
     nodes = list(graph.node)
-    for k, (position, node, index, axis, rank, gone, dtype) in enumerate(reversed(plan)):
-        mask = (~gone).astype(onnx.helper.tensor_dtype_to_np_dtype(dtype))
-        mask = mask.reshape((len(mask),) + (1,) * (rank - 1 - axis))
+    for k, (position, node, index, keep, dtype) in enumerate(reversed(plan)):
+        mask = keep.astype(onnx.helper.tensor_dtype_to_np_dtype(dtype))
         name = f"{node.input[index]}__oracle_mask{len(plan) - k}"
         graph.initializer.append(onnx.numpy_helper.from_array(mask, name + "_value"))
         nodes.insert(position, onnx.helper.make_node("Mul", [node.input[index], name + "_value"],

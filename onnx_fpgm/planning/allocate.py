@@ -333,6 +333,10 @@ def plan_to_target(analysis: Analysis, graph: gs.Graph, original: onnx.ModelProt
 
     metric, target = config.target
     how = config.resolved_allocation
+    for group in analysis.groups:  # the cost model counts whole channels, not head dims
+        if group.dims and not group.frozen:
+            group.frozen = "head dims go at --sparsity only: a target's allocation does " \
+                           "not count them yet"
     allocator = Allocator(analysis, graph, original, config, metric)
     cache = cache if cache is not None else {}
     measured = f"sensitivity/{config.compensate}"  # compensation changes what is measured

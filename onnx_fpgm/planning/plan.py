@@ -129,7 +129,9 @@ def _plan_once(analysis, config, score, extra_frozen, progress, keep_counts,
         if frozen is None:
             pattern = config.is_excluded(group.producers)
             frozen = f"excluded by --exclude {pattern}" if pattern else None
-        if group.heads:  # units are whole heads: at least one stays, no channel rounding
+        if frozen is None and group.dims and config.keep_head_dims:
+            frozen = "head dims kept (keep_head_dims)"
+        if group.heads or group.dims:  # whole heads, or a head's dims: one stays, no rounding
             keep_n = n if frozen else n_to_keep(n, sparsity, 1, None)
         else:
             keep_n = n if frozen else n_to_keep(n, sparsity, config.min_channels, config.round_to)
@@ -155,7 +157,7 @@ def _plan_once(analysis, config, score, extra_frozen, progress, keep_counts,
                 whole = len(part) == n
                 chosen = score(analysis, group if whole else Group(
                     group.id, group.classes[part], group.members, group.producers,
-                    heads=group.heads), n_prune)
+                    heads=group.heads, dims=group.dims), n_prune)
                 gone[part[np.asarray(chosen, dtype=np.int64)]] = True
                 if np.count_nonzero(gone[part]) != n_prune:
                     raise RuntimeError(f"selection for group {group.id} returned a wrong count")
@@ -190,11 +192,11 @@ def _by_owners(signature: np.ndarray) -> list[np.ndarray]:
 def owner_signature(analysis: Analysis, group: Group) -> np.ndarray:
     """One id per channel of ``group``: channels with the same id are owned (have filter rows)
     in exactly the same members; ids are dense from 0 plus (bits 32 up) the number of owners."""
-    position = np.full(len(analysis.class_blocked), -1, dtype=np.int64)
+    position = np.full(len(analysis.class_blocked) + 1, -1, dtype=np.int64)  # -1: no class
     position[group.classes] = np.arange(group.n_channels)
     owned = np.zeros((group.n_channels, len(group.members)), dtype=bool)
     for column, member_id in enumerate(group.members):
-        pos = position[analysis.class_of_atom[analysis.members[member_id].atoms]]
+        pos = position[analysis.class_of(group)[analysis.members[member_id].atoms]]
         owned[pos[pos >= 0], column] = True
     ids = np.unique(owned, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
     return ids | (owned.sum(axis=1).astype(np.int64) << 32)

@@ -114,13 +114,20 @@ def plan_from_report(path: str | Path, analysis: Analysis) -> tuple[PrunePlan, s
 
 
 def _to_plan(analysis: Analysis, removed: np.ndarray) -> PrunePlan:
-    classes = np.unique(analysis.class_of_atom[np.flatnonzero(removed[:-1])])
-    whole = analysis.removed_atoms(classes)
     # only producers' channels are in a plan: constant channels (padding)
     # and repeat_kv's copies follow their class
     produced = np.zeros(analysis.n_atoms, dtype=bool)
     for source in analysis.sources:
         produced[source.start:source.start + source.n] = True
+    # a head dim goes when all its produced channels go; the rest is whole heads or channels
+    first = analysis.n_base_classes
+    dims = np.array([first + u for u, atoms in enumerate(analysis.dim_atoms)
+                     if produced[atoms].any() and removed[atoms[produced[atoms]]].all()],
+                    dtype=np.int64)
+    by_dims = analysis.removed_atoms(dims)
+    rest = np.unique(analysis.class_of_atom[np.flatnonzero(removed[:-1] & ~by_dims[:-1])])
+    classes = np.concatenate([rest, dims])
+    whole = analysis.removed_atoms(classes)
     disagree = np.flatnonzero(whole[:-1] & ~removed[:-1] & produced)
     if len(disagree):
         atom = int(disagree[0])

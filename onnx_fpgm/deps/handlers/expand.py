@@ -119,7 +119,8 @@ class ExpandHandler:
                 continue
             kept = self._kept_count(node, ctx, smap, cmap, position)
             if kept is not None and kept != size:
-                ctx.set_shape_element(rewritable_source(node, 1, index, elements, ctx), kept)
+                current = shape_elements(node, 1, ctx)  # an earlier element may have copied
+                ctx.set_shape_element(rewritable_source(node, 1, index, current, ctx), kept)
 
     @staticmethod
     def _kept_count(node, ctx, smap, cmap, position: int) -> int | None:
@@ -127,7 +128,7 @@ class ExpandHandler:
         if smap is None:
             keep = ctx.keep(node.inputs[0])
             return None if keep is None else len(keep)
-        found = ctx.split_keep(node.inputs[0])
-        if found is None or found[0] != smap.axes[position]:
-            return None
-        return len(found[1])
+        for axis, keep in ctx.split_keeps(node.inputs[0]):  # heads, or head dims
+            if axis == smap.axes[position]:
+                return len(keep)
+        return None

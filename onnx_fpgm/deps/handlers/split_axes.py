@@ -14,12 +14,13 @@ Channel algebra, for a split tensor with levels ``(n_1, ..., n_k)`` on tensor ax
   picks one entry of it (that level stays whole: ``qkv[0]``); Gather elsewhere moves them.
 * Element-wise ops pass the split through; a constant operand with a level's full extent is
   sliced on the free level (per-head biases). Softmax over a non-level axis passes.
-* MatMul of two activations ``A @ B`` (attention): a level on a contracted axis must stay whole
-  (``head_dim``); levels on broadcast batch axes are paired between A and B and must be the free
+* MatMul of two activations ``A @ B`` (attention): a level on a contracted axis is not the
+  heads (``head_dim``: its entries pair between A and B, see ``head_dims``); levels on broadcast batch axes are paired between A and B and must be the free
   level (heads); levels on A's rows or B's columns pass to the product.
 
-Rewrites: Reshape targets get the free level's surviving count (``-1`` entries are left to
-infer it), constants are sliced; nothing else changes (head_dim and the scale stay).
+Rewrites: Reshape targets get each level's surviving count (the heads, and ``head_dim`` when
+head dims go, see ``head_dims``; ``-1`` entries are left to infer it), constants are sliced;
+nothing else changes (the softmax scale stays the original ``1/sqrt(head_dim)``).
 """
 from __future__ import annotations
 
@@ -103,8 +104,10 @@ def split(node, ctx, sizes_of) -> None:
     cut_level(node, ctx, smap, axis, list(zip(starts[:-1], starts[1:])))
 
 
-def slice_(node, ctx, params) -> None:
-    """Slice of a split tensor with ``params`` = (starts, ends, axes, steps) or None."""
+def slice_(node, ctx, params, movable=None) -> None:
+    """Slice of a split tensor with ``params`` = (starts, ends, axes, steps) or None;
+    ``movable(k, dim)``: the bounds of entry ``k`` are stored constants the rewrite may move
+    (then head dims may go from the level it cuts: rotate_half's halves)."""
     smap, rank = ctx.split_map(node.inputs[0]), _rank(ctx, node.inputs[0])
     if params is None or rank is None:
         ctx.block(smap, f"bounds of Slice {node.name} are not constant")
@@ -122,7 +125,8 @@ def slice_(node, ctx, params) -> None:
         return
     dim = smap.labels.shape[smap.axes.index(axes[k])]
     start = _clamp(starts[k], dim)
-    cut_level(node, ctx, smap, axes[k], [(start, max(start, _clamp(ends[k], dim)))])
+    cut_level(node, ctx, smap, axes[k], [(start, max(start, _clamp(ends[k], dim)))],
+              dims_may_go=movable is not None and movable(k, dim))
 
 
 def _clamp(index: int, dim: int) -> int:
@@ -131,10 +135,13 @@ def _clamp(index: int, dim: int) -> int:
 
 
 def shape(node, ctx) -> None:
-    """Sizes of levels read by a Shape (head_dim for the scale): those levels stay whole."""
+    """Sizes of levels read by a Shape (head_dim for the scale): those levels stay whole,
+    unless the sizes only reach reshape targets (``_sizes_follow``)."""
     smap, rank = ctx.split_map(node.inputs[0]), _rank(ctx, node.inputs[0])
     if rank is None:
         ctx.block(smap, f"rank of the input of Shape {node.name} is unknown")
+        return
+    if _sizes_follow(node):
         return
     read = shape_read_axes(node, ctx, rank)
     for k, axis in enumerate(smap.axes):
@@ -165,6 +172,31 @@ def gather(node, ctx) -> None:
     ctx.set_map(node.outputs[0], out)
 
 
+#: Ops that only move the elements of a shape vector.
+_MOVING = frozenset({"Slice", "Gather", "Concat", "Unsqueeze", "Squeeze", "Cast", "Identity"})
+
+
+def _sizes_follow(node) -> bool:
+    """The sizes a Shape reads only reach Reshape/Expand targets (SDPA's reshapes of k), moved
+    element by element: read again from the pruned tensor at run time, they follow the plan."""
+    pending, seen = list(node.outputs), set()
+    while pending:
+        tensor = pending.pop()
+        if tensor.name in seen:
+            continue
+        seen.add(tensor.name)
+        if not tensor.outputs:
+            return False  # a graph output
+        for reader in tensor.outputs:
+            if reader.op in ("Reshape", "Expand") and reader.inputs[0] is not tensor:
+                continue
+            if reader.op not in _MOVING or (reader.op != "Concat" and reader.inputs[0] is not
+                                           tensor):
+                return False
+            pending.extend(reader.outputs)
+    return True
+
+
 def shape_read_axes(node, ctx, rank: int) -> set[int]:
     """Axes whose sizes a Shape's readers pick (constant Gather/Slice), else every axis."""
     start = normalize_axis(int(node.attrs.get("start", 0)), rank)
@@ -180,10 +212,8 @@ def shape_read_axes(node, ctx, rank: int) -> set[int]:
                 and all(v is None or np.all(np.asarray(v) == w) for v, w in
                         zip(values[2:4], (0, 1))):
             n = end - start
-            lo = max(0, min(n, int(np.asarray(values[0]).reshape(-1)[0]) % (n + 1)
-                         if int(np.asarray(values[0]).reshape(-1)[0]) < 0 else
-                         int(np.asarray(values[0]).reshape(-1)[0])))
-            hi_raw = int(np.asarray(values[1]).reshape(-1)[0])
+            lo_raw, hi_raw = (int(np.asarray(v).reshape(-1)[0]) for v in values[:2])
+            lo = max(0, min(n, lo_raw + n if lo_raw < 0 else lo_raw))  # -1: the last axis
             hi = max(0, min(n, hi_raw + n if hi_raw < 0 else hi_raw))
             picked |= {start + i for i in range(lo, hi)}
         else:
@@ -191,10 +221,17 @@ def shape_read_axes(node, ctx, rank: int) -> set[int]:
     return picked
 
 
-def cut_level(node, ctx, smap: SplitMap, axis: int, bounds: list[tuple[int, int]]) -> None:
-    """Split/Slice on a level axis: each output keeps ``[start, stop)`` of it, the level whole."""
+def cut_level(node, ctx, smap: SplitMap, axis: int, bounds: list[tuple[int, int]],
+              dims_may_go: bool = False) -> None:
+    """Split/Slice on a level axis: each output keeps ``[start, stop)`` of it, the level whole
+    (not the heads); with ``dims_may_go`` its entries may still go as head dims (the rewrite
+    moves the bounds to the kept counts below them)."""
     position = smap.position(axis)
-    require_whole(ctx, smap, position, f"{node.op} {node.name} cuts it at fixed bounds")
+    why = f"{node.op} {node.name} cuts it at fixed bounds"
+    if dims_may_go:
+        ctx.split_records[smap.record].whole.setdefault(smap.levels[position], why)
+    else:
+        require_whole(ctx, smap, position, why)
     for out, (start, stop) in zip(node.outputs, bounds):
         index = [slice(None)] * smap.labels.ndim
         index[position] = slice(start, stop)
@@ -386,22 +423,22 @@ def reshape_apply(node, ctx) -> bool:
     if in_split is None and out_split is None:
         return False
     if out_split is not None:
-        found = ctx.split_keep(node.outputs[0])
-        if found is None:
-            return True
-        axis, keep = found
+        found = ctx.split_keeps(node.outputs[0])
+        free = ctx.split_keep(node.outputs[0])
     else:
         out_map = ctx.map(node.outputs[0])
         keep = ctx.keep(node.outputs[0])
-        if out_map is None or keep is None:
-            return True
-        axis = out_map.axis
-    elements = shape_elements(node, 1, ctx)
-    if elements[axis].value != -1:
-        ctx.set_shape_element(rewritable_source(node, 1, axis, elements, ctx), len(keep))
+        found = [] if out_map is None or keep is None else [(out_map.axis, keep)]
+        free = found[0] if found else None
+    if not found:
+        return True
+    for axis, keep in found:  # the heads kept, and the head dims kept within them
+        elements = shape_elements(node, 1, ctx)  # an earlier element may have copied the path
+        if elements[axis].value != -1:
+            ctx.set_shape_element(rewritable_source(node, 1, axis, elements, ctx), len(keep))
     repeat = ctx.analysis.slot_repeats.get(node.name)
-    if repeat is not None:
-        _rewrite_slots(node, ctx, repeat, len(keep))
+    if repeat is not None and free is not None:
+        _rewrite_slots(node, ctx, repeat, len(free[1]))
     return True
 
 

@@ -2,11 +2,12 @@
 two split tensors), Concat, and MatMul of two activations (attention); the algebra is
 ``split_axes``'s.
 
-* An element-wise operand that is not ours (rotary's cos/sin, computed from position ids) is
-  read whole on every level it spans: such a level stays whole (``head_dim``), while a level it
-  broadcasts over (size 1: the heads) may still lose entries.
+* An element-wise operand that is not ours (rotary's cos/sin, computed from position ids)
+  spans levels that hold no heads (``head_dim``): a level it broadcasts over (size 1: the
+  heads) may lose entries; on a level it spans, head dims may go, and the rewrite reads it
+  through a Gather of the dims kept.
 * Concat on a level axis (rotate_half's ``cat(-x2, x1)`` on ``head_dim``) joins pieces of that
-  level, which stays whole; on another axis it joins split tensors position by position (they
+  level, which holds no heads (each piece may lose head dims of its own); on another axis it joins split tensors position by position (they
   are coupled), and an input that is not ours keeps the levels it spans whole (a cache), unless
   it is a cache input whose interface may change (``interface.py``): it takes their channels.
 """
@@ -16,7 +17,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..blocks import require_free, require_whole
+from ..blocks import require_contracted, require_free, require_whole
 from ..channels import ChannelMap
 from ..interface import joins_cache
 from ._util import normalize_axis
@@ -57,11 +58,11 @@ def broadcast(node, ctx) -> bool:
             ctx.block(ref, f"{where} joins a split channel axis with plain channels")
             ctx.block(ctx.map(tensor), f"{where} joins a split channel axis with plain channels")
             return True
-        if ctx.const(tensor) is None:  # not ours: the levels it spans stay whole
-            for position, axis in enumerate(ref_axes):
+        if ctx.const(tensor) is None:  # not ours: the levels it spans hold no heads; it is
+            for position, axis in enumerate(ref_axes):  # gathered on the head dims kept
                 if axis - offset >= 0 and shape[axis - offset] != 1:
-                    require_whole(ctx, ref, position,
-                                  f"{where} mixes it with an activation not ours")
+                    ctx.split_records[ref.record].whole.setdefault(
+                        ref.levels[position], f"{where} mixes it with an activation not ours")
     ctx.set_map(node.outputs[0], ref.moved(ref_axes))
     return True
 
@@ -76,25 +77,26 @@ def _lines_up(smap, ref) -> bool:
 
 
 def broadcast_apply(node, ctx) -> bool:
-    """Slice constants of an element-wise op on the free level of its split output."""
-    found = ctx.split_keep(node.outputs[0])
-    if ctx.split_map(node.outputs[0]) is None:
+    """Slice constants of an element-wise op on every level of its split output that shrinks
+    (the heads, the head dims)."""
+    smap = ctx.split_map(node.outputs[0])
+    if smap is None:
         return False
-    if found is None:
-        return True
-    axis, keep = found
     rank_out = len(ctx.shape(node.outputs[0]))
-    width = ctx.split_map(node.outputs[0]).labels.shape[
-        ctx.split_map(node.outputs[0]).axes.index(axis)]
-    for index, tensor in enumerate(node.inputs):
-        if tensor is None or not tensor.name or ctx.split_map(tensor) is not None:
-            continue
-        value = ctx.const(tensor)
-        if value is None:
-            continue
-        local = axis - (rank_out - value.ndim)
-        if local >= 0 and value.shape[local] == width and width > 1:
-            ctx.slice_input(node, index, local, keep)
+    for axis, keep in ctx.split_keeps(node.outputs[0]):
+        width = smap.labels.shape[smap.axes.index(axis)]
+        for index, tensor in enumerate(node.inputs):
+            if tensor is None or not tensor.name or ctx.split_map(tensor) is not None:
+                continue
+            value = ctx.const(tensor)
+            shape = value.shape if value is not None else ctx.shape(tensor)
+            local = axis - (rank_out - len(shape))
+            if local < 0 or shape[local] != width or width < 2:
+                continue
+            if value is not None:
+                ctx.slice_input(node, index, local, keep)
+            else:  # computed (rotary's cos/sin): read on the head dims kept
+                ctx.gather_input(node, index, local, keep)
     return True
 
 
@@ -121,7 +123,9 @@ def concat(node, ctx, inputs) -> None:
         if any(s is None or s.axes != ref.axes or s.levels != ref.levels for s in splits):
             ctx.block(ref, f"{where} joins a split channel axis with channels not ours")
             return
-        require_whole(ctx, ref, position, f"{where} joins pieces of it")
+        # not the heads; its entries may go as head dims (each piece loses its own)
+        ctx.split_records[ref.record].whole.setdefault(ref.levels[position],
+                                                       f"{where} joins pieces of it")
         labels = np.concatenate([s.labels for s in splits], axis=position)
         ctx.set_map(node.outputs[0], replace(ref, labels=labels))
         return
@@ -129,6 +133,9 @@ def concat(node, ctx, inputs) -> None:
         if smap is None and joins_cache(node, tensor, ref.axes, ctx):
             ctx.set_map(tensor, ref)  # a past cache holds the channels it is joined with
             ctx.changeable_outputs.add(node.outputs[0].name)
+            for level in ref.levels:  # only its head count may change with the interface
+                ctx.split_records[ref.record].dims_whole.setdefault(
+                    level, f"{where} joins a KV cache, whose head_dim is its interface")
         elif smap is None:  # e.g. a past key/value cache: its heads cannot be removed
             for k, level_axis in enumerate(ref.axes):
                 if shape[level_axis] != 1:
@@ -153,7 +160,8 @@ def _entries(ctx, tensor):
 
 
 def matmul_activations(node, ctx) -> None:
-    """``A @ B`` of two activations: pair heads on batch axes, keep contracted levels whole."""
+    """``A @ B`` of two activations: pair heads on batch axes; contracted levels are not the
+    heads (they pair their entries, see ``_contract``)."""
     a, b = node.inputs[0], node.inputs[1]
     sa, sb = ctx.shape(a), ctx.shape(b)
     where = f"MatMul {node.name}"
@@ -166,6 +174,7 @@ def matmul_activations(node, ctx) -> None:
     rank = max(ra, rb)
     out: dict[int, tuple] = {}
     batch: dict[int, list[tuple]] = {}
+    contracted_levels: list[tuple] = []
     for tensor, r, contracted, kept_axis, kept_out in ((a, ra, ra - 1, ra - 2, rank - 2),
                                                        (b, rb, rb - 2, rb - 1, rank - 1)):
         for axis, m, k in _entries(ctx, tensor):
@@ -173,7 +182,7 @@ def matmul_activations(node, ctx) -> None:
                 if k is None:
                     ctx.block(m, f"{where} contracts channels of two activations")
                     continue
-                require_whole(ctx, m, k, f"{where} contracts it")
+                contracted_levels.append((m, k))
             elif axis == kept_axis:
                 out[kept_out] = (m, k)
             else:
@@ -198,9 +207,23 @@ def matmul_activations(node, ctx) -> None:
                 ctx.block(m, f"{where} pairs head axes of different sizes")
             continue
         for rep in reps[1:]:
-            ctx.couple(reps[0], rep, where)
+            ctx.couple_heads(reps[0], rep, where)
         out[out_axis] = entries[-1][1:]
+    _contract(ctx, contracted_levels, where)
     _set_matmul_output(node, ctx, out)
+
+
+def _contract(ctx, levels: list[tuple], where: str) -> None:
+    """Levels on the contracted axis: never the heads; one level of each operand, of one
+    size (``q @ k^T`` over ``head_dim``), pairs its entries (they may go together, see
+    ``head_dims``); any other contracted level stays whole."""
+    if len(levels) == 2 and levels[0][0].labels.shape[levels[0][1]] == \
+            levels[1][0].labels.shape[levels[1][1]]:
+        (ma, ka), (mb, kb) = levels
+        require_contracted(ctx, ma, ka, mb, kb, f"{where} contracts it")
+        return
+    for m, k in levels:
+        require_whole(ctx, m, k, f"{where} contracts it")
 
 
 def _set_matmul_output(node, ctx, out: dict[int, tuple]) -> None:
@@ -215,7 +238,7 @@ def _set_matmul_output(node, ctx, out: dict[int, tuple]) -> None:
             return
     if len(out) == 1:
         (axis, (m, k)), = out.items()
-        labels = m.labels if k is None else m.representative(k)
+        labels = m.labels if k is None else ctx.head_labels(m, k, f"MatMul {node.name}")
         ctx.set_map(node.outputs[0], ChannelMap(axis, labels))
         return
     for m, _ in out.values():

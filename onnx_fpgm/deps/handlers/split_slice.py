@@ -146,7 +146,10 @@ class SliceHandler:
     def propagate(self, node, ctx) -> None:
         if ctx.split_map(node.inputs[0]) is not None:
             params = _slice_params(node, ctx)
-            split_axes.slice_(node, ctx, None if params is None else params[:4])
+            split_axes.slice_(node, ctx, None if params is None else params[:4],
+                              None if params is None or ctx.opset < 10 else
+                              lambda k, dim: _check_slice_bounds(node, ctx, params, k, dim)
+                              is None)
             return
         xmap = ctx.map(node.inputs[0])
         if xmap is None:
@@ -177,6 +180,9 @@ class SliceHandler:
         ctx.set_map(node.outputs[0], xmap.moved(xmap.axis, xmap.labels[start:stop]))
 
     def apply(self, node, ctx) -> None:
+        if ctx.split_map(node.inputs[0]) is not None:
+            _apply_slice_of_split(node, ctx)
+            return
         xmap = ctx.map(node.inputs[0])
         if xmap is None or ctx.keep(node.inputs[0]) is None:
             return
@@ -207,6 +213,28 @@ class SliceHandler:
         if _computed_from_channels(ctx, elements[2][k], new_stop):
             _set_bounds_constant(node, ctx, 2, k, new_stop)
         elif new_stop != ends[k]:
+            ctx.set_shape_element(rewritable_source(node, 2, k, elements[2], ctx), new_stop)
+
+
+def _apply_slice_of_split(node, ctx) -> None:
+    """A Slice of a split tensor's level that lost head dims (rotate_half's halves): its
+    bounds become the kept counts below them."""
+    found = ctx.split_keeps(node.inputs[0])
+    if not found:
+        return
+    smap, rank = ctx.split_map(node.inputs[0]), rank_of(ctx, node.inputs[0])
+    starts, ends, axes, _, elements = _slice_params(node, ctx)
+    axes = [normalize_axis(a, rank) for a in axes]
+    for axis, keep in found:
+        if axis not in axes:
+            continue
+        k, dim = axes.index(axis), smap.labels.shape[smap.axes.index(axis)]
+        start, stop = _clamp(starts[k], dim), max(_clamp(starts[k], dim), _clamp(ends[k], dim))
+        new_start, new_stop = int(np.count_nonzero(keep < start)), int(np.count_nonzero(keep < stop))
+        if new_start != starts[k]:
+            ctx.set_shape_element(rewritable_source(node, 1, k, elements[1], ctx), new_start)
+        if ends[k] < dim and new_stop != ends[k]:
+            elements[2] = shape_elements(node, 2, ctx)  # input 1 may share its constant
             ctx.set_shape_element(rewritable_source(node, 2, k, elements[2], ctx), new_stop)
 
 
