@@ -58,14 +58,19 @@ def test_query_slots_and_mlp_prune_kv_heads_stay() -> None:
 
 
 @pytest.mark.torch_export
-def test_torchscript_cache_export_prunes_the_mlp() -> None:
-    """TorchScript reads the KV head count back by Shape for repeat_kv's Expand (through
-    Where) and multiplies it by n_rep at run time: the heads stay, the MLP widths prune."""
+def test_torchscript_cache_export_prunes_query_slots() -> None:
+    """TorchScript reads the KV head count back by Shape for repeat_kv's Expand (its shape
+    through ``Where(Equal(s, -1), 1, s)``) and merges ``Shape(k)[1] * n_rep`` heads: n_rep is
+    rewritten in both, so the query slots prune as in the dynamo export, KV heads stay."""
     model = onnx.load_from_string(_export(False))
     result = onnx_fpgm.prune(model, 0.5)
     check_pruned(model, result)
+    heads = [g for g in result.report.groups if g.heads]
+    assert [(g.channels_before, g.channels_after, g.frozen) for g in heads] == [(4, 2, None)] * 2
     widths = [g for g in result.report.groups if not g.heads and not g.frozen]
     assert [(g.channels_before, g.channels_after) for g in widths] == [(48, 24)] * 2
+    layer = [(32, 16), (32, 8), (32, 8), (16, 32), (32, 24), (32, 24), (24, 32)]
+    assert sorted(_weights(result.model).values()) == sorted([*layer, *layer, (32, 16)])
 
 
 def test_only_a_join_into_a_graph_output_is_a_past_length() -> None:
