@@ -179,6 +179,29 @@ def test_genai_config_collision_and_no_flag(tmp_path, capsys) -> None:
     assert set(_heads(onnx.load(out / "model.onnx").graph.output).values()) == {2}
 
 
+@pytest.mark.torch_export
+def test_api_save_writes_genai_config_as_the_cli_does(tmp_path) -> None:
+    """PruneResult.save: the config rewritten beside OUT, IN's untouched, its note in the
+    report; beside IN it would overwrite IN's config: refused before OUT is written."""
+    from onnx_fpgm.errors import OutputError
+
+    folder, out = _model_folder(tmp_path), tmp_path / "out"
+    out.mkdir()
+    result = onnx_fpgm.prune(folder / "model.onnx", 0.5, allow_interface_change=True)
+    with pytest.raises(OutputError, match="genai_config.json"):
+        result.save(folder / "pruned.onnx")
+    assert not (folder / "pruned.onnx").exists()
+    result.save(out / "model.onnx")
+    written = json.loads((out / "genai_config.json").read_text())
+    assert written["model"]["decoder"] == {**GENAI["model"]["decoder"],
+                                           "num_attention_heads": 4, "num_key_value_heads": 1}
+    assert json.loads((folder / "genai_config.json").read_text()) == GENAI
+    assert any("genai_config.json written beside OUT" in n for n in result.report.notes)
+    plain = onnx_fpgm.prune(folder / "model.onnx", 0.5)  # without the flag: OUT alone
+    plain.save(tmp_path / "plain.onnx")
+    assert not (tmp_path / "genai_config.json").exists()
+
+
 def test_genai_config_counts() -> None:
     """The counts follow the caches (KV heads and query heads by the same factor); a config
     that does not match the caches, or layers that kept different counts, are not written."""
