@@ -75,18 +75,22 @@ class PruneResult:
     #: What was read (``mapped.Loaded``): the input's files and where its mapped data lies.
     source: mapped.Loaded | None = field(default=None, repr=False)
 
-    def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
+    def save(self, path: str | os.PathLike, *, external_data: bool | None = None,
+             genai_config: bool = True) -> None:
         """Write the pruned model atomically, as a pair with its data file (external data when
         the input had it or > 2 GB); OUT carries all its data and overwrites no input file.
-
-        Raises:
-            OutputError: OUT or its data file is a file the run read, or cannot be written.
-        """
+        With ``allow_interface_change`` IN's genai_config.json is rewritten beside OUT too
+        (``save.genai_config_writer``); OutputError: one is a file read, or unwritable."""
         started = time.perf_counter()
         use_external = self.external_data if external_data is None else external_data
         source = self.source or mapped.Loaded(self.original, self.external_data)
+        allowed = genai_config and self.report.settings.get("allow_interface_change") == "true"
+        genai = allowed and save.genai_config_writer(path, source.read_files(),
+                                                     self.report.interface_changes)
         save.save_model(self.model, path, external_data=use_external,
                         source_dir=source.directory, reads=source.read_files())
+        if genai:
+            self.report.notes.append(genai())
         self.report.timings_s["save"] = time.perf_counter() - started
 
 

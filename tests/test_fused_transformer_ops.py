@@ -1,7 +1,7 @@
 """onnxruntime's fused transformer ops as its model builder writes them (issue 21):
 com.microsoft GroupQueryAttention (KV groups, ``num_heads``/``kv_num_heads`` rewritten), with
-its own rotary or after com.microsoft RotaryEmbedding, on separate or packed q|k|v; a key/value
-cache blocks with a reason."""
+its own rotary or after com.microsoft RotaryEmbedding, on separate or packed q|k|v; with a
+key/value cache the KV heads stay and query slots prune (``test_gqa_cache`` for genai's form)."""
 from __future__ import annotations
 
 import numpy as np
@@ -130,12 +130,18 @@ def test_packed_group_query_attention_loses_whole_kv_groups(rotary: bool) -> Non
     assert macs_by_node(result.model)["a"] == unpacked // 2
 
 
-def test_group_query_attention_with_a_cache_keeps_its_heads() -> None:
+def test_group_query_attention_with_a_cache_keeps_its_kv_heads() -> None:
+    """q, k, v separate, a cache: k and v stay whole (the cache's heads), the same query slot
+    of both KV groups goes (num_heads 4 -> 2, kv_num_heads 2)."""
     model = _gqa_model(cache=True)
-    result = onnx_fpgm.prune(model, 0.5, verify=False)
-    assert not any(g.heads and not g.frozen for g in result.report.groups)
-    assert any(g.frozen and "key/value cache" in g.frozen for g in result.report.groups)
-    assert _attrs(result.model)["attention"] == {"num_heads": HEADS, "kv_num_heads": KV}
+    result = onnx_fpgm.prune(model, 0.5)
+    check_pruned(model, result)
+    heads = [g for g in result.report.groups if g.heads]
+    assert [(g.channels_before, g.channels_after, g.frozen) for g in heads] == [(2, 1, None)]
+    assert any(g.frozen and "keeps its KV heads" in g.frozen for g in result.report.groups)
+    assert _attrs(result.model)["attention"] == {"num_heads": 2, "kv_num_heads": KV}
+    shapes = {t.name: list(t.dims) for t in result.model.graph.initializer}
+    assert shapes["w_q"] == [DIM, 2 * 8] and shapes["w_k"] == shapes["w_v"] == [DIM, KV * 8]
 
 
 def _onnx_attention_gqa(layout: str) -> onnx.ModelProto:

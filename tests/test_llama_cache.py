@@ -58,14 +58,19 @@ def test_query_slots_and_mlp_prune_kv_heads_stay() -> None:
 
 
 @pytest.mark.torch_export
-def test_torchscript_cache_export_prunes_the_mlp() -> None:
-    """TorchScript reads the KV head count back by Shape for repeat_kv's Expand (through
-    Where) and multiplies it by n_rep at run time: the heads stay, the MLP widths prune."""
+def test_torchscript_cache_export_prunes_query_slots() -> None:
+    """TorchScript reads the KV head count back by Shape for repeat_kv's Expand (its shape
+    through ``Where(Equal(s, -1), 1, s)``) and merges ``Shape(k)[1] * n_rep`` heads: n_rep is
+    rewritten in both, so the query slots prune as in the dynamo export, KV heads stay."""
     model = onnx.load_from_string(_export(False))
     result = onnx_fpgm.prune(model, 0.5)
     check_pruned(model, result)
+    heads = [g for g in result.report.groups if g.heads]
+    assert [(g.channels_before, g.channels_after, g.frozen) for g in heads] == [(4, 2, None)] * 2
     widths = [g for g in result.report.groups if not g.heads and not g.frozen]
     assert [(g.channels_before, g.channels_after) for g in widths] == [(48, 24)] * 2
+    layer = [(32, 16), (32, 8), (32, 8), (16, 32), (32, 24), (32, 24), (24, 32)]
+    assert sorted(_weights(result.model).values()) == sorted([*layer, *layer, (32, 16)])
 
 
 def test_only_a_join_into_a_graph_output_is_a_past_length() -> None:
@@ -172,6 +177,29 @@ def test_genai_config_collision_and_no_flag(tmp_path, capsys) -> None:
     assert cli.main([str(folder / "model.onnx"), str(out / "model.onnx"), "-q"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]
     assert set(_heads(onnx.load(out / "model.onnx").graph.output).values()) == {2}
+
+
+@pytest.mark.torch_export
+def test_api_save_writes_genai_config_as_the_cli_does(tmp_path) -> None:
+    """PruneResult.save: the config rewritten beside OUT, IN's untouched, its note in the
+    report; beside IN it would overwrite IN's config: refused before OUT is written."""
+    from onnx_fpgm.errors import OutputError
+
+    folder, out = _model_folder(tmp_path), tmp_path / "out"
+    out.mkdir()
+    result = onnx_fpgm.prune(folder / "model.onnx", 0.5, allow_interface_change=True)
+    with pytest.raises(OutputError, match="genai_config.json"):
+        result.save(folder / "pruned.onnx")
+    assert not (folder / "pruned.onnx").exists()
+    result.save(out / "model.onnx")
+    written = json.loads((out / "genai_config.json").read_text())
+    assert written["model"]["decoder"] == {**GENAI["model"]["decoder"],
+                                           "num_attention_heads": 4, "num_key_value_heads": 1}
+    assert json.loads((folder / "genai_config.json").read_text()) == GENAI
+    assert any("genai_config.json written beside OUT" in n for n in result.report.notes)
+    plain = onnx_fpgm.prune(folder / "model.onnx", 0.5)  # without the flag: OUT alone
+    plain.save(tmp_path / "plain.onnx")
+    assert not (tmp_path / "genai_config.json").exists()
 
 
 def test_genai_config_counts() -> None:

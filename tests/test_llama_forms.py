@@ -26,9 +26,11 @@ CASES = [(v, e) for v in VARIANTS for e in EXPORTERS]
 #: with a symbolic sequence flattens K to (-1, S, d) and back with the head count read by Shape
 #: from K itself: that count would follow the plan, but reading it keeps the level whole.
 #: TorchScript with a symbolic sequence reads the KV head count back by Shape for repeat_kv's
-#: expand (through Where): the same limit.
+#: expand (through Where), so its KV heads stay and its query slots are followed; they then
+#: meet the causal mask, whose shape (computed by Slice) onnx leaves unknown, at the scores'
+#: Add: the slots stay whole there.
 HEADS_BLOCKED = {("sdpa", "dynamo-dynamic"): "computes its size",
-                 **{(v, "torchscript-dynamic"): "is read by Shape" for v in VARIANTS}}
+                 **{(v, "torchscript-dynamic"): "cannot be pruned at Add" for v in VARIANTS}}
 HEAD_DIM, N_REP = 8, 2  # dim 32, 4 query heads, 2 KV heads
 
 

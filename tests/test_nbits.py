@@ -235,3 +235,21 @@ def test_compensation_leaves_quantized_codes_and_says_so(tmp_path) -> None:
     assert result.report.verification["passed"]
     assert any("down_Q4: quantized codes" in note for note in result.report.notes)
     _check_kept_blocks(model, result)
+
+
+def test_accuracy_level4_scales_stay_constant_in_the_oracle() -> None:
+    """With ``accuracy_level`` 4 a constant scale runs the int8 kernel, a fed one the float
+    path: the oracle's weight-fed sessions keep every MatMulNBits input constant (here the up
+    layer's 1,024 scales would have been fed, the pruned model's 512 not: verification failed)."""
+    from onnx_fpgm.oracle.weight_feeds import split_weights
+
+    model = nbits_models.quantize(nbits_models.mlp(hidden=512), 16, False)
+    for node in _nodes(model).values():
+        node.attribute.append(helper.make_attribute("accuracy_level", 4))
+    scales = _nodes(model)["up_Q4"].input[2]
+    assert _stored(model)[scales].size >= 1024
+    light, fed = split_weights(model)
+    assert scales not in fed and scales in {t.name for t in light.graph.initializer}
+    result = onnx_fpgm.prune(model, 0.5)
+    check_pruned(model, result)
+    assert _attrs(_nodes(result.model)["up_Q4"])["N"] == 256

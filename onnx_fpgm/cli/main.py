@@ -288,7 +288,7 @@ def _run(args) -> int:
     report_json = result.report.to_json() if args.report else None
     render(result.report, console, dry_run=args.dry_run)
     if not args.dry_run:
-        result.save(args.output)
+        result.save(args.output, genai_config=False)  # written below, its note in the report
     if genai_text is not None:
         write_text(genai[1], genai_text, f"OUT's {GENAI_CONFIG}")
     if report_json is not None:

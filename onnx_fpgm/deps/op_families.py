@@ -1,4 +1,5 @@
-"""Op families that several stages name: the recurrent layers and the QOperator layers.
+"""Op families that several stages name: the recurrent layers, the QOperator layers and the
+fused attention ops that keep a KV cache.
 
 They live here, at the lowest stage that needs them (the analysis and the handlers), so the
 oracle (``oracle.masking``), the cost model and the report read the same sets.
@@ -16,3 +17,10 @@ FEATURE_AXIS = 2
 QUANTIZED_LAYERS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
                               "QGemm", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul",
                               "MatMulIntegerToFloat", "QAttention", "QLinearConvTranspose"})
+#: Fused attention ops that read a past key/value cache and write the present one:
+#: (op, domain) -> ((past input index, present output index), ...). The caches are
+#: (batch, heads, sequence, head_dim): their sequence axis is ``CACHE_SEQUENCE_AXIS``.
+CACHE_ATTENTION = {("GroupQueryAttention", "com.microsoft"): ((3, 1), (4, 2)),
+                   ("MultiHeadAttention", "com.microsoft"): ((6, 1), (7, 2)),
+                   ("Attention", ""): ((4, 1), (5, 2))}
+CACHE_SEQUENCE_AXIS = 2

@@ -58,8 +58,9 @@ REASONS: tuple[ReasonKind, ...] = (
                "(a KV cache), by query slots, the same in every group. A product "
                "of two activations that contracts plain channels blocks them. Fused "
                "com.microsoft Attention/MultiHeadAttention lose whole heads (num_heads "
-               "rewritten), GroupQueryAttention whole KV groups (q|k|v separate or packed), "
-               "but block with a key/value cache, a computed attention bias, "
+               "rewritten), GroupQueryAttention whole KV groups (q|k|v separate or packed; "
+               "with a key/value cache, whose KV heads stay, the same query slots of every "
+               "group), but block with a key/value cache, a computed attention bias, "
                "MultiHeadAttention's packed or 4-D q/k/v, or when their own input channels "
                "are ours; ONNX Attention "
                "(opset 23) likewise (grouped-query heads go by KV groups)."),

@@ -307,7 +307,8 @@ class RewriteContext:
     def set_shape_element(self, source: Source | None, value: int) -> None:
         """Rewrite one element of a shape parameter where it is stored (see ``shape_values``).
 
-        Only that element changes; the computed elements of the same vector stay computed.
+        Only that element changes; the computed elements of the same vector stay computed. An
+        element computed as a fixed dim times a stored constant stores ``value / scale``.
         """
         if source is None:
             raise RewriteError("a shape parameter to rewrite is computed at run time")
@@ -320,8 +321,11 @@ class RewriteContext:
                 () if tensor.shape is not None and len(tensor.shape) == 0 else -1)
         if stored is None:
             raise RewriteError(f"input {source.index} of {source.node.name} is not constant")
+        if value % source.scale:
+            raise RewriteError(f"{source.node.name}: {value} is not a multiple of the dim "
+                               f"{source.scale} it is computed from")
         updated = np.array(stored, copy=True)
-        updated.reshape(-1)[source.position] = value
+        updated.reshape(-1)[source.position] = value // source.scale
         self.set_input_value(source.node, source.index, updated)
 
     def _private_path(self, source: Source) -> Source:

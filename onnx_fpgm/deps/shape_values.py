@@ -7,12 +7,15 @@ is often only partly constant:
   [25088])))``: the batch is computed, the channel-carrying 25088 is a stored constant;
 * torch's ``x.view(x.size(0), -1)``: ``Concat(Unsqueeze(Gather(Shape(x), 0)), [-1])``, or
   ``Concat(Shape(x, end=1), [-1])`` from the dynamo exporter;
-* an FPN neck's ``Resize(x, sizes=Concat(Slice(Shape(x), 0:2), Slice(Shape(y), 2:4)))``.
+* an FPN neck's ``Resize(x, sizes=Concat(Slice(Shape(x), 0:2), Slice(Shape(y), 2:4)))``;
+* TorchScript's ``expand``: ``Where(Equal(s, -ones), ones, s)`` (``-1`` keeps a dim), and its
+  cache export's ``repeat_kv`` merge ``Mul(Gather(Shape(k), 1), n_rep)``.
 
 This module follows 1-D integer tensors through the ops that move elements without computing on
 them (``Shape``, ``Gather``/``Slice`` with constant indices, ``Concat``, ``Cast``, ``Identity``,
-``Unsqueeze``/``Squeeze``/``Reshape``/``Flatten`` of a vector; and ``Mul``, for ``c * h * w``)
-and describes every element:
+``Unsqueeze``/``Squeeze``/``Reshape``/``Flatten`` of a vector; ``Mul``, for ``c * h * w``;
+``ConstantOfShape``; ``Where(Equal(a, b), x, y)`` where the equality is decided) and describes
+every element:
 
 * a known integer, with where it is stored (:class:`Source`: the node reading the stored
   constant, the input index, the flat position), so that a handler rewrites that one element
@@ -38,7 +41,8 @@ from ..model.runtime import ANONYMOUS
 #: Ops whose output elements are followed one by one from their inputs' elements: moved
 #: without computing on them, or (``Mul``) scaled, so ``c * h * w`` still names its channels.
 ELEMENT_MOVING_OPS = frozenset({"Identity", "Cast", "Concat", "Gather", "Slice", "Unsqueeze",
-                                "Squeeze", "Reshape", "Flatten", "Shape", "Mul"})
+                                "Squeeze", "Reshape", "Flatten", "Shape", "Mul", "Where",
+                                "ConstantOfShape"})
 #: Arithmetic evaluated element by element where both sides are known.
 ARITHMETIC_OPS = frozenset({"Add", "Sub", "Div"})
 _MAX_ELEMENTS = 64  # shape vectors are short; anything longer is data
@@ -63,6 +67,9 @@ class Source:
     #: (node, input index) of the shape parameter the element ends in; when the path is not
     #: exclusive, the rewrite gives that node a private copy of the path (``RewriteContext``)
     target: tuple[gs.Node, int] | None = None
+    #: the element is ``scale`` times the stored value (a fixed dim read by ``Shape`` times a
+    #: stored constant: TorchScript's ``kv_heads * n_rep``); the rewrite stores value / scale
+    scale: int = 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -172,6 +179,8 @@ def _moved(node: gs.Node, ctx, sources: bool, exclusive: bool,
         if any(p is None for p in parts):
             return None
         return [e for part in parts for e in part]
+    if op == "Where":
+        return _selected(node, ctx, input_elements, depth)
     data = input_elements(0)
     if data is None:
         return None
@@ -189,6 +198,8 @@ def _moved(node: gs.Node, ctx, sources: bool, exclusive: bool,
     if op == "Mul":
         other = input_elements(1)
         return None if other is None else _product(data, other)
+    if op == "ConstantOfShape":
+        return _filled(node, data)
     return data  # Identity, Cast, Unsqueeze, Squeeze, Reshape, Flatten: same elements in order
 
 
@@ -229,6 +240,54 @@ def _arithmetic(node: gs.Node, ctx, depth: int) -> list[Element] | None:
     return out
 
 
+def _filled(node: gs.Node, count: list[Element]) -> list[Element] | None:
+    """``ConstantOfShape`` of a known length: that many copies of its integer value."""
+    value = node.attrs.get("value")
+    value = np.zeros(1, np.float32) if value is None else np.asarray(
+        value.values if hasattr(value, "values") else value)
+    if len(count) != 1 or not count[0].known or not 0 <= count[0].value <= _MAX_ELEMENTS or \
+            value.size != 1 or value.dtype.kind not in "iu":
+        return None
+    return [Element(int(value.reshape(-1)[0]), derived=count[0].channels)] * count[0].value
+
+
+def _selected(node: gs.Node, ctx, input_elements, depth: int) -> list[Element] | None:
+    """``Where(Equal(a, b), x, y)`` element by element where the equality is decided: both sides
+    known, or a dim (never negative) against a negative constant (TorchScript's
+    ``Where(Equal(s, -ones), ones, s)``). The picked element stays rewritable only when one side
+    of the equality is negative: a rewritten count (>= 1) then leaves the condition as it was."""
+    cond = node.inputs[0] if node.inputs else None
+    equal = cond.inputs[0] if isinstance(cond, gs.Variable) and cond.inputs else None
+    if equal is None or equal.op != "Equal" or (equal.domain or "") not in ("", "ai.onnx") or \
+            len(node.inputs) != 3:
+        return None
+    parts = [_elements(t, ctx, None, False, depth) for t in equal.inputs[:2]]
+    parts += [input_elements(1), input_elements(2)]
+    if any(p is None for p in parts):
+        return None
+    n = max(len(p) for p in parts)
+    if any(len(p) not in (1, n) for p in parts):
+        return None
+    out = []
+    for a, b, x, y in zip(*(p * (n if len(p) == 1 else 1) for p in parts)):
+        negative = (a.known and a.value < 0) or (b.known and b.value < 0)
+        if a.channels is not None or b.channels is not None:
+            decided = None  # the equality follows the plan: not decided here
+        elif a.known and b.known:
+            decided = a.value == b.value
+        elif negative and (a.symbol is not None or b.symbol is not None):
+            decided = False
+        else:
+            decided = None
+        if decided is None:
+            out.append(Element(derived=next((e.channels for e in (a, b, x, y)
+                                             if e.channels is not None), None)))
+            continue
+        picked = x if decided else y
+        out.append(picked if negative or picked.source is None else replace(picked, source=None))
+    return out
+
+
 def _product(a: list[Element], b: list[Element]) -> list[Element] | None:
     """Element-wise product (one side may be a single element): ``C * H * W`` stays a channel
     count times a static factor when H and W are static."""
@@ -244,11 +303,22 @@ def _product(a: list[Element], b: list[Element]) -> list[Element] | None:
                                value=None if y.value is None else x.value * y.value))
         elif x.known and y.known:
             derived = x.channels if x.channels is not None else y.channels
-            out.append(Element(x.value * y.value, derived=derived))
+            out.append(Element(x.value * y.value, derived=derived,
+                               source=_scaled_source(x, y) or _scaled_source(y, x)))
         else:
             derived = x.channels if x.channels is not None else y.channels
             out.append(Element(derived=derived))
     return out
+
+
+def _scaled_source(dim: Element, stored: Element) -> Source | None:
+    """``dim * stored`` is rewritable through ``stored`` when ``dim`` is a fixed dim read by
+    ``Shape`` (static, not one of our channel counts: those carry labels, and split levels
+    read by Shape stay whole)."""
+    if dim.symbol is None or dim.channels is not None or dim.source is not None or \
+            stored.source is None or stored.channels is not None or dim.value < 1:
+        return None
+    return replace(stored.source, scale=stored.source.scale * dim.value)
 
 
 def _sliced(node: gs.Node, ctx, data: list[Element]) -> list[Element] | None:

@@ -19,7 +19,9 @@ value equal to none, one variant each (``variant_count``), so that every branch 
 
 An input named like a mask (``mask`` in its name), or one that only reaches a mask pattern
 (the condition of a ``Where``, ``1 - m``, a product after a cast to float), is drawn as 0/1
-with ones first along its last axis (at least one 1 per row), as attention masks are.
+with ones first along its last axis (at least one 1 per row), as attention masks are; all ones
+when its sums set a com.microsoft GroupQueryAttention's ``seqlens_k`` (onnxruntime-genai's
+decoders: the kernel refuses a row whose count leaves out new tokens).
 """
 from __future__ import annotations
 
@@ -48,6 +50,8 @@ _CARRIED_INPUT = {"Cast": {0}, "CastLike": {0}, "Unsqueeze": {0}, "Squeeze": {0}
 MAX_CHOICES = 4
 #: How far (in ops) an input is followed.
 _MAX_HOPS = 24
+#: GroupQueryAttention's ``seqlens_k`` input, and how far a mask is followed to it.
+_SEQLENS_INPUT, _SEQLENS_HOPS = 5, 6
 #: com.microsoft EmbedLayerNormalization: index input -> its table input.
 _EMBED_TABLES = {0: 2, 1: 4, 8: 3}
 
@@ -62,6 +66,8 @@ class IntegerRange:
     indexes: str | None = None  # what bounds it, for messages ("Gather emb (2 rows)")
     #: Constants it is compared with (Equal): variant k < len draws choices[k] everywhere.
     choices: tuple[int, ...] = ()
+    #: a mask drawn all ones (it sets GroupQueryAttention's sequence lengths)
+    full: bool = False
 
 
 def integer_ranges(model: onnx.ModelProto) -> dict[str, IntegerRange]:
@@ -158,11 +164,26 @@ class _Walk:
             return IntegerRange(low, high, indexes=bound_by,
                                 choices=tuple(sorted(v for v in compared if low <= v < high)))
         if "mask" in name.lower() or mask_use:
-            return IntegerRange(0, 2, mask=True)
+            return IntegerRange(0, 2, mask=True, full=self._sets_sequence_lengths(name))
         if positive:
             return IntegerRange(1, RANGE_HIGH, choices=tuple(sorted(v for v in compared
                                                                      if v >= 1)))
         return IntegerRange(choices=tuple(sorted(compared)))
+
+    def _sets_sequence_lengths(self, name: str) -> bool:
+        """``name`` reaches input 5 (``seqlens_k``) of a GroupQueryAttention within a few ops
+        (genai's ``Cast(Sub(ReduceSum(mask), 1))``)."""
+        frontier, seen = [name], set()
+        for _ in range(_SEQLENS_HOPS):
+            following = []
+            for tensor in frontier:
+                for node, k in self.consumers.get(tensor, ()):
+                    if node.op_type == "GroupQueryAttention" and k == _SEQLENS_INPUT:
+                        return True
+                    following += [o for o in node.output if o and o not in seen]
+                    seen.update(node.output)
+            frontier = following
+        return False
 
     def _compared_with(self, node: onnx.NodeProto, k: int) -> set[int]:
         """The values of the constant ``node`` (an Equal) compares input ``k`` with (a few)."""
@@ -262,7 +283,7 @@ def draw_integers(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dt
     them (so that each branch an Equal picks runs once)."""
     dtype = np.dtype(dtype)
     if spec.mask:
-        return _mask(rng, shape).astype(dtype)
+        return (np.ones(shape, np.int64) if spec.full else _mask(rng, shape)).astype(dtype)
     if dtype == np.bool_:
         return rng.integers(0, 2, shape).astype(bool)
     info = np.iinfo(dtype)

@@ -28,7 +28,7 @@ from typing import BinaryIO
 import onnx
 
 from ..errors import OutputError
-from . import external, files, io
+from . import external, files, genai_config, io
 from .light import _numel
 
 #: Initializers of at least this many bytes go to OUT's data file (onnx's default threshold).
@@ -192,3 +192,29 @@ def _raw_bytes(tensor: onnx.TensorProto, source_dir: Path | None) -> bytes | Non
     if tensor.HasField("raw_data"):
         return tensor.raw_data
     return onnx.numpy_helper.to_array(tensor).tobytes()
+
+
+def genai_config_writer(out: str | os.PathLike, reads: list[tuple[str, Path]],
+                        changes: list[dict]):
+    """onnxruntime-genai's ``genai_config.json`` beside IN (``reads[0]``), rewritten for the
+    pruned heads beside OUT, planned and checked as the CLI does (``files.FilePlan``): returns
+    a function that writes it and returns the note, or None when IN has no such file.
+
+    Raises:
+        OutputError: the copy would overwrite a file the run read or writes.
+    """
+    if not reads:
+        return None
+    plan = files.FilePlan.of(reads=reads)
+    plan.add_model_output(out)
+    found = plan.add_genai_config(reads[0][1], out)
+    if found is None:
+        return None
+    plan.check()
+    text, note = genai_config.updated_genai_config(found[0].read_text(), changes)
+
+    def write() -> str:
+        if text is not None:
+            files.write_text(found[1], text, f"OUT's {genai_config.GENAI_CONFIG}")
+        return note
+    return write

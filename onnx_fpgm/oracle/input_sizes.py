@@ -63,6 +63,7 @@ SECOND_TRIES = 4
 def _candidates(dims: list[SymbolicDim]) -> list[dict[str, int]]:
     """Symbol -> value assignments to try, in order (batch 1)."""
     roles: dict[str, Role] = {}
+    fixed = {d.symbol: d.value for d in dims if d.role is Role.HEAD_SIZE}
     for d in dims:
         roles.setdefault(d.symbol, d.role)
     out = []
@@ -74,7 +75,7 @@ def _candidates(dims: list[SymbolicDim]) -> list[dict[str, int]]:
             sizes = {Role.BATCH: 1, Role.HEIGHT: height, Role.WIDTH: width,
                      Role.CHANNELS: channels, Role.SEQUENCE: SEQUENCE[min(k, len(SEQUENCE) - 1)],
                      Role.PAST: 0}
-            assignment = {s: sizes[r] for s, r in roles.items()}
+            assignment = {s: fixed[s] if s in fixed else sizes[r] for s, r in roles.items()}
             if square and height != width:
                 continue
             if assignment not in out:
@@ -249,7 +250,8 @@ def _secondary(model, dims, assignment, prober, primary):
     smaller = [c for c in others if any(c[s] < assignment[s] for s in c if s not in batch)]
     larger = [c for c in others if c not in smaller]
     others = [c for pair in zip_longest(larger, smaller) for c in pair if c is not None]
-    lengths = {s for s in assignment if _role(dims, s) not in (Role.BATCH, Role.CHANNELS)}
+    lengths = {s for s in assignment
+               if _role(dims, s) not in (Role.BATCH, Role.CHANNELS, Role.HEAD_SIZE)}
 
     def degenerate(trial: dict[str, int]) -> bool:
         return any(trial[s] == 1 for s in lengths)

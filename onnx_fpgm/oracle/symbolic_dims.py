@@ -8,7 +8,7 @@ from enum import Enum
 import onnx
 
 from ..model.runtime import ANONYMOUS, is_unknown, real_inputs
-from .cache_inputs import past_axes
+from .cache_inputs import cache_head_sizes, past_axes
 
 
 class Role(Enum):
@@ -20,6 +20,7 @@ class Role(Enum):
     CHANNELS = "channels"
     SEQUENCE = "sequence"
     PAST = "past sequence"  # a KV cache's past length (``cache_inputs``)
+    HEAD_SIZE = "head size"  # a KV cache's head size, fixed by the op reading it (``value``)
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class SymbolicDim:
     axis: int
     symbol: str  # dim_param, or "input:axis" for an anonymous dim
     role: Role
+    value: int | None = None  # the only size it can take (Role.HEAD_SIZE)
 
 
 @dataclass
@@ -71,7 +73,7 @@ class InputSizes:
 def symbolic_dims(model: onnx.ModelProto) -> list[SymbolicDim]:
     """Every symbolic or unknown dim of the real graph inputs, with its role."""
     found = []
-    cache = past_axes(model)
+    cache, head_sizes = past_axes(model), cache_head_sizes(model)
     for value in real_inputs(model):
         ttype = value.type.tensor_type
         if not ttype.HasField("shape"):
@@ -83,7 +85,9 @@ def symbolic_dims(model: onnx.ModelProto) -> list[SymbolicDim]:
             if is_unknown(dim):
                 name = dim.dim_param.strip()
                 symbol = name if name not in ANONYMOUS else f"{value.name}:{axis}"
-                found.append(SymbolicDim(value.name, axis, symbol, roles[axis]))
+                fixed = head_sizes.get((value.name, axis))
+                found.append(SymbolicDim(value.name, axis, symbol, Role.HEAD_SIZE, fixed)
+                             if fixed else SymbolicDim(value.name, axis, symbol, roles[axis]))
     return found
 
 

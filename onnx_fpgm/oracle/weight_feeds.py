@@ -8,7 +8,9 @@ place, so a session costs the (small) graph plus its activations, two sessions c
 same weight arrays, and nothing near 2 GiB is ever serialised. Verification runs with graph
 optimisations off, so a weight being an input rather than an initializer changes no kernel
 choice; small and integer tensors (shapes, axes, scales that kernels need as constants) stay
-initializers.
+initializers, and so do the inputs a kernel prepacks when they are constant and computes with
+otherwise when fed (com.microsoft MatMulNBits' scales: with ``accuracy_level`` 4 a constant
+one runs the int8 kernel, a fed one the float path, so the two sessions would differ).
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from ..model.runtime import make_session
 
 #: Float initializers of at least this many elements are fed as inputs.
 FED_MIN_ELEMENTS = 1024
+#: (op, domain) -> the first input that kernel prepacks: never fed (see the module docstring).
+_PREPACKED_FROM = {("MatMulNBits", "com.microsoft"): 1}
 #: Element types onnxruntime's Python API accepts as NumPy inputs.
 _FEEDABLE = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16})
 
@@ -41,9 +45,17 @@ def split_weights(model: onnx.ModelProto, known: dict[str, np.ndarray] | None = 
     io.copy_fields(model, light, skip={"graph"})
     io.copy_fields(model.graph, light.graph, skip={"initializer"})
     declared = {v.name for v in model.graph.input}
+    prepacked = {name for node in model.graph.node
+                 for name in node.input[_PREPACKED_FROM.get((node.op_type, node.domain),
+                                                            len(node.input)):]}
     weights: dict[str, np.ndarray] = {}
     for tensor in model.graph.initializer:
         have = known.get(tensor.name)
+        if tensor.name in prepacked:
+            if have is not None and tensor.data_location == TensorProto.EXTERNAL:
+                tensor = numpy_helper.from_array(np.asarray(have), tensor.name)
+            light.graph.initializer.append(tensor)
+            continue
         if have is not None and (
                 have.dtype != onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
                 or have.shape != tuple(tensor.dims)):

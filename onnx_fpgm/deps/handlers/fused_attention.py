@@ -11,13 +11,16 @@ Channel algebra (``num_heads = h``, hidden size ``H``, head size ``d = H / h``):
   channels are split into (h, d); heads are paired across q, k and v, the output carries v's.
 * ``GroupQueryAttention(q, k, v, ...)``: as MultiHeadAttention with ``kv_num_heads`` K/V heads,
   each shared by ``h / h_kv`` query heads: a KV group is one atom; with q|k|v packed in
-  ``query`` (key, value empty) the groups are cut out of its one channel axis.
+  ``query`` (key, value empty) the groups are cut out of its one channel axis. With a KV cache
+  (past inputs, present outputs read) the K/V heads stay (the cache's interface): query slot
+  ``s`` of every group is one atom, so the same slots go from every group and ``num_heads``
+  shrinks while ``kv_num_heads`` stays.
   ``RotaryEmbedding`` on (B, S, h * d) rotates within heads: whole heads, ``num_heads``
   rewritten.
 
 Rewrite: the kept heads' columns of W and b (``qkv_hidden_sizes`` too), ``num_heads``, and a
 constant ``attention_bias`` (B, h, S, T) sliced on its head axis. head_dim and ``scale`` stay.
-Blocked: past/present key-value caches, MultiHeadAttention's packed or 4-D q/k/v layouts, a
+Blocked: past/present key-value caches (but GroupQueryAttention's), MultiHeadAttention's packed or 4-D q/k/v layouts, a
 computed attention bias, an input whose own channels are ours (the input width of the fused
 projection is not rewritten). Output shapes onnx cannot infer are recorded from the inputs.
 """
@@ -150,7 +153,8 @@ class MicrosoftGroupQueryAttentionHandler:
     query head ``i`` reads KV head ``i // (h / h_kv)``, so a KV group (its K and V head and the
     query heads sharing them) is one atom; ``num_heads`` and ``kv_num_heads`` are rewritten.
     Its own rotary (``do_rotary``: cos/sin caches of head_dim / 2 columns) acts within a head.
-    Blocked: a key/value cache (past inputs, or present outputs that are read)."""
+    With a key/value cache (past inputs, or present outputs that are read) the KV heads stay and
+    the query slots within the groups prune (``_query_slots``)."""
 
     def propagate(self, node, ctx) -> None:
         where = f"fused attention {node.op} {node.name}"
@@ -160,11 +164,7 @@ class MicrosoftGroupQueryAttentionHandler:
         shapes = [ctx.shape(t) if has_input(node, i) else None
                   for i, t in enumerate(node.inputs[:3])]
         reason = None
-        if any(has_input(node, i) for i in (3, 4)) or any(
-                out.outputs or out.name in {t.name for t in ctx.graph.outputs}
-                for out in node.outputs[1:] if out is not None and out.name):
-            reason = f"{where} reads or writes a key/value cache (heads are not rewritten there)"
-        elif any(has_input(node, i) for i in range(9, len(node.inputs))):
+        if any(has_input(node, i) for i in range(9, len(node.inputs))):
             reason = f"{where} has position ids, an attention bias or head sinks"
         elif heads < 1 or kv < 1 or heads % kv or any(
                 s is None or len(s) != 3 for s in (shapes[:1] if packed else shapes)):
@@ -180,6 +180,12 @@ class MicrosoftGroupQueryAttentionHandler:
         if reason is not None:
             for m in qkv:
                 ctx.block(m, reason)
+            return
+        if _has_cache(node, ctx):
+            out = _query_slots(ctx, qkv, packed, heads, kv, where)
+            record_shape(ctx, node.outputs[0], [*node.inputs[0].shape[:2], len(out)],
+                         node.inputs[0].dtype)
+            ctx.set_map(node.outputs[0], ChannelMap(2, out, heads=True))
             return
         if packed:
             v_labels = _packed_groups(ctx, qkv[0].labels, heads, kv, where)
@@ -202,7 +208,8 @@ class MicrosoftGroupQueryAttentionHandler:
         heads, kv = int(node.attrs["num_heads"]), int(node.attrs["kv_num_heads"])
         kept_heads = len(np.unique(keep // (len(ctx.map(node.outputs[0]).labels) // heads)))
         node.attrs["num_heads"] = kept_heads
-        node.attrs["kv_num_heads"] = kept_heads // (heads // kv)
+        if not _has_cache(node, ctx):  # with a cache the KV heads stay (query slots went)
+            node.attrs["kv_num_heads"] = kept_heads // (heads // kv)
 
 
 @register("RotaryEmbedding", domain="com.microsoft")
@@ -244,6 +251,39 @@ def _packed_groups(ctx, labels: np.ndarray, heads: int, kv: int, where: str) -> 
     require_whole(ctx, smap, 1, f"{where} keeps head_dim and a group's heads together")
     require_free(ctx, smap, 0, f"{where} pairs query heads with their KV head", heads=True)
     return v
+
+
+def _has_cache(node, ctx) -> bool:
+    """GroupQueryAttention reads past keys/values, or writes present ones that are used."""
+    outputs = {t.name for t in ctx.graph.outputs}
+    return any(has_input(node, i) for i in (3, 4)) or any(
+        out.outputs or out.name in outputs
+        for out in node.outputs[1:] if out is not None and out.name)
+
+
+def _query_slots(ctx, qkv, packed: bool, heads: int, kv: int, where: str) -> np.ndarray:
+    """With a cache: K and V heads stay whole (blocked), query head ``g * r + s`` (r = h / h_kv)
+    is one atom with query head ``s`` of every group, its head_dim whole (a split whose free
+    level is the slot): one atom per slot ``s``, so
+    that every group keeps the same slots and query head ``i`` still reads KV head ``i // r'``.
+    Returns the output's labels (the query heads')."""
+    why = f"{where} keeps its KV heads (its key/value cache is the model's interface)"
+    if packed:
+        d = len(qkv[0].labels) // (heads + 2 * kv)
+        q, kv_labels = np.split(qkv[0].labels, [heads * d])
+        ctx.cut(qkv[0].labels, heads * d)  # the whole K|V columns are a group of their own
+        ctx.block(kv_labels, why)
+    else:
+        d, q = len(qkv[0].labels) // heads, qkv[0].labels
+        ctx.block(qkv[1], why)
+        ctx.block(qkv[2], why)
+    slots = q.reshape(kv, heads // kv, d).transpose(1, 0, 2)  # (slot, group, head_dim)
+    smap = new_split(ctx, where, slots, [0, 1, 2])
+    require_whole(ctx, smap, 1, f"{where} keeps its KV groups")
+    require_whole(ctx, smap, 2, f"{where} keeps head_dim")
+    require_free(ctx, smap, 0, f"{where} takes the same query slots from every KV group",
+                 heads=True)
+    return q
 
 
 def _pair_groups(ctx, q_heads, k_heads, v_heads, where: str) -> None:
