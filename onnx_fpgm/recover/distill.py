@@ -125,7 +125,9 @@ def distill(original: onnx.ModelProto, student_model: onnx.ModelProto, analysis:
 
     best_loss = report.loss_before = held_out_loss()
     best = student.trained_values()
-    step_size = LEARNING_RATE * min(1.0, max(0.1, math.sqrt(best_loss)))
+    # a batch under BATCH (CPU) takes sqrt(batch / BATCH) of the step size: noisier gradients
+    step_size = LEARNING_RATE * min(1.0, max(0.1, math.sqrt(best_loss))) * \
+        min(1.0, math.sqrt(batch / BATCH))
     optimiser = torch.optim.Adam(params, lr=step_size)
     evaluate_every = max(10, steps // 20)
     advance = _advancer(progress, steps)
