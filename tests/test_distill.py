@@ -159,6 +159,7 @@ def test_a_time_budget_before_the_first_evaluation_keeps_the_trained_weights(pla
     recovery = result.report.recovery
     if recovery.steps == 0:  # the setup alone spent the budget (a loaded machine)
         pytest.skip("no training step within the 10 s budget")
-    assert recovery.stopped.startswith("time budget") and recovery.steps < 500
+    # held-out evaluations also come by time (a tenth of the budget), so patience may end it
+    assert recovery.stopped.startswith(("time budget", "early stop")) and recovery.steps < 500
     assert recovery.loss_after < recovery.loss_before
     assert _error(result) < _error(plain)

@@ -113,8 +113,9 @@ class TorchGraph:
         return env
 
     def trained_values(self) -> dict[str, np.ndarray]:
-        """The current parameters as float32 NumPy arrays, by initializer name."""
-        return {name: p.detach().cpu().numpy() for name, p in self.params.items()}
+        """A copy of the current parameters as float32 NumPy arrays, by initializer name (a
+        copy: on CPU ``.numpy()`` shares the parameter's memory, which training goes on changing)."""
+        return {name: p.detach().cpu().numpy().copy() for name, p in self.params.items()}
 
     def load_values(self, values: dict[str, np.ndarray]) -> None:
         with torch.no_grad():
