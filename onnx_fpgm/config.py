@@ -12,9 +12,9 @@ from .errors import ConfigError
 DistSpec = Union[int, Callable]
 Device = Literal["auto", "cpu", "cuda"]
 Criterion = Literal["fpgm", "l1", "l2", "random", "obs"]
-Compensation = Literal["none", "bias", "lstsq", "obs", "auto"]
+Compensation = Literal["none", "bias", "lstsq", "obs", "sequential", "auto"]
 CRITERIA = ("fpgm", "l1", "l2", "random", "obs")
-COMPENSATIONS = ("none", "bias", "lstsq", "obs", "auto")
+COMPENSATIONS = ("none", "bias", "lstsq", "obs", "sequential", "auto")
 Allocation = Literal["auto", "uniform", "global", "sensitivity"]
 ALLOCATIONS = ("auto", "uniform", "global", "sensitivity")
 Recovery = Literal["none", "distill"]
