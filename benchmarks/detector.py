@@ -18,6 +18,8 @@ h) and class scores; a box is kept at best-class score >= 0.25, then per-class N
         [--recover-time 300] [--cache /tmp/onnx-fpgm-cache]
 
 A run is ``allocation/criterion/compensate/recover``, e.g. ``sensitivity/obs/obs/distill``.
+``--refit-downstream``: ``sequential`` also refits every layer after a pruned one (an experiment:
+see RESULTS).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from PIL import Image
 import onnx_fpgm
 from onnx_fpgm.measure.calibration import load_calibration, run_batched
 from onnx_fpgm.model.runtime import make_session
+from onnx_fpgm.recover import sequential
 
 WHEELS = ("nudenet==3.4.2", "scikit-image==0.26.0", "ultralytics==8.4.190",
           "matplotlib==3.11.2")
@@ -160,7 +163,10 @@ def main() -> None:
     parser.add_argument("--recover-steps", type=int, default=300)
     parser.add_argument("--cache", default="/tmp/onnx-fpgm-cache")
     parser.add_argument("--save", default=None, help="folder for the pruned models")
+    parser.add_argument("--refit-downstream", action="store_true",
+                        help="sequential runs also refit the layers whose inputs only drifted")
     args = parser.parse_args()
+    sequential.REFIT_DOWNSTREAM = args.refit_downstream
     cache = Path(args.cache)
     model_path, photos = fetch(cache)
     calib = np.stack([v for _, p in CALIBRATION for v in variants(photos[p], CROPS[:4])])
@@ -187,7 +193,7 @@ def main() -> None:
                 recover_steps=args.recover_steps,
                 calibration=str(cache / "detector_calib.npz"),
                 input_shapes=(("images", (1, 3, SIZE, SIZE)),),
-                cache=caches.setdefault(f"{allocation}/{criterion}/{compensate}", {}))
+                cache=caches.setdefault(f"{allocation}/{criterion}", {}))  # keyed inside
         except onnx_fpgm.OnnxFpgmError as err:
             print(f"{allocation:>11} {criterion:>9} {compensate:>5} {recover:>7} {err}")
             continue

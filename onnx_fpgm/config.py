@@ -12,9 +12,9 @@ from .errors import ConfigError
 DistSpec = Union[int, Callable]
 Device = Literal["auto", "cpu", "cuda"]
 Criterion = Literal["fpgm", "l1", "l2", "random", "obs"]
-Compensation = Literal["none", "bias", "lstsq", "obs", "auto"]
+Compensation = Literal["none", "bias", "lstsq", "obs", "sequential", "auto"]
 CRITERIA = ("fpgm", "l1", "l2", "random", "obs")
-COMPENSATIONS = ("none", "bias", "lstsq", "obs", "auto")
+COMPENSATIONS = ("none", "bias", "lstsq", "obs", "sequential", "auto")
 Allocation = Literal["auto", "uniform", "global", "sensitivity"]
 ALLOCATIONS = ("auto", "uniform", "global", "sensitivity")
 Recovery = Literal["none", "distill"]
@@ -69,8 +69,9 @@ class PruneConfig:
             (the channels whose removal raises the consumers' reconstruction error on the
             calibration data least; needs ``calibration``).
         calibration: path of an npz with real inputs (fidelity report, compensation).
-        compensate: recover the removed channels' contribution in the consumers (``auto``
-            chooses among none, bias and lstsq).
+        compensate: recover the removed channels' contribution in the consumers: bias,
+            lstsq, obs or sequential (``recover/compensate.py``); ``auto`` chooses among none,
+            bias and lstsq.
         evaluation: path of an npz of held-out data (same format) for the fidelity/accuracy
             report; without it the calibration data is used (optimistic under lstsq).
         recover: ``distill`` trains the pruned model's weights to reproduce the original on

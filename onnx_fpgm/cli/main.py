@@ -165,9 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval", metavar="DATA.npz|DIR", dest="evaluation",
                         help="held-out data (same format) for the fidelity/accuracy report")
     parser.add_argument("--compensate", choices=COMPENSATIONS, default="none",
-                        help="recover removed channels in their consumers: bias, lstsq or obs "
-                             "(closed-form OBS update; both need --calibration), or auto (best "
-                             "of none/bias/lstsq on the calibration data)")
+                        help="recover removed channels in their consumers: bias, lstsq, obs "
+                             "(closed-form OBS update) or sequential (each consumer refitted on "
+                             "its compensated input, in one pass; all three need --calibration), "
+                             "or auto (best of none/bias/lstsq on the calibration data)")
     parser.add_argument("--recover", choices=RECOVERIES, default="none",
                         help="distill: train the pruned model's weights to reproduce the "
                              "original on --calibration data (after any --compensate)")

@@ -61,7 +61,8 @@ def build_sweep_parser() -> argparse.ArgumentParser:
                         help="real inputs: sensitivity allocation, compensation, fidelity")
     parser.add_argument("--eval", metavar="DATA.npz", dest="evaluation",
                         help="held-out data (optional labels) for the fidelity/accuracy columns")
-    parser.add_argument("--compensate", choices=("none", "bias", "lstsq", "obs"), default="none",
+    parser.add_argument("--compensate", choices=("none", "bias", "lstsq", "obs", "sequential"),
+                        default="none",
                         help="also measure every point with this compensation")
     parser.add_argument("--recover", choices=RECOVERIES, default="none",
                         help="distill every point after its compensation (needs --calibration)")

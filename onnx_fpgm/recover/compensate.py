@@ -15,6 +15,12 @@ MatMul followed by a bias Add):
 * ``obs``: the Optimal Brain Surgeon update of every consumer at once, in closed form from the
   original model's input statistics (``obs.py``): least squares on the original inputs, one
   model run in all; a consumer it cannot serve gets ``bias``.
+* ``sequential``: layer-wise reconstruction in one pass (``sequential.py``): the pruned and the
+  original model walk the calibration samples side by side, and each consumer is refitted on
+  its actual (already compensated) input against the original layer's output; the OBS update
+  where the input has not drifted, lstsq's fit without one model run per layer (on YOLOv8n it
+  did worse than ``obs``: benchmarks/RESULTS.md). A consumer the fit cannot take gets ``bias``;
+  a graph the torch executor cannot run gets ``obs``.
 
 Compensated layers no longer equal the masked original, so the exactness oracle runs on the
 uncompensated rewrite first; the compensated model is then checked to run with the same
@@ -29,6 +35,7 @@ import numpy as np
 import onnx
 
 from ..measure.calibration import Calibration
+from . import sequential
 from .layers import (
     MAX_ROWS,
     Consumer,
@@ -63,9 +70,22 @@ def compensate(original: onnx.ModelProto, pruned: onnx.ModelProto, consumers: li
     notes: list[str] = []
     if mode == "none" or not consumers:
         return model, notes
-    if mode in ("lstsq", "obs") and calibration is None:
+    if mode in ("lstsq", "obs", "sequential") and calibration is None:
         notes.append(f"{mode} needs --calibration data; used bias compensation instead")
         mode = "bias"
+    fits = []
+    if mode == "sequential":
+        reason = sequential.unavailable(original, model)
+        if reason:
+            notes.append(f"sequential: the torch executor has no rule for {reason}; "
+                         f"obs update instead")
+            mode = "obs"
+        else:  # what the fit cannot take gets the bias fold before the walk
+            fits, unfit, unfit_notes = sequential.split_fittable(model, consumers)
+            if sequential.REFIT_DOWNSTREAM:
+                fits += sequential.downstream_refits(original, model, consumers, fits)
+            consumers = unfit
+            notes.extend(unfit_notes)
     if mode == "obs":  # the closed-form update; what it cannot serve gets the bias fold
         consumers = compensate_obs(original, model, consumers, calibration)
         notes.extend(f"{c.node}: obs update not applicable; bias compensation instead"
@@ -89,6 +109,8 @@ def compensate(original: onnx.ModelProto, pruned: onnx.ModelProto, consumers: li
                          f"before it; not compensated")
             continue
         _fold_bias(original, model, consumer, mu, notes)
+    if fits:
+        notes.extend(sequential.refit_sequentially(original, model, fits, calibration))
     _drop_unused_initializers(model)
     return model, notes
 

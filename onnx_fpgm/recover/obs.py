@@ -89,7 +89,7 @@ def gather_stats(original: onnx.ModelProto, consumers: list[Consumer],
     wanted: dict[str, tuple[onnx.NodeProto, np.ndarray, np.ndarray, np.ndarray]] = {}
     for consumer in consumers:
         node = node_named(original, consumer.node)
-        reason, rows, channel = _design_of(original, node)
+        reason, rows, channel = design_of(original, node)
         if reason:
             skipped[consumer.node] = reason
             continue
@@ -133,7 +133,7 @@ def gather_stats(original: onnx.ModelProto, consumers: list[Consumer],
     return stats, skipped
 
 
-def _design_of(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[str, np.ndarray | None,
+def design_of(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[str, np.ndarray | None,
                                                                        np.ndarray | None]:
     """(why not, or ""; weight rows with the bias column last; input channel per column)."""
     weight = constant(model, node.input[1]) if len(node.input) > 1 else None

@@ -112,6 +112,12 @@ class TorchGraph:
             self._store(step, self._execute(step, env), env)
         return env
 
+    def run_step(self, step: _Step, env: dict[str, torch.Tensor],
+                 inputs: list[torch.Tensor | None] | None = None) -> None:
+        """Execute one of ``steps`` into ``env``; ``inputs`` (the node's input tensors) instead
+        of env's values, e.g. a refitted weight (``sequential.py`` walks the graph this way)."""
+        self._store(step, self._execute(step, env, inputs), env)
+
     def trained_values(self) -> dict[str, np.ndarray]:
         """A copy of the current parameters as float32 NumPy arrays, by initializer name (a
         copy: on CPU ``.numpy()`` shares the parameter's memory, which training goes on changing)."""
@@ -156,8 +162,9 @@ class TorchGraph:
         raise ConfigError(f"the differentiable executor cannot run Constant node {node.name}: "
                           f"no tensor, float or int value")
 
-    def _execute(self, step: _Step, env: dict[str, torch.Tensor]):
-        inputs = [env[name] if name else None for name in step.node.input]
+    def _execute(self, step: _Step, env: dict[str, torch.Tensor], inputs=None):
+        if inputs is None:
+            inputs = [env[name] if name else None for name in step.node.input]
         devices = {t.device for t in inputs if t is not None}
         if len(devices) > 1:  # shape values (CPU) meeting activations
             inputs = [t.to(self.device) if t is not None else None for t in inputs]
