@@ -48,7 +48,7 @@ def test_downstream_probes_equal_whole_model_probes(update: bool) -> None:
     model, analysis, units, select, calibration = _setup()
     assert len(units) == 3
     losses = [measure_sensitivity(model, analysis, units, SENSITIVITY_LEVELS, select,
-                                  calibration, _counts, samples=16, harmful=None,
+                                  calibration, _counts, samples=16, harmful=None, cheap=None,
                                   update=update, downstream=downstream)
               for downstream in (False, True)]
     assert losses[0].min() > 0

@@ -36,12 +36,16 @@ from .downstream import PartRunner, chunks_of, downstream_part, run_reference
 #: Calibration samples used per measurement on the exact path (and by the compensated one).
 MAX_SAMPLES = 256
 #: Samples per probe on the fast path: spread over the data, they rank groups as 256 do
-#: (tests/test_sensitivity_speed.py) at an eighth of the runs (benchmarks/sensitivity_speed.py).
-PROBE_SAMPLES = 32
+#: (tests/test_sensitivity_speed.py). On YOLOv8n against 32 samples: rank correlation per
+#: level 0.90-0.97 with 16, 0.84-0.93 with 8 (benchmarks/RESULTS.md, sensitivity_speed.py).
+PROBE_SAMPLES = 16
 #: A loss past which a group is clearly harmful: its higher sparsities are not measured but
 #: extrapolated (the loss grows in proportion to the sparsity), so the allocation still avoids
 #: them and never sees them as free.
 HARMFUL_LOSS = 1.0
+#: A loss at the highest level below which a group is clearly cheap: its lower levels are not
+#: measured but interpolated (measured on YOLOv8n: 8 of 59 groups lose 0.02-0.04 at 0.8).
+CHEAP_LOSS = 0.05
 
 
 @dataclass
@@ -147,13 +151,15 @@ def measure_sensitivity(original: onnx.ModelProto, analysis: Analysis,
                         progress: Callable[[int], None] | None = None, *,
                         samples: int | None = PROBE_SAMPLES,
                         harmful: float | None = HARMFUL_LOSS,
+                        cheap: float | None = CHEAP_LOSS,
                         update: bool = False, downstream: bool = True) -> np.ndarray:
     """Loss (units x levels) when each unit alone keeps ``counts(unit, level)`` channels.
 
     Fast by default: ``samples`` calibration samples per probe (spread evenly over the first
-    ``MAX_SAMPLES``), levels measured in increasing sparsity until one reaches ``harmful``, and
-    a probe that removes the same channels as the level before reuses its loss. ``samples=None,
-    harmful=None`` is the exact path (every level on ``MAX_SAMPLES`` samples).
+    ``MAX_SAMPLES``), the highest level first and the others interpolated when it costs less
+    than ``cheap``, else levels in increasing sparsity until one reaches ``harmful``, and a
+    probe that removes the same channels as one before reuses its loss. ``samples=None,
+    harmful=None, cheap=None`` is the exact path (every level on ``MAX_SAMPLES`` samples).
 
     With ``update``, each probe is followed by the closed-form OBS update of the consumers it
     touches (``recover.obs``: statistics gathered once, on other samples than the probes', so
@@ -217,7 +223,8 @@ def measure_sensitivity(original: onnx.ModelProto, analysis: Analysis,
                                calibration.labels)
 
         probes = (probe for _ in units)
-    return _probe_levels(analysis, units, levels, select, counts, probes, progress, harmful)
+    return _probe_levels(analysis, units, levels, select, counts, probes, progress, harmful,
+                         cheap)
 
 
 def _downstream_probes(masked: MaskedModel, analysis: Analysis, units: list[list[Group]],
@@ -278,25 +285,37 @@ def _downstream_probes(masked: MaskedModel, analysis: Analysis, units: list[list
 
 def _probe_levels(analysis: Analysis, units: list[list[Group]], levels: tuple[float, ...],
                   select, counts, probes: Iterable[Callable[[np.ndarray], float]], progress,
-                  harmful: float | None) -> np.ndarray:
+                  harmful: float | None, cheap: float | None) -> np.ndarray:
     """Loss per unit and level from ``probe(removed classes)`` (``probes``: one per unit, in
-    order): levels in increasing sparsity, past ``harmful`` extrapolated, a probe equal to
-    the previous level's reused."""
+    order). With ``cheap``, the highest level is measured first: below ``cheap`` the lower
+    levels are interpolated (in proportion to the sparsity). Then levels in increasing
+    sparsity, past ``harmful`` extrapolated; a probe that removes the same channels as one
+    measured before reuses its loss."""
     losses = np.zeros((len(units), len(levels)))
     for u, (unit, probe) in enumerate(zip(units, probes)):
-        previous = None
-        for j, level in enumerate(levels):
-            if harmful is not None and j and losses[u, j - 1] >= harmful:
-                losses[u, j] = losses[u, j - 1] * level / levels[j - 1]
-            else:
-                classes = _removed_classes(analysis, unit, counts(unit, level), select)
-                if previous is not None and np.array_equal(classes, previous):
-                    losses[u, j] = losses[u, j - 1]
-                elif len(classes):
-                    losses[u, j] = probe(classes)
-                previous = classes
-            if progress is not None:
-                progress(1)
+        known: dict[bytes, float] = {}
+
+        def loss_at(level: float, unit: list[Group] = unit, probe=probe,
+                    known: dict[bytes, float] = known) -> float:
+            classes = _removed_classes(analysis, unit, counts(unit, level), select)
+            key = classes.tobytes()
+            if key not in known:
+                known[key] = probe(classes) if len(classes) else 0.0
+            return known[key]
+
+        top = loss_at(levels[-1]) if cheap is not None else None
+        if top is not None and top < cheap:
+            losses[u] = top * np.asarray(levels) / levels[-1]
+        else:
+            for j, level in enumerate(levels):
+                if top is not None and j == len(levels) - 1:
+                    losses[u, j] = top  # measured first
+                elif harmful is not None and j and losses[u, j - 1] >= harmful:
+                    losses[u, j] = losses[u, j - 1] * level / levels[j - 1]
+                else:
+                    losses[u, j] = loss_at(level)
+        if progress is not None:
+            progress(len(levels))
     return losses
 
 
