@@ -48,7 +48,7 @@ def test_fast_plain_sensitivity_ranks_like_the_exact_one() -> None:
     model, analysis, units, select, counts, calibration = _setup()
     assert len(units) >= 4
     exact = measure_sensitivity(model, analysis, units, SENSITIVITY_LEVELS, select, calibration,
-                                counts, samples=None, harmful=None)
+                                counts, samples=None, harmful=None, cheap=None)
     fast = measure_sensitivity(model, analysis, units, SENSITIVITY_LEVELS, select, calibration,
                                counts)
     _same_ends(exact, fast)

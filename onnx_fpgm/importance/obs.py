@@ -107,8 +107,15 @@ def obs_update(weight: np.ndarray, hinv: np.ndarray, removed: np.ndarray) -> np.
     """``weight`` (out, D) after removing columns ``removed``, the rest refitted in closed form
     (the removed columns come back zero)."""
     w = weight.astype(np.float64, copy=True)
-    if len(removed):
-        _update_weight(removed, w, hinv)  # the inverse Hessian is only read: no copy, no update
+    if len(removed):  # the inverse Hessian is only read: no copy, no update
+        block = hinv[np.ix_(removed, removed)]
+        wq = w[:, removed].T  # (q, out)
+        try:  # a solve, not an inverse: a third of the work (the hot path of sensitivity)
+            coef = np.linalg.solve(block, wq)
+        except np.linalg.LinAlgError:
+            coef = np.linalg.pinv(block) @ wq
+        w -= coef.T @ hinv[removed, :]
+        w[:, removed] = 0.0
     return w
 
 

@@ -9,11 +9,11 @@ Three ways to spread the budget (``--allocation``):
   score divided by the group's mean score) per MAC (or param) its removal saves; the cheapest
   prefix of that ranking that meets the target goes.
 * ``sensitivity``: each group alone is pruned at a few sparsities and the loss on calibration
-  data is measured (``sensitivity.py``: one masked session, 32 samples per probe, harmful
-  groups' higher sparsities extrapolated; with lstsq/obs/auto compensation, after the
-  closed-form OBS update of the consumers; with bias, after a real rewrite and bias fold per
-  probe); then, greedily, the group with the least loss per MAC (param) saved gives up its
-  next step of channels until the target is met.
+  data is measured (``sensitivity.py``: the masked model downstream of the group, 16 samples
+  per probe, harmful groups' higher and cheap groups' lower sparsities estimated; with
+  lstsq/obs/auto compensation, after the closed-form OBS update of the consumers; with bias,
+  after a real rewrite and bias fold per probe); then, greedily, the group with the least
+  loss per MAC (param) saved gives up its next step of channels until the target is met.
 
 Costs come from the analytic ``CostModel``; the search keeps the plan with the most channels
 whose cost is at most the target, so a target is met to within one channel's worth (one step of

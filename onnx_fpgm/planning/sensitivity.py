@@ -3,14 +3,16 @@
 Pruning a group equals, by the oracle, zeroing the removed channels where their consumers read
 them. So one onnxruntime session of the original, with a ``Mul`` by a per-channel mask (a graph
 input) in front of every consumer of prunable channels, answers every "this group at that
-sparsity" question by feeding other masks: no rewrite, one session for all measurements.
+sparsity" question by feeding other masks: no rewrite. A probe runs only the part of that model
+downstream of the group's consumers (``downstream.py``: one session per group, the tensors
+crossing into it cached from one reference run), not the whole model.
 
 Loss of one measurement (larger is worse), against the unpruned outputs on the calibration data:
 that of the output part that suffers most (see ``fidelity.output_parts`` and ``output_loss``).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,20 +26,26 @@ from ..errors import ConfigError
 from ..measure.calibration import Calibration, run_batched
 from ..measure.fidelity import output_parts
 from ..model import export, io
+from ..model.memory import available_bytes
 from ..model.runtime import make_session
 from ..oracle.masking import consumer_axis
 from ..recover.compensate import compensate, find_consumers
 from ..recover.obs import gather_stats, updated_weights
+from .downstream import PartRunner, chunks_of, downstream_part, run_reference
 
 #: Calibration samples used per measurement on the exact path (and by the compensated one).
 MAX_SAMPLES = 256
 #: Samples per probe on the fast path: spread over the data, they rank groups as 256 do
-#: (tests/test_sensitivity_speed.py) at an eighth of the runs (benchmarks/sensitivity_speed.py).
-PROBE_SAMPLES = 32
+#: (tests/test_sensitivity_speed.py). On YOLOv8n against 32 samples: rank correlation per
+#: level 0.90-0.97 with 16, 0.84-0.93 with 8 (benchmarks/RESULTS.md, sensitivity_speed.py).
+PROBE_SAMPLES = 16
 #: A loss past which a group is clearly harmful: its higher sparsities are not measured but
 #: extrapolated (the loss grows in proportion to the sparsity), so the allocation still avoids
 #: them and never sees them as free.
 HARMFUL_LOSS = 1.0
+#: A loss at the highest level below which a group is clearly cheap: its lower levels are not
+#: measured but interpolated (measured on YOLOv8n: 8 of 59 groups lose 0.02-0.04 at 0.8).
+CHEAP_LOSS = 0.05
 
 
 @dataclass
@@ -143,13 +151,15 @@ def measure_sensitivity(original: onnx.ModelProto, analysis: Analysis,
                         progress: Callable[[int], None] | None = None, *,
                         samples: int | None = PROBE_SAMPLES,
                         harmful: float | None = HARMFUL_LOSS,
-                        update: bool = False) -> np.ndarray:
+                        cheap: float | None = CHEAP_LOSS,
+                        update: bool = False, downstream: bool = True) -> np.ndarray:
     """Loss (units x levels) when each unit alone keeps ``counts(unit, level)`` channels.
 
     Fast by default: ``samples`` calibration samples per probe (spread evenly over the first
-    ``MAX_SAMPLES``), levels measured in increasing sparsity until one reaches ``harmful``, and
-    a probe that removes the same channels as the level before reuses its loss. ``samples=None,
-    harmful=None`` is the exact path (every level on ``MAX_SAMPLES`` samples).
+    ``MAX_SAMPLES``), the highest level first and the others interpolated when it costs less
+    than ``cheap``, else levels in increasing sparsity until one reaches ``harmful``, and a
+    probe that removes the same channels as one before reuses its loss. ``samples=None,
+    harmful=None, cheap=None`` is the exact path (every level on ``MAX_SAMPLES`` samples).
 
     With ``update``, each probe is followed by the closed-form OBS update of the consumers it
     touches (``recover.obs``: statistics gathered once, on other samples than the probes', so
@@ -157,6 +167,10 @@ def measure_sensitivity(original: onnx.ModelProto, analysis: Analysis,
     the same session): what compensation cannot recover, without a rewrite, a fit or a session per
     probe. The update stands in for lstsq (both are least squares; lstsq on the pruned model's
     inputs, which for one group alone differ only downstream of its first consumer).
+
+    With ``downstream`` (the default), each unit's probes run only the part of the masked model
+    its consumers reach (``downstream.py``); without, the whole model (the losses agree to
+    float rounding: tests/test_sensitivity_downstream.py).
     """
     calibration = _subset(calibration)
     fit_on = calibration
@@ -176,7 +190,6 @@ def measure_sensitivity(original: onnx.ModelProto, analysis: Analysis,
         base = {name: updated_weights(original, found, np.zeros(0, np.int64))
                 for name, found in stats.items()}
     masked = build_masked_model(original, analysis, base)
-    session = make_session(masked.proto, optimize=True)
     n_outputs = len(original.graph.output)
     names = [o.name for o in original.graph.output]
 
@@ -191,38 +204,118 @@ def measure_sensitivity(original: onnx.ModelProto, analysis: Analysis,
                 feeds[b_name] = bias
         return feeds
 
-    def run(removed_atoms: np.ndarray) -> list[np.ndarray]:
-        feeds = {**masked.feeds(removed_atoms), **weight_feeds(removed_atoms)}
-        return _run_with_masks(session, original, calibration, feeds, names)[:n_outputs]
+    def feeds(removed_atoms: np.ndarray) -> dict[str, np.ndarray]:
+        return {**masked.feeds(removed_atoms), **weight_feeds(removed_atoms)}
 
-    reference = run(np.zeros(analysis.n_atoms + 1, dtype=bool))
+    if downstream:
+        probes = _downstream_probes(masked, analysis, units, inputs, calibration, feeds)
+    else:
+        session = make_session(masked.proto, optimize=True)
 
-    def probe(classes: np.ndarray) -> float:
-        return output_loss(reference, run(analysis.removed_atoms(classes)), calibration.labels)
+        def run(removed_atoms: np.ndarray) -> list[np.ndarray]:
+            return _run_with_masks(session, original, calibration, feeds(removed_atoms),
+                                   names)[:n_outputs]
 
-    return _probe_levels(analysis, units, levels, select, counts, probe, progress, harmful)
+        reference = run(np.zeros(analysis.n_atoms + 1, dtype=bool))
+
+        def probe(classes: np.ndarray) -> float:
+            return output_loss(reference, run(analysis.removed_atoms(classes)),
+                               calibration.labels)
+
+        probes = (probe for _ in units)
+    return _probe_levels(analysis, units, levels, select, counts, probes, progress, harmful,
+                         cheap)
+
+
+def _downstream_probes(masked: MaskedModel, analysis: Analysis, units: list[list[Group]],
+                       inputs: dict[str, str], calibration: Calibration,
+                       feeds: Callable[[np.ndarray], dict[str, np.ndarray]]
+                       ) -> Iterator[Callable[[np.ndarray], float]]:
+    """Per unit, in order: its probe (removed classes -> loss), one run of the part of the
+    model downstream of the unit's consumers (``downstream.py``). The crossing tensors'
+    reference values are cached by one run of the whole model per batch of units, batches
+    sized to a quarter of the memory left."""
+    model = onnx.load_from_string(masked.proto)
+    fed = set(masked.masks) | {n for pair in masked.weights.values() for n in pair if n}
+    parts = []
+    for unit in units:
+        classes = np.concatenate([g.classes for g in unit])
+        atoms = analysis.removed_atoms(classes)
+        changed = {name for name, (labels, _, _) in masked.masks.items() if atoms[labels].any()}
+        for node, (w_name, b_name) in masked.weights.items():
+            if atoms[analysis.maps[inputs[node]].labels].any():
+                changed |= {w_name, b_name} - {None}
+        parts.append(downstream_part(model, changed, fed))
+    chunks = chunks_of(model, calibration)
+    unchanged = feeds(np.zeros(analysis.n_atoms + 1, dtype=bool))
+    batch_free = len({len(next(iter(c.values()))) for c in chunks}) > 1
+    crossing = sorted({n for part in parts if part is not None for n in part.crossing})
+    sizing = run_reference(model, chunks[:1], unchanged, crossing, batch_free).chunks[0]
+    scale = calibration.n_samples / len(next(iter(chunks[0].values())))
+    size = {n: v.nbytes * scale for n, v in sizing.items()}
+    budget = available_bytes() // 4
+    reference_outputs = None
+    start = 0
+    while start < len(units):
+        batch, names = [], set()
+        for part in parts[start:]:
+            more = set(part.crossing) - names if part is not None else set()
+            if batch and sum(size[n] for n in names | more) > budget:
+                break
+            batch.append(part)
+            names |= more
+        reference = run_reference(model, chunks, unchanged, sorted(names), batch_free)
+        if reference_outputs is None:
+            reference_outputs = reference.outputs
+        for part in batch:
+            if part is None:  # no output depends on the unit: removing it costs nothing
+                yield lambda classes: 0.0
+                continue
+            runner = PartRunner(model, part, reference)
+
+            def probe(classes: np.ndarray, runner: PartRunner = runner,
+                      want: list[np.ndarray] = reference_outputs) -> float:
+                return output_loss(want,
+                                   runner.run(feeds(analysis.removed_atoms(classes))),
+                                   calibration.labels)
+
+            yield probe
+        start += len(batch)
 
 
 def _probe_levels(analysis: Analysis, units: list[list[Group]], levels: tuple[float, ...],
-                  select, counts, probe: Callable[[np.ndarray], float], progress,
-                  harmful: float | None) -> np.ndarray:
-    """Loss per unit and level from ``probe(removed classes)``: levels in increasing sparsity,
-    past ``harmful`` extrapolated, a probe equal to the previous level's reused."""
+                  select, counts, probes: Iterable[Callable[[np.ndarray], float]], progress,
+                  harmful: float | None, cheap: float | None) -> np.ndarray:
+    """Loss per unit and level from ``probe(removed classes)`` (``probes``: one per unit, in
+    order). With ``cheap``, the highest level is measured first: below ``cheap`` the lower
+    levels are interpolated (in proportion to the sparsity). Then levels in increasing
+    sparsity, past ``harmful`` extrapolated; a probe that removes the same channels as one
+    measured before reuses its loss."""
     losses = np.zeros((len(units), len(levels)))
-    for u, unit in enumerate(units):
-        previous = None
-        for j, level in enumerate(levels):
-            if harmful is not None and j and losses[u, j - 1] >= harmful:
-                losses[u, j] = losses[u, j - 1] * level / levels[j - 1]
-            else:
-                classes = _removed_classes(analysis, unit, counts(unit, level), select)
-                if previous is not None and np.array_equal(classes, previous):
-                    losses[u, j] = losses[u, j - 1]
-                elif len(classes):
-                    losses[u, j] = probe(classes)
-                previous = classes
-            if progress is not None:
-                progress(1)
+    for u, (unit, probe) in enumerate(zip(units, probes)):
+        known: dict[bytes, float] = {}
+
+        def loss_at(level: float, unit: list[Group] = unit, probe=probe,
+                    known: dict[bytes, float] = known) -> float:
+            classes = _removed_classes(analysis, unit, counts(unit, level), select)
+            key = classes.tobytes()
+            if key not in known:
+                known[key] = probe(classes) if len(classes) else 0.0
+            return known[key]
+
+        top = loss_at(levels[-1]) if cheap is not None else None
+        if top is not None and top < cheap:
+            losses[u] = top * np.asarray(levels) / levels[-1]
+        else:
+            for j, level in enumerate(levels):
+                if top is not None and j == len(levels) - 1:
+                    losses[u, j] = top  # measured first
+                elif harmful is not None and j and losses[u, j - 1] >= harmful:
+                    losses[u, j] = losses[u, j - 1] * level / levels[j - 1]
+                else:
+                    losses[u, j] = loss_at(level)
+        if progress is not None:
+            progress(len(levels))
     return losses
 
 
