@@ -6,13 +6,18 @@ BatchNormalization scale/bias) are trained in torch so that, on the calibration 
 * every graph output matches the original's, part by part as ``measure/fidelity.py`` splits
   it; an output computed by Softmax/LogSoftmax is matched on the Softmax's input (logits), where
   a confident class's error is not squashed away;
-* every intermediate tensor matches the original's tensor of the same name: a pruned tensor on
-  its kept channels (the analysis' channel map and the plan's removed atoms say which), an
-  unpruned one whole. Dense, per-block supervision: every block learns to reproduce its own
-  part of the original, instead of one gradient from the end through a damaged network.
+* every tensor a layer reads (the input of each Conv, Gemm, MatMul, BatchNormalization)
+  matches the original's tensor of the same name: a pruned tensor on its kept channels (the
+  analysis' channel map and the plan's removed atoms say which), an unpruned one whole. Dense,
+  per-block supervision: every block learns to reproduce its own part of the original, instead
+  of one gradient from the end through a damaged network.
 
-Each tensor's loss is its normalised MSE ``|s - t|^2 / |t|^2``; the loss is the mean over the
-intermediate tensors plus the mean over the output parts. An output split into confidence
+Each tensor's loss is its normalised MSE ``|s - t|^2 / |t|^2``; an output part's error is divided
+by the teacher's mean square on the held-out data instead (fixed once: a batch with no detection
+has near-zero scores and boxes). The loss is the mean over the layer inputs plus the mean over
+the output parts. On CPU a step takes ``CPU_BATCH`` samples (fewer when a time budget would
+otherwise hold under ``MIN_STEPS`` steps); large fully convolutional image inputs train on random
+half-size crops (``augment.py``) and are judged whole. An output split into confidence
 parts (values in [0, 1]: scores) and other parts (boxes, coordinates) weights the other parts'
 errors at each position by the teacher's highest confidence there: a YOLO head's box at an
 anchor that detects nothing is never drawn, and unweighted its error swamps the boxes that are.
