@@ -160,6 +160,8 @@ def test_a_time_budget_before_the_first_evaluation_keeps_the_trained_weights(pla
     if recovery.steps == 0:  # the setup alone spent the budget (a loaded machine)
         pytest.skip("no training step within the 10 s budget")
     # held-out evaluations also come by time (a tenth of the budget), so patience may end it
-    assert recovery.stopped.startswith(("time budget", "early stop")) and recovery.steps < 500
+    # the time budget (or patience), not the 10,000-step budget, ended it: on an idle machine
+    # 8-sample CPU steps reach ~500 in 10 s
+    assert recovery.stopped.startswith(("time budget", "early stop")) and recovery.steps < 10000
     assert recovery.loss_after < recovery.loss_before
     assert _error(result) < _error(plain)
