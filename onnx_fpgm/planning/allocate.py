@@ -339,7 +339,10 @@ def plan_to_target(analysis: Analysis, graph: gs.Graph, original: onnx.ModelProt
                            "not count them yet"
     allocator = Allocator(analysis, graph, original, config, metric)
     cache = cache if cache is not None else {}
-    measured = f"sensitivity/{config.compensate}"  # compensation changes what is measured
+    # what is measured depends only on how a probe is compensated: not at all, by the bias fold,
+    # or by the OBS update (lstsq/obs/sequential/auto): modes that probe alike share one entry
+    probe = config.compensate if config.compensate in ("none", "bias") else "updated"
+    measured = f"sensitivity/{probe}"
     allocator.sensitivity = cache.setdefault(measured, {})  # filled in place
     allocator.scores = cache.setdefault("scores", {})
     calibration = load_calibration(config.calibration, original, config) \
