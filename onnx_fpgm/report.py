@@ -243,9 +243,17 @@ def render(report: Report, console, dry_run: bool = False) -> None:
             f"(IQR {lat.pruned_iqr_ms:.2f}), speedup {lat.speedup:.2f}x")
     for change in report.interface_changes:
         say(console, f"interface change: {change['kind']} {change['name']}: "
-                     f"{_dims(change['before'])} -> {_dims(change['after'])}")
+                     f"{_dims(change['before'])} -> {_dims(change['after'])} "
+                     f"({_axes(change)})")
     for note in report.notes:
         say(console, f"note: {note}")
+
+
+def _axes(change: dict) -> str:
+    """Which axes of an interface change shrank, each named: 'heads on axis 1, ...'."""
+    names = {change.get("heads_axis"): "heads", change.get("head_dim_axis"): "head_dim"}
+    axes = change.get("axes", [change["axis"]])
+    return ", ".join(f"{names.get(a, 'channels')} on axis {a}" for a in axes)
 
 
 def _dims(dims: list) -> str:

@@ -22,15 +22,14 @@ VARIANTS = {"eager": {}, "positions": {"with_positions": True}, "sdpa": {"sdpa":
 EXPORTERS = {"torchscript": (False, False), "dynamo": (True, False),
              "dynamo-dynamic": (True, True), "torchscript-dynamic": (False, True)}
 CASES = [(v, e) for v in VARIANTS for e in EXPORTERS]
-#: (variant, exporter) whose heads still block, with what the reason says. onnxscript's SDPA
+#: (variant, exporter) whose heads still block, with what the reason says. (onnxscript's SDPA
 #: with a symbolic sequence flattens K to (-1, S, d) and back with the head count read by Shape
-#: from K itself: that count would follow the plan, but reading it keeps the level whole.
+#: from K itself: that count follows the plan, ``deps/symbolic_sizes``, so its KV groups prune.)
 #: TorchScript with a symbolic sequence reads the KV head count back by Shape for repeat_kv's
 #: expand (through Where), so its KV heads stay and its query slots are followed; they then
 #: meet the causal mask, whose shape (computed by Slice) onnx leaves unknown, at the scores'
 #: Add: the slots stay whole there.
-HEADS_BLOCKED = {("sdpa", "dynamo-dynamic"): "computes its size",
-                 **{(v, "torchscript-dynamic"): "cannot be pruned at Add" for v in VARIANTS}}
+HEADS_BLOCKED = {(v, "torchscript-dynamic"): "cannot be pruned at Add" for v in VARIANTS}
 HEAD_DIM, N_REP = 8, 2  # dim 32, 4 query heads, 2 KV heads
 
 

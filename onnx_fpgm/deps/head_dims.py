@@ -21,7 +21,8 @@ and from the output projection's input rows (``o_proj`` reads V's dims; the soft
 group, scored by FPGM over the members' rows of its atoms (q and k rows of all heads as one
 vector per unit; v rows). A unit stays whole, with a reason, when a level of a record in it
 must keep its entries for another reason (``dims_whole``: rotary's cos/sin tables and
-a size read by Shape, a computed Reshape element or Slice bound, a KV cache), when its atoms are
+a size read by Shape that does not follow the plan (``symbolic_sizes``), a computed Reshape
+element or Slice bound, a KV cache without ``--allow-interface-change``), when its atoms are
 coupled with channels outside every head grid, when a head of it is blocked, or when its
 records do not hold the same entries of it. Constant operands (rotary's cos/sin tables when
 stored) are sliced on the dims kept; rotate_half's Slice bounds move to the kept counts.

@@ -4,7 +4,8 @@ A decoder exported with a KV cache reads ``past_key_values.*`` graph inputs and 
 ``present.* = Concat(past, new)`` on the sequence axis. By default its KV heads stay whole (they
 reach a graph output); with the flag, a *cache input* (a float graph input joined by a Concat
 into a graph output) holds the channels of the new keys/values it is joined with, and that
-output may lose them: both shrink along the head axis. Nothing else of the interface changes.
+output may lose them: both shrink along the head axis, and along head_dim where head dims go
+within the kept heads (``head_dims``). Nothing else of the interface changes.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from ..config import PruneConfig
 from ..errors import ConfigError
-from .blocks import split_keep
+from .blocks import split_keeps
 from .channels import Analysis
 
 
@@ -54,29 +55,48 @@ def joins_cache(node: gs.Node, tensor: gs.Tensor, axes: tuple[int, ...], ctx) ->
 
 @dataclass(frozen=True)
 class InterfaceChange:
-    """A graph input or output whose ``axis`` keeps only ``kept`` (indices into ``before``)."""
+    """A graph input or output whose axes keep only ``kept[axis]`` (indices into ``before``):
+    its heads axis (KV groups) and, within the kept heads, its head_dim axis (head dims)."""
 
     name: str
     is_input: bool
-    axis: int
-    kept: np.ndarray
+    kept: dict[int, np.ndarray]
     before: tuple[int | str | None, ...]
+    heads_axis: int | None = None
+    head_dim_axis: int | None = None
+
+    @property
+    def axes(self) -> tuple[int, ...]:
+        return tuple(sorted(self.kept))
 
     @property
     def after(self) -> tuple[int | str | None, ...]:
         dims = list(self.before)
-        dims[self.axis] = len(self.kept)
+        for axis, kept in self.kept.items():
+            dims[axis] = len(kept)
         return tuple(dims)
 
+    def restrict(self, value: np.ndarray) -> np.ndarray:
+        """``value`` (a tensor as the original reads or writes it) on the kept entries."""
+        for axis in self.axes:
+            value = np.take(value, self.kept[axis], axis=axis)
+        return value
+
     def to_dict(self) -> dict:
+        """The report row; ``axis`` is the heads axis where the heads change (else the first
+        axis that does), kept for readers of one axis (``genai_config``)."""
+        axis = self.heads_axis if self.heads_axis in self.kept else self.axes[0]
         return {"name": self.name, "kind": "input" if self.is_input else "output",
-                "axis": self.axis, "before": list(self.before), "after": list(self.after)}
+                "axis": axis, "axes": list(self.axes), "heads_axis": self.heads_axis,
+                "head_dim_axis": self.head_dim_axis, "before": list(self.before),
+                "after": list(self.after)}
 
 
 def interface_changes(analysis: Analysis, removed_classes: np.ndarray,
                       model: onnx.ModelProto) -> list[InterfaceChange]:
     """The graph inputs/outputs of ``model`` that lose channels under the plan (only cache
-    inputs/outputs carry channels there: every other graph output blocks them)."""
+    inputs/outputs carry channels there: every other graph output blocks them): whole heads,
+    and head dims within the kept heads (``head_dims``)."""
     if not any(v.name in analysis.split_maps for v in (*model.graph.input, *model.graph.output)):
         return []
     removed = analysis.removed_atoms(removed_classes)
@@ -86,18 +106,23 @@ def interface_changes(analysis: Analysis, removed_classes: np.ndarray,
             smap = analysis.split_maps.get(value.name)
             if smap is None:
                 continue
-            found = split_keep(removed, smap, analysis.split_free[smap.record])
-            if found is not None:
-                dims = tuple(d.dim_value if d.HasField("dim_value") else
-                             (d.dim_param or None) for d in value.type.tensor_type.shape.dim)
-                changes.append(InterfaceChange(value.name, is_input, smap.axes[found[0]],
-                                               found[1], dims))
+            found = split_keeps(removed, smap)
+            if not found:
+                continue
+            free = analysis.split_free[smap.record]
+            heads = smap.axes[smap.levels.index(free)] if free in smap.levels else None
+            dims_axis = next((smap.axes[p] for p, _ in found if smap.axes[p] != heads), None)
+            dims = tuple(d.dim_value if d.HasField("dim_value") else
+                         (d.dim_param or None) for d in value.type.tensor_type.shape.dim)
+            changes.append(InterfaceChange(value.name, is_input,
+                                           {smap.axes[p]: kept for p, kept in found}, dims,
+                                           heads, dims_axis))
     return changes
 
 
-def resized(changes: list[InterfaceChange]) -> dict[str, tuple[int, int]]:
-    """name -> (axis, new size), as the export declares them."""
-    return {c.name: (c.axis, len(c.kept)) for c in changes}
+def resized(changes: list[InterfaceChange]) -> dict[str, dict[int, int]]:
+    """name -> {axis: new size}, as the export declares them."""
+    return {c.name: {axis: len(kept) for axis, kept in c.kept.items()} for c in changes}
 
 
 def refuse_data_options(changes: list[InterfaceChange], config: PruneConfig) -> None:

@@ -22,7 +22,9 @@ every element:
   where it lives and leaves the computed elements computed;
 * a dimension of a tensor (``symbol``: the dim_param, or a per-tensor token when unnamed), with
   the channel labels when it is the size of one of our channel axes: such a channel count follows
-  the plan by itself at run time;
+  the plan by itself at run time; and, with ``read``, the tensor and axis ``Shape`` read it
+  from (times a constant factor): ``symbolic_sizes`` accepts such a size on a split level that
+  shrinks, because it shrinks with it;
 * unknown (computed by arithmetic): ``value`` and ``symbol`` both None.
 
 A value computed by arithmetic from a channel count that folds to a constant (static shapes)
@@ -84,6 +86,9 @@ class Element:
     derived: np.ndarray | None = None
     #: with ``labels``: the element is ``factor`` times that channel count (``c * h * w``)
     factor: int = 1
+    #: (tensor, axis, factor): the element is ``factor`` times ``tensor``'s size on ``axis`` as
+    #: ``Shape`` reads it at run time (``symbolic_sizes``: a size that follows a pruned level)
+    read: tuple[gs.Tensor, int, int] | None = None
 
     @property
     def channels(self) -> np.ndarray | None:
@@ -295,20 +300,29 @@ def _product(a: list[Element], b: list[Element]) -> list[Element] | None:
         return None
     out = []
     for x, y in zip(a * (len(b) if len(a) == 1 else 1), b * (len(a) if len(b) == 1 else 1)):
+        read = _scaled_read(x, y) or _scaled_read(y, x)
         if x.labels is not None and y.known and y.channels is None:
             out.append(Element(symbol=None, labels=x.labels, factor=x.factor * y.value,
-                               value=None if x.value is None else x.value * y.value))
+                               value=None if x.value is None else x.value * y.value, read=read))
         elif y.labels is not None and x.known and x.channels is None:
             out.append(Element(symbol=None, labels=y.labels, factor=y.factor * x.value,
-                               value=None if y.value is None else x.value * y.value))
+                               value=None if y.value is None else x.value * y.value, read=read))
         elif x.known and y.known:
             derived = x.channels if x.channels is not None else y.channels
             out.append(Element(x.value * y.value, derived=derived,
-                               source=_scaled_source(x, y) or _scaled_source(y, x)))
+                               source=_scaled_source(x, y) or _scaled_source(y, x), read=read))
         else:
             derived = x.channels if x.channels is not None else y.channels
-            out.append(Element(derived=derived))
+            out.append(Element(derived=derived, read=read))
     return out
+
+
+def _scaled_read(dim: Element, stored: Element) -> tuple[gs.Tensor, int, int] | None:
+    """``dim * stored`` as a size read by Shape times a positive constant, else None."""
+    if dim.read is None or stored.read is not None or not stored.known or stored.value < 1:
+        return None
+    tensor, axis, factor = dim.read
+    return tensor, axis, factor * stored.value
 
 
 def _scaled_source(dim: Element, stored: Element) -> Source | None:
@@ -358,10 +372,11 @@ def _shape_of(node: gs.Node, ctx) -> list[Element] | None:
     for axis in range(start, end):
         dim = dims[axis]
         labels = cmap.labels if cmap is not None and cmap.axis == axis else None
+        read = (tensor, axis, 1)
         if isinstance(dim, int):
-            elements.append(Element(dim, symbol=str(dim), labels=labels))
+            elements.append(Element(dim, symbol=str(dim), labels=labels, read=read))
         else:
-            elements.append(Element(None, symbol=dim, labels=labels))
+            elements.append(Element(None, symbol=dim, labels=labels, read=read))
     return elements
 
 

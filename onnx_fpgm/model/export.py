@@ -18,7 +18,7 @@ from .outer_scope import hoist_outer_constants, with_bodies
 
 def export_graph(graph: gs.Graph, like: onnx.ModelProto,
                  metadata: dict[str, str] | None = None,
-                 resized: dict[str, tuple[int, int]] | None = None) -> onnx.ModelProto:
+                 resized: dict[str, dict[int, int]] | None = None) -> onnx.ModelProto:
     """Export ``graph`` with the IR version, opsets and metadata of ``like``; infer shapes.
 
     Inner shapes of the graph and of its If/Loop/Scan bodies (which the rewrite may have
@@ -106,9 +106,10 @@ def _exported_as_is(tensor: gs.Constant, dtype: np.dtype) -> bool:
 
 
 def restore_interface_types(model: onnx.ModelProto, like: onnx.ModelProto,
-                            resized: dict[str, tuple[int, int]] | None = None) -> None:
+                            resized: dict[str, dict[int, int]] | None = None) -> None:
     """Graph inputs and outputs exactly as ``like`` declares them, but for ``resized``: name ->
-    (axis, new size) of a KV cache that shrank with its heads (``--allow-interface-change``).
+    {axis: new size} of a KV cache that shrank with its heads or head dims
+    (``--allow-interface-change``).
 
     graph-surgeon takes a tensor's type from ``value_info`` when the name is listed there too,
     and IR < 7 models (onnxruntime's quantize_dynamic output) may list graph outputs in
@@ -118,9 +119,8 @@ def restore_interface_types(model: onnx.ModelProto, like: onnx.ModelProto,
     for value in (*model.graph.input, *model.graph.output):
         if value.name in declared:
             value.CopyFrom(declared[value.name])
-        if resized and value.name in resized:
-            axis, size = resized[value.name]
-            dims = value.type.tensor_type.shape.dim
+        dims = value.type.tensor_type.shape.dim
+        for axis, size in (resized or {}).get(value.name, {}).items():
             if axis < len(dims):
                 dims[axis].ClearField("dim_param")
                 dims[axis].dim_value = size

@@ -1,8 +1,8 @@
 """The oracle across an allowed interface change (``--allow-interface-change``, issue 21).
 
-A KV cache that shrank with its heads is checked on what both models share: the pruned model
-is fed the original's past with the removed heads dropped, and its present outputs are compared
-with the masked original's restricted to the kept heads. Every other input and output must be
+A KV cache that shrank with its heads (and head dims) is checked on what both models share: the
+pruned model is fed the original's past with the removed heads and dims dropped, and its present
+outputs are compared with the masked original's restricted to the kept heads and dims. Every other input and output must be
 exactly as before.
 """
 from __future__ import annotations
@@ -22,10 +22,10 @@ def declared_after(model: onnx.ModelProto, changes: list[InterfaceChange]) -> on
     by_name = {c.name: c for c in changes}
     for value in (*graph.input, *graph.output):
         change = by_name.get(value.name)
-        if change is not None:
-            dim = value.type.tensor_type.shape.dim[change.axis]
+        for axis, kept in ({} if change is None else change.kept).items():
+            dim = value.type.tensor_type.shape.dim[axis]
             dim.ClearField("dim_param")
-            dim.dim_value = len(change.kept)
+            dim.dim_value = len(kept)
     copy = onnx.ModelProto()
     copy.graph.CopyFrom(graph)
     return copy
@@ -33,20 +33,20 @@ def declared_after(model: onnx.ModelProto, changes: list[InterfaceChange]) -> on
 
 def pruned_feeds(feeds: dict[str, np.ndarray], changes: list[InterfaceChange]
                  ) -> dict[str, np.ndarray]:
-    """``feeds`` with each shrunk input restricted to its kept heads."""
+    """``feeds`` with each shrunk input restricted to its kept heads (and head dims)."""
     if not changes:
         return feeds
     out = dict(feeds)
     for change in changes:
         if change.is_input and change.name in out:
-            out[change.name] = np.take(out[change.name], change.kept, axis=change.axis)
+            out[change.name] = change.restrict(out[change.name])
     return out
 
 
 def kept_expected(names: list[str], expected: list, changes: list[InterfaceChange]) -> list:
-    """The reference's outputs, each shrunk output restricted to its kept heads."""
+    """The reference's outputs, each shrunk output restricted to its kept heads (and dims)."""
     outputs = {c.name: c for c in changes if not c.is_input}
     if not outputs:
         return expected
-    return [np.take(np.asarray(value), outputs[name].kept, axis=outputs[name].axis)
+    return [outputs[name].restrict(np.asarray(value))
             if name in outputs else value for name, value in zip(names, expected)]

@@ -5,8 +5,8 @@ Channel algebra: ``y = Expand(x, s)`` aligns ``x`` and ``s`` from the right (ran
 ``s[j]`` where x's dim is 1. The channel axis of x (or each level of a split channel axis, see
 ``blocks.py``) moves by ``R - rank x`` and keeps its labels, so ``y[..., c, ...]`` is channel c:
 
-* its element of ``s`` is 1, or the channel count read by ``Shape`` from x: it follows the plan
-  by itself;
+* its element of ``s`` is 1, or the channel count read by ``Shape`` from x (a split level's
+  size read off a tensor of the same split: ``symbolic_sizes``): it follows the plan by itself;
 * it is the channel count (the level's size): rewritten to the surviving count where it is
   stored (``shape_values``); a computed one keeps a level whole, and blocks plain channels;
 * anything else (a channel axis of size 1 broadcast wider, a channel count sizing another
@@ -23,6 +23,7 @@ from ..blocks import SplitMap, require_whole
 from ..registry import register
 from ..shape_inference import unknown_dim
 from ..shape_values import rewritable_source, shape_elements
+from ..symbolic_sizes import reads_level, runtime_count
 from ._util import rank_of
 
 
@@ -93,6 +94,9 @@ class ExpandHandler:
             if smap is None and element.labels is not None and element.factor == 1 and \
                     np.array_equal(element.labels, cmap.labels):
                 continue  # the channel count read by Shape: it follows the plan by itself
+            if smap is not None and element.read is not None and element.read[2] == 1 and \
+                    reads_level(element, ctx) == (smap.record, smap.levels[position]):
+                continue  # this level's size read by Shape (TorchScript's repeat_kv): follows
             if element.value is not None and (element.value != size or size == 1):
                 ctx.block(m, f"Expand {node.name} broadcasts the channel axis")
                 return
@@ -118,6 +122,9 @@ class ExpandHandler:
             if index is None or elements[index].value != size or size == 1:
                 continue
             kept = self._kept_count(node, ctx, smap, cmap, position)
+            if smap is not None and elements[index].read is not None and \
+                    runtime_count(elements[index], ctx) == kept:
+                continue  # read by Shape off the shrunk level: it follows at run time
             if kept is not None and kept != size:
                 current = shape_elements(node, 1, ctx)  # an earlier element may have copied
                 ctx.set_shape_element(rewritable_source(node, 1, index, current, ctx), kept)

@@ -39,6 +39,7 @@ from ..shape_values import (
     shape_elements,
     symbolic_dims,
 )
+from ..symbolic_sizes import reads_level, reads_follow, runtime_count
 from ._util import axes_from, normalize_axis, prod, transpose_perm
 
 
@@ -136,17 +137,18 @@ def _clamp(index: int, dim: int) -> int:
 
 def shape(node, ctx) -> None:
     """Sizes of levels read by a Shape (head_dim for the scale): those levels stay whole,
-    unless the sizes only reach reshape targets (``_sizes_follow``)."""
+    unless the sizes only build Reshape/Expand shapes (``symbolic_sizes.reads_follow``)."""
     smap, rank = ctx.split_map(node.inputs[0]), _rank(ctx, node.inputs[0])
     if rank is None:
         ctx.block(smap, f"rank of the input of Shape {node.name} is unknown")
         return
-    if _sizes_follow(node):
+    why = reads_follow(node, ctx)
+    if why is None:
         return
     read = shape_read_axes(node, ctx, rank)
     for k, axis in enumerate(smap.axes):
         if axis in read:
-            require_whole(ctx, smap, k, f"its size is read by Shape {node.name}")
+            require_whole(ctx, smap, k, f"its size is read by Shape {node.name} ({why})")
 
 
 def gather(node, ctx) -> None:
@@ -170,31 +172,6 @@ def gather(node, ctx) -> None:
     require_whole(ctx, smap, position, f"Gather {node.name} picks a fixed entry")
     out = drop_level(smap, position, int(index) % n, lambda a: a if a < axis else a - 1)
     ctx.set_map(node.outputs[0], out)
-
-
-#: Ops that only move the elements of a shape vector.
-_MOVING = frozenset({"Slice", "Gather", "Concat", "Unsqueeze", "Squeeze", "Cast", "Identity"})
-
-
-def _sizes_follow(node) -> bool:
-    """The sizes a Shape reads only reach Reshape/Expand targets (SDPA's reshapes of k), moved
-    element by element: read again from the pruned tensor at run time, they follow the plan."""
-    pending, seen = list(node.outputs), set()
-    while pending:
-        tensor = pending.pop()
-        if tensor.name in seen:
-            continue
-        seen.add(tensor.name)
-        if not tensor.outputs:
-            return False  # a graph output
-        for reader in tensor.outputs:
-            if reader.op in ("Reshape", "Expand") and reader.inputs[0] is not tensor:
-                continue
-            if reader.op not in _MOVING or (reader.op != "Concat" and reader.inputs[0] is not
-                                           tensor):
-                return False
-            pending.extend(reader.outputs)
-    return True
 
 
 def shape_read_axes(node, ctx, rank: int) -> set[int]:
@@ -257,8 +234,9 @@ def _resolved(node, ctx):
 
 
 def _rewritable(node, ctx, elements, axes) -> bool:
-    """Every target element at ``axes`` is -1 or a stored constant we can rewrite."""
-    return all(elements[j].value == -1 or (
+    """Every target element at ``axes`` is -1, a stored constant we can rewrite, or a size read
+    by Shape off a split level (it follows that level at run time: ``symbolic_sizes``)."""
+    return all(elements[j].value == -1 or reads_level(elements[j], ctx) is not None or (
         elements[j].value is not None and rewritable_source(node, 1, j, elements, ctx) is not None)
         for j in axes)
 
@@ -432,14 +410,29 @@ def reshape_apply(node, ctx) -> bool:
         free = found[0] if found else None
     if not found:
         return True
+    _check_read_sizes(node, ctx, found)
     for axis, keep in found:  # the heads kept, and the head dims kept within them
         elements = shape_elements(node, 1, ctx)  # an earlier element may have copied the path
-        if elements[axis].value != -1:
+        if elements[axis].value != -1 and runtime_count(elements[axis], ctx) != len(keep):
             ctx.set_shape_element(rewritable_source(node, 1, axis, elements, ctx), len(keep))
     repeat = ctx.analysis.slot_repeats.get(node.name)
     if repeat is not None and free is not None:
         _rewrite_slots(node, ctx, repeat, len(free[1]))
     return True
+
+
+def _check_read_sizes(node, ctx, found) -> None:
+    """A target element read by Shape off an axis that shrinks must land on an axis that
+    keeps that many (``symbolic_sizes.runtime_count``): it cannot be rewritten."""
+    kept = dict(found)
+    for j, element in enumerate(shape_elements(node, 1, ctx) or ()):
+        count = runtime_count(element, ctx)
+        if count is None or count == element.value:
+            continue  # not read by Shape, or read off an axis that keeps its size
+        if j not in kept or len(kept[j]) != count:
+            raise RewriteError(f"Reshape {node.name}: element {j} of its shape, read by Shape, "
+                               f"is {count} at run time where the plan keeps "
+                               f"{len(kept[j]) if j in kept else 'all'}")
 
 
 def _rewrite_slots(node, ctx, repeat, kept_copies: int) -> None:

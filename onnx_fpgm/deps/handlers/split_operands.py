@@ -131,11 +131,10 @@ def concat(node, ctx, inputs) -> None:
         return
     for tensor, smap, shape in zip(inputs, splits, shapes):
         if smap is None and joins_cache(node, tensor, ref.axes, ctx):
-            ctx.set_map(tensor, ref)  # a past cache holds the channels it is joined with
+            # a past cache holds the channels it is joined with: under the flag its heads and
+            # head dims change with the interface (checked on the kept ones: resized_interface)
+            ctx.set_map(tensor, ref)
             ctx.changeable_outputs.add(node.outputs[0].name)
-            for level in ref.levels:  # only its head count may change with the interface
-                ctx.split_records[ref.record].dims_whole.setdefault(
-                    level, f"{where} joins a KV cache, whose head_dim is its interface")
         elif smap is None:  # e.g. a past key/value cache: its heads cannot be removed
             for k, level_axis in enumerate(ref.axes):
                 if shape[level_axis] != 1:
