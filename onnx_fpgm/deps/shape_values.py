@@ -321,8 +321,7 @@ def _scaled_read(dim: Element, stored: Element) -> tuple[gs.Tensor, int, int] | 
     """``dim * stored`` as a size read by Shape times a positive constant, else None."""
     if dim.read is None or stored.read is not None or not stored.known or stored.value < 1:
         return None
-    tensor, axis, factor = dim.read
-    return tensor, axis, factor * stored.value
+    return dim.read[0], dim.read[1], dim.read[2] * stored.value
 
 
 def _scaled_source(dim: Element, stored: Element) -> Source | None:
@@ -372,11 +371,8 @@ def _shape_of(node: gs.Node, ctx) -> list[Element] | None:
     for axis in range(start, end):
         dim = dims[axis]
         labels = cmap.labels if cmap is not None and cmap.axis == axis else None
-        read = (tensor, axis, 1)
-        if isinstance(dim, int):
-            elements.append(Element(dim, symbol=str(dim), labels=labels, read=read))
-        else:
-            elements.append(Element(None, symbol=dim, labels=labels, read=read))
+        value, symbol = (dim, str(dim)) if isinstance(dim, int) else (None, dim)
+        elements.append(Element(value, symbol=symbol, labels=labels, read=(tensor, axis, 1)))
     return elements
 
 
