@@ -146,19 +146,13 @@ def test_sizes_computed_on_are_refused(step, why) -> None:
 
 
 def test_sizes_reaching_a_graph_output_are_refused() -> None:
-    ids = onnx.load_from_string(_export_probe())
-    graph = gs.import_onnx(ids)
+    graph = helper.make_graph(
+        [helper.make_node("Shape", ["x"], ["shape"], name="shape")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("shape", TensorProto.INT64, [2])])
+    graph = gs.import_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     reason = reads_follow(graph.nodes[0], AnalysisContext(graph, 17))
     assert reason is not None and "graph output" in reason
-
-
-def _export_probe() -> bytes:
-    nodes = [helper.make_node("Shape", ["x"], ["shape"], name="shape")]
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
-        [helper.make_tensor_value_info("shape", TensorProto.INT64, [2])])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]) \
-        .SerializeToString()
 
 
 def test_restrict_takes_the_kept_grid() -> None:
@@ -171,3 +165,27 @@ def test_restrict_takes_the_kept_grid() -> None:
     assert change.after == ("b", 1, "p", 2)
     np.testing.assert_array_equal(change.restrict(value), value[:, [1]][..., [0, 2]])
     assert change.to_dict()["axes"] == [1, 3] and change.to_dict()["axis"] == 1
+
+
+@pytest.mark.parametrize("picked, joins", [(2, True), (1, False)])
+def test_a_cache_whose_past_length_is_read_still_joins(picked: int, joins: bool) -> None:
+    """optimum reads the past length as ``Shape(past_key_values.0.key)[2]``: the cache still
+    joins (its heads may shrink); a Shape read of its head axis keeps it out."""
+    from onnx_fpgm.deps.interface import cache_inputs, joins_cache
+
+    def value(name, dims):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+
+    nodes = [helper.make_node("Constant", [], ["i"], value=helper.make_tensor(
+                 "i", TensorProto.INT64, [], [picked])),
+             helper.make_node("Shape", ["past"], ["shape"]),
+             helper.make_node("Gather", ["shape", "i"], ["length"], axis=0),
+             helper.make_node("Concat", ["past", "new"], ["present"], axis=2, name="join")]
+    graph = helper.make_graph(nodes, "g", [value("past", [1, 2, "p", 4]),
+                                           value("new", [1, 2, 3, 4])],
+                              [value("present", [1, 2, None, 4]),
+                               helper.make_tensor_value_info("length", TensorProto.INT64, [])])
+    graph = gs.import_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    ctx = AnalysisContext(graph, 17, cache_inputs=cache_inputs(graph))
+    join = next(n for n in graph.nodes if n.name == "join")
+    assert joins_cache(join, join.inputs[0], (1, 3), ctx) is joins

@@ -35,7 +35,8 @@ def cache_inputs(graph: gs.Graph) -> frozenset[str]:
 
 def joins_cache(node: gs.Node, tensor: gs.Tensor, axes: tuple[int, ...], ctx) -> bool:
     """True when ``tensor`` (joined by ``node``) is a cache input whose ``axes`` may shrink:
-    ``node`` writes a graph output and the input's other readers are Shapes of other axes."""
+    ``node`` writes a graph output and the input's other readers are Shapes of other axes
+    (or Shapes whose readers only pick other axes)."""
     if tensor.name not in ctx.cache_inputs or \
             node.outputs[0].name not in {t.name for t in ctx.graph.outputs}:
         return False
@@ -47,10 +48,23 @@ def joins_cache(node: gs.Node, tensor: gs.Tensor, axes: tuple[int, ...], ctx) ->
             return False
         start = int(reader.attrs.get("start", 0))
         end = int(reader.attrs.get("end", rank))
-        read = range(*slice(start, end).indices(rank))
-        if any(a in read for a in axes):
+        if any(a in _picked(reader, range(*slice(start, end).indices(rank)), ctx) for a in axes):
             return False
     return True
+
+
+def _picked(shape: gs.Node, read: range, ctx) -> set[int]:
+    """The axes of ``read`` that Shape ``shape``'s readers pick: all of them, unless every
+    reader is a Gather of constant indices (optimum's past length: ``Shape(past)[2]``)."""
+    picked = set()
+    for reader in shape.outputs[0].outputs:
+        index = ctx.const(reader.inputs[1]) if reader.op == "Gather" and \
+            int(reader.attrs.get("axis", 0)) == 0 and len(reader.inputs) > 1 else None
+        if index is None:
+            return set(read)
+        picked |= {read[int(i)] for i in np.asarray(index).reshape(-1) if -len(read) <= i <
+                   len(read)}
+    return picked
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 A KV cache that shrank with its heads (and head dims) is checked on what both models share: the
 pruned model is fed the original's past with the removed heads and dims dropped, and its present
-outputs are compared with the masked original's restricted to the kept heads and dims. Every other input and output must be
-exactly as before.
+outputs are compared with the masked original's restricted to the kept heads and dims. Every
+other input and output must be exactly as before.
 """
 from __future__ import annotations
 
