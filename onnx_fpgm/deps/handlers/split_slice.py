@@ -231,9 +231,9 @@ def _apply_slice_of_split(node, ctx) -> None:
         k, dim = axes.index(axis), smap.labels.shape[smap.axes.index(axis)]
         start, stop = _clamp(starts[k], dim), max(_clamp(starts[k], dim), _clamp(ends[k], dim))
         new_start, new_stop = int(np.count_nonzero(keep < start)), int(np.count_nonzero(keep < stop))
-        if new_start != starts[k]:
+        if new_start != starts[k] or _computed(elements[1][k]):
             ctx.set_shape_element(rewritable_source(node, 1, k, elements[1], ctx), new_start)
-        if ends[k] < dim and new_stop != ends[k]:
+        if ends[k] < dim and (new_stop != ends[k] or _computed(elements[2][k])):
             elements[2] = shape_elements(node, 2, ctx)  # input 1 may share its constant
             ctx.set_shape_element(rewritable_source(node, 2, k, elements[2], ctx), new_stop)
 
@@ -258,3 +258,9 @@ def _set_bounds_constant(node, ctx, index: int, k: int, value: int) -> None:
                            "together with unknown entries")
     values = np.array([value if i == k else e.value for i, e in enumerate(elements)], np.int64)
     ctx.set_input_value(node, index, values)
+
+
+def _computed(element) -> bool:
+    """A bound computed from static dims (TorchScript's ``Shape(q)[3] // 2``): it is stored as a
+    constant even where its value stays, since at run time it would follow the pruned dims."""
+    return element.source is not None and element.source.values is not None
