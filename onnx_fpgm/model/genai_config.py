@@ -101,7 +101,7 @@ def updated_genai_config(text: str, changes: list[dict[str, Any]],
         pointed_at(config, out_name)
     return json.dumps(config, indent=4) + "\n", (
         f"{GENAI_CONFIG} written beside OUT: num_key_value_heads {kv} -> {new_kv}, "
-        f"num_attention_heads {heads} -> {new_heads}")
+        f"num_attention_heads {heads} -> {new_heads}, filename {decoder.get('filename')}")
 
 
 def config_for_out(text: str, pruned: onnx.ModelProto, changes: list[dict[str, Any]],
