@@ -44,7 +44,11 @@ def _sibling(name: str):
     spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    path = list(sys.path)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = path  # peers.py puts this folder on sys.path for its own imports
     return module
 
 
@@ -360,10 +364,11 @@ def run_peer(model: onnx.ModelProto, sparsity: float = 0.5,
     result.heads, result.widths = touched(model, current)
     result.refused = refusal(current, feed_sets[0])
     result.runs = result.refused is None
-    if result.runs:
+    if result.runs and any(p.changed for p in result.passes):
         result.exact, result.max_rel_error, result.detail = judge(model, current, feed_sets)
-    passes = "passes: " + ", ".join(_pass_text(p) for p in result.passes)
-    result.detail = f"{result.detail}; {passes}" if result.detail else passes
+    parts = [result.detail, "passes: " + ", ".join(_pass_text(p) for p in result.passes),
+             "by layer: " + (", ".join(result.heads + result.widths) or "nothing")]
+    result.detail = "; ".join(p for p in parts if p)
     return result
 
 

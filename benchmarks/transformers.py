@@ -39,7 +39,12 @@ groups (KV groups for GQA) and widths before -> after,
 the oracle's verdict and max relative error, and onnxruntime CPU latency of the original and
 the pruned model side by side (at the secondary verification sizes where there are symbolic dims:
 llama-cache at batch 2, 32 new tokens on a past of 3) (``onnx_fpgm.measure.bench.benchmark``: one process, interleaved,
-after warm-up). The ONNX-native peer (onnxsim's structured pruning) is run when importable.
+after warm-up). Beside ours, in the same rows, the ONNX-native peer (``peer_onnxsim``:
+onnxsim's head, width and MatMulNBits passes at the same sparsity with their defaults): its
+params (and projected), the heads and widths it touched, whether onnxruntime runs its file and
+whether it is exact against the masked original at the sizes our verification used, its pruning
+time and its pruned model's latency (a second ``benchmark`` against the original, at the same
+sizes; "-" where it touched nothing); "not installed" where onnxsim is not importable.
 """
 from __future__ import annotations
 
