@@ -44,7 +44,8 @@ onnxsim's head, width and MatMulNBits passes at the same sparsity with their def
 params (and projected), the heads and widths it touched, whether onnxruntime runs its file and
 whether it is exact against the masked original at the sizes our verification used, its pruning
 time and its pruned model's latency (a second ``benchmark`` against the original, at the same
-sizes; "-" where it touched nothing); "not installed" where onnxsim is not importable.
+sizes: "peer speedup" is over the original timed in that call; "-" where it touched nothing);
+"not installed" where onnxsim is not importable.
 """
 from __future__ import annotations
 
@@ -243,12 +244,14 @@ def peer_columns(model: onnx.ModelProto, sparsity: float, input_sizes: dict, run
     cells = {"peer params": peer.params_ratio,
              "peer at embed 1/2": 0.5 + 0.5 * (after - embed) / (before - embed),
              "peer heads": peer.heads_text(), "peer widths": peer.widths_text(),
-             "peer runs, exact": peer.verdict(), "peer ms": None, "peer s": peer.wall_s,
+             "peer runs, exact": peer.verdict(), "peer ms": None, "peer speedup": None,
+             "peer s": peer.wall_s,
              "peer detail": peer.detail}
     if peer.runs and peer.params_ratio < 1:
         timed = benchmark(model, peer.model, runs=runs, warmup=warmup,
                           input_shapes=sizes[-1] if sizes else None)
         cells["peer ms"] = timed.pruned_ms
+        cells["peer speedup"] = timed.original_ms / timed.pruned_ms
     return cells
 
 
