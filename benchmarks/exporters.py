@@ -28,7 +28,10 @@ there: only the builder runs in it).
 Each file is pruned by the CLI in a subprocess (``python -m onnx_fpgm``, verification on,
 ``--report``), and the table gives its exit code, params after/before, the head groups
 (query slots where a KV cache keeps the KV heads) and widths before -> after, the verdict
-with the max relative error, and the reasons that kept the rest whole.
+with the max relative error, and the reasons that kept the rest whole. Beside them, the
+ONNX-native peer on the same file (``peer_onnxsim``: onnxsim's structured passes at the same
+sparsity, in this process; its params, heads, widths, whether onnxruntime runs its file and
+whether it is exact against the masked original at the sizes our verification used).
 """
 from __future__ import annotations
 
@@ -48,6 +51,10 @@ _spec = importlib.util.spec_from_file_location("end_to_end", HERE / "end_to_end.
 _end_to_end = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_end_to_end)
 format_table = _end_to_end.format_table
+_spec = importlib.util.spec_from_file_location("peer_onnxsim", HERE / "peer_onnxsim.py")
+peer_onnxsim = importlib.util.module_from_spec(_spec)
+sys.modules["peer_onnxsim"] = peer_onnxsim  # its dataclasses look their module up there
+_spec.loader.exec_module(peer_onnxsim)
 
 LLAMA = {"vocab_size": 512, "hidden_size": 128, "intermediate_size": 344,
          "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
@@ -142,6 +149,25 @@ def prune(name: str, model: Path, work: Path, sparsity: float, flags: list[str])
     return row
 
 
+def peer_cells(model: Path, sparsity: float, report: Path) -> tuple[dict, str]:
+    """The peer's cells for one file (onnxsim's structured passes at the same sparsity,
+    checked at the sizes our verification used) and its per-pass detail."""
+    if peer_onnxsim.peer_version() is None:
+        return dict.fromkeys(("peer params", "peer heads", "peer widths", "peer runs, exact"),
+                             "not installed"), ""
+    import onnx
+
+    sizes = json.loads(report.read_text()).get("input_sizes", {}) if report.exists() else {}
+    sets = [{k: tuple(v) for k, v in sizes[key].items()}
+            for key in ("primary", "secondary") if sizes.get(key)]
+    try:
+        peer = peer_onnxsim.run_peer(onnx.load(str(model)), sparsity, sets or None)
+    except Exception as err:  # noqa: BLE001  (one file's failure is that file's cell)
+        return {"peer runs, exact": f"error: {type(err).__name__}: {err}"[:90]}, ""
+    return {"peer params": f"{peer.params_ratio:.3f}", "peer heads": peer.heads_text(),
+            "peer widths": peer.widths_text(), "peer runs, exact": peer.verdict()}, peer.detail
+
+
 def _short(reason: str) -> str:
     """A reason without its node names (one line per kind)."""
     words = [w for w in reason.split() if not w.startswith("/") and "." not in w.strip(",")]
@@ -159,9 +185,17 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     build_models(args.work)
-    rows = [prune(name, export(name, args.work, args.genai_python), args.work,
-                  args.sparsity, args.flags) for name in args.only]
+    rows, details = [], []
+    for name in args.only:
+        model = export(name, args.work, args.genai_python)
+        row = prune(name, model, args.work, args.sparsity, args.flags)
+        cells, detail = peer_cells(model, args.sparsity,
+                                   args.work / "pruned" / name / "report.json")
+        rows.append({**row, **cells})
+        details.append(f"- {name}: {detail}")
     print(format_table(rows))
+    print(f"peer: onnxsim {peer_onnxsim.peer_version() or 'not installed'}")
+    print("\n".join(details))
 
 
 if __name__ == "__main__":

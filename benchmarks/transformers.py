@@ -39,7 +39,13 @@ groups (KV groups for GQA) and widths before -> after,
 the oracle's verdict and max relative error, and onnxruntime CPU latency of the original and
 the pruned model side by side (at the secondary verification sizes where there are symbolic dims:
 llama-cache at batch 2, 32 new tokens on a past of 3) (``onnx_fpgm.measure.bench.benchmark``: one process, interleaved,
-after warm-up). The ONNX-native peer (onnxsim's structured pruning) is run when importable.
+after warm-up). Beside ours, in the same rows, the ONNX-native peer (``peer_onnxsim``:
+onnxsim's head, width and MatMulNBits passes at the same sparsity with their defaults): its
+params (and projected), the heads and widths it touched, whether onnxruntime runs its file and
+whether it is exact against the masked original at the sizes our verification used, its pruning
+time and its pruned model's latency (a second ``benchmark`` against the original, at the same
+sizes: "peer speedup" is over the original timed in that call; "-" where it touched nothing);
+"not installed" where onnxsim is not importable.
 """
 from __future__ import annotations
 
@@ -215,7 +221,38 @@ def run(name: str, exporter: str, sparsity: float, runs: int, warmup: int,
             "heads (groups)": heads, "widths": widths, "verified": check.get("passed"),
             "max rel err": f"{check.get('max_rel_error', float('nan')):.1e}",
             "orig ms": latency.original_ms, "pruned ms": latency.pruned_ms,
-            "speedup": latency.original_ms / latency.pruned_ms, "prune s": wall}
+            "speedup": latency.original_ms / latency.pruned_ms, "prune s": wall,
+            **peer_columns(model, sparsity, result.report.input_sizes, runs, warmup, embed)}
+
+
+def peer_columns(model: onnx.ModelProto, sparsity: float, input_sizes: dict, runs: int,
+                 warmup: int, embed: int) -> dict:
+    """The peer's cells beside ours: onnxsim's structured passes at the same sparsity, checked
+    at the sizes our verification used (``peer_onnxsim``); "not installed" without it."""
+    import peer_onnxsim
+
+    from onnx_fpgm.measure.bench import benchmark, count_params
+
+    if peer_onnxsim.peer_version() is None:
+        return dict.fromkeys(("peer params", "peer heads", "peer widths", "peer runs, exact"),
+                             "not installed")
+    sizes = [{k: tuple(v) for k, v in input_sizes[key].items()}
+             for key in ("primary", "secondary") if input_sizes.get(key)]
+    peer = peer_onnxsim.run_peer(model, sparsity, sizes or None)
+    before = count_params(model)
+    after = peer.params_ratio * before
+    cells = {"peer params": peer.params_ratio,
+             "peer at embed 1/2": 0.5 + 0.5 * (after - embed) / (before - embed),
+             "peer heads": peer.heads_text(), "peer widths": peer.widths_text(),
+             "peer runs, exact": peer.verdict(), "peer ms": None, "peer speedup": None,
+             "peer s": peer.wall_s,
+             "peer detail": peer.detail}
+    if peer.runs and peer.params_ratio < 1:
+        timed = benchmark(model, peer.model, runs=runs, warmup=warmup,
+                          input_shapes=sizes[-1] if sizes else None)
+        cells["peer ms"] = timed.pruned_ms
+        cells["peer speedup"] = timed.original_ms / timed.pruned_ms
+    return cells
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,13 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = [run(m, e, args.sparsity, args.runs, args.warmup, args.allow_interface_change)
             for m in args.models for e in args.exporters
             if e != "optimized" or m == "bert-hf"]  # the optimizer's fusions are BERT's
+    details = [f"- {r['model']} / {r['export']}: {r.pop('peer detail')}" for r in rows
+               if "peer detail" in r]
     print(format_table(rows))
-    try:
-        import onnxsim.pruning  # noqa: F401
-    except ImportError:
-        print("peer (onnxsim structured pruning): peer not installed")
-    else:
-        print("peer (onnxsim) importable: run benchmarks/peers.py for its figures")
+    import peer_onnxsim
+
+    print(f"peer: onnxsim {peer_onnxsim.peer_version() or 'not installed'}")
+    print("\n".join(details))
     return 0
 
 

@@ -18,7 +18,7 @@ from .deps import handlers  # noqa: F401  (registers every op handler)
 from .deps.analysis import build_analysis
 from .deps.channels import Analysis
 from .deps.constants import fold_constant_shapes
-from .deps.interface import interface_changes, refuse_data_options, resized
+from .deps.interface import interface_changes, refuse_data_options, resized, resized_shapes
 from .deps.op_families import QUANTIZED_LAYERS, RECURRENT_OPS
 from .deps.registry import handler_for
 from .deps.rewrite import apply_plan
@@ -80,12 +80,12 @@ class PruneResult:
         """Write the pruned model atomically, as a pair with its data file (external data when
         the input had it or > 2 GB); OUT carries all its data and overwrites no input file.
         With ``allow_interface_change`` IN's genai_config.json is rewritten beside OUT too
-        (``save.genai_config_writer``); OutputError: one is a file read, or unwritable."""
+        (``save.genai_config_writer``: its OutputError or ConfigError come before any write)."""
         started = time.perf_counter()
         use_external = self.external_data if external_data is None else external_data
         source = self.source or mapped.Loaded(self.original, self.external_data)
         allowed = genai_config and self.report.settings.get("allow_interface_change") == "true"
-        genai = allowed and save.genai_config_writer(path, source.read_files(),
+        genai = allowed and save.genai_config_writer(path, source.read_files(), self.model,
                                                      self.report.interface_changes)
         save.save_model(self.model, path, external_data=use_external,
                         source_dir=source.directory, reads=source.read_files())
@@ -216,8 +216,8 @@ def _prune_loaded(loaded: mapped.Loaded, config: PruneConfig, report: Report, op
     with _timed(report, "measure"):
         report.before = ModelSize(count_params(original), count_macs(original, input_shapes),
                                   io.weight_bytes(original))
-        report.after = ModelSize(count_params(pruned), count_macs(pruned, input_shapes),
-                                 io.weight_bytes(pruned))
+        report.after = ModelSize(count_params(pruned), count_macs(  # at its own cache sizes
+            pruned, resized_shapes(input_shapes, changes)), io.weight_bytes(pruned))
     if report.target is not None:
         _check_target(report)
     calibration = load_calibration(config.calibration, original, sized) \

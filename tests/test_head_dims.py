@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import onnx_fpgm
-from tests.attention_models import build_deit_like, build_mha_vit_like, build_separate_qkv_like
+from tests.attention_models import build_deit_like, build_separate_qkv_like
 from tests.conftest import check_pruned
 from tests.llama_models import build_llama_like, export_llama, repeat_kv
 from tests.torch_models import export_onnx
@@ -138,16 +138,19 @@ def test_rotary_llama_prunes_qk_dims_in_pairs(dynamo: bool, positions: bool) -> 
     assert _head_dims_after(result.model) == [4]
 
 
-@pytest.mark.torch_export
-def test_scale_from_shape_keeps_qk_dims() -> None:
-    """nn.MultiheadAttention (TorchScript) computes 1/sqrt(head_dim) from a Shape of q at run
-    time: pruning head_dim would change the scale, so those dims stay, with the reason."""
-    module, shape = build_mha_vit_like()
-    model = export_onnx(module, shape, dynamo=False)
-    result = onnx_fpgm.prune(model, 0.5)
-    check_pruned(model, result)
-    groups = _dim_groups(result)
-    assert groups and all("read by Shape" in (g.frozen or "") for g in groups)
+# nn.MultiheadAttention's scale computed from a Shape of q: tests/test_computed_scale.py
+
+
+def scores_to_output() -> list[onnx.NodeProto]:
+    """``q @ k`` scaled by ``scale``, softmax, ``@ v``, heads merged by the ``merge`` target,
+    the output projection ``w_o`` to ``y``: the attention after its q/k/v heads."""
+    return [helper.make_node("MatMul", ["q", "k"], ["s0"], name="scores"),
+            helper.make_node("Mul", ["s0", "scale"], ["s1"], name="scaled"),
+            helper.make_node("Softmax", ["s1"], ["p"], name="softmax", axis=-1),
+            helper.make_node("MatMul", ["p", "v"], ["c0"], name="context"),
+            helper.make_node("Transpose", ["c0"], ["c1"], name="merge_t", perm=[0, 2, 1, 3]),
+            helper.make_node("Reshape", ["c1", "merge"], ["c2"], name="merge_r"),
+            helper.make_node("MatMul", ["c2", "w_o"], ["y"], name="proj_o")]
 
 
 def _helper_attention(heads: int, head_dim: int, seq: int = 5) -> onnx.ModelProto:
@@ -170,13 +173,7 @@ def _helper_attention(heads: int, head_dim: int, seq: int = 5) -> onnx.ModelProt
                   helper.make_node("Add", [f"{p}0", f"b_{p}"], [f"{p}1"], name=f"bias_{p}"),
                   helper.make_node("Reshape", [f"{p}1", "split"], [f"{p}2"], name=f"split_{p}"),
                   helper.make_node("Transpose", [f"{p}2"], [p], name=f"heads_{p}", perm=perm)]
-    nodes += [helper.make_node("MatMul", ["q", "k"], ["s0"], name="scores"),
-              helper.make_node("Mul", ["s0", "scale"], ["s1"], name="scaled"),
-              helper.make_node("Softmax", ["s1"], ["p"], name="softmax", axis=-1),
-              helper.make_node("MatMul", ["p", "v"], ["c0"], name="context"),
-              helper.make_node("Transpose", ["c0"], ["c1"], name="merge_t", perm=[0, 2, 1, 3]),
-              helper.make_node("Reshape", ["c1", "merge"], ["c2"], name="merge_r"),
-              helper.make_node("MatMul", ["c2", "w_o"], ["y"], name="proj_o")]
+    nodes += scores_to_output()
     graph = helper.make_graph(nodes, "attention",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, 6])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, dim])],

@@ -159,7 +159,7 @@ def test_cli_prints_reports_and_writes_genai_config(tmp_path, capsys) -> None:
     assert printed.count("interface change:") == 8 and ", 2, " in printed and ", 1, " in printed
     assert "latency (" in printed  # the pruned model timed on its own (smaller) past
     written = json.loads((out / "genai_config.json").read_text())
-    assert written["model"]["decoder"] == {**GENAI["model"]["decoder"],
+    assert written["model"]["decoder"] == {**GENAI["model"]["decoder"], "filename": "model.onnx",
                                            "num_attention_heads": 4, "num_key_value_heads": 1}
     assert written["search"] == GENAI["search"]
     assert json.loads((folder / "genai_config.json").read_text()) == GENAI  # IN's untouched
@@ -198,7 +198,7 @@ def test_api_save_writes_genai_config_as_the_cli_does(tmp_path) -> None:
     assert not (folder / "pruned.onnx").exists()
     result.save(out / "model.onnx")
     written = json.loads((out / "genai_config.json").read_text())
-    assert written["model"]["decoder"] == {**GENAI["model"]["decoder"],
+    assert written["model"]["decoder"] == {**GENAI["model"]["decoder"], "filename": "model.onnx",
                                            "num_attention_heads": 4, "num_key_value_heads": 1}
     assert json.loads((folder / "genai_config.json").read_text()) == GENAI
     assert any("genai_config.json written beside OUT" in n for n in result.report.notes)
@@ -209,7 +209,9 @@ def test_api_save_writes_genai_config_as_the_cli_does(tmp_path) -> None:
 
 def test_genai_config_counts() -> None:
     """The counts follow the caches (KV heads and query heads by the same factor); a config
-    that does not match the caches, or layers that kept different counts, are not written."""
+    that does not match the caches is not written; layers that kept different counts are
+    refused (genai counts one number for all layers)."""
+    from onnx_fpgm.errors import ConfigError
     from onnx_fpgm.model.genai_config import updated_genai_config
 
     def change(before, after):
@@ -219,7 +221,8 @@ def test_genai_config_counts() -> None:
     text = json.dumps(GENAI)
     written, note = updated_genai_config(text, [change(2, 1), change(2, 1)])
     assert json.loads(written)["model"]["decoder"]["num_attention_heads"] == 4 and "2 -> 1" in note
-    assert updated_genai_config(text, [change(2, 1), change(2, 2)])[0] is None
+    with pytest.raises(ConfigError, match="different numbers of KV heads"):
+        updated_genai_config(text, [change(2, 1), change(2, 2)])
     assert updated_genai_config(text, [change(4, 2)])[0] is None  # declares 2, caches 4
     assert updated_genai_config(text, [])[0] == text
     assert updated_genai_config("{}", [change(2, 1)])[0] is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from rich.console import Console
 
@@ -23,7 +24,7 @@ from ..errors import ConfigError, OnnxFpgmError
 from ..measure.bench import benchmark
 from ..model import mapped
 from ..model.files import FilePlan, write_text
-from ..model.genai_config import GENAI_CONFIG, updated_genai_config
+from ..model.genai_config import GENAI_CONFIG, config_for_out
 from ..model.runtime import limit_sessions
 from ..outcome.entry import prune
 from ..report import printable, render, say
@@ -281,9 +282,9 @@ def _run(args) -> int:
                                               progress=advance)
     genai = getattr(args, "genai_config", None)
     genai_text = None
-    if genai is not None:
-        genai_text, note = updated_genai_config(genai[0].read_text(),
-                                                result.report.interface_changes)
+    if genai is not None:  # refused (ConfigError) before anything is written
+        genai_text, note = config_for_out(genai[0].read_text(), result.model,
+                                          result.report.interface_changes, Path(args.output).name)
         result.report.notes.append(note)
     # everything that can fail runs before the first write: the JSON, the table
     report_json = result.report.to_json() if args.report else None

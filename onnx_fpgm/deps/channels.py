@@ -110,6 +110,11 @@ class Analysis:
     split_free: list[int | None] = field(default_factory=list)
     #: Values computed from a mapped tensor's shape (see AnalysisContext.shape_maps).
     shape_maps: dict[str, ChannelMap] = field(default_factory=dict)
+    #: Softmax scales computed from a Shape, fed their original values by the rewrite when an
+    #: axis it reads shrinks (``computed_scale``): Shape node name -> (axes read, [(tensor
+    #: name, value)]).
+    computed_scales: dict[str, tuple[tuple[int, ...], list[tuple[str, np.ndarray]]]] = \
+        field(default_factory=dict)
     #: repeat_kv Reshapes (by name) whose KV heads stay whole and whose query slots prune.
     slot_repeats: dict[str, RepeatCopies] = field(default_factory=dict)
     #: Head dims (``head_dims``): the atoms of class ``n_base_classes + u`` for each unit u,

@@ -60,6 +60,8 @@ class AnalysisContext:
         self.sequences: dict[str, list[ChannelMap]] = {}
         #: Values computed from the shape of a mapped tensor: name -> its channel map.
         self.shape_maps: dict[str, ChannelMap] = {}
+        #: Softmax scales computed from a Shape (``Analysis.computed_scales``).
+        self.computed_scales: dict[str, tuple[tuple[int, ...], list]] = {}
         #: Tensors whose channel axis a Reshape split over several axes (see blocks.py).
         self.split_maps: dict[str, SplitMap] = {}
         self.split_records: list[SplitRecord] = []
@@ -320,6 +322,7 @@ class AnalysisContext:
             split_maps=self.split_maps,
             split_free=[r.free_level for r in self.split_records],
             shape_maps=self.shape_maps,
+            computed_scales=self.computed_scales,
             slot_repeats=slot_repeats,
             dim_atoms=dims.atoms,
             dim_class_of_atom=dim_class_of_atom,

@@ -17,15 +17,17 @@ A *key* is ``(record, j)``: the atoms at index ``j`` of the record's dim level. 
 A *unit* is a set of tied keys: its atoms are removed together (on top of whole heads) and the
 product stays exact because every removed ``j`` is gone from both operands of every contraction
 and from the output projection's input rows (``o_proj`` reads V's dims; the softmax scale
-``1/sqrt(d)`` is a constant the rewrite leaves as it is). Units over the same records form a
+``1/sqrt(d)`` is a constant the rewrite leaves as it is, or, computed from a Shape of q, is fed
+its original value: ``computed_scale``). Units over the same records form a
 group, scored by FPGM over the members' rows of its atoms (q and k rows of all heads as one
 vector per unit; v rows). A unit stays whole, with a reason, when a level of a record in it
 must keep its entries for another reason (``dims_whole``: rotary's cos/sin tables and
-a size read by Shape that does not follow the plan (``symbolic_sizes``), a computed Reshape
-element or Slice bound, a KV cache without ``--allow-interface-change``), when its atoms are
-coupled with channels outside every head grid, when a head of it is blocked, or when its
-records do not hold the same entries of it. Constant operands (rotary's cos/sin tables when
-stored) are sliced on the dims kept; rotate_half's Slice bounds move to the kept counts.
+a size read by Shape that is no constant scale and does not follow the plan (``symbolic_sizes``),
+a computed Reshape element or Slice bound, a KV cache without ``--allow-interface-change``),
+when its atoms are coupled with channels outside every head grid, when a head of it is blocked,
+or when its records do not hold the same entries of it. Constant operands (rotary's cos/sin
+tables when stored) are sliced on the dims kept; rotate_half's Slice bounds move to the kept
+counts.
 """
 from __future__ import annotations
 

@@ -5,7 +5,10 @@ A decoder exported with a KV cache reads ``past_key_values.*`` graph inputs and 
 reach a graph output); with the flag, a *cache input* (a float graph input joined by a Concat
 into a graph output) holds the channels of the new keys/values it is joined with, and that
 output may lose them: both shrink along the head axis, and along head_dim where head dims go
-within the kept heads (``head_dims``). Nothing else of the interface changes.
+within the kept heads (``head_dims``). A fused attention op that reads the past and writes the
+present itself (``FUSED_CACHES``: onnxruntime-genai's GroupQueryAttention) gives both the
+channels of its KV heads when no other op reads them on those axes (``read_only_by``). Nothing
+else of the interface changes.
 """
 from __future__ import annotations
 
@@ -21,8 +24,15 @@ from .blocks import split_keeps
 from .channels import Analysis
 
 
+#: Fused attention ops whose past inputs and present outputs are KV caches that may shrink with
+#: their KV heads: (op, domain) -> (past input indices, present output indices, (head axis,
+#: head_dim axis) of every one of them, (batch, kv heads, sequence, head_dim)).
+FUSED_CACHES = {("GroupQueryAttention", "com.microsoft"): ((3, 4), (1, 2), (1, 3))}
+
+
 def cache_inputs(graph: gs.Graph) -> frozenset[str]:
-    """Float graph inputs that a Concat joins into a graph output (a past key/value cache)."""
+    """Float graph inputs that a Concat joins into a graph output, or that a fused attention op
+    reads as its past (``FUSED_CACHES``): a past key/value cache."""
     outputs = {t.name for t in graph.outputs}
     found = set()
     for tensor in graph.inputs:
@@ -30,7 +40,29 @@ def cache_inputs(graph: gs.Graph) -> frozenset[str]:
             continue
         if any(n.op == "Concat" and n.outputs[0].name in outputs for n in tensor.outputs):
             found.add(tensor.name)
+        for node in tensor.outputs:
+            pasts = FUSED_CACHES.get((node.op, node.domain or ""), ((),))[0]
+            if any(i < len(node.inputs) and node.inputs[i] is tensor for i in pasts):
+                found.add(tensor.name)
     return frozenset(found)
+
+
+def read_only_by(node: gs.Node, tensor: gs.Tensor, axes: tuple[int, ...], ctx=None) -> bool:
+    """True when every reader of ``tensor`` but ``node`` is a Shape of axes other than ``axes``
+    (so those axes may shrink without another op seeing it); with ``ctx``, a Shape whose
+    readers only pick other axes (``_picked``) counts as one of those."""
+    rank = len(tensor.shape) if tensor.shape is not None else None
+    for reader in tensor.outputs:
+        if reader is node:
+            continue
+        if reader.op != "Shape" or rank is None:
+            return False
+        start = int(reader.attrs.get("start", 0))
+        end = int(reader.attrs.get("end", rank))
+        read = range(*slice(start, end).indices(rank))
+        if any(a in (read if ctx is None else _picked(reader, read, ctx)) for a in axes):
+            return False
+    return True
 
 
 def joins_cache(node: gs.Node, tensor: gs.Tensor, axes: tuple[int, ...], ctx) -> bool:
@@ -40,17 +72,7 @@ def joins_cache(node: gs.Node, tensor: gs.Tensor, axes: tuple[int, ...], ctx) ->
     if tensor.name not in ctx.cache_inputs or \
             node.outputs[0].name not in {t.name for t in ctx.graph.outputs}:
         return False
-    for reader in tensor.outputs:
-        if reader is node:
-            continue
-        rank = len(tensor.shape) if tensor.shape is not None else None
-        if reader.op != "Shape" or rank is None:
-            return False
-        start = int(reader.attrs.get("start", 0))
-        end = int(reader.attrs.get("end", rank))
-        if any(a in _picked(reader, range(*slice(start, end).indices(rank)), ctx) for a in axes):
-            return False
-    return True
+    return read_only_by(node, tensor, axes, ctx)
 
 
 def _picked(shape: gs.Node, read: range, ctx) -> set[int]:
@@ -137,6 +159,20 @@ def interface_changes(analysis: Analysis, removed_classes: np.ndarray,
 def resized(changes: list[InterfaceChange]) -> dict[str, dict[int, int]]:
     """name -> {axis: new size}, as the export declares them."""
     return {c.name: {axis: len(kept) for axis, kept in c.kept.items()} for c in changes}
+
+
+def resized_shapes(shapes: dict[str, tuple[int, ...]], changes: list[InterfaceChange]
+                   ) -> dict[str, tuple[int, ...]]:
+    """Input sizes chosen for the original with each shrunk input at its new size: what the
+    pruned model runs at (its MACs are counted there)."""
+    out = dict(shapes)
+    for change in changes:
+        if change.is_input and change.name in out:
+            dims = list(out[change.name])
+            for axis, kept in change.kept.items():
+                dims[axis] = len(kept)
+            out[change.name] = tuple(dims)
+    return out
 
 
 def refuse_data_options(changes: list[InterfaceChange], config: PruneConfig) -> None:

@@ -59,21 +59,24 @@ REASONS: tuple[ReasonKind, ...] = (
                "of two activations that contracts plain channels blocks them. Fused "
                "com.microsoft Attention/MultiHeadAttention lose whole heads (num_heads "
                "rewritten), GroupQueryAttention whole KV groups (q|k|v separate or packed; "
-               "with a key/value cache, whose KV heads stay, the same query slots of every "
+               "with a key/value cache, whose KV heads stay but under "
+               "--allow-interface-change, the same query slots of every "
                "group), but block with a key/value cache, a computed attention bias, "
                "MultiHeadAttention's packed or 4-D q/k/v, or when their own input channels "
                "are ours; ONNX Attention "
                "(opset 23) likewise (grouped-query heads go by KV groups)."),
     ReasonKind("head dimensions", r"head_dim at|head dims",
-               "Within each kept head, `--sparsity` of its head_dim goes too (the same "
-               "dimensions from every head of a layer, so the Reshape to (heads, head_dim) "
-               "stays exact; q and k lose the same ones, with rotary in pairs (i, i + d/2: "
-               "cos/sin read on the kept dims, rotate_half's bounds moved), v loses them with "
-               "the output projection's rows; `--keep-head-dims` keeps them). They stay whole "
-               "where something else needs all of them: the softmax scale computed from a "
-               "Shape of q at run time, a per-head norm over head_dim, a computed Reshape, "
-               "Expand or Slice size, a KV cache (head_dim is its interface), fused attention "
-               "ops, and a record whose heads stay whole."),
+               "Within each kept head, `--sparsity` of its head_dim goes too, or what a "
+               "target's allocation gives it (the same dimensions from every head of a layer, "
+               "so the Reshape to (heads, head_dim) stays exact; q and k lose the same ones, "
+               "with rotary in pairs (i, i + d/2: cos/sin read on the kept dims, rotate_half's "
+               "bounds moved), v loses them with the output projection's rows; `--exclude` and "
+               "`--layer-sparsity` apply by the layers they belong to; `--keep-head-dims` keeps "
+               "them). They stay whole where something else needs all of them: a softmax scale "
+               "computed from a Shape of q that reads a symbolic size (one computed from static "
+               "sizes, head_dim, is replaced by the original's constant), a per-head norm over "
+               "head_dim, a computed Reshape, Expand or Slice size, a KV cache (head_dim is its "
+               "interface), fused attention ops, and a record whose heads stay whole."),
     ReasonKind("grouped convolutions",
                r"grouped conv|grouped ConvTranspose|same channel count in every group",
                "Depthwise convs with a channel multiplier > 1 and grouped ConvTranspose; and a "

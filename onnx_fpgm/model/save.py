@@ -195,13 +195,15 @@ def _raw_bytes(tensor: onnx.TensorProto, source_dir: Path | None) -> bytes | Non
 
 
 def genai_config_writer(out: str | os.PathLike, reads: list[tuple[str, Path]],
-                        changes: list[dict]):
+                        pruned: onnx.ModelProto, changes: list[dict]):
     """onnxruntime-genai's ``genai_config.json`` beside IN (``reads[0]``), rewritten for the
-    pruned heads beside OUT, planned and checked as the CLI does (``files.FilePlan``): returns
-    a function that writes it and returns the note, or None when IN has no such file.
+    pruned model beside OUT (``genai_config.config_for_out``), planned and checked as the CLI
+    does (``files.FilePlan``): returns a function that writes it and returns the note, or None
+    when IN has no such file.
 
     Raises:
         OutputError: the copy would overwrite a file the run read or writes.
+        ConfigError: the config cannot describe the pruned layers (nothing is written).
     """
     if not reads:
         return None
@@ -211,7 +213,8 @@ def genai_config_writer(out: str | os.PathLike, reads: list[tuple[str, Path]],
     if found is None:
         return None
     plan.check()
-    text, note = genai_config.updated_genai_config(found[0].read_text(), changes)
+    text, note = genai_config.config_for_out(found[0].read_text(), pruned, changes,
+                                             Path(out).name)
 
     def write() -> str:
         if text is not None:

@@ -18,6 +18,9 @@ Three ways to spread the budget (``--allocation``):
 Costs come from the analytic ``CostModel``; the search keeps the plan with the most channels
 whose cost is at most the target, so a target is met to within one channel's worth (one step of
 one group). Groups that must keep equal counts (the blocks of a grouped conv) move together.
+Head dims are groups like the others (the cost model counts them within the kept heads); like
+whole heads at ``--sparsity`` they keep at least one and are not rounded (``plan.py``), and
+``--keep-head-dims`` leaves them whole.
 """
 from __future__ import annotations
 
@@ -94,12 +97,12 @@ class Allocator:
         config, analysis = self.config, self.analysis
         free = np.zeros(len(self.n), dtype=bool)
         for group in analysis.groups:
-            if group.frozen or config.is_excluded(group.producers):
+            if group.frozen or config.is_excluded(group.producers) or \
+                    (group.dims and config.keep_head_dims):
                 continue
             fixed = config.layer_sparsity_for(group.producers)
             if fixed is not None:  # --layer-sparsity fixes this group
-                self.base[group.id] = n_to_keep(group.n_channels, fixed, config.min_channels,
-                                                config.round_to)
+                self.base[group.id] = self.keep_at(group.id, fixed)
                 continue
             if self.floor(group.id) < group.n_channels:
                 free[group.id] = True
@@ -124,14 +127,21 @@ class Allocator:
             if all(free[g] for g in unit) and len({int(self.n[g]) for g in unit}) == 1:
                 self.units.append(unit)
 
+    def keep_at(self, gid: int, sparsity: float) -> int:
+        """What the group keeps at ``sparsity``: min channels and round-to, but for head dims
+        (one kept, no rounding, as ``plan.py`` counts them)."""
+        if self.analysis.groups[gid].dims:
+            return n_to_keep(int(self.n[gid]), sparsity, 1, None)
+        return n_to_keep(int(self.n[gid]), sparsity, self.config.min_channels,
+                         self.config.round_to)
+
     def floor(self, gid: int) -> int:
-        return n_to_keep(int(self.n[gid]), 1.0, self.config.min_channels, self.config.round_to)
+        return self.keep_at(gid, 1.0)
 
     def legal(self, gid: int, keep: int) -> int:
         """The kept count a group can have at or above ``keep`` (min channels, round-to)."""
         n = int(self.n[gid])
-        return n_to_keep(n, (n - max(int(keep), 0)) / n, self.config.min_channels,
-                         self.config.round_to) if n else 0
+        return self.keep_at(gid, (n - max(int(keep), 0)) / n) if n else 0
 
     def with_units(self, keep_per_unit: list[int]) -> np.ndarray:
         keep = self.base.copy()
@@ -163,8 +173,7 @@ class Allocator:
 
     def _uniform(self, target: float) -> np.ndarray:
         def keep_at(s: float) -> list[int]:
-            return [n_to_keep(int(self.n[u[0]]), s, self.config.min_channels,
-                              self.config.round_to) for u in self.units]
+            return [self.keep_at(u[0], s) for u in self.units]
 
         lo, hi = 0.0, 1.0
         for _ in range(50):
@@ -333,10 +342,6 @@ def plan_to_target(analysis: Analysis, graph: gs.Graph, original: onnx.ModelProt
 
     metric, target = config.target
     how = config.resolved_allocation
-    for group in analysis.groups:  # the cost model counts whole channels, not head dims
-        if group.dims and not group.frozen:
-            group.frozen = "head dims go at --sparsity only: a target's allocation does " \
-                           "not count them yet"
     allocator = Allocator(analysis, graph, original, config, metric)
     cache = cache if cache is not None else {}
     # what is measured depends only on how a probe is compensated: not at all, by the bias fold,

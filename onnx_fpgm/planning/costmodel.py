@@ -8,6 +8,11 @@ search), a group's positions in a map are assumed to go in proportion (exact whe
 channels appear equally often, as they do in Concat/Flatten maps); for a concrete plan the exact
 positions are counted. ``count_macs``/``count_params`` of the rewritten model are the ground
 truth; the tests check that the model agrees with them.
+
+Head dims (``deps/head_dims.py``) cut across the heads: a position of a head grid survives when
+its head and its dim both do, so a map's kept fraction is the product of its kept share by the
+groups of ``class_of_atom`` and its kept share by the head dims' groups. A contraction over
+``head_dim`` (``q @ k^T``) scales with the kept dims alone: its map is marked *dims only*.
 """
 from __future__ import annotations
 
@@ -55,6 +60,11 @@ class CostModel:
     _labels: list[np.ndarray]  # per map: atom labels
     _share: np.ndarray  # (maps, groups): positions of group g in map m / n_channels[g]
     _fixed: np.ndarray  # (maps,): positions of unowned (-1) labels
+    _dim_share: np.ndarray  # (maps, groups): as _share, by the head dims' groups
+    _dim_fixed: np.ndarray  # (maps,): positions at no head dim
+    _dim_units: list[np.ndarray]  # per map: the head-dim unit of each position (-1: none)
+    _dims_only: np.ndarray  # (maps,): the map counts its kept head dims only
+    _unit_atoms: list[np.ndarray]  # the atoms of each head-dim unit
     _coef: np.ndarray  # (terms,)
     _first: np.ndarray  # (terms,): map index or -1 (factor 1)
     _second: np.ndarray
@@ -63,13 +73,19 @@ class CostModel:
     def cost(self, keep: np.ndarray) -> np.ndarray:
         """Cost for kept counts ``keep`` of shape (groups,) or (batch, groups)."""
         keep = np.asarray(keep, dtype=np.float64)
+        lengths = np.maximum([len(labels) for labels in self._labels], 1)
         kept = keep @ self._share.T + self._fixed  # (..., maps)
-        return self._combine(kept)
+        dims = (keep @ self._dim_share.T + self._dim_fixed) / lengths  # a dims-only map: all
+        return self._combine(kept * dims)  # its positions in ``kept``, so its dims' share
 
     def exact(self, removed_atoms: np.ndarray) -> int:
-        """Cost of a concrete plan (``Analysis.removed_atoms`` mask), counting positions."""
-        kept = np.array([np.count_nonzero(~removed_atoms[labels]) for labels in self._labels],
-                        dtype=np.float64)
+        """Cost of a concrete plan (``Analysis.removed_atoms`` mask), counting positions; a
+        head-dim unit is gone when all its atoms are."""
+        unit_gone = np.array([bool(removed_atoms[atoms].all()) for atoms in self._unit_atoms]
+                             + [False])  # last slot: no unit
+        kept = np.array([np.count_nonzero(~unit_gone[units]) if only else
+                         np.count_nonzero(~removed_atoms[labels]) for labels, units, only in
+                         zip(self._labels, self._dim_units, self._dims_only)], dtype=np.float64)
         return round(float(self._combine(kept)))
 
     def ratio(self, keep: np.ndarray) -> np.ndarray:
@@ -86,20 +102,25 @@ class CostModel:
 class _Builder:
     def __init__(self, analysis: Analysis) -> None:
         self.analysis = analysis
-        self.index: dict[int, int] = {}
+        self.index: dict[tuple[int, bool], int] = {}
         self.labels: list[np.ndarray] = []
+        self.dims_only: list[bool] = []
         self.terms: list[tuple[float, int, int]] = []
 
-    def map_index(self, cmap: ChannelMap | None) -> int:
+    def map_index(self, cmap: ChannelMap | _DimsOnly | None) -> int:
         if cmap is None:
             return -1
-        key = id(cmap.labels)
+        only = isinstance(cmap, _DimsOnly)
+        labels = cmap.cmap.labels if only else cmap.labels
+        key = (id(labels), only)
         if key not in self.index:
             self.index[key] = len(self.labels)
-            self.labels.append(cmap.labels)
+            self.labels.append(labels)
+            self.dims_only.append(only)
         return self.index[key]
 
-    def add(self, coef: float, a: ChannelMap | None, b: ChannelMap | None = None,
+    def add(self, coef: float, a: ChannelMap | _DimsOnly | None,
+            b: ChannelMap | _DimsOnly | None = None,
             square: bool = False) -> None:
         """A term ``coef * kept(a) * kept(b)``; the same map twice counts once (depthwise: one
         axis) unless ``square`` (a recurrence ``R``: hidden units on both axes)."""
@@ -148,20 +169,37 @@ def build_cost_model(analysis: Analysis, graph: gs.Graph, original: onnx.ModelPr
 
 
 def _finish(builder: _Builder, analysis: Analysis, metric: Metric, total: int) -> CostModel:
-    n_groups = len(analysis.groups)
+    n_groups, n_maps = len(analysis.groups), len(builder.labels)
     group_of_class = analysis.group_of_class
-    share = np.zeros((len(builder.labels), n_groups))
-    fixed = np.zeros(len(builder.labels))
-    for m, labels in enumerate(builder.labels):
+    share, dim_share = np.zeros((n_maps, n_groups)), np.zeros((n_maps, n_groups))
+    fixed, dim_fixed = np.zeros(n_maps), np.zeros(n_maps)
+    dim_class = analysis.dim_class_of_atom
+    first = analysis.n_base_classes
+    dim_units = []
+    for m, (labels, only) in enumerate(zip(builder.labels, builder.dims_only)):
         owned = labels >= 0
+        units = np.full(len(labels), -1, dtype=np.int64)
+        if dim_class is not None:
+            units[owned] = dim_class[labels[owned]]
+        at_dim = units >= 0
+        dim_fixed[m] = np.count_nonzero(~at_dim)
+        np.add.at(dim_share[m], group_of_class[units[at_dim]], 1.0)
+        units[at_dim] -= first
+        dim_units.append(units)
+        if only:  # its heads' share is counted by the map of the output
+            fixed[m] = len(labels)
+            continue
         fixed[m] = np.count_nonzero(~owned)
         groups = group_of_class[analysis.class_of_atom[labels[owned]]]
         np.add.at(share[m], groups, 1.0)
     n_channels = np.array([g.n_channels for g in analysis.groups], dtype=np.int64)
     share /= np.maximum(n_channels, 1)
+    dim_share /= np.maximum(n_channels, 1)
     coef = np.array([t[0] for t in builder.terms], dtype=np.float64)
     modelled = float(coef.sum())
-    return CostModel(metric, int(total), n_channels, builder.labels, share, fixed, coef,
+    return CostModel(metric, int(total), n_channels, builder.labels, share, fixed, dim_share,
+                     dim_fixed, dim_units, np.array(builder.dims_only, dtype=bool),
+                     list(analysis.dim_atoms), coef,
                      np.array([t[1] for t in builder.terms], dtype=np.int64),
                      np.array([t[2] for t in builder.terms], dtype=np.int64),
                      float(total) - modelled)
@@ -185,6 +223,26 @@ def _map(analysis: Analysis, tensor: gs.Tensor | None, axis: int | None = None,
     return cmap if cmap.axis == axis else None
 
 
+@dataclass
+class _DimsOnly:
+    """A split tensor's map read for its kept head dims only (a contraction over them)."""
+
+    cmap: ChannelMap
+
+
+def _contracted_dims(analysis: Analysis, tensor: gs.Tensor | None, axis: int) -> _DimsOnly | None:
+    """The head dims of a split ``tensor`` when its axis ``axis`` (from the end) is a head's
+    dim level (``q @ k^T`` over ``head_dim``), else None."""
+    smap = analysis.split_maps.get(tensor.name) if tensor is not None and tensor.name else None
+    rank = analysis.ranks.get(tensor.name) if smap is not None else None
+    if rank is None:
+        return None
+    position = smap.position(axis + rank)
+    if position is None or smap.levels[position] == analysis.split_free[smap.record]:
+        return None
+    return _DimsOnly(ChannelMap(smap.axes[0], smap.labels.reshape(-1)))
+
+
 def _split_as_map(analysis: Analysis, name: str) -> ChannelMap | None:
     """A tensor whose channels are split over several axes (attention heads) as one flat map:
     the kept share of its positions is the kept share of its elements, which is what scales a
@@ -197,7 +255,7 @@ def _attr(node: gs.Node, name: str, default: int = 0) -> int:
     return int(node.attrs.get(name, default))
 
 
-def _mac_maps(node: gs.Node, analysis: Analysis) -> tuple[ChannelMap | None, ChannelMap | None]:
+def _mac_maps(node: gs.Node, analysis: Analysis) -> tuple[ChannelMap | None, object]:
     """(map scaling the output's size, map scaling the contracted length) of a MAC op."""
     kind, w_index = MAC_OPS[node.op]
     x = node.inputs[0] if node.inputs else None
@@ -213,7 +271,8 @@ def _mac_maps(node: gs.Node, analysis: Analysis) -> tuple[ChannelMap | None, Cha
         contracted = _map(analysis, x, 0 if _attr(node, "transA") else 1) or \
             _map(analysis, w, 1 if _attr(node, "transB") else 0)
         return out, contracted
-    return out, _map(analysis, x, -1) or _map(analysis, w, -2)  # MatMul
+    return out, _map(analysis, x, -1) or _map(analysis, w, -2) or \
+        _contracted_dims(analysis, x, -1) or _contracted_dims(analysis, w, -2)  # MatMul
 
 
 def _recurrent_macs(builder: _Builder, node: gs.Node, macs: int, analysis: Analysis) -> None:

@@ -14,7 +14,10 @@ Channel algebra (``num_heads = h``, hidden size ``H``, head size ``d = H / h``):
   ``query`` (key, value empty) the groups are cut out of its one channel axis. With a KV cache
   (past inputs, present outputs read) the K/V heads stay (the cache's interface): query slot
   ``s`` of every group is one atom, so the same slots go from every group and ``num_heads``
-  shrinks while ``kv_num_heads`` stays.
+  shrinks while ``kv_num_heads`` stays. Under ``--allow-interface-change`` the caches
+  (``interface.FUSED_CACHES``: graph inputs and outputs no other op reads on their head or
+  head_dim axis) carry their KV heads' channels on axes (1, 3): KV groups prune as without a
+  cache, and the caches shrink with them (``interface.interface_changes``).
   ``RotaryEmbedding`` on (B, S, h * d) rotates within heads: whole heads, ``num_heads``
   rewritten.
 
@@ -30,12 +33,15 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..blocks import new_split, require_free, require_whole
+from ..blocks import SplitMap, new_split, require_free, require_whole
 from ..channels import ChannelMap
+from ..interface import FUSED_CACHES, read_only_by
 from ..registry import register
 from ._util import has_input, pass_like_input, record_shape
 
 _BIAS_INPUT = {"Attention": 5, "MultiHeadAttention": 5}
+#: (head axis, head_dim axis) of GroupQueryAttention's past/present caches.
+_CACHE_AXES = FUSED_CACHES[("GroupQueryAttention", "com.microsoft")][2]
 
 
 def _check_extras(node, ctx, past_inputs: tuple[int, ...]) -> str | None:
@@ -154,7 +160,8 @@ class MicrosoftGroupQueryAttentionHandler:
     query heads sharing them) is one atom; ``num_heads`` and ``kv_num_heads`` are rewritten.
     Its own rotary (``do_rotary``: cos/sin caches of head_dim / 2 columns) acts within a head.
     With a key/value cache (past inputs, or present outputs that are read) the KV heads stay and
-    the query slots within the groups prune (``_query_slots``)."""
+    the query slots within the groups prune (``_query_slots``), unless the caches may shrink
+    with their KV heads (``_changeable_caches``)."""
 
     def propagate(self, node, ctx) -> None:
         where = f"fused attention {node.op} {node.name}"
@@ -181,20 +188,33 @@ class MicrosoftGroupQueryAttentionHandler:
             for m in qkv:
                 ctx.block(m, reason)
             return
-        if _has_cache(node, ctx):
+        caches = _changeable_caches(node, ctx)
+        if caches is None:
             out = _query_slots(ctx, qkv, packed, heads, kv, where)
             record_shape(ctx, node.outputs[0], [*node.inputs[0].shape[:2], len(out)],
                          node.inputs[0].dtype)
             ctx.set_map(node.outputs[0], ChannelMap(2, out, heads=True))
             return
         if packed:
-            v_labels = _packed_groups(ctx, qkv[0].labels, heads, kv, where)
+            smap, v_labels = _packed_groups(ctx, qkv[0].labels, heads, kv, where)
+            d = len(v_labels) // kv
+            r_d = smap.labels.shape[1] - 2 * d  # a group's query columns
+            k_cache, v_cache = (SplitMap(_CACHE_AXES, smap.labels[:, r_d + i * d:r_d + i * d + d],
+                                         smap.record, smap.levels) for i in (0, 1))
         else:
             q, k, v = (_heads(node, ctx, m.labels, 1, n, where)
                        for m, n in zip(qkv, (heads, kv, kv)))
             _pair_groups(ctx, q.representative(1), k.representative(1), v.representative(1),
                          where)
             v_labels = qkv[2].labels
+            k_cache, v_cache = (SplitMap(_CACHE_AXES, m.labels[0], m.record, m.levels[1:])
+                                for m in (k, v))
+        for tensor, cache in zip(caches, (k_cache, v_cache, k_cache, v_cache)):
+            if tensor is not None:  # the past/present caches shrink with the KV groups
+                ctx.set_map(tensor, cache)
+                if not tensor.inputs:
+                    continue
+                ctx.changeable_outputs.add(tensor.name)
         out = np.repeat(v_labels.reshape(kv, -1), heads // kv, axis=0).reshape(-1)
         head_dim = len(v_labels) // kv
         record_shape(ctx, node.outputs[0], [*node.inputs[0].shape[:2], heads * head_dim],
@@ -208,7 +228,9 @@ class MicrosoftGroupQueryAttentionHandler:
         heads, kv = int(node.attrs["num_heads"]), int(node.attrs["kv_num_heads"])
         kept_heads = len(np.unique(keep // (len(ctx.map(node.outputs[0]).labels) // heads)))
         node.attrs["num_heads"] = kept_heads
-        if not _has_cache(node, ctx):  # with a cache the KV heads stay (query slots went)
+        # with a cache the KV heads stay (query slots went), unless the caches shrink with them
+        if not _has_cache(node, ctx) or any(ctx.split_map(t) is not None
+                                            for t in _cache_tensors(node)):
             node.attrs["kv_num_heads"] = kept_heads // (heads // kv)
 
 
@@ -240,17 +262,19 @@ class MicrosoftRotaryEmbeddingHandler:
             node.attrs["num_heads"] = len(keep) // (len(ctx.map(node.inputs[0]).labels) // heads)
 
 
-def _packed_groups(ctx, labels: np.ndarray, heads: int, kv: int, where: str) -> np.ndarray:
+def _packed_groups(ctx, labels: np.ndarray, heads: int, kv: int, where: str
+                   ) -> tuple[SplitMap, np.ndarray]:
     """q|k|v packed on one axis, (h + 2 h_kv) * d: KV group ``g`` is query heads
     ``g * r .. g * r + r - 1`` (r = h / h_kv), K head ``g`` and V head ``g``. One split whose
-    rows are the groups, (h_kv, (r + 2) * d), the group level free; returns V's labels."""
+    rows are the groups, (h_kv, (r + 2) * d), the group level free; returns it and V's
+    labels."""
     d = len(labels) // (heads + 2 * kv)
     q, k, v = np.split(labels, [heads * d, (heads + kv) * d])
     grid = np.concatenate([q.reshape(kv, -1), k.reshape(kv, d), v.reshape(kv, d)], axis=1)
     smap = new_split(ctx, where, grid, [0, 1])
     require_whole(ctx, smap, 1, f"{where} keeps head_dim and a group's heads together")
     require_free(ctx, smap, 0, f"{where} pairs query heads with their KV head", heads=True)
-    return v
+    return smap, v
 
 
 def _has_cache(node, ctx) -> bool:
@@ -259,6 +283,36 @@ def _has_cache(node, ctx) -> bool:
     return any(has_input(node, i) for i in (3, 4)) or any(
         out.outputs or out.name in outputs
         for out in node.outputs[1:] if out is not None and out.name)
+
+
+def _cache_tensors(node) -> list:
+    """past_key, past_value, present_key, present_value (None where absent)."""
+    pasts, presents, _ = FUSED_CACHES[(node.op, node.domain)]
+    return [node.inputs[i] if has_input(node, i) else None for i in pasts] + [
+        node.outputs[i] if i < len(node.outputs) and node.outputs[i].name else None
+        for i in presents]
+
+
+def _changeable_caches(node, ctx) -> list | None:
+    """The cache tensors (``_cache_tensors``), [] without a cache, or None when the KV heads
+    must stay: ``--allow-interface-change`` lets the caches shrink with the KV groups only when
+    every past is a graph input (``ctx.cache_inputs``) and every present used is a graph output,
+    each read by no other op on its head or head_dim axis (``read_only_by``)."""
+    if not _has_cache(node, ctx):
+        return []
+    outputs = {t.name for t in ctx.graph.outputs}
+    tensors = _cache_tensors(node)
+    if tensors[0] is None or tensors[1] is None:  # a present without a past: kept as it is
+        return None
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        graph_io = tensor.name in outputs if tensor.inputs else tensor.name in ctx.cache_inputs
+        if not (graph_io or (tensor.inputs and not tensor.outputs)) or \
+                not read_only_by(node, tensor, _CACHE_AXES) or ctx.shape(tensor) is None or \
+                len(ctx.shape(tensor)) != 4:
+            return None
+    return tensors
 
 
 def _query_slots(ctx, qkv, packed: bool, heads: int, kv: int, where: str) -> np.ndarray:

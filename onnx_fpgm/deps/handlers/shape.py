@@ -10,13 +10,15 @@
   scaling the channel axis is blocked. Pad, and constants a Concat joins on the channel axis
   (zero padding of a short cut): see ``padding.py``.
 * Shape of a mapped tensor is tracked so that reading the batch size does not block the channels,
-  while reading the channel count does.
+  while reading the channel count does; a softmax scale computed from a split tensor's Shape is
+  fed its original value by the rewrite (``computed_scale``).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..channels import ChannelMap
+from ..computed_scale import freeze_scale
 from ..registry import register
 from ..shape_values import rewritable_source, shape_elements
 from . import padding, split_axes, split_operands
@@ -275,7 +277,9 @@ class ShapeHandler:
             ctx.shape_maps[node.outputs[0].name] = xmap
 
     def apply(self, node, ctx) -> None:
-        pass
+        read, values = ctx.analysis.computed_scales.get(node.name, ((), []))
+        if {axis for axis, _ in ctx.split_keeps(node.inputs[0])} & set(read):
+            freeze_scale(node, values)  # a scale computed from a pruned size: its original
 
 
 @register("Gather")

@@ -20,7 +20,8 @@ Channel algebra, for a split tensor with levels ``(n_1, ..., n_k)`` on tensor ax
 
 Rewrites: Reshape targets get each level's surviving count (the heads, and ``head_dim`` when
 head dims go, see ``head_dims``; ``-1`` entries are left to infer it), constants are sliced;
-nothing else changes (the softmax scale stays the original ``1/sqrt(head_dim)``).
+nothing else changes (the softmax scale stays the original ``1/sqrt(head_dim)``; one computed
+from a Shape of the split tensor is fed its original value, see ``computed_scale``).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import numpy as np
 from ...errors import RewriteError
 from ..blocks import SplitMap, drop_level, new_split, require_free, require_whole
 from ..channels import ChannelMap
+from ..computed_scale import computed_scale
 from ..repeats import repeat_copies
 from ..shape_values import (
     named_dims,
@@ -146,9 +148,15 @@ def shape(node, ctx) -> None:
     if why is None:
         return
     read = shape_read_axes(node, ctx, rank)
+    if not read & set(smap.axes):
+        return
+    scale = computed_scale(node, read, ctx.opset, ctx.const)
+    if isinstance(scale, list):  # a constant of the original: the rewrite feeds it
+        ctx.computed_scales[node.name] = (tuple(sorted(read)), scale)
+        return
     for k, axis in enumerate(smap.axes):
         if axis in read:
-            require_whole(ctx, smap, k, f"its size is read by Shape {node.name} ({why})")
+            require_whole(ctx, smap, k, scale or f"its size is read by Shape {node.name} ({why})")
 
 
 def gather(node, ctx) -> None:
