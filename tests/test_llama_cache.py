@@ -149,9 +149,8 @@ def test_cli_prints_reports_and_writes_genai_config(tmp_path, capsys) -> None:
     folder, out = _model_folder(tmp_path), tmp_path / "out"
     out.mkdir()
     report = tmp_path / "report.json"
-    # --keep-head-dims: genai_config.py rewrites the head counts, not head_size (yet)
     code = cli.main([str(folder / "model.onnx"), str(out / "model.onnx"), "--sparsity", "0.5",
-                     "--allow-interface-change", "--keep-head-dims", "--report", str(report),
+                     "--allow-interface-change", "--report", str(report),
                      "--benchmark"])
     printed = capsys.readouterr().out
     assert code == 0
@@ -159,8 +158,10 @@ def test_cli_prints_reports_and_writes_genai_config(tmp_path, capsys) -> None:
     assert printed.count("interface change:") == 8 and ", 2, " in printed and ", 1, " in printed
     assert "latency (" in printed  # the pruned model timed on its own (smaller) past
     written = json.loads((out / "genai_config.json").read_text())
+    # head dims went with the caches' head_dim axis (4 -> 2): head_size follows them
     assert written["model"]["decoder"] == {**GENAI["model"]["decoder"], "filename": "model.onnx",
-                                           "num_attention_heads": 4, "num_key_value_heads": 1}
+                                           "num_attention_heads": 4, "num_key_value_heads": 1,
+                                           "head_size": 2}
     assert written["search"] == GENAI["search"]
     assert json.loads((folder / "genai_config.json").read_text()) == GENAI  # IN's untouched
     assert len(json.loads(report.read_text())["interface_changes"]) == 8
@@ -192,7 +193,7 @@ def test_api_save_writes_genai_config_as_the_cli_does(tmp_path) -> None:
     folder, out = _model_folder(tmp_path), tmp_path / "out"
     out.mkdir()
     result = onnx_fpgm.prune(folder / "model.onnx", 0.5, allow_interface_change=True,
-                             keep_head_dims=True)  # head_size is not rewritten (yet)
+                             keep_head_dims=True)  # head_size stays 4
     with pytest.raises(OutputError, match="genai_config.json"):
         result.save(folder / "pruned.onnx")
     assert not (folder / "pruned.onnx").exists()
@@ -226,6 +227,20 @@ def test_genai_config_counts() -> None:
     assert updated_genai_config(text, [change(4, 2)])[0] is None  # declares 2, caches 4
     assert updated_genai_config(text, [])[0] == text
     assert updated_genai_config("{}", [change(2, 1)])[0] is None
+
+    def dims(before, after, heads=(2, 2)):  # heads and head_dim changes, as to_dict writes them
+        return {"name": "present.0.key", "kind": "output", "axis": 1, "axes": [1, 3],
+                "heads_axis": 1, "head_dim_axis": 3,
+                "before": ["b", heads[0], "s", before], "after": ["b", heads[1], "s", after]}
+
+    decoder = json.loads(updated_genai_config(text, [dims(4, 2, (2, 1))])[0])["model"]["decoder"]
+    assert (decoder["head_size"], decoder["num_key_value_heads"]) == (2, 1)
+    only_dims = {**dims(4, 2), "axis": 3, "axes": [3]}  # KV heads whole: their count stays
+    decoder = json.loads(updated_genai_config(text, [only_dims])[0])["model"]["decoder"]
+    assert (decoder["head_size"], decoder["num_key_value_heads"]) == (2, 2)
+    with pytest.raises(ConfigError, match="different head sizes"):
+        updated_genai_config(text, [dims(4, 2, (2, 1)), dims(4, 3, (2, 1))])
+    assert updated_genai_config(text, [dims(8, 4, (2, 1))])[0] is None  # declares 4, caches 8
 
 
 @pytest.mark.torch_export

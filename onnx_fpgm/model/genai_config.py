@@ -7,7 +7,8 @@ GroupQueryAttention nodes (``num_heads``/``kv_num_heads`` as rewritten, also whe
 its KV heads and only query slots went) or, without such nodes (a Concat cache), from the caches
 that shrank, both counts by the same factor. A model whose layers kept different counts, or
 whose caches shrank in only some layers, cannot be described: refused before anything is
-written. ``model.decoder.filename`` names OUT (``pointed_at``); ``head_size`` stays. The copy
+written. ``model.decoder.filename`` names OUT (``pointed_at``); ``head_size`` follows the
+caches' head_dim axis where head dims went with them (``head_size_change``). The copy
 beside OUT is written through the run's file plan (``files.FilePlan.add_genai_config``), by
 the CLI and ``PruneResult.save`` alike, from ``config_for_out``.
 """
@@ -27,13 +28,26 @@ GENAI_CONFIG = "genai_config.json"
 def kv_heads_change(changes: list[dict[str, Any]]) -> tuple[int, int] | None | str:
     """(KV heads before, after) shared by every changed cache; None: no change; a str: why the
     changes cannot be written as one count (the layers kept different numbers of heads)."""
-    pairs = {(c["before"][c["axis"]], c["after"][c["axis"]]) for c in changes}
+    pairs = {(c["before"][axis], c["after"][axis]) for c in changes
+             if (axis := c.get("heads_axis", c["axis"])) is not None
+             and axis in c.get("axes", [c["axis"]])}
     if not pairs:
         return None
     if len(pairs) > 1:
         return "the layers keep different numbers of KV heads " + \
             ", ".join(f"{b} -> {a}" for b, a in sorted(pairs, key=str))
     return pairs.pop()
+
+
+def head_size_change(changes: list[dict[str, Any]]) -> tuple[int, int] | None | str:
+    """(head_size before, after) shared by every cache whose head_dim axis shrank; None: no
+    such change; a str: why it cannot be written as one size."""
+    pairs = {(c["before"][c["head_dim_axis"]], c["after"][c["head_dim_axis"]]) for c in changes
+             if c.get("head_dim_axis") is not None and c["head_dim_axis"] in c.get("axes", ())}
+    if len(pairs) > 1:
+        return "the layers keep different head sizes " + \
+            ", ".join(f"{b} -> {a}" for b, a in sorted(pairs, key=str))
+    return pairs.pop() if pairs else None
 
 
 def gqa_heads(model: onnx.ModelProto) -> set[tuple[int, int]]:
@@ -77,6 +91,9 @@ def updated_genai_config(text: str, changes: list[dict[str, Any]],
         return None, (f"{GENAI_CONFIG} beside IN not written beside OUT: no readable "
                       f"model.decoder head counts ({type(err).__name__}: {err})")
     change = kv_heads_change(changes)
+    size = head_size_change(changes)
+    if isinstance(size, str):
+        change = size
     whole = _layers_left_whole(changes, layers)
     if isinstance(change, str) or (heads_after and len(heads_after) > 1) or whole:
         why = change if isinstance(change, str) else \
@@ -94,14 +111,23 @@ def updated_genai_config(text: str, changes: list[dict[str, Any]],
         new_kv, new_heads = change[1], heads // kv * change[1]
     else:
         new_heads, new_kv = heads, kv
-    if (new_heads, new_kv) == (heads, kv) and out_name in (None, decoder.get("filename")):
+    if size is not None and "head_size" in decoder and int(decoder["head_size"]) != size[0]:
+        return None, (f"{GENAI_CONFIG} not written beside OUT: it declares head_size "
+                      f"{decoder['head_size']}, the model's caches {size[0]}")
+    if (new_heads, new_kv) == (heads, kv) and size is None and \
+            out_name in (None, decoder.get("filename")):
         return text, f"{GENAI_CONFIG} copied beside OUT (no head was removed)"
     decoder["num_key_value_heads"], decoder["num_attention_heads"] = new_kv, new_heads
+    sized = ""
+    if size is not None:
+        decoder["head_size"] = size[1]
+        sized = f", head_size {size[0]} -> {size[1]}"
     if out_name is not None:
         pointed_at(config, out_name)
     return json.dumps(config, indent=4) + "\n", (
         f"{GENAI_CONFIG} written beside OUT: num_key_value_heads {kv} -> {new_kv}, "
-        f"num_attention_heads {heads} -> {new_heads}, filename {decoder.get('filename')}")
+        f"num_attention_heads {heads} -> {new_heads}{sized}, "
+        f"filename {decoder.get('filename')}")
 
 
 def config_for_out(text: str, pruned: onnx.ModelProto, changes: list[dict[str, Any]],
