@@ -17,14 +17,19 @@ besides the cosine of the probability map.
 
 A run is ``allocation/criterion/compensate/recover`` (``prune_runs.py``, as in ``detector.py``);
 runs with the same allocation and criterion share measured sensitivities. ``--groups`` prints the
-groups each plan cuts most and the most sensitive ones with their losses at each probed sparsity.
+units that cost each sensitivity plan most (their measured loss read at the sparsity the plan
+gave them); ``--exclude-costliest N`` repeats the first sensitivity run with its N costliest
+units left whole (the target is then met by cutting the others more). Each process writes its
+calibration and evaluation files to a temporary folder of its own, so studies run side by side.
 """
 from __future__ import annotations
 
 import argparse
 import io as _io
+import re
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -123,18 +128,37 @@ def datasets(images: dict[str, np.ndarray],
             f"evaluation: text.png's right {1 - split:.0%}")
 
 
-def group_table(result, top: int = 8) -> list[str]:
-    """The groups the plan cut most, and the most sensitive ones (their measured losses)."""
+def plan_costs(result) -> list[tuple[float, float, list[str]]]:
+    """(estimated loss, sparsity, producers) of every unit the plan cut, costliest first: its
+    measured sensitivity read at the sparsity the plan gave it (linear between the probed
+    levels, loss 1 at sparsity 1, as the allocation reads it)."""
     target = result.report.target
-    lines = [f"  cut {g['producers'][0]} (+{len(g['producers']) - 1}): {g['kept']}/"
-             f"{g['channels']} kept" for g in
-             sorted(target.groups, key=lambda g: -g["sparsity"])[:top]]
-    by_group = {g.id: g.producers for g in result.analysis.groups}
-    for row in sorted(target.sensitivity, key=lambda r: -r["loss"][-1])[:top]:
-        names = [by_group.get(i, [str(i)])[0] for i in row["groups"]]
-        losses = " ".join(f"{v:.3f}" for v in row["loss"])
-        lines.append(f"  sensitivity {','.join(names)} at {row['levels']}: {losses}")
-    return lines
+    sparsity = {g["id"]: g["sparsity"] for g in target.groups}
+    producers = {g.id: g.producers for g in result.analysis.groups}
+    costs = []
+    for row in target.sensitivity:
+        cut = max(sparsity.get(i, 0.0) for i in row["groups"])
+        if cut > 0:
+            loss = float(np.interp(cut, [0, *row["levels"], 1],
+                                   [0, *row["loss"], max(row["loss"][-1], 1.0)]))
+            costs.append((loss, cut, [p for i in row["groups"] for p in producers[i]]))
+    return sorted(costs, key=lambda c: -c[0])
+
+
+def group_table(result, top: int = 6) -> list[str]:
+    """The units that cost the plan most by their measured sensitivity, with their losses."""
+    producers = {g.id: g.producers for g in result.analysis.groups}
+    by_producers = {tuple(p for i in r["groups"] for p in producers[i]): r["loss"]
+                    for r in result.report.target.sensitivity}
+    return [f"  cost {loss:.3f} at sparsity {cut:.2f}: {'/'.join(names)} (losses at "
+            f"0.2..0.8: {' '.join(f'{v:.3f}' for v in by_producers[tuple(names)])})"
+            for loss, cut, names in plan_costs(result)[:top]]
+
+
+def costliest_excluded(result, count: int) -> tuple[str, ...]:
+    """Exact-name patterns for the producers of the ``count`` units that cost the plan most."""
+    return tuple(f"^{re.escape(name)}$" for _, _, names in plan_costs(result)[:count]
+                 for name in names)
 
 
 def main() -> None:
@@ -146,6 +170,8 @@ def main() -> None:
                         help="calibrate on text.png's left FRACTION too, evaluate the rest")
     parser.add_argument("--exclude", action="append", default=[],
                         help="regex of producer node names left unpruned (repeatable)")
+    parser.add_argument("--exclude-costliest", type=int, default=0, metavar="N",
+                        help="repeat the first sensitivity run, its N costliest units whole")
     parser.add_argument("--recover-time", type=float, default=300.0)
     parser.add_argument("--latency", action="store_true", help="time the models at 640x640")
     parser.add_argument("--groups", action="store_true",
@@ -154,51 +180,73 @@ def main() -> None:
     args = parser.parse_args()
     runs = parse_runs(args.runs)
     model_path, images = fetch(Path(args.cache))
-    cache = Path(args.cache)
     calib, held_out, what = datasets(images, args.crop)
-    np.savez(cache / "det_calib.npz", x=calib)
-    np.savez(cache / "det_eval.npz", x=held_out)
     print(f"{what}: {len(calib)} {SIZE}x{SIZE} crops (upscaled), evaluation at "
           f"{held_out.shape[2]}x{held_out.shape[3]} and its mirror image; exclude "
           f"{args.exclude or '-'}")
+    with tempfile.TemporaryDirectory() as work:  # this process's own: studies run side by side
+        np.savez(Path(work) / "calib.npz", x=calib)
+        np.savez(Path(work) / "eval.npz", x=held_out)
+        study(args, runs, model_path, Path(work))
+
+
+def study(args, runs, model_path: Path, work: Path) -> None:
+    """Every run at every target, one table row each (and their groups with ``--groups``)."""
     original, _ = onnx_fpgm.model.io.load_model(model_path)
-    evaluation = load_calibration(cache / "det_eval.npz", original)
+    evaluation = load_calibration(work / "eval.npz", original)
     reference = run_batched(make_session(original), original, evaluation)[0]
     print(f"original: text pixels (p > 0.3) {100 * np.mean(reference > 0.3):.1f}% of the "
           "evaluation images")
-    shapes = (("x", (1, 3, SIZE, SIZE)),)
     print(f"{'target':>6} {'run':>34} {'MACs':>6} {'params':>6} {'IoU':>6} {'cosine':>7} "
           f"{'latency x':>9} {'time s':>6}")
     caches: dict[str, dict] = {}
+    repeat = args.exclude_costliest  # once: the first sensitivity run of the first target
     for target in [float(t) for t in args.targets.split(",")]:
-        for run in runs:
-            started = time.perf_counter()
-            try:
-                result = onnx_fpgm.prune(
-                    original, target_macs=target, allocation=run.allocation,
-                    criterion=run.criterion, compensate=run.compensate, recover=run.recover,
-                    recover_time=args.recover_time, exclude=tuple(args.exclude),
-                    calibration=str(cache / "det_calib.npz"), input_shapes=shapes,
-                    cache=caches.setdefault(f"{run.allocation}/{run.criterion}", {}))
-            except onnx_fpgm.OnnxFpgmError as err:
-                print(f"{target:6.2f} {run.label():>34} {err}")
-                continue
-            elapsed = time.perf_counter() - started
-            pruned = run_batched(make_session(result.model), original, evaluation)[0]
-            cosine = float(np.sum(reference * pruned) / max(  # all-zero map: cosine 0
-                np.linalg.norm(reference) * np.linalg.norm(pruned), 1e-30))
-            speedup = "-"
-            if args.latency:
-                timed = onnx_fpgm.benchmark(original, result.model, runs=20,
-                                            input_shapes={"x": (1, 3, 640, 640)})
-                speedup = f"{timed.speedup:.2f}x"
-            r = result.report
-            print(f"{target:6.2f} {run.label():>34} {r.after.macs / r.before.macs:6.3f} "
-                  f"{r.after.params / r.before.params:6.3f} "
-                  f"{text_map_iou(reference, pruned):6.3f} {cosine:7.4f} {speedup:>9} "
-                  f"{elapsed:6.0f}", flush=True)
-            if args.groups and r.target is not None:
-                print("\n".join(group_table(result)), flush=True)
+        queue = [(run, tuple(args.exclude), "") for run in runs]
+        while queue:
+            run, exclude, note = queue.pop(0)
+            result = prune_and_score(original, run, target, exclude, note, args,
+                                     work / "calib.npz", (reference, evaluation), caches)
+            if result is not None and repeat and result.report.target.sensitivity:
+                extra, repeat = costliest_excluded(result, args.exclude_costliest), 0
+                names = ", ".join(name.strip("^$").replace("\\", "") for name in extra)
+                queue.insert(0, (run, exclude + extra, f" -{args.exclude_costliest}"))
+                print(f"  next: {run.label()} with {names} left whole", flush=True)
+
+
+def prune_and_score(original, run, target, exclude, note, args, calibration: Path,
+                    evaluated, caches):
+    """One run pruned, evaluated and printed as a table row; its result (None if refused).
+    Runs with the same allocation and criterion share one cache (sensitivities, scores)."""
+    reference, evaluation = evaluated
+    started = time.perf_counter()
+    label = run.label() + note
+    try:
+        result = onnx_fpgm.prune(
+            original, target_macs=target, allocation=run.allocation, criterion=run.criterion,
+            compensate=run.compensate, recover=run.recover, recover_time=args.recover_time,
+            exclude=exclude, calibration=str(calibration),
+            input_shapes=(("x", (1, 3, SIZE, SIZE)),),
+            cache=caches.setdefault(f"{run.allocation}/{run.criterion}", {}))
+    except onnx_fpgm.OnnxFpgmError as err:
+        print(f"{target:6.2f} {label:>34} {err}")
+        return None
+    elapsed = time.perf_counter() - started
+    pruned = run_batched(make_session(result.model), original, evaluation)[0]
+    cosine = float(np.sum(reference * pruned) / max(  # all-zero map: cosine 0
+        np.linalg.norm(reference) * np.linalg.norm(pruned), 1e-30))
+    speedup = "-"
+    if args.latency:
+        timed = onnx_fpgm.benchmark(original, result.model, runs=20,
+                                    input_shapes={"x": (1, 3, 640, 640)})
+        speedup = f"{timed.speedup:.2f}x"
+    r = result.report
+    print(f"{target:6.2f} {label:>34} {r.after.macs / r.before.macs:6.3f} "
+          f"{r.after.params / r.before.params:6.3f} {text_map_iou(reference, pruned):6.3f} "
+          f"{cosine:7.4f} {speedup:>9} {elapsed:6.0f}", flush=True)
+    if args.groups and r.target is not None and r.target.sensitivity:
+        print("\n".join(group_table(result)), flush=True)
+    return result
 
 
 if __name__ == "__main__":
