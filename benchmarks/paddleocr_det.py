@@ -12,7 +12,8 @@ half is evaluated; with ``--crop`` its left half is cropped into the calibration
 evaluation images, besides the cosine of the probability map.
 
     python benchmarks/paddleocr_det.py [--targets 0.8,0.6,0.4]
-        [--runs sensitivity/obs/sequential/none,...] [--split 0.5 [--crop]] [--exclude REGEX]
+        [--runs sensitivity/obs/sequential/none,...] [--size 224] [--split 0.5 [--crop]]
+        [--exclude REGEX]
         [--refit-downstream] [--damping 0.01] [--groups] [--latency] [--cache /tmp/onnx-fpgm-cache]
 
 A run is ``allocation/criterion/compensate/recover`` (``prune_runs.py``, as in ``detector.py``);
@@ -82,17 +83,17 @@ def fetch(cache: Path) -> tuple[Path, dict[str, np.ndarray]]:
     return model, images
 
 
-def crops(image: np.ndarray, scales=SCALES) -> np.ndarray:
+def crops(image: np.ndarray, scales=SCALES, size: int = SIZE) -> np.ndarray:
     out = []
     for scale in scales:
         h, w = (int(round(d * scale)) for d in image.shape)
-        if min(h, w) < SIZE:
+        if min(h, w) < size:
             continue
         img = np.asarray(Image.fromarray((image * 255).astype(np.uint8)).resize((w, h)),
                          np.float32) / 255.0
-        for y in range(0, h - SIZE + 1, 128):
-            for x in range(0, w - SIZE + 1, 160):
-                patch = np.repeat(img[None, y:y + SIZE, x:x + SIZE], 3, axis=0)
+        for y in range(0, h - size + 1, 128):
+            for x in range(0, w - size + 1, 160):
+                patch = np.repeat(img[None, y:y + size, x:x + size], 3, axis=0)
                 out.append((patch - MEAN) / STD)
     return np.stack(out).astype(np.float32)
 
@@ -113,17 +114,17 @@ def text_map_iou(want: np.ndarray, have: np.ndarray, threshold: float = 0.3) -> 
     return np.count_nonzero(a & b) / union if union else 1.0
 
 
-def datasets(images: dict[str, np.ndarray], split: float,
-             crop: bool) -> tuple[np.ndarray, np.ndarray, str]:
+def datasets(images: dict[str, np.ndarray], split: float, crop: bool,
+             size: int = SIZE) -> tuple[np.ndarray, np.ndarray, str]:
     """(calibration, evaluation, what they are): crops of page.png; text.png right of the
     column at ``split`` of its width (0: whole) evaluated; with ``crop``, text.png left of it
     cropped into the calibration too, at RapidOCR's scale as well (disjoint pixels)."""
     text, page = images["text"], images["page"]
     column = int(round(split * text.shape[1]))
-    calib, what = crops(page), "calibration: crops of page.png"
+    calib, what = crops(page, size=size), "calibration: crops of page.png"
     if crop:
         scales = (736 / text.shape[0], *SCALES[1:])
-        calib = np.concatenate([calib, crops(text[:, :column], scales)])
+        calib = np.concatenate([calib, crops(text[:, :column], scales, size)])
         what += f" and of text.png's left {split:.0%}"
     return calib, whole(text[:, column:]), what + (
         f"; evaluation: text.png's right {1 - split:.0%}" if column else "; evaluation: text.png")
@@ -167,6 +168,8 @@ def main() -> None:
     parser.add_argument("--targets", default="0.8,0.6,0.4", help="MACs kept, comma-separated")
     parser.add_argument("--runs", default=DEFAULT_RUNS,
                         help="allocation/criterion/compensate/recover, comma-separated")
+    parser.add_argument("--size", type=int, default=SIZE,
+                        help="side of the calibration crops (the size the prune runs at)")
     parser.add_argument("--split", type=float, default=0.0, metavar="FRACTION",
                         help="evaluate text.png right of FRACTION of its width only")
     parser.add_argument("--crop", action="store_true",
@@ -191,8 +194,8 @@ def main() -> None:
         parser.error("--crop needs --split between 0 and 1: the text it calibrates on")
     sequential.REFIT_DOWNSTREAM = args.refit_downstream
     sequential.DAMPING = args.damping
-    calib, held_out, what = datasets(images, args.split, args.crop)
-    print(f"{what}: {len(calib)} {SIZE}x{SIZE} crops (upscaled), evaluation at "
+    calib, held_out, what = datasets(images, args.split, args.crop, args.size)
+    print(f"{what}: {len(calib)} {args.size}x{args.size} crops (upscaled), evaluation at "
           f"{held_out.shape[2]}x{held_out.shape[3]} and its mirror image; exclude "
           f"{args.exclude or '-'}")
     with tempfile.TemporaryDirectory() as work:  # this process's own: studies run side by side
@@ -237,7 +240,7 @@ def prune_and_score(original, run, target, exclude, note, args, calibration: Pat
             original, target_macs=target, allocation=run.allocation, criterion=run.criterion,
             compensate=run.compensate, recover=run.recover, recover_time=args.recover_time,
             exclude=exclude, calibration=str(calibration),
-            input_shapes=(("x", (1, 3, SIZE, SIZE)),),
+            input_shapes=(("x", (1, 3, args.size, args.size)),),
             cache=caches.setdefault(f"{run.allocation}/{run.criterion}", {}))
     except onnx_fpgm.OnnxFpgmError as err:
         print(f"{target:6.2f} {label:>34} {err}")
