@@ -255,9 +255,12 @@ def prune_and_score(original, run, target, exclude, note, args, calibration: Pat
                                     input_shapes={"x": (1, 3, 640, 640)})
         speedup = f"{timed.speedup:.2f}x"
     r = result.report
+    rec = r.recovery
+    note = (f"  {rec.steps} steps, {rec.time_s:.0f} s, loss {rec.loss_before:.3g} -> "
+            f"{rec.loss_after:.3g} ({rec.stopped})" if rec else "")
     print(f"{target:6.2f} {label:>34} {r.after.macs / r.before.macs:6.3f} "
           f"{r.after.params / r.before.params:6.3f} {text_map_iou(reference, pruned):6.3f} "
-          f"{cosine:7.4f} {speedup:>9} {elapsed:6.0f}", flush=True)
+          f"{cosine:7.4f} {speedup:>9} {elapsed:6.0f}{note}", flush=True)
     if args.groups and r.target is not None and r.target.sensitivity:
         print("\n".join(group_table(result)), flush=True)
     return result
