@@ -13,8 +13,8 @@ evaluation images, besides the cosine of the probability map.
 
     python benchmarks/paddleocr_det.py [--targets 0.8,0.6,0.4]
         [--runs sensitivity/obs/sequential/none,...] [--size 224] [--split 0.5 [--crop]]
-        [--exclude REGEX]
-        [--refit-downstream] [--damping 0.01] [--groups] [--latency] [--cache /tmp/onnx-fpgm-cache]
+        [--exclude REGEX] [--exclude-costliest 1] [--refit-downstream] [--damping 0.01]
+        [--groups] [--latency] [--cache /tmp/onnx-fpgm-cache]
 
 A run is ``allocation/criterion/compensate/recover`` (``prune_runs.py``, as in ``detector.py``);
 runs with the same allocation and criterion share measured sensitivities. ``--groups`` prints the
@@ -150,11 +150,15 @@ def plan_costs(result) -> list[tuple[float, float, list[str]]]:
 def group_table(result, top: int = 6) -> list[str]:
     """The units that cost the plan most by their measured sensitivity, with their losses."""
     producers = {g.id: g.producers for g in result.analysis.groups}
-    by_producers = {tuple(p for i in r["groups"] for p in producers[i]): r["loss"]
-                    for r in result.report.target.sensitivity}
-    return [f"  cost {loss:.3f} at sparsity {cut:.2f}: {'/'.join(names)} (losses at "
-            f"0.2..0.8: {' '.join(f'{v:.3f}' for v in by_producers[tuple(names)])})"
-            for loss, cut, names in plan_costs(result)[:top]]
+    measured = {tuple(p for i in r["groups"] for p in producers[i]): r
+                for r in result.report.target.sensitivity}
+    lines = []
+    for loss, cut, names in plan_costs(result)[:top]:
+        row = measured[tuple(names)]
+        lines.append(f"  cost {loss:.3f} at sparsity {cut:.2f}: {'/'.join(names)} (losses at "
+                     f"{'/'.join(f'{v:g}' for v in row['levels'])}: "
+                     f"{' '.join(f'{v:.3f}' for v in row['loss'])})")
+    return lines
 
 
 def costliest_excluded(result, count: int) -> tuple[str, ...]:
@@ -185,13 +189,13 @@ def main() -> None:
     parser.add_argument("--recover-time", type=float, default=300.0)
     parser.add_argument("--latency", action="store_true", help="time the models at 640x640")
     parser.add_argument("--groups", action="store_true",
-                        help="print each run's most cut and most sensitive groups")
+                        help="print the units that cost each sensitivity plan most")
     parser.add_argument("--cache", default="/tmp/onnx-fpgm-cache")
     args = parser.parse_args()
     runs = parse_runs(args.runs)
-    model_path, images = fetch(Path(args.cache))
     if args.crop and not 0 < args.split < 1:
         parser.error("--crop needs --split between 0 and 1: the text it calibrates on")
+    model_path, images = fetch(Path(args.cache))
     sequential.REFIT_DOWNSTREAM = args.refit_downstream
     sequential.DAMPING = args.damping
     calib, held_out, what = datasets(images, args.split, args.crop, args.size)
