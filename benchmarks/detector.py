@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 from paddleocr_det import cached_wheels
 from PIL import Image
+from prune_runs import parse_runs
 
 import onnx_fpgm
 from onnx_fpgm.measure.calibration import load_calibration, run_batched
@@ -166,6 +167,7 @@ def main() -> None:
     parser.add_argument("--refit-downstream", action="store_true",
                         help="sequential runs also refit the layers whose inputs only drifted")
     args = parser.parse_args()
+    runs = parse_runs(args.runs)
     sequential.REFIT_DOWNSTREAM = args.refit_downstream
     cache = Path(args.cache)
     model_path, photos = fetch(cache)
@@ -183,8 +185,8 @@ def main() -> None:
     print(f"{'allocation':>11} {'criterion':>9} {'comp':>5} {'recover':>7} {'MACs':>6} "
           f"{'params':>6} {'P':>5} {'R':>5} {'F1':>5} {'time s':>6}  recovery")
     caches: dict[str, dict] = {}
-    for run in filter(None, args.runs.split(",")):
-        allocation, criterion, compensate, recover = run.split("/")
+    for run in runs:
+        allocation, criterion, compensate, recover = run
         started = time.perf_counter()
         try:
             result = onnx_fpgm.prune(
@@ -209,7 +211,7 @@ def main() -> None:
               f"{precision:5.2f} {recall:5.2f} {f1:5.2f} {elapsed:6.0f}  {note}", flush=True)
         if args.save:
             Path(args.save).mkdir(parents=True, exist_ok=True)
-            onnx.save(result.model, Path(args.save) / f"{run.replace('/', '_')}.onnx")
+            onnx.save(result.model, Path(args.save) / f"{run.label().replace('/', '_')}.onnx")
 
 
 if __name__ == "__main__":

