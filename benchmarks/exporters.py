@@ -18,7 +18,10 @@ tokenizer of their own for the genai builder, and exported as their tools export
   width 48, 4 heads, FFN 96, 2 layers);
 - **llama-genai-fp32 / -int4**: ``python -m onnxruntime_genai.models.builder -i DIR -o OUT
   -p fp32|int4 -e cpu`` of the same llama (GroupQueryAttention with packed q|k|v and its own
-  rotary, SimplifiedLayerNormalization, MatMulNBits with accuracy_level 4 for int4).
+  rotary, SimplifiedLayerNormalization, MatMulNBits with accuracy_level 4 for int4);
+- **distilbert, roberta, albert, deberta-v2, electra, mobilebert** (``feature-extraction``) and
+  **swin, convnext, deit, mobilevit** (``image-classification``), each ``NAME-optimum``: the
+  configs of ``exporter_encoders.py``.
 
 optimum-onnx 0.1 wants transformers < 4.58, onnxruntime-genai 0.18's builder imports classes
 of transformers 5: where one environment cannot hold both, ``--genai-python`` names the
@@ -55,6 +58,10 @@ _spec = importlib.util.spec_from_file_location("peer_onnxsim", HERE / "peer_onnx
 peer_onnxsim = importlib.util.module_from_spec(_spec)
 sys.modules["peer_onnxsim"] = peer_onnxsim  # its dataclasses look their module up there
 _spec.loader.exec_module(peer_onnxsim)
+_spec = importlib.util.spec_from_file_location("exporter_encoders", HERE / "exporter_encoders.py")
+exporter_encoders = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(exporter_encoders)
+ENCODERS = exporter_encoders.ENCODERS
 
 LLAMA = {"vocab_size": 512, "hidden_size": 128, "intermediate_size": 344,
          "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
@@ -63,12 +70,13 @@ BERT = {"vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2, "num_atten
         "intermediate_size": 256, "max_position_embeddings": 128}
 VIT = {"image_size": 32, "patch_size": 8, "hidden_size": 48, "num_hidden_layers": 2,
        "num_attention_heads": 4, "intermediate_size": 96}
-FILES = ("llama-optimum", "bert-optimum", "vit-optimum", "llama-genai-fp32", "llama-genai-int4")
+FILES = ("llama-optimum", "bert-optimum", "vit-optimum", "llama-genai-fp32", "llama-genai-int4",
+         *ENCODERS)
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def build_models(work: Path) -> None:
-    """Random-weight Hugging Face folders (seeded) for llama, bert and vit."""
+def build_models(work: Path, names: list[str]) -> None:
+    """Random-weight Hugging Face folders (seeded) for llama, bert, vit and ``names``' encoders."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
@@ -93,6 +101,11 @@ def build_models(work: Path) -> None:
         BertModel(BertConfig(**BERT)).eval().save_pretrained(work / "bert")
     if not (work / "vit" / "config.json").exists():
         ViTModel(ViTConfig(**VIT)).eval().save_pretrained(work / "vit")
+    for name in names:
+        source = work / name.removesuffix("-optimum")
+        if name in ENCODERS and not (source / "config.json").exists():
+            torch.manual_seed(0)
+            exporter_encoders.build_encoder(name, source)
 
 
 def export(name: str, work: Path, genai_python: str) -> Path:
@@ -105,6 +118,8 @@ def export(name: str, work: Path, genai_python: str) -> Path:
     if name.endswith("-optimum"):
         source, task = name.split("-")[0], ("text-generation-with-past" if name.startswith("llama")
                                             else "feature-extraction")
+        if name in ENCODERS:
+            source, task = name.removesuffix("-optimum"), ENCODERS[name][3]
         command = [sys.executable, "-m", "optimum.commands.optimum_cli", "export", "onnx",
                    "-m", str(work / source), "--task", task, str(out)]
     else:
@@ -184,7 +199,7 @@ def main() -> None:
                         help="more onnx-fpgm options, passed as they are (last)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    build_models(args.work)
+    build_models(args.work, args.only)
     rows, details = [], []
     for name in args.only:
         model = export(name, args.work, args.genai_python)

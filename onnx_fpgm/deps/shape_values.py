@@ -39,6 +39,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..model.runtime import ANONYMOUS
+from .same_dims import dim_token
 
 #: Ops whose output elements are followed one by one from their inputs' elements: moved
 #: without computing on them, or (``Mul``) scaled, so ``c * h * w`` still names its channels.
@@ -101,7 +102,7 @@ class Element:
 
 
 def symbolic_dims(tensor: gs.Tensor | None) -> list[int | str] | None:
-    """The tensor's dims: ints where static, else the dim_param, else a per-tensor token."""
+    """The tensor's dims: ints where static, else the dim_param, else ``same_dims``' token."""
     if tensor is None or tensor.shape is None:
         return None
     dims: list[int | str] = []
@@ -111,7 +112,7 @@ def symbolic_dims(tensor: gs.Tensor | None) -> list[int | str] | None:
         elif isinstance(dim, str) and dim.strip() not in ANONYMOUS:
             dims.append(dim)
         else:  # unnamed, or a name that names nothing (Paddle writes ``?`` for H and W alike)
-            dims.append(f"?{tensor.name}#{axis}")
+            dims.append(dim_token(tensor, axis))
     return dims
 
 
