@@ -34,9 +34,8 @@ from ..blocks import SplitMap, drop_level, new_split, require_free, require_whol
 from ..channels import ChannelMap
 from ..computed_scale import computed_scale
 from ..repeats import repeat_copies
+from ..reshape_sizes import named_dims, resolve_reshape_target
 from ..shape_values import (
-    named_dims,
-    resolve_reshape_target,
     rewritable_source,
     shape_elements,
     symbolic_dims,
