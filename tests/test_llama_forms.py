@@ -245,3 +245,19 @@ def test_expand_of_plain_channels_over_a_new_axis(width_element: str) -> None:
     stored = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
     assert list(stored["w1"].shape) == [8, 8] and list(stored["w2"].shape) == [8, 8]
     assert stored["target"].tolist() == [1, 3, 4, 8 if width_element == "same" else 1]
+
+
+@pytest.mark.torch_export
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo", "dynamo-dynamic"])
+def test_phi3_rotary_pass_through_keeps_kv_groups_open(exporter: str) -> None:
+    """Phi-3's ``cat(rotary(x[..., :d]), x[..., d:])``: the empty pass-through part (the rotary
+    spans the head) joins nothing, so the KV groups still prune."""
+    dynamo, dynamic = EXPORTERS[exporter]
+    model = export_llama(build_llama_like(with_positions=True, rotary_pass=True), dynamo,
+                         dynamic=dynamic)
+    result = onnx_fpgm.prune(model, 0.5)
+    check_pruned(model, result)
+    heads = [g for g in result.analysis.groups if g.heads]
+    assert len(heads) == 2 and not any(g.frozen for g in heads), [g.frozen for g in heads]
+    plans = {p.group_id: p for p in result.plan.groups}
+    assert all(plans[g.id].n_keep == 1 and g.n_channels == 2 for g in heads)

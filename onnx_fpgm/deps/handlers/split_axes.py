@@ -217,6 +217,8 @@ def cut_level(node, ctx, smap: SplitMap, axis: int, bounds: list[tuple[int, int]
     else:
         require_whole(ctx, smap, position, why)
     for out, (start, stop) in zip(node.outputs, bounds):
+        if stop <= start:
+            ctx.empty_cuts.add(out.name)
         index = [slice(None)] * smap.labels.ndim
         index[position] = slice(start, stop)
         ctx.set_map(out, replace(smap, labels=smap.labels[tuple(index)]))
