@@ -301,6 +301,8 @@ def reshape_splits(node, ctx, xmap: ChannelMap) -> bool:
     if span is None:
         return False
     levels = [j for j in range(*span) if out_shape[j] != 1]
+    if levels == [len(out_shape) - 1] and span[0] == len(out_shape) - 2 >= 2:
+        levels = [span[0], levels[0]]  # one head: multi-query attention's K/V, (b, s, 1, d)
     if len(levels) < 2:
         return False
     if _computed_from(elements, levels, xmap.labels):
@@ -399,7 +401,7 @@ def _level_block(smap: SplitMap, axis: int, in_shape, out_shape) -> tuple[int, i
                 continue
             outer, inner = prod(in_shape[lo:axis]), prod(in_shape[axis + 1:hi + 1])
             if outer * inner >= 2**31:  # a symbolic dim (a stand-in prime) merged in
-                return None
+                continue
             return big[0], outer, inner
     return None
 
