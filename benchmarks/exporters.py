@@ -1,8 +1,8 @@
 """Real exporter files, as a user has them, pruned with ``onnx-fpgm IN OUT --sparsity S`` (issue 21).
 
 Usage: ``python benchmarks/exporters.py [--sparsity 0.5] [--work DIR] [--genai-python PY]
-[--only llama-optimum bert-optimum vit-optimum llama-genai-fp32 llama-genai-int4]
-[--flags ...]``
+[--only llama-optimum bert-optimum vit-optimum llama-genai-fp32 llama-genai-int4
+qwen2-optimum ... qwen2-genai-fp32 ...] [--flags ...]``
 
 Needs the ``export`` extra (``pip install .[export]``: transformers, optimum-onnx,
 onnxruntime-genai), never the core install. Nothing is downloaded: tiny random-weight models
@@ -22,6 +22,12 @@ tokenizer of their own for the genai builder, and exported as their tools export
 - **distilbert, roberta, albert, deberta-v2, electra, mobilebert** (``feature-extraction``) and
   **swin, convnext, deit, mobilevit** (``image-classification``), each ``NAME-optimum``: the
   configs of ``exporter_encoders.py``.
+- **qwen2 / mistral / phi3 / gemma / gpt2 -optimum** (``text-generation-with-past``) and
+  **qwen2 / mistral / phi3 -genai-fp32**: the llama's sizes in each family's config
+  (``DECODERS``): Qwen2 (GQA, q/k/v bias), Mistral (GQA, sliding window 64), Phi-3 (packed
+  qkv_proj and gate_up_proj; its rotary's pass-through part), Gemma (4 query heads on one KV
+  head, head_dim 48 != 128 / 4, GeGLU, scaled embeddings), GPT-2 (Conv1D: packed c_attn as
+  ``addmm`` on ``x.view(-1, d)``, learned positions, tied LM head; 4 heads, MLP 344).
 
 optimum-onnx 0.1 wants transformers < 4.58, onnxruntime-genai 0.18's builder imports classes
 of transformers 5: where one environment cannot hold both, ``--genai-python`` names the
@@ -70,16 +76,32 @@ BERT = {"vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2, "num_atten
         "intermediate_size": 256, "max_position_embeddings": 128}
 VIT = {"image_size": 32, "patch_size": 8, "hidden_size": 48, "num_hidden_layers": 2,
        "num_attention_heads": 4, "intermediate_size": 96}
+#: decoder families beside the llama: (transformers config class, its options)
+DECODERS = {
+    "qwen2": ("Qwen2Config", LLAMA),
+    "mistral": ("MistralConfig", {**LLAMA, "sliding_window": 64}),
+    "phi3": ("Phi3Config", {**LLAMA, "original_max_position_embeddings": 256, "pad_token_id": 0,
+                            "bos_token_id": 1, "eos_token_id": 2}),
+    "gemma": ("GemmaConfig", {**LLAMA, "num_attention_heads": 4, "num_key_value_heads": 1,
+                              "head_dim": 48}),
+    "gpt2": ("GPT2Config", {"vocab_size": 512, "n_embd": 128, "n_head": 4, "n_layer": 2,
+                            "n_positions": 128, "n_inner": 344}),
+}
+GENAI_DECODERS = ("qwen2", "mistral", "phi3")  # the genai builder rows of this survey
 FILES = ("llama-optimum", "bert-optimum", "vit-optimum", "llama-genai-fp32", "llama-genai-int4",
-         *ENCODERS)
+         *(f"{name}-optimum" for name in DECODERS),
+         *(f"{name}-genai-fp32" for name in GENAI_DECODERS), *ENCODERS)
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 def build_models(work: Path, names: list[str]) -> None:
-    """Random-weight Hugging Face folders (seeded) for llama, bert, vit and ``names``' encoders."""
+    """Random-weight Hugging Face folders (seeded) for llama, bert, vit, ``DECODERS`` and
+    ``names``' encoders."""
     import torch
+    import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
+        AutoModelForCausalLM,
         BertConfig,
         BertModel,
         LlamaConfig,
@@ -89,14 +111,23 @@ def build_models(work: Path, names: list[str]) -> None:
         ViTModel,
     )
 
-    torch.manual_seed(0)
-    if not (work / "llama" / "config.json").exists():
-        LlamaForCausalLM(LlamaConfig(**LLAMA)).eval().save_pretrained(work / "llama")
+    def save_tokenizer(folder: Path) -> None:
         vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, 512)}}
         tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
         tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
         PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
-                                eos_token="</s>").save_pretrained(work / "llama")
+                                eos_token="</s>").save_pretrained(folder)
+
+    torch.manual_seed(0)
+    if not (work / "llama" / "config.json").exists():
+        LlamaForCausalLM(LlamaConfig(**LLAMA)).eval().save_pretrained(work / "llama")
+        save_tokenizer(work / "llama")
+    for name, (config_class, options) in DECODERS.items():
+        if not (work / name / "config.json").exists():
+            torch.manual_seed(0)
+            config = getattr(transformers, config_class)(**options)
+            AutoModelForCausalLM.from_config(config).eval().save_pretrained(work / name)
+            save_tokenizer(work / name)
     if not (work / "bert" / "config.json").exists():
         BertModel(BertConfig(**BERT)).eval().save_pretrained(work / "bert")
     if not (work / "vit" / "config.json").exists():
@@ -116,16 +147,18 @@ def export(name: str, work: Path, genai_python: str) -> Path:
         return model
     env = {**os.environ, **OFFLINE}
     if name.endswith("-optimum"):
-        source, task = name.split("-")[0], ("text-generation-with-past" if name.startswith("llama")
-                                            else "feature-extraction")
+        source = name.removesuffix("-optimum")
         if name in ENCODERS:
-            source, task = name.removesuffix("-optimum"), ENCODERS[name][3]
+            task = ENCODERS[name][3]
+        else:
+            task = "feature-extraction" if source in ("bert", "vit") \
+                else "text-generation-with-past"
         command = [sys.executable, "-m", "optimum.commands.optimum_cli", "export", "onnx",
                    "-m", str(work / source), "--task", task, str(out)]
     else:
         precision = name.rsplit("-", 1)[1]
         command = [genai_python, "-m", "onnxruntime_genai.models.builder", "-i",
-                   str(work / "llama"), "-o", str(out), "-p", precision, "-e", "cpu",
+                   str(work / name.split("-")[0]), "-o", str(out), "-p", precision, "-e", "cpu",
                    "-c", str(work / "hf-cache")]
     done = subprocess.run(command, check=False, env=env, capture_output=True, text=True)
     if done.returncode or not model.exists():

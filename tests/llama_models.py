@@ -7,6 +7,8 @@
   a causal mask; eager ``softmax(q k^T * scale + mask) v``, or ``scaled_dot_product_attention``.
 * MLP: SwiGLU ``down(silu(gate(x)) * up(x))``.
 * ``qk_norm``: Qwen3's per-head RMSNorm over head_dim on q and k (before the transpose).
+* ``rotary_pass``: Phi-3's rotary, ``cat(rotary(x[..., :d]), x[..., d:])`` with ``d`` read as
+  ``cos.shape[-1]``: the pass-through part is empty when the rotary spans the head.
 
 The input is token ids (int64, vocabulary >= 8 so random ids are valid); ``with_positions`` adds
 ``position_ids`` as a second input (then cos/sin are computed at run time, as in the exports of
@@ -66,9 +68,10 @@ class Rotary(nn.Module):
 
 class LlamaAttention(nn.Module):
     def __init__(self, dim: int, heads: int, kv_heads: int, sdpa: bool = False,
-                 qk_norm: bool = False) -> None:
+                 qk_norm: bool = False, rotary_pass: bool = False) -> None:
         super().__init__()
         self.head_dim = dim // heads
+        self.rotary_pass = rotary_pass
         self.groups = heads // kv_heads
         self.sdpa = sdpa
         # Qwen3/OLMo2: an RMSNorm over head_dim on q and k, per head
@@ -90,6 +93,11 @@ class LlamaAttention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(shape)).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        if self.rotary_pass:
+            d = cos.shape[-1]
+            return (torch.cat((q[..., :d] * cos + rotate_half(q[..., :d]) * sin, q[..., d:]), -1),
+                    torch.cat((k[..., :d] * cos + rotate_half(k[..., :d]) * sin, k[..., d:]), -1),
+                    v)
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
 
     def attend(self, x, q, k, v, mask) -> torch.Tensor:
@@ -116,10 +124,10 @@ class LlamaMLP(nn.Module):
 
 class LlamaBlock(nn.Module):
     def __init__(self, dim: int, heads: int, kv_heads: int, hidden: int, sdpa: bool,
-                 qk_norm: bool) -> None:
+                 qk_norm: bool, rotary_pass: bool = False) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(dim)
-        self.self_attn = LlamaAttention(dim, heads, kv_heads, sdpa, qk_norm)
+        self.self_attn = LlamaAttention(dim, heads, kv_heads, sdpa, qk_norm, rotary_pass)
         self.post_attention_layernorm = RMSNorm(dim)
         self.mlp = LlamaMLP(dim, hidden)
 
@@ -133,13 +141,14 @@ class LlamaLike(nn.Module):
 
     def __init__(self, vocab: int = 16, dim: int = 32, heads: int = 4, kv_heads: int = 2,
                  hidden: int = 64, layers: int = 2, seq: int = 8, sdpa: bool = False,
-                 with_positions: bool = False, qk_norm: bool = False) -> None:
+                 with_positions: bool = False, qk_norm: bool = False,
+                 rotary_pass: bool = False) -> None:
         super().__init__()
         self.with_positions = with_positions
         self.embed_tokens = nn.Embedding(vocab, dim)
         self.rotary = Rotary(dim // heads)
-        self.layers = nn.ModuleList(LlamaBlock(dim, heads, kv_heads, hidden, sdpa, qk_norm)
-                                    for _ in range(layers))
+        self.layers = nn.ModuleList(LlamaBlock(dim, heads, kv_heads, hidden, sdpa, qk_norm,
+                                               rotary_pass) for _ in range(layers))
         self.norm = RMSNorm(dim)
         self.lm_head = nn.Linear(dim, vocab, bias=False)
         self.register_buffer("mask", torch.triu(torch.full((seq, seq), -1e4), 1)[None, None],

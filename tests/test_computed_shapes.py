@@ -195,3 +195,55 @@ def test_reshape_merging_channels_with_symbolic_dims_is_blocked() -> None:
     reason = next(g.frozen for g in result.report.groups if "conv1" in g.producers)
     assert reason and "merges channels with unknown dims" in reason
     assert classify(reason).title == "unknown shapes"
+
+
+def _conv1d_mlp(dynamo: bool) -> onnx.ModelProto:
+    """Hugging Face's GPT-2 ``Conv1D`` (``addmm`` on ``x.view(-1, d)``, then ``view(b, s, n)``)
+    twice around a GELU, dynamic batch and sequence: onnx names the Gemm's rows ``unk__N``."""
+    import io
+
+    import torch
+    from torch import nn
+
+    class Conv1D(nn.Module):
+        def __init__(self, nx: int, nf: int) -> None:
+            super().__init__()
+            self.nf = nf
+            self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+            self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+        def forward(self, x):
+            size_out = x.size()[:-1] + (self.nf,)
+            x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+            return x.view(size_out)
+
+    class Mlp(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_fc, self.c_proj = Conv1D(16, 32), Conv1D(32, 16)
+
+        def forward(self, x):
+            return self.c_proj(nn.functional.gelu(self.c_fc(x), approximate="tanh"))
+
+    torch.manual_seed(0)
+    module, example = Mlp().eval(), torch.randn(2, 5, 16)
+    if dynamo:
+        dims = {0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("seq", max=64)}
+        return torch.onnx.export(module, (example,), dynamo=True, input_names=["x"],
+                                 dynamic_shapes={"x": dims}, verbose=False).model_proto
+    buffer = io.BytesIO()
+    torch.onnx.export(module, (example,), buffer, dynamo=False, input_names=["x"],
+                      output_names=["y"], opset_version=17,
+                      dynamic_axes={"x": {0: "batch", 1: "seq"}, "y": {0: "batch", 1: "seq"}})
+    return onnx.load_from_string(buffer.getvalue())
+
+
+@pytest.mark.torch_export
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_gpt2_conv1d_view_back_from_gemm_rows(dynamo: bool) -> None:
+    model = _conv1d_mlp(dynamo)
+    result = onnx_fpgm.prune(model, 0.5)
+    check_pruned(model, result)
+    widths = [(g.channels_before, g.channels_after) for g in result.report.groups
+              if not g.frozen]
+    assert widths == [(32, 16)], [g.frozen for g in result.report.groups]

@@ -245,3 +245,30 @@ def test_expand_of_plain_channels_over_a_new_axis(width_element: str) -> None:
     stored = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
     assert list(stored["w1"].shape) == [8, 8] and list(stored["w2"].shape) == [8, 8]
     assert stored["target"].tolist() == [1, 3, 4, 8 if width_element == "same" else 1]
+
+
+
+#: form -> (LlamaLike options, head groups' channels, kept): Phi-3's rotary
+#: ``cat(rotary(x[..., :d]), x[..., d:])`` with ``d = cos.shape[-1]`` (the pass-through part is
+#: empty: it joins nothing, the KV groups prune); multi-query attention (Gemma-2B, Falcon): one
+#: KV head, its ``view(b, s, 1, d)`` a split with one head that repeat_kv copies to every query
+#: head, whose slots prune.
+OPEN_HEADS = {"phi3_rotary_pass": ({"rotary_pass": True}, 2, 1),
+              "multi_query": ({"kv_heads": 1}, 4, 2)}
+OPEN_CASES = [(f, e) for f in OPEN_HEADS for e in ("torchscript", "dynamo", "dynamo-dynamic")]
+
+
+@pytest.mark.torch_export
+@pytest.mark.parametrize("form,exporter", OPEN_CASES, ids=[f"{f}-{e}" for f, e in OPEN_CASES])
+def test_decoder_forms_keep_head_groups_open(form: str, exporter: str) -> None:
+    options, channels, kept = OPEN_HEADS[form]
+    dynamo, dynamic = EXPORTERS[exporter]
+    model = export_llama(build_llama_like(with_positions=True, **options), dynamo,
+                         dynamic=dynamic)
+    result = onnx_fpgm.prune(model, 0.5)
+    check_pruned(model, result)
+    heads = [g for g in result.analysis.groups if g.heads]
+    assert len(heads) == 2 and not any(g.frozen for g in heads), [g.frozen for g in heads]
+    plans = {p.group_id: p for p in result.plan.groups}
+    assert all(g.n_channels == channels and plans[g.id].n_keep == kept for g in heads)
+    assert result.report.after.params < 0.7 * result.report.before.params

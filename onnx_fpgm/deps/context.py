@@ -68,6 +68,9 @@ class AnalysisContext:
         #: Tensors whose shape a handler found where onnx's inference could not (a computed
         #: Reshape target); shapes are inferred onward from them, node by node.
         self.refined: set[str] = set()
+        #: Cuts of a split tensor that hold none of its entries (Phi-3's rotary pass-through
+        #: ``q[..., rotary_dim:]`` when the rotary covers the whole head): a Concat joins nothing.
+        self.empty_cuts: set[str] = set()
         #: Heads repeated for their readers (repeat_kv), coupled when the analysis finishes.
         self.repeats: list[RepeatCopies] = []
         #: Atoms whose head dims go together: contracted (``q @ k^T``) or copied (repeat_kv).

@@ -19,9 +19,8 @@ import numpy as np
 
 from ..channels import ChannelMap
 from ..registry import register
+from ..reshape_sizes import named_dims, resolve_reshape_target
 from ..shape_values import (
-    named_dims,
-    resolve_reshape_target,
     rewritable_source,
     shape_elements,
     symbolic_dims,

@@ -114,7 +114,7 @@ class ConcatHandler:
     def propagate(self, node, ctx) -> None:
         inputs = self.data_inputs(node)
         if any(ctx.split_map(t) is not None for t in inputs):
-            split_operands.concat(node, ctx, inputs)
+            split_operands.concat(node, ctx, [t for t in inputs if t.name not in ctx.empty_cuts])
             return
         maps = [ctx.map(t) for t in inputs]
         if not any(m is not None for m in maps):

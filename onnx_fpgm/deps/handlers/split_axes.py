@@ -34,9 +34,8 @@ from ..blocks import SplitMap, drop_level, new_split, require_free, require_whol
 from ..channels import ChannelMap
 from ..computed_scale import computed_scale
 from ..repeats import repeat_copies
+from ..reshape_sizes import named_dims, resolve_reshape_target
 from ..shape_values import (
-    named_dims,
-    resolve_reshape_target,
     rewritable_source,
     shape_elements,
     symbolic_dims,
@@ -218,6 +217,8 @@ def cut_level(node, ctx, smap: SplitMap, axis: int, bounds: list[tuple[int, int]
     else:
         require_whole(ctx, smap, position, why)
     for out, (start, stop) in zip(node.outputs, bounds):
+        if stop <= start:
+            ctx.empty_cuts.add(out.name)
         index = [slice(None)] * smap.labels.ndim
         index[position] = slice(start, stop)
         ctx.set_map(out, replace(smap, labels=smap.labels[tuple(index)]))
@@ -300,6 +301,8 @@ def reshape_splits(node, ctx, xmap: ChannelMap) -> bool:
     if span is None:
         return False
     levels = [j for j in range(*span) if out_shape[j] != 1]
+    if levels == [len(out_shape) - 1] and span[0] == len(out_shape) - 2 >= 2:
+        levels = [span[0], levels[0]]  # one head: multi-query attention's K/V, (b, s, 1, d)
     if len(levels) < 2:
         return False
     if _computed_from(elements, levels, xmap.labels):
@@ -398,7 +401,7 @@ def _level_block(smap: SplitMap, axis: int, in_shape, out_shape) -> tuple[int, i
                 continue
             outer, inner = prod(in_shape[lo:axis]), prod(in_shape[axis + 1:hi + 1])
             if outer * inner >= 2**31:  # a symbolic dim (a stand-in prime) merged in
-                return None
+                continue
             return big[0], outer, inner
     return None
 
