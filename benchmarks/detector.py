@@ -18,8 +18,9 @@ h) and class scores; a box is kept at best-class score >= 0.25, then per-class N
         [--recover-time 300] [--cache /tmp/onnx-fpgm-cache]
 
 A run is ``allocation/criterion/compensate/recover``, e.g. ``sensitivity/obs/obs/distill``.
-``--refit-downstream``: ``sequential`` also refits every layer after a pruned one (an experiment:
-see RESULTS).
+``--no-refit-downstream`` / ``--no-confidence-weights``: ``sequential`` without refitting the
+layers whose inputs only drifted / without weighting the class-score layers' rows by the
+teacher's confidence (both on by default; ablations, see RESULTS).
 """
 from __future__ import annotations
 
@@ -163,10 +164,13 @@ def main() -> None:
     parser.add_argument("--recover-steps", type=int, default=300)
     parser.add_argument("--cache", default="/tmp/onnx-fpgm-cache")
     parser.add_argument("--save", default=None, help="folder for the pruned models")
-    parser.add_argument("--refit-downstream", action="store_true",
-                        help="sequential runs also refit the layers whose inputs only drifted")
+    parser.add_argument("--no-refit-downstream", action="store_true",
+                        help="sequential runs refit only the consumers of removed channels")
+    parser.add_argument("--no-confidence-weights", action="store_true",
+                        help="sequential runs weight every row of the class layers the same")
     args = parser.parse_args()
-    sequential.REFIT_DOWNSTREAM = args.refit_downstream
+    sequential.REFIT_DOWNSTREAM = not args.no_refit_downstream
+    sequential.CONFIDENCE_WEIGHTS = not args.no_confidence_weights
     cache = Path(args.cache)
     model_path, photos = fetch(cache)
     calib = np.stack([v for _, p in CALIBRATION for v in variants(photos[p], CROPS[:4])])
