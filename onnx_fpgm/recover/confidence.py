@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..measure.calibration import Calibration
+from ..measure.calibration import Calibration, static_batch
 from ..measure.fidelity import part_layout
 from .layers import run_exposed
+from .torch_graph import TorchGraph, check_supported, float_feeds
 
 #: Least weight of a row: background positions still count this much against a confident one.
 FLOOR = 0.2
@@ -80,6 +81,21 @@ def confidence_maps(original: onnx.ModelProto, teacher, probe: list[dict],
     return ConfidenceMaps(maps, wanted), (f"sequential: {len(wanted)} class-score layer(s) "
                                           f"weighted by the teacher's confidence (floor {FLOOR}, "
                                           f"mean weight {mean:.2f})")
+
+
+def teacher_confidence(original: onnx.ModelProto, data: Calibration, nodes: set[str]
+                       ) -> tuple[ConfidenceMaps | None, str]:
+    """``confidence_maps`` with a teacher of its own on CPU, probed on the first samples (for
+    ``obs``, which has no torch graph at hand); None for a graph the executor cannot run."""
+    import torch  # the probe's device
+
+    if check_supported(original):
+        return None, ""
+    teacher = TorchGraph(original, "cpu", trainable=False)
+    count = static_batch(original, data) or PROBE_SAMPLES
+    probe = float_feeds({k: v[:count] for k, v in data.inputs.items()}, teacher,
+                        torch.device("cpu"))
+    return confidence_maps(original, teacher, [probe], data, nodes)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
