@@ -108,6 +108,8 @@ def _class_layers(original: onnx.ModelProto, teacher, probe: list[dict]
     import torch  # the teacher's autograd
 
     convs = [s.node for s in teacher.steps if s.node.op_type == "Conv"]
+    if not convs:  # no layer the weights apply to: skip the probe
+        return {}, ""
     runs = []
     with torch.enable_grad():
         for feeds in probe:
