@@ -14,12 +14,15 @@ h) and class scores; a box is kept at best-class score >= 0.25, then per-class N
 (numpy). A pruned detection matches an unmatched original one of the same class at IoU >= 0.5
 (greedy, highest score first): precision, recall and F1 over all evaluation images.
 
-    python benchmarks/detector.py [--target 0.667] [--runs uniform/fpgm/none/none,...]
+    python benchmarks/detector.py [--target 0.667[,0.75,...]] [--runs uniform/fpgm/none/none,...]
         [--recover-time 300] [--cache /tmp/onnx-fpgm-cache]
 
-A run is ``allocation/criterion/compensate/recover``, e.g. ``sensitivity/obs/obs/distill``.
-``--refit-downstream``: ``sequential`` also refits every layer after a pruned one (an experiment:
-see RESULTS).
+A run is ``allocation/criterion/compensate/recover``, e.g. ``sensitivity/obs/obs/distill``;
+every run at every target, the sensitivity measured once per allocation/criterion.
+``--no-refit-downstream`` / ``--no-confidence-weights``: ``sequential`` without refitting the
+layers whose inputs only drifted / without weighting the class-score layers' rows by the
+teacher's confidence (both on by default; ablations, see RESULTS). ``--obs-confidence-weights``:
+``obs`` weights the class-score layers' statistics the same way (an experiment).
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ from prune_runs import parse_runs
 import onnx_fpgm
 from onnx_fpgm.measure.calibration import load_calibration, run_batched
 from onnx_fpgm.model.runtime import make_session
-from onnx_fpgm.recover import sequential
+from onnx_fpgm.recover import obs, sequential
 
 WHEELS = ("nudenet==3.4.2", "scikit-image==0.26.0", "ultralytics==8.4.190",
           "matplotlib==3.11.2")
@@ -158,17 +161,24 @@ def agreement(want: np.ndarray, have: np.ndarray) -> tuple[float, float, float, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", type=float, default=0.667, help="MACs kept")
+    parser.add_argument("--target", default="0.667", help="MACs kept (comma-separated)")
     parser.add_argument("--runs", default=DEFAULT_RUNS)
     parser.add_argument("--recover-time", type=float, default=300.0)
     parser.add_argument("--recover-steps", type=int, default=300)
     parser.add_argument("--cache", default="/tmp/onnx-fpgm-cache")
     parser.add_argument("--save", default=None, help="folder for the pruned models")
-    parser.add_argument("--refit-downstream", action="store_true",
-                        help="sequential runs also refit the layers whose inputs only drifted")
+    parser.add_argument("--no-refit-downstream", action="store_true",
+                        help="sequential runs refit only the consumers of removed channels")
+    parser.add_argument("--no-confidence-weights", action="store_true",
+                        help="sequential runs weight every row of the class layers the same")
+    parser.add_argument("--obs-confidence-weights", action="store_true",
+                        help="obs updates weight the class layers' rows by confidence too")
     args = parser.parse_args()
-    runs = parse_runs(args.runs)
-    sequential.REFIT_DOWNSTREAM = args.refit_downstream
+    obs.CONFIDENCE_WEIGHTS = args.obs_confidence_weights
+    sequential.REFIT_DOWNSTREAM = not args.no_refit_downstream
+    sequential.CONFIDENCE_WEIGHTS = not args.no_confidence_weights
+    runs = [(float(target), run) for target in args.target.split(",")
+            for run in parse_runs(args.runs)]
     cache = Path(args.cache)
     model_path, photos = fetch(cache)
     calib = np.stack([v for _, p in CALIBRATION for v in variants(photos[p], CROPS[:4])])
@@ -185,12 +195,12 @@ def main() -> None:
     print(f"{'allocation':>11} {'criterion':>9} {'comp':>5} {'recover':>7} {'MACs':>6} "
           f"{'params':>6} {'P':>5} {'R':>5} {'F1':>5} {'time s':>6}  recovery")
     caches: dict[str, dict] = {}
-    for run in runs:
+    for target, run in runs:
         allocation, criterion, compensate, recover = run
         started = time.perf_counter()
         try:
             result = onnx_fpgm.prune(
-                original, target_macs=args.target, allocation=allocation, criterion=criterion,
+                original, target_macs=target, allocation=allocation, criterion=criterion,
                 compensate=compensate, recover=recover, recover_time=args.recover_time,
                 recover_steps=args.recover_steps,
                 calibration=str(cache / "detector_calib.npz"),
@@ -211,7 +221,8 @@ def main() -> None:
               f"{precision:5.2f} {recall:5.2f} {f1:5.2f} {elapsed:6.0f}  {note}", flush=True)
         if args.save:
             Path(args.save).mkdir(parents=True, exist_ok=True)
-            onnx.save(result.model, Path(args.save) / f"{run.label().replace('/', '_')}.onnx")
+            onnx.save(result.model,
+                      Path(args.save) / f"{target}_{run.label().replace('/', '_')}.onnx")
 
 
 if __name__ == "__main__":

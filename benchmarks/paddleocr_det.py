@@ -13,7 +13,7 @@ evaluation images, besides the cosine of the probability map.
 
     python benchmarks/paddleocr_det.py [--targets 0.8,0.6,0.4]
         [--runs sensitivity/obs/sequential/none,...] [--size 224] [--split 0.5 [--crop]]
-        [--exclude REGEX] [--exclude-costliest 1] [--refit-downstream] [--damping 0.01]
+        [--exclude REGEX] [--exclude-costliest 1] [--no-refit-downstream] [--damping 0.01]
         [--groups] [--latency] [--cache /tmp/onnx-fpgm-cache]
 
 A run is ``allocation/criterion/compensate/recover`` (``prune_runs.py``, as in ``detector.py``);
@@ -182,8 +182,8 @@ def main() -> None:
                         help="regex of producer node names left unpruned (repeatable)")
     parser.add_argument("--exclude-costliest", type=int, default=0, metavar="N",
                         help="repeat the first sensitivity run, its N costliest units whole")
-    parser.add_argument("--refit-downstream", action="store_true",
-                        help="sequential runs also refit the layers whose inputs only drifted")
+    parser.add_argument("--no-refit-downstream", action="store_true",
+                        help="sequential runs refit only the consumers of removed channels")
     parser.add_argument("--damping", type=float, default=sequential.DAMPING,
                         help="sequential's damping towards the layer's current weights")
     parser.add_argument("--recover-time", type=float, default=300.0)
@@ -196,7 +196,7 @@ def main() -> None:
     if args.crop and not 0 < args.split < 1:
         parser.error("--crop needs --split between 0 and 1: the text it calibrates on")
     model_path, images = fetch(Path(args.cache))
-    sequential.REFIT_DOWNSTREAM = args.refit_downstream
+    sequential.REFIT_DOWNSTREAM = not args.no_refit_downstream
     sequential.DAMPING = args.damping
     calib, held_out, what = datasets(images, args.split, args.crop, args.size)
     print(f"{what}: {len(calib)} {args.size}x{args.size} crops (upscaled), evaluation at "

@@ -18,9 +18,10 @@ MatMul followed by a bias Add):
 * ``sequential``: layer-wise reconstruction in one pass (``sequential.py``): the pruned and the
   original model walk the calibration samples side by side, and each consumer is refitted on
   its actual (already compensated) input against the original layer's output; the OBS update
-  where the input has not drifted, lstsq's fit without one model run per layer (on YOLOv8n it
-  did worse than ``obs``: benchmarks/RESULTS.md). A consumer the fit cannot take gets ``bias``;
-  a graph the torch executor cannot run gets ``obs``.
+  where the input has not drifted, lstsq's fit without one model run per layer (on YOLOv8n's
+  sensitivity plans better than ``obs`` at two cuts of three, worse on its uniform plan:
+  benchmarks/RESULTS.md). A consumer the fit cannot take gets ``bias``; a graph the torch
+  executor cannot run gets ``obs``.
 
 Compensated layers no longer equal the masked original, so the exactness oracle runs on the
 uncompensated rewrite first; the compensated model is then checked to run with the same

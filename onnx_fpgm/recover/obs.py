@@ -32,6 +32,7 @@ from ..deps.channels import Analysis, Group
 from ..importance.obs import ObsLayer, ObsOrder, greedy_obs_order, inverse_hessian, obs_update
 from ..measure.calibration import Calibration, run_batched, static_batch
 from ..model.runtime import make_session
+from .confidence import teacher_confidence
 from .layers import (
     Consumer,
     attr,
@@ -58,6 +59,10 @@ MAX_ROWS = 8192
 CHUNK = 32
 #: Widest design (input columns) whose Hessian is formed (``MAX_WIDTH^2`` float64s).
 MAX_WIDTH = 4608
+#: The update's statistics of a detector's class-score layers weighted by the teacher's
+#: confidence, as ``sequential`` weights them (``confidence.py``). Off: an experiment, measured
+#: once on YOLOv8n (benchmarks/RESULTS.md); the criterion's statistics are never weighted.
+CONFIDENCE_WEIGHTS = False
 #: Damping of ``H``, relative to its mean diagonal.
 DAMPING = 1e-2
 
@@ -82,9 +87,11 @@ class ConsumerStats:
 
 
 def gather_stats(original: onnx.ModelProto, consumers: list[Consumer],
-                 calibration: Calibration) -> tuple[dict[str, ConsumerStats], dict[str, str]]:
+                 calibration: Calibration, weighted: bool = False
+                 ) -> tuple[dict[str, ConsumerStats], dict[str, str]]:
     """Statistics of every consumer that has a float weight and a design we can form; the
-    others with the reason they are left out."""
+    others with the reason they are left out. ``weighted``: a class-score layer's rows count
+    by the teacher's confidence (``confidence.py``)."""
     skipped: dict[str, str] = {}
     wanted: dict[str, tuple[onnx.NodeProto, np.ndarray, np.ndarray, np.ndarray]] = {}
     for consumer in consumers:
@@ -108,6 +115,8 @@ def gather_stats(original: onnx.ModelProto, consumers: list[Consumer],
     grams: dict[str, np.ndarray] = {}
     quota = math.ceil(MAX_ROWS / math.ceil(usable / step))  # rows per chunk
     rng = np.random.default_rng(0)
+    weights = teacher_confidence(original, first_samples(data, usable), set(wanted))[0] \
+        if weighted else None
     for start in range(0, usable, step):
         chunk = Calibration({k: v[start:min(start + step, usable)]
                              for k, v in data.inputs.items()})
@@ -119,11 +128,14 @@ def gather_stats(original: onnx.ModelProto, consumers: list[Consumer],
                                                                            [1, 1])))
                 x = x[:max(1, math.ceil(2 * quota / max(positions, 1)))]
             a = design_rows(node, weight, x.astype(np.float32))
+            w = None if weights is None else weights.row_weights(name, start, start + len(x))
             if len(a) > quota:
-                a = a[np.sort(rng.choice(len(a), quota, replace=False))]
+                pick = np.sort(rng.choice(len(a), quota, replace=False))
+                a, w = a[pick], None if w is None else w[pick]
             if channel[-1] < 0:  # the ones column of the bias
                 a = np.concatenate([a, np.ones((len(a), 1), a.dtype)], 1)
-            gram = (a.T @ a).astype(np.float64)  # float32 products, float64 sums
+            rows_in = a if w is None else a * w[:, None]
+            gram = (rows_in.T @ a).astype(np.float64)  # float32 products, float64 sums
             grams[name] = grams[name] + gram if name in grams else gram
     stats = {}
     for name, (_, _, rows, channel) in wanted.items():
@@ -257,7 +269,7 @@ def compensate_obs(original: onnx.ModelProto, model: onnx.ModelProto,
                    consumers: list[Consumer], calibration: Calibration) -> list[Consumer]:
     """Apply the OBS update to every consumer it can serve (in ``model``, in place); return the
     consumers left for another method."""
-    stats, _ = gather_stats(original, consumers, calibration)
+    stats, _ = gather_stats(original, consumers, calibration, CONFIDENCE_WEIGHTS)
     left = []
     for consumer in consumers:
         found = stats.get(consumer.node)

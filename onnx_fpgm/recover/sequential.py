@@ -17,9 +17,13 @@ layers before, as ``lstsq`` does, but with one pass instead of one model run per
 torch executor and not onnxruntime: it stops at every node, and the original's target is
 computed when it is needed, so no layer's outputs are stored for later.
 
-Refitted: the consumers of removed channels, and (``downstream``) every other Conv/Gemm/MatMul
-whose input drifted because of them. A layer whose form the fit cannot take (grouped Conv, a
-computed weight, ...) is left to the caller (``compensate`` folds the bias there).
+Refitted: the consumers of removed channels, and (``REFIT_DOWNSTREAM``) every other
+Conv/Gemm/MatMul whose input drifted because of them. A layer whose form the fit cannot take
+(grouped Conv, a computed weight, ...) is left to the caller (``compensate`` folds the bias there).
+
+A detector's class-score layers fit weighted least squares: each row weighted by the teacher's
+confidence at its position (``confidence.py``; a class logit's error matters where something is
+detected). A model without class scores fits as before, bit for bit.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import numpy as np
 import onnx
 
 from ..measure.calibration import Calibration, static_batch
+from .confidence import PROBE_SAMPLES, ConfidenceMaps, confidence_maps
 from .layers import (
     Consumer,
     attr,
@@ -57,9 +62,14 @@ MAX_ROWS = 16384
 DAMPING = 1e-2
 #: Design values unfolded at once (bounds the im2col memory of a wide Conv).
 UNFOLD_VALUES = 1 << 24
-#: Refit the layers downstream of a pruned one whose inputs only drifted (not pruned). Off:
-#: on YOLOv8n it found one such layer and changed nothing measured (benchmarks/RESULTS.md).
-REFIT_DOWNSTREAM = False
+#: Refit the layers downstream of a pruned one whose inputs only drifted (not pruned): they
+#: absorb the drift as the consumers do (YOLOv8n's 1.5x sensitivity plan: 20 -> 37 layers,
+#: detection F1 0.63 -> 0.68; benchmarks/RESULTS.md).
+REFIT_DOWNSTREAM = True
+#: Weight the rows of a detector's class-score layers by the teacher's confidence
+#: (``confidence.py``); off: every row counts the same. (On YOLOv8n's calibration photos the
+#: teacher is confident almost nowhere: the same F1 either way.)
+CONFIDENCE_WEIGHTS = True
 
 
 @dataclass
@@ -187,7 +197,8 @@ def refit_sequentially(original: onnx.ModelProto, model: onnx.ModelProto, fits: 
     started = time.perf_counter()
     per_sample = sum(v[0].size * 4 for v in calibration.inputs.values()) or 1
     data = first_samples(calibration, max(1, min(MAX_SAMPLES, INPUT_BYTES // per_sample)))
-    batch = static_batch(original, data) or data.n_samples
+    fixed = static_batch(original, data)
+    batch = fixed or data.n_samples
     usable = data.n_samples // batch * batch
     if usable == 0:
         return [(f"sequential: fewer calibration samples than the model's fixed batch {batch}; "
@@ -196,9 +207,16 @@ def refit_sequentially(original: onnx.ModelProto, model: onnx.ModelProto, fits: 
     teacher = TorchGraph(original, device, trainable=False)
     student = TorchGraph(model, device, trainable=False)
     arrays = [{k: v[s:s + batch] for k, v in data.inputs.items()} for s in range(0, usable, batch)]
+    todo = {f.node: f for f in fits}
+    weights, weight_note = None, ""
+    if CONFIDENCE_WEIGHTS:
+        probe = arrays[:max(1, PROBE_SAMPLES // batch)] if fixed else \
+            [{k: v[:PROBE_SAMPLES] for k, v in arrays[0].items()}]
+        weights, weight_note = confidence_maps(
+            original, teacher, [float_feeds(a, teacher, device) for a in probe],
+            first_samples(data, usable), set(todo))
     teacher_walk = _Walk(teacher, [float_feeds(a, teacher, device) for a in arrays])
     student_walk = _Walk(student, [float_feeds(a, student, device) for a in arrays])
-    todo = {f.node: f for f in fits}
     rng = np.random.default_rng(0)
     done, missed = 0, []
     with torch.no_grad():
@@ -212,11 +230,13 @@ def refit_sequentially(original: onnx.ModelProto, model: onnx.ModelProto, fits: 
                 student_walk.step()
                 continue
             inputs = _refit_layer(model, node, refit, student_walk.envs, teacher_walk.envs,
-                                  onode.output[0], rng, device)
+                                  onode.output[0], rng, device, weights, batch)
             student_walk.step(inputs)
             done += 1
     notes = [(f"sequential: refitted {done} layer(s) on {usable} calibration samples in "
               f"{time.perf_counter() - started:.1f} s")]
+    if weight_note:
+        notes.append(weight_note)
     if missed:
         notes.append(f"sequential: {len(missed)} layer(s) not found in the original's order, "
                      f"left as they are: {', '.join(missed[:4])}")
@@ -224,9 +244,10 @@ def refit_sequentially(original: onnx.ModelProto, model: onnx.ModelProto, fits: 
 
 
 def _refit_layer(model, node, refit: Refit, student_envs, teacher_envs, target: str, rng,
-                 device) -> list:
+                 device, weights: ConfidenceMaps | None, batch: int) -> list:
     """Fit ``node``'s weights (and bias) on its walked inputs against the original's output
-    ``target``; write them into ``model`` and return them as the step's new inputs."""
+    ``target`` (rows weighted by ``weights`` when it holds ``node``: chunks of ``batch``
+    samples); write them into ``model`` and return them as the step's new inputs."""
     import torch  # the executor's tensors
 
     _, prior, channel = design_of(model, node)
@@ -236,16 +257,19 @@ def _refit_layer(model, node, refit: Refit, student_envs, teacher_envs, target: 
     cross = np.zeros((width, prior.shape[0]))
     quota = math.ceil(MAX_ROWS / len(student_envs))
     weight = _stored(model, node.input[1])
-    for student_env, teacher_env in zip(student_envs, teacher_envs):
+    for index, (student_env, teacher_env) in enumerate(zip(student_envs, teacher_envs)):
         x = student_env[node.input[0]].float().cpu().numpy()
         y = teacher_env[target].float().cpu().numpy()
         if refit.kept_out is not None:
             y = np.take(y, refit.kept_out, axis=1 if node.op_type != "MatMul" else -1)
-        for a, t in _rows(node, weight, x, y, quota, rng):
+        row_weights = None if weights is None else \
+            weights.row_weights(node.name, index * batch, index * batch + len(x))
+        for a, t, w in _rows(node, weight, x, y, quota, rng, row_weights):
             if with_bias:
                 a = np.concatenate([a, np.ones((len(a), 1), a.dtype)], 1)
-            gram += (a.T @ a).astype(np.float64)
-            cross += (a.T @ t).astype(np.float64)
+            weighted = a if w is None else a * w[:, None]
+            gram += (weighted.T @ a).astype(np.float64)
+            cross += (weighted.T @ t).astype(np.float64)
     damping = DAMPING * np.trace(gram) / width + 1e-12
     solution = np.linalg.solve(gram + damping * np.eye(width), cross + damping * prior.T)
     rows = solution.T
@@ -257,8 +281,10 @@ def _refit_layer(model, node, refit: Refit, student_envs, teacher_envs, target: 
     return [torch.from_numpy(v.astype(np.float32)).to(device) for v in tensors]
 
 
-def _rows(node, weight, x: np.ndarray, y: np.ndarray, quota: int, rng):
-    """(design rows, target rows) pairs of up to ``quota`` rows drawn from this chunk."""
+def _rows(node, weight, x: np.ndarray, y: np.ndarray, quota: int, rng,
+          row_weights: np.ndarray | None = None):
+    """(design rows, target rows, their weights or None) of up to ``quota`` rows drawn from
+    this chunk (``row_weights``: one per design row of the whole chunk)."""
     per_sample = max(1, int(np.prod(y.shape[2:]))) if node.op_type == "Conv" else \
         max(1, int(np.prod(y.shape[1:-1]))) if node.op_type == "MatMul" else 1
     width = int(np.prod(weight.shape[1:])) if node.op_type == "Conv" else x.shape[-1]
@@ -269,10 +295,17 @@ def _rows(node, weight, x: np.ndarray, y: np.ndarray, quota: int, rng):
         t = output_rows(node, y[start:start + step])
         if len(a) != len(t):
             raise ValueError(f"{node.name}: {len(a)} design rows for {len(t)} outputs")
+        w = None
+        if row_weights is not None:
+            rows_per_sample = len(row_weights) // len(x)
+            w = row_weights[start * rows_per_sample:(start + step) * rows_per_sample]
+            if len(w) != len(a):
+                raise ValueError(f"{node.name}: {len(w)} row weights for {len(a)} design rows")
         if len(a) > share:
             pick = np.sort(rng.choice(len(a), share, replace=False))
             a, t = a[pick], t[pick]
-        yield a.astype(np.float32), t.astype(np.float32)
+            w = None if w is None else w[pick]
+        yield a.astype(np.float32), t.astype(np.float32), w
 
 
 def _stored(model: onnx.ModelProto, name: str) -> np.ndarray:
