@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from paddleocr_det import cached_wheels
 from PIL import Image
-from prune_runs import parse_runs
+from prune_runs import parse_runs, recovery_note
 
 import onnx_fpgm
 from onnx_fpgm.measure.calibration import load_calibration, run_batched
@@ -213,9 +213,7 @@ def main() -> None:
         pruned = run_batched(make_session(result.model), original, evaluation)[0]
         precision, recall, f1, _ = agreement(reference, pruned)
         r = result.report
-        rec = r.recovery
-        note = (f"{rec.steps} steps, {rec.time_s:.0f} s, loss {rec.loss_before:.3g} -> "
-                f"{rec.loss_after:.3g} ({rec.stopped})" if rec else "-")
+        note = recovery_note(r.recovery)
         print(f"{allocation:>11} {criterion:>9} {compensate:>5} {recover:>7} "
               f"{r.after.macs / r.before.macs:6.3f} {r.after.params / r.before.params:6.3f} "
               f"{precision:5.2f} {recall:5.2f} {f1:5.2f} {elapsed:6.0f}  {note}", flush=True)

@@ -42,7 +42,7 @@ import onnx_fpgm
 from onnx_fpgm.measure.calibration import load_calibration, run_batched
 from onnx_fpgm.model.runtime import make_session
 from onnx_fpgm.recover import sequential
-from prune_runs import parse_runs
+from prune_runs import parse_runs, recovery_note
 
 RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
 SKIMAGE = "scikit-image==0.26.0"
@@ -259,9 +259,7 @@ def prune_and_score(original, run, target, exclude, note, args, calibration: Pat
                                     input_shapes={"x": (1, 3, 640, 640)})
         speedup = f"{timed.speedup:.2f}x"
     r = result.report
-    rec = r.recovery
-    note = (f"  {rec.steps} steps, {rec.time_s:.0f} s, loss {rec.loss_before:.3g} -> "
-            f"{rec.loss_after:.3g} ({rec.stopped})" if rec else "")
+    note = "  " + recovery_note(r.recovery, "") if r.recovery else ""
     print(f"{target:6.2f} {label:>34} {r.after.macs / r.before.macs:6.3f} "
           f"{r.after.params / r.before.params:6.3f} {text_map_iou(reference, pruned):6.3f} "
           f"{cosine:7.4f} {speedup:>9} {elapsed:6.0f}{note}", flush=True)

@@ -45,3 +45,11 @@ def parse_runs(text: str) -> list[PruneRun]:
     if not runs:
         raise ValueError("no run given")
     return runs
+
+
+def recovery_note(recovery, empty: str = "-") -> str:
+    """A report's ``recovery`` row in one line (``empty`` when the run recovered nothing)."""
+    if recovery is None:
+        return empty
+    return (f"{recovery.steps} steps, {recovery.time_s:.0f} s, loss {recovery.loss_before:.3g} "
+            f"-> {recovery.loss_after:.3g} ({recovery.stopped})")
