@@ -24,13 +24,14 @@ import logging
 
 import onnx_graphsurgeon as gs
 
-from ..model.outer_scope import walked_bodies
+from ..model.outer_scope import walked_bodies, with_bodies
 from .blocks import block_split_readers
 from .channels import Analysis
 from .context import AnalysisContext
 from .interface import cache_inputs
 from .op_families import QUANTIZED_LAYERS
 from .registry import handler_for
+from .shared_weights import couple_shared_uses
 from .shape_inference import refine_shapes
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ def build_analysis(graph: gs.Graph, opset: int, overridable: frozenset[str] = fr
     ctx = AnalysisContext(graph, opset, overridable,
                           cache_inputs(graph) if allow_interface_change else frozenset())
     _walk(graph.nodes, ctx)
+    couple_shared_uses([n for g in with_bodies(graph) for n in g.nodes], ctx)
     for out in graph.outputs:
         if out.name not in ctx.changeable_outputs:
             ctx.block_tensor(out, f"reaches graph output {out.name}")

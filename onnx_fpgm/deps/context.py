@@ -75,6 +75,9 @@ class AnalysisContext:
         self.repeats: list[RepeatCopies] = []
         #: Atoms whose head dims go together: contracted (``q @ k^T``) or copied (repeat_kv).
         self.contracted: list[tuple[np.ndarray, np.ndarray]] = []
+        #: Couplings of the uses of a shared weight (``shared_weights``), made in ``finish``
+        #: unless they would meet a blocked channel.
+        self._shared: list[tuple[np.ndarray, np.ndarray]] = []
 
     # ---- reading the graph ----
     def map(self, tensor: gs.Tensor | None) -> ChannelMap | None:
@@ -166,6 +169,11 @@ class AnalysisContext:
         lone = np.concatenate([a[(a >= 0) & (b < 0)], b[(b >= 0) & (a < 0)]])
         if len(lone):
             self._blocked.append((lone, f"coupled with channels that cannot be pruned at {where}"))
+
+    def share(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Positions of ``a`` and ``b`` read one shared weight's entries: coupled in ``finish``
+        when neither meets a blocked channel (else each use keeps its own slice)."""
+        self._shared.append((np.asarray(a), np.asarray(b)))
 
     def couple_heads(self, a: np.ndarray, b: np.ndarray, where: str) -> None:
         """``couple`` for heads named by one atom each (a split level's representative): the
@@ -268,6 +276,7 @@ class AnalysisContext:
                                  [np.zeros(0, np.int64)])
         slot_repeats = resolve_repeats(self.repeats, self.split_records, blocked, self.couple,
                                        self.block)
+        self._pairs.extend(self._unblocked_shares())
         n = self.n_atoms
         parent = np.arange(n, dtype=np.int64)
 
@@ -330,6 +339,27 @@ class AnalysisContext:
             dim_atoms=dims.atoms,
             dim_class_of_atom=dim_class_of_atom,
         )
+
+    def _unblocked_shares(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The ``share`` pairs none of whose atoms is in a class that holds a blocked atom."""
+        if not self._shared:
+            return []
+        parent = np.arange(self.n_atoms, dtype=np.int64)
+
+        def find(x: int) -> int:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for a_arr, b_arr in self._pairs:
+            for a, b in zip(a_arr.tolist(), b_arr.tolist()):
+                ra, rb = find(a), find(b)
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)
+        blocked = {find(int(a)) for labels, _ in self._blocked for a in labels.tolist()}
+        return [(a, b) for a, b in self._shared
+                if not any(find(int(x)) in blocked for x in np.concatenate([a, b]).tolist())]
 
     def _add_dim_groups(self, dims: HeadDims, groups: list[Group],
                         class_blocked: list[str | None]) -> np.ndarray:

@@ -14,6 +14,7 @@ from ..model.outer_scope import with_bodies
 from .channels import Analysis
 from .registry import handler_for
 from .rewrite_context import RewriteContext
+from .shared_weights import merge_alike_copies
 
 
 def apply_plan(graph: gs.Graph, analysis: Analysis, removed_classes: np.ndarray,
@@ -45,6 +46,7 @@ def apply_plan(graph: gs.Graph, analysis: Analysis, removed_classes: np.ndarray,
                 raise RewriteError(f"rewriting {node.op} {node.name} failed: {err}") from err
         if ctx.added_nodes:  # private copies (quantizers, shape paths) were appended at the end
             _place_added(part, ctx.added_nodes)
+    merge_alike_copies(ctx.copies, ctx.notes, {t.name for g in graphs for t in g.outputs})
     # Remove what our copies made unused (constant chains we replaced), not branches that fed
     # no output before: those are the user's and stay, like every other node.
     for part, dead in zip(graphs, already_dead):

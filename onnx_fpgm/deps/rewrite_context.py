@@ -3,9 +3,10 @@
 Constants are sliced where they are stored (the initializer, or the ``Constant`` node behind an
 ``Identity``/``Cast`` chain), keeping their names, dtype and bytes of the kept entries. A constant
 that another node also reads is never sliced in place: the pruned node gets its own copy
-(copy-on-write), and the event is noted for the report. A copy of a constant read through a
-``Cast`` is made in the stored dtype, with its own copy of the chain (an int8 or fp16 weight
-never becomes a float32 copy), named with the original's name as prefix.
+(copy-on-write), and the event is noted for the report; where every reader's copy ends up
+the same, the copies go back into the original (``shared_weights``). A copy of a constant read
+through a ``Cast`` is made in the stored dtype, with its own copy of the chain (an int8 or fp16
+weight never becomes a float32 copy), named with the original's name as prefix.
 
 A weight stored quantized (``DequantizeLinear(W_q, scale, zero_point)``, possibly over a
 ``QuantizeLinear`` of a float constant) is sliced through its quantizer: ``W_q`` along the pruned
@@ -57,6 +58,9 @@ class RewriteContext:
         #: Sliced copies of shared constants, by (root, chain, axis, kept): readers slicing a
         #: shared constant alike share one copy.
         self._sliced_copies: dict[tuple, gs.Constant] = {}
+        #: (original, copy, index of its note) of every copy of a stored constant: put back
+        #: into the original where all readers agree (``shared_weights.merge_alike_copies``).
+        self.copies: list[tuple[gs.Constant, gs.Constant, int]] = []
 
     # ---- reading ----
     def map(self, tensor: gs.Tensor | None) -> ChannelMap | None:
@@ -146,7 +150,8 @@ class RewriteContext:
             if any(c.op == "Cast" for c in chain):
                 self._attach_chain_copy(node, index, root, chain, sliced)
             else:
-                self._attach_copy(node, index, _through_chain(sliced, chain), "sliced copy")
+                self._attach_copy(node, index, _through_chain(sliced, chain), "sliced copy",
+                                  root if all(c.op == "Identity" for c in chain) else None)
             self._sliced_copies[key] = node.inputs[index]
             return
         if self._slice_elementwise(node, index, axis, keep):
@@ -358,11 +363,17 @@ class RewriteContext:
         node.inputs.append(gs.Constant(self._unique(name), value))
         self._edited()
 
-    def _attach_copy(self, node: gs.Node, index: int, value: np.ndarray, what: str) -> None:
+    def _attach_copy(self, node: gs.Node, index: int, value: np.ndarray, what: str,
+                     origin=None) -> None:
+        """``origin``: the stored constant that ``node.inputs[index]`` reads through
+        ``Identity`` nodes (the input itself when it is one)."""
         old = node.inputs[index]
         copy = gs.Constant(self._unique(f"{old.name}__{node.name}"), _contiguous(value))
         node.inputs[index] = copy
         self._edited()
+        origin = old if origin is None else origin
+        if isinstance(origin, gs.Constant):
+            self.copies.append((origin, copy, len(self.notes)))
         self.notes.append(f"{node.name}: {old.name} is shared or computed; used a {what}")
 
     def _attach_chain_copy(self, node: gs.Node, index: int, root, chain: list[gs.Node],
