@@ -14,7 +14,7 @@ from ..model.outer_scope import with_bodies
 from .blocks import SplitMap, SplitRecord, resolve_splits
 from .channels import Analysis, ChannelMap, Group, Member, Source
 from .constants import FOLDABLE_OPS, ConstantFolder
-from .head_dims import HeadDims, resolve_head_dims
+from .head_dims import HeadDims, UnionFind, resolve_head_dims
 from .repeats import RepeatCopies, resolve_repeats
 from .shape_values import ELEMENT_MOVING_OPS, channel_labels, tensor_elements
 
@@ -344,22 +344,13 @@ class AnalysisContext:
         """The ``share`` pairs none of whose atoms is in a class that holds a blocked atom."""
         if not self._shared:
             return []
-        parent = np.arange(self.n_atoms, dtype=np.int64)
-
-        def find(x: int) -> int:
-            while parent[x] != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
+        classes = UnionFind(self.n_atoms)
         for a_arr, b_arr in self._pairs:
             for a, b in zip(a_arr.tolist(), b_arr.tolist()):
-                ra, rb = find(a), find(b)
-                if ra != rb:
-                    parent[max(ra, rb)] = min(ra, rb)
-        blocked = {find(int(a)) for labels, _ in self._blocked for a in labels.tolist()}
+                classes.union(a, b)
+        blocked = {classes.find(a) for labels, _ in self._blocked for a in labels.tolist()}
         return [(a, b) for a, b in self._shared
-                if not any(find(int(x)) in blocked for x in np.concatenate([a, b]).tolist())]
+                if not any(classes.find(x) in blocked for x in np.concatenate([a, b]).tolist())]
 
     def _add_dim_groups(self, dims: HeadDims, groups: list[Group],
                         class_blocked: list[str | None]) -> np.ndarray:

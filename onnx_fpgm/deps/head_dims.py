@@ -74,7 +74,7 @@ def dim_level(record: SplitRecord) -> tuple[int | None, str | None]:
     return others[-1], f"head_dim at {record.where}: {record.dims_whole[others[-1]]}"
 
 
-class _Keys:
+class UnionFind:
     """Union-find over keys, with a blocking reason per key."""
 
     def __init__(self, n: int) -> None:
@@ -129,7 +129,7 @@ def resolve_head_dims(records: list[SplitRecord], fine_roots: np.ndarray,
     result = HeadDims()
     if not key_record:
         return result
-    keys = _Keys(len(key_record))
+    keys = UnionFind(len(key_record))
     for key, why in enumerate(key_why):
         if why is not None:
             keys.block(key, why)
@@ -159,7 +159,7 @@ def resolve_head_dims(records: list[SplitRecord], fine_roots: np.ndarray,
     return result
 
 
-def _tie_fine_classes(keys: _Keys, fine_roots: np.ndarray, atom_key: np.ndarray,
+def _tie_fine_classes(keys: UnionFind, fine_roots: np.ndarray, atom_key: np.ndarray,
                       atom_why: dict[int, str]) -> None:
     """Keys whose atoms are coupled are tied; a key coupled with an atom at no key stays."""
     keyed = np.flatnonzero(atom_key >= 0)
@@ -178,7 +178,7 @@ def _tie_fine_classes(keys: _Keys, fine_roots: np.ndarray, atom_key: np.ndarray,
                    atom_why.get(atom, "coupled with channels outside the heads' grid"))
 
 
-def _collect(result: HeadDims, keys: _Keys, slabs, key_record, key_index, records) -> None:
+def _collect(result: HeadDims, keys: UnionFind, slabs, key_record, key_index, records) -> None:
     """Units from the tied keys, grouped by the records they span."""
     by_root: dict[int, list[int]] = {}
     for key in range(len(key_record)):

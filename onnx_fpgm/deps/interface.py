@@ -22,12 +22,15 @@ from ..config import PruneConfig
 from ..errors import ConfigError
 from .blocks import split_keeps
 from .channels import Analysis
+from .op_families import CACHE_ATTENTION
 
 
 #: Fused attention ops whose past inputs and present outputs are KV caches that may shrink with
 #: their KV heads: (op, domain) -> (past input indices, present output indices, (head axis,
-#: head_dim axis) of every one of them, (batch, kv heads, sequence, head_dim)).
-FUSED_CACHES = {("GroupQueryAttention", "com.microsoft"): ((3, 4), (1, 2), (1, 3))}
+#: head_dim axis) of every one of them), the indices as ``CACHE_ATTENTION`` lists them.
+FUSED_CACHES = {op: (tuple(past for past, _ in CACHE_ATTENTION[op]),
+                     tuple(present for _, present in CACHE_ATTENTION[op]), (1, 3))
+                for op in (("GroupQueryAttention", "com.microsoft"),)}
 
 
 def cache_inputs(graph: gs.Graph) -> frozenset[str]:

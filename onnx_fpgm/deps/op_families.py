@@ -1,5 +1,6 @@
-"""Op families that several stages name: the recurrent layers, the QOperator layers and the
-fused attention ops that keep a KV cache.
+"""Op families that several stages name: the recurrent layers, the QOperator layers, the
+fused attention ops that keep a KV cache, and the unary elementwise ops (their handler, and
+``same_dims``: an output dim that copies the input's).
 
 They live here, at the lowest stage that needs them (the analysis and the handlers), so the
 oracle (``oracle.masking``), the cost model and the report read the same sets.
@@ -24,3 +25,13 @@ CACHE_ATTENTION = {("GroupQueryAttention", "com.microsoft"): ((3, 1), (4, 2)),
                    ("MultiHeadAttention", "com.microsoft"): ((6, 1), (7, 2)),
                    ("Attention", ""): ((4, 1), (5, 2))}
 CACHE_SEQUENCE_AXIS = 2
+
+#: Unary elementwise ops: one input carries the channels (the others are scalars).
+UNARY_OPS = (
+    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu",
+    "Softplus", "Softsign", "Gelu", "Mish", "Erf", "Abs", "Neg", "Exp", "Log", "Sqrt",
+    "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "ThresholdedRelu", "Swish",
+    "Not", "IsNaN", "IsInf",
+)
+#: Unary ops that do not change values: a BatchNorm after them still folds into the producer.
+VALUE_PRESERVING = ("Identity", "Dropout", "Cast")

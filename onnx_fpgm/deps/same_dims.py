@@ -14,13 +14,13 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..model.runtime import ANONYMOUS
+from .op_families import UNARY_OPS, VALUE_PRESERVING
 
-#: ops whose output has input 0's shape (axis for axis)
-_SAME_SHAPE = frozenset({
-    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Gelu", "Mish",
-    "Erf", "Neg", "Exp", "Sqrt", "Reciprocal", "Softplus", "Abs", "Identity", "Cast", "Dropout",
-    "LayerNormalization", "SimplifiedLayerNormalization", "Softmax", "LogSoftmax",
-    "InstanceNormalization", "BatchNormalization"})
+#: ops whose output has input 0's shape (axis for axis): the elementwise handlers' unary ops
+#: and the normalizations
+_SAME_SHAPE = frozenset({*UNARY_OPS, *VALUE_PRESERVING, "LayerNormalization",
+                         "SimplifiedLayerNormalization", "Softmax", "LogSoftmax",
+                         "InstanceNormalization", "BatchNormalization"})
 #: broadcasting ops: the output axis is an input's where every other input broadcasts on it
 _BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min", "Sum"})
 _MAX_DEPTH = 512  # long residual streams; past that the dim keeps a token of its own

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .shape_values import Element, tensor_elements
+from .shape_values import ELEMENT_MOVING_OPS, Element, tensor_elements
 
-#: Ops that move the elements of a shape vector (their data input is input 0, Concat's all).
-_MOVING = frozenset({"Slice", "Gather", "Concat", "Unsqueeze", "Squeeze", "Cast", "Identity",
-                     "Reshape", "Flatten"})
+#: Ops that move the elements of a shape vector (their data input is input 0, Concat's all):
+#: shape_values' moving ops but those this module judges apart (Mul, Where) or that make a
+#: new vector (Shape, ConstantOfShape).
+_MOVING = ELEMENT_MOVING_OPS - {"Shape", "Mul", "Where", "ConstantOfShape"}
 
 
 def reads_follow(node, ctx) -> str | None:

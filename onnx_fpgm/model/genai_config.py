@@ -28,24 +28,23 @@ GENAI_CONFIG = "genai_config.json"
 def kv_heads_change(changes: list[dict[str, Any]]) -> tuple[int, int] | None | str:
     """(KV heads before, after) shared by every changed cache; None: no change; a str: why the
     changes cannot be written as one count (the layers kept different numbers of heads)."""
-    pairs = {(c["before"][axis], c["after"][axis]) for c in changes
-             if (axis := c.get("heads_axis", c["axis"])) is not None
-             and axis in c.get("axes", [c["axis"]])}
-    if not pairs:
-        return None
-    if len(pairs) > 1:
-        return "the layers keep different numbers of KV heads " + \
-            ", ".join(f"{b} -> {a}" for b, a in sorted(pairs, key=str))
-    return pairs.pop()
+    return _one_change(changes, lambda c: c.get("heads_axis", c["axis"]), "numbers of KV heads")
 
 
 def head_size_change(changes: list[dict[str, Any]]) -> tuple[int, int] | None | str:
     """(head_size before, after) shared by every cache whose head_dim axis shrank; None: no
     such change; a str: why it cannot be written as one size."""
-    pairs = {(c["before"][c["head_dim_axis"]], c["after"][c["head_dim_axis"]]) for c in changes
-             if c.get("head_dim_axis") is not None and c["head_dim_axis"] in c.get("axes", ())}
+    return _one_change(changes, lambda c: c.get("head_dim_axis"), "head sizes")
+
+
+def _one_change(changes: list[dict[str, Any]], axis_of, what: str
+                ) -> tuple[int, int] | None | str:
+    """(size before, after) on the axis ``axis_of`` names, shared by every change that shrank
+    that axis (a report row lists its shrunk ``axes``; older rows only ``axis``)."""
+    pairs = {(c["before"][axis], c["after"][axis]) for c in changes
+             if (axis := axis_of(c)) is not None and axis in c.get("axes", [c["axis"]])}
     if len(pairs) > 1:
-        return "the layers keep different head sizes " + \
+        return f"the layers keep different {what} " + \
             ", ".join(f"{b} -> {a}" for b, a in sorted(pairs, key=str))
     return pairs.pop() if pairs else None
 

@@ -39,7 +39,7 @@ from ..measure.calibration import load_calibration
 from ..model import io, mapped
 from ..recover.obs import ObsCriterion
 from .costmodel import CostModel, build_cost_model
-from .plan import n_to_keep, plan_pruning
+from .plan import group_keep, n_to_keep, plan_pruning
 from .sensitivity import measure_compensated_sensitivity, measure_sensitivity
 
 logger = logging.getLogger(__name__)
@@ -128,12 +128,8 @@ class Allocator:
                 self.units.append(unit)
 
     def keep_at(self, gid: int, sparsity: float) -> int:
-        """What the group keeps at ``sparsity``: min channels and round-to, but for head dims
-        (one kept, no rounding, as ``plan.py`` counts them)."""
-        if self.analysis.groups[gid].dims:
-            return n_to_keep(int(self.n[gid]), sparsity, 1, None)
-        return n_to_keep(int(self.n[gid]), sparsity, self.config.min_channels,
-                         self.config.round_to)
+        """What the group keeps at ``sparsity``, counted as ``plan.py`` counts it."""
+        return group_keep(self.analysis.groups[gid], int(self.n[gid]), sparsity, self.config)
 
     def floor(self, gid: int) -> int:
         return self.keep_at(gid, 1.0)

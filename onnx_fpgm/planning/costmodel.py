@@ -70,12 +70,15 @@ class CostModel:
     _second: np.ndarray
     _constant: float  # the part of ``total`` no map touches
 
+    def __post_init__(self) -> None:
+        #: positions per map (at least 1), counted once: ``cost`` runs in the allocators' loops
+        self._lengths = np.maximum([len(labels) for labels in self._labels], 1).astype(np.float64)
+
     def cost(self, keep: np.ndarray) -> np.ndarray:
         """Cost for kept counts ``keep`` of shape (groups,) or (batch, groups)."""
         keep = np.asarray(keep, dtype=np.float64)
-        lengths = np.maximum([len(labels) for labels in self._labels], 1)
         kept = keep @ self._share.T + self._fixed  # (..., maps)
-        dims = (keep @ self._dim_share.T + self._dim_fixed) / lengths  # a dims-only map: all
+        dims = (keep @ self._dim_share.T + self._dim_fixed) / self._lengths  # a dims-only map: all
         return self._combine(kept * dims)  # its positions in ``kept``, so its dims' share
 
     def exact(self, removed_atoms: np.ndarray) -> int:
@@ -92,8 +95,7 @@ class CostModel:
         return self.cost(keep) / self.total if self.total else np.ones(np.shape(keep)[:-1])
 
     def _combine(self, kept: np.ndarray) -> np.ndarray:
-        lengths = np.array([len(labels) for labels in self._labels], dtype=np.float64)
-        r = kept / np.maximum(lengths, 1)
+        r = kept / self._lengths
         ones = np.ones((*r.shape[:-1], 1))
         r = np.concatenate([r, ones], axis=-1)  # index -1: factor 1
         return (self._coef * r[..., self._first] * r[..., self._second]).sum(-1) + self._constant

@@ -64,6 +64,14 @@ def n_to_keep(n: int, sparsity: float, min_channels: int, round_to: int | None) 
     return keep
 
 
+def group_keep(group: Group, n: int, sparsity: float, config: PruneConfig) -> int:
+    """What ``group`` (of ``n`` channels) keeps at ``sparsity``: whole heads and a head's dims
+    keep at least one and are not rounded; channels follow min channels and round-to."""
+    if group.heads or group.dims:
+        return n_to_keep(n, sparsity, 1, None)
+    return n_to_keep(n, sparsity, config.min_channels, config.round_to)
+
+
 #: ``select(analysis, group, n_prune)`` -> positions (within the group) of the channels to remove.
 SelectFn = Callable[[Analysis, Group, int], np.ndarray]
 
@@ -131,10 +139,7 @@ def _plan_once(analysis, config, score, extra_frozen, progress, keep_counts,
             frozen = f"excluded by --exclude {pattern}" if pattern else None
         if frozen is None and group.dims and config.keep_head_dims:
             frozen = "head dims kept (keep_head_dims)"
-        if group.heads or group.dims:  # whole heads, or a head's dims: one stays, no rounding
-            keep_n = n if frozen else n_to_keep(n, sparsity, 1, None)
-        else:
-            keep_n = n if frozen else n_to_keep(n, sparsity, config.min_channels, config.round_to)
+        keep_n = n if frozen else group_keep(group, n, sparsity, config)
         if not frozen and group.id in keep_counts:
             keep_n = int(keep_counts[group.id])
             sparsity = 1.0 - keep_n / n if n else 0.0

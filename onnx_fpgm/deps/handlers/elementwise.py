@@ -15,18 +15,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..channels import ChannelMap
+from ..op_families import UNARY_OPS, VALUE_PRESERVING
 from ..registry import register
 from . import split_operands
 from ._util import mapped_input, pass_like_input
-
-UNARY_OPS = (
-    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu",
-    "Softplus", "Softsign", "Gelu", "Mish", "Erf", "Abs", "Neg", "Exp", "Log", "Sqrt",
-    "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "ThresholdedRelu", "Swish",
-    "Not", "IsNaN", "IsInf",
-)
-#: Unary ops that do not change values: a BatchNorm after them still folds into the producer.
-VALUE_PRESERVING = ("Identity", "Dropout", "Cast")
 
 
 @register(*UNARY_OPS)
